@@ -1,0 +1,92 @@
+"""Attention's token-mixer core, softmax(Q K^T / sqrt(d)) V, with an explicit backend.
+
+Shapes: q, k, v (b, H, L, d) -> (b, H, L, d). Backends (``ATTENTION_BACKENDS``):
+    eager      the scores (b, H, L, L) materialised with two matmuls and a softmax: what the Vim paper's
+               DeiT ran (timm 0.4.12 had no fused attention). The reference for the others.
+    sdpa       F.scaled_dot_product_attention with PyTorch's own kernel choice (``sdpa_kernel_used`` says
+               which one it took)
+    flash, efficient, math, cudnn
+               SDPA forced to that kernel with torch.nn.attention.sdpa_kernel; a kernel that cannot run
+               on the device/dtype/shape raises ``BackendUnavailable`` instead of falling back.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .selective_scan import BackendUnavailable
+
+_FORCED = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+           "math": SDPBackend.MATH}
+if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+    _FORCED["cudnn"] = SDPBackend.CUDNN_ATTENTION
+ATTENTION_BACKENDS = ("eager", "sdpa", "flash", "efficient", "math", "cudnn")
+
+
+def attention_eager(q, k, v):
+    """The materialised reference: softmax(q k^T * d^-0.5) v, scores (b, H, L, L) in q's dtype."""
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return attn.softmax(dim=-1) @ v
+
+
+def attention(q, k, v, backend: str = "sdpa"):
+    """softmax(q k^T / sqrt(d)) v for q, k, v (b, H, L, d) with the named backend (see module docstring)."""
+    if backend == "eager":
+        return attention_eager(q, k, v)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+    if backend not in _FORCED:
+        raise BackendUnavailable(f"attention backend {backend!r} needs a newer torch ({torch.__version__})")
+    try:
+        with sdpa_kernel(_FORCED[backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+    except RuntimeError as e:
+        if "No available kernel" in str(e) or "No viable backend" in str(e):
+            raise BackendUnavailable(f"attention backend {backend!r} cannot run on {q.device.type} with "
+                                     f"{str(q.dtype).removeprefix('torch.')} and head_dim {q.shape[-1]}") from None
+        raise
+
+
+def check_attention_backend(backend: str, device, dtype: torch.dtype, head_dim: int) -> None:
+    """Raises ``BackendUnavailable`` if ``backend`` cannot run on (device, dtype, head_dim): a tiny probe."""
+    if backend in ("eager", "sdpa") or torch.device(device).type == "meta":
+        return
+    q = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype)
+    attention(q, q, q, backend)
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@functools.lru_cache(maxsize=None)
+def _sdpa_choice(device_type: str, dtype: torch.dtype, L: int, d: int, H: int) -> str:
+    q = torch.zeros(1, H, L, d, device=device_type, dtype=dtype)
+    with _OpRecorder() as rec:
+        F.scaled_dot_product_attention(q, q, q)
+    for name in rec.names:
+        for kernel in ("flash", "efficient", "cudnn"):
+            if kernel in name:
+                return kernel
+    return "math"
+
+
+def sdpa_kernel_used(device, dtype: torch.dtype, L: int, head_dim: int, heads: int) -> str:
+    """The kernel PyTorch's SDPA picks for (device, dtype, L, head_dim, heads): flash, efficient, cudnn
+    or math (for CPU, "flash" is its flash-style CPU kernel). Found by recording the aten op dispatched
+    for a single-image probe (the choice does not depend on batch)."""
+    if torch.device(device).type == "meta":
+        return "unknown"
+    return _sdpa_choice(torch.device(device).type, dtype, L, head_dim, heads)
