@@ -37,8 +37,8 @@ def main(argv=None) -> int:
 
 def _register():
     # One line per command module; each defines a Click command named after its module.
-    from . import flops, models
-    for module in (models, flops):
+    from . import check_kernels, flops, models
+    for module in (models, flops, check_kernels):
         cli.add_command(module.command)
 
 
