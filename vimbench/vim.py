@@ -85,10 +85,12 @@ class BiMambaMixer(nn.Module):
         M = h.shape[1]
         xz = self.in_proj(h).transpose(1, 2)                                    # (b, 2E, M)
         x, z = xz.chunk(2, dim=1)
-        xf = F.silu(self.conv1d(x)[..., :M])                                    # causal
+        k = self.d_conv - 1
+        # causal conv == conv1d(x)[..., :M] of the official code, without computing the k dropped outputs
+        xf = F.silu(F.conv1d(F.pad(x, (k, 0)), self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
         # anti-causal conv == flip(conv1d_b(flip(x))): pad on the right, kernel taps reversed
-        xb = F.silu(F.conv1d(F.pad(x, (0, self.d_conv - 1)), self.conv1d_b.weight.flip(-1),
-                             self.conv1d_b.bias, groups=self.d_inner))
+        xb = F.silu(F.conv1d(F.pad(x, (0, k)), self.conv1d_b.weight.flip(-1), self.conv1d_b.bias,
+                             groups=self.d_inner))
         delta_f, B_f, C_f = self._ssm_inputs(xf, self.x_proj, self.dt_proj)
         delta_b, B_b, C_b = self._ssm_inputs(xb, self.x_proj_b, self.dt_proj_b)
         y = bidirectional_scan(

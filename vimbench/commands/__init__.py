@@ -20,25 +20,28 @@ def cli():
 
 def main(argv=None) -> int:
     """Console entry point: runs ``cli`` and turns bad input into one line and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = next((a for a in argv if a in cli.commands), None)
+    prefix = f"vimbench {name}" if name else "vimbench"
     try:
-        rv = cli.main(args=argv, prog_name="vimbench", standalone_mode=False)
+        with cli.make_context("vimbench", argv, obj={"argv": argv}) as ctx:
+            rv = cli.invoke(ctx)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Abort:
-        click.echo("vimbench: aborted", err=True)
-        return 130
-    except click.exceptions.Exit as e:
+    except click.exceptions.Exit as e:  # --help, --version
         return e.exit_code
-    except (click.UsageError, InputError) as e:
-        cmd = f" {e.ctx.command.name}" if getattr(e, "ctx", None) and e.ctx.command.name != "cli" else ""
-        click.echo(f"vimbench{cmd}: error: {e.format_message() if isinstance(e, click.ClickException) else e}",
-                   err=True)
+    except click.exceptions.Abort:
+        click.echo(f"{prefix}: aborted", err=True)
+        return 130
+    except (click.UsageError, click.BadParameter, InputError) as e:
+        message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        click.echo(f"{prefix}: error: {' '.join(message.split())}", err=True)
         return 2
 
 
 def _register():
     # One line per command module; each defines a Click command named after its module.
-    from . import check_kernels, flops, models
-    for module in (models, flops, check_kernels):
+    from . import check_kernels, flops, models, scaling
+    for module in (models, flops, scaling, check_kernels):
         cli.add_command(module.command)
 
 
