@@ -4,30 +4,36 @@ Same signatures, shapes and semantics as ``scan_ref.selective_scan_ref`` and
 ``selective_scan.bidirectional_scan_ref`` (legend: b batch, E channels, L length, N state, G groups).
 
 Design (kernel-facts.md section 2, design (a)): one program per (block of BLOCK_E channels, batch row)
-walks t = 0..L-1 (or L-1..0) in order, holding the state tile h (BLOCK_N x BLOCK_E, float32) in
-registers. BLOCK_E = 32 * num_warps, so each thread owns one channel and all N of its states: the C
-contraction sum_n h[n] * C_t[n] is a reduction inside one thread, with no shuffles. Per step it loads
-u_t, delta_t (and z_t) for its channel and the N values of B_t and C_t of its channel's group, applies
-delta_bias and softplus (x <= 20 ? log(1 + exp(x)) : x), computes exp(delta * A) as exp2(delta * A')
-with A' = A * log2(e) scaled once before the loop, updates h, contracts with C_t, adds D * u, gates with
-silu(z) and stores y_t. Only u, delta, z, B, C in and y out touch memory (plus A, D, bias and the last
-state once): no (b, E, L, N) tensor exists. A tail block of channels and a padded N (BLOCK_N = next power
-of two of N) are masked; padded states have A' = 0 and B = 0, so they stay 0.
+walks the tokens in order (t = 0..L-1, or L-1..0), holding the state tile h (BLOCK_N x BLOCK_E, float32)
+in registers. BLOCK_E = 32 * num_warps, so each thread owns one channel and all N of its states: the C
+contraction sum_n h[n] * C_t[n] is a reduction inside one thread, with no shuffles. Per token: exp(delta*A)
+as exp2(delta * A2) with A2 = A * log2(e) scaled once before the loop (one exp2 per (b, e, t, n)), the
+update h = exp2(delta * A2) * h + (delta * u) * B_t, y_t = sum_n h * C_t. Only u, delta, z, B, C in and y
+out touch memory (plus A, D, delta_bias and the last state once): no (b, E, L, N) tensor exists. A tail
+block of channels, a padded N (BLOCK_N = next power of two of N) and the tokens past L in the last tile
+are masked; padded states have A2 = 0 and B = 0 and padded tokens delta = 0, so the state is unchanged.
 
-Loading: each step's loads are one element per thread, L elements apart (rows are contiguous along L).
-A warp's load touches 32 cache lines, and the following steps hit the same lines in L1, so DRAM traffic
-is the useful bytes, but L1 handles one line per cycle: on a GPU this step load, not exp2, is the likely
-limit (unmeasured here; this machine has no GPU). Loading (BLOCK_E x BLOCK_L) tiles along L and
-stepping through them would need a register transpose per tile, which Triton only offers as an implicit
-layout conversion through shared memory; that is the next thing to try when a GPU is available to time it.
+Loading: the rows of u, delta, z and y are contiguous along L, so reading one token of 32 channels
+touches 32 cache lines. The loop therefore moves tiles of 8 tokens: u, delta (and z, and y_f in the
+backward direction) are loaded as (BLOCK_E, 8) tiles in Triton's coalesced layout (8 lanes along L, 32 B
+runs), delta_bias + softplus (x <= 20 ? log(1 + exp(x)) : x, written with exp2/log2 and no libdevice
+call) and delta * u are computed on the tile, and ``_columns`` splits the tile into its 8 token columns:
+tl.split needs its last dimension inside one thread, so Triton converts each tile once, through shared
+memory, into the channel-per-thread layout (all 8 tokens in registers; the splits are then free). The 8
+steps are unrolled; the outputs are joined back into a (BLOCK_E, 8) tile for the D * u skip, the silu(z)
+gate and one coalesced store. B_t and C_t (N values per token, L apart, the same for every channel of a
+group) are loaded per step: all lanes of a warp read the same addresses, one L1 wavefront each.
+Compiled for sm_90 (Triton 3.8), the bidirectional kernel uses ~140-170 registers (up to 255 for
+one direction with the last state) and no spills: see ``vimbench check-kernels``. Speed is unmeasured:
+this was written on a machine without a GPU.
 
 Bidirectional: one launch, one program per (channel block, batch row) runs the forward direction, which
 stores y_f into the output, then the backward direction, reading its inputs (all in original token order)
 at offsets L-1-i, adding y_f back and applying the shared silu(z) gate. y_f is therefore rounded once
 to the output dtype before the sum (exact for float32 outputs; at most one extra rounding for bf16/fp16).
 
-Not autotuned: the tile is fixed by the design (one channel per thread, 1 warp for the most programs at
-small batch), and the compile report (``vimbench check-kernels``) checks exactly the configurations in
+Not autotuned: the tile is fixed by the design (one channel per thread; 1 warp per program, for the most
+programs and so the most warps in flight), and the compile report (``vimbench check-kernels``) checks exactly the configurations in
 ``kernel_configs``.
 """
 from __future__ import annotations
@@ -44,6 +50,41 @@ def _softplus(x):
     # instructions rather than libdevice; the minimum keeps exp2 finite in the branch where() discards
     x2 = tl.minimum(x, 20.0) * 1.4426950408889634
     return tl.where(x <= 20.0, tl.log2(1.0 + tl.exp2(x2)) * 0.6931471805599453, x)
+
+
+@triton.jit
+def _columns(x, BLOCK_E: tl.constexpr):
+    """The 8 columns (BLOCK_E,) of a (BLOCK_E, 8) tile, in order. Each split needs its last dim inside one
+    thread, so Triton moves the tile to a channel-per-thread layout once (through shared memory)."""
+    a, b = tl.split(tl.reshape(x, (BLOCK_E, 4, 2)))              # columns 0 2 4 6 | 1 3 5 7
+    a0, a1 = tl.split(tl.reshape(a, (BLOCK_E, 2, 2)))            # 0 4 | 2 6
+    b0, b1 = tl.split(tl.reshape(b, (BLOCK_E, 2, 2)))            # 1 5 | 3 7
+    c0, c4 = tl.split(a0)
+    c2, c6 = tl.split(a1)
+    c1, c5 = tl.split(b0)
+    c3, c7 = tl.split(b1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _join_columns(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_E: tl.constexpr):
+    """Inverse of ``_columns``: eight (BLOCK_E,) columns -> the (BLOCK_E, 8) tile."""
+    a = tl.reshape(tl.join(tl.join(c0, c4), tl.join(c2, c6)), (BLOCK_E, 4))       # 0 2 4 6
+    b = tl.reshape(tl.join(tl.join(c1, c5), tl.join(c3, c7)), (BLOCK_E, 4))       # 1 3 5 7
+    return tl.reshape(tl.join(a, b), (BLOCK_E, 8))
+
+
+@triton.jit
+def _step(h, A2, delta, du, B_ptr, C_ptr, offs_bc, mask_n, j, L, REVERSE: tl.constexpr):
+    """One token: h (BLOCK_N, BLOCK_E) <- exp2(delta * A2) * h + du * B_t; returns (h, y_t = sum_n h * C_t).
+    ``j`` is the step in scan order; past the end (j >= L) B_t and C_t are read at the last valid token."""
+    t = tl.minimum(j, L - 1)
+    if REVERSE:
+        t = L - 1 - t
+    Bt = tl.load(B_ptr + offs_bc + t, mask=mask_n, other=0.0).to(tl.float32)            # (BLOCK_N, BLOCK_E)
+    Ct = tl.load(C_ptr + offs_bc + t, mask=mask_n, other=0.0).to(tl.float32)
+    h = tl.exp2(delta[None, :] * A2) * h + du[None, :] * Bt
+    return h, tl.sum(h * Ct, axis=0)
 
 
 @triton.jit
@@ -73,29 +114,40 @@ def _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_
     if HAS_DELTA_BIAS:
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     h = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-    for i in range(L):
+    for c in range(0, L, 8):
+        j = c + tl.arange(0, 8)                                       # (8,) steps of this tile, in scan order
         if REVERSE:
-            t = L - 1 - i
+            t = L - 1 - j
         else:
-            t = i
-        u = tl.load(u_ptr + offs_u + t, mask=mask_e, other=0.0).to(tl.float32)            # (BLOCK_E,)
-        delta = tl.load(delta_ptr + offs_u + t, mask=mask_e, other=0.0).to(tl.float32)
+            t = j
+        offs = offs_u[:, None] + t[None, :]                                             # (BLOCK_E, 8)
+        mask = mask_e[:, None] & (j < L)[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        delta = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA_BIAS:
-            delta = delta + bias
+            delta = delta + bias[:, None]
         if DELTA_SOFTPLUS:
             delta = _softplus(delta)
-        Bt = tl.load(B_ptr + offs_bc + t, mask=mask_n, other=0.0).to(tl.float32)        # (BLOCK_N, BLOCK_E)
-        Ct = tl.load(C_ptr + offs_bc + t, mask=mask_n, other=0.0).to(tl.float32)
-        h = tl.exp2(delta[None, :] * A2) * h + (delta * u)[None, :] * Bt
-        y = tl.sum(h * Ct, axis=0)                                                        # (BLOCK_E,)
+        delta = tl.where(mask, delta, 0.0)           # steps past the end: decay 1, input 0, state unchanged
+        d0, d1, d2, d3, d4, d5, d6, d7 = _columns(delta, BLOCK_E)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _columns(delta * u, BLOCK_E)
+        h, y0 = _step(h, A2, d0, v0, B_ptr, C_ptr, offs_bc, mask_n, c + 0, L, REVERSE)
+        h, y1 = _step(h, A2, d1, v1, B_ptr, C_ptr, offs_bc, mask_n, c + 1, L, REVERSE)
+        h, y2 = _step(h, A2, d2, v2, B_ptr, C_ptr, offs_bc, mask_n, c + 2, L, REVERSE)
+        h, y3 = _step(h, A2, d3, v3, B_ptr, C_ptr, offs_bc, mask_n, c + 3, L, REVERSE)
+        h, y4 = _step(h, A2, d4, v4, B_ptr, C_ptr, offs_bc, mask_n, c + 4, L, REVERSE)
+        h, y5 = _step(h, A2, d5, v5, B_ptr, C_ptr, offs_bc, mask_n, c + 5, L, REVERSE)
+        h, y6 = _step(h, A2, d6, v6, B_ptr, C_ptr, offs_bc, mask_n, c + 6, L, REVERSE)
+        h, y7 = _step(h, A2, d7, v7, B_ptr, C_ptr, offs_bc, mask_n, c + 7, L, REVERSE)
+        y = _join_columns(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_E)                       # (BLOCK_E, 8)
         if HAS_D:
-            y = y + D * u
+            y = y + D[:, None] * u
         if ADD_TO_OUT:
-            y = y + tl.load(out_ptr + offs_u + t, mask=mask_e, other=0.0).to(tl.float32)
+            y = y + tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + offs_u + t, mask=mask_e, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + offs_u + t, y.to(out_ptr.dtype.element_ty), mask=mask_e)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
     if STORE_LAST_STATE:
         tl.store(last_ptr + (pid_b * E + offs_e[None, :]) * N + offs_n[:, None], h, mask=mask_ne)
 
