@@ -1,0 +1,117 @@
+"""`vimbench report`: the Markdown report, its claim-check verdicts on constructed data, and bad input."""
+import pandas as pd
+import pytest
+from csvdata import kernel_frame, scaling_frame
+
+from vimbench import plotting
+from vimbench.commands import main
+from vimbench.fit import PowerLawFit
+from vimbench.report import claim_check, expected_exponent, reading, verdict
+from vimbench.results import load_results, split_settings
+
+
+def _checks(tmp_path, frame):
+    frame.to_csv(tmp_path / "r.csv", index=False)
+    (s,) = split_settings(*load_results(tmp_path / "r.csv"))
+    return {k: {r["claim"]: r for r in rows} for k, rows in claim_check(s).items()}
+
+
+def test_report_command_writes_markdown_with_its_figures(tmp_path):
+    scaling_frame().to_csv(tmp_path / "s.csv", index=False)
+    assert main(["report", str(tmp_path / "s.csv"), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    for fig in ("throughput_memory", "flops", "loglog"):
+        assert f"]({fig}.png)" in text and (tmp_path / "rep" / f"{fig}.png").is_file()
+    assert "| vim_tiny | triton | latency | 1.00 [1.00, 1.00] (n=7) |" in text
+    assert "heading toward 2" in text  # deit eager latency steepens in the synthetic data
+    assert "| 1248 | 6085 | 84.1% |" in text  # attention share of DeiT FLOPs at 1248
+    assert "| vim_tiny (triton) | deit_tiny (eager) | none in range |" in text
+    assert "vimbench scaling --models vim_tiny,deit_tiny" in text and "CPU run" not in text
+
+
+def test_claim_verdicts_on_constructed_ratios(tmp_path):
+    # Vim/DeiT FPS: 1.0 at 512 (paper 1.0), 1.5 at 640 (paper 1.10: off by 1.37x), 2.19*1.2 at 1024 (within 1.25x);
+    # memory: 0.728 at 512 (paper 0.728), twice the paper's at 1024.
+    c = _checks(tmp_path, scaling_frame(speed={512: 1.0, 640: 1.5, 1024: 81.3 / 37.2 * 1.2},
+                                        memory={512: 0.728, 1024: 2 * 8.13 / 40.09}))
+    eager, fused = c["eager"], c["fused"]
+    assert eager["Vim/DeiT FPS at 512"]["verdict"] == "reproduced"
+    assert eager["Vim/DeiT FPS at 640"]["verdict"] == "not reproduced (same direction, different size)"
+    assert eager["Vim/DeiT FPS at 1024"]["verdict"] == "reproduced"
+    assert eager["Vim/DeiT FPS at 738"]["verdict"] == "not reproduced (opposite direction)"  # Vim 0.57x there
+    assert eager["Vim/DeiT memory at 512"]["measured"] == "0.728 (mem_nvml_gib)"
+    assert eager["Vim/DeiT memory at 512"]["verdict"] == "reproduced"
+    assert eager["Vim/DeiT memory at 1024"]["verdict"] == "not reproduced (same direction, different size)"
+    # deit eager is OOM at 1248: the OOM claim holds, the 2.8x and 86.8% cannot be measured
+    assert eager["DeiT OOM at 1248"]["verdict"] == "reproduced"
+    assert eager["Vim/DeiT FPS at 1248"]["verdict"] == "not measurable here (DeiT oom)"
+    assert eager["Vim/DeiT memory at 1248"]["verdict"] == "not measurable here (DeiT oom)"
+    # fused-attention DeiT runs at 1248: OOM not reproduced, the ratios are measured
+    assert fused["DeiT OOM at 1248"]["verdict"] == "not reproduced (DeiT fits)"
+    assert fused["Vim/DeiT FPS at 1248"]["res"] == "1248 (sdpa)"
+    assert fused["Vim/DeiT FPS at 1248"]["verdict"].startswith("not reproduced")
+
+
+def test_resolution_outside_the_sweep_and_patch_grid_matching(tmp_path):
+    frame = scaling_frame(speed={1024: 81.3 / 37.2})
+    frame = frame[frame["res"] != 640]
+    frame.loc[frame["res"] == 738, ["res"]] = 736  # same 46 x 46 patch grid as the paper's 738
+    c = _checks(tmp_path, frame)["eager"]
+    assert c["Vim/DeiT FPS at 640"]["verdict"] == "not measurable here (resolution not in the sweep)"
+    assert c["Vim/DeiT FPS at 738"]["res"] == "736 (eager)" and c["Vim/DeiT FPS at 738"]["measured"]
+    assert c["Vim/DeiT FPS at 1024"]["verdict"] == "reproduced"
+
+
+def test_oom_then_smaller_batch_counts_as_oom_and_blocks_the_memory_ratio(tmp_path):
+    frame = scaling_frame(speed={1024: 81.3 / 37.2})
+    frame["batch_requested"] = frame["batch"]
+    frame.loc[(frame["res"] == 1024) & (frame["impl"] == "eager"), "batch"] = 32
+    c = _checks(tmp_path, frame)["eager"]
+    assert c["Vim/DeiT FPS at 1024"]["res"] == "1024 (eager, batch 32)"
+    assert c["Vim/DeiT memory at 1024"]["verdict"] == "not measurable here (Vim ran at batch 64, DeiT at 32)"
+
+
+def test_cpu_run_is_labelled_and_not_judged(tmp_path, monkeypatch):
+    monkeypatch.setattr(plotting, "save", lambda fig, out_dir, stem: [])  # the text is under test, not the figures
+    scaling_frame(device="cpu").to_csv(tmp_path / "c.csv", index=False)
+    assert main(["report", str(tmp_path / "c.csv"), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert text.splitlines()[2].startswith("> **CPU run.**") and "Setting: **CPU run: cpu" in text
+    c = _checks(tmp_path, scaling_frame(device="cpu"))["eager"]
+    assert c["Vim/DeiT FPS at 512"]["measured"] and c["Vim/DeiT FPS at 512"]["verdict"] == "not measurable here (CPU run)"
+
+
+def test_verdict_tolerance_and_expectations():
+    assert verdict(2.8, 2.8 * 1.24) == verdict(2.8, 2.8 / 1.24) == "reproduced"
+    assert verdict(2.8, 2.8 * 1.26) == "not reproduced (same direction, different size)"
+    assert verdict(2.8, 0.9) == "not reproduced (opposite direction)"
+    assert expected_exponent("deit", "flash", "memory") == 1 and expected_exponent("deit", "eager", "memory") == 2
+    assert expected_exponent("vim", "triton", "latency") == 1 and expected_exponent("timm", "x", "latency") is None
+    whole, upper = PowerLawFit(1.2, 1.1, 1.3, 1, 7), PowerLawFit(1.5, 1.3, 1.7, 1, 4)
+    assert reading(2.0, whole, upper).startswith("heading toward 2")
+    assert reading(1.0, PowerLawFit(1.02, 0.97, 1.07, 1, 7), None) == "consistent with 1"
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "no such file"),
+    ("", "is empty"),
+    ("model,res,throughput_img_s\n", "has a header but no rows"),
+    ("model,foo\nvim_tiny,1\n", "neither a scaling CSV"),
+    ("drop:latency_ms", "lacks column(s) latency_ms"),
+    ("all-oom", "no rows with status ok (21 oom)"),
+    ("kernel", "is a kernel CSV; this needs a scaling CSV"),
+])
+def test_bad_csv_exits_2_with_one_line(tmp_path, capsys, content, expected):
+    path = tmp_path / "bad.csv"
+    if content == "drop:latency_ms":
+        scaling_frame().drop(columns=["latency_ms"]).to_csv(path, index=False)
+    elif content == "all-oom":
+        scaling_frame().assign(status="oom").to_csv(path, index=False)
+    elif content == "kernel":
+        kernel_frame().to_csv(path, index=False)
+    elif content is not None:
+        path.write_text(content)
+    assert main(["report", str(path), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err and err.startswith("vimbench report: error:")
+    assert not (tmp_path / "rep" / "report.md").exists()

@@ -1,0 +1,414 @@
+"""A Markdown report of a scaling CSV: exponents, FLOP shares, crossovers and the check of the paper's claim.
+
+Everything is computed from the CSV (see ``vimbench.results``); the figures it embeds are written next to
+it by ``vimbench.plotting`` and referenced by relative path.
+
+Claim check. The paper's Fig. 1 numbers (``vimbench.paper``) are compared as Vim/DeiT *ratios* (FPS ratio,
+memory ratio) at the same patch grid (res // 16, so a sweep point at 736 px stands for the paper's 738 px),
+once against eager DeiT and once against fused-attention DeiT (the fastest of sdpa/flash/efficient/cudnn at
+each resolution). A claim is *reproduced* when the measured ratio is within a factor ``1 + TOLERANCE`` of
+the paper's ratio, either way. TOLERANCE = 0.25 because (1) the paper's FPS are read back from a log10
+plot, about +-0.02 decade per value, i.e. about +-10% on a ratio of two values; (2) the paper does not
+state its GPU, batch, dtype or memory definition, and a different GPU and software stack shift the
+relative speed of a scan kernel and of GEMM-bound attention by 10-20%; (3) run-to-run spread (p10-p90)
+adds a few percent. Memory ratios use the column closest to what the paper most likely read (nvidia-smi):
+``mem_nvml_gib``, else ``mem_reserved_gib``, else ``mem_peak_gib``, the first that both rows have.
+Not measurable: a CPU run (the claim is about GPU batch inference), a resolution outside the sweep, or a
+side that failed (OOM/error) at that resolution.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import paper
+from .fit import crossover, fit_power_law, upper_half
+from .plotting import plot_results, setting_title
+from .results import Setting, split_settings
+
+TOLERANCE = 0.25
+FUSED_ATTENTION = ("sdpa", "flash", "efficient", "cudnn")  # "math" materialises softmax(QK^T) like eager
+VIM_IMPL_PREFERENCE = ("mamba_ssm", "triton", "cpu", "ref")  # the official kernel first, then ours
+METRICS = (("latency", "latency_ms"), ("memory", "mem_peak_gib"), ("FLOPs", "flops_total"))
+CLAIM_MEMORY_COLUMNS = ("mem_nvml_gib", "mem_reserved_gib", "mem_peak_gib")
+ENV_COLUMNS = ("device_name", "driver_version", "cuda_version", "torch_version", "triton_version", "timm_version",
+               "vimbench_version", "git_commit", "cpu_model", "threads", "tf32", "cudnn_benchmark")
+ENV_RANGES = (("sm_clock_mhz", "MHz"), ("temperature_c", "°C"), ("power_w", "W"))
+
+
+def expected_exponent(family: str, impl: str, metric: str) -> float | None:
+    """The asymptotic exponent in tokens that theory predicts: Vim is linear in everything; DeiT's FLOPs
+    and latency go to 2 (attention's L^2 work); its memory goes to 2 with eager (or math) attention,
+    which materialises the L x L matrix, and stays 1 with fused attention. None for other families."""
+    if family == "vim":
+        return 1.0
+    if family == "deit":
+        return 1.0 if (metric == "memory" and impl in FUSED_ATTENTION) else 2.0
+    return None
+
+
+def _fmt_fit(f) -> str:
+    if f is None:
+        return "n/a"
+    ci = "no CI" if math.isnan(f.k_lo) else f"[{f.k_lo:.2f}, {f.k_hi:.2f}]"
+    return f"{f.k:.2f} {ci} (n={f.n})"
+
+
+def _fits(x, y):
+    """(whole-sweep fit, upper-half fit) of y vs x over positive finite points; None where impossible."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    x, y = x[keep], y[keep]
+    if np.unique(x).size < 2:
+        return None, None
+    ux, uy = upper_half(x, y)
+    return fit_power_law(x, y), (fit_power_law(ux, uy) if np.unique(ux).size >= 2 else None)
+
+
+def reading(expected: float | None, whole, upper) -> str:
+    """A sentence comparing fitted exponents with the expected one, from the data: "matches", "heading
+    toward 2" (below 2 but steeper in the upper half than over the whole sweep), or how it differs."""
+    if expected is None or whole is None:
+        return ""
+    last = upper or whole
+    inside = last.contains(expected) if not math.isnan(last.k_lo) else abs(last.k - expected) <= 0.1
+    if inside:
+        return f"consistent with {expected:g}"
+    if expected == 2 and last.k < 2 and upper is not None and upper.k > whole.k:
+        return f"heading toward 2 (steepens from {whole.k:.2f} to {upper.k:.2f}), not there yet"
+    side = "below" if last.k < expected else "above"
+    return f"{side} the expected {expected:g} (k={last.k:.2f}{'' if upper else ', whole sweep'})"
+
+
+def exponent_table(s: Setting) -> list[str]:
+    """Exponents of latency and memory (runs at the setting's batch) and of FLOPs per image (all rows)."""
+    rows = s.rows
+    ok = rows[(rows["status"] == "ok") & (rows["batch"] == s.batch)]
+    out = ["| model | impl | metric | k, whole sweep [95% CI] | k, upper half [95% CI] | expected | reading |",
+           "|---|---|---|---|---|---|---|"]
+    for (model, impl), g in sorted(ok.groupby(["model", "impl"]), key=lambda kv: _model_order(kv[0][0]) + kv[0]):
+        family = str(g["family"].iloc[0])
+        for name, col in METRICS:
+            src = rows[(rows["model"] == model) & (rows["impl"] == impl)] if name == "FLOPs" else g
+            src = src.drop_duplicates("tokens")
+            y = src[col] / src["batch"] if name == "FLOPs" else src[col]
+            whole, upper = _fits(src["tokens"], y)
+            exp = expected_exponent(family, impl, name)
+            out.append(f"| {model} | {impl} | {name} | {_fmt_fit(whole)} | {_fmt_fit(upper)} | "
+                       f"{'' if exp is None else f'{exp:g}'} | {reading(exp, whole, upper)} |")
+    return out
+
+
+def _model_order(model: str) -> tuple:
+    return (not str(model).startswith("vim"),)
+
+
+def attention_share_table(s: Setting) -> list[str]:
+    """Percentage of each DeiT model's FLOPs spent in attention (QK^T and AV) per resolution."""
+    deit = s.rows[(s.rows["family"] == "deit")].dropna(subset=["flops_total"]).drop_duplicates(["model", "res"])
+    if deit.empty:
+        return ["No DeiT rows in this setting."]
+    models = sorted(deit["model"].unique())
+    out = ["| res (px) | tokens | " + " | ".join(f"{m} attention share" for m in models) + " |",
+           "|---|---|" + "---|" * len(models)]
+    for res, g in deit.groupby("res"):
+        cells = []
+        for m in models:
+            r = g[g["model"] == m]
+            cells.append(f"{100 * r['flops_attention'].iloc[0] / r['flops_total'].iloc[0]:.1f}%" if len(r) else "")
+        out.append(f"| {int(res)} | {int(g['tokens'].iloc[0])} | " + " | ".join(cells) + " |")
+    return out
+
+
+def vim_impl(rows: pd.DataFrame, model: str) -> str | None:
+    """The Vim backend the comparisons use: the first of ``VIM_IMPL_PREFERENCE`` with an ok row, else
+    the alphabetically first one."""
+    impls = set(rows[(rows["model"] == model) & (rows["status"] == "ok")]["impl"])
+    ranked = [i for i in VIM_IMPL_PREFERENCE if i in impls] + sorted(impls - set(VIM_IMPL_PREFERENCE))
+    return ranked[0] if ranked else None
+
+
+def _ok(rows, model, impl, batch=None) -> pd.DataFrame:
+    """Ok rows of (model, impl) indexed by res; only those that ran at ``batch`` if given."""
+    r = rows[(rows["model"] == model) & (rows["impl"] == impl) & (rows["status"] == "ok")]
+    if batch is not None:
+        r = r[r["batch"] == batch]
+    return r.drop_duplicates("res").set_index("res").sort_index()
+
+
+def crossover_lines(s: Setting) -> list[str]:
+    """Where each Vim model becomes faster (throughput) and lighter (peak memory) than each backend of
+    the DeiT model of the same size. Throughput is per image, so runs retried at a smaller batch after an
+    OOM count; memory compares only runs at the setting's batch."""
+    rows = s.rows
+    out = ["| Vim | DeiT | faster from | lighter from | DeiT failed at |", "|---|---|---|---|---|"]
+    for vim_model in sorted(m for m in rows["model"].unique() if str(m).startswith("vim_")):
+        deit_model = "deit_" + vim_model[len("vim_"):]
+        v_impl = vim_impl(rows, vim_model)
+        if v_impl is None or deit_model not in set(rows["model"]):
+            continue
+        for d_impl in sorted(rows[rows["model"] == deit_model]["impl"].unique()):
+            failed = rows[(rows["model"] == deit_model) & (rows["impl"] == d_impl) & (rows["status"] != "ok")]
+            fail = ", ".join(f"{int(r)} ({st})" for r, st in zip(failed["res"], failed["status"])) or "-"
+            cells = []
+            for col, lower, batch in (("throughput_img_s", False, None), ("mem_peak_gib", True, s.batch)):
+                v, d = _ok(rows, vim_model, v_impl, batch), _ok(rows, deit_model, d_impl, batch)
+                common = v.index.intersection(d.index)
+                common = [r for r in common if v.at[r, col] > 0 and d.at[r, col] > 0]
+                if not common:
+                    cells.append("no common points")
+                    continue
+                c = crossover(common, v.loc[common, col], d.loc[common, col], lower_is_better=lower)
+                note = f"; curves cross {c.sign_changes} times" if c.sign_changes > 1 else ""
+                cells.append(c.describe(" px") + note)
+            out.append(f"| {vim_model} ({v_impl}) | {deit_model} ({d_impl}) | {cells[0]} | {cells[1]} | {fail} |")
+    if len(out) == 2:
+        return ["No Vim/DeiT pair of the same size in this setting."]
+    return out + ["", "Crossover: the resolution from which Vim stays better through the end of the sweep, with "
+                  "log(Vim/DeiT) interpolated linearly in log(resolution) between the two bracketing points; "
+                  "\"at or below\" means Vim is already better at the first common point. Only resolutions "
+                  "where both ran are compared."]
+
+
+def verdict(paper_ratio: float, measured: float) -> str:
+    """"reproduced" when ``measured`` is within a factor 1 + TOLERANCE of ``paper_ratio`` (either way),
+    else "not reproduced", saying whether the measured ratio at least lies on the same side of 1."""
+    if abs(math.log(measured / paper_ratio)) <= math.log1p(TOLERANCE):
+        return "reproduced"
+    if paper_ratio == 1:
+        return "not reproduced (not on par)"
+    same = (measured > 1) == (paper_ratio > 1)
+    return "not reproduced (" + ("same direction, different size" if same else "opposite direction") + ")"
+
+
+def _at_grid(rows: pd.DataFrame, res: int) -> pd.DataFrame:
+    return rows[rows["res"] // paper.PATCH == res // paper.PATCH]
+
+
+def _claim_memory(v: pd.Series, d: pd.Series) -> tuple[float, str] | tuple[None, None]:
+    for col in CLAIM_MEMORY_COLUMNS:
+        if col in v.index and pd.notna(v.get(col)) and pd.notna(d.get(col)) and v[col] > 0 and d[col] > 0:
+            return v[col] / d[col], col
+    return None, None
+
+
+def _fused_best(rows: pd.DataFrame) -> pd.Series | None:
+    ok = rows[(rows["status"] == "ok") & rows["impl"].isin(FUSED_ATTENTION)]
+    return ok.loc[ok["throughput_img_s"].idxmax()] if len(ok) else None
+
+
+def claim_check(s: Setting, vim_model="vim_tiny", deit_model="deit_tiny") -> dict[str, list[dict]]:
+    """Rows of the claim check, {"eager": [...], "fused": [...]}. Each row: claim, source, res (the
+    measured resolution or ""), paper (Vim/DeiT ratio, or "OOM"), measured (ratio text), verdict."""
+    rows = s.rows
+    v_impl = vim_impl(rows, vim_model)
+    out = {}
+    for baseline in ("eager", "fused"):
+        table = []
+        for p in paper.FIG1:
+            vr = _at_grid(rows[(rows["model"] == vim_model) & (rows["impl"] == v_impl)], p.res)
+            deit = _at_grid(rows[rows["model"] == deit_model], p.res)
+            deit = deit[deit["impl"] == "eager"] if baseline == "eager" else deit[deit["impl"].isin(FUSED_ATTENTION)]
+            v = vr[vr["status"] == "ok"].iloc[0] if (vr["status"] == "ok").any() else None
+            d = (deit[deit["status"] == "ok"].iloc[0] if (deit["status"] == "ok").any() else None) \
+                if baseline == "eager" else _fused_best(deit)
+            headline = p.res == paper.HEADLINE_RES
+            claims = [("speed", "Vim/DeiT FPS", "abstract: 2.8x faster" if headline else "Fig. 1b",
+                       paper.HEADLINE_SPEEDUP if headline else p.vim_fps / p.deit_fps)]
+            if p.deit_gb is None:
+                claims += [("oom", "DeiT OOM", "Fig. 1c", None),
+                           ("memory", "Vim/DeiT memory", "abstract: 86.8% less", 1 - paper.HEADLINE_MEMORY_SAVING)]
+            else:
+                claims.append(("memory", "Vim/DeiT memory", "Fig. 1c", p.vim_gb / p.deit_gb))
+            for what, label, source, ratio in claims:
+                table.append(_claim_row(s, p.res, what, label, source, ratio, v, d, vr, deit))
+        out[baseline] = table
+    return out
+
+
+def _claim_row(s: Setting, res, what, label, source, ratio, v, d, vr, deit) -> dict:
+    row = dict(claim=f"{label} at {res}", source=source, res="", paper="OOM" if ratio is None else f"{ratio:.3g}",
+               measured="", verdict="")
+    if d is not None:
+        row["res"] = f"{int(d['res'])} ({d['impl']}" + (f", batch {int(d['batch'])})" if d["batch"] != s.batch else ")")
+    if vr.empty and deit.empty:
+        row["verdict"] = "not measurable here (resolution not in the sweep)"
+        return row
+    if what == "oom":
+        if deit.empty:
+            row["verdict"] = "not measurable here (DeiT not run at this resolution)"
+        elif d is None and (deit["status"] == "oom").any():
+            row["measured"] = "OOM"
+            row["verdict"] = "not measurable here (CPU run)" if s.is_cpu else "reproduced"
+        elif d is None:
+            row["measured"] = "error"
+            row["verdict"] = "not measurable here (DeiT failed with an error, not OOM)"
+        elif d["batch"] < s.batch:  # OOM at the requested batch, then a retry at a smaller one ran
+            row["measured"] = f"OOM at batch {s.batch}, ran at {int(d['batch'])}"
+            row["verdict"] = "not measurable here (CPU run)" if s.is_cpu else "reproduced"
+        else:
+            row["measured"] = f"ran ({d['mem_peak_gib']:.1f} GiB peak)" if pd.notna(d["mem_peak_gib"]) else "ran"
+            row["verdict"] = "not measurable here (CPU run)" if s.is_cpu else "not reproduced (DeiT fits)"
+        return row
+    if v is None or d is None:
+        failed = [f"{side} {st}" for side, frame in (("Vim", vr), ("DeiT", deit))
+                  for st in sorted(set(frame["status"]) - {"ok"})]
+        reason = ", ".join(failed) if failed else "a side was not run here"
+        row["verdict"] = f"not measurable here ({reason})"
+        return row
+    if what == "speed":
+        measured, note = v["throughput_img_s"] / d["throughput_img_s"], ""
+    elif v["batch"] != d["batch"]:
+        row["verdict"] = f"not measurable here (Vim ran at batch {int(v['batch'])}, DeiT at {int(d['batch'])})"
+        return row
+    else:
+        measured, col = _claim_memory(v, d)
+        note = f" ({col})" if col else ""
+    if measured is None:
+        row["verdict"] = "not measurable here (no memory column with values on both sides)"
+        return row
+    row["measured"] = f"{measured:.3g}{note}"
+    row["verdict"] = "not measurable here (CPU run)" if s.is_cpu else verdict(ratio, measured)
+    return row
+
+
+def _claim_table(rows: list[dict]) -> list[str]:
+    out = ["| claim | source | measured at (DeiT impl) | paper Vim/DeiT | measured Vim/DeiT | verdict |",
+           "|---|---|---|---|---|---|"]
+    return out + [f"| {r['claim']} | {r['source']} | {r['res']} | {r['paper']} | {r['measured']} | {r['verdict']} |"
+                  for r in rows]
+
+
+def absolute_tables(s: Setting, vim_model="vim_tiny", deit_model="deit_tiny") -> list[str]:
+    """Absolute FPS and memory, each beside the device it came from: the paper's, then this run's."""
+    out = ["Paper, Fig. 1 (GPU not stated; FPS read off a log plot):", "",
+           "| res | DeiT-Ti FPS | Vim-Ti FPS | DeiT-Ti GB | Vim-Ti GB |", "|---|---|---|---|---|"]
+    out += [f"| {p.res} | {p.deit_fps:g} | {p.vim_fps:g} | {'OOM' if p.deit_gb is None else p.deit_gb} | {p.vim_gb} |"
+            for p in paper.FIG1]
+    rows = s.rows
+    grids = [p.res // paper.PATCH for p in paper.FIG1]
+    keep = rows[rows["model"].isin([vim_model, deit_model]) & (rows["res"] // paper.PATCH).isin(grids)]
+    if keep.empty:
+        return out
+    out += ["", f"This run ({setting_title(s)}), img/s and GiB (peak allocated | reserved | NVML):", "",
+            "| res | model | impl | status | throughput (img/s) | memory (GiB) |", "|---|---|---|---|---|---|"]
+    for _, r in keep.sort_values(["res", "model", "impl"]).iterrows():
+        mem = " / ".join("-" if pd.isna(r.get(c)) else f"{r[c]:.2f}" for c in ("mem_peak_gib", "mem_reserved_gib",
+                                                                               "mem_nvml_gib") if c in r.index)
+        thr = "" if pd.isna(r["throughput_img_s"]) else f"{r['throughput_img_s']:.1f}"
+        out.append(f"| {int(r['res'])} | {r['model']} | {r['impl']} | {r['status']} | {thr} | {mem} |")
+    return out
+
+
+def setting_notes(s: Setting) -> list[str]:
+    """How this setting differs from the authors' benchmark script (fp32, batch 64, backbone only, GPU)."""
+    diffs = []
+    if s.is_cpu:
+        diffs.append("it ran on a CPU")
+    if s.key["dtype"] != "fp32":
+        diffs.append(f"dtype {s.key['dtype']} (authors: fp32)")
+    if s.batch != 64:
+        diffs.append(f"batch {s.batch} (authors: 64)")
+    if s.key["head"]:
+        diffs.append("the classifier head was timed (paper: backbone only)")
+    return [f"This setting differs from the authors' benchmark script: {'; '.join(diffs)}."] if diffs else []
+
+
+def environment_lines(df: pd.DataFrame) -> list[str]:
+    out = ["| field | value(s) |", "|---|---|"]
+    for col in ENV_COLUMNS:
+        if col in df.columns:
+            vals = [str(v) for v in df[col].dropna().unique()]
+            out.append(f"| {col} | {', '.join(vals) if vals else '(empty)'} |")
+    for col, unit in ENV_RANGES:
+        if col in df.columns and df[col].notna().any():
+            lo, hi = pd.to_numeric(df[col], errors="coerce").agg(["min", "max"])
+            out.append(f"| {col} | {lo:g} {unit} |" if lo == hi else f"| {col} | {lo:g}-{hi:g} {unit} |")
+    if "timestamp" in df.columns and df["timestamp"].notna().any():
+        ts = df["timestamp"].dropna().astype(str)
+        out.append(f"| timestamp | {ts.min()} .. {ts.max()} |")
+    if "command" in df.columns and df["command"].notna().any():
+        out += ["", "Produced by:", "", "```"] + [str(c) for c in df["command"].dropna().unique()] + ["```"]
+    return out
+
+
+def failures(df: pd.DataFrame) -> list[str]:
+    bad = df[df["status"] != "ok"]
+    if bad.empty:
+        return ["None: every configuration ran."]
+    out = ["| model | impl | res | batch | dtype | device | status | error |", "|---|---|---|---|---|---|---|---|"]
+    for _, r in bad.iterrows():
+        err = str(r.get("error", "")) if pd.notna(r.get("error", None)) else ""
+        err = err.splitlines()[0][:120].replace("|", "/") if err else ""
+        out.append(f"| {r['model']} | {r['impl']} | {int(r['res'])} | {int(r['batch'])} | {r['dtype']} | "
+                   f"{r['device']} | {r['status']} | {err} |")
+    return out
+
+
+def build_report(df: pd.DataFrame, source: str, figures: dict[str, list[str]]) -> str:
+    """The report text for a checked scaling CSV. ``figures`` maps a setting slug to the relative paths
+    of its PNG figures."""
+    settings = [s for s in split_settings("scaling", df) if (s.rows["status"] == "ok").any()]
+    lines = [f"# vimbench report: {Path(source).name}", ""]
+    if any(s.is_cpu for s in settings):
+        lines += ["> **CPU run.** " + ("All" if all(s.is_cpu for s in settings) else "Some") +
+                  " rows were measured on a CPU. The paper's numbers are GPU numbers: CPU ratios show the "
+                  "shape of the scaling, not the claim, and its verdicts read \"not measurable here\".", ""]
+    lines += [f"Source: `{source}`, {len(df)} rows ({', '.join(f'{n} {st}' for st, n in df['status'].value_counts().items())}).",
+              "Units: latency in ms per batch (median), throughput in img/s, memory in GiB (peak allocated by torch "
+              "on a GPU, peak added resident memory on a CPU), FLOPs with 2 per multiply-add. Exponents k are "
+              "fitted as metric ~ c * tokens^k by least squares in log-log space; the 95% CI uses the Student-t "
+              "quantile with n-2 degrees of freedom; the upper half is the points at or above the median resolution.",
+              ""]
+    for s in settings:
+        if len(settings) > 1:
+            lines += [f"## Setting: {setting_title(s)}", ""]
+        else:
+            lines += [f"Setting: **{setting_title(s)}**", ""]
+        notes = setting_notes(s)
+        lines += notes + [""] if notes else []
+        lines += [f"![{Path(f).stem}]({f})" for f in figures.get(s.slug, [])] + [""]
+        h = "###" if len(settings) > 1 else "##"
+        lines += [f"{h} Scaling exponents in tokens", ""] + exponent_table(s) + [""]
+        lines += [f"{h} Share of DeiT FLOPs in attention", ""] + attention_share_table(s) + [""]
+        lines += [f"{h} Crossovers", ""] + crossover_lines(s) + [""]
+        lines += [f"{h} Claim check: Vim-Ti vs DeiT-Ti (paper Fig. 1 and abstract)", ""] + claim_intro(s) + [""]
+        checks = claim_check(s)
+        lines += ["Against eager DeiT (materialised attention, as timm 0.4.12 in the paper):", ""]
+        lines += _claim_table(checks["eager"]) + [""]
+        lines += ["Against fused-attention DeiT (fastest of " + "/".join(FUSED_ATTENTION) + " at each resolution):", ""]
+        lines += _claim_table(checks["fused"]) + [""]
+        lines += absolute_tables(s) + [""]
+    lines += ["## Failed runs", ""] + failures(df) + [""]
+    lines += ["## Environment", ""] + environment_lines(df) + [""]
+    return "\n".join(lines)
+
+
+def claim_intro(s: Setting) -> list[str]:
+    v_impl = vim_impl(s.rows, "vim_tiny")
+    return [f"Paper setting: {paper.PAPER_SETTING}. Ratios are Vim/DeiT (above 1: Vim faster or heavier). "
+            f"Vim backend used: {v_impl or 'none (vim_tiny not in this setting)'}. Resolutions are matched on the "
+            f"patch grid (res // 16). A claim is reproduced when the measured ratio is within a factor "
+            f"{1 + TOLERANCE:g} of the paper's, either way: the paper's FPS are read off a log plot (about +-10% "
+            f"on a ratio), its GPU, batch, dtype and memory definition are unknown (10-20% on relative speed), "
+            f"and runs spread by a few percent. Memory ratios use NVML memory if both rows have it, else "
+            f"reserved, else peak allocated (the paper most likely read nvidia-smi)."]
+
+
+def write_report(df: pd.DataFrame, source: str, out_dir) -> Path:
+    """Write the figures and ``report.md`` under ``out_dir``; returns the report's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = plot_results("scaling", df, out)
+    settings = split_settings("scaling", df)
+    figures = {}
+    for s in settings:
+        figures[s.slug] = [os.path.relpath(p, out) for p in paths if p.suffix == ".png"
+                           and (len(settings) == 1 or p.stem.endswith(s.slug))]
+    report = out / "report.md"
+    report.write_text(build_report(df, source, figures))
+    return report
