@@ -49,7 +49,7 @@ def _rss_bytes(field: str) -> int | None:
     return None
 
 
-def _cpu_forward_peak(run) -> float | None:
+def cpu_forward_peak(run) -> float | None:
     """Resident memory (bytes) that one call of ``run`` adds at its peak; None where not measurable."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -96,7 +96,7 @@ def attention_kernel(model, device, dtype) -> str:
     return sdpa_kernel_used(device, dtype, model.num_tokens, blk.head_dim, blk.num_heads)
 
 
-def _time_loop(run, device, warmup: int, repeats: int, min_time: float) -> list[float]:
+def time_loop(run, device, warmup: int, repeats: int, min_time: float) -> list[float]:
     """Per-forward latencies in ms after ``warmup`` untimed forwards."""
     for _ in range(warmup):
         run()
@@ -153,15 +153,15 @@ def measure_model(cfg: dict) -> dict:
         if nv is not None:
             sampler = _NvmlSampler(nv, device.index or 0)
             sampler.start()
-        times = _time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
+        times = time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
         out.update(mem_peak_gib=torch.cuda.max_memory_allocated(device) / GIB,
                    mem_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB)
         if sampler is not None:
             out["mem_nvml_gib"] = (sampler.stop() - idle) / GIB
         out.update(gpu_telemetry(nv, device.index or 0), tf32=False, cudnn_benchmark=False)
     else:
-        times = _time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
-        peak = _cpu_forward_peak(run)
+        times = time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
+        peak = cpu_forward_peak(run)
         if peak is not None:
             out["mem_peak_gib"] = peak / GIB
     ms = np.asarray(times)
