@@ -3,7 +3,8 @@
 Same signatures, shapes and semantics as ``scan_ref.selective_scan_ref`` and
 ``selective_scan.bidirectional_scan_ref`` (legend: b batch, E channels, L length, N state, G groups).
 
-Design (kernel-facts.md section 2, design (a)): one program per (block of BLOCK_E channels, batch row)
+Design (kernel-facts.md section 2, design (a)): one program per (block of BLOCK_E channels of one B/C
+group, batch row)
 walks the tokens in order (t = 0..L-1, or L-1..0), holding the state tile h (BLOCK_N x BLOCK_E, float32)
 in registers. BLOCK_E = 32 * num_warps, so each thread owns one channel and all N of its states: the C
 contraction sum_n h[n] * C_t[n] is a reduction inside one thread, with no shuffles. Per token: exp(delta*A)
@@ -14,18 +15,20 @@ block of channels, a padded N (BLOCK_N = next power of two of N) and the tokens 
 are masked; padded states have A2 = 0 and B = 0 and padded tokens delta = 0, so the state is unchanged.
 
 Loading: the rows of u, delta, z and y are contiguous along L, so reading one token of 32 channels
-touches 32 cache lines. The loop therefore moves tiles of 8 tokens: u, delta (and z, and y_f in the
-backward direction) are loaded as (BLOCK_E, 8) tiles in Triton's coalesced layout (8 lanes along L, 32 B
-runs), delta_bias + softplus (x <= 20 ? log(1 + exp(x)) : x, written with exp2/log2 and no libdevice
-call) and delta * u are computed on the tile, and ``_columns`` splits the tile into its 8 token columns:
-tl.split needs its last dimension inside one thread, so Triton converts each tile once, through shared
-memory, into the channel-per-thread layout (all 8 tokens in registers; the splits are then free). The 8
-steps are unrolled; the outputs are joined back into a (BLOCK_E, 8) tile for the D * u skip, the silu(z)
-gate and one coalesced store. B_t and C_t (N values per token, L apart, the same for every channel of a
-group) are loaded per step: all lanes of a warp read the same addresses, one L1 wavefront each.
-Compiled for sm_90 (Triton 3.8), the bidirectional kernel uses ~140-170 registers (up to 255 for
-one direction with the last state) and no spills: see ``vimbench check-kernels``. Speed is unmeasured:
-this was written on a machine without a GPU.
+touches 32 cache lines. The loop therefore moves tiles of 4 tokens: u, delta (and z, and y_f in the
+backward direction) are loaded as (BLOCK_E, 4) tiles in Triton's coalesced layout (4 lanes along L, 16-byte
+runs for float32), delta_bias + softplus (x <= 20 ? log(1 + exp(x)) : x, written with exp2/log2 and no
+libdevice call) and delta * u are computed on the tile, and ``_columns`` splits it into its 4 token
+columns: tl.split needs its last dimension inside one thread, so Triton converts each tile once, through
+shared memory, into the channel-per-thread layout (all 4 tokens in registers; the splits are then free).
+The 4 steps are unrolled; their outputs are joined back into a (BLOCK_E, 4) tile for the D * u skip, the
+silu(z) gate and one store. B_t and C_t are (N,) vectors per token (a program's channels lie in one group:
+the grid enumerates channel blocks per group), loaded in the layout where every thread holds all N, so
+all lanes of a warp read the same address. 8-token tiles would halve the cache lines per token but need
+the B_t, C_t of 8 tokens in flight (256 registers): compiled with Triton 3.6 and 3.8 they spilled.
+
+Registers, spills and shared memory for sm_80 and sm_90 come from ``vimbench check-kernels`` (compiled
+ahead of time, no GPU). Speed is unmeasured: this was written on a machine without a GPU.
 
 Bidirectional: one launch, one program per (channel block, batch row) runs the forward direction, which
 stores y_f into the output, then the backward direction, reading its inputs (all in original token order)
@@ -33,8 +36,8 @@ at offsets L-1-i, adding y_f back and applying the shared silu(z) gate. y_f is t
 to the output dtype before the sum (exact for float32 outputs; at most one extra rounding for bf16/fp16).
 
 Not autotuned: the tile is fixed by the design (one channel per thread; 1 warp per program, for the most
-programs and so the most warps in flight), and the compile report (``vimbench check-kernels``) checks exactly the configurations in
-``kernel_configs``.
+programs and so the most warps in flight), and the compile report (``vimbench check-kernels``) checks
+exactly the configurations in ``kernel_configs``.
 """
 from __future__ import annotations
 
@@ -54,58 +57,52 @@ def _softplus(x):
 
 @triton.jit
 def _columns(x, BLOCK_E: tl.constexpr):
-    """The 8 columns (BLOCK_E,) of a (BLOCK_E, 8) tile, in order. Each split needs its last dim inside one
+    """The 4 columns (BLOCK_E,) of a (BLOCK_E, 4) tile, in order. Each split needs its last dim inside one
     thread, so Triton moves the tile to a channel-per-thread layout once (through shared memory)."""
-    a, b = tl.split(tl.reshape(x, (BLOCK_E, 4, 2)))              # columns 0 2 4 6 | 1 3 5 7
-    a0, a1 = tl.split(tl.reshape(a, (BLOCK_E, 2, 2)))            # 0 4 | 2 6
-    b0, b1 = tl.split(tl.reshape(b, (BLOCK_E, 2, 2)))            # 1 5 | 3 7
-    c0, c4 = tl.split(a0)
-    c2, c6 = tl.split(a1)
-    c1, c5 = tl.split(b0)
-    c3, c7 = tl.split(b1)
-    return c0, c1, c2, c3, c4, c5, c6, c7
+    a, b = tl.split(tl.reshape(x, (BLOCK_E, 2, 2)))              # columns 0 2 | 1 3
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    return c0, c1, c2, c3
 
 
 @triton.jit
-def _join_columns(c0, c1, c2, c3, c4, c5, c6, c7, BLOCK_E: tl.constexpr):
-    """Inverse of ``_columns``: eight (BLOCK_E,) columns -> the (BLOCK_E, 8) tile."""
-    a = tl.reshape(tl.join(tl.join(c0, c4), tl.join(c2, c6)), (BLOCK_E, 4))       # 0 2 4 6
-    b = tl.reshape(tl.join(tl.join(c1, c5), tl.join(c3, c7)), (BLOCK_E, 4))       # 1 3 5 7
-    return tl.reshape(tl.join(a, b), (BLOCK_E, 8))
+def _join_columns(c0, c1, c2, c3, BLOCK_E: tl.constexpr):
+    """Inverse of ``_columns``: four (BLOCK_E,) columns -> the (BLOCK_E, 4) tile."""
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_E, 4))
 
 
 @triton.jit
 def _step(h, A2, delta, du, B_ptr, C_ptr, offs_bc, mask_n, j, L, REVERSE: tl.constexpr):
     """One token: h (BLOCK_N, BLOCK_E) <- exp2(delta * A2) * h + du * B_t; returns (h, y_t = sum_n h * C_t).
+    B_t, C_t: (BLOCK_N,) at offsets ``offs_bc`` + t, shared by the program's channels (one group).
     ``j`` is the step in scan order; past the end (j >= L) B_t and C_t are read at the last valid token."""
     t = tl.minimum(j, L - 1)
     if REVERSE:
         t = L - 1 - t
-    Bt = tl.load(B_ptr + offs_bc + t, mask=mask_n, other=0.0).to(tl.float32)            # (BLOCK_N, BLOCK_E)
+    Bt = tl.load(B_ptr + offs_bc + t, mask=mask_n, other=0.0).to(tl.float32)                  # (BLOCK_N,)
     Ct = tl.load(C_ptr + offs_bc + t, mask=mask_n, other=0.0).to(tl.float32)
-    h = tl.exp2(delta[None, :] * A2) * h + du[None, :] * Bt
-    return h, tl.sum(h * Ct, axis=0)
+    h = tl.exp2(delta[None, :] * A2) * h + du[None, :] * Bt[:, None]
+    return h, tl.sum(h * Ct[:, None], axis=0)
 
 
 @triton.jit
 def _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
-                    pid_b, offs_e, E, L, G,
+                    pid_b, group, offs_e, mask_e, E, L, G,
                     REVERSE: tl.constexpr, ADD_TO_OUT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                     HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, STORE_LAST_STATE: tl.constexpr,
                     N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scans one direction for the channels ``offs_e`` of batch row ``pid_b`` and writes y into out.
-    A_ptr points to A transposed, (N, E) contiguous, so that A loads in the layout of the state tile."""
+    """Scans one direction for the channels ``offs_e`` (valid where ``mask_e``, all in B/C group ``group``)
+    of batch row ``pid_b`` and writes y into out. A_ptr points to A transposed, (N, E) contiguous, so that A
+    loads in the layout of the state tile."""
     offs_n = tl.arange(0, BLOCK_N)
-    mask_e = offs_e < E
-    mask_n = offs_n[:, None] < N                     # (BLOCK_N, 1), all true when N is a power of two
-    mask_ne = mask_n & mask_e[None, :]                                                  # (BLOCK_N, BLOCK_E)
+    mask_n = offs_n < N                                         # (BLOCK_N,), all true when N is a power of two
+    mask_ne = mask_n[:, None] & mask_e[None, :]                                         # (BLOCK_N, BLOCK_E)
     # 64-bit offset of this batch row; offsets inside one row of the batch fit in 32 bits
     row = pid_b * E * L
     u_ptr, delta_ptr, z_ptr, out_ptr = u_ptr + row, delta_ptr + row, z_ptr + row, out_ptr + row
     B_ptr, C_ptr = B_ptr + pid_b * G * N * L, C_ptr + pid_b * G * N * L
     offs_u = offs_e * L                                                                 # (BLOCK_E,)
-    group = tl.minimum(offs_e, E - 1) // (E // G)            # clamped: B, C loads of padded channels stay in bounds
-    offs_bc = (group[None, :] * N + offs_n[:, None]) * L                               # (BLOCK_N, BLOCK_E)
+    offs_bc = (group * N + offs_n) * L                                                  # (BLOCK_N,)
     # A * log2(e), so that exp(delta * A) == exp2(delta * A2)
     A2 = tl.load(A_ptr + offs_n[:, None] * E + offs_e[None, :], mask=mask_ne, other=0.0).to(tl.float32)
     A2 = A2 * 1.4426950408889634
@@ -114,13 +111,13 @@ def _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_
     if HAS_DELTA_BIAS:
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     h = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-    for c in range(0, L, 8):
-        j = c + tl.arange(0, 8)                                       # (8,) steps of this tile, in scan order
+    for c in range(0, L, 4):
+        j = c + tl.arange(0, 4)                                       # (4,) steps of this tile, in scan order
         if REVERSE:
             t = L - 1 - j
         else:
             t = j
-        offs = offs_u[:, None] + t[None, :]                                             # (BLOCK_E, 8)
+        offs = offs_u[:, None] + t[None, :]                                             # (BLOCK_E, 4)
         mask = mask_e[:, None] & (j < L)[None, :]
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         delta = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -129,17 +126,13 @@ def _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_
         if DELTA_SOFTPLUS:
             delta = _softplus(delta)
         delta = tl.where(mask, delta, 0.0)           # steps past the end: decay 1, input 0, state unchanged
-        d0, d1, d2, d3, d4, d5, d6, d7 = _columns(delta, BLOCK_E)
-        v0, v1, v2, v3, v4, v5, v6, v7 = _columns(delta * u, BLOCK_E)
+        d0, d1, d2, d3 = _columns(delta, BLOCK_E)
+        v0, v1, v2, v3 = _columns(delta * u, BLOCK_E)
         h, y0 = _step(h, A2, d0, v0, B_ptr, C_ptr, offs_bc, mask_n, c + 0, L, REVERSE)
         h, y1 = _step(h, A2, d1, v1, B_ptr, C_ptr, offs_bc, mask_n, c + 1, L, REVERSE)
         h, y2 = _step(h, A2, d2, v2, B_ptr, C_ptr, offs_bc, mask_n, c + 2, L, REVERSE)
         h, y3 = _step(h, A2, d3, v3, B_ptr, C_ptr, offs_bc, mask_n, c + 3, L, REVERSE)
-        h, y4 = _step(h, A2, d4, v4, B_ptr, C_ptr, offs_bc, mask_n, c + 4, L, REVERSE)
-        h, y5 = _step(h, A2, d5, v5, B_ptr, C_ptr, offs_bc, mask_n, c + 5, L, REVERSE)
-        h, y6 = _step(h, A2, d6, v6, B_ptr, C_ptr, offs_bc, mask_n, c + 6, L, REVERSE)
-        h, y7 = _step(h, A2, d7, v7, B_ptr, C_ptr, offs_bc, mask_n, c + 7, L, REVERSE)
-        y = _join_columns(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_E)                       # (BLOCK_E, 8)
+        y = _join_columns(y0, y1, y2, y3, BLOCK_E)                                       # (BLOCK_E, 4)
         if HAS_D:
             y = y + D[:, None] * u
         if ADD_TO_OUT:
@@ -162,26 +155,32 @@ def _selective_scan_fwd_kernel(
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
         BIDIRECTIONAL: tl.constexpr, STORE_LAST_STATE: tl.constexpr, N: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_N: tl.constexpr):
-    # grid: (cdiv(E, BLOCK_E), b). All (b, E, L) tensors and B, C (b, G, N, L) are contiguous.
+    # grid: (G * cdiv(E // G, BLOCK_E), b): blocks of channels never straddle two groups, so that B_t and
+    # C_t are one (N,) vector per program. All (b, E, L) tensors and B, C (b, G, N, L) are contiguous.
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    channels_per_group = E // G
+    blocks_per_group = tl.cdiv(channels_per_group, BLOCK_E)
+    group = tl.program_id(0) // blocks_per_group
+    offs_in_group = (tl.program_id(0) % blocks_per_group) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_in_group < channels_per_group
+    offs_e = group * channels_per_group + offs_in_group
     if BIDIRECTIONAL:
         _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
-                        pid_b, offs_e, E, L, G, False, False, HAS_D, False, HAS_DELTA_BIAS, DELTA_SOFTPLUS,
-                        False, N, BLOCK_E, BLOCK_N)
+                        pid_b, group, offs_e, mask_e, E, L, G, False, False, HAS_D, False, HAS_DELTA_BIAS,
+                        DELTA_SOFTPLUS, False, N, BLOCK_E, BLOCK_N)
         tl.debug_barrier()  # y_f stored by the forward pass is visible to every thread of the program
         _scan_direction(out_ptr, last_ptr, ub_ptr, deltab_ptr, Ab_ptr, Bb_ptr, Cb_ptr, Db_ptr, biasb_ptr, z_ptr,
-                        pid_b, offs_e, E, L, G, True, True, HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS,
-                        False, N, BLOCK_E, BLOCK_N)
+                        pid_b, group, offs_e, mask_e, E, L, G, True, True, HAS_D, HAS_Z, HAS_DELTA_BIAS,
+                        DELTA_SOFTPLUS, False, N, BLOCK_E, BLOCK_N)
     else:
         _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
-                        pid_b, offs_e, E, L, G, False, False, HAS_D, HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS,
-                        STORE_LAST_STATE, N, BLOCK_E, BLOCK_N)
+                        pid_b, group, offs_e, mask_e, E, L, G, False, False, HAS_D, HAS_Z, HAS_DELTA_BIAS,
+                        DELTA_SOFTPLUS, STORE_LAST_STATE, N, BLOCK_E, BLOCK_N)
 
 
 def _launch_config(N: int) -> dict:
     """Tile and warps for state size N: one channel per thread, one warp per program (the most programs,
-    hence the most warps in flight to hide the per-step load latency)."""
+    hence the most warps in flight to hide load latency)."""
     num_warps = 1
     return dict(BLOCK_E=32 * num_warps, BLOCK_N=triton.next_power_of_2(N), num_warps=num_warps)
 
@@ -214,7 +213,7 @@ def _kernel_launch(out, last, fwd, bwd, z, delta_softplus):
     constexprs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=bias is not None,
                       DELTA_SOFTPLUS=bool(delta_softplus), BIDIRECTIONAL=bwd is not None,
                       STORE_LAST_STATE=last is not None, N=N, BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"])
-    grid = (triton.cdiv(E, cfg["BLOCK_E"]), b)
+    grid = (G * triton.cdiv(E // G, cfg["BLOCK_E"]), b)
     return grid, args, constexprs, cfg["num_warps"]
 
 
@@ -289,7 +288,8 @@ def bidirectional_scan_triton(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b,
 
     Forward inputs (u, delta, A, B, C, D, delta_bias) and backward inputs (u_b, delta_b, A_b, B_b, C_b, D_b,
     delta_bias_b) are in original token order, shapes as in ``selective_scan_triton``; the backward scan
-    reads them at offsets L-1..0. B and B_b must have the same number of groups. Returns (y_f + y_b) * silu(z), (b, E, L) in u's dtype.
+    reads them at offsets L-1..0. B and B_b must have the same number of groups. Returns
+    (y_f + y_b) * silu(z), (b, E, L) in u's dtype.
     """
     if compute_dtype(u) != torch.float32:
         raise ValueError(f"the triton scan computes in float32; got u of dtype {u.dtype}")
