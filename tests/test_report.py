@@ -89,7 +89,10 @@ def test_verdict_tolerance_and_expectations():
     assert expected_exponent("vim", "triton", "latency") == 1 and expected_exponent("timm", "x", "latency") is None
     whole, upper = PowerLawFit(1.2, 1.1, 1.3, 1, 7), PowerLawFit(1.5, 1.3, 1.7, 1, 4)
     assert reading(2.0, whole, upper).startswith("heading toward 2")
-    assert reading(1.0, PowerLawFit(1.02, 0.97, 1.07, 1, 7), None) == "consistent with 1"
+    assert reading(1.0, PowerLawFit(1.02, 0.97, 1.07, 1, 7), None) == "consistent with 1 (whole sweep)"
+    two_points = PowerLawFit(3.0, float("nan"), float("nan"), 1, 2)  # not used: the whole sweep is judged
+    assert reading(1.0, PowerLawFit(0.8, 0.75, 0.85, 1, 4), two_points) == "below the expected 1 (whole sweep k=0.80)"
+    assert reading(2.0, PowerLawFit(0.0, -2.5, 2.5, 1, 4), None).startswith("too noisy to judge")
 
 
 @pytest.mark.parametrize("content,expected", [

@@ -31,6 +31,7 @@ from .plotting import plot_results, setting_title
 from .results import Setting, split_settings
 
 TOLERANCE = 0.25
+EXPONENT_SLACK = 0.05  # |k - expected| this small reads as "consistent" even outside a narrow CI
 FUSED_ATTENTION = ("sdpa", "flash", "efficient", "cudnn")  # "math" materialises softmax(QK^T) like eager
 VIM_IMPL_PREFERENCE = ("mamba_ssm", "triton", "cpu", "ref")  # the official kernel first, then ours
 METRICS = (("latency", "latency_ms"), ("memory", "mem_peak_gib"), ("FLOPs", "flops_total"))
@@ -70,18 +71,24 @@ def _fits(x, y):
 
 
 def reading(expected: float | None, whole, upper) -> str:
-    """A sentence comparing fitted exponents with the expected one, from the data: "matches", "heading
-    toward 2" (below 2 but steeper in the upper half than over the whole sweep), or how it differs."""
+    """A phrase comparing fitted exponents with the expected one, from the data. It judges the upper-half
+    fit when that has a CI (n >= 3), else the whole-sweep fit: "consistent with E" (E inside the 95% CI,
+    or k within ``EXPONENT_SLACK`` of E: noise-free FLOP counts have a CI of width ~0),
+    "heading toward 2" (between 1 and 2 and steeper in the upper half than over the whole sweep), above or
+    below E, or "too noisy"/"too few points" when the CI is wider than 1 or missing."""
     if expected is None or whole is None:
         return ""
-    last = upper or whole
-    inside = last.contains(expected) if not math.isnan(last.k_lo) else abs(last.k - expected) <= 0.1
-    if inside:
-        return f"consistent with {expected:g}"
-    if expected == 2 and last.k < 2 and upper is not None and upper.k > whole.k:
+    use_upper = upper is not None and upper.n >= 3
+    f, part = (upper, "upper half") if use_upper else (whole, "whole sweep")
+    if math.isnan(f.k_lo):
+        return f"too few points to judge (n={f.n})"
+    if f.k_hi - f.k_lo > 1:
+        return f"too noisy to judge ({part} CI [{f.k_lo:.2f}, {f.k_hi:.2f}])"
+    if f.contains(expected) or abs(f.k - expected) <= EXPONENT_SLACK:
+        return f"consistent with {expected:g} ({part})"
+    if expected == 2 and use_upper and 1 < upper.k < 2 and upper.k > whole.k:
         return f"heading toward 2 (steepens from {whole.k:.2f} to {upper.k:.2f}), not there yet"
-    side = "below" if last.k < expected else "above"
-    return f"{side} the expected {expected:g} (k={last.k:.2f}{'' if upper else ', whole sweep'})"
+    return f"{'below' if f.k < expected else 'above'} the expected {expected:g} ({part} k={f.k:.2f})"
 
 
 def exponent_table(s: Setting) -> list[str]:
