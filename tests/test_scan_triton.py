@@ -21,10 +21,10 @@ from vimbench.kernels.selective_scan import bidirectional_scan_ref
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="runs in the child process of test_interpreter_cases")
 
-# (batch, E, L, N, G): G = 0 means the 3-dim (batch, N, L) form of B and C. The kernel's tile is 32 channels
-# by next_power_of_2(N) states and it steps through L one token at a time.
-SHAPES = [(1, 32, 1, 16, 0), (2, 40, 37, 16, 2), (1, 72, 70, 8, 1), (2, 8, 19, 5, 4), (1, 96, 6, 16, 3)]
-IDS = ["L1", "odd-L-E-tail-G2", "L70-3-blocks-G1", "N5-padded-G4", "E96-G3-groups-straddle-blocks"]
+# (batch, E, L, N, G): G = 0 means the 3-dim (batch, N, L) form of B and C. The kernel's programs cover 32
+# channels of one group and step through L in tiles of 4 tokens; N is padded to a power of two.
+SHAPES = [(1, 32, 1, 16, 0), (2, 40, 37, 16, 2), (1, 72, 30, 8, 1), (2, 8, 19, 5, 4), (1, 96, 6, 16, 3)]
+IDS = ["L1", "odd-L-G2-20-channel-groups", "L30-8-tiles-E72-tail-block", "N5-padded-G4", "E96-G3"]
 
 
 def make_inputs(b, E, L, N, G, dtype, with_extras):
