@@ -15,6 +15,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -33,8 +34,38 @@ def attention_eager(q, k, v):
     return attn.softmax(dim=-1) @ v
 
 
+def sdpa_fused_kernel(dtype: torch.dtype) -> str:
+    """The kernel SDPA picks on an sm80+ GPU (A100, H100) for unmasked, dropout-free attention with
+    head_dim <= 256: flash for fp16/bf16; memory-efficient for fp32, which flash and cuDNN do not take.
+    (PyTorch's default priority is flash > efficient > math > cudnn; cuDNN was first in 2.5.0 only.)"""
+    return "flash" if dtype in (torch.float16, torch.bfloat16) else "efficient"
+
+
+_FUSED = ("flash", "efficient", "cudnn")
+
+
+def _fused_attention_fake(q, v, kernel: str):
+    """What a fused kernel allocates in an inference forward, on fake tensors (memory prediction): the
+    output, written as (b, L, H, d) and returned transposed to (b, H, L, d) by all three, plus flash's
+    logsumexp (b, H, L) float32, dropped by SDPA (efficient and cudnn compute it only for autograd)."""
+    if kernel in ("flash", "cudnn") and q.dtype not in (torch.float16, torch.bfloat16):
+        raise BackendUnavailable(f"attention backend {kernel!r} needs float16 or bfloat16 inputs, got {q.dtype}")
+    b, H, L, _ = q.shape
+    out = q.new_empty(b, L, H, v.shape[-1]).transpose(1, 2)
+    if kernel == "flash":
+        q.new_empty(b, H, L, dtype=torch.float32)
+    return out
+
+
 def attention(q, k, v, backend: str = "sdpa"):
-    """softmax(q k^T / sqrt(d)) v for q, k, v (b, H, L, d) with the named backend (see module docstring)."""
+    """softmax(q k^T / sqrt(d)) v for q, k, v (b, H, L, d) with the named backend (see module docstring).
+
+    On fake CUDA tensors (FakeTensorMode, memory prediction) the fused backends, and ``sdpa`` through
+    ``sdpa_fused_kernel``, only allocate what the kernel allocates (``_fused_attention_fake``)."""
+    if isinstance(q, FakeTensor) and q.device.type == "cuda":
+        kernel = sdpa_fused_kernel(q.dtype) if backend == "sdpa" else backend
+        if kernel in _FUSED:
+            return _fused_attention_fake(q, v, kernel)
     if backend == "eager":
         return attention_eager(q, k, v)
     if backend == "sdpa":

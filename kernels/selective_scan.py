@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .scan_cpu import selective_scan_cpu
-from .scan_ref import compute_dtype, selective_scan_ref
+from .scan_ref import compute_dtype, expand_groups, finish_output, prepare_delta, selective_scan_ref
 
 SCAN_BACKENDS = ("ref", "cpu", "triton", "mamba_ssm")
 SCAN_CHOICES = SCAN_BACKENDS + ("auto",)
@@ -109,9 +109,80 @@ def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     return out, last
 
 
+# Fake implementations allocate what each backend allocates on a GPU, so that a storage tracker sees it
+# (vimbench.memory runs them inside its tracker): the outputs, plus temporaries allocated and freed at the
+# backend's peak. Shapes: b, E, L from u, N from A, T = min(scan_cpu.CHUNK, L).
+
+def _ref_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """scan_ref: prepare_delta's copies, h and dA (b, E, N), the three (b, E, N) temporaries of the last
+    step, the L per-step outputs y_t (b, E) (one buffer here: the same bytes when b*E*4 is a multiple of
+    512, as for every Vim model), torch.stack's (b, E, L), then finish_output's temporaries."""
+    dt = compute_dtype(u)
+    b, E, L = u.shape
+    delta = prepare_delta(delta, delta_bias, delta_softplus, dt)
+    uf, Bf, Cf = u.to(dt), expand_groups(B.to(dt), E), expand_groups(C.to(dt), E)  # noqa: F841  (held, as in the loop)
+    h, dA = u.new_zeros(b, E, A.shape[1], dtype=dt), u.new_empty(b, E, A.shape[1], dtype=dt)
+    ys = u.new_empty(max(L - 1, 0), b, E, dtype=dt)
+    step = [torch.empty_like(h) for _ in range(3)]   # dA*h, dBu, their sum
+    del step
+    ys_last = u.new_empty(b, E, dtype=dt)  # noqa: F841  (the last y_t, alive until the end like ys)
+    y = u.new_empty(b, E, L, dtype=dt)
+    out = finish_output(y, u, D, z, dt)
+    return (out, h) if return_last_state else out
+
+
+def _cpu_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """scan_cpu: out, h, the (T, b, E, N) buffers dA and H, B and C in the compute dtype, and the largest
+    set of (b, E, T) chunk temporaries alive at once: delta (when biased, softplus'ed or cast), delta*u,
+    u cast, and matmul output + D*u + sum (or their gate equivalents); without D and z, the previous
+    chunk's y, the matmul output and the copy of C's chunk (assumes G*N <= E, true for Vim)."""
+    from .scan_cpu import CHUNK
+    dt = compute_dtype(u)
+    b, E, L = u.shape
+    N, T = A.shape[1], min(CHUNK, L)
+    Bt = (B.unsqueeze(1) if B.dim() == 3 else B).permute(3, 0, 1, 2).to(dt)
+    Ct = (C.unsqueeze(1) if C.dim() == 3 else C).permute(3, 0, 1, 2).to(dt)
+    out, h = torch.empty_like(u), u.new_zeros(b, E, N, dtype=dt)
+    dA = u.new_empty(T, b, E, N, dtype=dt)
+    H = torch.empty_like(dA)
+    owns_delta = delta_bias is not None or delta_softplus or delta.dtype != dt
+    n = owns_delta + 1 + (u.dtype != dt) + (3 if D is not None or z is not None else 1 + (L > CHUNK))
+    chunk = [u.new_empty(b, E, T, dtype=dt) for _ in range(n)]
+    if D is None and z is None:
+        chunk.append(u.new_empty(T * b * Ct.shape[2], N, 1, dtype=dt))
+    del chunk, Bt, Ct, dA, H
+    return (out, h) if return_last_state else out
+
+
+def _mamba_ssm_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                    return_last_state=False):
+    """mamba_ssm's selective_scan_cuda.fwd: out (b, E, L), the chunk states x (b, E, ceil(L/2048), 2N)
+    float32 (the last state is a view of it), and out_z (b, E, L) when z is given (then out is dropped)."""
+    b, E, L = u.shape
+    out = torch.empty_like(u)
+    x = u.new_empty(b, E, max(1, -(-L // 2048)), 2 * A.shape[1], dtype=compute_dtype(u))
+    if z is not None:
+        out = torch.empty_like(z)
+    return (out, x[:, :, -1, 1::2]) if return_last_state else out
+
+
+def _triton_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                 return_last_state=False):
+    """scan_triton (fused): the (N, E) copy of A, out, and the last state (b, E, N) float32."""
+    A_t = A.t().contiguous()
+    out = torch.empty_like(u)
+    del A_t
+    last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=compute_dtype(u))
+    return (out, last) if return_last_state else out
+
+
+_FAKES = {"ref": _ref_fake, "cpu": _cpu_fake, "triton": _triton_fake, "mamba_ssm": _mamba_ssm_fake}
+
+
 @_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
-    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=compute_dtype(u))
+def selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    """The fake implementation of ``vimbench::selective_scan``: ``backend``'s allocations (see above)."""
+    return _FAKES[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
 
 
 def bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None,
@@ -147,9 +218,19 @@ def _bidir_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 
 
 @_bidir_op.register_fake
-def _(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
-      delta_softplus, backend):
-    return torch.empty_like(u)
+def bidirectional_scan_fake(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
+                            delta_softplus, backend):
+    """The fake implementation of ``vimbench::bidirectional_scan``: triton runs both directions in one
+    kernel (the two (N, E) copies of A, then out); the other backends go through
+    ``bidirectional_scan_ref`` (flipped copies, two outputs, the sum and the gate) with their one-direction
+    allocations."""
+    if backend == "triton":
+        A_t = (A.t().contiguous(), A_b.t().contiguous())
+        out = torch.empty_like(u)
+        del A_t
+        return out
+    return bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
+                                  delta_bias_b, delta_softplus, scan=_FAKES[backend])
 
 
 # ----------------------------------------------------------------------------------------------------
