@@ -52,7 +52,8 @@ def scaling_frame(device="cuda:0", speed=None, memory=None) -> pd.DataFrame:
         else:
             rows.append(_row("deit_tiny", "deit", "eager", res, device=device, **deit_eager))
         if res == 224:
-            rows.append(_row("deit_tiny", "deit", "sdpa", res, status="error", device=device, error="RuntimeError: boom"))
+            rows.append(_row("deit_tiny", "deit", "sdpa", res, status="error", device=device,
+                             error="RuntimeError: boom"))
         else:
             rows.append(_row("deit_tiny", "deit", "sdpa", res, device=device, **deit_sdpa))
     return pd.DataFrame(rows)

@@ -81,11 +81,13 @@ def test_cpu_run_is_labelled(tmp_path):
 
 def test_several_settings_get_one_figure_set_each(tmp_path, monkeypatch):
     saved = []  # record what would be saved instead of rendering 6 figures at 300 dpi
-    monkeypatch.setattr(plotting, "save", lambda fig, out_dir, stem: saved.append((stem, fig._suptitle.get_text())) or [])
+    monkeypatch.setattr(plotting, "save",
+                        lambda fig, out_dir, stem: saved.append((stem, fig._suptitle.get_text())) or [])
     frame = pd.concat([scaling_frame(), scaling_frame().assign(dtype="bf16")])
     frame.to_csv(tmp_path / "two.csv", index=False)
     assert main(["plot", str(tmp_path / "two.csv"), "--out", str(tmp_path / "figs")]) == 0
-    assert sorted(saved) == sorted((f"{fig}-cuda0-{dt}-b64-backbone", f"NVIDIA H100 80GB HBM3 | {dt} | batch 64 | backbone only")
+    title = "NVIDIA H100 80GB HBM3 | {} | batch 64 | backbone only"
+    assert sorted(saved) == sorted((f"{fig}-cuda0-{dt}-b64-backbone", title.format(dt))
                                    for fig in ("throughput_memory", "flops", "loglog") for dt in ("fp32", "bf16"))
 
 

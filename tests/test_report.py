@@ -1,5 +1,4 @@
 """`vimbench report`: the Markdown report, its claim-check verdicts on constructed data, and bad input."""
-import pandas as pd
 import pytest
 from csvdata import kernel_frame, scaling_frame
 
@@ -78,7 +77,8 @@ def test_cpu_run_is_labelled_and_not_judged(tmp_path, monkeypatch):
     text = (tmp_path / "rep" / "report.md").read_text()
     assert text.splitlines()[2].startswith("> **CPU run.**") and "Setting: **CPU run: cpu" in text
     c = _checks(tmp_path, scaling_frame(device="cpu"))["eager"]
-    assert c["Vim/DeiT FPS at 512"]["measured"] and c["Vim/DeiT FPS at 512"]["verdict"] == "not measurable here (CPU run)"
+    assert c["Vim/DeiT FPS at 512"]["measured"]
+    assert c["Vim/DeiT FPS at 512"]["verdict"] == "not measurable here (CPU run)"
 
 
 def test_verdict_tolerance_and_expectations():

@@ -301,7 +301,8 @@ def fig_loglog(s: Setting) -> Figure:
     line carries its fitted exponent k (whole sweep | upper half), guides show slopes 1 and 2. Latency and
     memory use only the runs at the setting's batch."""
     fig, axes = _figure(3, 15.0, s)
-    curves = _curves(s.rows[s.rows["batch"] == s.batch], ("model", "impl"))  # OOM retries at a smaller batch: Fig. 1 only
+    # runs retried at a smaller batch after an OOM appear in Fig. 1 only
+    curves = _curves(s.rows[s.rows["batch"] == s.batch], ("model", "impl"))
     color_of = lambda key: model_color(key[0])  # noqa: E731
     style_of = lambda key: impl_style(key[1])  # noqa: E731
     _loglog_panel(axes[0], curves, "tokens", "latency_ms", color_of, style_of)

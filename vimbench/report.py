@@ -293,8 +293,8 @@ def _claim_table(rows: list[dict]) -> list[str]:
 def absolute_tables(s: Setting, vim_model="vim_tiny", deit_model="deit_tiny") -> list[str]:
     """Absolute FPS and memory, each beside the device it came from: the paper's, then this run's."""
     out = ["Paper, Fig. 1 (GPU not stated; FPS read off a log plot):", "",
-           "| res | DeiT-Ti FPS | Vim-Ti FPS | DeiT-Ti GB | Vim-Ti GB |", "|---|---|---|---|---|"]
-    out += [f"| {p.res} | {p.deit_fps:g} | {p.vim_fps:g} | {'OOM' if p.deit_gb is None else p.deit_gb} | {p.vim_gb} |"
+           "| res | tokens | DeiT-Ti FPS | Vim-Ti FPS | DeiT-Ti GB | Vim-Ti GB |", "|---|---|---|---|---|---|"]
+    out += [f"| {p.res} | {p.tokens} | {p.deit_fps:g} | {p.vim_fps:g} | {'OOM' if p.deit_gb is None else p.deit_gb} | {p.vim_gb} |"
             for p in paper.FIG1]
     rows = s.rows
     grids = [p.res // paper.PATCH for p in paper.FIG1]
@@ -365,7 +365,8 @@ def build_report(df: pd.DataFrame, source: str, figures: dict[str, list[str]]) -
         lines += ["> **CPU run.** " + ("All" if all(s.is_cpu for s in settings) else "Some") +
                   " rows were measured on a CPU. The paper's numbers are GPU numbers: CPU ratios show the "
                   "shape of the scaling, not the claim, and its verdicts read \"not measurable here\".", ""]
-    lines += [f"Source: `{source}`, {len(df)} rows ({', '.join(f'{n} {st}' for st, n in df['status'].value_counts().items())}).",
+    counts = ", ".join(f"{n} {st}" for st, n in df["status"].value_counts().items())
+    lines += [f"Source: `{source}`, {len(df)} rows ({counts}).",
               "Units: latency in ms per batch (median), throughput in img/s, memory in GiB (peak allocated by torch "
               "on a GPU, peak added resident memory on a CPU), FLOPs with 2 per multiply-add. Exponents k are "
               "fitted as metric ~ c * tokens^k by least squares in log-log space; the 95% CI uses the Student-t "
