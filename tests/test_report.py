@@ -81,6 +81,16 @@ def test_cpu_run_is_labelled_and_not_judged(tmp_path, monkeypatch):
     assert c["Vim/DeiT FPS at 512"]["verdict"] == "not measurable here (CPU run)"
 
 
+def test_claim_check_needs_both_tiny_models(tmp_path, monkeypatch):
+    monkeypatch.setattr(plotting, "save", lambda fig, out_dir, stem: [])
+    frame = scaling_frame()
+    frame.loc[frame["model"] == "deit_tiny", "model"] = "deit_small"
+    frame.to_csv(tmp_path / "s.csv", index=False)
+    assert main(["report", str(tmp_path / "s.csv"), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "this setting has no deit_tiny rows" in text and "| Vim/DeiT FPS at 512 |" not in text
+
+
 def test_verdict_tolerance_and_expectations():
     assert verdict(2.8, 2.8 * 1.24) == verdict(2.8, 2.8 / 1.24) == "reproduced"
     assert verdict(2.8, 2.8 * 1.26) == "not reproduced (same direction, different size)"
