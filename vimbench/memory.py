@@ -352,7 +352,8 @@ def paper_comparison(card: str = "h100-80gb") -> "pd.DataFrame":
     conventionally divided by 1024**3. Columns: model, impl, res, tokens, paper_gib (NaN = OOM),
     pred_peak_gib (max_memory_allocated), pred_reserved_gib, pred_used_gib (reserved + CONTEXT_GIB, what
     nvidia-smi would show), err_peak_gib / err_used_gib (prediction - paper) with err_*_pct relative to the
-    paper, and fits (``fits`` on ``card``).
+    paper, scores_gib (one (64, 3, L, L) fp32 attention-score tensor of DeiT-Ti; NaN for Vim) and fits
+    (``fits`` on ``card``).
     """
     import pandas as pd
 
@@ -371,6 +372,8 @@ def paper_comparison(card: str = "h100-80gb") -> "pd.DataFrame":
                          "err_peak_gib": pred["mem_pred_peak_gib"] - paper,
                          "err_peak_pct": 100 * (pred["mem_pred_peak_gib"] / paper - 1),
                          "err_used_gib": used - paper, "err_used_pct": 100 * (used / paper - 1),
+                         "scores_gib": PAPER_BATCH * 3 * pred["tokens"] ** 2 * 4 / GIB if model == "deit_tiny"
+                         else float("nan"),
                          "card": card, "fits": fits(pred["mem_pred_reserved_gib"], card)})
     return pd.DataFrame(rows)
 
@@ -379,15 +382,17 @@ def paper_comparison_markdown(df: "pd.DataFrame") -> str:
     """``paper_comparison``'s table as Markdown (GiB to 2 decimals, errors in %; OOM for a missing paper
     value), with a line stating the setting and the assumptions."""
     head = ("| model | impl | res | tokens | paper (GiB) | pred peak | err peak | pred reserved | "
-            "pred reserved + context | err used | fits " + str(df["card"].iloc[0]) + " |")
+            "pred reserved + context | err used | one score tensor | fits " + str(df["card"].iloc[0]) + " |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in df.itertuples():
         paper = "OOM" if r.paper_gib != r.paper_gib else f"{r.paper_gib:.2f}"
         pct = lambda v: "" if v != v else f"{v:+.0f}%"  # noqa: E731
         lines.append(f"| {r.model} | {r.impl} | {r.res} | {r.tokens} | {paper} | {r.pred_peak_gib:.2f} | "
                      f"{pct(r.err_peak_pct)} | {r.pred_reserved_gib:.2f} | {r.pred_used_gib:.2f} | "
-                     f"{pct(r.err_used_pct)} | {'yes' if r.fits else 'no'} |")
+                     f"{pct(r.err_used_pct)} | {'' if r.scores_gib != r.scores_gib else f'{r.scores_gib:.2f}'} | "
+                     f"{'yes' if r.fits else 'no'} |")
     lines.append("")
-    lines.append(f"Setting: fp32, batch {PAPER_BATCH}, backbone only (forward_features), torch.inference_mode; "
-                 f"paper GB read as GiB; context {CONTEXT_GIB} GiB; errors = prediction / paper - 1.")
+    lines.append(f"Setting: fp32, batch {PAPER_BATCH}, backbone only (forward_features), inference without autograd; "
+                 f"GiB = 2^30 B, paper GB read as GiB; context {CONTEXT_GIB} GiB; errors = prediction / paper - 1; "
+                 f"fits = reserved + context <= the card's memory.")
     return "\n".join(lines)
