@@ -257,8 +257,7 @@ def trace_forward(model: torch.nn.Module, input_shape: tuple, dtype: torch.dtype
     """
     trace = AllocationTrace()
     fake = next(model.parameters()).device.type == "meta"
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-    with mode if fake else contextlib.nullcontext():
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         if fake:
             model.to_empty(device=device)
         tracker = AllocationTracker(trace, inline)
