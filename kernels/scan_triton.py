@@ -17,8 +17,8 @@ are masked; padded states have A2 = 0 and B = 0 and padded tokens delta = 0, so 
 Loading: the rows of u, delta, z and y are contiguous along L, so reading one token of 32 channels
 touches 32 cache lines. The loop therefore moves tiles of 4 tokens: u, delta (and z, and y_f in the
 backward direction) are loaded as (BLOCK_E, 4) tiles in Triton's coalesced layout (4 lanes along L, 16-byte
-runs for float32), delta_bias + softplus (x <= 20 ? log(1 + exp(x)) : x, written with exp2/log2 and no
-libdevice call) and delta * u are computed on the tile, and ``_columns`` splits it into its 4 token
+runs for float32), delta_bias + softplus (x <= 20 ? log(1 + exp(x)) : x, written with tl.exp2/tl.log2,
+no explicit libdevice call) and delta * u are computed on the tile, and ``_columns`` splits it into its 4 token
 columns: tl.split needs its last dimension inside one thread, so Triton converts each tile once, through
 shared memory, into the channel-per-thread layout (all 4 tokens in registers; the splits are then free).
 The 4 steps are unrolled; their outputs are joined back into a (BLOCK_E, 4) tile for the D * u skip, the
@@ -47,10 +47,12 @@ import triton.language as tl
 
 from .scan_ref import compute_dtype
 
+
 @triton.jit
 def _softplus(x):
-    # x <= 20 ? log(1 + exp(x)) : x (mamba_ssm's threshold) in base 2, which lowers to the ex2/lg2
-    # instructions rather than libdevice; the minimum keeps exp2 finite in the branch where() discards
+    # x <= 20 ? log(1 + exp(x)) : x (mamba_ssm's threshold) in base 2: tl.exp2 is one ex2.approx, and no
+    # explicit libdevice call (which the interpreter can't run); the minimum keeps exp2 finite in the
+    # branch that where() discards
     x2 = tl.minimum(x, 20.0) * 1.4426950408889634
     return tl.where(x <= 20.0, tl.log2(1.0 + tl.exp2(x2)) * 0.6931471805599453, x)
 
@@ -112,27 +114,34 @@ def _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     h = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     for c in range(0, L, 4):
-        j = c + tl.arange(0, 4)                                       # (4,) steps of this tile, in scan order
+        # the 4 tokens scanned next, as a tile in ascending address order (so that it loads coalesced in
+        # both directions); the backward direction scans its columns from last to first
         if REVERSE:
-            t = L - 1 - j
+            t = L - 4 - c + tl.arange(0, 4)
         else:
-            t = j
+            t = c + tl.arange(0, 4)
         offs = offs_u[:, None] + t[None, :]                                             # (BLOCK_E, 4)
-        mask = mask_e[:, None] & (j < L)[None, :]
+        mask = mask_e[:, None] & ((t >= 0) & (t < L))[None, :]
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         delta = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA_BIAS:
             delta = delta + bias[:, None]
         if DELTA_SOFTPLUS:
             delta = _softplus(delta)
-        delta = tl.where(mask, delta, 0.0)           # steps past the end: decay 1, input 0, state unchanged
+        delta = tl.where(mask, delta, 0.0)           # tokens past the end: decay 1, input 0, state unchanged
         d0, d1, d2, d3 = _columns(delta, BLOCK_E)
         v0, v1, v2, v3 = _columns(delta * u, BLOCK_E)
+        if REVERSE:
+            d0, d1, d2, d3 = d3, d2, d1, d0
+            v0, v1, v2, v3 = v3, v2, v1, v0
         h, y0 = _step(h, A2, d0, v0, B_ptr, C_ptr, offs_bc, mask_n, c + 0, L, REVERSE)
         h, y1 = _step(h, A2, d1, v1, B_ptr, C_ptr, offs_bc, mask_n, c + 1, L, REVERSE)
         h, y2 = _step(h, A2, d2, v2, B_ptr, C_ptr, offs_bc, mask_n, c + 2, L, REVERSE)
         h, y3 = _step(h, A2, d3, v3, B_ptr, C_ptr, offs_bc, mask_n, c + 3, L, REVERSE)
-        y = _join_columns(y0, y1, y2, y3, BLOCK_E)                                       # (BLOCK_E, 4)
+        if REVERSE:
+            y = _join_columns(y3, y2, y1, y0, BLOCK_E)                                   # (BLOCK_E, 4)
+        else:
+            y = _join_columns(y0, y1, y2, y3, BLOCK_E)
         if HAS_D:
             y = y + D[:, None] * u
         if ADD_TO_OUT:
