@@ -7,7 +7,7 @@ from csvdata import kernel_frame, scaling_frame
 
 from vimbench import plotting
 from vimbench.commands import main
-from vimbench.plotting import fig_kernels, fig_loglog, fig_throughput_memory, model_color
+from vimbench.plotting import fig_kernels, fig_loglog, fig_throughput_memory, model_color, op_color
 from vimbench.results import load_results, split_settings
 
 
@@ -96,3 +96,6 @@ def test_kernel_figure_marks_oom_and_fits(tmp_path):
     ax_t, _ = fig_kernels(s).axes[:2]
     assert [list(ln.get_xdata()) for ln in _fail_markers(ax_t, "oom")] == [[16384]]
     assert sorted(t.get_text() for t in ax_t.texts if t.get_gid() == "slope") == ["1.00 | 1.00", "2.00 | 2.00"]
+    colors = {ln.get_label(): ln.get_color() for ln in ax_t.lines if ln.get_gid() is None}
+    assert colors == {"scan triton": op_color("scan"), "attention eager": op_color("attention")}
+    assert len(set(plotting.OP_COLORS.values()) | set(plotting.MODEL_COLORS.values())) == 11  # all distinct

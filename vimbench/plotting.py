@@ -11,8 +11,9 @@ Figure of a kernel CSV (one per setting: device, dtype, batch, width):
     kernels            time (ms) and peak memory (GiB) vs L per (op, impl), log-log, fitted exponents
 
 Conventions: one colour per model (``model_color``, identical in every figure, deterministic for unknown
-names), one line style and marker per backend (``impl_style``). FLOPs are 2 per multiply-add; the CSV's
-FLOP columns count one forward pass of ``batch`` images, so figures divide them by ``batch``. Memory is
+names), one colour per kernel op (``op_color``), one line style and marker per backend (``impl_style``).
+FLOPs are 2 per multiply-add; the CSV's FLOP columns count one forward pass of ``batch`` images, so
+figures divide them by ``batch``. Memory is
 ``mem_peak_gib``: torch's peak allocated on a GPU, peak added resident memory on a CPU. Each figure is
 saved as PNG (300 dpi) and PDF.
 """
@@ -37,6 +38,8 @@ from .results import Setting, split_settings
 
 MODEL_COLORS = {"vim_tiny": "#1f77b4", "vim_small": "#17becf", "vim_base": "#2ca02c",
                 "deit_tiny": "#d62728", "deit_small": "#ff7f0e", "deit_base": "#9467bd"}
+OP_COLORS = {"scan": "#08519c", "scan_bidir": "#6baed6", "mixer_vim": "#31a354", "attention": "#a50f15",
+             "block_deit": "#fd8d3c"}  # kernel ops: Vim's blue/green, DeiT's red/orange, apart from the model colours
 _EXTRA_COLORS = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39",
                  "#7b4173", "#3182bd")
 IMPL_STYLES = {"mamba_ssm": ("-", "o"), "triton": ("--", "s"), "cpu": ("-.", "^"), "ref": (":", "D"),
@@ -67,6 +70,11 @@ def model_color(model: str) -> str:
     """The colour of ``model`` in every figure: fixed for the built-in models, else picked by a hash of
     the name (stable across runs and machines)."""
     return MODEL_COLORS.get(model) or _pick(model, _EXTRA_COLORS)
+
+
+def op_color(op: str) -> str:
+    """The colour of a kernel op (fixed for the ops of ``vimbench kernels``, hashed for others)."""
+    return OP_COLORS.get(op) or _pick(op, _EXTRA_COLORS)
 
 
 def impl_style(impl: str) -> dict:
@@ -326,7 +334,7 @@ def fig_kernels(s: Setting) -> Figure:
     (op, impl), log-log, with fitted exponents and slope guides; failed runs marked at the top."""
     fig, (ax_t, ax_m) = _figure(2, 12.0, s)
     curves = _curves(s.rows, ("op", "impl"))
-    color_of = lambda key: model_color(key[0])  # noqa: E731
+    color_of = lambda key: op_color(key[0])  # noqa: E731
     style_of = lambda key: impl_style(key[1])  # noqa: E731
     _loglog_panel(ax_t, curves, "L", "time_ms", color_of, style_of)
     for key, c in curves:
@@ -335,7 +343,7 @@ def fig_kernels(s: Setting) -> Figure:
     _loglog_panel(ax_m, curves, "L", "mem_peak_gib", color_of, style_of)
     failed = s.rows[s.rows["status"] != "ok"]
     for ax in (ax_t, ax_m):
-        mark_failures(ax, failed, "L", lambda row: model_color(row["op"]))
+        mark_failures(ax, failed, "L", lambda row: op_color(row["op"]))
         ax.set_xlabel("sequence length L")
     ax_t.set_ylabel("time (ms, median)")
     ax_t.set_title("time; fitted k: whole | upper half")
