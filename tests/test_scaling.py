@@ -10,6 +10,7 @@ from vimbench.commands.scaling import COLUMNS, decay_batch
 from vimbench.csvlog import CsvLog
 from vimbench.flops import count_flops
 from vimbench.isolation import run_isolated
+from vimbench.memory import predict_memory
 from vimbench.sweep import run_sweep
 
 FAST = ["--repeats", "1", "--warmup", "0", "--min-time", "0", "--device", "cpu"]
@@ -68,6 +69,9 @@ def test_csv_schema_and_values(sweep_csv):
     assert row.tokens == 10 and row.flops_total == flops["flops_total"] and row.params == flops["params"]
     assert row.torch_version and row.timm_version and row.command.startswith("vimbench scaling --models")
     assert df.mem_peak_gib.notna().all() and df.mem_nvml_gib.isna().all()
+    # every row carries the predicted GPU peak of the same configuration
+    assert row.mem_pred_gib == pytest.approx(predict_memory("deit_tiny", 48, 1, attn="eager")["mem_pred_peak_gib"])
+    assert df.mem_pred_gib.notna().all()
 
 
 def test_resume_appends_only_missing_and_keeps_rows(sweep_csv, tmp_path):

@@ -14,6 +14,7 @@ from ..isolation import run_isolated
 from ..kernels.attention import ATTENTION_BACKENDS, check_attention_backend
 from ..kernels.selective_scan import SCAN_CHOICES, BackendUnavailable, resolve_scan_backend
 from ..measure import DTYPES, config_flops, measure_model
+from ..memory import predict_memory
 from ..registry import model_entry
 from ..sweep import run_sweep
 from ..table import format_table
@@ -101,6 +102,11 @@ def _measure_config(cfg: dict, env: dict, command: str, backoff: bool) -> dict:
     row.update(env, batch=batch, kernel=cfg["impl"], timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
                command=command, **config_flops(run_cfg))
     row.update(result)
+    try:  # the GPU memory this configuration is predicted to need, on any device (vimbench.memory)
+        row["mem_pred_gib"] = predict_memory(cfg["model"], cfg["res"], batch, cfg["dtype"], cfg["head"],
+                                             **cfg["options"])["mem_pred_peak_gib"]
+    except Exception as e:  # a failed prediction must not cost the measured row
+        row["error"] = "; ".join(filter(None, [row.get("error"), f"mem_pred failed: {type(e).__name__}: {e}"]))
     return row
 
 
