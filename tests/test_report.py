@@ -128,3 +128,20 @@ def test_bad_csv_exits_2_with_one_line(tmp_path, capsys, content, expected):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and expected in err and err.startswith("vimbench report: error:")
     assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def test_memory_prediction_sections(tmp_path):
+    """GPU rows: predicted vs measured peak per row with the error; the paper-setting prediction table."""
+    from vimbench.report import memory_prediction_lines, paper_memory_lines
+    from vimbench.results import load_results, split_settings
+    df = scaling_frame()
+    df.loc[(df.model == "vim_tiny") & (df.res == 224), "mem_pred_gib"] *= 1.2  # one prediction 20% high
+    df.to_csv(tmp_path / "s.csv", index=False)
+    kind, df = load_results(tmp_path / "s.csv")
+    lines = memory_prediction_lines(split_settings(kind, df)[0])
+    row = next(line for line in lines if line.startswith("| vim_tiny | triton | 224 |"))
+    assert "| +20.0% |" in row
+    ok = int((df.status == "ok").sum())
+    assert f"{ok - 1} of {ok} rows within 10% of the measured peak (largest error 20.0%)" in lines[-1]
+    paper_lines = "\n".join(paper_memory_lines())
+    assert "| deit_tiny | eager | 1248 | 6085 | OOM |" in paper_lines and "DeiT-Ti at 1248" in paper_lines
