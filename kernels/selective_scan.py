@@ -121,8 +121,8 @@ def _ref_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus
     b, E, L = u.shape
     delta = prepare_delta(delta, delta_bias, delta_softplus, dt)
     uf, Bf, Cf = u.to(dt), expand_groups(B.to(dt), E), expand_groups(C.to(dt), E)  # noqa: F841  (held, as in the loop)
-    h, dA = u.new_zeros(b, E, A.shape[1], dtype=dt), u.new_empty(b, E, A.shape[1], dtype=dt)
-    ys = u.new_empty(max(L - 1, 0), b, E, dtype=dt)
+    h, dA = u.new_zeros(b, E, A.shape[1], dtype=dt), u.new_empty(b, E, A.shape[1], dtype=dt)  # noqa: F841
+    ys = u.new_empty(max(L - 1, 0), b, E, dtype=dt)  # noqa: F841  (held to the end, as the loop holds them)
     step = [torch.empty_like(h) for _ in range(3)]   # dA*h, dBu, their sum
     del step
     ys_last = u.new_empty(b, E, dtype=dt)  # noqa: F841  (the last y_t, alive until the end like ys)

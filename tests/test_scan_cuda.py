@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_close
-from test_scan_triton import make_inputs, nan_outputs  # noqa: F401  (nan_outputs is a fixture)
+from test_scan_triton import make_inputs
 from vimbench.kernels.scan_ref import selective_scan_ref
 from vimbench.kernels.selective_scan import bidirectional_scan_ref
 

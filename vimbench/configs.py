@@ -10,6 +10,8 @@ from .registry import model_entry
 def model_variants(models: list[str], attn: list[str], scan: list[str]) -> list[tuple[str, dict]]:
     """[(model, options)] with one entry per attention backend for DeiT/timm-ViT models and one per scan
     backend for Vim models, in the order given. Unknown names raise ``InputError``."""
+    if not models:
+        raise InputError("no models given")
     for a in attn:
         if a not in ATTENTION_BACKENDS:
             raise InputError(f"unknown attention backend {a!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
@@ -19,6 +21,8 @@ def model_variants(models: list[str], attn: list[str], scan: list[str]) -> list[
     out = []
     for name in models:
         family = model_entry(name).family
+        if not (scan if family == "vim" else attn):
+            raise InputError(f"{name} needs at least one {'scan' if family == 'vim' else 'attention'} backend")
         if family == "vim":
             out += [(name, {"scan": s}) for s in scan]
         else:

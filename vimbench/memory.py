@@ -41,11 +41,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .kernels.attention import sdpa_fused_kernel
+from .measure import DTYPES, GIB
 from .kernels.selective_scan import bidirectional_scan_fake, selective_scan_fake
 from .registry import check_options, count_params, create_model, model_entry
 
-GIB = 2 ** 30
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # PyTorch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp), default configuration.
 MIN_BLOCK = 512                 # every request rounds up to a multiple of this (kMinBlockSize)

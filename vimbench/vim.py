@@ -82,7 +82,6 @@ class BiMambaMixer(nn.Module):
         return delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
 
     def forward(self, h):
-        M = h.shape[1]
         xz = self.in_proj(h).transpose(1, 2)                                    # (b, 2E, M)
         x, z = xz.chunk(2, dim=1)
         k = self.d_conv - 1

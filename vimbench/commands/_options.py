@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..configs import model_variants
 from ..errors import InputError
 from ..resolution import parse_resolutions
 
@@ -27,6 +28,11 @@ def checked_list(value: str, choices, what: str) -> list[str]:
         if item not in choices:
             raise InputError(f"unknown {what} {item!r}; choose from {', '.join(choices)}")
     return items
+
+
+def variants(models_spec: str, attn_spec: str, scan_spec: str) -> list[tuple[str, dict]]:
+    """The (model, options) pairs named by --models, --attn and --scan (see ``configs.model_variants``)."""
+    return model_variants(comma_list(models_spec), comma_list(attn_spec), comma_list(scan_spec))
 
 
 res_option = click.option("--res", "res_spec", default="224..1248", show_default=True,

@@ -4,14 +4,12 @@ from __future__ import annotations
 import click
 import pandas as pd
 
-from ..configs import impl_of, model_variants
+from ..configs import impl_of
+from ..csvlog import check_writable
 from ..errors import InputError
 from ..flops import count_flops
-from ..kernels.attention import ATTENTION_BACKENDS
-from ..kernels.selective_scan import SCAN_CHOICES
 from ..table import format_table
-from ._options import checked_list, comma_list, models_option, res_option, resolutions
-from ..csvlog import check_writable
+from ._options import models_option, res_option, resolutions, variants
 
 COLUMNS = ["model", "impl", "res", "tokens", "batch", "head", "params", "flops_total", "flops_scan",
            "flops_attention", "flops_linear", "flops_other"]
@@ -34,12 +32,11 @@ def command(models_spec, res_spec, batch, attn_spec, scan_spec, head, out):
     if batch < 1:
         raise InputError(f"--batch must be >= 1, got {batch}")
     res_list = resolutions(res_spec)
-    variants = model_variants(comma_list(models_spec), checked_list(attn_spec, ATTENTION_BACKENDS, "attention backend"),
-                              checked_list(scan_spec, SCAN_CHOICES, "scan backend"))
+    pairs = variants(models_spec, attn_spec, scan_spec)
     if out:
         check_writable(out)
     rows = []
-    for model, options in variants:
+    for model, options in pairs:
         for res in res_list:
             rows.append({"model": model, "impl": impl_of(options), "res": res, "batch": batch, "head": head,
                          **count_flops(model, res, batch, head, **options)})

@@ -6,15 +6,13 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from ..configs import model_variants
 from ..csvlog import check_writable
 from ..errors import InputError
-from ..kernels.attention import ATTENTION_BACKENDS
-from ..kernels.selective_scan import SCAN_CHOICES, BackendUnavailable, check_scan_backend
+from ..kernels.selective_scan import BackendUnavailable, check_scan_backend
 from ..memory import (CARDS, CONTEXT_GIB, DTYPES, fits, paper_comparison, paper_comparison_markdown,
                       predict_memory)
 from ..table import format_table
-from ._options import checked_list, comma_list, models_option, resolutions
+from ._options import models_option, resolutions, variants
 
 COLUMNS = ["model", "family", "impl", "res", "tokens", "batch", "dtype", "head", "params",
            "mem_pred_weights_gib", "mem_pred_activations_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
@@ -81,13 +79,12 @@ def command(ctx, models_spec, attn_spec, scan_spec, res_spec, batch, dtype, head
     if batch < 1:
         raise InputError(f"--batch must be >= 1, got {batch}")
     res_list = resolutions(res_spec)
-    variants = model_variants(comma_list(models_spec), checked_list(attn_spec, ATTENTION_BACKENDS, "attention backend"),
-                              checked_list(scan_spec, SCAN_CHOICES, "scan backend"))
-    _check_variants(variants, dtype)
+    pairs = variants(models_spec, attn_spec, scan_spec)
+    _check_variants(pairs, dtype)
     if out:
         check_writable(out)
     rows = []
-    for model, options in variants:
+    for model, options in pairs:
         for res in res_list:
             pred = predict_memory(model, res, batch, dtype, head, **options)
             rows.append({**pred, "card": card, "card_gib": CARDS[card], "context_gib": CONTEXT_GIB,

@@ -6,7 +6,6 @@ import datetime
 import click
 import torch
 
-from ..configs import model_variants
 from ..csvlog import CsvLog, check_writable
 from ..env import environment
 from ..errors import InputError
@@ -18,7 +17,7 @@ from ..memory import predict_memory
 from ..registry import model_entry
 from ..sweep import run_sweep
 from ..table import format_table
-from ._options import checked_list, comma_list, command_line, models_option, res_option, resolutions
+from ._options import command_line, models_option, res_option, resolutions, variants
 
 COLUMNS = [
     # identity
@@ -153,15 +152,11 @@ def command(ctx, preset, **opts):
         if value < low:
             raise InputError(f"{name} must be >= {low}, got {value}")
     res_list = resolutions(opts["res_spec"])
-    variants = model_variants(comma_list(opts["models_spec"]),
-                              checked_list(opts["attn_spec"], ATTENTION_BACKENDS, "attention backend"),
-                              checked_list(opts["scan_spec"], SCAN_CHOICES, "scan backend"))
-    if not variants:
-        raise InputError("no models to run")
+    pairs = variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"])
     if opts["resume"] and not opts["out"]:
         raise InputError("--resume needs --out naming the CSV to continue")
     configs = []
-    for model, options in variants:
+    for model, options in pairs:
         impl = _check_backend(model, options, device, dtype)
         options = {**options, "scan": impl} if "scan" in options else options
         for res in res_list:
