@@ -104,8 +104,9 @@ class _OpRecorder(TorchDispatchMode):
 
 @functools.lru_cache(maxsize=None)
 def _sdpa_choice(device_type: str, dtype: torch.dtype, L: int, d: int, H: int) -> str:
-    q = torch.zeros(1, H, L, d, device=device_type, dtype=dtype)
-    with _OpRecorder() as rec:
+    # outside inference mode: under it the dispatcher shows SDPA's composite op, not the kernel it picks
+    with torch.inference_mode(False), _OpRecorder() as rec:
+        q = torch.zeros(1, H, L, d, device=device_type, dtype=dtype)
         F.scaled_dot_product_attention(q, q, q)
     for name in rec.names:
         for kernel in ("flash", "efficient", "cudnn"):

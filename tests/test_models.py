@@ -169,3 +169,12 @@ def test_timm_models_by_name():
         assert vit.family == "timm" and vit.attn == "eager" and vit.num_tokens == 37
         cnn = create_model("timm:resnet18", img_size=96)
         assert cnn.family == "timm"
+
+
+def test_sdpa_kernel_used_names_the_kernel_even_under_inference_mode():
+    from vimbench.kernels.attention import _sdpa_choice, sdpa_kernel_used
+    _sdpa_choice.cache_clear()
+    with torch.inference_mode():
+        inside = sdpa_kernel_used("cpu", torch.float32, 77, 64, 3)
+    _sdpa_choice.cache_clear()
+    assert inside == sdpa_kernel_used("cpu", torch.float32, 77, 64, 3) == "flash"  # torch's flash-style CPU kernel
