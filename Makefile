@@ -1,5 +1,6 @@
 # Quick start: `make run` (set up, then the main job: the resolution sweep on whatever device is present)
 #              `make test` (set up, then the test suite).
+#              `make gate` (regression gates: FLOPs and kernel resources exactly, then CPU kernel timings).
 VENV ?= .venv
 BIN := $(VENV)/bin
 
@@ -9,9 +10,13 @@ $(BIN)/vimbench: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: run test
+.PHONY: run test gate
 run: $(BIN)/vimbench
 	$(BIN)/vimbench scaling
 
 test: $(BIN)/vimbench
 	$(BIN)/pytest -q
+
+gate: $(BIN)/vimbench
+	$(BIN)/vimbench gate --deterministic
+	$(BIN)/vimbench gate --device cpu

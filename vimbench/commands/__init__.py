@@ -40,8 +40,8 @@ def main(argv=None) -> int:
 
 def _register():
     # One line per command module; each defines a Click command named after its module.
-    from . import check_kernels, flops, gpu_check, kernels, memory, models, plot, report, scaling
-    for module in (models, flops, scaling, check_kernels, plot, report, memory, kernels, gpu_check):
+    from . import check_kernels, flops, gate, gpu_check, kernels, memory, models, plot, report, scaling
+    for module in (models, flops, scaling, check_kernels, plot, report, memory, kernels, gate, gpu_check):
         cli.add_command(module.command)
 
 

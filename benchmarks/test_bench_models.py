@@ -1,0 +1,18 @@
+"""Whole models: forward_features of vim_tiny and deit_tiny (default scan/attention backends), float32."""
+import pytest
+import torch
+
+from vimbench.registry import create_model
+
+SHAPE = {"cpu": (1, 128), "cuda": (16, 224)}
+"""(batch, resolution) per device type."""
+
+
+@pytest.mark.parametrize("model", ["vim_tiny", "deit_tiny"])
+def test_model(model, device, calibrated, benchmark):
+    batch, res = SHAPE[device.type]
+    benchmark.group = f"model forward_features batch {batch} res {res}"
+    torch.manual_seed(0)
+    net = create_model(model, img_size=res).to(device).eval()
+    x = torch.randn(batch, 3, res, res, device=device)
+    calibrated(lambda: net.forward_features(x))

@@ -1,0 +1,122 @@
+"""`vimbench gate`: fail CI when a kernel or model got slower (timing gate) or when FLOP counts or the compiled
+Triton kernels' resources changed (``--deterministic``). See vimbench/gate.py for the method."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import click
+import torch
+
+from .. import gate
+from ..errors import InputError
+from ..table import format_table
+
+TIMING_COLUMNS = ["benchmark", "reference", "baseline", "now", "change", "threshold", "ms_now", "status"]
+UPDATE_COLUMNS = ["benchmark", "reference", "ratio", "spread", "threshold", "ms", "noisy"]
+DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
+
+
+@click.command("gate")
+@click.option("--deterministic", is_flag=True,
+              help="Check FLOP counts and compiled kernel resources instead of timings (no noise, no GPU needed).")
+@click.option("--update", is_flag=True, help="Record a new baseline instead of checking against it.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Timing gate device (default: cuda when available, else cpu).")
+@click.option("-k", "select", default=None, help="Only the benchmarks matching this pytest -k expression.")
+@click.option("--runs", type=int, default=None,
+              help=f"With --update: suite runs whose spread sets the thresholds, every other one beside a "
+                   f"synthetic co-tenant process (default {gate.DEFAULT_BASELINE_RUNS}, at least "
+                   f"{gate.MIN_BASELINE_RUNS}).")
+@click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Baseline file (default: benchmarks/baselines/<cpu|gpu name>.json, or deterministic.json).")
+def command(deterministic, update, device, select, runs, baseline_path):
+    """Regression gate for CI. Exits 1 on a regression, with a table of what moved, 0 otherwise.
+
+    Timing gate (default): runs the pytest-benchmark suite in benchmarks/ once, every round timed against a
+    fixed matmul and a fixed memory-bound op measured just before it, and fails when a benchmark's
+    median ratio grew by more than the threshold its baseline derived from measured run-to-run noise.
+
+    --deterministic: FLOPs of every registered model at fixed shapes and the registers, spills and shared
+    memory of the Triton kernels compiled for sm_80 and sm_90 must equal the baseline exactly.
+
+    --update records a new baseline (the timing one from --runs runs, every other one beside a synthetic
+    co-tenant process; with -k, only the selected entries are replaced).
+    """
+    if runs is not None and not update:
+        raise InputError("--runs applies to --update only")
+    if deterministic:
+        if device or select or runs is not None:
+            raise InputError("--device, -k and --runs apply to the timing gate, not --deterministic")
+        return _deterministic(update, baseline_path or gate.DETERMINISTIC_BASELINE)
+    device = device or gate.default_device()
+    path = baseline_path or gate.timing_baseline_path(device)
+    if update:
+        return _update_timing(device, select, gate.DEFAULT_BASELINE_RUNS if runs is None else runs, path)
+    return _check_timing(device, select, path)
+
+
+def _check_timing(device: str, select: str | None, path: Path) -> int:
+    baseline = gate.load_baseline(path, "timing")
+    click.echo(f"timing gate on {device}: baseline {path} (recorded {baseline['recorded']})")
+    try:
+        now, env = gate.run_suite(device, select, log=click.echo)
+    except RuntimeError as e:
+        click.echo(f"timing gate: FAILED: {e}", err=True)
+        return 1
+    result = gate.compare_timing(baseline, now, complete=select is None)
+    click.echo(format_table(result.rows, TIMING_COLUMNS))
+    click.echo("baseline, now: seconds per call / seconds of the reference calibration, median over rounds; "
+               "change = now / baseline - 1")
+    for line in result.notes + gate.environment_notes(baseline["environment"], env):
+        click.echo(f"note: {line}")
+    if result.regressions:
+        click.echo(f"timing gate: FAILED: {len(result.regressions)} benchmark(s) slower than their threshold "
+                   f"or missing: {', '.join(result.regressions)}", err=True)
+        return 1
+    click.echo(f"timing gate: ok ({sum(r['status'] in ('ok', 'faster') for r in result.rows)} benchmarks "
+               f"within their thresholds)")
+    return 0
+
+
+def _update_timing(device: str, select: str | None, runs: int, path: Path) -> int:
+    if runs < gate.MIN_BASELINE_RUNS:
+        raise InputError(f"--runs must be >= {gate.MIN_BASELINE_RUNS} to measure the noise, got {runs}")
+    old = gate.load_baseline(path, "timing") if select and path.exists() else None
+    try:
+        results = gate.record_runs(device, select, runs, log=click.echo)
+    except RuntimeError as e:
+        click.echo(f"timing gate --update: FAILED: {e}", err=True)
+        return 1
+    baseline = gate.make_timing_baseline(device, [r for r, _ in results], results[-1][1], old)
+    gate.save_baseline(path, baseline)
+    measured = results[0][0]
+    rows = [{"benchmark": name, "reference": b["reference"], "ratio": b["ratio"], "spread": f"{b['spread']:.1%}",
+             "threshold": f"+{b['threshold']:.0%}", "ms": b["seconds"] * 1e3, "noisy": "NOISY" if b["noisy"] else ""}
+            for name, b in baseline["benchmarks"].items() if name in measured]
+    click.echo(format_table(rows, UPDATE_COLUMNS))
+    click.echo(f"spread = largest |ln(ratio / median)| over the {runs} runs; median spread "
+               f"{statistics.median(b['spread'] for b in baseline['benchmarks'].values()):.1%}")
+    click.echo(f"wrote {path} ({len(rows)} benchmarks measured)")
+    return 0
+
+
+def _deterministic(update: bool, path: Path) -> int:
+    snapshot = gate.deterministic_snapshot()
+    counts = f"{len(snapshot['flops'])} FLOP counts, {len(snapshot['kernels'])} kernel compilations"
+    if update:
+        gate.save_baseline(path, gate.make_deterministic_baseline(snapshot))
+        click.echo(f"wrote {path} ({counts})")
+        return 0
+    baseline = gate.load_baseline(path, "deterministic")
+    diff = gate.compare_deterministic(baseline, snapshot)
+    if not diff:
+        click.echo(f"deterministic gate: ok ({counts} equal to {path})")
+        return 0
+    click.echo(format_table(diff, DIFF_COLUMNS))
+    env = gate.suite_environment(torch.device("cpu"))
+    for line in gate.environment_notes(baseline["environment"], env):
+        click.echo(f"note: {line}")
+    click.echo(f"deterministic gate: FAILED: {len(diff)} difference(s) from {path}; if intended, record them "
+               f"with `vimbench gate --deterministic --update`", err=True)
+    return 1

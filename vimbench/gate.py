@@ -1,0 +1,428 @@
+"""CI regression gates: a timing gate that survives a noisy shared machine, and a deterministic one.
+
+Timing gate
+    The pytest-benchmark suite in ``benchmarks/`` runs in a subprocess. Every round of every benchmark is
+    preceded by the two calibration workloads (``Calibration``: a fixed matmul and a fixed memory-bound
+    add), timed with the same clock, so each round i gives a ratio per reference (``REFERENCES``)
+
+        ratio_i = (workload seconds per call in round i) / (reference seconds in round i)
+
+    and a benchmark's ratio in a run is the median over rounds. Load that slows everything for a while
+    slows the calibration measured just before by about as much, and cancels; short bursts land in a few
+    rounds and the median drops them. Which reference cancels the noise best depends on the workload and
+    the clock, so ``--update`` measures all three over several runs and keeps, per benchmark, the one with
+    the smallest run-to-run spread.
+
+    Fixed conditions: on CPU the clock is the thread's CPU time (``time.thread_time``) with torch on
+    ``CPU_THREADS`` thread, so time spent descheduled while another process runs does not count (two
+    threads on the loaded 2-core CI machine ran 5-40x slower, waiting for a preempted sibling); on CUDA
+    it is the wall clock around the launches and a synchronize. glibc malloc runs with fixed thresholds
+    (``SUITE_ENV``): with its default dynamic mmap threshold, whether a multi-MiB temporary is mmapped
+    (page-faulted on every call) depends on the process's allocation history, and the same scan took
+    5.1 to 10.5 ms in fresh processes.
+
+    A baseline (``benchmarks/baselines/<device class>.json``) holds, per benchmark, the reference, the
+    median ratio over ``--runs`` runs (at least ``MIN_BASELINE_RUNS``), the spread of those runs and the
+    threshold derived from it (``threshold_from_runs``). Every other run of ``record_runs`` has a synthetic
+    co-tenant process beside it (``cotenant``), so that the spread includes the contention a shared CI
+    machine sees: runs recorded on an idle machine alone came out up to 20% faster than later idle runs
+    and up to 40% faster than runs beside a busy neighbour. A later run fails the gate when a benchmark's
+    ratio exceeds the baseline's by more than its threshold. Only slowdowns fail; speed-ups are reported.
+
+Deterministic gate
+    FLOP counts of every registered model at ``FLOP_SHAPES`` (exact, on the meta device) and the registers,
+    spill bytes and shared memory of every Triton kernel configuration compiled for sm_80 and sm_90
+    (``vimbench.kernel_compile``), compared exactly with ``benchmarks/baselines/deterministic.json``.
+
+Units: seconds for times; ratios are dimensionless; thresholds and changes are fractions (0.25 = +25%).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .env import environment
+from .errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUITE_DIR = REPO_ROOT / "benchmarks"
+BASELINE_DIR = SUITE_DIR / "baselines"
+DETERMINISTIC_BASELINE = BASELINE_DIR / "deterministic.json"
+
+CPU_THREADS = 1
+"""torch intra-op threads for CPU benchmarks (see the module docstring for why one)."""
+CLOCKS = {"cpu": "time.thread_time", "cuda": "time.perf_counter"}
+"""The clock pytest-benchmark and the calibration use, per device type (seconds)."""
+SUITE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+"""Environment of the suite's process: glibc malloc serves allocations below 1 GiB from its heap and keeps
+freed memory, instead of mmapping large blocks per call depending on history (see the module docstring)."""
+REFERENCES = ("matmul", "memory", "geomean")
+"""Calibration references a ratio can be taken against: the matmul, the memory-bound op, or their
+geometric mean sqrt(matmul * memory)."""
+
+MIN_ROUND_S = {"cpu": 5e-3, "cuda": 1e-3}
+"""A round repeats the workload until it lasts at least this long (seconds), so clock resolution and,
+on CUDA, the launch-and-synchronize overhead stay small against it."""
+ROUND_BUDGET_S = 1.0
+"""Target workload time per benchmark (seconds): rounds = budget / round time, within [MIN_ROUNDS, MAX_ROUNDS]."""
+MIN_ROUNDS, MAX_ROUNDS = 5, 25
+
+MIN_BASELINE_RUNS = 4
+DEFAULT_BASELINE_RUNS = 10
+COTENANT_SOURCE = """
+import torch
+torch.set_num_threads(1)
+a, x = torch.randn(1024, 1024), torch.randn(32 * 2**20)
+y = torch.empty_like(x)
+while True:
+    for _ in range(5):
+        a @ a
+    torch.add(x, 1.0, out=y)
+"""
+"""The synthetic co-tenant: one thread alternating five 1024^2 float32 matmuls and an add over 128 MiB, like
+another engineer's tests on the same machine."""
+THRESHOLD_FLOOR = 0.15
+"""No benchmark's threshold is below +15%: run-to-run spread measured in one session underestimates the
+drift between the day a baseline is recorded and later CI runs (other load, other tenants)."""
+THRESHOLD_SPREADS = 2.0
+"""Threshold = max(floor, exp(THRESHOLD_SPREADS * s) - 1), s = largest |ln(ratio_run / median)| seen while
+recording the baseline: twice the worst deviation seen, in log space."""
+THRESHOLD_CEILING = 0.6
+"""A threshold above +60% would let a 2x slowdown through on a bad day: such a benchmark is capped here
+and marked noisy in the baseline, to be fixed (longer rounds) rather than trusted."""
+
+FLOP_SHAPES = ((224, 1), (1248, 1))
+"""(resolution, batch) at which the deterministic gate counts each model's forward_features FLOPs."""
+FLOP_FIELDS = ("flops_total", "flops_scan", "flops_attention", "flops_linear", "flops_other")
+KERNEL_FIELDS = ("registers", "spill_bytes", "shared_bytes", "status")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring (called by the benchmark suite)
+# ----------------------------------------------------------------------------------------------------
+
+CALIBRATION_SIZES = {"cpu": {"matmul_n": 384, "memory_numel": 16 * 2**20},
+                     "cuda": {"matmul_n": 4096, "memory_numel": 128 * 2**20}}
+"""Calibration workloads per device type: an (n x n) @ (n x n) float32 matmul (2 n^3 FLOPs), and
+out = x + 1 over ``memory_numel`` float32 elements (8 bytes moved each; 128 MiB on CPU, twice the L3)."""
+
+
+class Calibration:
+    """The two fixed reference workloads of ``CALIBRATION_SIZES``, on one device."""
+
+    def __init__(self, device: torch.device):
+        sizes = CALIBRATION_SIZES[device.type]
+        gen = torch.Generator(device=device).manual_seed(0)
+        n = sizes["matmul_n"]
+        self.a = torch.randn(n, n, device=device, generator=gen)
+        self.mm_out = torch.empty_like(self.a)
+        self.x = torch.randn(sizes["memory_numel"], device=device, generator=gen)
+        self.add_out = torch.empty_like(self.x)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def measure(self, clock) -> tuple[float, float]:
+        """(matmul seconds, memory seconds), each one call timed with ``clock``."""
+        self.sync()
+        t0 = clock()
+        torch.mm(self.a, self.a, out=self.mm_out)
+        self.sync()
+        t1 = clock()
+        torch.add(self.x, 1.0, out=self.add_out)
+        self.sync()
+        return t1 - t0, clock() - t1
+
+
+def measure_calibrated(benchmark, fn, device: torch.device, calibration: Calibration, clock) -> None:
+    """Times ``fn()`` with pytest-benchmark's ``benchmark.pedantic``, a calibration before every round.
+
+    After a warm-up call and a probe, a round calls ``fn`` ``inner`` times (then synchronizes on CUDA);
+    pytest-benchmark records seconds per round in ``stats.data``; ``extra_info`` gets ``inner`` and the
+    per-round calibration seconds ``calibration_matmul_s`` / ``calibration_memory_s`` (warm-up round dropped).
+    ``clock`` must be the timer pytest-benchmark was given (``--benchmark-timer``).
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    t0 = clock()
+    fn()
+    sync()
+    probe = max(clock() - t0, 1e-7)
+    inner = max(1, math.ceil(MIN_ROUND_S[device.type] / probe))
+    rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, round(ROUND_BUDGET_S / (probe * inner))))
+    calibration_s = []
+
+    def workload():
+        for _ in range(inner):
+            fn()
+        sync()
+
+    benchmark.pedantic(workload, setup=lambda: calibration_s.append(calibration.measure(clock)),
+                       rounds=rounds, warmup_rounds=1)
+    benchmark.extra_info.update(inner=inner, calibration_matmul_s=[m for m, _ in calibration_s[1:]],
+                                calibration_memory_s=[s for _, s in calibration_s[1:]])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the suite
+# ----------------------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_class(device: str) -> str:
+    """'cpu', or the GPU's name as a file-name slug ('nvidia-h100-80gb-hbm3')."""
+    if device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device here")
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def timing_baseline_path(device: str) -> Path:
+    return BASELINE_DIR / f"{device_class(device)}.json"
+
+
+def run_ratios(bench_json: dict) -> dict[str, dict]:
+    """{'<file>::<test>': {'ratios': {reference: ratio}, 'seconds', 'rounds'}} from one pytest-benchmark
+    JSON of the suite: each ratio is the median over rounds of (seconds per call) / (that round's
+    reference seconds); 'seconds' is the median seconds per call."""
+    out = {}
+    for bench in bench_json["benchmarks"]:
+        info = bench["extra_info"]
+        per_call = [t / info["inner"] for t in bench["stats"]["data"]]
+        refs = {"matmul": info["calibration_matmul_s"], "memory": info["calibration_memory_s"]}
+        refs["geomean"] = [math.sqrt(m * s) for m, s in zip(refs["matmul"], refs["memory"])]
+        ratios = {name: statistics.median(t / c for t, c in zip(per_call, ref)) for name, ref in refs.items()}
+        out[bench["fullname"].removeprefix("benchmarks/")] = {"ratios": ratios, "seconds": statistics.median(per_call),
+                                                              "rounds": len(per_call)}
+    return out
+
+
+def run_suite(device: str, select: str | None, log=print) -> tuple[dict[str, dict], dict]:
+    """Runs the benchmark suite once in a subprocess on ``device`` ('cpu' | 'cuda'), restricted to the
+    pytest ``-k`` expression ``select`` if given. Returns (``run_ratios`` of it, the run's environment).
+    InputError when nothing matches ``select``; RuntimeError (with pytest's output) when a benchmark fails."""
+    if not SUITE_DIR.is_dir():
+        raise InputError(f"benchmark suite not found at {SUITE_DIR}: run vimbench gate from a vimbench checkout")
+    with tempfile.TemporaryDirectory() as tmp:
+        out_json = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "pytest", str(SUITE_DIR), "-q", "-p", "no:cacheprovider",
+               f"--device={device}", f"--benchmark-timer={CLOCKS[device]}", "--benchmark-disable-gc",
+               f"--benchmark-json={out_json}", "--benchmark-columns=median,iqr,rounds"]
+        if select:
+            cmd += ["-k", select]
+        start = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, **SUITE_ENV})
+        if proc.returncode == 5:
+            raise InputError(f"no benchmark matches -k {select!r}" if select else "the benchmark suite is empty")
+        if proc.returncode != 0:
+            raise RuntimeError(f"the benchmark suite failed (pytest exit {proc.returncode}):\n"
+                               f"{(proc.stdout + proc.stderr)[-6000:]}")
+        bench_json = json.loads(out_json.read_text())
+    ratios = run_ratios(bench_json)
+    log(f"  ran {len(ratios)} benchmarks in {time.monotonic() - start:.0f} s")
+    return ratios, bench_json["vimbench_environment"]
+
+
+@contextlib.contextmanager
+def cotenant():
+    """Runs ``COTENANT_SOURCE`` in a separate process for the duration of the block."""
+    proc = subprocess.Popen([sys.executable, "-c", COTENANT_SOURCE], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def record_runs(device: str, select: str | None, runs: int, log=print) -> list[tuple[dict[str, dict], dict]]:
+    """``runs`` results of ``run_suite``; the odd-numbered runs (2nd, 4th, ...) beside ``cotenant()``."""
+    results = []
+    for i in range(runs):
+        beside = i % 2 == 1
+        log(f"run {i + 1}/{runs} on {device}{' beside a co-tenant process' if beside else ''}")
+        with cotenant() if beside else contextlib.nullcontext():
+            results.append(run_suite(device, select, log))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing baselines and comparison
+# ----------------------------------------------------------------------------------------------------
+
+def _spread(values: list[float]) -> float:
+    """Largest |ln(v / median)|: the worst relative deviation from the median, in log space."""
+    med = statistics.median(values)
+    return max(abs(math.log(v / med)) for v in values)
+
+
+def threshold_from_runs(ratios: dict[str, list[float]]) -> dict:
+    """Baseline entry from one benchmark's ratios over several runs, {reference: [ratio per run]}: the
+    'reference' with the smallest spread, its 'ratio' (median over runs), 'spread', 'threshold'
+    (fraction; see THRESHOLD_*), 'noisy' (threshold capped), 'runs' (its ratio per run), and 'spreads'
+    of every reference."""
+    spreads = {ref: _spread(values) for ref, values in ratios.items()}
+    ref = min(spreads, key=spreads.get)
+    raw = max(THRESHOLD_FLOOR, math.exp(THRESHOLD_SPREADS * spreads[ref]) - 1)
+    return {"reference": ref, "ratio": statistics.median(ratios[ref]), "spread": spreads[ref],
+            "threshold": min(raw, THRESHOLD_CEILING), "noisy": raw > THRESHOLD_CEILING, "runs": ratios[ref],
+            "spreads": spreads}
+
+
+def make_timing_baseline(device: str, runs: list[dict[str, dict]], env: dict, old: dict | None) -> dict:
+    """A baseline from several ``run_ratios`` results. With ``old`` (an update of a -k selection), the
+    entries of ``old`` not measured now are kept."""
+    names = sorted(set().union(*runs))
+    missing = [n for n in names if any(n not in r for r in runs)]
+    if missing:
+        raise RuntimeError(f"benchmarks not measured in every run: {', '.join(missing)}")
+    recorded = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    benchmarks = dict(old["benchmarks"]) if old else {}
+    for name in names:
+        per_ref = {ref: [r[name]["ratios"][ref] for r in runs] for ref in REFERENCES}
+        benchmarks[name] = {**threshold_from_runs(per_ref),
+                            "seconds": statistics.median(r[name]["seconds"] for r in runs),
+                            "recorded": recorded, "git_commit": env.get("git_commit", "")}
+    return {"kind": "timing", "device_class": device_class(device), "clock": CLOCKS[device],
+            "cpu_threads": CPU_THREADS if device == "cpu" else None, "calibration": CALIBRATION_SIZES[device],
+            "suite_env": SUITE_ENV, "recorded": recorded, "environment": env,
+            "benchmarks": dict(sorted(benchmarks.items()))}
+
+
+@dataclasses.dataclass
+class TimingComparison:
+    rows: list[dict]
+    regressions: list[str]
+    notes: list[str]
+
+
+def compare_timing(baseline: dict, now: dict[str, dict], complete: bool) -> TimingComparison:
+    """Compares one run's ``run_ratios`` with a baseline. A benchmark regresses when
+    ratio_now / ratio_baseline - 1 > its threshold, both ratios against the baseline entry's reference.
+    ``complete``: the whole suite ran, so a baseline benchmark that did not run (deleted, or its backend
+    missing here) is a failure too."""
+    rows, regressions, notes = [], [], []
+    for name in sorted(set(baseline["benchmarks"]) | set(now)):
+        base, cur = baseline["benchmarks"].get(name), now.get(name)
+        row = {"benchmark": name, "reference": "", "baseline": None, "now": None, "change": "", "threshold": "",
+               "ms_now": cur["seconds"] * 1e3 if cur else None, "status": ""}
+        if base is None:
+            row["status"] = "new (no baseline)"
+            notes.append(f"{name} has no baseline entry: record one with `vimbench gate --update -k '{name}'`")
+        elif cur is None:
+            if not complete:
+                continue
+            row["status"] = "MISSING"
+            regressions.append(name)
+        else:
+            ratio = cur["ratios"][base["reference"]]
+            change = ratio / base["ratio"] - 1
+            row.update(reference=base["reference"], baseline=base["ratio"], now=ratio, change=f"{change:+.1%}",
+                       threshold=f"+{base['threshold']:.0%}")
+            if change > base["threshold"]:
+                row["status"] = "SLOWER"
+                regressions.append(name)
+            else:
+                row["status"] = "faster" if -change > base["threshold"] else "ok"
+        rows.append(row)
+    return TimingComparison(rows, regressions, notes)
+
+
+def environment_notes(baseline_env: dict, env: dict) -> list[str]:
+    """One line per recorded version or machine property that differs from the baseline's."""
+    keys = ("device_name", "torch_version", "triton_version", "timm_version", "cuda_version", "driver_version",
+            "threads", "python_version")
+    return [f"{k}: baseline {baseline_env.get(k)!r}, now {env.get(k)!r}" for k in keys
+            if baseline_env.get(k) != env.get(k)]
+
+
+def suite_environment(device: torch.device) -> dict:
+    """What a baseline records about the run: ``vimbench.env.environment`` plus the Python version."""
+    return {**environment(device), "python_version": sys.version.split()[0]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Deterministic gate
+# ----------------------------------------------------------------------------------------------------
+
+def deterministic_snapshot() -> dict:
+    """{'flops': {'<model> res=<r> batch=<b>': {FLOP_FIELDS}}, 'kernels': {'<kernel> | <config> | <arch>':
+    {KERNEL_FIELDS}}}: FLOPs of forward_features with each model's default options, counted on meta."""
+    from .flops import count_flops
+    from .kernel_compile import ARCHS, compile_report
+    from .registry import list_models
+    flops = {}
+    for model in list_models():
+        for res, batch in FLOP_SHAPES:
+            counts = count_flops(model, res, batch)
+            flops[f"{model} res={res} batch={batch}"] = {k: counts[k] for k in FLOP_FIELDS}
+    kernels = {f"{r.kernel} | {r.config} | {r.arch}": {k: getattr(r, k) for k in KERNEL_FIELDS}
+               for r in compile_report(ARCHS)}
+    return {"flops": flops, "kernels": kernels}
+
+
+def make_deterministic_baseline(snapshot: dict) -> dict:
+    recorded = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"kind": "deterministic", "recorded": recorded, "environment": suite_environment(torch.device("cpu")),
+            **snapshot}
+
+
+def compare_deterministic(baseline: dict, snapshot: dict) -> list[dict]:
+    """Every difference: rows {'section', 'item', 'field', 'baseline', 'now', 'change'}; [] when equal.
+    An item present on one side only is one row with field '(item)'."""
+    rows = []
+    for section in ("flops", "kernels"):
+        base, now = baseline.get(section, {}), snapshot[section]
+        for item in sorted(set(base) | set(now)):
+            if item not in now or item not in base:
+                rows.append({"section": section, "item": item, "field": "(item)",
+                             "baseline": "present" if item in base else "absent",
+                             "now": "present" if item in now else "absent", "change": ""})
+                continue
+            for field in sorted(set(base[item]) | set(now[item])):
+                b, n = base[item].get(field), now[item].get(field)
+                if b != n:
+                    change = f"{n / b - 1:+.2%}" if isinstance(b, int) and isinstance(n, int) and b else ""
+                    rows.append({"section": section, "item": item, "field": field, "baseline": b, "now": n,
+                                 "change": change})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------
+
+def load_baseline(path: Path, kind: str) -> dict:
+    """The baseline at ``path``; InputError if it is absent, unreadable or of another kind."""
+    if not path.exists():
+        raise InputError(f"no baseline at {path}: record one with `vimbench gate"
+                         f"{' --deterministic' if kind == 'deterministic' else ''} --update`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read baseline {path}: {e}") from None
+    if data.get("kind") != kind:
+        raise InputError(f"{path} is not a {kind} baseline (kind {data.get('kind')!r})")
+    return data
+
+
+def save_baseline(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
