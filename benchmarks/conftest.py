@@ -1,8 +1,12 @@
 """The benchmark suite's protocol: device, thread count, calibrated timing, and the test-only slowdown hook.
 
-Run through ``vimbench gate`` (which picks the clock and compares with a baseline), or directly:
-    pytest benchmarks --device cpu --benchmark-timer time.thread_time
-Every benchmark times its workload with the ``calibrated`` fixture (``vimbench.gate.measure_calibrated``).
+Run through ``vimbench gate``, which picks the clock (``vimbench.gate.CLOCKS``), sets the malloc thresholds
+(``vimbench.gate.SUITE_ENV``), compares with a baseline and prints milliseconds per call; or directly:
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 \
+        pytest benchmarks --device cpu --benchmark-timer time.thread_time
+Every benchmark times its workload with the ``calibrated`` fixture (``vimbench.gate.measure_calibrated``);
+pytest-benchmark's own table is per round, a round being ``extra_info['inner']`` calls (1 for workloads of
+5 ms or more on CPU, so the Vim-Ti 1248 pair compares directly there).
 """
 import os
 

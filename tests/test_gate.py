@@ -76,6 +76,22 @@ def test_compare_missing_fails_only_for_the_whole_suite_and_new_is_a_note():
     assert selected.regressions == [] and "gone" not in {r["benchmark"] for r in selected.rows}
 
 
+@pytest.mark.parametrize("reruns,expected", [([1.0], "ok"), ([1.3, 1.25], "SLOWER")])
+def test_over_threshold_is_confirmed_by_reruns_keeping_the_fastest(monkeypatch, reruns, expected):
+    results = iter([_now(a=1.3, b=1.0)] + [_now(a=r) for r in reruns])
+    calls = []
+
+    def fake_run_suite(device, select, log, tests=None):
+        calls.append(tests)
+        return next(results), {}
+
+    monkeypatch.setattr(gate, "run_suite", fake_run_suite)
+    result, _ = gate.check_timing(_baseline(a=1.0, b=1.0), "cpu", None, log=lambda msg: None)
+    row = next(r for r in result.rows if r["benchmark"] == "a")
+    assert row["status"] == expected and row["attempts"] == 1 + len(reruns)
+    assert calls == [None] + [["a"]] * len(reruns)
+
+
 def test_update_of_a_selection_keeps_the_other_entries():
     old = {"benchmarks": {"kept": {"ratio": 2.0}, "redone": {"ratio": 9.0}}}
     runs = [{"redone": {"ratios": {"matmul": r, "memory": 3 * r, "geomean": 2 * r}, "seconds": 0.01}}

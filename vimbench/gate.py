@@ -94,9 +94,14 @@ while True:
 """
 """The synthetic co-tenant: one thread alternating five 1024^2 float32 matmuls and an add over 128 MiB, like
 another engineer's tests on the same machine."""
-THRESHOLD_FLOOR = 0.15
-"""No benchmark's threshold is below +15%: run-to-run spread measured in one session underestimates the
-drift between the day a baseline is recorded and later CI runs (other load, other tenants)."""
+THRESHOLD_FLOOR = 0.20
+"""No benchmark's threshold is below +20%: the spread measured while recording underestimates the drift
+between then and later CI runs beside other tenants' work (a benchmark whose 10 baseline runs spread by
+4.6% once came out 27% slower in CI, and as fast as its baseline when re-run)."""
+CONFIRM_ATTEMPTS = 2
+"""Benchmarks over their threshold are run again, alone, up to this many times; each keeps its fastest
+attempt, so it fails only when every attempt is over. A real slowdown persists; a neighbour's burst rarely
+lasts through all attempts."""
 THRESHOLD_SPREADS = 2.0
 """Threshold = max(floor, exp(THRESHOLD_SPREADS * s) - 1), s = largest |ln(ratio_run / median)| seen while
 recording the baseline: twice the worst deviation seen, in log space."""
@@ -212,21 +217,25 @@ def run_ratios(bench_json: dict) -> dict[str, dict]:
     return out
 
 
-def run_suite(device: str, select: str | None, log=print) -> tuple[dict[str, dict], dict]:
+def run_suite(device: str, select: str | None, log=print,
+              tests: list[str] | None = None) -> tuple[dict[str, dict], dict]:
     """Runs the benchmark suite once in a subprocess on ``device`` ('cpu' | 'cuda'), restricted to the
-    pytest ``-k`` expression ``select`` if given. Returns (``run_ratios`` of it, the run's environment).
-    InputError when nothing matches ``select``; RuntimeError (with pytest's output) when a benchmark fails."""
+    pytest ``-k`` expression ``select`` and to the benchmarks named in ``tests`` ('<file>::<test>') if
+    given. Returns (``run_ratios`` of it, the run's environment). InputError when nothing matches
+    ``select``; RuntimeError (with pytest's output) when a benchmark fails."""
     if not SUITE_DIR.is_dir():
         raise InputError(f"benchmark suite not found at {SUITE_DIR}: run vimbench gate from a vimbench checkout")
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "bench.json"
-        cmd = [sys.executable, "-m", "pytest", str(SUITE_DIR), "-q", "-p", "no:cacheprovider",
+        paths = [str(SUITE_DIR / t) for t in tests] if tests else [str(SUITE_DIR)]
+        cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider",
                f"--device={device}", f"--benchmark-timer={CLOCKS[device]}", "--benchmark-disable-gc",
                f"--benchmark-json={out_json}", "--benchmark-columns=median,iqr,rounds"]
         if select:
             cmd += ["-k", select]
         start = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, **SUITE_ENV})
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
+                              env={**os.environ, **SUITE_ENV})
         if proc.returncode == 5:
             raise InputError(f"no benchmark matches -k {select!r}" if select else "the benchmark suite is empty")
         if proc.returncode != 0:
@@ -341,6 +350,30 @@ def compare_timing(baseline: dict, now: dict[str, dict], complete: bool) -> Timi
                 row["status"] = "faster" if -change > base["threshold"] else "ok"
         rows.append(row)
     return TimingComparison(rows, regressions, notes)
+
+
+def check_timing(baseline: dict, device: str, select: str | None, log=print) -> tuple[TimingComparison, dict]:
+    """Runs the suite (``select`` as in ``run_suite``), compares with ``baseline`` (``compare_timing``),
+    re-runs what is over its threshold (``CONFIRM_ATTEMPTS``). Returns the comparison, each row with
+    'attempts', and the environment of the first run."""
+    now, env = run_suite(device, select, log)
+    attempts = dict.fromkeys(now, 1)
+    result = compare_timing(baseline, now, complete=select is None)
+    for i in range(CONFIRM_ATTEMPTS):
+        slower = [row["benchmark"] for row in result.rows if row["status"] == "SLOWER"]
+        if not slower:
+            break
+        log(f"  confirming {len(slower)} benchmark(s) over their threshold (attempt {i + 2})")
+        again, _ = run_suite(device, None, log, tests=slower)
+        for name in slower:
+            attempts[name] += 1
+            ref = baseline["benchmarks"][name]["reference"]
+            if again[name]["ratios"][ref] < now[name]["ratios"][ref]:
+                now[name] = again[name]
+        result = compare_timing(baseline, now, complete=select is None)
+    for row in result.rows:
+        row["attempts"] = attempts.get(row["benchmark"], 0)
+    return result, env
 
 
 def environment_notes(baseline_env: dict, env: dict) -> list[str]:
