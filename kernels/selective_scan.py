@@ -132,26 +132,9 @@ def _ref_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus
 
 
 def _cpu_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    """scan_cpu: out, h, the (T, b, E, N) buffers dA and H, B and C in the compute dtype, and the largest
-    set of (b, E, T) chunk temporaries alive at once: delta (when biased, softplus'ed or cast), delta*u,
-    u cast, and matmul output + D*u + sum (or their gate equivalents); without D and z, the previous
-    chunk's y, the matmul output and the copy of C's chunk (assumes G*N <= E, true for Vim)."""
-    from .scan_cpu import CHUNK
-    dt = compute_dtype(u)
-    b, E, L = u.shape
-    N, T = A.shape[1], min(CHUNK, L)
-    Bt = (B.unsqueeze(1) if B.dim() == 3 else B).permute(3, 0, 1, 2).to(dt)
-    Ct = (C.unsqueeze(1) if C.dim() == 3 else C).permute(3, 0, 1, 2).to(dt)
-    out, h = torch.empty_like(u), u.new_zeros(b, E, N, dtype=dt)
-    dA = u.new_empty(T, b, E, N, dtype=dt)
-    H = torch.empty_like(dA)
-    owns_delta = delta_bias is not None or delta_softplus or delta.dtype != dt
-    n = owns_delta + 1 + (u.dtype != dt) + (3 if D is not None or z is not None else 1 + (L > CHUNK))
-    chunk = [u.new_empty(b, E, T, dtype=dt) for _ in range(n)]
-    if D is None and z is None:
-        chunk.append(u.new_empty(T * b * Ct.shape[2], N, 1, dtype=dt))
-    del chunk, Bt, Ct, dA, H
-    return (out, h) if return_last_state else out
+    """scan_cpu itself: on fake tensors it allocates exactly what it allocates for real (it skips only its
+    step loop, which allocates nothing)."""
+    return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def _mamba_ssm_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

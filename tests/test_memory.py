@@ -45,9 +45,10 @@ def fake_copy(args):
 
 
 # Shapes: multi-chunk (L > scan_cpu.CHUNK) with a short last chunk for cpu; a short L for the slow ref loop.
+# Five chunks: the fake run skips the middle ones (scan_cpu), and must still match.
 @pytest.mark.parametrize("backend,b,E,L,N", [("cpu", 2, 64, 150, 16), ("cpu", 1, 128, 40, 16),
-                                             ("ref", 2, 64, 24, 16), ("ref", 1, 128, 9, 4)],
-                         ids=["cpu-2chunks", "cpu-1chunk", "ref", "ref-N4"])
+                                             ("cpu", 1, 32, 300, 16), ("ref", 2, 64, 24, 16), ("ref", 1, 128, 9, 4)],
+                         ids=["cpu-3chunks", "cpu-1chunk", "cpu-5chunks", "ref", "ref-N4"])
 def test_scan_fakes_allocate_what_the_backend_allocates(backend, b, E, L, N):
     args = scan_inputs(b, E, L, N)
     one_dir = args[:6] + [args[12], args[13], True]           # u, delta, A, B, C, D, z, delta_bias, softplus
