@@ -44,10 +44,12 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     dA, H = u.new_empty(T, b, E, N, dtype=dt), u.new_empty(T, b, E, N, dtype=dt)
     dAs, Hs = dA.unbind(0), H.unbind(0)                                        # per-step views, made once
     starts = range(0, L, CHUNK)
-    if is_fake(u):
-        # Memory prediction runs this on fake tensors (vimbench.memory). Every full chunk after the first
-        # allocates what the second does (while the previous chunk's temporaries are still referenced), so
-        # the first, second and last chunks stand for all; the step loop allocates nothing and is skipped.
+    shapes_only = is_fake(u) or u.device.type == "meta"
+    if shapes_only:
+        # Memory prediction (vimbench.memory, fake tensors) and FLOP counting (meta tensors) run this as the
+        # op's fake implementation. Every full chunk after the first allocates what the second does (while
+        # the previous chunk's temporaries are still referenced), so the first, second and last chunks
+        # stand for all; the step loop allocates nothing and is skipped.
         starts = sorted({starts[0], starts[min(1, len(starts) - 1)], starts[-1]})
     for t0 in starts:
         t1 = min(t0 + CHUNK, L)
@@ -61,7 +63,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         du = (d * uc).permute(2, 0, 1).reshape(n, b, G, E // G, 1)
         torch.mul(d.permute(2, 0, 1).unsqueeze(-1), Af, out=dA[:n]).exp_()     # (n, b, E, N)
         torch.mul(du, Bt[t0:t1].unsqueeze(3), out=H[:n].view(n, b, G, E // G, N))  # dBu
-        if not is_fake(H):
+        if not shapes_only:
             Hs[0].addcmul_(dAs[0], h)
             for t in range(1, n):
                 Hs[t].addcmul_(dAs[t], Hs[t - 1])

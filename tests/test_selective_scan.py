@@ -122,3 +122,23 @@ def test_bidirectional_ref_uses_given_scan():
     (u, d, A, B, C), _ = make_inputs(1, 4, 9, 2, 0)
     a = bidirectional_scan_ref(u, d, A, B, C, None, u, d, A, B, C, None, scan=selective_scan_cpu)
     assert_close("bidir ref cpu vs ref", bidirectional_scan_ref(u, d, A, B, C, None, u, d, A, B, C, None), a)
+
+
+def test_cpu_scan_on_meta_tensors_skips_its_step_loop():
+    """FLOP counting runs the cpu scan as the op's fake implementation on meta tensors: it must not walk
+    the sequence (6085 steps per call would make counting a Vim model take minutes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.device("meta"):
+        (u, d, A, B, C), kw = make_inputs(1, 8, 6085, 16, 0)
+        with Count():
+            out = selective_scan_cpu(u, d, A, B, C, **kw)
+    assert out.device.type == "meta" and out.shape == u.shape
+    assert Count.calls < 200  # three chunks of batched ops, no per-step ops
