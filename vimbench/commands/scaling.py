@@ -80,6 +80,9 @@ def _check_backend(model: str, options: dict, device, dtype) -> str:
     try:
         if "scan" in options:
             return resolve_scan_backend(options["scan"], device)
+        # No probe on CUDA: it would create a CUDA context in this process, which the workers' NVML reading
+        # (device memory minus the level before the worker touched CUDA) would then miss. A forced kernel
+        # that cannot run there becomes an error row naming why.
         if device.type == "cuda" or options["attn"] in ("eager", "sdpa"):
             return options["attn"]
         check_attention_backend(options["attn"], device, dtype, head_dim=64)
