@@ -15,8 +15,9 @@ run: $(BIN)/vimbench
 	$(BIN)/vimbench scaling
 
 test: $(BIN)/vimbench
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not noisy"
 
 gate: $(BIN)/vimbench
 	$(BIN)/vimbench gate --deterministic
 	$(BIN)/vimbench gate --device cpu
+	$(BIN)/pytest -q -m noisy tests/gate

@@ -12,7 +12,7 @@ from __future__ import annotations
 import timm
 import torch.nn as nn
 
-from ..kernels.attention import ATTENTION_BACKENDS, attention
+from vimbench.kernels.attention import ATTENTION_BACKENDS, attention
 
 
 class BackendAttention(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import timm
 
-from .deit import set_attention_backend
+from vimbench.baselines.deit import set_attention_backend
 
 
 def create_timm_model(name: str, img_size: int = 224, attn: str | None = None, num_classes: int = 1000):

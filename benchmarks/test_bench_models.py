@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vimbench.registry import create_model
+from vimbench.models.registry import create_model
 
 SHAPE = {"cpu": (1, 128), "cuda": (16, 224)}
 """(batch, resolution) per device type."""

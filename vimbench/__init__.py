@@ -6,6 +6,6 @@ try:
 except PackageNotFoundError:  # a checkout that was not installed
     __version__ = "0+unknown"
 
-from .registry import count_params, create_model, list_models, model_entry  # noqa: E402
+from vimbench.models.registry import count_params, create_model, list_models, model_entry  # noqa: E402
 
 __all__ = ["__version__", "count_params", "create_model", "list_models", "model_entry"]

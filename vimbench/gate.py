@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 
-from .env import environment
-from .errors import InputError
+from vimbench.measure.env import environment, slug
+from vimbench.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_DIR = REPO_ROOT / "benchmarks"
@@ -194,7 +194,7 @@ def device_class(device: str) -> str:
         return "cpu"
     if not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device here")
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return slug(torch.cuda.get_device_name())
 
 
 def timing_baseline_path(device: str) -> Path:
@@ -396,9 +396,9 @@ def suite_environment(device: torch.device) -> dict:
 def deterministic_snapshot() -> dict:
     """{'flops': {'<model> res=<r> batch=<b>': {FLOP_FIELDS}}, 'kernels': {'<kernel> | <config> | <arch>':
     {KERNEL_FIELDS}}}: FLOPs of forward_features with each model's default options, counted on meta."""
-    from .flops import count_flops
-    from .kernel_compile import ARCHS, compile_report
-    from .registry import list_models
+    from vimbench.count.flops import count_flops
+    from vimbench.count.kernel_compile import ARCHS, compile_report
+    from vimbench.models.registry import list_models
     flops = {}
     for model in list_models():
         for res, batch in FLOP_SHAPES:

@@ -1,7 +1,7 @@
 """The GPU check: what every session with a lent GPU runs, in parts of a few minutes each.
 
 Parts (``PARTS``), each writing under one output folder (``results/gpu/<card>-<date>/`` by default):
-    tests    the CUDA tests of the Triton scan against the reference (tests/test_scan_cuda.py)
+    tests    the CUDA tests of the Triton scan against the reference (tests/kernels/test_scan_cuda.py)
     kernels  ``vimbench kernels`` at the Vim-Ti/S/B and DeiT-Ti widths, res 224..1248 (5 points), batch 1
              (fp32) and batch 64 (fp32 and bf16), scans triton and cpu (+ mamba_ssm when importable, ref at
              224 only), attention backends that run; the device's copy/matmul ceilings and exp2 rate
@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from vimbench.measure.env import slug
+from vimbench.rows.reader import with_current_names
+
 PARTS = ("tests", "kernels", "scaling", "summary")
 RES = "224,512,738,1024,1248"
 PERF_GOAL = 1.4  # the Triton scan's target: within 1.4x of its floor at the Vim-Ti 1248 shape, batch 64
@@ -31,8 +34,7 @@ PERF_GOAL = 1.4  # the Triton scan's target: within 1.4x of its floor at the Vim
 
 def default_out(card: str, today: datetime.date | None = None) -> Path:
     """results/gpu/<card slug>-<YYYY-MM-DD>, e.g. results/gpu/nvidia-h100-80gb-hbm3-2026-11-25."""
-    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    return Path("results") / "gpu" / f"{slug}-{(today or datetime.date.today()).isoformat()}"
+    return Path("results") / "gpu" / f"{slug(card)}-{(today or datetime.date.today()).isoformat()}"
 
 
 def _scans() -> str:
@@ -45,18 +47,20 @@ def plan(part: str, out: Path) -> list[tuple[str, list[str]]]:
         def kernels(name, csv, *args):
             return name, ["kernels", "--plot", *args, "--out", str(out / csv)]
         return [kernels("kernels b1 fp32", "kernels-b1-fp32.csv", "--models", "vim_tiny,vim_small,vim_base,deit_tiny",
-                        "--scan", _scans(), "--res", RES, "--batch", "1", "--dtype", "fp32"),
+                        "--scan", _scans(), "--attn", "eager,sdpa,efficient,cudnn", "--res", RES, "--batch", "1",
+                        "--dtype", "fp32"),
                 kernels("kernels ref 224", "kernels-ref.csv", "--models", "vim_tiny", "--scan", "ref", "--res", "224",
                         "--batch", "1"),
                 *(kernels(f"kernels b64 {dtype}", f"kernels-b64-{dtype}.csv", "--models", "vim_tiny,deit_tiny",
-                          "--scan", "triton", "--res", RES, "--batch", "64", "--dtype", dtype)
+                          "--scan", "triton", "--attn", "eager,sdpa,efficient,cudnn" + (",flash" if dtype != "fp32" else ""),
+                          "--res", RES, "--batch", "64", "--dtype", dtype)
                   for dtype in ("fp32", "bf16"))]
     if part == "scaling":
         paper_csv, cpu_csv = out / "scaling-paper.csv", out / "scaling-cpu-scan.csv"
         return [("scaling paper", ["scaling", "--preset", "paper", "--scan", "triton", "--out", str(paper_csv)]),
                 ("scaling cpu scan", ["scaling", "--models", "vim_tiny", "--scan", "cpu", "--res", "224,512",
                                       "--batch", "64", "--out", str(cpu_csv)]),
-                ("report", ["report", str(paper_csv), "--out", str(out / "report")])]
+                ("report", ["report", str(paper_csv), "--out-dir", str(out / "report")])]
     raise ValueError(f"part {part!r} has no command plan")
 
 
@@ -70,10 +74,10 @@ def with_resume(argv: list[str]) -> list[str]:
 
 
 def run_tests(out: Path) -> dict:
-    """pytest tests/test_scan_cuda.py; its output goes to ``out/gpu-tests.txt``. Returns passed/failed counts."""
+    """pytest tests/kernels/test_scan_cuda.py; its output goes to ``out/gpu-tests.txt``. Returns passed/failed counts."""
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
-                           str(root / "tests" / "test_scan_cuda.py")], cwd=root, capture_output=True, text=True)
+                           str(root / "tests" / "kernels" / "test_scan_cuda.py")], cwd=root, capture_output=True, text=True)
     (out / "gpu-tests.txt").write_text(proc.stdout + proc.stderr)
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout)}
     return {"returncode": proc.returncode, **counts}
@@ -84,8 +88,8 @@ def device_facts(device: str = "cuda") -> dict:
     CUDA minus before). Run it in a fresh process (``run_isolated``) so the context is this one's alone."""
     import torch
 
-    from .env import nvml
-    from .kernels.exp_rate import measure_exp2_rate
+    from vimbench.measure.env import nvml
+    from vimbench.kernels.exp_rate import measure_exp2_rate
     nv, before = nvml(), None
     if nv is not None:
         handle = nv.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
@@ -105,10 +109,10 @@ def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
                    & (kernels["status"] == "ok")].copy()
     directions = rows["op"].map({"scan": 1, "scan_bidir": 2})
     rows["mem_floor_ms"] = rows["bytes"] / (rows["ceiling_gbs"] * 1e9) * 1e3
-    rows["exp_floor_ms"] = directions * rows["batch"] * rows["d_inner"] * rows["L"] * rows["d_state"] / exp2_per_s * 1e3
+    rows["exp_floor_ms"] = directions * rows["batch"] * rows["d_inner"] * rows["tokens"] * rows["d_state"] / exp2_per_s * 1e3
     rows["floor_ms"] = rows[["mem_floor_ms", "exp_floor_ms"]].max(axis=1)
     rows["ratio"] = rows["time_ms"] / rows["floor_ms"]
-    return rows[["op", "model", "L", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms", "floor_ms",
+    return rows[["op", "model", "tokens", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms", "floor_ms",
                  "ratio"]].reset_index(drop=True)
 
 
@@ -126,7 +130,7 @@ def write_summary(out: Path) -> Path:
     tests = json.loads((out / "tests.json").read_text()) if (out / "tests.json").exists() else None
     lines = [f"# GPU check: {facts.get('card', 'card unknown')}", "",
              f"Folder `{out}`, written by `vimbench gpu-check`. Versions and clocks: in every CSV row.", ""]
-    lines += ["## Tests (tests/test_scan_cuda.py)", ""]
+    lines += ["## Tests (tests/kernels/test_scan_cuda.py)", ""]
     lines += [f"{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, {tests.get('error', 0)} errors "
               f"(exit code {tests['returncode']}); output in gpu-tests.txt." if tests else "not run", ""]
     lines += ["## Device facts", ""]
@@ -140,7 +144,8 @@ def write_summary(out: Path) -> Path:
     lines += ["## Triton scan against its floor", ""]
     csvs = sorted(out.glob("kernels-*.csv"))
     if csvs and facts:
-        floors = scan_floors(pd.concat([pd.read_csv(c) for c in csvs], ignore_index=True), facts["exp2_per_s"])
+        floors = scan_floors(pd.concat([with_current_names(pd.read_csv(c)) for c in csvs], ignore_index=True),
+                             facts["exp2_per_s"])
         lines += _md_table(floors) + ["", f"floor = max(bytes / measured copy bandwidth, exp2 count / measured "
                                           f"exp2 rate); goal: ratio <= {PERF_GOAL} at vim_tiny L=6085, batch 64."]
     else:

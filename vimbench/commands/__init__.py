@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..errors import InputError
+from vimbench.errors import InputError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
 def _register():
     # One line per command module; each defines a Click command named after its module.
-    from . import check_kernels, flops, gate, gpu_check, kernels, memory, models, plot, report, scaling
+    from vimbench.commands import check_kernels, flops, gate, gpu_check, kernels, memory, models, plot, report, scaling
     for module in (models, flops, scaling, check_kernels, plot, report, memory, kernels, gate, gpu_check):
         cli.add_command(module.command)
 

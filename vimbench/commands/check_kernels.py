@@ -8,10 +8,10 @@ import json
 import click
 import pandas as pd
 
-from ..csvlog import check_writable
-from ..errors import InputError
-from ..kernel_compile import ARCHS, CompileRow, compile_report
-from ..table import format_table
+from vimbench.rows.writer import check_new_file
+from vimbench.errors import InputError
+from vimbench.count.kernel_compile import ARCHS, CompileRow, compile_report
+from vimbench.present.tables import format_table
 
 COLUMNS = [f.name for f in dataclasses.fields(CompileRow)]
 
@@ -28,7 +28,7 @@ def command(out, as_json):
     if out:
         if not out.endswith(".csv"):
             raise InputError(f"--out must name a .csv file, got {out}")
-        check_writable(out)
+        check_new_file(out)
     rows = [dataclasses.asdict(r) for r in compile_report(ARCHS)]
     if as_json:
         click.echo(json.dumps(rows, indent=1))

@@ -1,46 +1,54 @@
 """`vimbench flops`: FLOPs per model and resolution, counted on the meta device (nothing runs)."""
 from __future__ import annotations
 
+import datetime
+
 import click
-import pandas as pd
+import torch
 
-from ..configs import impl_of
-from ..csvlog import check_writable
-from ..errors import InputError
-from ..flops import count_flops
-from ..table import format_table
-from ._options import models_option, res_option, resolutions, variants
+from vimbench.commands import options as o
+from vimbench.count.flops import count_flops
+from vimbench.measure.env import environment
+from vimbench.measure.isolation import one_line
+from vimbench.models.registry import impl_of, model_entry
+from vimbench.present.tables import format_table
+from vimbench.rows.schema import FLOPS
+from vimbench.rows.sweep import run_sweep
+from vimbench.rows.writer import CsvLog
 
-COLUMNS = ["model", "impl", "res", "tokens", "batch", "head", "params", "flops_total", "flops_scan",
-           "flops_attention", "flops_linear", "flops_other"]
+
+def flops_row(cfg: dict, fixed: dict) -> dict:
+    """One row of a flops CSV; a model that cannot be counted becomes an error row naming why."""
+    row = {k: cfg[k] for k in FLOPS.key} | {"family": model_entry(cfg["model"]).family, **fixed,
+                                             "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
+    try:
+        row.update(count_flops(cfg["model"], cfg["res"], cfg["batch"], cfg["head"], **cfg["options"]), status="ok")
+    except Exception as e:  # one model that cannot be counted must not stop the others
+        row.update(status="error", error=one_line(e))
+    return row
 
 
 @click.command("flops")
-@models_option
-@res_option
-@click.option("--batch", default=1, show_default=True, type=int, help="Images per forward.")
-@click.option("--attn", "attn_spec", default="eager", show_default=True,
-              help="Attention backend(s) for DeiT models (FLOPs do not depend on it).")
-@click.option("--scan", "scan_spec", default="auto", show_default=True,
-              help="Scan backend(s) for Vim models (FLOPs do not depend on it).")
-@click.option("--head/--no-head", default=False, show_default=True,
-              help="Count the classifier head too (default: backbone only, as the Vim paper timed).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the table as CSV here.")
-def command(models_spec, res_spec, batch, attn_spec, scan_spec, head, out):
+@o.model_options
+@o.batch_option
+@o.head_option
+@o.out_options
+@click.pass_context
+def command(ctx, **opts):
     """Count FLOPs (2 per multiply-add; scan formula in the README) of each model at each resolution,
-    on the meta device: no real tensors are allocated, six models x 17 resolutions take seconds."""
-    if batch < 1:
-        raise InputError(f"--batch must be >= 1, got {batch}")
-    res_list = resolutions(res_spec)
-    pairs = variants(models_spec, attn_spec, scan_spec)
-    if out:
-        check_writable(out)
-    rows = []
-    for model, options in pairs:
-        for res in res_list:
-            rows.append({"model": model, "impl": impl_of(options), "res": res, "batch": batch, "head": head,
-                         **count_flops(model, res, batch, head, **options)})
-    click.echo(format_table(rows, COLUMNS))
-    if out:
-        pd.DataFrame(rows, columns=COLUMNS).to_csv(out, index=False)
-        click.echo(f"wrote {len(rows)} rows to {out}")
+    on the meta device: no real tensors are allocated, six models x 17 resolutions take seconds. FLOPs do
+    not depend on the backend; --attn and --scan only name the rows."""
+    device = torch.device("meta")
+    batch = o.batch_for(opts["batch"], device)
+    res_list = o.parse_resolutions(opts["res_spec"])
+    pairs = o.variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"])
+    configs = [dict(model=m, options=options, impl=impl_of(options), res=res, batch=batch, head=opts["head"])
+               for m, options in pairs for res in res_list]
+    log = CsvLog.open(opts["out"] or o.default_out("flops", device), FLOPS, resume=opts["resume"],
+                      given=opts["out"] is not None)
+    fixed = {**environment(torch.device("cpu")), "command": o.command_line(ctx)}
+    rows = run_sweep(configs, log, lambda cfg: flops_row(cfg, fixed),
+                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px")
+    click.echo(format_table(rows, ["model", "impl", "res", "tokens", "batch", "status", "params", "flops_total",
+                                   "flops_scan", "flops_attention", "flops_linear", "flops_other"]))
+    click.echo(f"wrote {len(rows)} rows to {log.path}")

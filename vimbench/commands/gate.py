@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 import torch
 
-from .. import gate
-from ..errors import InputError
-from ..table import format_table
+from vimbench.commands import options as o
+from vimbench import gate
+from vimbench.errors import InputError
+from vimbench.present.tables import format_table
 
 TIMING_COLUMNS = ["benchmark", "reference", "baseline", "now", "change", "threshold", "ms_now", "attempts", "status"]
 UPDATE_COLUMNS = ["benchmark", "reference", "ratio", "spread", "threshold", "ms", "noisy"]
@@ -21,8 +22,7 @@ DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
 @click.option("--deterministic", is_flag=True,
               help="Check FLOP counts and compiled kernel resources instead of timings (no noise, no GPU needed).")
 @click.option("--update", is_flag=True, help="Record a new baseline instead of checking against it.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="Timing gate device (default: cuda when available, else cpu).")
+@o.device_option
 @click.option("-k", "select", default=None, help="Only the benchmarks matching this pytest -k expression.")
 @click.option("--runs", type=int, default=None,
               help=f"With --update: suite runs whose spread sets the thresholds, every other one beside a "
@@ -30,7 +30,8 @@ DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
                    f"{gate.MIN_BASELINE_RUNS}).")
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Baseline file (default: benchmarks/baselines/<cpu|gpu name>.json, or deterministic.json).")
-def command(deterministic, update, device, select, runs, baseline_path):
+@click.pass_context
+def command(ctx, deterministic, update, device_spec, select, runs, baseline_path):
     """Regression gate for CI. Exits 1 on a regression, with a table of what moved, 0 otherwise.
 
     Timing gate (default): runs the pytest-benchmark suite in benchmarks/ once, every round timed against a
@@ -47,10 +48,11 @@ def command(deterministic, update, device, select, runs, baseline_path):
     if runs is not None and not update:
         raise InputError("--runs applies to --update only")
     if deterministic:
-        if device or select or runs is not None:
+        explicit_device = ctx.get_parameter_source("device_spec") != click.core.ParameterSource.DEFAULT
+        if explicit_device or select or runs is not None:
             raise InputError("--device, -k and --runs apply to the timing gate, not --deterministic")
         return _deterministic(update, baseline_path or gate.DETERMINISTIC_BASELINE)
-    device = device or gate.default_device()
+    device = o.resolve_device(device_spec).type
     path = baseline_path or gate.timing_baseline_path(device)
     if update:
         return _update_timing(device, select, gate.DEFAULT_BASELINE_RUNS if runs is None else runs, path)

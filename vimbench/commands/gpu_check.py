@@ -7,25 +7,25 @@ from pathlib import Path
 import click
 import torch
 
-from .. import gpucheck
-from ..errors import InputError
-from ..isolation import run_isolated
+from vimbench import gpucheck
+from vimbench.errors import InputError
+from vimbench.measure.isolation import run_isolated
 
 
 @click.command("gpu-check")
 @click.option("--part", type=click.Choice(["all", *gpucheck.PARTS]), default="all", show_default=True,
-              help="Run one part (each takes a few minutes; all of them together may not fit 9 minutes).")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run one part only (each takes a few minutes).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Output folder [results/gpu/<card>-<date>].")
-def command(part, out):
+def command(part, out_dir):
     """Run the GPU check: CUDA tests of the Triton scan, kernel timings against the card's ceilings,
     the paper-preset scaling sweep with its report, and a summary (see vimbench/gpucheck.py).
     Needs a CUDA GPU; parts already run are resumed, not repeated."""
     if not torch.cuda.is_available():
         raise InputError("gpu-check needs a CUDA GPU; none is available on this machine")
-    out = Path(out) if out else gpucheck.default_out(torch.cuda.get_device_name(0))
+    out = Path(out_dir) if out_dir else gpucheck.default_out(torch.cuda.get_device_name(0))
     out.mkdir(parents=True, exist_ok=True)
-    from . import main  # the CLI entry point runs each step, so every step behaves as on the command line
+    from vimbench.commands import main  # the CLI entry point runs each step, so every step behaves as on the command line
     parts = gpucheck.PARTS if part == "all" else (part,)
     failed = []
     if "tests" in parts:

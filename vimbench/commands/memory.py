@@ -1,95 +1,89 @@
 """`vimbench memory`: predicted peak GPU memory of an inference forward, computed without a GPU."""
 from __future__ import annotations
 
-from pathlib import Path
+import datetime
 
 import click
 import pandas as pd
+import torch
 
-from ..csvlog import check_writable
-from ..errors import InputError
-from ..kernels.selective_scan import BackendUnavailable, check_scan_backend
-from ..memory import (CARDS, CONTEXT_GIB, DTYPES, fits, paper_comparison, paper_comparison_markdown,
-                      predict_memory)
-from ..table import format_table
-from ._options import models_option, resolutions, variants
+from vimbench.analysis.paper import paper_gib
+from vimbench.commands import options as o
+from vimbench.count.memory import CARDS, memory_row
+from vimbench.errors import BackendUnavailable, InputError
+from vimbench.kernels.selective_scan import check_scan_backend
+from vimbench.measure.env import environment
+from vimbench.measure.isolation import one_line
+from vimbench.models.registry import impl_of, model_entry
+from vimbench.present.report import paper_memory_table
+from vimbench.present.tables import format_table
+from vimbench.rows.reader import load_results
+from vimbench.rows.schema import MEMORY
+from vimbench.rows.sweep import run_sweep
+from vimbench.rows.writer import CsvLog
 
-COLUMNS = ["model", "family", "impl", "res", "tokens", "batch", "dtype", "head", "params",
-           "mem_pred_weights_gib", "mem_pred_activations_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
-           "card", "card_gib", "context_gib", "fits"]
-_PRESET_FIXED = ("models_spec", "attn_spec", "scan_spec", "res_spec", "batch", "dtype", "head")
 
-
-def _check_variants(variants, dtype: str) -> None:
+def _check_variant(options: dict, dtype: str) -> None:
     """InputError for a scan backend that cannot run on CUDA here, or flash/cudnn attention in fp32."""
-    for _, options in variants:
-        scan, attn = options.get("scan"), options.get("attn")
-        if scan and scan != "auto":
-            try:
-                check_scan_backend(scan, "cuda")
-            except BackendUnavailable as e:
-                raise InputError(f"cannot predict scan backend {scan!r}: {e}") from None
-        if attn in ("flash", "cudnn") and dtype == "fp32":
-            raise InputError(f"attention backend {attn!r} needs --dtype fp16 or bf16 (use efficient or sdpa for fp32)")
+    scan, attn = options.get("scan"), options.get("attn")
+    if scan and scan != "auto":
+        try:
+            check_scan_backend(scan, "cuda")
+        except BackendUnavailable as e:
+            raise InputError(f"--scan {scan}: cannot predict it: {e}") from None
+    if attn in ("flash", "cudnn") and dtype == "fp32":
+        raise InputError(f"--attn {attn} needs --dtype fp16 or bf16 (use efficient or sdpa for fp32)")
+
+
+def predicted_row(cfg: dict, fixed: dict) -> dict:
+    """One row of a memory CSV (``memory_row``) with the paper's value where it has one; a configuration
+    that cannot be predicted becomes an error row naming why."""
+    row = {k: cfg[k] for k in MEMORY.key} | {"family": model_entry(cfg["model"]).family, **fixed,
+                                              "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
+    try:
+        row.update(memory_row(cfg["model"], cfg["options"], cfg["res"], cfg["batch"], cfg["dtype"], cfg["head"],
+                              cfg["card"]), status="ok")
+    except Exception as e:  # one configuration that cannot be predicted must not stop the others
+        return {**row, "status": "error", "error": one_line(e)}
+    paper = paper_gib(row["model"], row["res"], row["batch"], row["dtype"], row["head"], row["impl"])
+    return {**row, "paper_gib": "" if paper is None else paper}
 
 
 @click.command("memory")
-@models_option
-@click.option("--attn", "attn_spec", default="eager,sdpa", show_default=True,
-              help="Attention backend(s) for DeiT/ViT models; sdpa is predicted as the kernel an sm80+ GPU picks.")
-@click.option("--scan", "scan_spec", default="auto", show_default=True,
-              help="Scan backend(s) for Vim models; auto is resolved as on a CUDA machine with this environment.")
-@click.option("--res", "res_spec", default="512,640,738,1024,1248", show_default=True,
-              help="Resolutions: A..B (step 64), A..B:STEP, comma lists, or a mix.")
-@click.option("--batch", default=64, show_default=True, type=int, help="Images per forward.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(list(DTYPES)),
-              help="Weights and input dtype.")
-@click.option("--head/--no-head", default=False, show_default=True,
-              help="Include the classifier head (default: backbone only, as the Vim paper measured).")
-@click.option("--card", default="h100-80gb", show_default=True,
-              help=f"Card for the fits column: {', '.join(CARDS)}.")
-@click.option("--preset", type=click.Choice(["paper"]),
-              help="paper: the Vim paper's Fig. 1 (c) setting beside its numbers (fixes every option but --card/--out).")
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="Write the table as CSV here (with --preset paper also the Markdown table, as .md beside it).")
+@o.model_options
+@o.batch_option
+@o.dtype_option
+@o.head_option
+@click.option("--card", default="h100-80gb", show_default=True, help=f"Card for the fits column: {', '.join(CARDS)}.")
+@o.out_options
+@o.preset_option
 @click.pass_context
-def command(ctx, models_spec, attn_spec, scan_spec, res_spec, batch, dtype, head, card, preset, out):
+def command(ctx, preset, **opts):
     """Predict the peak CUDA memory of one inference forward (torch.inference_mode) per model, kernel and
     resolution, without a GPU: the forward runs on fake CUDA tensors while every allocation is recorded,
     and the trace is replayed through a model of PyTorch's caching allocator. Columns (GiB = 2^30 B):
     weights; activations (input included); peak = torch.cuda.max_memory_allocated; reserved =
-    max_memory_reserved. fits: reserved + a CUDA context of 0.5 GiB <= the card's memory."""
-    if card not in CARDS:
-        raise InputError(f"unknown card {card!r}; known: {', '.join(CARDS)}")
-    if preset:
-        fixed = [f"--{n.removesuffix('_spec')}" for n in _PRESET_FIXED
-                 if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
-        if fixed:
-            raise InputError(f"--preset {preset} fixes {', '.join(fixed)}; drop them")
-        if out:
-            check_writable(out)
-        df = paper_comparison(card)
-        markdown = paper_comparison_markdown(df)
-        click.echo(markdown)
-        if out:
-            df.to_csv(out, index=False)
-            Path(out).with_suffix(".md").write_text(markdown + "\n")
-            click.echo(f"wrote {len(df)} rows to {out} and {Path(out).with_suffix('.md')}")
-        return
-    if batch < 1:
-        raise InputError(f"--batch must be >= 1, got {batch}")
-    res_list = resolutions(res_spec)
-    pairs = variants(models_spec, attn_spec, scan_spec)
-    _check_variants(pairs, dtype)
-    if out:
-        check_writable(out)
-    rows = []
-    for model, options in pairs:
-        for res in res_list:
-            pred = predict_memory(model, res, batch, dtype, head, **options)
-            rows.append({**pred, "card": card, "card_gib": CARDS[card], "context_gib": CONTEXT_GIB,
-                         "fits": fits(pred["mem_pred_reserved_gib"], card)})
-    click.echo(format_table(rows, COLUMNS))
-    if out:
-        pd.DataFrame(rows, columns=COLUMNS).to_csv(out, index=False)
-        click.echo(f"wrote {len(rows)} rows to {out}")
+    max_memory_reserved; used = reserved + a CUDA context of 0.5 GiB; fits: used <= the card's memory.
+    Rows of the paper's setting carry its Fig. 1 (c) value (--preset paper gives exactly those)."""
+    opts = o.apply_preset(ctx, preset, opts)
+    if opts["card"] not in CARDS:
+        raise InputError(f"--card {opts['card']!r}: unknown; known: {', '.join(CARDS)}")
+    batch = o.batch_for(opts["batch"], torch.device("cuda"))
+    res_list = o.parse_resolutions(opts["res_spec"])
+    pairs = o.variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"])
+    for _, options in pairs:
+        _check_variant(options, opts["dtype"])
+    configs = [dict(model=m, options=options, impl=impl_of(options), res=res, batch=batch, dtype=opts["dtype"],
+                    head=opts["head"], card=opts["card"]) for m, options in pairs for res in res_list]
+    log = CsvLog.open(opts["out"] or o.default_out("memory", "cuda"), MEMORY, resume=opts["resume"],
+                      given=opts["out"] is not None)
+    fixed = {**environment(torch.device("cpu")), "command": o.command_line(ctx)}
+    rows = run_sweep(configs, log, lambda cfg: predicted_row(cfg, fixed),
+                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch']}")
+    click.echo(format_table(rows, ["model", "impl", "kernel", "res", "tokens", "batch", "dtype", "status",
+                                   "mem_pred_weights_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
+                                   "mem_pred_used_gib", "fits", "paper_gib"]))
+    click.echo(f"wrote {len(rows)} rows to {log.path}")
+    if preset == "paper" and any(r.get("status") == "ok" for r in rows):
+        _, df = load_results(log.path, kinds=("memory",))
+        click.echo("\n".join(paper_memory_table(pd.DataFrame(df))))

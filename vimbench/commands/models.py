@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 import torch
 
-from ..registry import DEFAULT_OPTIONS, count_params, create_model, list_models, model_entry
-from ..table import format_table
+from vimbench.models.registry import DEFAULT_OPTIONS, count_params, create_model, list_models, model_entry
+from vimbench.present.tables import format_table
 
 
 @click.command("models")

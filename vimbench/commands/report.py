@@ -1,21 +1,35 @@
-"""`vimbench report`: a Markdown report (exponents, crossovers, the paper's claim checked) of a scaling CSV."""
+"""`vimbench report`: a Markdown report (exponents, crossovers, the paper's claim checked) of scaling CSVs."""
 from __future__ import annotations
 
-import click
+from pathlib import Path
 
-from ..report import write_report
-from ..results import load_results
-from .plot import check_out_dir
+import click
+import pandas as pd
+
+from vimbench.commands.options import check_out_dir
+from vimbench.errors import InputError
+from vimbench.present.report import write_report
+from vimbench.rows.reader import load_results
 
 
 @click.command("report")
-@click.argument("results", metavar="RESULTS.csv")
-@click.option("--out", "out_dir", required=True, metavar="DIR",
-              help="Directory for report.md and the figures it embeds (created if needed).")
+@click.argument("results", nargs=-1, required=True, metavar="RESULTS.csv...")
+@click.option("--out-dir", default=None, metavar="DIR",
+              help="Directory for report.md and its figures [beside the first CSV: <name>-report/].")
 def command(results, out_dir):
-    """Write DIR/report.md for the scaling CSV RESULTS.csv, with its figures: scaling exponents of
-    latency, memory and FLOPs in tokens (95% CI), DeiT's attention share of FLOPs, Vim/DeiT crossovers,
-    and the paper's Fig. 1 claims checked against eager and fused-attention DeiT."""
+    """Write DIR/report.md for the scaling CSVs RESULTS.csv (several are read as one, e.g. runs from
+    several machines), with its figures: scaling exponents of time, memory and FLOPs in tokens (95% CI),
+    DeiT's attention share of FLOPs, Vim/DeiT crossovers, and the paper's Fig. 1 claims checked against
+    eager and fused-attention DeiT. A memory CSV among them (`vimbench memory --preset paper`) adds the
+    predicted memory of the paper's setting beside Fig. 1 (c)."""
+    out_dir = out_dir or str(Path(results[0]).with_suffix("")) + "-report"
     check_out_dir(out_dir)
-    _, df = load_results(results, kinds=("scaling",))
-    click.echo(f"wrote {write_report(df, results, out_dir)}")
+    scaling, memory = [], []
+    for path in results:
+        kind, df = load_results(path, kinds=("scaling", "memory"))
+        (scaling if kind == "scaling" else memory).append(df)
+    if not scaling:
+        raise InputError("RESULTS: no scaling CSV given (a memory CSV only adds to a scaling report)")
+    df = pd.concat(scaling, ignore_index=True)
+    mem = pd.concat(memory, ignore_index=True) if memory else None
+    click.echo(f"wrote {write_report(df, ', '.join(Path(p).name for p in results), out_dir, mem)}")

@@ -1,0 +1,100 @@
+"""Which selective-scan backends exist, whether one can run on a device, and what ``auto`` means.
+
+Backends (``SCAN_BACKENDS``):
+    ref        sequential loop (ref.py), the correctness oracle; any device
+    cpu        chunked pure PyTorch (chunked.py); any device
+    cpp        compiled C++ on ATen's vectorised types (compiled_cpu.py, csrc/); CPU tensors, fp32/bf16/fp16;
+               built on first use with the machine's C++ compiler and cached
+    triton     our fused Triton kernel (triton_kernel.py); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    mamba_ssm  mamba_ssm's CUDA kernel, when that package imports; CUDA tensors
+    auto       resolved per device by ``resolve_scan_backend``; callers record the resolved name
+No backend ever falls back to another: an unavailable one raises ``BackendUnavailable`` naming why.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from vimbench.errors import BackendUnavailable
+from vimbench.kernels.selective_scan import compiled_cpu
+from vimbench.kernels.selective_scan.chunked import selective_scan_cpu
+from vimbench.kernels.selective_scan.ref import selective_scan_ref
+
+SCAN_BACKENDS = ("ref", "cpu", "cpp", "triton", "mamba_ssm")
+SCAN_CHOICES = SCAN_BACKENDS + ("auto",)
+
+
+@functools.cache
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_scan_backend(backend: str, device: torch.device | str) -> None:
+    """Raises ``BackendUnavailable`` (or ValueError for an unknown name) if ``backend`` can't run on ``device``."""
+    device = torch.device(device)
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}; choose from {', '.join(SCAN_CHOICES)}")
+    if backend == "triton":
+        if not _importable("triton"):
+            raise BackendUnavailable("scan backend 'triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
+            raise BackendUnavailable(
+                f"scan backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
+    if backend == "cpp":
+        if device.type not in ("cpu", "meta"):
+            raise BackendUnavailable(f"scan backend 'cpp' needs CPU tensors, got {device.type}")
+        if device.type == "cpu":
+            ok, why = compiled_cpu.available()
+            if not ok:
+                raise BackendUnavailable(f"scan backend 'cpp' is unavailable: {why}")
+    if backend == "mamba_ssm":
+        if not _importable("mamba_ssm"):
+            raise BackendUnavailable("scan backend 'mamba_ssm' needs the mamba_ssm package, which is not installed")
+        if device.type != "cuda":
+            raise BackendUnavailable(f"scan backend 'mamba_ssm' needs CUDA tensors, got {device.type}")
+
+
+def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend that ``backend`` means on ``device``: 'auto' picks the fastest available
+    (CUDA: mamba_ssm, else triton, else cpu; CPU: cpp when it builds here, else cpu; elsewhere, e.g. the meta
+    device: cpu). Checks availability either way; the caller records the name it returns."""
+    device = torch.device(device)
+    if backend == "auto":
+        backend = "cpu"
+        if device.type == "cuda":
+            backend = next((name for name in ("mamba_ssm", "triton") if _importable(name)), "cpu")
+        elif device.type == "cpu" and compiled_cpu.available()[0]:
+            backend = "cpp"
+    check_scan_backend(backend, device)
+    return backend
+
+
+def _mamba_ssm_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                    return_last_state=False):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _triton_scan(*args, **kwargs):
+    from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton
+    return selective_scan_triton(*args, **kwargs)
+
+
+def _cpp_scan(*args, **kwargs):
+    return compiled_cpu.selective_scan_compiled(*args, **kwargs)
+
+
+IMPLS = {"ref": selective_scan_ref, "cpu": selective_scan_cpu, "cpp": _cpp_scan, "triton": _triton_scan,
+         "mamba_ssm": _mamba_ssm_scan}
+"""Backend name -> one-direction scan with ``ref.selective_scan_ref``'s signature."""
+

@@ -1,0 +1,230 @@
+"""The compiled CPU selective scan: a C++ ATen kernel (csrc/selective_scan_cpu.cpp), JIT-built on first use.
+
+Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, N state, G groups):
+
+    available() -> (bool, str)       can the kernel be used here? builds it if needed; the str says why not
+    build() -> str                   compiles (if not cached) and loads the kernel; returns the library path
+    selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            return_last_state=False, *, time_major_out=None)
+    bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None,
+                                delta_bias=None, delta_bias_b=None, delta_softplus=True, *, time_major_out=None)
+    exp_floor_rate(numel=..., iters=...) -> float   exp per second with the kernel's state exp (its floor)
+
+Dtypes: u, delta, z, B, C may be float32, bfloat16 or float16 (float64 is refused: use the 'ref' backend);
+they are converted to float32 as they are loaded and all arithmetic is float32. The output has u's dtype, the
+last state is float32. (If u, delta and z do not share one dtype, or B and C do not share u's dtype or
+float32, the odd ones out are cast to float32 first, a copy.)
+
+Strides: u, delta, z, B, C may have any strides. The fast path is the time-major layout that Vim's in_proj and
+x_proj produce: u, delta, z with stride 1 along E (e.g. views of a (b, L, channels) tensor), B, C with
+stride 1 along N. Channel-major contiguous inputs are also handled (gathered per tile).
+
+Output layout: ``out`` is always a (b, E, L) tensor. Its memory is time-major, i.e. ``out`` is the (b, E, L)
+transpose of a contiguous (b, L, E) tensor, when ``time_major_out`` is True, and contiguous (b, E, L) when
+False. The default (None) follows u: time-major iff u's stride along E is smaller than along L. So a mixer
+that feeds time-major views gets ``out.transpose(1, 2)`` contiguous, ready for out_proj without a copy.
+
+Threads: the kernel parallelises over (batch, block of 16 channels) with at::parallel_for, so
+``torch.set_num_threads`` governs it.
+
+Build cache: ``<cache>/scan_cpu/torch<version>-<capability>-<source hash>/``, where <cache> is $VIMBENCH_CACHE,
+else $XDG_CACHE_HOME/vimbench, else ~/.cache/vimbench; <capability> is the CPU capability ATen dispatches to
+on this machine (AVX512, AVX2 or DEFAULT; it sets the vector width the kernel is compiled for). Nothing is
+built at import time.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "selective_scan_cpu.cpp",)
+LIB_NAME = "vimbench_scan_cpu"
+
+# Compiler flags per ATen CPU capability, as torch's own build compiles its per-capability kernels: the
+# CPU_CAPABILITY macros select at::vec::Vectorized's width, the -m flags let the compiler emit it.
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+               "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+
+_lock = threading.Lock()
+_loaded: str | None = None          # path of the loaded library
+_failure: str | None = None         # one-line reason the build failed (cached for the process)
+
+
+def cpu_capability() -> str:
+    """The ATen CPU capability of this machine and torch build (honours ATEN_CPU_CAPABILITY): AVX512, AVX2 or
+    DEFAULT."""
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if cap.startswith("AVX512"):
+        return "AVX512"
+    if cap.startswith("AVX2"):
+        return "AVX2"
+    return "DEFAULT"
+
+
+def cache_root() -> Path:
+    """$VIMBENCH_CACHE, else $XDG_CACHE_HOME/vimbench, else ~/.cache/vimbench."""
+    if os.environ.get("VIMBENCH_CACHE"):
+        return Path(os.environ["VIMBENCH_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vimbench"
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    """The build directory for this torch version, CPU capability and kernel source."""
+    version = torch.__version__.replace("+", "_")
+    return cache_root() / "scan_cpu" / f"torch{version}-{cpu_capability()}-{_source_hash()}"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its 'No CUDA runtime is found' warning (this build needs no
+    CUDA), so that compiling prints exactly one line."""
+    import logging
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
+def _with_interpreter_bin_on_path() -> None:
+    """Puts the running interpreter's bin directory first on PATH, so that a ninja installed into this
+    environment (the ``ninja`` package) is found when the environment is used without being activated."""
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
+def _precheck() -> str | None:
+    """A one-line reason the kernel cannot be built here, or None."""
+    _with_interpreter_bin_on_path()
+    if sys.platform != "linux" and sys.platform != "darwin":
+        return f"the compiled CPU scan is built with a Unix C++ toolchain; this is {sys.platform}"
+    if shutil.which(_compiler()) is None:
+        return f"no C++ compiler: {_compiler()!r} is not on PATH (install g++ or set CXX)"
+    if not _cpp_extension().is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def build() -> str:
+    """Compiles the kernel if this machine's cache lacks it, loads it into torch.ops.vimbench_cpu, and returns
+    the library's path. Prints one line to stderr when it compiles. Raises RuntimeError with a one-line message
+    if it cannot (a longer log is kept in the build directory)."""
+    global _loaded, _failure
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if _failure is not None:
+            raise RuntimeError(_failure)
+        reason = _precheck()
+        if reason is not None:
+            _failure = reason
+            raise RuntimeError(reason)
+        out_dir = build_dir()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / f"{LIB_NAME}.so").exists():
+            print("vimbench: compiling the CPU scan kernel (once per machine, ~30 s)...", file=sys.stderr,
+                  flush=True)
+        load = _cpp_extension().load
+        try:
+            load(name=LIB_NAME, sources=[str(s) for s in SOURCES], build_directory=str(out_dir),
+                 extra_cflags=["-O3", "-fopenmp", *_CAPABILITY_FLAGS[cpu_capability()]],
+                 extra_ldflags=["-fopenmp"], with_cuda=False, is_python_module=False, verbose=False)
+        except Exception as exc:  # noqa: BLE001 (compiler errors arrive as several exception types)
+            log = out_dir / "build-error.log"
+            log.write_text(f"{type(exc).__name__}: {exc}\n")
+            _failure = f"building the compiled CPU scan failed ({type(exc).__name__}); compiler output in {log}"
+            raise RuntimeError(_failure) from exc
+        _loaded = str(out_dir / f"{LIB_NAME}.so")
+        return _loaded
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") if the kernel is built (building it now if needed) and loaded, else (False, one-line reason
+    for users: no compiler, no ninja, or a build failure)."""
+    try:
+        build()
+    except RuntimeError as exc:
+        return False, str(exc).splitlines()[0] if str(exc) else "building the compiled CPU scan failed"
+    return True, ""
+
+
+def is_time_major(u: torch.Tensor) -> bool:
+    """Whether u is laid out time-major: its stride along E is below its stride along L."""
+    return u.shape[1] > 1 and u.shape[2] > 1 and u.stride(1) < u.stride(2)
+
+
+def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            return_last_state=False, *, time_major_out=None):
+    """Selective scan, semantics of ``ref.selective_scan_ref``, with the compiled CPU kernel.
+
+    u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,); CPU tensors,
+    float32 / bfloat16 / float16, any strides. Returns out (b, E, L) in u's dtype (memory layout: see
+    ``time_major_out`` in the module docstring), and with ``return_last_state`` also h_{L-1} (b, E, N) float32.
+    """
+    build()
+    if time_major_out is None:
+        time_major_out = is_time_major(u)
+    out, last = torch.ops.vimbench_cpu.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                                          bool(delta_softplus), bool(time_major_out))
+    return (out, last) if return_last_state else out
+
+
+def bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None, delta_bias=None,
+                                delta_bias_b=None, delta_softplus=True, *, time_major_out=None):
+    """Both scans of a Vim mixer layer, semantics of ``ref.bidirectional_scan_ref``, in one kernel.
+
+    All inputs in original token order, shapes as in ``selective_scan_compiled`` (both directions the same
+    shapes). The backward direction (u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b) is scanned from t = L-1
+    down to 0 by reading reversed offsets, without flipped copies. Returns (y_f + y_b) * silu(z), (b, E, L) in
+    u's dtype (y_f, y_b include their D * u terms; the sum is formed in float32).
+    """
+    build()
+    if time_major_out is None:
+        time_major_out = is_time_major(u)
+    return torch.ops.vimbench_cpu.bidirectional_scan_fwd(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b,
+                                                         z, delta_bias, delta_bias_b, bool(delta_softplus),
+                                                         bool(time_major_out))
+
+
+def vector_width() -> int:
+    """float32 lanes per SIMD vector in the built kernel (16 with AVX-512, 8 with AVX2 or DEFAULT)."""
+    build()
+    return torch.ops.vimbench_cpu.vector_width()
+
+
+def exp_floor_rate(numel: int = 1 << 14, iters: int = 4096) -> float:
+    """Measured exp per second with the kernel's state exp (exp_state in the C++ source), over all threads
+    torch uses: x <- exp(-x/2) chained ``iters`` times on ``numel`` float32 values held in registers (8 independent vectors per chain).
+    The scan's floor for one direction is then b*E*L*N / rate seconds."""
+    build()
+    x = torch.rand(numel)
+    torch.ops.vimbench_cpu.exp_chain(x, 16)                      # warm-up
+    seconds = torch.ops.vimbench_cpu.exp_chain(x, iters)
+    return numel * iters / seconds

@@ -1,0 +1,695 @@
+// Selective scan on CPU: a compiled ATen kernel for vimbench (one direction and the Vim bidirectional pair).
+//
+// Semantics are those of kernels/selective_scan/ref.py (mamba_ssm's selective_scan_ref). Shape legend:
+//   b batch, E channels, L length, N state size, G groups of B/C (E/G channels share one B_t, C_t).
+//
+//   delta <- softplus(delta + delta_bias)                (bias and softplus optional; softplus as torch's,
+//                                                          threshold 20: x > 20 -> x, else log1p(exp(x)))
+//   h_t    = exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t      h: (b, E, N) float32, h_{-1} = 0
+//   y_t    = <C_t, h_t> + D * u_t
+//   out    = y * silu(z)                                  (gate optional)
+//
+// Design (the exp of the state update dominates: E * L * N of them per direction):
+//   * One task = (batch, block of W channels), W = Vectorized<float>::size() (16 with AVX-512, 8 with AVX2);
+//     one channel per SIMD lane, so the per-(e, n) exp is vectorised across channels. Blocks never straddle a
+//     group of B/C, so B_t[n] and C_t[n] are scalars broadcast to all lanes. Tasks run through
+//     at::parallel_for, so torch.set_num_threads governs the thread count.
+//   * The decay exp is an inline AVX-512 exp2 (polynomial + vscalefps, ~2 ulp; exp_u20 on other CPUs).
+//   * The state of a block is NT vectors (NT = N, padded to 4, 8 or 16; larger N in several chunks of 16)
+//     kept across the whole time loop (at N = 16 with AVX-512, g++ 12 holds 7 in registers and 9 in L1 stack
+//     slots: a memory operand and a store per step each).
+//   * Time is processed in tiles of kTile steps. Per tile, a staging pass reads u, delta (any dtype, any
+//     strides) into small float32 buffers, applies bias and softplus, forms delta*u and D*u, and copies B and
+//     C of the tile into float32 buffers; the scan pass then touches only those L1-resident buffers and its
+//     registers (no function calls, so the state never spills); an epilogue pass applies the gate and stores
+//     the output in u's dtype with the output's strides.
+//   * The bidirectional op scans the backward direction first (t = L-1 .. 0, reading original-order memory at
+//     reversed offsets; no flipped copies), keeps y_b + D_b*u_b in a per-task float32 buffer (L x W), then
+//     scans forward and writes (y_f + D_f*u_f + y_b + D_b*u_b) * silu(z).
+//
+// Build: compiled by compiled_cpu.py with -DCPU_CAPABILITY=<AVX512|AVX2|DEFAULT> -DCPU_CAPABILITY_<...> and
+// the matching -m flags, so that at::vec::Vectorized<float> has the width of the running CPU.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <numeric>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace vimbench_scan {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int W = Vec::size();             // channels per task (SIMD lanes of float32)
+constexpr int kTile = 64;                  // time steps staged per tile (buffers stay in L1)
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kMaxNT = 16;                 // 32 vector registers: 16 state vectors + temporaries
+#else
+constexpr int kMaxNT = 8;                  // 16 vector registers (AVX2) or scalar emulation
+#endif
+
+// ------------------------------------------------------------------------------------------------------
+// Element access: raw pointer + strides (in elements) of a (b, E, L) or (b, G, N, L) tensor.
+// ------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct View3 {               // (b, E, L) tensor such as u, delta, z, out
+  T* data = nullptr;
+  int64_t sb = 0, se = 0, sl = 0;
+};
+
+template <typename T>   // T = const S for inputs, S for outputs
+View3<T> view3(const at::Tensor& t) {
+  using S = std::remove_const_t<T>;
+  T* p;
+  if constexpr (std::is_const_v<T>) p = t.const_data_ptr<S>(); else p = t.mutable_data_ptr<S>();
+  return {p, t.stride(0), t.stride(1), t.stride(2)};
+}
+
+template <typename T>
+struct ViewBC {              // B or C as (b, G, N, L); the ungrouped (b, N, L) form has G = 1, sg = 0
+  const T* data = nullptr;
+  int64_t sb = 0, sg = 0, sn = 0, sl = 0;
+  int64_t G = 1;
+};
+
+template <typename T>
+ViewBC<T> view_bc(const at::Tensor& t) {
+  if (t.dim() == 3) return {t.data_ptr<T>(), t.stride(0), 0, t.stride(1), t.stride(2), 1};
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1)};
+}
+
+// One float32 vector of W channels from W consecutive elements (any input dtype).
+template <typename T>
+inline Vec load_vec(const T* p);
+template <>
+inline Vec load_vec<float>(const float* p) { return Vec::loadu(p); }
+template <>
+inline Vec load_vec<c10::BFloat16>(const c10::BFloat16* p) {
+  Vec v;
+  at::vec::load_to_float(p, v);
+  return v;
+}
+template <>
+inline Vec load_vec<c10::Half>(const c10::Half* p) {
+  Vec v;
+  at::vec::load_to_float(p, v);
+  return v;
+}
+
+// Stores W float32 lanes to W consecutive elements of type T.
+template <typename T>
+inline void store_vec(const Vec& v, T* p);
+template <>
+inline void store_vec<float>(const Vec& v, float* p) { v.store(p); }
+template <>
+inline void store_vec<c10::BFloat16>(const Vec& v, c10::BFloat16* p) {
+  at::vec::convert_from_float<c10::BFloat16>(v, v).store(p, W);
+}
+template <>
+inline void store_vec<c10::Half>(const Vec& v, c10::Half* p) {
+  at::vec::convert_from_float<c10::Half>(v, v).store(p, W);
+}
+
+// dst[s][i] = float(x[bi, e0 + i, t0 + s]) for s < nt, i < cnt; lanes i >= cnt are set to 0.
+// Time-major inputs (stride along E == 1) take one vector load per step.
+template <typename T>
+inline void load_rows(const View3<const T>& x, int64_t bi, int64_t e0, int cnt, int64_t t0, int nt, float* dst) {
+  const T* base = x.data + bi * x.sb + e0 * x.se + t0 * x.sl;
+  if (x.se == 1 && cnt == W) {
+    for (int s = 0; s < nt; ++s) load_vec<T>(base + s * x.sl).store(dst + s * W);
+    return;
+  }
+  if (cnt < W) std::fill(dst, dst + nt * W, 0.f);
+  for (int i = 0; i < cnt; ++i) {                    // channel-major: contiguous along t
+    const T* p = base + i * x.se;
+    for (int s = 0; s < nt; ++s) dst[s * W + i] = static_cast<float>(p[s * x.sl]);
+  }
+}
+
+// x[bi, e0 + i, t0 + s] = T(src[s][i]) for s < nt, i < cnt.
+template <typename T>
+inline void store_rows(const View3<T>& x, int64_t bi, int64_t e0, int cnt, int64_t t0, int nt, const float* src) {
+  T* base = x.data + bi * x.sb + e0 * x.se + t0 * x.sl;
+  if (x.se == 1 && cnt == W) {
+    for (int s = 0; s < nt; ++s) store_vec<T>(Vec::loadu(src + s * W), base + s * x.sl);
+    return;
+  }
+  for (int i = 0; i < cnt; ++i) {
+    T* p = base + i * x.se;
+    for (int s = 0; s < nt; ++s) p[s * x.sl] = static_cast<T>(src[s * W + i]);
+  }
+}
+
+// dst[s * ld + n] = float(M[bi, g, n, t0 + s]) for n < N; columns N .. ld-1 are left as they are (zero).
+template <typename T>
+inline void load_bc(const ViewBC<T>& M, int64_t bi, int64_t g, int64_t N, int64_t t0, int nt, int ld, float* dst) {
+  const T* base = M.data + bi * M.sb + g * M.sg + t0 * M.sl;
+  if (M.sn == 1) {                                    // time-major (x_proj output): contiguous along n
+    for (int s = 0; s < nt; ++s)
+      for (int64_t n = 0; n < N; ++n) dst[s * ld + n] = static_cast<float>(base[s * M.sl + n]);
+  } else {
+    for (int64_t n = 0; n < N; ++n)
+      for (int s = 0; s < nt; ++s) dst[s * ld + n] = static_cast<float>(base[n * M.sn + s * M.sl]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// exp of the state decay, the kernel's hot spot (E * L * N of them per direction).
+// With AVX-512: exp(x) = 2^t, t = x * log2(e) (A is pre-scaled by log2(e), so t = delta * A' costs one
+// multiply); t = n + f with n = round(t), |f| <= 1/2; 2^f by a degree-5 polynomial (minimax of the relative
+// error on [-1/2, 1/2], fitted for this kernel; max relative error 2.4e-7 in float32 arithmetic, i.e. ~2 ulp);
+// 2^n applied by vscalefps, which also yields inf / 0 / denormals at the ends. 10 instructions per vector,
+// about half of at::vec's exp_u20. Elsewhere: exp_u20 on the unscaled argument.
+// ------------------------------------------------------------------------------------------------------
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr float kExpScale = 1.4426950408889634f;   // log2(e): A is multiplied by this once per block
+inline Vec exp_state(const Vec& t_in) {            // exp(x) for t_in = x * log2(e)
+  // f = t - round(t) by vreduceps, which gives 0 for +-inf, so exp(+-inf) = scalef(1, +-inf) = inf / 0 and
+  // NaN propagates, with no clamping
+  const __m512 t = t_in;
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(0.001327647129073739f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541892647743f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(p, n);
+}
+#else
+constexpr float kExpScale = 1.f;
+inline Vec exp_state(const Vec& x) { return x.exp_u20(); }
+#endif
+
+// ------------------------------------------------------------------------------------------------------
+// Elementwise functions of the staging and epilogue passes (once per (e, t)), matching torch's float32
+// softplus (threshold 20) and silu to a few ulp. Inline, so the passes make no function calls.
+// ------------------------------------------------------------------------------------------------------
+
+#if defined(CPU_CAPABILITY_AVX512)
+// exp(x) to ~2 ulp for any x: like exp_state, but t = x * log2(e) is carried in two parts (t_hi + t_lo, the
+// product's rounding error recovered with FMAs), so large |x| loses no accuracy.
+inline Vec exp_accurate(const Vec& xv) {
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), xv));
+  const __m512 L_hi = _mm512_set1_ps(1.44269502162933349609375f);      // float(log2(e))
+  const __m512 L_lo = _mm512_set1_ps(1.925963033500011079e-8f);        // log2(e) - L_hi
+  const __m512 t_hi = _mm512_mul_ps(x, L_hi);
+  const __m512 t_lo = _mm512_fmadd_ps(x, L_lo, _mm512_fmsub_ps(x, L_hi, t_hi));
+  const __m512 n = _mm512_roundscale_ps(t_hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_add_ps(_mm512_sub_ps(t_hi, n), t_lo);
+  __m512 p = _mm512_set1_ps(0.001327647129073739f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541892647743f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// a / b to ~1 ulp without vdivps: 14-bit reciprocal estimate refined by one Newton step.
+inline __m512 fast_div(__m512 a, __m512 b) {
+  const __m512 r0 = _mm512_rcp14_ps(b);
+  const __m512 r = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(b, r0, _mm512_set1_ps(1.f)), r0);
+  return _mm512_mul_ps(a, r);
+}
+
+// log1p(w) for w in [0, 1]: s = 1 + w = 2^k m with m in [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(q),
+// q = (m - 1) / (m + 1), |q| <= 0.172, by its odd series to q^9 (truncation < 1e-9); plus the rounding error
+// of 1 + w, (w - (s - 1)) / s, so small w keep full relative accuracy.
+inline Vec log1p_unit(const Vec& wv) {
+  const __m512 w = wv, one = _mm512_set1_ps(1.f);
+  const __m512 s = _mm512_add_ps(one, w);
+  const __mmask16 big = _mm512_cmp_ps_mask(s, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  const __m512 m = _mm512_mask_mul_ps(s, big, s, _mm512_set1_ps(0.5f));
+  const __m512 k = _mm512_mask_blend_ps(big, _mm512_setzero_ps(), one);
+  const __m512 q = fast_div(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
+  const __m512 q2 = _mm512_mul_ps(q, q);
+  __m512 p = _mm512_set1_ps(2.f / 9.f);
+  p = _mm512_fmadd_ps(p, q2, _mm512_set1_ps(2.f / 7.f));
+  p = _mm512_fmadd_ps(p, q2, _mm512_set1_ps(2.f / 5.f));
+  p = _mm512_fmadd_ps(p, q2, _mm512_set1_ps(2.f / 3.f));
+  p = _mm512_fmadd_ps(p, q2, _mm512_set1_ps(2.f));
+  const __m512 log_m = _mm512_mul_ps(p, q);
+  const __m512 corr = fast_div(_mm512_sub_ps(w, _mm512_sub_ps(s, one)), s);
+  return _mm512_add_ps(_mm512_fmadd_ps(k, _mm512_set1_ps(0.693147180559945309f), log_m), corr);
+}
+
+inline Vec softplus(const Vec& x) {    // x > 20 ? x : log1p(exp(x)) = max(x, 0) + log1p(exp(-|x|))
+  const Vec sp = at::vec::maximum(x, Vec(0.f)) + log1p_unit(exp_accurate(x.abs().neg()));
+  return Vec::blendv(sp, x, x > Vec(20.f));
+}
+
+inline Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp(-x)), as torch's kernel
+  return fast_div(x, Vec(1.f) + exp_accurate(x.neg()));
+}
+#else
+inline Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(x), beta 1, threshold 20
+  return Vec::blendv(x.exp().log1p(), x, x > Vec(20.f));
+}
+
+inline Vec silu(const Vec& x) {        // x * sigmoid(x), as torch's silu kernel: x / (1 + exp(-x))
+  return x / (Vec(1.f) + x.neg().exp());
+}
+#endif
+
+// ------------------------------------------------------------------------------------------------------
+// The scan over one tile for one chunk of NT state entries: the hot loop.
+//   d, du:  (nt, W) float32, delta and delta*u of the tile's steps
+//   y:      (nt, W) float32, accumulates <C_t, h_t> over this chunk's NT state entries
+//   Bt, Ct: (nt, ld) float32, B_t[n0 + j] and C_t[n0 + j] of the tile's steps (zero past N)
+//   A:      (NT, W) float32, A[e, n0 + j] * kExpScale per lane (zero past N)
+//   h_io:   (NT, W) float32, the state carried across tiles
+// reverse: steps run s = nt-1 .. 0 (the backward direction).
+// The state entries are indexed by template parameters (J...), so the compiler keeps h in NT registers.
+// ------------------------------------------------------------------------------------------------------
+
+template <int... J>
+inline void scan_tile_impl(int nt, bool reverse, const float* d, const float* du, float* y, const float* Bt,
+                           const float* Ct, int ld, const float* A, float* h_io, std::integer_sequence<int, J...>) {
+  Vec h[sizeof...(J)] = {Vec::loadu(h_io + J * W)...};
+  const int step = reverse ? -1 : 1;
+  int s = reverse ? nt - 1 : 0;
+  for (int k = 0; k < nt; ++k, s += step) {
+    const Vec dv = Vec::loadu(d + s * W);
+    const Vec duv = Vec::loadu(du + s * W);
+    const float* b = Bt + s * ld;
+    const float* c = Ct + s * ld;
+    Vec acc[2] = {Vec(0.f), Vec(0.f)};   // two partial sums: shorter dependency chain, few registers
+    auto one = [&](auto jc) {
+      constexpr int j = decltype(jc)::value;
+      const Vec dA = exp_state(dv * Vec::loadu(A + j * W));
+      h[j] = at::vec::fmadd(dA, h[j], duv * Vec(b[j]));
+      acc[j & 1] = at::vec::fmadd(h[j], Vec(c[j]), acc[j & 1]);
+    };
+    (one(std::integral_constant<int, J>{}), ...);
+    const Vec yv = Vec::loadu(y + s * W) + (acc[0] + acc[1]);
+    yv.store(y + s * W);
+  }
+  ((h[J].store(h_io + J * W)), ...);
+}
+
+template <int NT>
+void scan_tile(int nt, bool reverse, const float* d, const float* du, float* y, const float* Bt, const float* Ct,
+               int ld, const float* A, float* h_io) {
+  scan_tile_impl(nt, reverse, d, du, y, Bt, Ct, ld, A, h_io, std::make_integer_sequence<int, NT>{});
+}
+
+using ScanTileFn = void (*)(int, bool, const float*, const float*, float*, const float*, const float*, int,
+                            const float*, float*);
+
+// The state dimension split into chunks of NT in {4, 8, 16} (kMaxNT at most), zero-padded.
+struct Chunk {
+  int n0, nt;           // first state index, padded chunk width
+  ScanTileFn fn;
+};
+
+std::vector<Chunk> make_chunks(int64_t N) {
+  std::vector<Chunk> chunks;
+  for (int64_t n0 = 0; n0 < N;) {
+    const int64_t rem = N - n0;
+    int nt = rem > 8 ? 16 : rem > 4 ? 8 : 4;
+    nt = std::min(nt, kMaxNT);
+    ScanTileFn fn = nt == 4 ? &scan_tile<4> : nt == 8 ? &scan_tile<8> : &scan_tile<kMaxNT>;
+    chunks.push_back({static_cast<int>(n0), nt, fn});
+    n0 += nt;
+  }
+  return chunks;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// One direction's inputs, typed: T for u / delta (and z, out), TBC for B / C.
+// ------------------------------------------------------------------------------------------------------
+
+template <typename T, typename TBC>
+struct Direction {
+  View3<const T> u, delta;
+  ViewBC<TBC> B, C;
+  const float* A = nullptr;      // (E, N) float32 contiguous
+  const float* D = nullptr;      // (E,) float32 or null
+  const float* bias = nullptr;   // (E,) float32 or null
+  bool reverse = false;
+  int64_t Eg = 0;                // channels per group of B / C
+};
+
+// Per-thread scratch for one task.
+struct Scratch {
+  std::vector<float> d, du, y, z, Bt, Ct, A, h;
+  explicit Scratch(int ld, int64_t state_len)
+      : d(kTile * W), du(kTile * W), y(kTile * W), z(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f),
+        A(state_len * W), h(state_len * W) {}
+};
+
+// Scans one direction over all L steps for the channels [e0, e0 + cnt) of batch bi.
+//   acc_out: if non-null, receives y + D*u (float32, (L, W)) instead of the output (first pass of the pair)
+//   acc_in:  if non-null, added to y + D*u before the gate (second pass of the pair)
+//   last:    if non-null, (b, E, N) float32 contiguous, receives h_{end of scan}
+template <typename T, typename TBC>
+void scan_direction(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N, int64_t L,
+                    int64_t E, int64_t bi, int64_t e0, int cnt, bool softplus_on, const View3<const T>* z,
+                    const View3<T>* out, float* acc_out, const float* acc_in, float* last, Scratch& sc) {
+  const int64_t g = e0 / dir.Eg;
+  // A per lane, chunk by chunk: sc.A[(n0 + j) * W + i] = A[e0 + i, n0 + j] (0 past N or past cnt)
+  std::fill(sc.A.begin(), sc.A.end(), 0.f);
+  std::fill(sc.h.begin(), sc.h.end(), 0.f);
+  for (int i = 0; i < cnt; ++i)
+    for (int64_t n = 0; n < N; ++n) sc.A[n * W + i] = dir.A[(e0 + i) * N + n] * kExpScale;
+  float Dl[W] = {0}, biasl[W] = {0};
+  for (int i = 0; i < cnt; ++i) {
+    if (dir.D) Dl[i] = dir.D[e0 + i];
+    if (dir.bias) biasl[i] = dir.bias[e0 + i];
+  }
+  const Vec Dv = Vec::loadu(Dl), biasv = Vec::loadu(biasl);
+
+  const int64_t ntiles = (L + kTile - 1) / kTile;
+  for (int64_t k = 0; k < ntiles; ++k) {
+    const int64_t tile = dir.reverse ? ntiles - 1 - k : k;
+    const int64_t t0 = tile * kTile;
+    const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0));
+
+    // stage: delta (+bias, softplus), delta*u, D*u, B_t, C_t
+    load_rows<T>(dir.delta, bi, e0, cnt, t0, nt, sc.d.data());
+    load_rows<T>(dir.u, bi, e0, cnt, t0, nt, sc.du.data());
+    for (int s = 0; s < nt; ++s) {
+      Vec dv = Vec::loadu(sc.d.data() + s * W);
+      if (dir.bias) dv = dv + biasv;
+      if (softplus_on) dv = softplus(dv);
+      const Vec uv = Vec::loadu(sc.du.data() + s * W);
+      dv.store(sc.d.data() + s * W);
+      (dv * uv).store(sc.du.data() + s * W);
+      (dir.D ? Dv * uv : Vec(0.f)).store(sc.y.data() + s * W);
+    }
+    load_bc<TBC>(dir.B, bi, g, N, t0, nt, ld, sc.Bt.data());
+    load_bc<TBC>(dir.C, bi, g, N, t0, nt, ld, sc.Ct.data());
+
+    // scan, chunk by chunk of the state
+    for (const Chunk& ch : chunks)
+      ch.fn(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.y.data(), sc.Bt.data() + ch.n0, sc.Ct.data() + ch.n0,
+            ld, sc.A.data() + ch.n0 * W, sc.h.data() + ch.n0 * W);
+
+    // epilogue
+    float* y = sc.y.data();
+    if (acc_out) {
+      std::copy(y, y + nt * W, acc_out + t0 * W);
+      continue;
+    }
+    if (acc_in)
+      for (int s = 0; s < nt; ++s)
+        (Vec::loadu(y + s * W) + Vec::loadu(acc_in + (t0 + s) * W)).store(y + s * W);
+    if (z) {
+      load_rows<T>(*z, bi, e0, cnt, t0, nt, sc.z.data());
+      for (int s = 0; s < nt; ++s)
+        (Vec::loadu(y + s * W) * silu(Vec::loadu(sc.z.data() + s * W))).store(y + s * W);
+    }
+    store_rows<T>(*out, bi, e0, cnt, t0, nt, y);
+  }
+  if (last)
+    for (int i = 0; i < cnt; ++i)
+      for (int64_t n = 0; n < N; ++n) last[(bi * E + e0 + i) * N + n] = sc.h[n * W + i];
+}
+
+// Tasks: (batch, block of <= W channels inside a segment of Sg channels that no group boundary crosses).
+struct Blocks {
+  int64_t Sg, per_seg, nseg;
+  int64_t count(int64_t b) const { return b * nseg * per_seg; }
+  void at(int64_t task, int64_t& bi, int64_t& e0, int& cnt) const {
+    const int64_t k = task % per_seg, rest = task / per_seg;
+    const int64_t seg = rest % nseg;
+    bi = rest / nseg;
+    e0 = seg * Sg + k * W;
+    cnt = static_cast<int>(std::min<int64_t>(W, Sg - k * W));
+  }
+};
+
+Blocks make_blocks(int64_t E, int64_t Sg) {
+  return {Sg, (Sg + W - 1) / W, E / Sg};
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Argument checking and dtype handling
+// ------------------------------------------------------------------------------------------------------
+
+bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_bc(const at::Tensor& M, const char* name, int64_t b, int64_t E, int64_t N, int64_t L) {
+  const bool ok = (M.dim() == 3 && M.size(0) == b && M.size(1) == N && M.size(2) == L) ||
+                  (M.dim() == 4 && M.size(0) == b && M.size(1) > 0 && E % M.size(1) == 0 && M.size(2) == N &&
+                   M.size(3) == L);
+  TORCH_CHECK(ok, name, " must be (batch, N, L) or (batch, G, N, L) with G dividing E; got ", M.sizes(),
+              " for b=", b, ", E=", E, ", N=", N, ", L=", L);
+}
+
+void check_direction(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                     const at::Tensor& C, const std::optional<at::Tensor>& D,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(u.device().is_cpu(), "the compiled CPU scan needs CPU tensors, got ", u.device());
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u and delta must both be (batch, E, L); got ",
+              u.sizes(), " and ", delta.sizes());
+  const int64_t b = u.size(0), E = u.size(1), L = u.size(2);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == E, "A must be (E=", E, ", N); got ", A.sizes());
+  const int64_t N = A.size(1);
+  check_bc(B, "B", b, E, N, L);
+  check_bc(C, "C", b, E, N, L);
+  if (D) TORCH_CHECK(D->dim() == 1 && D->size(0) == E, "D must be (E=", E, ",); got ", D->sizes());
+  if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == E, "delta_bias must be (E=", E, ",); got ", bias->sizes());
+  for (const at::Tensor* t : {&u, &delta, &A, &B, &C})
+    TORCH_CHECK(is_kernel_dtype(t->scalar_type()), "the compiled CPU scan takes float32, bfloat16 or float16 "
+                "tensors (float64: use the 'ref' backend); got ", t->scalar_type());
+}
+
+// The dtype the kernel reads a family of tensors in: their common dtype, or float32 if they differ.
+at::ScalarType common_or_float(std::initializer_list<const at::Tensor*> ts) {
+  at::ScalarType st = (*ts.begin())->scalar_type();
+  for (const at::Tensor* t : ts)
+    if (t && t->scalar_type() != st) return at::kFloat;
+  return st;
+}
+
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType st) { return t.scalar_type() == st ? t : t.to(st); }
+
+std::optional<at::Tensor> small_float(const std::optional<at::Tensor>& t) {  // D, delta_bias: (E,) float32
+  if (!t) return std::nullopt;
+  return t->to(at::kFloat).contiguous();
+}
+
+// Output (b, E, L) of dtype st: time-major memory ((b, L, E) contiguous, returned as its (b, E, L) transpose)
+// or channel-major ((b, E, L) contiguous).
+at::Tensor new_output(const at::Tensor& u, at::ScalarType st, bool time_major) {
+  const int64_t b = u.size(0), E = u.size(1), L = u.size(2);
+  auto opts = u.options().dtype(st);
+  return time_major ? at::empty({b, L, E}, opts).transpose(1, 2) : at::empty({b, E, L}, opts);
+}
+
+template <typename F>
+void dispatch_types(at::ScalarType st, at::ScalarType st_bc, F&& f) {
+  // TBC is either T or float32 (mixed families are read as float32), so five combinations.
+  switch (st) {
+    case at::kFloat:
+      f(float{}, float{});
+      return;
+    case at::kBFloat16:
+      if (st_bc == at::kBFloat16) f(c10::BFloat16{}, c10::BFloat16{}); else f(c10::BFloat16{}, float{});
+      return;
+    case at::kHalf:
+      if (st_bc == at::kHalf) f(c10::Half{}, c10::Half{}); else f(c10::Half{}, float{});
+      return;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", st);
+  }
+}
+
+template <typename T, typename TBC>
+Direction<T, TBC> make_direction(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& bias, bool reverse) {
+  Direction<T, TBC> d;
+  d.u = view3<const T>(u);
+  d.delta = view3<const T>(delta);
+  d.B = view_bc<TBC>(B);
+  d.C = view_bc<TBC>(C);
+  d.A = A.const_data_ptr<float>();
+  d.D = D ? D->const_data_ptr<float>() : nullptr;
+  d.bias = bias ? bias->const_data_ptr<float>() : nullptr;
+  d.reverse = reverse;
+  d.Eg = u.size(1) / d.B.G;
+  return d;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Entry points
+// ------------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
+    const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& C_in, const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& z_in,
+    const std::optional<at::Tensor>& bias_in, bool delta_softplus, bool time_major_out) {
+  check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
+  if (z_in) {
+    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
+    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
+  }
+  const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
+  const at::ScalarType out_st = u_in.scalar_type();
+  const at::ScalarType st = common_or_float({&u_in, &delta_in, z_in ? &*z_in : nullptr});
+  const at::ScalarType st_bc = common_or_float({&B_in, &C_in}) == st ? st : at::kFloat;
+  const at::Tensor u = as_dtype(u_in, st), delta = as_dtype(delta_in, st);
+  const std::optional<at::Tensor> z = z_in ? std::optional<at::Tensor>(as_dtype(*z_in, st)) : std::nullopt;
+  const at::Tensor B = as_dtype(B_in, st_bc), C = as_dtype(C_in, st_bc);
+  const at::Tensor A = A_in.to(at::kFloat).contiguous();
+  const auto D = small_float(D_in), bias = small_float(bias_in);
+
+  at::Tensor out = new_output(u, st, time_major_out);
+  at::Tensor last = at::zeros({b, E, N}, u.options().dtype(at::kFloat));
+  if (b == 0 || E == 0 || L == 0) return {out.to(out_st), last};
+
+  const auto chunks = make_chunks(N);
+  const int ld = chunks.back().n0 + chunks.back().nt;
+  const Blocks blocks = make_blocks(E, E / (B.dim() == 4 ? B.size(1) : 1));
+  TORCH_CHECK(B.dim() == C.dim() && (B.dim() == 3 || B.size(1) == C.size(1)), "B and C must have the same groups");
+
+  dispatch_types(st, st_bc, [&](auto t_tag, auto bc_tag) {
+    using T = decltype(t_tag);
+    using TBC = decltype(bc_tag);
+    const auto dir = make_direction<T, TBC>(u, delta, A, B, C, D, bias, /*reverse=*/false);
+    const View3<const T> zv = z ? view3<const T>(*z) : View3<const T>{};
+    const View3<T> ov = view3<T>(out);
+    float* lastp = last.data_ptr<float>();
+    at::parallel_for(0, blocks.count(b), 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(ld, ld);
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t bi, e0;
+        int cnt;
+        blocks.at(task, bi, e0, cnt);
+        scan_direction<T, TBC>(dir, chunks, ld, N, L, E, bi, e0, cnt, delta_softplus, z ? &zv : nullptr, &ov,
+                               nullptr, nullptr, lastp, sc);
+      }
+    });
+  });
+  return {out.scalar_type() == out_st ? out : out.to(out_st), last};
+}
+
+at::Tensor bidirectional_scan_fwd(
+    const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& C_in, const std::optional<at::Tensor>& D_in, const at::Tensor& ub_in,
+    const at::Tensor& deltab_in, const at::Tensor& Ab_in, const at::Tensor& Bb_in, const at::Tensor& Cb_in,
+    const std::optional<at::Tensor>& Db_in, const std::optional<at::Tensor>& z_in,
+    const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& biasb_in, bool delta_softplus,
+    bool time_major_out) {
+  check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
+  check_direction(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in);
+  TORCH_CHECK(ub_in.sizes() == u_in.sizes() && Ab_in.sizes() == A_in.sizes(),
+              "both directions must have the same shapes; got u ", u_in.sizes(), " / u_b ", ub_in.sizes(), ", A ",
+              A_in.sizes(), " / A_b ", Ab_in.sizes());
+  if (z_in) {
+    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
+    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
+  }
+  const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
+  const at::ScalarType out_st = u_in.scalar_type();
+  const at::ScalarType st = common_or_float({&u_in, &delta_in, &ub_in, &deltab_in, z_in ? &*z_in : nullptr});
+  const at::ScalarType st_bc = common_or_float({&B_in, &C_in, &Bb_in, &Cb_in}) == st ? st : at::kFloat;
+  const at::Tensor u = as_dtype(u_in, st), delta = as_dtype(delta_in, st);
+  const at::Tensor ub = as_dtype(ub_in, st), deltab = as_dtype(deltab_in, st);
+  const std::optional<at::Tensor> z = z_in ? std::optional<at::Tensor>(as_dtype(*z_in, st)) : std::nullopt;
+  const at::Tensor B = as_dtype(B_in, st_bc), C = as_dtype(C_in, st_bc);
+  const at::Tensor Bb = as_dtype(Bb_in, st_bc), Cb = as_dtype(Cb_in, st_bc);
+  const at::Tensor A = A_in.to(at::kFloat).contiguous(), Ab = Ab_in.to(at::kFloat).contiguous();
+  const auto D = small_float(D_in), bias = small_float(bias_in);
+  const auto Db = small_float(Db_in), biasb = small_float(biasb_in);
+  TORCH_CHECK(B.dim() == C.dim() && (B.dim() == 3 || B.size(1) == C.size(1)), "B and C must have the same groups");
+  TORCH_CHECK(Bb.dim() == Cb.dim() && (Bb.dim() == 3 || Bb.size(1) == Cb.size(1)),
+              "B_b and C_b must have the same groups");
+
+  at::Tensor out = new_output(u, st, time_major_out);
+  if (b == 0 || E == 0 || L == 0) return out.to(out_st);
+
+  const auto chunks = make_chunks(N);
+  const int ld = chunks.back().n0 + chunks.back().nt;
+  // segments that cross no group boundary of either direction
+  const int64_t Eg_f = E / (B.dim() == 4 ? B.size(1) : 1), Eg_b = E / (Bb.dim() == 4 ? Bb.size(1) : 1);
+  const Blocks blocks = make_blocks(E, std::gcd(Eg_f, Eg_b));
+
+  dispatch_types(st, st_bc, [&](auto t_tag, auto bc_tag) {
+    using T = decltype(t_tag);
+    using TBC = decltype(bc_tag);
+    const auto fwd = make_direction<T, TBC>(u, delta, A, B, C, D, bias, /*reverse=*/false);
+    const auto bwd = make_direction<T, TBC>(ub, deltab, Ab, Bb, Cb, Db, biasb, /*reverse=*/true);
+    const View3<const T> zv = z ? view3<const T>(*z) : View3<const T>{};
+    const View3<T> ov = view3<T>(out);
+    at::parallel_for(0, blocks.count(b), 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(ld, ld);
+      std::vector<float> acc(L * W);        // y_b + D_b * u_b of the current block, (L, W) float32
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t bi, e0;
+        int cnt;
+        blocks.at(task, bi, e0, cnt);
+        scan_direction<T, TBC>(bwd, chunks, ld, N, L, E, bi, e0, cnt, delta_softplus, nullptr, nullptr,
+                               acc.data(), nullptr, nullptr, sc);
+        scan_direction<T, TBC>(fwd, chunks, ld, N, L, E, bi, e0, cnt, delta_softplus, z ? &zv : nullptr, &ov,
+                               nullptr, acc.data(), nullptr, sc);
+      }
+    });
+  });
+  return out.scalar_type() == out_st ? out : out.to(out_st);
+}
+
+// Microbenchmark for the floor: applies x <- exp(x * c), c = -1/2, with the kernel's state exp (exp_state) `iters` times to every element of the float32
+// contiguous x (numel a multiple of W), in place, 8 independent vectors at a time, through at::parallel_for.
+// Returns the elapsed seconds. exps = numel * iters.
+double exp_chain(at::Tensor x, int64_t iters) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() % (8 * W) == 0,
+              "x must be contiguous float32 with numel a multiple of ", 8 * W);
+  float* p = x.data_ptr<float>();
+  const int64_t groups = x.numel() / (8 * W);
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    const Vec c(-0.5f * kExpScale);
+    for (int64_t gi = begin; gi < end; ++gi) {
+      Vec v[8];
+      for (int j = 0; j < 8; ++j) v[j] = Vec::loadu(p + (gi * 8 + j) * W);
+      for (int64_t it = 0; it < iters; ++it)
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) v[j] = exp_state(v[j] * c);
+      for (int j = 0; j < 8; ++j) v[j].store(p + (gi * 8 + j) * W);
+    }
+  });
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int64_t vector_width() { return W; }
+
+}  // namespace
+}  // namespace vimbench_scan
+
+// Ops live in their own namespace, torch.ops.vimbench_cpu, so that they never collide with the Python-defined
+// custom ops of torch.ops.vimbench.
+TORCH_LIBRARY(vimbench_cpu, m) {
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool delta_softplus, bool time_major_out) -> (Tensor, Tensor)");
+  m.def("bidirectional_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor u_b, "
+        "Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? z, Tensor? delta_bias, "
+        "Tensor? delta_bias_b, bool delta_softplus, bool time_major_out) -> Tensor");
+  m.def("exp_chain(Tensor(a!) x, int iters) -> float");
+  m.def("vector_width() -> int", &vimbench_scan::vector_width);   // SIMD lanes of float32 (16: AVX-512)
+}
+
+TORCH_LIBRARY_IMPL(vimbench_cpu, CPU, m) {
+  m.impl("selective_scan_fwd", &vimbench_scan::selective_scan_fwd);
+  m.impl("bidirectional_scan_fwd", &vimbench_scan::bidirectional_scan_fwd);
+  m.impl("exp_chain", &vimbench_scan::exp_chain);
+}

@@ -1,0 +1,168 @@
+"""The selective scan as torch custom ops, so that FLOP counters and fake-tensor memory tracking see it.
+
+``torch.ops.vimbench.selective_scan`` and ``torch.ops.vimbench.bidirectional_scan`` take the backend name
+as an argument; their fake implementations allocate what that backend allocates on a GPU (for
+``vimbench.count.memory``), and their FLOP formulas follow ``scan_flops`` (for ``vimbench.count.flops``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from vimbench.kernels.selective_scan import compiled_cpu
+from vimbench.kernels.selective_scan.backends import IMPLS
+from vimbench.kernels.selective_scan.chunked import selective_scan_cpu
+from vimbench.kernels.selective_scan.ref import (bidirectional_scan_ref, compute_dtype, expand_groups,
+                                                 finish_output, prepare_delta)
+
+@torch.library.custom_op("vimbench::selective_scan", mutates_args=())
+def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+             z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+             backend: str) -> tuple[Tensor, Tensor]:
+    out, last = IMPLS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+    return out, last
+
+
+# Fake implementations allocate what each backend allocates on a GPU, so that a storage tracker sees it
+# (vimbench.memory runs them inside its tracker): the outputs, plus temporaries allocated and freed at the
+# backend's peak. Shapes: b, E, L from u, N from A, T = min(scan_cpu.CHUNK, L).
+
+def _ref_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """scan_ref: prepare_delta's copies, h and dA (b, E, N), the three (b, E, N) temporaries of the last
+    step, the L per-step outputs y_t (b, E) (one buffer here: the same bytes when b*E*4 is a multiple of
+    512, as for every Vim model), torch.stack's (b, E, L), then finish_output's temporaries."""
+    dt = compute_dtype(u)
+    b, E, L = u.shape
+    delta = prepare_delta(delta, delta_bias, delta_softplus, dt)
+    uf, Bf, Cf = u.to(dt), expand_groups(B.to(dt), E), expand_groups(C.to(dt), E)  # noqa: F841  (held, as in the loop)
+    h, dA = u.new_zeros(b, E, A.shape[1], dtype=dt), u.new_empty(b, E, A.shape[1], dtype=dt)  # noqa: F841
+    ys = u.new_empty(max(L - 1, 0), b, E, dtype=dt)  # noqa: F841  (held to the end, as the loop holds them)
+    step = [torch.empty_like(h) for _ in range(3)]   # dA*h, dBu, their sum
+    del step
+    ys_last = u.new_empty(b, E, dtype=dt)  # noqa: F841  (the last y_t, alive until the end like ys)
+    y = u.new_empty(b, E, L, dtype=dt)
+    out = finish_output(y, u, D, z, dt)
+    return (out, h) if return_last_state else out
+
+
+def _cpu_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """scan_cpu itself: on fake tensors it allocates exactly what it allocates for real (it skips only its
+    step loop, which allocates nothing)."""
+    return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _mamba_ssm_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                    return_last_state=False):
+    """mamba_ssm's selective_scan_cuda.fwd: out (b, E, L), the chunk states x (b, E, ceil(L/2048), 2N)
+    float32 (the last state is a view of it), and out_z (b, E, L) when z is given (then out is dropped)."""
+    b, E, L = u.shape
+    out = torch.empty_like(u)
+    x = u.new_empty(b, E, max(1, -(-L // 2048)), 2 * A.shape[1], dtype=compute_dtype(u))
+    if z is not None:
+        out = torch.empty_like(z)
+    return (out, x[:, :, -1, 1::2]) if return_last_state else out
+
+
+def _triton_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                 return_last_state=False):
+    """scan_triton (fused): the (N, E) copy of A, out, and the last state (b, E, N) float32."""
+    A_t = A.t().contiguous()
+    out = torch.empty_like(u)
+    del A_t
+    last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=compute_dtype(u))
+    return (out, last) if return_last_state else out
+
+
+def _cpp_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """compiled_cpu: out in u's layout (time-major memory when u is time-major) and the last state float32;
+    its per-thread tile buffers are a few KiB."""
+    b, E, L = u.shape
+    out = u.new_empty(b, L, E).transpose(1, 2) if compiled_cpu.is_time_major(u) else torch.empty_like(u)
+    last = u.new_empty(b, E, A.shape[1], dtype=compute_dtype(u))
+    return (out, last) if return_last_state else out
+
+
+_FAKES = {"ref": _ref_fake, "cpu": _cpu_fake, "cpp": _cpp_fake, "triton": _triton_fake, "mamba_ssm": _mamba_ssm_fake}
+
+
+@_scan_op.register_fake
+def selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    """The fake implementation of ``vimbench::selective_scan``: ``backend``'s allocations (see above)."""
+    return _FAKES[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+
+@torch.library.custom_op("vimbench::bidirectional_scan", mutates_args=())
+def _bidir_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Optional[Tensor],
+              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_bias_b: Optional[Tensor],
+              delta_softplus: bool, backend: str) -> Tensor:
+    if backend == "triton":
+        from vimbench.kernels.selective_scan.triton_kernel import bidirectional_scan_triton
+        return bidirectional_scan_triton(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
+                                         delta_bias, delta_bias_b, delta_softplus)
+    if backend == "cpp":  # both directions in one kernel, the output in time-major memory (see ``_bidir_fake``)
+        return compiled_cpu.bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
+                                                        delta_bias, delta_bias_b, delta_softplus, time_major_out=True)
+    return bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
+                                  delta_bias_b, delta_softplus, scan=IMPLS[backend])
+
+
+@_bidir_op.register_fake
+def bidirectional_scan_fake(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
+                            delta_softplus, backend):
+    """The fake implementation of ``vimbench::bidirectional_scan``: triton runs both directions in one
+    kernel (the two (N, E) copies of A, then out); cpp too (out in time-major memory, plus a per-thread
+    (L, 16) float32 buffer); the other backends go through ``bidirectional_scan_ref`` (flipped copies, two
+    outputs, the sum and the gate) with their one-direction allocations."""
+    if backend == "cpp":
+        b, E, L = u.shape
+        return u.new_empty(b, L, E).transpose(1, 2)
+    if backend == "triton":
+        A_t = (A.t().contiguous(), A_b.t().contiguous())
+        out = torch.empty_like(u)
+        del A_t
+        return out
+    return bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
+                                  delta_bias_b, delta_softplus, scan=_FAKES[backend])
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------------
+
+SCAN_FLOPS_PER_STATE = 7
+"""FLOPs per (b, e, t, n) of the recurrence: delta*A (1), exp (1), dA*h (1), + dBu (1), (delta*u)*B (1),
+C*h (1) and the accumulation over n (1). exp and other elementwise functions count as 1 FLOP each."""
+
+
+def scan_flops(b: int, E: int, L: int, N: int, *, has_D: bool, has_z: bool, has_delta_bias: bool,
+               delta_softplus: bool) -> int:
+    """FLOPs of one direction of the selective scan (convention: 1 per add, mul or elementwise function).
+
+    Per (b, e, t): delta*u (1), the bias add (1), softplus (1), D*u + y (2), and the gate y*silu(z), where
+    silu(z) = z*sigmoid(z) (3). Per (b, e, t, n): ``SCAN_FLOPS_PER_STATE``.
+    """
+    per_step = 1 + has_delta_bias + delta_softplus + 2 * has_D + 3 * has_z
+    return b * E * L * (SCAN_FLOPS_PER_STATE * N + per_step)
+
+
+@register_flop_formula(torch.ops.vimbench.selective_scan)
+def _scan_flop_formula(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend, out_shape=None, **kw):
+    b, E, L = u
+    return scan_flops(b, E, L, A[1], has_D=D is not None, has_z=z is not None,
+                      has_delta_bias=delta_bias is not None, delta_softplus=delta_softplus)
+
+
+@register_flop_formula(torch.ops.vimbench.bidirectional_scan)
+def _bidir_flop_formula(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
+                        delta_softplus, backend, out_shape=None, **kw):
+    b, E, L = u
+    one = functools.partial(scan_flops, b, E, L, A[1], has_z=False, delta_softplus=delta_softplus)
+    # the two directions, then y_f + y_b (1) and the shared gate (3) per (b, e, t)
+    return (one(has_D=D is not None, has_delta_bias=delta_bias is not None)
+            + one(has_D=D_b is not None, has_delta_bias=delta_bias_b is not None)
+            + b * E * L * (1 + 3 * (z is not None)))
+

@@ -1,0 +1,310 @@
+"""Fused selective scan in Triton: backend "triton" of ``vimbench.kernels.selective_scan``.
+
+Same signatures, shapes and semantics as ``scan_ref.selective_scan_ref`` and
+``selective_scan.bidirectional_scan_ref`` (legend: b batch, E channels, L length, N state, G groups).
+
+Design (kernel-facts.md section 2, design (a)): one program per (block of BLOCK_E channels of one B/C
+group, batch row)
+walks the tokens in order (t = 0..L-1, or L-1..0), holding the state tile h (BLOCK_N x BLOCK_E, float32)
+in registers. BLOCK_E = 32 * num_warps, so each thread owns one channel and all N of its states: the C
+contraction sum_n h[n] * C_t[n] is a reduction inside one thread, with no shuffles. Per token: exp(delta*A)
+as exp2(delta * A2) with A2 = A * log2(e) scaled once before the loop (one exp2 per (b, e, t, n)), the
+update h = exp2(delta * A2) * h + (delta * u) * B_t, y_t = sum_n h * C_t. Only u, delta, z, B, C in and y
+out touch memory (plus A, D, delta_bias and the last state once): no (b, E, L, N) tensor exists. A tail
+block of channels, a padded N (BLOCK_N = next power of two of N) and the tokens past L in the last tile
+are masked; padded states have A2 = 0 and B = 0 and padded tokens delta = 0, so the state is unchanged.
+
+Loading: the rows of u, delta, z and y are contiguous along L, so reading one token of 32 channels
+touches 32 cache lines. The loop therefore moves tiles of 4 tokens: u, delta (and z, and y_f in the
+backward direction) are loaded as (BLOCK_E, 4) tiles in Triton's coalesced layout (4 lanes along L, 16-byte
+runs for float32), delta_bias + softplus (x <= 20 ? log(1 + exp(x)) : x, written with tl.exp2/tl.log2,
+no explicit libdevice call) and delta * u are computed on the tile, and ``_columns`` splits it into its 4 token
+columns: tl.split needs its last dimension inside one thread, so Triton converts each tile once, through
+shared memory, into the channel-per-thread layout (all 4 tokens in registers; the splits are then free).
+The 4 steps are unrolled; their outputs are joined back into a (BLOCK_E, 4) tile for the D * u skip, the
+silu(z) gate and one store. B_t and C_t are (N,) vectors per token (a program's channels lie in one group:
+the grid enumerates channel blocks per group), loaded in the layout where every thread holds all N, so
+all lanes of a warp read the same address. 8-token tiles would halve the cache lines per token but need
+the B_t, C_t of 8 tokens in flight (256 registers): compiled with Triton 3.6 and 3.8 they spilled.
+
+Registers, spills and shared memory for sm_80 and sm_90 come from ``vimbench check-kernels`` (compiled
+ahead of time, no GPU). Speed is unmeasured: this was written on a machine without a GPU.
+
+Bidirectional: one launch, one program per (channel block, batch row) runs the forward direction, which
+stores y_f into the output, then the backward direction, reading its inputs (all in original token order)
+at offsets L-1-i, adding y_f back and applying the shared silu(z) gate. y_f is therefore rounded once
+to the output dtype before the sum (exact for float32 outputs; at most one extra rounding for bf16/fp16).
+
+Not autotuned: the tile is fixed by the design (one channel per thread; 1 warp per program, for the most
+programs and so the most warps in flight), and the compile report (``vimbench check-kernels``) checks
+exactly the configurations in ``kernel_configs``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vimbench.kernels.selective_scan.ref import compute_dtype
+
+
+@triton.jit
+def _softplus(x):
+    # x <= 20 ? log(1 + exp(x)) : x (mamba_ssm's threshold) in base 2: tl.exp2 is one ex2.approx, and no
+    # explicit libdevice call (which the interpreter can't run); the minimum keeps exp2 finite in the
+    # branch that where() discards
+    x2 = tl.minimum(x, 20.0) * 1.4426950408889634
+    return tl.where(x <= 20.0, tl.log2(1.0 + tl.exp2(x2)) * 0.6931471805599453, x)
+
+
+@triton.jit
+def _columns(x, BLOCK_E: tl.constexpr):
+    """The 4 columns (BLOCK_E,) of a (BLOCK_E, 4) tile, in order. Each split needs its last dim inside one
+    thread, so Triton moves the tile to a channel-per-thread layout once (through shared memory)."""
+    a, b = tl.split(tl.reshape(x, (BLOCK_E, 2, 2)))              # columns 0 2 | 1 3
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _join_columns(c0, c1, c2, c3, BLOCK_E: tl.constexpr):
+    """Inverse of ``_columns``: four (BLOCK_E,) columns -> the (BLOCK_E, 4) tile."""
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_E, 4))
+
+
+@triton.jit
+def _step(h, A2, delta, du, B_ptr, C_ptr, offs_bc, mask_n, j, L, REVERSE: tl.constexpr):
+    """One token: h (BLOCK_N, BLOCK_E) <- exp2(delta * A2) * h + du * B_t; returns (h, y_t = sum_n h * C_t).
+    B_t, C_t: (BLOCK_N,) at offsets ``offs_bc`` + t, shared by the program's channels (one group).
+    ``j`` is the step in scan order; past the end (j >= L) B_t and C_t are read at the last valid token."""
+    t = tl.minimum(j, L - 1)
+    if REVERSE:
+        t = L - 1 - t
+    Bt = tl.load(B_ptr + offs_bc + t, mask=mask_n, other=0.0).to(tl.float32)                  # (BLOCK_N,)
+    Ct = tl.load(C_ptr + offs_bc + t, mask=mask_n, other=0.0).to(tl.float32)
+    h = tl.exp2(delta[None, :] * A2) * h + du[None, :] * Bt[:, None]
+    return h, tl.sum(h * Ct[:, None], axis=0)
+
+
+@triton.jit
+def _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
+                    pid_b, group, offs_e, mask_e, E, L, G,
+                    REVERSE: tl.constexpr, ADD_TO_OUT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                    HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, STORE_LAST_STATE: tl.constexpr,
+                    N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scans one direction for the channels ``offs_e`` (valid where ``mask_e``, all in B/C group ``group``)
+    of batch row ``pid_b`` and writes y into out. A_ptr points to A transposed, (N, E) contiguous, so that A
+    loads in the layout of the state tile."""
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N                                         # (BLOCK_N,), all true when N is a power of two
+    mask_ne = mask_n[:, None] & mask_e[None, :]                                         # (BLOCK_N, BLOCK_E)
+    # 64-bit offset of this batch row; offsets inside one row of the batch fit in 32 bits
+    row = pid_b * E * L
+    u_ptr, delta_ptr, z_ptr, out_ptr = u_ptr + row, delta_ptr + row, z_ptr + row, out_ptr + row
+    B_ptr, C_ptr = B_ptr + pid_b * G * N * L, C_ptr + pid_b * G * N * L
+    offs_u = offs_e * L                                                                 # (BLOCK_E,)
+    offs_bc = (group * N + offs_n) * L                                                  # (BLOCK_N,)
+    # A * log2(e), so that exp(delta * A) == exp2(delta * A2)
+    A2 = tl.load(A_ptr + offs_n[:, None] * E + offs_e[None, :], mask=mask_ne, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    h = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for c in range(0, L, 4):
+        # the 4 tokens scanned next, as a tile in ascending address order (so that it loads coalesced in
+        # both directions); the backward direction scans its columns from last to first
+        if REVERSE:
+            t = L - 4 - c + tl.arange(0, 4)
+        else:
+            t = c + tl.arange(0, 4)
+        offs = offs_u[:, None] + t[None, :]                                             # (BLOCK_E, 4)
+        mask = mask_e[:, None] & ((t >= 0) & (t < L))[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        delta = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA_BIAS:
+            delta = delta + bias[:, None]
+        if DELTA_SOFTPLUS:
+            delta = _softplus(delta)
+        delta = tl.where(mask, delta, 0.0)           # tokens past the end: decay 1, input 0, state unchanged
+        d0, d1, d2, d3 = _columns(delta, BLOCK_E)
+        v0, v1, v2, v3 = _columns(delta * u, BLOCK_E)
+        if REVERSE:
+            d0, d1, d2, d3 = d3, d2, d1, d0
+            v0, v1, v2, v3 = v3, v2, v1, v0
+        h, y0 = _step(h, A2, d0, v0, B_ptr, C_ptr, offs_bc, mask_n, c + 0, L, REVERSE)
+        h, y1 = _step(h, A2, d1, v1, B_ptr, C_ptr, offs_bc, mask_n, c + 1, L, REVERSE)
+        h, y2 = _step(h, A2, d2, v2, B_ptr, C_ptr, offs_bc, mask_n, c + 2, L, REVERSE)
+        h, y3 = _step(h, A2, d3, v3, B_ptr, C_ptr, offs_bc, mask_n, c + 3, L, REVERSE)
+        if REVERSE:
+            y = _join_columns(y3, y2, y1, y0, BLOCK_E)                                   # (BLOCK_E, 4)
+        else:
+            y = _join_columns(y0, y1, y2, y3, BLOCK_E)
+        if HAS_D:
+            y = y + D[:, None] * u
+        if ADD_TO_OUT:
+            y = y + tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if STORE_LAST_STATE:
+        tl.store(last_ptr + (pid_b * E + offs_e[None, :]) * N + offs_n[:, None], h, mask=mask_ne)
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+        out_ptr, last_ptr,
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,           # forward direction
+        ub_ptr, deltab_ptr, Ab_ptr, Bb_ptr, Cb_ptr, Db_ptr, biasb_ptr,    # backward direction (BIDIRECTIONAL)
+        z_ptr,
+        E, L, G,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        BIDIRECTIONAL: tl.constexpr, STORE_LAST_STATE: tl.constexpr, N: tl.constexpr, BLOCK_E: tl.constexpr,
+        BLOCK_N: tl.constexpr):
+    # grid: (G * cdiv(E // G, BLOCK_E), b): blocks of channels never straddle two groups, so that B_t and
+    # C_t are one (N,) vector per program. All (b, E, L) tensors and B, C (b, G, N, L) are contiguous.
+    pid_b = tl.program_id(1).to(tl.int64)
+    channels_per_group = E // G
+    blocks_per_group = tl.cdiv(channels_per_group, BLOCK_E)
+    group = tl.program_id(0) // blocks_per_group
+    offs_in_group = (tl.program_id(0) % blocks_per_group) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_in_group < channels_per_group
+    offs_e = group * channels_per_group + offs_in_group
+    if BIDIRECTIONAL:
+        _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
+                        pid_b, group, offs_e, mask_e, E, L, G, False, False, HAS_D, False, HAS_DELTA_BIAS,
+                        DELTA_SOFTPLUS, False, N, BLOCK_E, BLOCK_N)
+        tl.debug_barrier()  # y_f stored by the forward pass is visible to every thread of the program
+        _scan_direction(out_ptr, last_ptr, ub_ptr, deltab_ptr, Ab_ptr, Bb_ptr, Cb_ptr, Db_ptr, biasb_ptr, z_ptr,
+                        pid_b, group, offs_e, mask_e, E, L, G, True, True, HAS_D, HAS_Z, HAS_DELTA_BIAS,
+                        DELTA_SOFTPLUS, False, N, BLOCK_E, BLOCK_N)
+    else:
+        _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
+                        pid_b, group, offs_e, mask_e, E, L, G, False, False, HAS_D, HAS_Z, HAS_DELTA_BIAS,
+                        DELTA_SOFTPLUS, STORE_LAST_STATE, N, BLOCK_E, BLOCK_N)
+
+
+def _launch_config(N: int) -> dict:
+    """Tile and warps for state size N: one channel per thread, one warp per program (the most programs,
+    hence the most warps in flight to hide load latency)."""
+    num_warps = 1
+    return dict(BLOCK_E=32 * num_warps, BLOCK_N=triton.next_power_of_2(N), num_warps=num_warps)
+
+
+def _direction_inputs(u, delta, A, B, C, D, delta_bias):
+    """One direction's inputs as the kernel reads them: contiguous, A transposed to (N, E) (a copy of
+    E * N elements), B and C as (b, G, N, L)."""
+    B = B.unsqueeze(1) if B.dim() == 3 else B
+    C = C.unsqueeze(1) if C.dim() == 3 else C
+    return [t if t is None else t.contiguous() for t in (u, delta, A.t(), B, C, D, delta_bias)]
+
+
+def _kernel_launch(out, last, fwd, bwd, z, delta_softplus):
+    """Grid, pointer/size arguments, constexprs and num_warps of one launch (shared by the launcher and
+    ``kernel_configs``). ``fwd``/``bwd``: ``_direction_inputs`` lists; ``bwd`` None for one direction;
+    ``last``: (b, E, N) float32 or None."""
+    u, delta, A, B, C, D, bias = fwd
+    b, E, L = u.shape
+    N, G = A.shape[0], B.shape[1]
+    if bwd is not None and bwd[3].shape[1] != G:
+        raise ValueError(f"bidirectional scan: B_b has {bwd[3].shape[1]} groups, B has {G}")
+    ub, deltab, Ab, Bb, Cb, Db, biasb = bwd if bwd is not None else fwd
+    cfg = _launch_config(N)
+    args = dict(out_ptr=out, last_ptr=last if last is not None else out,
+                u_ptr=u, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
+                D_ptr=D if D is not None else A, bias_ptr=bias if bias is not None else A,
+                ub_ptr=ub, deltab_ptr=deltab, Ab_ptr=Ab, Bb_ptr=Bb, Cb_ptr=Cb,
+                Db_ptr=Db if Db is not None else Ab, biasb_ptr=biasb if biasb is not None else Ab,
+                z_ptr=z if z is not None else u, E=E, L=L, G=G)
+    constexprs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=bias is not None,
+                      DELTA_SOFTPLUS=bool(delta_softplus), BIDIRECTIONAL=bwd is not None,
+                      STORE_LAST_STATE=last is not None, N=N, BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"])
+    grid = (G * triton.cdiv(E // G, cfg["BLOCK_E"]), b)
+    return grid, args, constexprs, cfg["num_warps"]
+
+
+def _selective_scan_fwd(fwd, bwd, z, delta_softplus, return_last_state):
+    """Host launcher: allocates out (b, E, L) in u's dtype (and the last state (b, E, N) float32), launches
+    the kernel once. Returns (out, last or None)."""
+    u = fwd[0]
+    b, E, L = u.shape
+    out = torch.empty_like(u)
+    last = u.new_empty(b, E, fwd[2].shape[0], dtype=torch.float32) if return_last_state else None
+    grid, args, constexprs, num_warps = _kernel_launch(out, last, fwd, bwd, z, delta_softplus)
+    if L == 0 or b == 0 or E == 0:
+        if last is not None:
+            last.zero_()
+        return out, last
+    _selective_scan_fwd_kernel[grid](**args, **constexprs, num_warps=num_warps)
+    return out, last
+
+
+def kernel_configs(N: int = 16):
+    """Every kernel instance the public functions launch for Vim's inputs at state size N, for compile checks.
+
+    Returns a list of (label, kernel, args, constexprs, num_warps), args holding meta-device tensors and
+    ints as the launcher passes them. Cases: the one-direction scan (D, z, delta_bias, softplus, last state)
+    and the bidirectional scan (both D, both biases, z), each for float32 and bfloat16 activations; A, D and
+    the biases are float32 as in Vim.
+    """
+    b, E, L = 2, 64, 256
+    configs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        def direction():
+            act = lambda *shape: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+            f32 = lambda *shape: torch.empty(*shape, dtype=torch.float32, device="meta")  # noqa: E731
+            return _direction_inputs(act(b, E, L), act(b, E, L), f32(E, N), act(b, N, L), act(b, N, L),
+                                     f32(E), f32(E))
+        z = torch.empty(b, E, L, dtype=dtype, device="meta")
+        out = torch.empty_like(z)
+        last = torch.empty(b, E, N, dtype=torch.float32, device="meta")
+        name = str(dtype).removeprefix("torch.")
+        for label, last_, bwd in ((f"scan {name}", last, None), (f"bidirectional {name}", None, direction())):
+            _, args, constexprs, num_warps = _kernel_launch(out, last_, direction(), bwd, z, True)
+            configs.append((label, _selective_scan_fwd_kernel, args, constexprs, num_warps))
+    return configs
+
+
+def _both_or_none(v, v_b):
+    """(E,) vectors of the two directions, a missing one replaced by zeros when the other is given (a zero
+    D or bias is the same as none), so that one HAS_D / HAS_DELTA_BIAS flag covers both directions."""
+    if (v is None) == (v_b is None):
+        return v, v_b
+    return (torch.zeros_like(v_b), v_b) if v is None else (v, torch.zeros_like(v))
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+    """Fused selective scan; same signature, shapes and semantics as ``scan_ref.selective_scan_ref``.
+
+    u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,). Inputs
+    float32, float16 or bfloat16 (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); math in float32.
+    Returns out (b, E, L) in u's dtype, and with ``return_last_state`` also h_{L-1} (b, E, N) float32.
+    """
+    if compute_dtype(u) != torch.float32:
+        raise ValueError(f"the triton scan computes in float32; got u of dtype {u.dtype}")
+    out, last = _selective_scan_fwd(_direction_inputs(u, delta, A, B, C, D, delta_bias), None,
+                                    None if z is None else z.contiguous(), delta_softplus, return_last_state)
+    return (out, last) if return_last_state else out
+
+
+def bidirectional_scan_triton(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None, delta_bias=None,
+                              delta_bias_b=None, delta_softplus=True):
+    """Both scans of a Vim mixer layer in one launch; same semantics as ``bidirectional_scan_ref``.
+
+    Forward inputs (u, delta, A, B, C, D, delta_bias) and backward inputs (u_b, delta_b, A_b, B_b, C_b, D_b,
+    delta_bias_b) are in original token order, shapes as in ``selective_scan_triton``; the backward scan
+    reads them at offsets L-1..0. B and B_b must have the same number of groups. Returns
+    (y_f + y_b) * silu(z), (b, E, L) in u's dtype.
+    """
+    if compute_dtype(u) != torch.float32:
+        raise ValueError(f"the triton scan computes in float32; got u of dtype {u.dtype}")
+    D, D_b = _both_or_none(D, D_b)
+    delta_bias, delta_bias_b = _both_or_none(delta_bias, delta_bias_b)
+    out, _ = _selective_scan_fwd(_direction_inputs(u, delta, A, B, C, D, delta_bias),
+                                 _direction_inputs(u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b),
+                                 None if z is None else z.contiguous(), delta_softplus, False)
+    return out

@@ -1,0 +1,131 @@
+"""`vimbench kernels`: FLOP and byte models against closed forms, the CSV schema, resume and bad input."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from vimbench.commands import main
+from vimbench.kernels.selective_scan import resolve_scan_backend
+from vimbench.analysis.crossovers import kernel_crossovers
+from vimbench.rows.schema import KERNELS
+from vimbench.measure.ops import OPS, Geometry, model_geometry, op_cost
+from vimbench.rows.reader import split_settings
+
+AUTO = resolve_scan_backend("auto", "cpu")  # cpp where it builds, else the chunked cpu scan
+FAST = ["--repeats", "1", "--min-time", "0", "--device", "cpu", "--threads", "1"]
+b, L = 2, 10
+VIM = Geometry("vim_tiny", 48, b, L, width=192, d_inner=384, d_state=16, heads=0, head_dim=0)
+DEIT = Geometry("deit_tiny", 48, b, L, width=192, d_inner=0, d_state=0, heads=3, head_dim=64)
+
+
+def test_geometry_is_the_models_own():
+    assert model_geometry("vim_tiny", 48, b) == VIM
+    assert model_geometry("deit_tiny", 48, b) == DEIT
+    assert model_geometry("vim_tiny", 1248, 1).L == 6085 and model_geometry("deit_small", 224, 1).heads == 6
+
+
+def test_flops_match_closed_forms():
+    D, E, N, H, d = 192, 384, 16, 3, 64
+    R, k = math.ceil(D / 16), 4
+    # one direction with D, z, delta_bias and softplus: 7 per (b, e, t, n); per (b, e, t) delta*u, bias,
+    # softplus, D*u + y (2), y * silu(z) (3)
+    scan = b * E * L * (7 * N + 8)
+    # two directions without the gate (5 per (b, e, t)), then y_f + y_b and the shared gate (4)
+    bidir = 2 * b * E * L * (7 * N + 5) + 4 * b * E * L
+    mixer = (2 * b * L * D * 2 * E                        # in_proj
+             + 2 * (2 * b * E * L * k)                    # the two depthwise convs
+             + 2 * (2 * b * L * E * (R + 2 * N))          # x_proj, x_proj_b
+             + 2 * (2 * b * L * R * E)                    # dt projections
+             + bidir + 2 * b * L * E * D)                 # scans, out_proj
+    attention = 4 * b * H * L * L * d
+    block = 2 * b * L * D * 3 * D + attention + 2 * b * L * D * D
+    expected = {"scan": scan, "scan_bidir": bidir, "mixer_vim": mixer, "attention": attention, "block_deit": block}
+    for op, flops in expected.items():
+        assert op_cost(op, VIM if OPS[op].family == "vim" else DEIT, "fp32")["flops_total"] == flops, op
+
+
+@pytest.mark.parametrize("dtype,s", [("fp32", 4), ("bf16", 2)])
+def test_bytes_match_closed_forms_and_the_tensors(dtype, s):
+    E, N, D, H, d = 384, 16, 192, 3, 64
+    small = 2 * E * 4 + E * N * 4                         # A, D, delta_bias in float32
+    R, k = 12, 4
+    mixer_params = (D * 2 * E                             # in_proj
+                    + 2 * (E * k + E)                     # conv1d, conv1d_b (weight, bias)
+                    + 2 * E * (R + 2 * N)                 # x_proj, x_proj_b
+                    + 2 * (R * E + E)                     # dt_proj, dt_proj_b (weight, bias)
+                    + 2 * E * N + 2 * E                   # A_log, A_b_log, D, D_b
+                    + E * D)                              # out_proj
+    expected = {"scan": 4 * b * E * L * s + 2 * b * N * L * s + small,
+                "scan_bidir": 6 * b * E * L * s + 4 * b * N * L * s + 2 * small,
+                "attention": 4 * b * H * L * d * s,
+                "mixer_vim": 2 * b * L * D * s + mixer_params * s,
+                "block_deit": 2 * b * L * D * s + (3 * D * D + 3 * D + D * D + D) * s}
+    for op, nbytes in expected.items():
+        g = VIM if OPS[op].family == "vim" else DEIT
+        assert op_cost(op, g, dtype)["bytes"] == nbytes, op
+        # the model is "each input read once, the output written once": the built tensors say the same
+        prep = OPS[op].build(g, "ref" if g is VIM else "eager", torch.device("meta"), getattr(torch, {
+            "fp32": "float32", "bf16": "bfloat16"}[dtype]))
+        out = prep.run()
+        assert sum(t.numel() * t.element_size() for t in [*prep.inputs, out]) == nbytes, op
+
+
+def test_crossover_of_linear_against_quadratic():
+    Ls = [100, 200, 400, 800, 1600, 3200]
+    rows = [dict(op="scan", impl="cpu", kernel="cpu", tokens=x, time_ms=x / 100, mem_peak_gib=1.0) for x in Ls]
+    rows += [dict(op="attention", impl="eager", kernel="eager", tokens=x, time_ms=(x / 400) ** 2, mem_peak_gib=2.0)
+             for x in Ls]
+    df = pd.DataFrame(rows).assign(status="ok", width=192, batch=1, dtype="fp32", device="cpu")
+    [row] = kernel_crossovers(split_settings("kernels", df)[0])
+    assert row["vim"] == "scan [cpu]" and row["attention"] == "attention [eager]"
+    assert row["faster_from"] == "~ 1600 tokens"  # x/100 = (x/400)^2 at x = 1600
+    assert row["lighter_from"].startswith("at or below 100")
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels") / "k.csv"
+    assert main(["kernels", "--res", "32", "--attn", "eager", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_cli_writes_the_documented_columns(tiny_csv):
+    df = pd.read_csv(tiny_csv)
+    assert list(df.columns) == KERNELS.columns
+    assert set(zip(df.op, df.impl, df.model)) == {("scan", AUTO, "vim_tiny"), ("scan_bidir", AUTO, "vim_tiny"),
+                                                  ("mixer_vim", AUTO, "vim_tiny"), ("attention", "eager", "deit_tiny"),
+                                                  ("block_deit", "eager", "deit_tiny")}
+    assert (df.status == "ok").all() and (df.tokens == 5).all() and (df.res == 32).all() and (df.width == 192).all()
+    assert (df.time_ms_p10 <= df.time_ms).all() and (df.time_ms <= df.time_ms_p90).all()
+    assert (df.flops_total > 0).all() and (df.bytes > 0).all() and df.mem_peak_gib.notna().all()
+    assert ((df.gflops_s - df.flops_total / df.time_ms / 1e6).abs() <= 1e-6 * df.gflops_s).all()
+    assert ((df.frac_peak_bw - df.gbs / df.ceiling_gbs).abs() <= 1e-9 + 1e-6 * df.frac_peak_bw).all()
+    assert (df.ceiling_gflops_s > 0).all() and df.torch_version.notna().all()
+    assert df.command.iloc[0].startswith("vimbench kernels --res 32")
+    vim, deit = df[df.model == "vim_tiny"], df[df.model == "deit_tiny"]
+    assert (vim.d_state == 16).all() and vim.heads.isna().all() and (deit.heads == 3).all()
+
+
+def test_resume_runs_only_what_is_missing(tiny_csv):
+    before = tiny_csv.read_text()
+    assert main(["kernels", "--res", "32,48", "--models", "deit_tiny", "--attn", "eager", "--out", str(tiny_csv),
+                 "--resume", *FAST]) == 0
+    assert tiny_csv.read_text().startswith(before)
+    df = pd.read_csv(tiny_csv)
+    assert len(df) == 7 and set(df.res.iloc[-2:]) == {48} and set(df.op.iloc[-2:]) == {"attention", "block_deit"}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--attn", "efficient"], "--attn efficient"), (["--attn", "fast"], "unknown attention backend"),
+    (["--scan", "triton"], "--scan triton"), (["--models", "timm:vit_tiny_patch16_224"], "Vim and DeiT"),
+    (["--models", "nope"], "unknown model"), (["--res", "1248..224"], "runs backwards"),
+    (["--batch", "0"], "--batch must be >= 1"), (["--device", "cuda"], "no CUDA GPU"),
+    (["--resume"], "--resume needs --out"),
+])
+def test_bad_input_exits_2_with_one_line(args, msg, capsys, tmp_path):
+    out = [] if "--resume" in args else ["--out", str(tmp_path / "x.csv")]
+    assert main(["kernels", *out, *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and msg in err
+    assert not (tmp_path / "x.csv").exists()

@@ -1,0 +1,138 @@
+"""`vimbench scaling`: worker isolation, the CSV schema, resume, presets and bad input."""
+import signal
+import time
+
+import pandas as pd
+import pytest
+
+from vimbench.commands import main
+from vimbench.kernels.selective_scan import resolve_scan_backend
+from vimbench.measure.model import decay_batch
+from vimbench.rows.schema import SCALING, Schema
+from vimbench.rows.writer import CsvLog
+from vimbench.count.flops import count_flops
+from vimbench.measure.isolation import run_isolated
+from vimbench.count.memory import predict_memory
+from vimbench.rows.sweep import run_sweep
+
+AUTO = resolve_scan_backend("auto", "cpu")  # cpp where it builds, else the chunked cpu scan
+FAST = ["--repeats", "1", "--warmup", "0", "--min-time", "0", "--device", "cpu"]
+
+
+def test_isolated_worker_reports_raise_kill_and_timeout():
+    assert run_isolated(dict, ({"x": 1},)) == {"status": "ok", "x": 1}
+    raised = run_isolated(int, ("abc",))
+    assert raised["status"] == "error" and raised["error"].startswith("ValueError: invalid literal")
+    killed = run_isolated(signal.raise_signal, (signal.SIGSEGV,))
+    assert killed == {"status": "error", "error": "worker killed by SIGSEGV"}
+    assert run_isolated(bytearray, (1 << 62,))["status"] == "oom"  # MemoryError
+    t0 = time.time()
+    hung = run_isolated(time.sleep, (30,), timeout=1)
+    assert hung["status"] == "error" and "timed out" in hung["error"] and time.time() - t0 < 15
+
+
+def test_sweep_survives_failing_configurations(tmp_path):
+    schema = Schema("test", ["name", "status", "error", "x"], key=["name"], required=(), marker=(), setting=())
+    log = CsvLog(tmp_path / "r.csv", schema)
+    jobs = {"ok": (dict, ({"x": 7},)), "raises": (int, ("abc",)), "killed": (signal.raise_signal, (signal.SIGKILL,)),
+            "after": (dict, ({"x": 8},))}
+    run_sweep([{"name": n} for n in jobs], log,
+              lambda c: {"name": c["name"], **run_isolated(*jobs[c["name"]])}, lambda c: c["name"])
+    df = pd.read_csv(tmp_path / "r.csv")
+    assert list(df.name) == ["ok", "raises", "killed", "after"]
+    assert list(df.status) == ["ok", "error", "oom", "ok"] and list(df.x.fillna(0)) == [7, 0, 0, 8]
+    assert "SIGKILL" in df.error[2]
+
+
+def test_decay_batch_sequence():
+    seq, b = [], 64
+    while b:
+        seq.append(b)
+        b = decay_batch(b)
+    assert seq == [64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1]
+
+
+@pytest.fixture(scope="module")
+def sweep_csv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scaling") / "s.csv"
+    assert main(["scaling", "--models", "vim_tiny,deit_tiny", "--attn", "eager", "--res", "32,48",
+                 "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_csv_schema_and_values(sweep_csv):
+    df = pd.read_csv(sweep_csv)
+    assert list(df.columns) == SCALING.columns
+    assert len(df) == 4 and (df.status == "ok").all()
+    assert set(zip(df.model, df.impl)) == {("vim_tiny", AUTO), ("deit_tiny", "eager")}
+    assert (abs(df.throughput_img_s - df.batch / (df.time_ms / 1e3)) < 1e-6 * df.throughput_img_s).all()
+    assert (df.time_ms_p10 <= df.time_ms).all() and (df.time_ms <= df.time_ms_p90).all()
+    assert (df.device == "cpu").all() and (df.dtype == "fp32").all() and (df.batch == 1).all()
+    row = df[(df.model == "deit_tiny") & (df.res == 48)].iloc[0]
+    flops = count_flops("deit_tiny", 48, 1)
+    assert row.tokens == 10 and row.flops_total == flops["flops_total"] and row.params == flops["params"]
+    assert row.torch_version and row.timm_version and row.command.startswith("vimbench scaling --models")
+    assert df.mem_peak_gib.notna().all() and df.mem_nvml_gib.isna().all()
+    # every row carries the predicted GPU peak of the same configuration
+    assert row.mem_pred_peak_gib == pytest.approx(predict_memory("deit_tiny", 48, 1, attn="eager")["mem_pred_peak_gib"])
+    gpu_scan = df.impl != "cpp"  # the GPU-memory prediction needs a backend that runs on a GPU
+    assert df.mem_pred_peak_gib[gpu_scan].notna().all()
+    assert df.error[~gpu_scan].str.contains("mem_pred failed: BackendUnavailable").all()
+
+
+def test_resume_appends_only_missing_and_keeps_rows(sweep_csv, tmp_path):
+    before = sweep_csv.read_text()
+    assert main(["scaling", "--models", "vim_tiny", "--res", "32,48,64", "--out", str(sweep_csv), "--resume",
+                 *FAST]) == 0
+    after = sweep_csv.read_text()
+    assert after.startswith(before)
+    df = pd.read_csv(sweep_csv)
+    assert len(df) == 5 and df.res.iloc[-1] == 64
+
+
+def test_existing_csv_is_never_overwritten(sweep_csv, capsys):
+    before = sweep_csv.read_text()
+    assert main(["scaling", "--res", "32", "--out", str(sweep_csv), *FAST]) == 2
+    assert "already holds results" in capsys.readouterr().err
+    assert sweep_csv.read_text() == before
+
+
+def test_resume_refuses_other_columns(tmp_path, capsys):
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    assert main(["scaling", "--res", "32", "--out", str(other), "--resume", *FAST]) == 2
+    assert "columns differ" in capsys.readouterr().err and other.read_text() == "a,b\n1,2\n"
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--res", "0"], "smaller than the patch size"), (["--res", "1248..224"], "runs backwards"),
+    (["--res", "abc"], "cannot read"), (["--models", "vit_huge"], "unknown model"),
+    (["--attn", "fast"], "unknown attention backend"), (["--scan", "fast"], "unknown scan backend"),
+    (["--scan", "triton"], "needs"), (["--attn", "efficient"], "efficient"),
+    (["--device", "cuda"], "no CUDA GPU"), (["--device", "tpu"], "--device"), (["--batch", "0"], "--batch must be >= 1"),
+    (["--out", "/proc/nope/x.csv"], "cannot write"), (["--resume"], "--resume needs --out"),
+])
+def test_bad_input_exits_2_before_work(args, msg, capsys, tmp_path):
+    argv = ["scaling", *args] if "--out" in args or "--resume" in args else \
+        ["scaling", "--out", str(tmp_path / "x.csv"), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and msg in err
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_preset_paper_with_explicit_override(tmp_path, monkeypatch):
+    """--preset paper fills models/attn/res/batch; explicit --batch and --res win."""
+    seen = {}
+    import vimbench.commands.scaling as scaling
+    monkeypatch.setattr(scaling, "run_sweep", lambda configs, *a, **k: seen.setdefault("configs", configs) and [])
+    assert main(["scaling", "--preset", "paper", "--batch", "1", "--res", "32", "--out", str(tmp_path / "p.csv"),
+                 "--device", "cpu"]) == 0
+    cfgs = seen["configs"]
+    assert {(c["model"], c["impl"]) for c in cfgs} == {("vim_tiny", AUTO), ("deit_tiny", "eager"), ("deit_tiny", "sdpa")}
+    assert {c["batch_requested"] for c in cfgs} == {1} and {c["res"] for c in cfgs} == {32}
+    assert {c["dtype"] for c in cfgs} == {"fp32"} and not any(c["head"] for c in cfgs)
+    seen.clear()
+    assert main(["scaling", "--preset", "paper", "--out", str(tmp_path / "q.csv"), "--device", "cpu"]) == 0
+    assert sorted({c["res"] for c in seen["configs"]}) == [512, 640, 738, 1024, 1248]
+    assert {c["batch_requested"] for c in seen["configs"]} == {64}

@@ -1,0 +1,58 @@
+"""FLOP counts against closed forms derived here, independently of the counter (2 FLOPs per multiply-add)."""
+import math
+
+import pytest
+
+from vimbench.count.flops import count_flops
+
+
+def deit_closed_form(res, D, depth=12, b=1):
+    P = (res // 16) ** 2
+    L = P + 1
+    patch = 2 * b * P * (3 * 16 * 16) * D
+    linear_per_layer = 2 * b * L * (D * 3 * D + D * D + 2 * D * 4 * D)   # qkv, proj, fc1 + fc2
+    attention_per_layer = 4 * b * L * L * D                               # QK^T and AV over all heads
+    return dict(linear=patch + depth * linear_per_layer, attention=depth * attention_per_layer)
+
+
+def vim_closed_form(res, D, depth=24, N=16, b=1):
+    P = (res // 16) ** 2
+    L, E, R = P + 1, 2 * D, math.ceil(D / 16)
+    patch = 2 * b * P * (3 * 16 * 16) * D
+    per_dir = 2 * b * L * (E * 4 + E * (R + 2 * N) + R * E)              # depthwise conv k=4, x_proj, dt_proj
+    linear_per_layer = 2 * b * L * (D * 2 * E + E * D) + 2 * per_dir     # in_proj, out_proj, both directions
+    # scan per direction: 7 per (e, t, n); per (e, t): delta*u, bias, softplus, D skip (2); then the sum of
+    # the two directions (1) and the silu(z) gate (3) once
+    scan_per_layer = 2 * b * E * L * (7 * N + 1 + 1 + 1 + 2) + b * E * L * (1 + 3)
+    return dict(linear=patch + depth * linear_per_layer, scan=depth * scan_per_layer)
+
+
+@pytest.mark.parametrize("res", [224, 1248])
+@pytest.mark.parametrize("name,D", [("deit_tiny", 192), ("deit_small", 384)])
+def test_deit_flops_closed_form(name, D, res):
+    got, want = count_flops(name, res, attn="eager"), deit_closed_form(res, D)
+    assert got["flops_linear"] == want["linear"]
+    assert got["flops_attention"] == want["attention"]
+    assert got["flops_scan"] == 0 and got["flops_other"] == 0
+    assert got["flops_total"] == want["linear"] + want["attention"]
+
+
+@pytest.mark.parametrize("res", [224, 1248])
+def test_vim_flops_closed_form(res):
+    got, want = count_flops("vim_tiny", res), vim_closed_form(res, 192)
+    assert got["flops_linear"] == want["linear"]
+    assert got["flops_scan"] == want["scan"]
+    assert got["flops_attention"] == 0 and got["flops_total"] == want["linear"] + want["scan"]
+
+
+def test_batch_head_and_backend_independence():
+    one, four = count_flops("deit_tiny", 224, 1), count_flops("deit_tiny", 224, 4)
+    assert four["flops_total"] == 4 * one["flops_total"]
+    head = count_flops("deit_tiny", 224, 1, head=True)
+    assert head["flops_total"] - one["flops_total"] == 2 * 192 * 1000
+    assert count_flops("deit_tiny", 224, attn="sdpa")["flops_attention"] == one["flops_attention"]
+
+
+def test_deit_tiny_1248_matches_published_counter_value():
+    # tooling-facts.md: FlopCounterMode on timm DeiT-Ti at 1248 counts 407.6 GFLOPs
+    assert round(count_flops("deit_tiny", 1248)["flops_total"] / 1e9, 1) == 407.6

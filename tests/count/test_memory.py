@@ -1,0 +1,202 @@
+"""Memory prediction: the fake trace equals the real one, closed forms, the allocator model, the CLI."""
+import importlib
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import vimbench.count.memory as mem
+from vimbench.kernels.selective_scan.backends import IMPLS
+from vimbench.baselines.deit import create_deit
+from vimbench.commands import main
+from vimbench.rows.schema import MEMORY
+from vimbench.kernels.attention import attention
+from vimbench.models.vim import VisionMamba
+
+ss = importlib.import_module("vimbench.kernels.selective_scan")
+MiB = 1 << 20
+
+REAL_SCANS = {torch.ops.vimbench.selective_scan.default:
+              lambda *a: IMPLS[a[-1]](*a[:-1], return_last_state=True),
+              torch.ops.vimbench.bidirectional_scan.default:
+              lambda *a: ss.bidirectional_scan_ref(*a[:-1], scan=IMPLS[a[-1]])}
+"""The scan ops run op by op under the tracker with their real implementations (``ref`` and ``cpu``)."""
+
+
+def traced(fn, *args):
+    """Trace of ``fn(*args)`` under the tracker (inputs made before it are not in the trace)."""
+    trace = mem.AllocationTrace()
+    with mem.AllocationTracker(trace), torch.no_grad():
+        out = fn(*args)
+    del out
+    return trace
+
+
+def scan_inputs(b, E, L, N):
+    """The 17 arguments of vimbench::bidirectional_scan (as Vim passes them, z included), on CPU."""
+    t = lambda *s: torch.randn(*s)  # noqa: E731
+    one = [t(b, E, L), t(b, E, L), -torch.rand(E, N), t(b, N, L), t(b, N, L), t(E)]
+    two = [t(b, E, L), t(b, E, L), -torch.rand(E, N), t(b, N, L), t(b, N, L), t(E)]
+    return one + two + [t(b, E, L), t(E), t(E), True]
+
+
+def fake_copy(args):
+    return [torch.empty_like(a) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+# Shapes: multi-chunk (L > scan_cpu.CHUNK) with a short last chunk for cpu; a short L for the slow ref loop.
+# Five chunks: the fake run skips the middle ones (scan_cpu), and must still match.
+@pytest.mark.parametrize("backend,b,E,L,N", [("cpu", 2, 64, 150, 16), ("cpu", 1, 128, 40, 16),
+                                             ("cpu", 1, 32, 300, 16), ("ref", 2, 64, 24, 16), ("ref", 1, 128, 9, 4)],
+                         ids=["cpu-3chunks", "cpu-1chunk", "cpu-5chunks", "ref", "ref-N4"])
+def test_scan_fakes_allocate_what_the_backend_allocates(backend, b, E, L, N):
+    args = scan_inputs(b, E, L, N)
+    one_dir = args[:6] + [args[12], args[13], True]           # u, delta, A, B, C, D, z, delta_bias, softplus
+    for op, fake, real_args in ((torch.ops.vimbench.bidirectional_scan.default, ss.bidirectional_scan_fake, args),
+                                (torch.ops.vimbench.selective_scan.default, ss.selective_scan_fake, one_dir)):
+        real = traced(REAL_SCANS[op], *real_args, backend)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake_args = fake_copy(real_args)
+            fake = traced(fake, *fake_args, backend)
+        assert fake.peak_live() == real.peak_live() > 0, op
+
+
+def tiny_vim(scan, res):
+    return VisionMamba(res, embed_dim=64, depth=2, scan=scan)
+
+
+@pytest.mark.parametrize("build,shape", [
+    (lambda: tiny_vim("cpu", 192), (1, 3, 192, 192)),      # 145 tokens: two scan chunks
+    (lambda: tiny_vim("ref", 64), (2, 3, 64, 64)),
+    (lambda: create_deit("tiny", 64, "eager"), (2, 3, 64, 64)),
+], ids=["vim-cpu", "vim-ref", "deit-eager"])
+def test_fake_trace_equals_real_cpu_trace(build, shape):
+    """The whole prediction pipeline on fake CPU tensors against the same model run for real on the CPU,
+    the scan ops traced op by op: same live peak, same allocator peaks."""
+    real_model = build().eval()
+    with torch.device("meta"):
+        meta_model = build().eval()
+    real = mem.trace_forward(real_model, shape, torch.float32, False, device="cpu", inline=REAL_SCANS)
+    fake = mem.trace_forward(meta_model, shape, torch.float32, False, device="cpu", inline=mem.SCAN_FAKES)
+    assert fake.n_weights == real.n_weights
+    assert fake.peak_live() == real.peak_live()
+    r = mem.CachingAllocatorModel().replay(real.events)
+    f = mem.CachingAllocatorModel().replay(fake.events)
+    assert (f.peak_allocated, f.peak_reserved) == (r.peak_allocated, r.peak_reserved)
+    weights = sum(mem.round_request(t.untyped_storage().nbytes())
+                  for t in [*real_model.parameters(), *real_model.buffers()])
+    assert f.peak_allocated > weights
+
+
+def test_attention_scores_closed_form():
+    """Eager keeps the (b, H, L, L) scores and their softmax; fused kernels only the output (b, H, L, d)
+    and, for flash, the logsumexp (b, H, L) float32. Sizes chosen as multiples of 512 B."""
+    b, H, L, d = 2, 3, 64, 32
+    scores, out = b * H * L * L * 4, b * H * L * d * 4
+    peaks = {}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for dtype in (torch.float32, torch.float16):
+            q, k, v = (torch.empty(b, H, L, d, device="cuda", dtype=dtype) for _ in range(3))
+            for backend in ("eager", "efficient", "sdpa", "flash"):
+                if backend == "flash" and dtype == torch.float32:
+                    continue
+                peaks[backend, dtype] = traced(attention, q, k, v, backend).peak_live()
+    assert peaks["eager", torch.float32] == 2 * scores + out
+    assert peaks["efficient", torch.float32] == peaks["sdpa", torch.float32] == out
+    assert peaks["eager", torch.float32] - peaks["efficient", torch.float32] == 2 * scores
+    assert peaks["flash", torch.float16] == peaks["sdpa", torch.float16] == out // 2 + mem.round_request(b * H * L * 4)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = torch.empty(b, H, L, d, device="cuda")
+        with pytest.raises(ss.BackendUnavailable):
+            attention(q, q, q, "flash")
+
+
+def test_deit_eager_vs_fused_differ_by_the_scores():
+    """Whole model: the peaks differ by the two (b, H, L, L) tensors, up to what else is live at each peak."""
+    b, res = 1, 512                          # L = 1025: the scores are the largest tensors
+    L, H = (res // 16) ** 2 + 1, 3
+    eager = mem.predict_memory("deit_tiny", res, b, attn="eager")
+    fused = mem.predict_memory("deit_tiny", res, b, attn="sdpa")
+    assert fused["impl"] == "sdpa" and fused["kernel"] == "efficient"
+    diff = (eager["mem_pred_peak_gib"] - fused["mem_pred_peak_gib"]) * mem.GIB
+    scores, slack = b * H * L * L * 4, 4 * b * L * 4 * 192 * 4   # slack: a few (b, L, 4D) MLP activations
+    assert 2 * scores - slack <= diff <= 2 * scores + slack
+
+
+@pytest.mark.parametrize("model,dtype,nbytes", [("deit_tiny", "fp32", 4), ("vim_tiny", "fp32", 4),
+                                                 ("vim_tiny", "bf16", 2)])
+def test_weights_are_params_times_element_size(model, dtype, nbytes):
+    pred = mem.predict_memory(model, 64, 1, dtype)
+    with torch.device("meta"):
+        n_tensors = sum(1 for _ in mem.create_model(model, img_size=64).state_dict())
+    exact = pred["params"] * nbytes
+    assert exact <= pred["mem_pred_weights_gib"] * mem.GIB < exact + 512 * n_tensors
+    assert pred["mem_pred_peak_gib"] > pred["mem_pred_weights_gib"] + pred["batch"] * 3 * 64 * 64 * nbytes / mem.GIB
+
+
+def test_caching_allocator_model():
+    trace = mem.AllocationTrace()
+    small = trace.alloc(100)                 # -> 512 B from a 2 MiB small segment
+    trace.alloc(11 * MiB + 1)                # >= 10 MiB: its own segment, rounded up to 12 MiB; not split
+    big = trace.alloc(3 * MiB)               # -> a new 20 MiB large segment, split
+    trace.alloc(3 * MiB)                     # from the remainder
+    trace.free(big)
+    trace.alloc(2 * MiB)                     # best fit: the freed 3 MiB block, not split (only 1 MiB left)
+    trace.free(small)
+    sim = mem.CachingAllocatorModel().replay(trace.events)
+    assert sim.reserved == sim.peak_reserved == 2 * MiB + 12 * MiB + 20 * MiB
+    assert sim.allocated == 12 * MiB + 3 * MiB + 3 * MiB
+    assert sim.peak_allocated == 512 + 18 * MiB
+    assert trace.peak_live() == 512 + mem.round_request(11 * MiB + 1) + 6 * MiB
+
+
+def test_paper_preset_rows_carry_the_papers_values(tmp_path, capsys):
+    path = tmp_path / "paper.csv"
+    assert main(["memory", "--preset", "paper", "--res", "1248", "--out", str(path)]) == 0
+    df = pd.read_csv(path)
+    assert list(df["model"]) == ["vim_tiny", "deit_tiny", "deit_tiny"] and set(df["res"]) == {1248}
+    assert (df["batch"] == 64).all() and (df["dtype"] == "fp32").all()
+    assert df["mem_pred_used_gib"].tolist() == (df["mem_pred_reserved_gib"] + mem.CONTEXT_GIB).tolist()
+    vim, eager, sdpa = df.itertuples()
+    assert vim.paper_gib == 11.14 and math.isnan(eager.paper_gib) and math.isnan(sdpa.paper_gib)
+    out = capsys.readouterr().out
+    assert "| deit_tiny | eager | eager | 1248 | 6085 | OOM |" in out and "| 11.14 |" in out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--models", "vim_huge"], "unknown model 'vim_huge'"),
+    (["--attn", "fast"], "unknown attention backend 'fast'"),
+    (["--scan", "fast"], "unknown scan backend 'fast'"),
+    (["--card", "tpu"], "--card 'tpu': unknown"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--res", "1248..224"], "runs backwards"),
+    (["--res", "abc"], "cannot read resolution"),
+    (["--dtype", "fp8"], "'fp8' is not one of"),
+    (["--attn", "flash"], "needs --dtype fp16 or bf16"),
+])
+def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
+    assert main(["memory", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and msg in err and "Traceback" not in err and not out
+
+
+def test_unwritable_out_exits_2_before_work(tmp_path, capsys):
+    assert main(["memory", "--out", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "is a directory" in err and not out
+
+
+def test_cli_writes_csv(tmp_path, capsys):
+    path = tmp_path / "mem.csv"
+    argv = ["memory", "--models", "vim_tiny,deit_tiny", "--attn", "eager,sdpa", "--res", "64", "--batch", "2",
+            "--card", "rtx4090-24gb", "--out", str(path)]
+    assert main(argv) == 0
+    df = pd.read_csv(path)
+    assert list(df.columns) == MEMORY.columns and len(df) == 3
+    assert set(df["impl"]) in ({"triton", "eager", "sdpa"}, {"cpu", "eager", "sdpa"})
+    assert df.set_index("impl").loc["sdpa", "kernel"] == "efficient"
+    assert df["fits"].all() and (df["card_gib"] == mem.CARDS["rtx4090-24gb"]).all()
+    assert (df["mem_pred_reserved_gib"] >= df["mem_pred_peak_gib"]).all()

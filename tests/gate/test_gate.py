@@ -1,0 +1,168 @@
+"""`vimbench gate`: the comparison logic on made-up numbers, the real timing gate end to end on a small
+selection (an unchanged tree passes three times in a row; a planted 2x slowdown fails), and the
+deterministic gate (unchanged passes; a changed scan FLOP formula or kernel resources fail with a diff)."""
+import dataclasses
+import importlib
+import math
+
+import pytest
+
+from vimbench import gate
+from vimbench.count import kernel_compile
+from vimbench.commands import main
+
+# the module itself (vimbench.kernels re-exports a function of the same name)
+scan_module = importlib.import_module("vimbench.kernels.selective_scan.ops")
+
+SMALL_SELECTION = "test_scan and cpu and not 1248"
+"""One real benchmark, test_scan[cpu] (~10 ms per call on CPU), against the committed CPU baseline."""
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Comparison logic
+# ----------------------------------------------------------------------------------------------------
+
+def _bench(name, seconds, calibration, inner=2):
+    """A pytest-benchmark JSON entry as the suite writes it: seconds per round, calibration per round."""
+    return {"fullname": f"benchmarks/{name}", "stats": {"data": [s * inner for s in seconds]},
+            "extra_info": {"inner": inner, "calibration_matmul_s": [c for c, _ in calibration],
+                           "calibration_memory_s": [m for _, m in calibration]}}
+
+
+def test_ratios_are_medians_of_per_round_calibrated_ratios():
+    # round 2 ran while the machine was twice as slow: workload and both calibrations doubled
+    bench = _bench("test_x.py::test_a", [1.0, 2.0, 1.1], [(0.5, 2.0), (1.0, 4.0), (0.5, 2.0)])
+    got = gate.run_ratios({"benchmarks": [bench]})["test_x.py::test_a"]
+    assert got["ratios"] == pytest.approx({"matmul": 2.0, "memory": 0.5, "geomean": 1.0})
+    assert got["seconds"] == pytest.approx(1.1) and got["rounds"] == 3
+
+
+def test_threshold_uses_the_quietest_reference_has_a_floor_scales_with_spread_and_is_capped():
+    quiet = gate.threshold_from_runs({"matmul": [1.0, 1.01, 0.99, 1.0, 1.0], "memory": [1.0, 1.2, 0.9, 1.0, 1.0]})
+    assert quiet["reference"] == "matmul" and quiet["ratio"] == 1.0 and not quiet["noisy"]
+    assert quiet["threshold"] == gate.THRESHOLD_FLOOR and quiet["spreads"]["memory"] == pytest.approx(math.log(1.2))
+    mid = gate.threshold_from_runs({"memory": [1.0, 1.2, 1.0, 1.0, 1.0]})
+    assert mid["spread"] == pytest.approx(math.log(1.2))
+    assert mid["threshold"] == pytest.approx(1.2 ** gate.THRESHOLD_SPREADS - 1)
+    loud = gate.threshold_from_runs({"geomean": [1.0, 1.5, 1.0, 1.0, 1.0]})
+    assert loud["threshold"] == gate.THRESHOLD_CEILING and loud["noisy"]
+
+
+def _baseline(**ratios):
+    return {"benchmarks": {name: {"reference": "matmul", "ratio": r, "threshold": 0.2} for name, r in ratios.items()}}
+
+
+def _now(**ratios):
+    return {name: {"ratios": {"matmul": r}, "seconds": 1e-3} for name, r in ratios.items()}
+
+
+def test_compare_fails_only_on_slowdowns_beyond_threshold():
+    result = gate.compare_timing(_baseline(a=1.0, b=1.0, c=1.0), _now(a=1.3, b=1.15, c=0.5), complete=True)
+    status = {r["benchmark"]: r["status"] for r in result.rows}
+    assert status == {"a": "SLOWER", "b": "ok", "c": "faster"} and result.regressions == ["a"]
+    assert next(r for r in result.rows if r["benchmark"] == "a")["change"] == "+30.0%"
+
+
+def test_compare_missing_fails_only_for_the_whole_suite_and_new_is_a_note():
+    base, now = _baseline(a=1.0, gone=1.0), _now(a=1.0, fresh=1.0)
+    full = gate.compare_timing(base, now, complete=True)
+    assert full.regressions == ["gone"] and any("fresh" in n for n in full.notes)
+    selected = gate.compare_timing(base, now, complete=False)
+    assert selected.regressions == [] and "gone" not in {r["benchmark"] for r in selected.rows}
+
+
+@pytest.mark.parametrize("reruns,expected", [([1.0], "ok"), ([1.3, 1.25], "SLOWER")])
+def test_over_threshold_is_confirmed_by_reruns_keeping_the_fastest(monkeypatch, reruns, expected):
+    results = iter([_now(a=1.3, b=1.0)] + [_now(a=r) for r in reruns])
+    calls = []
+
+    def fake_run_suite(device, select, log, tests=None):
+        calls.append(tests)
+        return next(results), {}
+
+    monkeypatch.setattr(gate, "run_suite", fake_run_suite)
+    result, _ = gate.check_timing(_baseline(a=1.0, b=1.0), "cpu", None, log=lambda msg: None)
+    row = next(r for r in result.rows if r["benchmark"] == "a")
+    assert row["status"] == expected and row["attempts"] == 1 + len(reruns)
+    assert calls == [None] + [["a"]] * len(reruns)
+
+
+def test_update_of_a_selection_keeps_the_other_entries():
+    old = {"benchmarks": {"kept": {"ratio": 2.0}, "redone": {"ratio": 9.0}}}
+    runs = [{"redone": {"ratios": {"matmul": r, "memory": 3 * r, "geomean": 2 * r}, "seconds": 0.01}}
+            for r in (1.0, 1.05, 0.98)]
+    new = gate.make_timing_baseline("cpu", runs, {"git_commit": "abc"}, old)
+    assert new["benchmarks"]["kept"] == {"ratio": 2.0}
+    redone = new["benchmarks"]["redone"]
+    assert redone["ratio"] == 1.0 and redone["runs"] == [1.0, 1.05, 0.98] and redone["git_commit"] == "abc"
+    assert new["clock"] == "time.thread_time" and new["cpu_threads"] == gate.CPU_THREADS
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real timing gate (subprocess running benchmarks/, committed CPU baseline)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.noisy
+def test_timing_gate_unchanged_tree_passes_three_times_in_a_row(capsys):
+    for _ in range(3):
+        code, out, err = run(["gate", "--device", "cpu", "-k", SMALL_SELECTION], capsys)
+        assert code == 0, out + err
+        assert "test_bench_scan.py::test_scan[cpu]" in out and "timing gate: ok (1 benchmarks" in out
+
+
+@pytest.mark.noisy
+def test_timing_gate_fails_on_a_planted_2x_slowdown(monkeypatch, capsys):
+    monkeypatch.setenv("VIMBENCH_BENCH_SLOWDOWN", "test_scan[cpu]=2")   # read by benchmarks/conftest.py
+    code, out, err = run(["gate", "--device", "cpu", "-k", SMALL_SELECTION], capsys)
+    assert code == 1
+    row = next(line for line in out.splitlines() if "test_scan[cpu]" in line)
+    assert "SLOWER" in row and "+" in row
+    assert "timing gate: FAILED: 1 benchmark(s)" in err and "test_scan[cpu]" in err
+
+
+def test_timing_gate_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    for argv, msg in ((["gate", "--runs", "5"], "--runs applies to --update only"),
+                      (["gate", "--deterministic", "-k", "x"], "apply to the timing gate"),
+                      (["gate", "--baseline", str(tmp_path / "none.json")], "no baseline at"),
+                      (["gate", "--update", "--runs", "1"], "--runs must be >= 4")):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The deterministic gate (committed benchmarks/baselines/deterministic.json)
+# ----------------------------------------------------------------------------------------------------
+
+def test_deterministic_gate_passes_on_the_unchanged_tree(capsys):
+    code, out, err = run(["gate", "--deterministic"], capsys)
+    assert code == 0, out + err
+    assert "deterministic gate: ok" in out
+
+
+def test_deterministic_gate_fails_when_the_scan_flop_formula_changes(monkeypatch, capsys):
+    monkeypatch.setattr(scan_module, "SCAN_FLOPS_PER_STATE", scan_module.SCAN_FLOPS_PER_STATE + 1)
+    code, out, err = run(["gate", "--deterministic"], capsys)
+    assert code == 1 and "deterministic gate: FAILED" in err
+    diff = [line for line in out.splitlines() if line.startswith("flops ")]
+    assert any("vim_tiny res=224 batch=1" in line and "flops_scan" in line for line in diff)
+    assert not any("deit" in line for line in diff)          # attention models have no scan
+
+
+def test_deterministic_gate_fails_when_kernel_registers_change(monkeypatch, capsys):
+    real = kernel_compile.compile_report
+
+    def more_registers(archs):
+        rows = real(archs)
+        return [dataclasses.replace(rows[0], registers=rows[0].registers + 8)] + rows[1:]
+
+    monkeypatch.setattr(kernel_compile, "compile_report", more_registers)
+    code, out, err = run(["gate", "--deterministic"], capsys)
+    assert code == 1
+    diff = [line for line in out.splitlines() if line.startswith("kernels ")]
+    assert len(diff) == 1 and "registers" in diff[0] and "sm_80" in diff[0]

@@ -1,0 +1,352 @@
+"""Predicted peak GPU memory of an inference forward pass, without a GPU.
+
+    predict_memory("deit_tiny", res=1248, batch=64, attn="eager")
+    -> {"impl": "eager", "params": 5717416, "mem_pred_weights_gib": 0.021, "mem_pred_activations_gib": ...,
+        "mem_pred_peak_gib": ..., "mem_pred_reserved_gib": ...}
+
+Method. The model is built on the meta device, then under ``FakeTensorMode`` moved to a fake "cuda" device
+with ``to_empty``: parameters, the input and every activation are fake tensors (metadata only), so a
+DeiT-Ti at 1248 x 1248 with batch 64 costs nothing real. The forward runs under ``torch.no_grad`` (a
+forward under ``torch.inference_mode`` allocates the same tensors, but under it composite ops such as
+SDPA, matmul or rms_norm reach a dispatch mode whole, hiding the temporaries they allocate inside)
+inside ``AllocationTracker``, a ``TorchDispatchMode`` that records one allocation per new storage an op
+creates and one free when that storage dies (a weakref finalizer), in program order. That trace (weights
+first, in parameter order, as ``model.cuda()`` allocates them; then the input; then the forward) is replayed
+through ``CachingAllocatorModel``, a model of PyTorch's CUDA caching allocator, which gives the peak
+allocated bytes (what ``torch.cuda.max_memory_allocated`` reports) and the reserved bytes
+(``max_memory_reserved``: segments obtained with cudaMalloc and kept as cache).
+
+What a dispatch-level trace cannot see is modelled where it matters:
+  * the selective scan custom ops are traced through their fake implementations, which allocate what each
+    backend allocates on a GPU (``vimbench.kernels.selective_scan``: fused triton writes only y; mamba_ssm
+    also its chunk states; ``ref`` and ``cpu`` their temporaries);
+  * fused attention (flash, efficient, cudnn, and ``sdpa`` on CUDA) allocates only its output (and flash
+    its logsumexp), modelled in ``vimbench.kernels.attention``: on fake CUDA tensors SDPA would otherwise
+    take the materialising math path.
+Not counted: workspaces a library allocates inside a kernel (cuBLAS keeps ~32 MiB per handle on Hopper,
+cuDNN convolution workspaces), and the CUDA context (~0.5 GiB, outside the allocator: see
+``vimbench.commands.memory``). Units: bytes internally, GiB = 2**30 bytes in every ``*_gib`` value.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import itertools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from vimbench.kernels.attention import sdpa_fused_kernel
+from vimbench.measure.core import DTYPES, GIB
+from vimbench.kernels.selective_scan import bidirectional_scan_fake, selective_scan_fake
+from vimbench.models.registry import check_options, count_params, create_model, model_entry
+
+
+# PyTorch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp), default configuration.
+MIN_BLOCK = 512                 # every request rounds up to a multiple of this (kMinBlockSize)
+SMALL_SIZE = 1 << 20            # requests up to this come from the small pool (kSmallSize)
+SMALL_SEGMENT = 2 << 20         # small-pool segment size (kSmallBuffer)
+LARGE_SEGMENT = 20 << 20        # large-pool segment for requests below MIN_LARGE_ALLOC (kLargeBuffer)
+MIN_LARGE_ALLOC = 10 << 20      # from here a segment is the request rounded up to ROUND_LARGE (kMinLargeAlloc)
+ROUND_LARGE = 2 << 20           # (kRoundLarge)
+
+
+def round_request(nbytes: int) -> int:
+    """The block size the allocator hands out for a request of ``nbytes``: a multiple of 512, at least 512."""
+    return max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK)
+
+
+def segment_size(block: int) -> int:
+    """Bytes cudaMalloc'ed for a new segment that must hold a (rounded) ``block``."""
+    if block <= SMALL_SIZE:
+        return SMALL_SEGMENT
+    if block < MIN_LARGE_ALLOC:
+        return LARGE_SEGMENT
+    return -(-block // ROUND_LARGE) * ROUND_LARGE
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trace
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class AllocationTrace:
+    """Allocations and frees in program order: ``events[i] = (block_id, nbytes)`` allocates ``nbytes``
+    (as requested, unrounded) when positive and frees block ``block_id`` when ``nbytes`` is 0. The first
+    ``n_weights`` events are the model's weights."""
+    events: list[tuple[int, int]] = field(default_factory=list)
+    n_weights: int = 0
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    def alloc(self, nbytes: int) -> int:
+        block = next(self._ids)
+        self.events.append((block, nbytes))
+        return block
+
+    def free(self, block: int) -> None:
+        self.events.append((block, 0))
+
+    def peak_live(self) -> int:
+        """Peak of the live bytes, each allocation rounded as the allocator rounds it (no cache, no splits)."""
+        sizes, live, peak = {}, 0, 0
+        for block, nbytes in self.events:
+            if nbytes:
+                sizes[block] = round_request(nbytes)
+                live += sizes[block]
+                peak = max(peak, live)
+            else:
+                live -= sizes.pop(block)
+        return peak
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Records in ``trace`` every storage that a dispatched op creates (on allocation) and its death (a
+    weakref finalizer on the storage). An output sharing the storage of one of the op's inputs (views,
+    in-place and ``out=`` ops) records nothing, nor does a zero-byte storage (no allocator call).
+
+    ``inline`` maps an op to a Python function with the op's signature that is run in its place with the
+    tracker active, so that tensors it allocates and frees inside are recorded too (the custom scan ops'
+    fake implementations; a test passes their real implementations).
+    """
+
+    def __init__(self, trace: AllocationTrace, inline: dict | None = None):
+        super().__init__()
+        self.trace, self.inline = trace, inline or {}
+        self._live: set[int] = set()
+
+    def track(self, tensor: torch.Tensor) -> None:
+        """Records ``tensor``'s storage if it is new."""
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._live or storage.nbytes() == 0:
+            return
+        self._live.add(key)
+        weakref.finalize(storage, self._on_free, key, self.trace.alloc(storage.nbytes()))
+
+    def _on_free(self, key: int, block: int) -> None:
+        self._live.discard(key)
+        self.trace.free(block)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.inline:
+            with self:
+                out = self.inline[func](*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.untyped_storage()._cdata not in inputs:
+                self.track(leaf)
+        return out
+
+
+SCAN_FAKES = {torch.ops.vimbench.selective_scan.default: selective_scan_fake,
+              torch.ops.vimbench.bidirectional_scan.default: bidirectional_scan_fake}
+"""The custom ops whose fake implementations run inside the tracker (they allocate scan temporaries)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The caching allocator
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Block:
+    addr: int
+    size: int
+    small: bool
+    free: bool = True
+    prev: "_Block | None" = None
+    next: "_Block | None" = None
+
+
+class CachingAllocatorModel:
+    """Replays an ``AllocationTrace`` through a model of PyTorch's CUDA caching allocator (one stream, default
+    ``PYTORCH_CUDA_ALLOC_CONF``, no capacity limit, no ``empty_cache``):
+
+      * a request rounds up to a multiple of 512 B; requests <= 1 MiB use the small pool, larger ones the
+        large pool;
+      * it takes the best-fitting cached free block of its pool (smallest size, then lowest address); if
+        none fits, a new segment is cudaMalloc'ed: 2 MiB (small pool), 20 MiB (requests < 10 MiB) or the
+        request rounded up to 2 MiB;
+      * the block is split when the remainder is >= 512 B (small pool) or > 1 MiB (large pool); otherwise
+        the whole block is handed out and counted as allocated;
+      * a freed block merges with free neighbours of its segment and stays cached; segments are never
+        returned to the driver.
+
+    ``allocated``/``reserved`` are the current bytes, ``peak_allocated``/``peak_reserved`` their maxima
+    (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``).
+    """
+
+    def __init__(self):
+        self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
+        self._free: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}  # by pool: (size, addr, block)
+        self._blocks: dict[int, _Block] = {}
+
+    def replay(self, events: list[tuple[int, int]]) -> "CachingAllocatorModel":
+        """Applies ``AllocationTrace.events`` (or a slice of them) in order."""
+        for block_id, nbytes in events:
+            if nbytes:
+                self._blocks[block_id] = self.malloc(nbytes)
+            else:
+                self.release(self._blocks.pop(block_id))
+        return self
+
+    def malloc(self, nbytes: int) -> _Block:
+        size = round_request(nbytes)
+        small = size <= SMALL_SIZE
+        pool = self._free[small]
+        i = bisect.bisect_left(pool, (size, -1))
+        if i < len(pool):
+            block = pool.pop(i)[2]
+        else:
+            seg = segment_size(size)
+            block = _Block(self.reserved, seg, small)   # a fresh address range per segment
+            self.reserved += seg
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        remaining = block.size - size
+        if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
+            rest = _Block(block.addr + size, remaining, small, prev=block, next=block.next)
+            if block.next:
+                block.next.prev = rest
+            block.next, block.size = rest, size
+            bisect.insort(pool, (rest.size, rest.addr, rest))
+        block.free = False
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block
+
+    def release(self, block: _Block) -> None:
+        self.allocated -= block.size
+        block.free = True
+        pool = self._free[block.small]
+        for other in (block.prev, block.next):
+            if other is not None and other.free:
+                pool.remove((other.size, other.addr, other))
+                if other is block.prev:
+                    other.size += block.size
+                    other.next = block.next
+                    if block.next:
+                        block.next.prev = other
+                    block = other
+                else:
+                    block.size += other.size
+                    block.next = other.next
+                    if other.next:
+                        other.next.prev = block
+        bisect.insort(pool, (block.size, block.addr, block))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prediction
+# ----------------------------------------------------------------------------------------------------
+
+def trace_forward(model: torch.nn.Module, input_shape: tuple, dtype: torch.dtype, head: bool,
+                  device: str = "cuda", inline: dict | None = None) -> AllocationTrace:
+    """The allocation trace of ``model`` on ``device``: its weights (one allocation per distinct storage of
+    parameters and buffers), an input of ``input_shape``/``dtype``, then ``forward_features`` (``forward``
+    when ``head``) under ``torch.no_grad`` (see the module docstring).
+
+    A meta ``model`` is moved to fake ``device`` tensors (nothing is allocated); a ``model`` with real
+    tensors runs for real on them (tests use this on the CPU to check the fake trace).
+    """
+    trace = AllocationTrace()
+    fake = next(model.parameters()).device.type == "meta"
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        if fake:
+            model.to_empty(device=device)
+        tracker = AllocationTracker(trace, inline)
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            tracker.track(tensor)
+        trace.n_weights = len(trace.events)
+        with tracker, torch.no_grad():
+            x = torch.empty(input_shape, dtype=dtype, device=device)
+            out = model(x) if head else model.forward_features(x)
+        del x, out
+    return trace
+
+
+def resolved_impl(model: torch.nn.Module) -> str:
+    """The token-mixer backend a forward on a GPU runs: the concrete scan backend for Vim models (``auto``
+    resolved as on a CUDA machine with this environment), the attention backend for ViT-style ones."""
+    if hasattr(model, "scan_backend"):
+        return model.scan_backend("cuda")
+    attn = getattr(model, "attn", None)
+    return attn or "default"
+
+
+def resolved_kernel(model: torch.nn.Module, dtype: torch.dtype) -> str:
+    """What computes the token mixer on a GPU: the scan backend, or for ``sdpa`` the fused kernel SDPA is
+    modelled to pick there (``sdpa_fused_kernel``)."""
+    impl = resolved_impl(model)
+    return sdpa_fused_kernel(dtype) if impl == "sdpa" else impl
+
+
+def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: bool = False,
+                   **options) -> dict:
+    """Predicted CUDA memory of one inference forward of registry model ``model`` (built for ``res`` x
+    ``res`` images, options such as ``scan=`` / ``attn=``) on a ``batch``-image input of ``dtype``, backbone
+    only (``forward_features``) unless ``head``.
+
+    Returns impl and kernel (what the prediction is for: ``resolved_impl``, ``resolved_kernel``), tokens,
+    params and, in GiB (2**30 B):
+      mem_pred_weights_gib      parameters and buffers as allocated (each rounded to 512 B)
+      mem_pred_activations_gib  peak minus weights: input, activations, output and scan workspaces
+      mem_pred_peak_gib         torch.cuda.max_memory_allocated after the forward (weights + input included)
+      mem_pred_reserved_gib     torch.cuda.max_memory_reserved: the caching allocator's segments
+    The CUDA context is not included.
+    """
+    options = check_options(model, options)
+    torch_dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        net = create_model(model, img_size=res, **options).to(torch_dtype).eval()
+    trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES)
+    sim = CachingAllocatorModel().replay(trace.events[:trace.n_weights])
+    weights = sim.allocated
+    sim.replay(trace.events[trace.n_weights:])
+    return {"model": model, "family": model_entry(model).family, "impl": resolved_impl(net),
+            "kernel": resolved_kernel(net, torch_dtype),
+            "res": res, "tokens": net.num_tokens, "batch": batch, "dtype": dtype, "head": head,
+            "params": count_params(net),
+            "mem_pred_weights_gib": weights / GIB,
+            "mem_pred_activations_gib": (sim.peak_allocated - weights) / GIB,
+            "mem_pred_peak_gib": sim.peak_allocated / GIB,
+            "mem_pred_reserved_gib": sim.peak_reserved / GIB}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cards, and whether a run fits
+# ----------------------------------------------------------------------------------------------------
+
+CONTEXT_GIB = 0.5
+"""Assumed CUDA context (driver, kernels, cuBLAS/cuDNN handles) that nvidia-smi counts on top of the
+allocator's reserved memory: typically 0.3-0.6 GiB with CUDA 12 and lazy module loading."""
+
+CARDS = {"h100-80gb": 79.6, "h200-141gb": 140.4, "a100-80gb": 80.0, "a100-40gb": 40.0,
+         "l40s-48gb": 45.0, "a6000-48gb": 48.0, "v100-32gb": 31.7, "rtx4090-24gb": 24.0,
+         "rtx3090-24gb": 24.0}
+"""Total memory per card in GiB as nvidia-smi reports it (MiB / 1024, e.g. H100 SXM 81559 MiB): the bound on
+context + reserved. Values are +-1% across board variants and drivers."""
+
+
+def fits(reserved_gib: float, card: str) -> bool:
+    """Whether a run whose allocator reserves ``reserved_gib`` fits ``card`` beside the CUDA context.
+    Conservative: before raising OOM the real allocator frees cached segments and retries, so a run whose
+    peak allocated (not reserved) + context fits may still succeed."""
+    return reserved_gib + CONTEXT_GIB <= CARDS[card]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One row of a memory CSV
+# ----------------------------------------------------------------------------------------------------
+
+def memory_row(model: str, options: dict, res: int, batch: int, dtype: str, head: bool, card: str) -> dict:
+    """One row of a memory CSV: ``predict_memory`` of the configuration, what nvidia-smi would show
+    (reserved + ``CONTEXT_GIB``) and whether that fits ``card``."""
+    pred = predict_memory(model, res, batch, dtype, head, **options)
+    return {**pred, "mem_pred_used_gib": pred["mem_pred_reserved_gib"] + CONTEXT_GIB, "card": card,
+            "card_gib": CARDS[card], "context_gib": CONTEXT_GIB, "fits": fits(pred["mem_pred_reserved_gib"], card)}

@@ -1,0 +1,86 @@
+"""What every measurer shares: dtypes and units, the worker's setup, the timer, and CPU peak memory.
+
+Timing: ``warmup`` untimed calls, then at least ``repeats`` timed calls and until ``min_time`` seconds have
+passed. GPU: one pair of CUDA events per call; CPU: perf_counter. ``time_stats`` reduces the per-call
+times to the columns every CSV uses: time_ms (median), time_ms_p10, time_ms_p90, repeats.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GIB = 2 ** 30
+
+
+def setup_worker(device: torch.device, threads: int = 0) -> None:
+    """Seed 0, torch CPU threads (0 = torch's default), and on a GPU: the current device, TF32 off
+    (fp32 means fp32) and cudnn.benchmark off."""
+    torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+
+
+def time_loop(run, device, warmup: int, repeats: int, min_time: float) -> list[float]:
+    """Per-forward latencies in ms after ``warmup`` untimed forwards."""
+    for _ in range(warmup):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_stats(times_ms) -> dict:
+    """time_ms (median), time_ms_p10, time_ms_p90 and repeats (the count) of per-call times in ms."""
+    ms = np.asarray(times_ms, dtype=float)
+    return {"time_ms": float(np.median(ms)), "time_ms_p10": float(np.percentile(ms, 10)),
+            "time_ms_p90": float(np.percentile(ms, 90)), "repeats": int(ms.size)}
+
+
+def _rss_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cpu_forward_peak(run) -> float | None:
+    """Resident memory (bytes) that one call of ``run`` adds at its peak; None where not measurable."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        gc.collect()
+        libc.malloc_trim(0)
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed blocks are unmapped at once
+        base = _rss_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        return None
+    run()
+    peak = _rss_bytes("VmHWM")
+    return None if base is None or peak is None else max(peak - base, 0)

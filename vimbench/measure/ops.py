@@ -1,0 +1,324 @@
+"""The token mixers alone: Vim's selective scan against attention's softmax(Q K^T) V at matched lengths.
+
+Shapes: b batch, L tokens (cls included, the model's own count at a resolution), D the model's embed dim
+("width"), E = 2D scan channels, N d_state, H heads, d head_dim, s bytes per element of the run's dtype.
+Ops (``OPS``, one ``OpSpec`` each; inputs are built outside the timed region):
+    scan        one direction of the selective scan as a Mamba layer calls it: u, delta, z (b, E, L),
+                B, C (b, N, L), A (E, N), D and delta_bias (E,); delta = softplus(delta + delta_bias),
+                y = (scan + D*u) * silu(z), (b, E, L)
+    scan_bidir  Vim's pair through ``bidirectional_scan``: two directions, each with its own u, delta, B, C,
+                A, D, delta_bias; one shared z; y = (y_f + y_b) * silu(z), (b, E, L)
+    attention   softmax(q k^T / sqrt(d)) v with q, k, v, out (b, H, L, d)
+    mixer_vim   layer 0's ``BiMambaMixer`` of the Vim model (in_proj, both convs, x/dt projections, both
+                scans, out_proj): (b, L, D) -> (b, L, D)
+    block_deit  layer 0's attention module of the DeiT model (qkv projection, attention, output projection):
+                (b, L, D) -> (b, L, D)
+A, D and delta_bias are float32 (Vim passes them as .float()); every other tensor is in the run's dtype.
+Values: Vim's initialisation (A = -[1..N] per channel, D = 1, softplus(delta_bias) = 0.01), normal inputs.
+
+FLOPs: one call counted with FlopCounterMode on the meta device, the project's convention (2 per
+multiply-add for matmuls and convolutions; the scan by ``scan_flops``'s registered formula; softmax and
+other elementwise work outside the scan uncounted). FLOPs do not depend on the backend, so they are counted
+with the reference backends (``FLOP_IMPL``).
+Bytes: the minimal traffic, every input read once and every output written once (``OpSpec.traffic``);
+what a kernel moves beyond it (the scan's (b, E, L, N) state, eager attention's (b, H, L, L) scores,
+re-reads) is its excess over this ideal.
+
+``measure_op`` runs one configuration in an isolated worker (see ``isolation.py``):
+  time (ms)  GPU: triton.testing.do_bench (CUDA events, L2 flushed, 25 ms warm-up, 100 ms of runs),
+             median and p10/p90; CPU: ``core.time_loop`` (the scaling sweep's timer), median and p10/p90
+  memory     GPU: torch.cuda.max_memory_allocated over one call, reset after the inputs are built (so
+             inputs, weights, output and workspace); CPU: ``core.cpu_forward_peak``, the resident memory
+             one call adds (the inputs are already resident). GiB = 2^30 bytes.
+``measure_ceilings`` measures the device's ceilings once per run: a large copy (GB/s) and a large matmul
+(GFLOP/s) in the run's dtype, TF32 off.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vimbench.kernels.attention import attention, sdpa_kernel_used
+from vimbench.measure.isolation import run_isolated
+from vimbench.kernels.selective_scan import bidirectional_scan, selective_scan
+from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
+from vimbench.models.registry import count_params, create_model
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of one configuration, taken from the model at ``res``. Scan fields are 0 for a DeiT model,
+    attention fields 0 for a Vim model."""
+    model: str
+    res: int
+    batch: int
+    L: int          # tokens incl. cls
+    width: int      # D, the model's embed dim
+    d_inner: int    # E = 2D (Vim)
+    d_state: int    # N (Vim)
+    heads: int      # H (DeiT)
+    head_dim: int   # d (DeiT)
+
+
+def model_geometry(model: str, res: int, batch: int) -> Geometry:
+    """The sizes of ``model``'s token mixer at ``res``, read from the model built on the meta device."""
+    with torch.device("meta"):
+        net = create_model(model, img_size=res)
+    if net.family == "vim":
+        mixer = net.layers[0].mixer
+        return Geometry(model, res, batch, net.num_tokens, net.embed_dim, mixer.d_inner, mixer.d_state, 0, 0)
+    attn = net.blocks[0].attn
+    return Geometry(model, res, batch, net.num_tokens, net.embed_dim, 0, 0, attn.num_heads, attn.head_dim)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An op ready to time: ``run()`` computes it once; ``inputs`` are the tensors it reads (weights
+    included); ``params`` counts the weights among them."""
+    run: Callable[[], torch.Tensor]
+    inputs: list
+    params: int = 0
+
+
+def _direction(g: Geometry, device, dtype) -> dict:
+    """One scan direction's inputs (see the module docstring), as keyword arguments of ``selective_scan``."""
+    b, E, L, N = g.batch, g.d_inner, g.L, g.d_state
+    f32 = dict(device=device, dtype=torch.float32)
+    return dict(u=torch.randn(b, E, L, device=device, dtype=dtype),
+                delta=torch.randn(b, E, L, device=device, dtype=dtype),
+                A=-torch.arange(1, N + 1, **f32).repeat(E, 1),
+                B=torch.randn(b, N, L, device=device, dtype=dtype),
+                C=torch.randn(b, N, L, device=device, dtype=dtype),
+                D=torch.ones(E, **f32),
+                delta_bias=torch.full((E,), math.log(math.expm1(0.01)), **f32))
+
+
+def _build_scan(g: Geometry, impl: str, device, dtype) -> Prepared:
+    d = _direction(g, device, dtype)
+    z = torch.randn(g.batch, g.d_inner, g.L, device=device, dtype=dtype)
+    return Prepared(lambda: selective_scan(**d, z=z, delta_softplus=True, backend=impl), [*d.values(), z])
+
+
+def _build_scan_bidir(g: Geometry, impl: str, device, dtype) -> Prepared:
+    f, bk = _direction(g, device, dtype), _direction(g, device, dtype)
+    z = torch.randn(g.batch, g.d_inner, g.L, device=device, dtype=dtype)
+    order = ("u", "delta", "A", "B", "C", "D")
+
+    def run():
+        return bidirectional_scan(*(f[k] for k in order), *(bk[k] for k in order), z=z,
+                                  delta_bias=f["delta_bias"], delta_bias_b=bk["delta_bias"], delta_softplus=True,
+                                  backend=impl)
+    return Prepared(run, [*f.values(), *bk.values(), z])
+
+
+def _build_attention(g: Geometry, impl: str, device, dtype) -> Prepared:
+    q, k, v = (torch.randn(g.batch, g.heads, g.L, g.head_dim, device=device, dtype=dtype) for _ in range(3))
+    return Prepared(lambda: attention(q, k, v, impl), [q, k, v])
+
+
+def _model_layer(g: Geometry, options: dict, device, dtype) -> torch.nn.Module:
+    """Layer 0's token mixer of ``g.model`` (built by the registry at ``g.res``), on ``device`` in ``dtype``."""
+    with torch.device("meta" if device.type == "meta" else "cpu"):
+        net = create_model(g.model, img_size=g.res, **options)
+    layer = net.layers[0].mixer if net.family == "vim" else net.blocks[0].attn
+    return layer.eval().to(device=device, dtype=dtype)
+
+
+def _build_layer(option: str) -> Callable[..., Prepared]:
+    def build(g: Geometry, impl: str, device, dtype) -> Prepared:
+        layer = _model_layer(g, {option: impl}, device, dtype)
+        h = torch.randn(g.batch, g.L, g.width, device=device, dtype=dtype)
+        return Prepared(lambda: layer(h), [h, *layer.parameters()], count_params(layer))
+    return build
+
+
+# Minimal traffic models (bytes): each input read once, each output written once. s = bytes per element.
+
+def _scan_bytes(g: Geometry, s: int, params: int) -> int:
+    b, E, L, N = g.batch, g.d_inner, g.L, g.d_state
+    return (3 * b * E * L * s            # read u, delta, z
+            + 2 * b * N * L * s          # read B, C
+            + (E * N + 2 * E) * 4        # read A, D, delta_bias (float32)
+            + b * E * L * s)             # write y
+
+
+def _scan_bidir_bytes(g: Geometry, s: int, params: int) -> int:
+    b, E, L, N = g.batch, g.d_inner, g.L, g.d_state
+    return (2 * 2 * b * E * L * s        # read u, delta of both directions
+            + 2 * 2 * b * N * L * s      # read B, C of both directions
+            + 2 * (E * N + 2 * E) * 4    # read A, D, delta_bias of both directions (float32)
+            + b * E * L * s              # read the shared z
+            + b * E * L * s)             # write y
+
+
+def _attention_bytes(g: Geometry, s: int, params: int) -> int:
+    qkv = g.batch * g.heads * g.L * g.head_dim * s
+    return (3 * qkv                      # read q, k, v
+            + qkv)                       # write out
+
+
+def _layer_bytes(g: Geometry, s: int, params: int) -> int:
+    act = g.batch * g.L * g.width * s
+    return (act                          # read the tokens h
+            + params * s                 # read every weight once
+            + act)                       # write the output
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One benchmarked op: the model family whose widths run it, the backend kind that picks its impl
+    ("scan" or "attn"), ``build(geometry, impl, device, dtype) -> Prepared`` and
+    ``traffic(geometry, bytes per element, params) -> bytes`` (the minimal traffic model)."""
+    name: str
+    family: str
+    backend: str
+    build: Callable[..., Prepared]
+    traffic: Callable[[Geometry, int, int], int]
+
+
+OPS = {spec.name: spec for spec in (
+    OpSpec("scan", "vim", "scan", _build_scan, _scan_bytes),
+    OpSpec("scan_bidir", "vim", "scan", _build_scan_bidir, _scan_bidir_bytes),
+    OpSpec("mixer_vim", "vim", "scan", _build_layer("scan"), _layer_bytes),
+    OpSpec("attention", "deit", "attn", _build_attention, _attention_bytes),
+    OpSpec("block_deit", "deit", "attn", _build_layer("attn"), _layer_bytes),
+)}
+FLOP_IMPL = {"scan": "ref", "attn": "eager"}
+"""The backends FLOPs are counted with on the meta device (the count is the same for every backend)."""
+
+
+def op_cost(op: str, g: Geometry, dtype: str) -> dict:
+    """{"flops_total": FLOPs of one call (FlopCounterMode on meta), "bytes": the minimal traffic model}."""
+    spec, torch_dtype = OPS[op], DTYPES[dtype]
+    prep = spec.build(g, FLOP_IMPL[spec.backend], torch.device("meta"), torch_dtype)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        prep.run()
+    return {"flops_total": counter.get_total_flops(), "bytes": spec.traffic(g, torch_dtype.itemsize, prep.params)}
+
+
+def kernel_name(op: str, impl: str, g: Geometry, device, dtype: torch.dtype) -> str:
+    """What computes the op: the backend, or for sdpa the kernel SDPA picks (flash, efficient, cudnn or
+    math; "flash" on CPU is its flash-style CPU kernel)."""
+    if OPS[op].backend == "attn" and impl == "sdpa":
+        return sdpa_kernel_used(device, dtype, g.L, g.head_dim, g.heads)
+    return impl
+
+
+def _time(run, device, timing: dict) -> dict:
+    """time_ms (median), time_ms_p10, time_ms_p90 of ``run``: do_bench on a GPU; on CPU ``time_loop``
+    with ``timing`` (warmup, repeats, min_time), plus the number of timed calls (repeats)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        med, p10, p90 = do_bench(run, quantiles=[0.5, 0.1, 0.9])
+        return {"time_ms": float(med), "time_ms_p10": float(p10), "time_ms_p90": float(p90)}
+    return time_stats(time_loop(run, device, timing["warmup"], timing["repeats"], timing["min_time"]))
+
+
+def measure_op(cfg: dict) -> dict:
+    """Times one configuration (run it through ``run_isolated``). ``cfg``: op, impl (a concrete backend),
+    geometry (``Geometry`` as a dict), device ("cpu" | "cuda:N"), dtype (fp32 | fp16 | bf16), threads
+    (CPU threads, 0 = torch's default), timing (CPU: warmup, repeats, min_time). Returns kernel,
+    time_ms, time_ms_p10, time_ms_p90, repeats (CPU), mem_peak_gib, threads, load_avg_1m."""
+    device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
+    g = Geometry(**cfg["geometry"])
+    setup_worker(device, cfg["threads"])
+    # outside inference_mode: under it the dispatcher shows SDPA's composite op, not the kernel it picks
+    out = {"kernel": kernel_name(cfg["op"], cfg["impl"], g, device, dtype), "threads": torch.get_num_threads(),
+           "load_avg_1m": os.getloadavg()[0]}
+    with torch.inference_mode():
+        prep = OPS[cfg["op"]].build(g, cfg["impl"], device, dtype)
+        prep.run()  # first call outside everything: compilation, autotuning, library handles
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            prep.run()
+            torch.cuda.synchronize(device)
+            out["mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+            out.update(_time(prep.run, device, cfg["timing"]))
+        else:
+            out.update(_time(prep.run, device, cfg["timing"]))
+            peak = cpu_forward_peak(prep.run)
+            if peak is not None:
+                out["mem_peak_gib"] = peak / GIB
+    return out
+
+
+CEILING_SIZES = {"cuda": dict(copy_bytes=2 ** 30, matmul_n=8192), "cpu": dict(copy_bytes=2 ** 28, matmul_n=2048)}
+
+
+def measure_ceilings(cfg: dict) -> dict:
+    """The device's measured ceilings (run it through ``run_isolated``; ``cfg``: device, dtype, threads,
+    timing):
+    ceiling_gbs = 2 * nbytes / time of copying a ``copy_bytes`` tensor (one read, one write);
+    ceiling_gflops_s = 2 n^3 / time of an n x n matmul in the run's dtype (``CEILING_SIZES``).
+    Both from the p10 time, not the median: other work on the host only ever slows a run down, and a
+    ceiling is the best rate the device sustains."""
+    device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
+    setup_worker(device, cfg["threads"])
+    size = CEILING_SIZES[device.type]
+    src = torch.randn(size["copy_bytes"] // dtype.itemsize, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    n = size["matmul_n"]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    timing = {**cfg["timing"], "repeats": max(cfg["timing"]["repeats"], 10)}
+    copy_ms = _time(lambda: dst.copy_(src), device, timing)["time_ms_p10"]
+    matmul_ms = _time(lambda: a @ b, device, timing)["time_ms_p10"]
+    return {"ceiling_gbs": 2 * src.numel() * dtype.itemsize / (copy_ms * 1e-3) / 1e9,
+            "ceiling_gflops_s": 2 * n ** 3 / (matmul_ms * 1e-3) / 1e9}
+
+
+
+CONFIG_TIMEOUT_S = 1800
+CPU_TIMING = dict(warmup=0, repeats=3, min_time=0.5)
+"""CPU timing defaults: after one untimed call, at least 3 timed calls and 0.5 s of them (a full default
+sweep then takes a few minutes on 2 cores). GPUs use do_bench's own warm-up and repetitions."""
+
+
+def _rates(row: dict) -> dict:
+    """Achieved GFLOP/s and GB/s of an ok row, and their fractions of the measured ceilings."""
+    seconds = row["time_ms"] * 1e-3
+    out = {"gflops_s": row["flops_total"] / seconds / 1e9, "gbs": row["bytes"] / seconds / 1e9}
+    if row.get("ceiling_gflops_s"):
+        out["frac_peak_flops"] = out["gflops_s"] / row["ceiling_gflops_s"]
+        out["frac_peak_bw"] = out["gbs"] / row["ceiling_gbs"]
+    return out
+
+
+def kernel_row(cfg: dict, fixed: dict) -> dict:
+    """One row of a kernels CSV: ``measure_op`` in its own worker, plus sizes, FLOPs, bytes, rates and
+    ``fixed`` (environment, ceilings, command). ``cfg``: as ``measure_op`` takes it, plus model and res."""
+    g = cfg["geometry"]
+    row = {k: cfg[k] for k in ("op", "impl", "model", "res", "batch", "dtype", "device")}
+    row.update({k: g[k] or "" for k in ("width", "heads", "head_dim", "d_inner", "d_state")}, tokens=g["L"],
+               kernel=cfg["impl"], **fixed, **op_cost(cfg["op"], Geometry(**g), cfg["dtype"]),
+               timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
+    row.update(run_isolated(measure_op, (cfg,), timeout=CONFIG_TIMEOUT_S))
+    if row["status"] == "ok":
+        row.update(_rates(row))
+    return row
+
+
+def op_configs(models: list[str], res_list: list[int], impls: dict, batch: int, dtype: str, device, threads: int,
+               timing: dict) -> list[dict]:
+    """Every (resolution, model, op, backend) configuration, in that order: each model runs the ops of its
+    family (``OpSpec.family``) with each backend of the op's kind in ``impls`` ({"scan": [...],
+    "attn": [...]})."""
+    configs = []
+    for res in res_list:
+        for model in models:
+            geometry = model_geometry(model, res, batch)
+            family = "vim" if geometry.d_inner else "deit"
+            for spec in OPS.values():
+                if spec.family == family:
+                    configs += [dict(op=spec.name, impl=impl, model=model, res=res, batch=batch, dtype=dtype,
+                                     device=str(device), geometry=dataclasses.asdict(geometry), threads=threads,
+                                     timing=timing) for impl in impls[spec.backend]]
+    return configs

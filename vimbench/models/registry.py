@@ -1,0 +1,137 @@
+"""One registry and one factory for every model vimbench measures (timm style).
+
+    create_model("vim_tiny", img_size=1248, scan="cpu")
+    create_model("deit_tiny", img_size=1248, attn="eager")
+    create_model("timm:vit_small_patch16_224", img_size=512, attn="sdpa")
+    list_models() -> ["deit_base", ..., "vim_tiny_s8"]
+
+Every model returned carries ``vimbench_name``, ``family`` ("vim" | "deit" | "timm") and
+``num_tokens`` (the sequence length its token mixer sees, cls token included).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from vimbench.errors import InputError
+from vimbench.kernels.attention import ATTENTION_BACKENDS
+from vimbench.kernels.selective_scan import SCAN_CHOICES
+
+FAMILY_OPTIONS = {"vim": {"scan": SCAN_CHOICES}, "deit": {"attn": ATTENTION_BACKENDS},
+                  "timm": {"attn": ATTENTION_BACKENDS}}
+"""Options each family takes, with their allowed values."""
+DEFAULT_OPTIONS = {"vim": {"scan": "auto"}, "deit": {"attn": "sdpa"}, "timm": {}}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    family: str
+    builder: Callable[..., nn.Module]
+    description: str
+    options: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, family: str, description: str):
+    """Decorator for a builder ``fn(img_size, **options) -> nn.Module``."""
+    def deco(fn):
+        _REGISTRY[name] = ModelEntry(name, family, fn, description, FAMILY_OPTIONS[family])
+        return fn
+    return deco
+
+
+def list_models() -> list[str]:
+    """Names of the registered models, sorted (``timm:<name>`` works too but is not listed)."""
+    return sorted(_REGISTRY)
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry for ``name``; ``timm:<model>`` gets an entry made on the fly."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("timm:"):
+        from vimbench.baselines.timm_models import create_timm_model
+        timm_name = name.removeprefix("timm:")
+        return ModelEntry(name, "timm", lambda img_size, **kw: create_timm_model(timm_name, img_size, **kw),
+                          f"timm model {timm_name}", FAMILY_OPTIONS["timm"])
+    raise InputError(f"unknown model {name!r}; known: {', '.join(list_models())} or timm:<name>")
+
+
+def check_options(name: str, options: dict) -> dict:
+    """The model's options completed with defaults; ``InputError`` for an unknown option or value."""
+    entry = model_entry(name)
+    for key, value in options.items():
+        if key not in entry.options:
+            raise InputError(f"model {name!r} takes no option {key!r} (it takes: {', '.join(entry.options) or 'none'})")
+        if value not in entry.options[key]:
+            raise InputError(f"unknown {key} {value!r} for {name}; choose from {', '.join(entry.options[key])}")
+    return {**DEFAULT_OPTIONS[entry.family], **options}
+
+
+def create_model(name: str, img_size: int = 224, **options) -> nn.Module:
+    """Builds model ``name`` for square ``img_size`` inputs with its options (``scan=`` for Vim models,
+    ``attn=`` for DeiT/ViT ones). Weights are freshly initialised; nothing is downloaded."""
+    entry = model_entry(name)
+    options = check_options(name, options)
+    model = entry.builder(img_size=img_size, **options)
+    model.vimbench_name, model.family = name, entry.family
+    if not hasattr(model, "num_tokens"):
+        grid = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+        model.num_tokens = None if grid is None else grid + getattr(model, "num_prefix_tokens", 0)
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_variants(models: list[str], attn: list[str], scan: list[str]) -> list[tuple[str, dict]]:
+    """[(model, options)] with one entry per attention backend for DeiT/timm-ViT models and one per scan
+    backend for Vim models, in the order given. Unknown names raise ``InputError``."""
+    if not models:
+        raise InputError("no models given")
+    for a in attn:
+        if a not in ATTENTION_BACKENDS:
+            raise InputError(f"unknown attention backend {a!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+    for s in scan:
+        if s not in SCAN_CHOICES:
+            raise InputError(f"unknown scan backend {s!r}; choose from {', '.join(SCAN_CHOICES)}")
+    out = []
+    for name in models:
+        family = model_entry(name).family
+        if not (scan if family == "vim" else attn):
+            raise InputError(f"{name} needs at least one {'scan' if family == 'vim' else 'attention'} backend")
+        if family == "vim":
+            out += [(name, {"scan": s}) for s in scan]
+        else:
+            out += [(name, {"attn": a}) for a in attn]
+    return out
+
+
+def impl_of(options: dict) -> str:
+    """The backend an options dict names (the value of scan= or attn=), '' if none."""
+    return options.get("scan") or options.get("attn") or ""
+
+
+def _register_builtin():
+    from vimbench.baselines.deit import create_deit
+    from vimbench.models.vim import VisionMamba
+
+    vim_cfgs = {"vim_tiny": (192, 16), "vim_small": (384, 16), "vim_base": (768, 16),
+                "vim_tiny_s8": (192, 8), "vim_small_s8": (384, 8)}
+    for name, (dim, stride) in vim_cfgs.items():
+        size = name.split("_")[1]
+        desc = f"Vim-{size[0].upper()}{size[1:]} (D={dim}, depth 24, patch 16, stride {stride})"
+        register_model(name, "vim", desc)(
+            lambda img_size, scan="auto", _d=dim, _s=stride: VisionMamba(img_size, 16, _s, _d, scan=scan))
+    for size, dim, heads in (("tiny", 192, 3), ("small", 384, 6), ("base", 768, 12)):
+        register_model(f"deit_{size}", "deit", f"timm deit_{size}_patch16_224 (D={dim}, depth 12, {heads} heads)")(
+            lambda img_size, attn="sdpa", _s=size: create_deit(_s, img_size, attn))
+
+
+_register_builtin()

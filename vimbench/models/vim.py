@@ -1,0 +1,176 @@
+"""Vision Mamba (Vim), arXiv 2401.09417, as released in github.com/hustvl/Vim (vim/models_mamba.py with
+its fork of mamba_ssm's mamba_simple.py): the "bimamba v2, middle cls token, divide-by-2" models.
+
+Architecture, initialisation and state_dict keys follow the official checkpoints, so that an official
+checkpoint loads with ``strict=True``. Differences from the official code, all numerically neutral:
+  * no dependency on mamba_ssm / causal_conv1d: RMSNorm, the causal conv and the scan are plain PyTorch or
+    the scan backend chosen with ``scan=`` (see ``vimbench.kernels.selective_scan``);
+  * both directions run on every path (the official eager path silently drops the backward direction);
+  * the backward direction is computed in original token order: its causal conv over the flipped
+    sequence is an anti-causal conv over the original one, and its scan runs from the last token to the
+    first, so no flipped copies of activations are made (``kernels.bidirectional_scan``).
+Shapes: b batch, M tokens (patches + the cls token), D embed_dim, E = 2*D channels, N d_state, R dt_rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import lecun_normal_, trunc_normal_
+
+from vimbench.kernels import SCAN_CHOICES, bidirectional_scan, resolve_scan_backend
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(3, D, patch, stride) over an (img_size x img_size) image; grid ((img - patch) // stride + 1)^2."""
+
+    def __init__(self, img_size: int, patch_size: int, stride: int, embed_dim: int, in_chans: int = 3):
+        super().__init__()
+        self.img_size = img_size
+        self.grid_size = (img_size - patch_size) // stride + 1
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+
+    def forward(self, x):  # (b, 3, H, W) -> (b, M-1, D)
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"input is {tuple(x.shape[-2:])}, this model was built for img_size={self.img_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class BiMambaMixer(nn.Module):
+    """The bidirectional Mamba mixer ("bimamba v2"): shared in_proj and out_proj, separate conv1d, x_proj,
+    dt_proj, A_log and D per direction. (b, M, D) -> (b, M, D)."""
+
+    def __init__(self, d_model: int, depth: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan: str = "auto"):
+        super().__init__()
+        E, R, N = expand * d_model, math.ceil(d_model / 16), d_state
+        self.d_inner, self.dt_rank, self.d_state, self.d_conv = E, R, N, d_conv
+        self.scan = scan
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
+        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
+        self.D = nn.Parameter(torch.ones(E))
+        self.A_b_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
+        self.conv1d_b = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1)
+        self.x_proj_b = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj_b = nn.Linear(R, E)
+        self.D_b = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, d_model, bias=False)
+
+        # Official init: dt_proj weight U(-R^-0.5, R^-0.5); dt_proj bias = softplus^-1(dt) with
+        # dt ~ exp(U(log dt_min, log dt_max)) clamped at dt_init_floor; every other Linear bias zero
+        # (that includes dt_proj_b.bias); out_proj re-drawn (kaiming-uniform) and scaled by 1/sqrt(depth).
+        with torch.no_grad():
+            nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
+            dt = torch.exp(torch.rand(E) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            nn.init.zeros_(self.dt_proj_b.bias)
+            nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+            self.out_proj.weight /= math.sqrt(depth)
+
+    def _ssm_inputs(self, x, x_proj, dt_proj):
+        """x (b, E, M) after conv+silu -> delta (b, E, M) without bias, B and C (b, N, M), all three
+        (b, channels, M) views of time-major (b, M, channels) memory."""
+        x_dbl = x_proj(x.transpose(1, 2))                                      # (b, M, R + 2N)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                     # (b, E, M)
+        return delta, B.transpose(1, 2), C.transpose(1, 2)
+
+    def forward(self, h):
+        backend = resolve_scan_backend(self.scan, h.device)
+        # The cpp scan reads any strides and writes time-major memory, so it takes the time-major views of
+        # in_proj's and x_proj's outputs as they are; the other backends want contiguous (b, E, M) inputs.
+        layout = (lambda t: t) if backend == "cpp" else (lambda t: t.contiguous())
+        xz = self.in_proj(h).transpose(1, 2)                                    # (b, 2E, M)
+        x, z = xz.chunk(2, dim=1)
+        k = self.d_conv - 1
+        # causal conv == conv1d(x)[..., :M] of the official code, without computing the k dropped outputs
+        xf = F.silu(F.conv1d(F.pad(x, (k, 0)), self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+        # anti-causal conv == flip(conv1d_b(flip(x))): pad on the right, kernel taps reversed
+        xb = F.silu(F.conv1d(F.pad(x, (0, k)), self.conv1d_b.weight.flip(-1), self.conv1d_b.bias,
+                             groups=self.d_inner))
+        delta_f, B_f, C_f = self._ssm_inputs(xf, self.x_proj, self.dt_proj)
+        delta_b, B_b, C_b = self._ssm_inputs(xb, self.x_proj_b, self.dt_proj_b)
+        y = bidirectional_scan(
+            xf, layout(delta_f), -torch.exp(self.A_log.float()), layout(B_f), layout(C_f), self.D.float(),
+            xb, layout(delta_b), -torch.exp(self.A_b_log.float()), layout(B_b), layout(C_b), self.D_b.float(),
+            z=layout(z), delta_bias=self.dt_proj.bias.float(), delta_bias_b=self.dt_proj_b.bias.float(),
+            delta_softplus=True, backend=backend)
+        return self.out_proj(y.transpose(1, 2)) / 2  # = out_proj(y / 2): out_proj has no bias
+
+
+class Block(nn.Module):
+    """Add -> RMSNorm -> mixer, returning (mixer output, residual); the residual is kept in float32."""
+
+    def __init__(self, dim: int, depth: int, d_state: int, scan: str):
+        super().__init__()
+        self.mixer = BiMambaMixer(dim, depth, d_state=d_state, scan=scan)
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+
+    def forward(self, hidden, residual):
+        residual = hidden.float() if residual is None else residual + hidden.float()
+        return self.mixer(self.norm(residual.to(self.norm.weight.dtype))), residual
+
+
+class VisionMamba(nn.Module):
+    """Vim backbone + classifier head. ``forward_features`` (b, 3, img, img) -> (b, D) cls features."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, stride: int = 16, embed_dim: int = 192,
+                 depth: int = 24, d_state: int = 16, num_classes: int = 1000, scan: str = "auto"):
+        super().__init__()
+        if scan not in SCAN_CHOICES:
+            raise ValueError(f"unknown scan backend {scan!r}; choose from {', '.join(SCAN_CHOICES)}")
+        if img_size < patch_size:
+            raise ValueError(f"img_size {img_size} is smaller than the patch size {patch_size}")
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, stride, embed_dim)
+        self.num_tokens = self.patch_embed.num_patches + 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        self.layers = nn.ModuleList(Block(embed_dim, depth, d_state, scan) for _ in range(depth))
+        self.norm_f = nn.RMSNorm(embed_dim, eps=1e-5)
+        self.head = nn.Linear(embed_dim, num_classes)
+        with torch.no_grad():
+            lecun_normal_(self.patch_embed.proj.weight)
+            nn.init.zeros_(self.patch_embed.proj.bias)
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+            trunc_normal_(self.pos_embed, std=0.02)
+            trunc_normal_(self.cls_token, std=0.02)
+            for layer in self.layers:  # the official init zeroes every Linear bias except dt_proj's
+                layer.mixer.dt_proj_b.bias.zero_()
+
+    @property
+    def scan(self) -> str:
+        """The scan backend requested at construction (may be 'auto'; see ``scan_backend``)."""
+        return self.layers[0].mixer.scan
+
+    def set_scan(self, scan: str) -> None:
+        """Switches every layer to another scan backend."""
+        if scan not in SCAN_CHOICES:
+            raise ValueError(f"unknown scan backend {scan!r}; choose from {', '.join(SCAN_CHOICES)}")
+        for layer in self.layers:
+            layer.mixer.scan = scan
+
+    def scan_backend(self, device) -> str:
+        """The concrete scan backend a forward pass on ``device`` runs (raises if it can't run there)."""
+        return resolve_scan_backend(self.scan, device)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)                                                 # (b, M-1, D)
+        mid = x.shape[1] // 2
+        x = torch.cat((x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]), dim=1)
+        hidden, residual = x + self.pos_embed, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        hidden = self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
+        return hidden[:, mid]
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))

@@ -1,0 +1,182 @@
+"""The one schema of every CSV vimbench writes: columns, keys, units, and one name per quantity.
+
+Four kinds of CSV, each written by one command and read by ``reader.load_results``:
+
+    scaling  ``vimbench scaling``  one row per (model, backend, resolution, batch, dtype, device, head)
+    kernels  ``vimbench kernels``  one row per (op, backend, model width, resolution, batch, dtype, device)
+    flops    ``vimbench flops``    one row per (model, backend, resolution, batch, head)
+    memory   ``vimbench memory``   one row per (model, backend, resolution, batch, dtype, head, card)
+
+Every row ends with the ``ENVIRONMENT`` columns (versions, host, git commit, command). A quantity has the
+same name in every kind: ``tokens`` is the sequence length the token mixer sees (cls included), ``time_ms``
+the median time of one call (a batched forward, or one op), ``impl`` the backend asked for and ``kernel``
+what computed it. CSVs written before these names are read through ``RENAMED``.
+
+Units: times in ms, memory in GiB (2^30 bytes), FLOPs as counts (2 per multiply-add), rates per second.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COLUMN_DOCS = {
+    # identity
+    "model": ("", "registry name (see `vimbench models`)"),
+    "family": ("", "vim, deit or timm"),
+    "op": ("", "kernels: scan, scan_bidir, attention, mixer_vim or block_deit"),
+    "impl": ("", "backend asked for, `auto` resolved: scan backend (Vim) or attention backend (DeiT/ViT)"),
+    "kernel": ("", "what computed the token mixer: the scan backend, or for sdpa the kernel SDPA picked"),
+    "res": ("px", "square input resolution"),
+    "tokens": ("", "sequence length of the token mixer, cls token included"),
+    "width": ("", "kernels: the model's embed dim D"),
+    "heads": ("", "kernels: attention heads H (DeiT widths)"),
+    "head_dim": ("", "kernels: head dim d (DeiT widths)"),
+    "d_inner": ("", "kernels: scan channels E = 2D (Vim widths)"),
+    "d_state": ("", "kernels: scan state size N (Vim widths)"),
+    "batch": ("images", "batch that ran (scaling: smaller than batch_requested after an OOM retry)"),
+    "batch_requested": ("images", "scaling: batch asked for"),
+    "dtype": ("", "fp32, fp16 or bf16 (weights and inputs)"),
+    "device": ("", "cpu or cuda:N"),
+    "head": ("", "True: full classifier timed; False: backbone only (forward_features)"),
+    "status": ("", "ok, oom or error"),
+    "error": ("", "one line: why the row is not ok, or notes on a reading that failed"),
+    # time
+    "time_ms": ("ms", "median time of one call (scaling: one forward of `batch` images)"),
+    "time_ms_p10": ("ms", "10th percentile of the timed calls"),
+    "time_ms_p90": ("ms", "90th percentile of the timed calls"),
+    "throughput_img_s": ("img/s", "batch / time_ms"),
+    "repeats": ("", "timed calls"),
+    "warmup": ("", "untimed calls before them"),
+    # memory
+    "mem_peak_gib": ("GiB", "GPU: torch.cuda.max_memory_allocated; CPU: resident memory one call adds"),
+    "mem_reserved_gib": ("GiB", "GPU: torch.cuda.max_memory_reserved"),
+    "mem_nvml_gib": ("GiB", "GPU: NVML used memory, max during the timed loop, minus the level before"),
+    "mem_pred_peak_gib": ("GiB", "predicted torch.cuda.max_memory_allocated (fake CUDA tensors)"),
+    "mem_pred_reserved_gib": ("GiB", "predicted torch.cuda.max_memory_reserved (caching-allocator model)"),
+    "mem_pred_weights_gib": ("GiB", "predicted parameters and buffers"),
+    "mem_pred_activations_gib": ("GiB", "predicted peak minus weights"),
+    "mem_pred_used_gib": ("GiB", "predicted reserved + context_gib: what nvidia-smi would show"),
+    "card": ("", "memory: the card the fits column is for"),
+    "card_gib": ("GiB", "memory: the card's memory"),
+    "context_gib": ("GiB", "memory: assumed CUDA context"),
+    "fits": ("", "memory: mem_pred_used_gib <= card_gib"),
+    "paper_gib": ("GiB", "memory --preset paper: the Vim paper's Fig. 1 (c) value (empty: OOM or not given)"),
+    # work
+    "flops_total": ("FLOPs", "one call (scaling: one forward of `batch` images)"),
+    "flops_scan": ("FLOPs", "selective scans"),
+    "flops_attention": ("FLOPs", "attention's QK^T and AV"),
+    "flops_linear": ("FLOPs", "matmuls and convolutions"),
+    "flops_other": ("FLOPs", "anything else counted"),
+    "params": ("", "parameters"),
+    "bytes": ("B", "kernels: minimal traffic, every input read and every output written once"),
+    "gflops_s": ("GFLOP/s", "kernels: flops_total / time_ms"),
+    "gbs": ("GB/s", "kernels: bytes / time_ms (10^9 B/s)"),
+    "ceiling_gflops_s": ("GFLOP/s", "kernels: measured matmul rate of the device in the run's dtype"),
+    "ceiling_gbs": ("GB/s", "kernels: measured copy bandwidth of the device"),
+    "frac_peak_flops": ("", "kernels: gflops_s / ceiling_gflops_s"),
+    "frac_peak_bw": ("", "kernels: gbs / ceiling_gbs"),
+    # environment
+    "device_name": ("", "GPU name, or the CPU model on CPU"),
+    "driver_version": ("", "NVIDIA driver"),
+    "cuda_version": ("", "CUDA torch was built with"),
+    "torch_version": ("", ""), "triton_version": ("", ""), "timm_version": ("", ""),
+    "vimbench_version": ("", ""),
+    "git_commit": ("", "vimbench checkout, +dirty with local changes"),
+    "cpu_model": ("", "host CPU"),
+    "host": ("", "host name"),
+    "threads": ("", "torch CPU threads"),
+    "load_avg_1m": ("", "host load average while measuring (CPU timings are distorted by other work)"),
+    "tf32": ("", "GPU: TF32 matmuls allowed (always False: fp32 means fp32)"),
+    "cudnn_benchmark": ("", "GPU: cudnn.benchmark"),
+    "sm_clock_mhz": ("MHz", "GPU SM clock after the timed loop"),
+    "temperature_c": ("C", "GPU temperature after the timed loop"),
+    "power_w": ("W", "GPU power draw after the timed loop"),
+    "timestamp": ("", "when the row was written (local time, ISO 8601)"),
+    "command": ("", "the vimbench command line that wrote the row"),
+}
+
+ENVIRONMENT = ["device_name", "driver_version", "cuda_version", "torch_version", "triton_version", "timm_version",
+               "vimbench_version", "git_commit", "cpu_model", "host", "threads", "load_avg_1m", "timestamp",
+               "command"]
+GPU_TELEMETRY = ["tf32", "cudnn_benchmark", "sm_clock_mhz", "temperature_c", "power_w"]
+FLOP_COLUMNS = ["flops_total", "flops_scan", "flops_attention", "flops_linear", "flops_other"]
+
+
+@dataclass(frozen=True)
+class Schema:
+    """One kind of CSV: its ``columns`` in order, the ``key`` that identifies a configuration (what
+    ``--resume`` skips when ok), the columns a reader needs (``required``), and how to detect the kind
+    from a header (``marker``: columns only this kind has)."""
+    kind: str
+    columns: list
+    key: list
+    required: tuple
+    marker: tuple
+    setting: tuple
+    """Columns whose values split a CSV into settings: curves are drawn and fitted within one setting."""
+
+
+SCALING = Schema(
+    "scaling",
+    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "batch_requested", "dtype", "device", "head",
+     "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "throughput_img_s", "repeats", "warmup",
+     "mem_peak_gib", "mem_reserved_gib", "mem_nvml_gib", "mem_pred_peak_gib", *FLOP_COLUMNS, "params",
+     *ENVIRONMENT, *GPU_TELEMETRY],
+    key=["model", "impl", "res", "batch_requested", "dtype", "device", "head"],
+    required=("model", "family", "impl", "res", "tokens", "batch", "dtype", "device", "head", "status", "time_ms",
+              "time_ms_p10", "time_ms_p90", "throughput_img_s", "mem_peak_gib", *FLOP_COLUMNS, "device_name"),
+    marker=("throughput_img_s",),
+    setting=("device", "dtype", "batch_requested", "head"),
+)
+KERNELS = Schema(
+    "kernels",
+    ["op", "impl", "kernel", "model", "width", "heads", "head_dim", "d_inner", "d_state", "tokens", "res", "batch",
+     "dtype", "device", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "repeats", "mem_peak_gib",
+     "flops_total", "bytes", "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw", "ceiling_gflops_s",
+     "ceiling_gbs", *ENVIRONMENT],
+    key=["op", "impl", "model", "res", "batch", "dtype", "device"],
+    required=("op", "impl", "tokens", "width", "batch", "dtype", "device", "status", "time_ms", "time_ms_p10",
+              "time_ms_p90", "mem_peak_gib"),
+    marker=("op",),
+    setting=("device", "dtype", "batch", "width"),
+)
+FLOPS = Schema(
+    "flops",
+    ["model", "family", "impl", "res", "tokens", "batch", "head", "status", "error", "params", *FLOP_COLUMNS,
+     *ENVIRONMENT],
+    key=["model", "impl", "res", "batch", "head"],
+    required=("model", "impl", "res", "tokens", "batch", "head", "status", *FLOP_COLUMNS),
+    marker=(),
+    setting=("batch", "head"),
+)
+MEMORY = Schema(
+    "memory",
+    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "dtype", "head", "status", "error", "params",
+     "mem_pred_weights_gib", "mem_pred_activations_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
+     "mem_pred_used_gib", "card", "card_gib", "context_gib", "fits", "paper_gib", *ENVIRONMENT],
+    key=["model", "impl", "res", "batch", "dtype", "head", "card"],
+    required=("model", "impl", "res", "tokens", "batch", "dtype", "head", "status", "mem_pred_peak_gib",
+              "mem_pred_reserved_gib"),
+    marker=("mem_pred_reserved_gib",),
+    setting=("dtype", "batch", "head", "card"),
+)
+SCHEMAS = {s.kind: s for s in (SCALING, KERNELS, FLOPS, MEMORY)}
+
+RENAMED = {"L": "tokens", "latency_ms": "time_ms", "latency_ms_p10": "time_ms_p10", "latency_ms_p90": "time_ms_p90",
+           "mem_pred_gib": "mem_pred_peak_gib", "flops": "flops_total"}
+"""Old column name -> current name, for CSVs written before the names were unified."""
+
+NUMERIC = {name for name, (unit, _) in COLUMN_DOCS.items() if unit} | {
+    "tokens", "width", "heads", "head_dim", "d_inner", "d_state", "repeats", "warmup", "params", "threads",
+    "load_avg_1m", "frac_peak_flops", "frac_peak_bw"}
+"""Columns read as numbers (empty cells become NaN)."""
+BOOLEAN = ("head", "fits")
+
+
+def kind_of(columns) -> str | None:
+    """The kind of a CSV from its (current-name) header: the first schema whose marker columns it has
+    (flops, which has none of its own, when it has the FLOP columns and no other marker); None otherwise."""
+    cols = set(columns)
+    for schema in (SCALING, KERNELS, MEMORY):
+        if set(schema.marker) <= cols:
+            return schema.kind
+    return "flops" if set(FLOP_COLUMNS) <= cols else None
