@@ -9,9 +9,11 @@ Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, 
 Data flow of this package, each file with one job:
     ref.py            the sequential loops: ``selective_scan_ref`` and ``bidirectional_scan_ref`` (the oracle)
     chunked.py        the chunked pure-PyTorch scan (backend ``cpu``)
+    compiled_cpu.py   the compiled C++ scan on ATen's vector types, source in csrc/ (backend ``cpp``)
     triton_kernel.py  the fused Triton kernel (backend ``triton``)
     backends.py       the backend table, availability checks and what ``auto`` resolves to
     ops.py            the torch custom ops the entry points below call, their fakes and FLOP formulas
+    check.py          a backend against ``ref`` on awkward shapes: run before any timing
 No backend ever falls back to another: an unavailable one raises ``BackendUnavailable`` naming why.
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend="auto"):
-    """Selective scan with mamba_ssm's ``selective_scan_fn`` semantics (see ``scan_ref``).
+    """Selective scan with mamba_ssm's ``selective_scan_fn`` semantics (see ``ref.py``).
 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,).
     Math in float32 (float64 stays float64); returns out (b, E, L) in u's dtype, and with

@@ -2,7 +2,7 @@
 
 The model is built on the meta device and run once under ``torch.utils.flop_counter.FlopCounterMode``.
 Convention: 2 FLOPs per multiply-add for matmuls and convolutions (FlopCounterMode's own), and for the
-selective scan the formula registered in ``kernels/selective_scan.py`` (1 FLOP per add, mul or
+selective scan the formula registered in ``kernels/selective_scan/ops.py`` (1 FLOP per add, mul or
 elementwise function, ``SCAN_FLOPS_PER_STATE`` = 7 per (b, e, t, n)). Elementwise work outside the scan
 (norms, activations, softmax, residual adds) is not counted, as in every common counter.
 

@@ -1,6 +1,6 @@
 """Ahead-of-time compile report for vimbench's Triton kernels; needs no GPU.
 
-Each kernel configuration the launchers use (``kernels.scan_triton.kernel_configs``) is compiled with
+Each kernel configuration the launchers use (``kernels.selective_scan.triton_kernel.kernel_configs``) is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for every arch in ``ARCHS``, and
 the cubin's resource usage is read with the ``cuobjdump`` bundled in the Triton wheel:
 

@@ -1,4 +1,4 @@
-"""Paper-style figures drawn from result CSVs only (see ``vimbench.results``), never from live objects.
+"""Paper-style figures drawn from result CSVs only (see ``vimbench.rows.reader``), never from live objects.
 
 Figures of a scaling CSV (one set per setting: device, dtype, batch, head):
     throughput_memory  throughput (img/s, log y) and peak memory (GiB) vs resolution, one line per
@@ -112,7 +112,7 @@ def save(fig: Figure, out_dir, stem: str) -> list[Path]:
 
 
 def plot_results(kind: str, df: pd.DataFrame, out_dir) -> list[Path]:
-    """Every figure of a checked CSV (see ``vimbench.results.load_results``), one set per setting. File
+    """Every figure of a checked CSV (see ``vimbench.rows.reader.load_results``), one set per setting. File
     stems are the figure names, suffixed with the setting's slug when the CSV holds several settings."""
     settings = split_settings(kind, df)
     makers = SCALING_FIGURES if kind == "scaling" else KERNEL_FIGURES
