@@ -18,7 +18,8 @@ def assert_close(name, ref, out, dtype=None):
     ref, out = ref.double(), out.double()
     err = (ref - out).abs()
     rel = (err / ref.abs().clamp_min(1e-6)).max().item()
-    assert torch.allclose(out, ref, **tol), f"{name}: max abs err {err.max().item():.3g}, max rel err {rel:.3g}, tol {tol}"
+    assert torch.allclose(out, ref, **tol), \
+        f"{name}: max abs err {err.max().item():.3g}, max rel err {rel:.3g}, tol {tol}"
 
 
 def poison_empty(monkeypatch) -> None:

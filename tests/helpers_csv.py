@@ -65,7 +65,8 @@ def kernel_frame() -> pd.DataFrame:
     for L in (256, 1024, 4096, 16384):
         for op, impl, t, status in (("scan", "triton", 1e-4 * L, "ok"),
                                     ("attention", "eager", 1e-7 * L ** 2, "oom" if L == 16384 else "ok")):
-            rows.append(dict(op=op, impl=impl, tokens=L, width=384, batch=8, dtype="fp32", device="cuda:0", status=status,
+            rows.append(dict(op=op, impl=impl, tokens=L, width=384, batch=8, dtype="fp32", device="cuda:0",
+                             status=status,
                              time_ms=t if status == "ok" else None, time_ms_p10=t * 0.95 if status == "ok" else None,
                              time_ms_p90=t * 1.1 if status == "ok" else None,
                              mem_peak_gib=(1e-5 * L if op == "scan" else 1e-8 * L ** 2) if status == "ok" else None,

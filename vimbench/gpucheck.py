@@ -52,7 +52,8 @@ def plan(part: str, out: Path) -> list[tuple[str, list[str]]]:
                 kernels("kernels ref 224", "kernels-ref.csv", "--models", "vim_tiny", "--scan", "ref", "--res", "224",
                         "--batch", "1"),
                 *(kernels(f"kernels b64 {dtype}", f"kernels-b64-{dtype}.csv", "--models", "vim_tiny,deit_tiny",
-                          "--scan", "triton", "--attn", "eager,sdpa,efficient,cudnn" + (",flash" if dtype != "fp32" else ""),
+                          "--scan", "triton",
+                          "--attn", "eager,sdpa,efficient,cudnn" + (",flash" if dtype != "fp32" else ""),
                           "--res", RES, "--batch", "64", "--dtype", dtype)
                   for dtype in ("fp32", "bf16"))]
     if part == "scaling":
@@ -74,10 +75,12 @@ def with_resume(argv: list[str]) -> list[str]:
 
 
 def run_tests(out: Path) -> dict:
-    """pytest tests/kernels/test_scan_cuda.py; its output goes to ``out/gpu-tests.txt``. Returns passed/failed counts."""
+    """pytest tests/kernels/test_scan_cuda.py; its output goes to ``out/gpu-tests.txt``. Returns passed/failed
+    counts."""
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
-                           str(root / "tests" / "kernels" / "test_scan_cuda.py")], cwd=root, capture_output=True, text=True)
+                           str(root / "tests" / "kernels" / "test_scan_cuda.py")],
+                          cwd=root, capture_output=True, text=True)
     (out / "gpu-tests.txt").write_text(proc.stdout + proc.stderr)
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout)}
     return {"returncode": proc.returncode, **counts}
@@ -109,7 +112,8 @@ def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
                    & (kernels["status"] == "ok")].copy()
     directions = rows["op"].map({"scan": 1, "scan_bidir": 2})
     rows["mem_floor_ms"] = rows["bytes"] / (rows["ceiling_gbs"] * 1e9) * 1e3
-    rows["exp_floor_ms"] = directions * rows["batch"] * rows["d_inner"] * rows["tokens"] * rows["d_state"] / exp2_per_s * 1e3
+    exps = directions * rows["batch"] * rows["d_inner"] * rows["tokens"] * rows["d_state"]
+    rows["exp_floor_ms"] = exps / exp2_per_s * 1e3
     rows["floor_ms"] = rows[["mem_floor_ms", "exp_floor_ms"]].max(axis=1)
     rows["ratio"] = rows["time_ms"] / rows["floor_ms"]
     return rows[["op", "model", "tokens", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms", "floor_ms",

@@ -19,7 +19,7 @@ No backend ever falls back to another: an unavailable one raises ``BackendUnavai
 from __future__ import annotations
 
 from vimbench.errors import BackendUnavailable
-from vimbench.kernels.selective_scan.backends import (SCAN_BACKENDS, SCAN_CHOICES, check_scan_backend,
+from vimbench.kernels.selective_scan.backends import (SCAN_BACKENDS, SCAN_CHOICES, STRIDED, check_scan_backend,
                                                       resolve_scan_backend)
 from vimbench.kernels.selective_scan.ops import (_bidir_op, _scan_op, bidirectional_scan_fake, scan_flops,
                                                  selective_scan_fake)
@@ -50,17 +50,23 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError(f"z must have u's shape {tuple(u.shape)}; got {tuple(z.shape)}")
 
 
+def _laid_out(backend: str, *tensors):
+    """The tensors as ``backend`` reads them: as given for a backend in ``STRIDED``, else contiguous."""
+    return tensors if backend in STRIDED else tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend="auto"):
     """Selective scan with mamba_ssm's ``selective_scan_fn`` semantics (see ``ref.py``).
 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,).
+    Inputs may have any strides (``_laid_out`` gives each backend the layout it reads).
     Math in float32 (float64 stays float64); returns out (b, E, L) in u's dtype, and with
     ``return_last_state`` also the final state (b, E, N). ``backend``: one of ``SCAN_CHOICES``.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    out, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                         resolve_scan_backend(backend, u.device))
+    backend = resolve_scan_backend(backend, u.device)
+    out, last = _scan_op(*_laid_out(backend, u, delta, A, B, C, D, z, delta_bias), delta_softplus, backend)
     return (out, last) if return_last_state else out
 
 
@@ -74,5 +80,6 @@ def bidirectional_scan(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     _check_shapes(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b)
-    return _bidir_op(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
-                     delta_softplus, resolve_scan_backend(backend, u.device))
+    backend = resolve_scan_backend(backend, u.device)
+    return _bidir_op(*_laid_out(backend, u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
+                                delta_bias_b), delta_softplus, backend)

@@ -25,6 +25,9 @@ from vimbench.kernels.selective_scan.ref import selective_scan_ref
 
 SCAN_BACKENDS = ("ref", "cpu", "cpp", "triton", "mamba_ssm")
 SCAN_CHOICES = SCAN_BACKENDS + ("auto",)
+STRIDED = ("cpp",)
+"""Backends that read inputs of any strides (Vim's time-major views of in_proj's output as they are); the
+entry points make every input contiguous for the others."""
 
 
 @functools.cache

@@ -221,7 +221,8 @@ def vector_width() -> int:
 
 def exp_floor_rate(numel: int = 1 << 14, iters: int = 4096) -> float:
     """Measured exp per second with the kernel's state exp (exp_state in the C++ source), over all threads
-    torch uses: x <- exp(-x/2) chained ``iters`` times on ``numel`` float32 values held in registers (8 independent vectors per chain).
+    torch uses: x <- exp(-x/2) chained ``iters`` times on ``numel`` float32 values held in registers
+    (8 independent vectors per chain).
     The scan's floor for one direction is then b*E*L*N / rate seconds."""
     build()
     x = torch.rand(numel)

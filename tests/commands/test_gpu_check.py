@@ -39,7 +39,8 @@ def test_with_resume_only_for_existing_csv(tmp_path):
     assert gpucheck.with_resume(argv) == argv
     (tmp_path / "s.csv").write_text("model\n")
     assert gpucheck.with_resume(argv) == [*argv, "--resume"]
-    assert gpucheck.with_resume(["report", "x.csv", "--out", str(tmp_path)]) == ["report", "x.csv", "--out", str(tmp_path)]
+    report = ["report", "x.csv", "--out-dir", str(tmp_path)]
+    assert gpucheck.with_resume(report) == report
 
 
 def fake_kernels_csv():

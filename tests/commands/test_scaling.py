@@ -109,7 +109,8 @@ def test_resume_refuses_other_columns(tmp_path, capsys):
     (["--res", "abc"], "cannot read"), (["--models", "vit_huge"], "unknown model"),
     (["--attn", "fast"], "unknown attention backend"), (["--scan", "fast"], "unknown scan backend"),
     (["--scan", "triton"], "needs"), (["--attn", "efficient"], "efficient"),
-    (["--device", "cuda"], "no CUDA GPU"), (["--device", "tpu"], "--device"), (["--batch", "0"], "--batch must be >= 1"),
+    (["--device", "cuda"], "no CUDA GPU"), (["--device", "tpu"], "--device"),
+    (["--batch", "0"], "--batch must be >= 1"),
     (["--out", "/proc/nope/x.csv"], "cannot write"), (["--resume"], "--resume needs --out"),
 ])
 def test_bad_input_exits_2_before_work(args, msg, capsys, tmp_path):
@@ -129,7 +130,8 @@ def test_preset_paper_with_explicit_override(tmp_path, monkeypatch):
     assert main(["scaling", "--preset", "paper", "--batch", "1", "--res", "32", "--out", str(tmp_path / "p.csv"),
                  "--device", "cpu"]) == 0
     cfgs = seen["configs"]
-    assert {(c["model"], c["impl"]) for c in cfgs} == {("vim_tiny", AUTO), ("deit_tiny", "eager"), ("deit_tiny", "sdpa")}
+    assert {(c["model"], c["impl"]) for c in cfgs} == {("vim_tiny", AUTO), ("deit_tiny", "eager"),
+                                                       ("deit_tiny", "sdpa")}
     assert {c["batch_requested"] for c in cfgs} == {1} and {c["res"] for c in cfgs} == {32}
     assert {c["dtype"] for c in cfgs} == {"fp32"} and not any(c["head"] for c in cfgs)
     seen.clear()

@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 
-from helpers import assert_close
-from test_scan_triton import make_inputs
+from helpers import assert_close, scan_case
 from vimbench.kernels.selective_scan.ref import selective_scan_ref
 from vimbench.kernels.selective_scan import bidirectional_scan_ref
 
@@ -39,7 +38,7 @@ def _cuda(args, kw):
 @pytest.mark.parametrize("extras", [True, False], ids=["D-z-bias-softplus", "plain"])
 def test_scan_cuda_matches_ref(shape, dtype, extras, fresh_seed):
     from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton
-    args, kw = _cuda(*make_inputs(*shape, dtype=dtype, with_extras=extras))
+    args, kw = _cuda(*scan_case(*shape, dtype=dtype, extras=extras))
     ref, ref_h = selective_scan_ref(*args, **kw, return_last_state=True)
     out, h = selective_scan_triton(*args, **kw, return_last_state=True)
     assert_close(f"out (seed {fresh_seed})", ref, out, dtype)
@@ -50,8 +49,8 @@ def test_scan_cuda_matches_ref(shape, dtype, extras, fresh_seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 def test_bidirectional_cuda_matches_ref(shape, dtype, fresh_seed):
     from vimbench.kernels.selective_scan.triton_kernel import bidirectional_scan_triton
-    (u, d, A, B, C), kw = _cuda(*make_inputs(*shape, dtype=dtype, with_extras=True))
-    (ub, db, Ab, Bb, Cb), kwb = _cuda(*make_inputs(*shape, dtype=dtype, with_extras=True))
+    (u, d, A, B, C), kw = _cuda(*scan_case(*shape, dtype=dtype, extras=True))
+    (ub, db, Ab, Bb, Cb), kwb = _cuda(*scan_case(*shape, dtype=dtype, extras=True))
     args = (u, d, A, B, C, kw["D"], ub, db, Ab, Bb, Cb, kwb["D"], kw["z"], kw["delta_bias"], kwb["delta_bias"], True)
     assert_close(f"bidirectional (seed {fresh_seed})", bidirectional_scan_ref(*args),
                  bidirectional_scan_triton(*args), dtype)

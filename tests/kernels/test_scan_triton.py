@@ -27,9 +27,6 @@ SHAPES = [(1, 32, 1, 16, 0), (2, 40, 37, 16, 2), (1, 72, 30, 8, 1), (2, 8, 19, 5
 IDS = ["L1", "odd-L-G2-20-channel-groups", "L30-8-tiles-E72-tail-block", "N5-padded-G4", "E96-G3"]
 
 
-def make_inputs(b, E, L, N, G, dtype, with_extras):
-    return scan_case(b, E, L, N, G, dtype=dtype, extras=with_extras)
-
 
 @interpreter_only
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
@@ -37,7 +34,7 @@ def make_inputs(b, E, L, N, G, dtype, with_extras):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_scan_matches_ref(shape, extras, dtype):
     from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton
-    args, kw = make_inputs(*shape, dtype=dtype, with_extras=extras)
+    args, kw = scan_case(*shape, dtype=dtype, extras=extras)
     ref, ref_h = selective_scan_ref(*args, **kw, return_last_state=True)
     out, h = selective_scan_triton(*args, **kw, return_last_state=True)
     assert out.dtype == dtype and h.dtype == torch.float32
@@ -51,8 +48,8 @@ def test_scan_matches_ref(shape, extras, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_bidirectional_matches_ref(shape, dtype):
     from vimbench.kernels.selective_scan.triton_kernel import bidirectional_scan_triton
-    (u, delta, A, B, C), kw = make_inputs(*shape, dtype=dtype, with_extras=True)
-    (u_b, delta_b, A_b, B_b, C_b), kw_b = make_inputs(*shape, dtype=dtype, with_extras=True)
+    (u, delta, A, B, C), kw = scan_case(*shape, dtype=dtype, extras=True)
+    (u_b, delta_b, A_b, B_b, C_b), kw_b = scan_case(*shape, dtype=dtype, extras=True)
     args = (u, delta, A, B, C, kw["D"], u_b, delta_b, A_b, B_b, C_b, kw_b["D"], kw["z"], kw["delta_bias"],
             kw_b["delta_bias"], True)
     assert_close("bidirectional", bidirectional_scan_ref(*args), bidirectional_scan_triton(*args), dtype)
@@ -63,7 +60,7 @@ def test_bidirectional_matches_ref(shape, dtype):
 def test_bidirectional_optional_inputs(missing):
     """One direction without D or delta_bias (zeros are substituted), no gate, no softplus."""
     from vimbench.kernels.selective_scan.triton_kernel import bidirectional_scan_triton
-    (u, delta, A, B, C), kw = make_inputs(2, 40, 9, 16, 2, torch.float32, with_extras=True)
+    (u, delta, A, B, C), kw = scan_case(2, 40, 9, 16, 2, torch.float32, extras=True)
     D, D_b, bias, bias_b, z = kw["D"], kw["D"] * 2, kw["delta_bias"], kw["delta_bias"] + 1, kw["z"]
     if missing == "D_b-bias_b-z":
         D_b = bias_b = z = None

@@ -13,15 +13,11 @@ from vimbench.kernels.selective_scan import bidirectional_scan_ref
 SHAPES, IDS = list(CASES.values()), list(CASES)
 
 
-def make_inputs(b, E, L, N, G, dtype=torch.float32, with_extras=True):
-    return scan_case(b, E, L, N, G, dtype=dtype, extras=with_extras)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 @pytest.mark.parametrize("extras", [True, False], ids=["D-z-bias-softplus", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cpu_backend_matches_ref(shape, extras, dtype):
-    args, kw = make_inputs(*shape, dtype=dtype, with_extras=extras)
+    args, kw = scan_case(*shape, dtype=dtype, extras=extras)
     ref, ref_h = selective_scan_ref(*args, **kw, return_last_state=True)
     out, h = selective_scan(*args, **kw, return_last_state=True, backend="cpu")
     assert out.dtype == dtype
@@ -31,14 +27,14 @@ def test_cpu_backend_matches_ref(shape, extras, dtype):
 
 def test_ref_matches_float64_oracle_and_closed_form():
     """ref in fp32 against itself in float64, and one step against the formula written out by hand."""
-    args, kw = make_inputs(2, 4, 33, 4, 2)
+    args, kw = scan_case(2, 4, 33, 4, 2)
     out = selective_scan_ref(*args, **kw)
     out64 = selective_scan_ref(*(a.double() for a in args), **{k: v.double() if torch.is_tensor(v) else v
                                                                 for k, v in kw.items()})
     assert out64.dtype == torch.float64
     assert_close("fp32 vs fp64", out64, out, torch.float32)
     # L = 1 closed form: y = (C . (softplus(d + bias) * u * B)) + D u, gated by silu(z)
-    (u, d, A, B, C), kw = make_inputs(1, 3, 1, 2, 0)
+    (u, d, A, B, C), kw = scan_case(1, 3, 1, 2, 0)
     dt = torch.nn.functional.softplus(d + kw["delta_bias"][:, None])
     y = (C[:, None, :, 0] * (dt * u)[..., 0:1] * B[:, None, :, 0]).sum(-1, keepdim=True) + kw["D"][:, None] * u
     y = y * kw["z"] * torch.sigmoid(kw["z"])
@@ -47,7 +43,7 @@ def test_ref_matches_float64_oracle_and_closed_form():
 
 def test_cpu_backend_is_safe_for_large_decays():
     """sum(|delta*A|) over a chunk far beyond 88: the log-space trick would overflow; ours must not."""
-    args, kw = make_inputs(1, 4, 300, 4, 0, with_extras=False)
+    args, kw = scan_case(1, 4, 300, 4, 0, extras=False)
     u, delta, A, B, C = args
     delta = torch.full_like(delta, 5.0)  # |delta * A| up to 20 per step, thousands per chunk
     out = selective_scan_cpu(u, delta, A * 4, B, C)
@@ -58,8 +54,8 @@ def test_cpu_backend_is_safe_for_large_decays():
 
 @pytest.mark.parametrize("backend", ["ref", "cpu"])
 def test_bidirectional_matches_two_flipped_scans(backend):
-    (u, d, A, B, C), kw = make_inputs(2, 6, 19, 4, 0)
-    (ub, db, Ab, Bb, Cb), _ = make_inputs(2, 6, 19, 4, 0)
+    (u, d, A, B, C), kw = scan_case(2, 6, 19, 4, 0)
+    (ub, db, Ab, Bb, Cb), _ = scan_case(2, 6, 19, 4, 0)
     D, Db, z = torch.randn(6), torch.randn(6), torch.randn(2, 6, 19)
     out = bidirectional_scan(u, d, A, B, C, D, ub, db, Ab, Bb, Cb, Db, z=z, delta_bias=kw["delta_bias"],
                              delta_bias_b=None, backend=backend)
@@ -71,7 +67,7 @@ def test_bidirectional_matches_two_flipped_scans(backend):
 
 
 def test_unavailable_backends_say_why():
-    args, _ = make_inputs(1, 4, 5, 2, 0)
+    args, _ = scan_case(1, 4, 5, 2, 0)
     with pytest.raises(BackendUnavailable, match="mamba_ssm"):
         selective_scan(*args, backend="mamba_ssm")
     with pytest.raises(ValueError, match="unknown scan backend"):
@@ -79,7 +75,7 @@ def test_unavailable_backends_say_why():
 
 
 def test_shape_errors_name_the_tensor():
-    (u, d, A, B, C), _ = make_inputs(1, 4, 5, 2, 0)
+    (u, d, A, B, C), _ = scan_case(1, 4, 5, 2, 0)
     with pytest.raises(ValueError, match="A must be"):
         selective_scan(u, d, A[:3], B, C)
     with pytest.raises(ValueError, match="B must be"):
@@ -94,7 +90,7 @@ def closed_form_scan_flops(b, E, L, N, D, bias, softplus, z):
 
 def test_flop_formula_and_fake_impl_on_meta():
     with torch.device("meta"):
-        (u, d, A, B, C), kw = make_inputs(2, 8, 50, 16, 0)
+        (u, d, A, B, C), kw = scan_case(2, 8, 50, 16, 0)
         with FlopCounterMode(display=False) as counter:
             out, h = selective_scan(u, d, A, B, C, **kw, return_last_state=True)
     assert out.device.type == "meta" and out.shape == u.shape and h.shape == (2, 8, 16)
@@ -102,7 +98,7 @@ def test_flop_formula_and_fake_impl_on_meta():
 
 
 def test_bidirectional_flops():
-    (u, d, A, B, C), _ = make_inputs(1, 4, 10, 3, 0)
+    (u, d, A, B, C), _ = scan_case(1, 4, 10, 3, 0)
     with FlopCounterMode(display=False) as counter:
         bidirectional_scan(u, d, A, B, C, torch.ones(4), u, d, A, B, C, torch.ones(4), z=u,
                            delta_bias=torch.zeros(4), delta_bias_b=torch.zeros(4), backend="cpu")
@@ -111,7 +107,7 @@ def test_bidirectional_flops():
 
 
 def test_bidirectional_ref_uses_given_scan():
-    (u, d, A, B, C), _ = make_inputs(1, 4, 9, 2, 0)
+    (u, d, A, B, C), _ = scan_case(1, 4, 9, 2, 0)
     a = bidirectional_scan_ref(u, d, A, B, C, None, u, d, A, B, C, None, scan=selective_scan_cpu)
     assert_close("bidir ref cpu vs ref", bidirectional_scan_ref(u, d, A, B, C, None, u, d, A, B, C, None), a)
 
@@ -129,7 +125,7 @@ def test_cpu_scan_on_meta_tensors_skips_its_step_loop():
             return func(*args, **(kwargs or {}))
 
     with torch.device("meta"):
-        (u, d, A, B, C), kw = make_inputs(1, 8, 6085, 16, 0)
+        (u, d, A, B, C), kw = scan_case(1, 8, 6085, 16, 0)
         with Count():
             out = selective_scan_cpu(u, d, A, B, C, **kw)
     assert out.device.type == "meta" and out.shape == u.shape
@@ -158,3 +154,23 @@ def test_without_a_compiler_cpp_is_refused_and_auto_says_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "from vimbench.kernels.selective_scan import resolve_scan_backend;"
                            "print(resolve_scan_backend('auto', 'cpu'))"], env=env, capture_output=True, text=True)
     assert proc.stdout.strip() == "cpu", proc.stderr
+
+
+def test_the_correctness_check_passes_a_right_backend_and_names_a_wrong_one():
+    """check_backend, which runs before any timing: the chunked scan passes every case; a scan 1% off and
+    one that crashes are refused at the first case, with what went wrong."""
+    right = check_backend(selective_scan_cpu)
+    assert right.ok and right.cases == 2 * 2 * len(CASES)
+
+    def one_percent_off(*args, **kw):
+        out, h = selective_scan_ref(*args, **kw)
+        return out * 1.01, h
+
+    def crashes(*args, **kw):
+        raise RuntimeError("boom")
+
+    off = check_backend(one_percent_off)
+    assert not off.ok and off.cases == 0 and off.failure.startswith("L1 (1, 4, 1, 4, 0) float32 extras: out differs")
+    assert off.worst > 0
+    crash = check_backend(crashes)
+    assert not crash.ok and "raised RuntimeError: boom" in crash.failure

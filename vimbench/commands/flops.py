@@ -1,31 +1,22 @@
 """`vimbench flops`: FLOPs per model and resolution, counted on the meta device (nothing runs)."""
 from __future__ import annotations
 
-import datetime
-
 import click
 import torch
 
 from vimbench.commands import options as o
 from vimbench.count.flops import count_flops
 from vimbench.measure.env import environment
-from vimbench.measure.isolation import one_line
 from vimbench.models.registry import impl_of, model_entry
 from vimbench.present.tables import format_table
 from vimbench.rows.schema import FLOPS
-from vimbench.rows.sweep import run_sweep
+from vimbench.rows.sweep import computed_row, run_sweep
 from vimbench.rows.writer import CsvLog
 
 
-def flops_row(cfg: dict, fixed: dict) -> dict:
-    """One row of a flops CSV; a model that cannot be counted becomes an error row naming why."""
-    row = {k: cfg[k] for k in FLOPS.key} | {"family": model_entry(cfg["model"]).family, **fixed,
-                                             "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
-    try:
-        row.update(count_flops(cfg["model"], cfg["res"], cfg["batch"], cfg["head"], **cfg["options"]), status="ok")
-    except Exception as e:  # one model that cannot be counted must not stop the others
-        row.update(status="error", error=one_line(e))
-    return row
+def counted(cfg: dict) -> dict:
+    """``count_flops`` of a configuration: the FLOP columns, params and tokens."""
+    return count_flops(cfg["model"], cfg["res"], cfg["batch"], cfg["head"], **cfg["options"])
 
 
 @click.command("flops")
@@ -42,12 +33,12 @@ def command(ctx, **opts):
     batch = o.batch_for(opts["batch"], device)
     res_list = o.parse_resolutions(opts["res_spec"])
     pairs = o.variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"])
-    configs = [dict(model=m, options=options, impl=impl_of(options), res=res, batch=batch, head=opts["head"])
-               for m, options in pairs for res in res_list]
+    configs = [dict(model=m, family=model_entry(m).family, options=options, impl=impl_of(options), res=res,
+                    batch=batch, head=opts["head"]) for m, options in pairs for res in res_list]
     log = CsvLog.open(opts["out"] or o.default_out("flops", device), FLOPS, resume=opts["resume"],
                       given=opts["out"] is not None)
     fixed = {**environment(torch.device("cpu")), "command": o.command_line(ctx)}
-    rows = run_sweep(configs, log, lambda cfg: flops_row(cfg, fixed),
+    rows = run_sweep(configs, log, lambda cfg: computed_row(FLOPS, cfg, fixed, lambda: counted(cfg)),
                      lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px")
     click.echo(format_table(rows, ["model", "impl", "res", "tokens", "batch", "status", "params", "flops_total",
                                    "flops_scan", "flops_attention", "flops_linear", "flops_other"]))

@@ -25,7 +25,7 @@ def command(part, out_dir):
         raise InputError("gpu-check needs a CUDA GPU; none is available on this machine")
     out = Path(out_dir) if out_dir else gpucheck.default_out(torch.cuda.get_device_name(0))
     out.mkdir(parents=True, exist_ok=True)
-    from vimbench.commands import main  # the CLI entry point runs each step, so every step behaves as on the command line
+    from vimbench.commands import main  # each step runs through the CLI entry point, as on the command line
     parts = gpucheck.PARTS if part == "all" else (part,)
     failed = []
     if "tests" in parts:

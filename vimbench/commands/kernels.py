@@ -90,7 +90,8 @@ def command(ctx, **opts):
         raise InputError("--models: no models given")
     for model in models:
         if model_entry(model).family not in ("vim", "deit"):
-            raise InputError(f"--models {model}: a {model_entry(model).family} model; kernels takes Vim and DeiT models")
+            raise InputError(f"--models {model}: a {model_entry(model).family} model; "
+                             "kernels takes Vim and DeiT models")
     pairs = o.resolved_variants(",".join(models), opts["attn_spec"], opts["scan_spec"], device, opts["dtype"])
     impls = {"scan": list(dict.fromkeys(p["scan"] for _, p in pairs if "scan" in p)),
              "attn": list(dict.fromkeys(p["attn"] for _, p in pairs if "attn" in p))}
@@ -111,7 +112,8 @@ def command(ctx, **opts):
             return {**{k: cfg[k] for k in KERNELS.key}, **fixed, "status": "error", "error": failed[cfg["impl"]]}
         return kernel_row(cfg, fixed)
 
-    rows = run_sweep(configs, log, row, lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}")
+    rows = run_sweep(configs, log, row,
+                     lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}")
     click.echo(format_table(rows, ["op", "impl", "kernel", "model", "tokens", "status", "time_ms", "mem_peak_gib",
                                    "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")

@@ -1,10 +1,7 @@
 """`vimbench memory`: predicted peak GPU memory of an inference forward, computed without a GPU."""
 from __future__ import annotations
 
-import datetime
-
 import click
-import pandas as pd
 import torch
 
 from vimbench.analysis.paper import paper_gib
@@ -13,13 +10,12 @@ from vimbench.count.memory import CARDS, memory_row
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.selective_scan import check_scan_backend
 from vimbench.measure.env import environment
-from vimbench.measure.isolation import one_line
 from vimbench.models.registry import impl_of, model_entry
 from vimbench.present.report import paper_memory_table
 from vimbench.present.tables import format_table
 from vimbench.rows.reader import load_results
 from vimbench.rows.schema import MEMORY
-from vimbench.rows.sweep import run_sweep
+from vimbench.rows.sweep import computed_row, run_sweep
 from vimbench.rows.writer import CsvLog
 
 
@@ -35,16 +31,9 @@ def _check_variant(options: dict, dtype: str) -> None:
         raise InputError(f"--attn {attn} needs --dtype fp16 or bf16 (use efficient or sdpa for fp32)")
 
 
-def predicted_row(cfg: dict, fixed: dict) -> dict:
-    """One row of a memory CSV (``memory_row``) with the paper's value where it has one; a configuration
-    that cannot be predicted becomes an error row naming why."""
-    row = {k: cfg[k] for k in MEMORY.key} | {"family": model_entry(cfg["model"]).family, **fixed,
-                                              "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
-    try:
-        row.update(memory_row(cfg["model"], cfg["options"], cfg["res"], cfg["batch"], cfg["dtype"], cfg["head"],
-                              cfg["card"]), status="ok")
-    except Exception as e:  # one configuration that cannot be predicted must not stop the others
-        return {**row, "status": "error", "error": one_line(e)}
+def predicted(cfg: dict) -> dict:
+    """``memory_row`` of a configuration, with the paper's Fig. 1 (c) value where the paper has one."""
+    row = memory_row(cfg["model"], cfg["options"], cfg["res"], cfg["batch"], cfg["dtype"], cfg["head"], cfg["card"])
     paper = paper_gib(row["model"], row["res"], row["batch"], row["dtype"], row["head"], row["impl"])
     return {**row, "paper_gib": "" if paper is None else paper}
 
@@ -73,12 +62,13 @@ def command(ctx, preset, **opts):
     pairs = o.variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"])
     for _, options in pairs:
         _check_variant(options, opts["dtype"])
-    configs = [dict(model=m, options=options, impl=impl_of(options), res=res, batch=batch, dtype=opts["dtype"],
-                    head=opts["head"], card=opts["card"]) for m, options in pairs for res in res_list]
+    configs = [dict(model=m, family=model_entry(m).family, options=options, impl=impl_of(options), res=res,
+                    batch=batch, dtype=opts["dtype"], head=opts["head"], card=opts["card"])
+               for m, options in pairs for res in res_list]
     log = CsvLog.open(opts["out"] or o.default_out("memory", "cuda"), MEMORY, resume=opts["resume"],
                       given=opts["out"] is not None)
     fixed = {**environment(torch.device("cpu")), "command": o.command_line(ctx)}
-    rows = run_sweep(configs, log, lambda cfg: predicted_row(cfg, fixed),
+    rows = run_sweep(configs, log, lambda cfg: computed_row(MEMORY, cfg, fixed, lambda: predicted(cfg)),
                      lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch']}")
     click.echo(format_table(rows, ["model", "impl", "kernel", "res", "tokens", "batch", "dtype", "status",
                                    "mem_pred_weights_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
@@ -86,4 +76,4 @@ def command(ctx, preset, **opts):
     click.echo(f"wrote {len(rows)} rows to {log.path}")
     if preset == "paper" and any(r.get("status") == "ok" for r in rows):
         _, df = load_results(log.path, kinds=("memory",))
-        click.echo("\n".join(paper_memory_table(pd.DataFrame(df))))
+        click.echo("\n".join(paper_memory_table(df)))

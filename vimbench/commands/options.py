@@ -75,17 +75,6 @@ def comma_list(value: str) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
-def checked_list(value: str, choices, what: str) -> list[str]:
-    """Comma list whose items must all be in ``choices``; InputError naming the first bad one."""
-    items = comma_list(value)
-    if not items:
-        raise InputError(f"empty {what} list")
-    for item in items:
-        if item not in choices:
-            raise InputError(f"unknown {what} {item!r}; choose from {', '.join(choices)}")
-    return items
-
-
 def at_least(name: str, value, low) -> None:
     """InputError unless ``value >= low``, naming the option."""
     if value < low:
@@ -191,7 +180,8 @@ def _decorator(*options):
 models_option = click.option("--models", "models_spec", default="vim_tiny,deit_tiny", show_default=True,
                              help="Comma-separated model names (see `vimbench models`; any timm model as timm:<name>).")
 attn_option = click.option("--attn", "attn_spec", default="eager,sdpa", show_default=True,
-                           help=f"Attention backend(s) for DeiT/ViT models, one row each: {', '.join(ATTENTION_BACKENDS)}.")
+                           help="Attention backend(s) for DeiT/ViT models, one row each: "
+                                f"{', '.join(ATTENTION_BACKENDS)}.")
 scan_option = click.option("--scan", "scan_spec", default="auto", show_default=True,
                            help=f"Scan backend(s) for Vim models, one row each: {', '.join(SCAN_CHOICES)}.")
 res_option = click.option("--res", "res_spec", default="224..1248", show_default=True,
@@ -209,6 +199,7 @@ out_options = _decorator(
                  help="CSV to write, never overwritten [results/<command>-<device>-<time>.csv]."),
     click.option("--resume", is_flag=True, help="Continue --out: skip configurations already ok, append the rest."))
 preset_option = click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-                             help="paper: vim_tiny vs deit_tiny (eager, sdpa), fp32, batch 64, res 512,640,738,1024,1248 "
+                             help="paper: vim_tiny vs deit_tiny (eager, sdpa), fp32, batch 64, "
+                                  "res 512,640,738,1024,1248 "
                                   "as in the Vim paper's Fig. 1; explicit options override it.")
 model_options = _decorator(models_option, attn_option, scan_option, res_option)

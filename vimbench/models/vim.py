@@ -83,10 +83,8 @@ class BiMambaMixer(nn.Module):
         return delta, B.transpose(1, 2), C.transpose(1, 2)
 
     def forward(self, h):
-        backend = resolve_scan_backend(self.scan, h.device)
-        # The cpp scan reads any strides and writes time-major memory, so it takes the time-major views of
-        # in_proj's and x_proj's outputs as they are; the other backends want contiguous (b, E, M) inputs.
-        layout = (lambda t: t) if backend == "cpp" else (lambda t: t.contiguous())
+        # delta, B, C and z are (b, channels, M) views of time-major memory; the scan's entry point copies
+        # them to the layout the backend reads (a backend in STRIDED, the cpp scan, reads them as they are)
         xz = self.in_proj(h).transpose(1, 2)                                    # (b, 2E, M)
         x, z = xz.chunk(2, dim=1)
         k = self.d_conv - 1
@@ -98,10 +96,10 @@ class BiMambaMixer(nn.Module):
         delta_f, B_f, C_f = self._ssm_inputs(xf, self.x_proj, self.dt_proj)
         delta_b, B_b, C_b = self._ssm_inputs(xb, self.x_proj_b, self.dt_proj_b)
         y = bidirectional_scan(
-            xf, layout(delta_f), -torch.exp(self.A_log.float()), layout(B_f), layout(C_f), self.D.float(),
-            xb, layout(delta_b), -torch.exp(self.A_b_log.float()), layout(B_b), layout(C_b), self.D_b.float(),
-            z=layout(z), delta_bias=self.dt_proj.bias.float(), delta_bias_b=self.dt_proj_b.bias.float(),
-            delta_softplus=True, backend=backend)
+            xf, delta_f, -torch.exp(self.A_log.float()), B_f, C_f, self.D.float(),
+            xb, delta_b, -torch.exp(self.A_b_log.float()), B_b, C_b, self.D_b.float(),
+            z=z, delta_bias=self.dt_proj.bias.float(), delta_bias_b=self.dt_proj_b.bias.float(),
+            delta_softplus=True, backend=self.scan)
         return self.out_proj(y.transpose(1, 2)) / 2  # = out_proj(y / 2): out_proj has no bias
 
 

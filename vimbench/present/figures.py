@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from pathlib import Path
 
 import matplotlib
@@ -332,7 +331,8 @@ def fig_kernels(s: Setting) -> Figure:
     _loglog_panel(ax_t, curves, "tokens", "time_ms", color_of, style_of)
     for key, c in curves:
         band = c.dropna(subset=["time_ms_p10", "time_ms_p90"])
-        ax_t.fill_between(band["tokens"], band["time_ms_p10"], band["time_ms_p90"], color=color_of(key), alpha=0.15, lw=0)
+        ax_t.fill_between(band["tokens"], band["time_ms_p10"], band["time_ms_p90"], color=color_of(key),
+                          alpha=0.15, lw=0)
     _loglog_panel(ax_m, curves, "tokens", "mem_peak_gib", color_of, style_of)
     failed = s.rows[s.rows["status"] != "ok"]
     for ax in (ax_t, ax_m):

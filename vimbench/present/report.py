@@ -22,7 +22,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from vimbench.analysis import paper
@@ -272,8 +271,8 @@ def absolute_tables(s: Setting, vim_model="vim_tiny", deit_model="deit_tiny") ->
     """Absolute FPS and memory, each beside the device it came from: the paper's, then this run's."""
     out = ["Paper, Fig. 1 (GPU not stated; FPS read off a log plot):", "",
            "| res | tokens | DeiT-Ti FPS | Vim-Ti FPS | DeiT-Ti GB | Vim-Ti GB |", "|---|---|---|---|---|---|"]
-    out += [f"| {p.res} | {p.tokens} | {p.deit_fps:g} | {p.vim_fps:g} | {'OOM' if p.deit_gb is None else p.deit_gb} | {p.vim_gb} |"
-            for p in paper.FIG1]
+    out += [f"| {p.res} | {p.tokens} | {p.deit_fps:g} | {p.vim_fps:g} | "
+            f"{'OOM' if p.deit_gb is None else p.deit_gb} | {p.vim_gb} |" for p in paper.FIG1]
     rows = s.rows
     grids = [p.res // paper.PATCH for p in paper.FIG1]
     keep = rows[rows["model"].isin([vim_model, deit_model]) & (rows["res"] // paper.PATCH).isin(grids)]
@@ -411,7 +410,8 @@ def paper_memory_table(memory: pd.DataFrame) -> list[str]:
     """The rows of a memory CSV that the paper measured too (``paper_gib`` present, or NaN for its OOM)
     as a Markdown table: predicted peak and reserved + context beside Fig. 1 (c), errors relative to it."""
     rows = memory[memory["status"] == "ok"].copy()
-    rows = rows[rows["model"].isin(["vim_tiny", "deit_tiny"]) & (rows["paper_gib"].notna() | (rows["model"] == "deit_tiny"))]
+    in_paper = rows["paper_gib"].notna() | (rows["model"] == "deit_tiny")  # NaN for deit_tiny: the paper's OOM
+    rows = rows[rows["model"].isin(["vim_tiny", "deit_tiny"]) & in_paper]
     if rows.empty:
         return ["No row of the paper's setting in the memory CSV."]
     card = rows["card"].iloc[0]

@@ -5,11 +5,14 @@ appended (never rewritten). A progress bar names the configuration running, the 
 """
 from __future__ import annotations
 
+import datetime
 import sys
 from typing import Callable
 
 from tqdm import tqdm
 
+from vimbench.measure.isolation import one_line
+from vimbench.rows.schema import Schema
 from vimbench.rows.writer import CsvLog
 
 
@@ -33,3 +36,16 @@ def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
             bar.set_postfix_str(f"last: {row.get('status', '?')}")
             bar.update()
     return written
+
+
+def computed_row(schema: Schema, cfg: dict, fixed: dict, compute: Callable[[], dict]) -> dict:
+    """One row of ``schema`` for a configuration computed in this process (counted or predicted, not
+    timed, so no worker): ``cfg``'s values of the schema's columns, ``fixed`` (environment, command), a
+    timestamp, and the columns ``compute()`` returns with status ok. An exception in ``compute`` becomes
+    an error row naming it: one configuration that cannot be computed never stops the others."""
+    row = {k: v for k, v in cfg.items() if k in schema.columns}
+    row.update(fixed, timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
+    try:
+        return {**row, **compute(), "status": "ok"}
+    except Exception as e:  # reported in the row, see the docstring
+        return {**row, "status": "error", "error": one_line(e)}

@@ -176,12 +176,10 @@ inline void load_bc(const ViewBC<T>& M, int64_t bi, int64_t g, int64_t N, int64_
 
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr float kExpScale = 1.4426950408889634f;   // log2(e): A is multiplied by this once per block
-inline Vec exp_state(const Vec& t_in) {            // exp(x) for t_in = x * log2(e)
-  // f = t - round(t) by vreduceps, which gives 0 for +-inf, so exp(+-inf) = scalef(1, +-inf) = inf / 0 and
-  // NaN propagates, with no clamping
-  const __m512 t = t_in;
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+
+// 2^(n + f) for an integer-valued n and |f| <= 1/2 (slightly more in exp_accurate): the polynomial and the
+// vscalefps that both exps below share.
+inline __m512 exp2_split(__m512 n, __m512 f) {
   __m512 p = _mm512_set1_ps(0.001327647129073739f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541892647743f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
@@ -189,6 +187,15 @@ inline Vec exp_state(const Vec& t_in) {            // exp(x) for t_in = x * log2
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
   return _mm512_scalef_ps(p, n);
+}
+
+inline Vec exp_state(const Vec& t_in) {            // exp(x) for t_in = x * log2(e)
+  // f = t - round(t) by vreduceps, which gives 0 for +-inf, so exp(+-inf) = scalef(1, +-inf) = inf / 0 and
+  // NaN propagates, with no clamping
+  const __m512 t = t_in;
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return exp2_split(n, f);
 }
 #else
 constexpr float kExpScale = 1.f;
@@ -211,13 +218,7 @@ inline Vec exp_accurate(const Vec& xv) {
   const __m512 t_lo = _mm512_fmadd_ps(x, L_lo, _mm512_fmsub_ps(x, L_hi, t_hi));
   const __m512 n = _mm512_roundscale_ps(t_hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_add_ps(_mm512_sub_ps(t_hi, n), t_lo);
-  __m512 p = _mm512_set1_ps(0.001327647129073739f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541892647743f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
-  return _mm512_scalef_ps(p, n);
+  return exp2_split(n, f);
 }
 
 // a / b to ~1 ulp without vdivps: 14-bit reciprocal estimate refined by one Newton step.
