@@ -32,7 +32,7 @@ Timing gate
 Deterministic gate
     FLOP counts of every registered model at ``FLOP_SHAPES`` (exact, on the meta device) and the registers,
     spill bytes and shared memory of every Triton kernel configuration compiled for sm_80 and sm_90
-    (``vimbench.kernel_compile``), compared exactly with ``benchmarks/baselines/deterministic.json``.
+    (``vimbench.count.kernel_compile``), compared exactly with ``benchmarks/baselines/deterministic.json``.
 
 Units: seconds for times; ratios are dimensionless; thresholds and changes are fractions (0.25 = +25%).
 """
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from vimbench.measure.env import environment, slug
+from vimbench.measure.env import cpu_model, environment, slug
 from vimbench.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -188,9 +188,11 @@ def default_device() -> str:
 
 
 def device_class(device: str) -> str:
-    """'cpu', or the GPU's name as a file-name slug ('nvidia-h100-80gb-hbm3')."""
+    """The machine a timing baseline holds for, as a file-name slug: 'cpu-' and the CPU model
+    ('cpu-amd-epyc'), or the GPU's name ('nvidia-h100-80gb-hbm3'). Timings on one CPU model say nothing
+    about another: the same suite ran 28-90% slower on an Intel Xeon than on the AMD EPYC it was recorded on."""
     if device == "cpu":
-        return "cpu"
+        return f"cpu-{slug(cpu_model())}"
     if not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device here")
     return slug(torch.cuda.get_device_name())

@@ -29,7 +29,8 @@ DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
                    f"synthetic co-tenant process (default {gate.DEFAULT_BASELINE_RUNS}, at least "
                    f"{gate.MIN_BASELINE_RUNS}).")
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Baseline file (default: benchmarks/baselines/<cpu|gpu name>.json, or deterministic.json).")
+              help="Baseline file (default: benchmarks/baselines/<cpu-model or gpu name>.json, or "
+                   "deterministic.json).")
 @click.pass_context
 def command(ctx, deterministic, update, device_spec, select, runs, baseline_path):
     """Regression gate for CI. Exits 1 on a regression, with a table of what moved, 0 otherwise.
