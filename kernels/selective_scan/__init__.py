@@ -25,7 +25,7 @@ from vimbench.kernels.selective_scan.ops import (_bidir_op, _scan_op, bidirectio
                                                  selective_scan_fake)
 from vimbench.kernels.selective_scan.ref import bidirectional_scan_ref, selective_scan_ref
 
-__all__ = ["SCAN_BACKENDS", "SCAN_CHOICES", "BackendUnavailable", "bidirectional_scan", "bidirectional_scan_fake",
+__all__ = ["SCAN_BACKENDS", "SCAN_CHOICES", "STRIDED", "BackendUnavailable", "bidirectional_scan", "bidirectional_scan_fake",
            "bidirectional_scan_ref", "check_scan_backend", "resolve_scan_backend", "scan_flops", "selective_scan",
            "selective_scan_fake", "selective_scan_ref"]
 

@@ -1,6 +1,8 @@
-"""The compiled CPU selective scan: a C++ ATen kernel (csrc/selective_scan_cpu.cpp), JIT-built on first use.
+"""The compiled CPU kernels of the Vim mixer: the selective scan (csrc/selective_scan_cpu.cpp) and the pair of
+causal depthwise convolutions (csrc/causal_conv_cpu.cpp), C++ on ATen's vector types (shared math in
+csrc/vec_math.h), one library JIT-built on first use.
 
-Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, N state, G groups):
+Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, N state, G groups; K conv taps):
 
     available() -> (bool, str)       can the kernel be used here? builds it if needed; the str says why not
     build() -> str                   compiles (if not cached) and loads the kernel; returns the library path
@@ -8,6 +10,7 @@ Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, 
                             return_last_state=False, *, time_major_out=None)
     bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None,
                                 delta_bias=None, delta_bias_b=None, delta_softplus=True, *, time_major_out=None)
+    causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b) -> (x_f, x_b)   see ``kernels/causal_conv.py``
     exp_floor_rate(numel=..., iters=...) -> float   exp per second with the kernel's state exp (its floor)
 
 Dtypes: u, delta, z, B, C may be float32, bfloat16 or float16 (float64 is refused: use the 'ref' backend);
@@ -44,7 +47,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "selective_scan_cpu.cpp",)
+SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "causal_conv_cpu.cpp")
+HEADERS = (CSRC / "vec_math.h",)
 LIB_NAME = "vimbench_scan_cpu"
 
 # Compiler flags per ATen CPU capability, as torch's own build compiles its per-capability kernels: the
@@ -82,7 +86,7 @@ def cache_root() -> Path:
 
 def _source_hash() -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.name.encode())
         h.update(src.read_bytes())
     return h.hexdigest()[:16]
@@ -149,7 +153,7 @@ def build() -> str:
         out_dir = build_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (out_dir / f"{LIB_NAME}.so").exists():
-            print("vimbench: compiling the CPU scan kernel (once per machine, ~30 s)...", file=sys.stderr,
+            print("vimbench: compiling the CPU scan and conv kernels (once per machine, ~1 min)...", file=sys.stderr,
                   flush=True)
         load = _cpp_extension().load
         try:
@@ -211,6 +215,18 @@ def bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_
     return torch.ops.vimbench_cpu.bidirectional_scan_fwd(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b,
                                                          z, delta_bias, delta_bias_b, bool(delta_softplus),
                                                          bool(time_major_out))
+
+
+def causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b):
+    """Vim's two depthwise convolutions, each followed by SiLU, in one pass (semantics of
+    ``kernels.causal_conv.causal_conv1d_pair_ref``).
+
+    x: (b, E, L) CPU tensor, float32 / bfloat16 / float16, any strides (time-major is read without a copy);
+    w_f, w_b: (E, 1, K) or (E, K); b_f, b_b: (E,) or None. Returns (x_f, x_b), each (b, E, L) in x's dtype with
+    time-major memory (the transposes of contiguous (b, L, E) tensors); arithmetic in float32.
+    """
+    build()
+    return torch.ops.vimbench_cpu.causal_conv1d_pair_fwd(x, w_f, b_f, w_b, b_b)
 
 
 def vector_width() -> int:

@@ -9,6 +9,7 @@ from helpers import assert_close
 from vimbench import count_params, create_model, list_models
 from vimbench.errors import InputError
 from vimbench.kernels import BackendUnavailable
+from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.kernels.selective_scan.ref import selective_scan_ref
 
 VIM = {"vim_tiny": (192, 16), "vim_small": (384, 16), "vim_base": (768, 16), "vim_tiny_s8": (192, 8),
@@ -101,8 +102,10 @@ def official_mixer_forward(m, h):
     return m.out_proj((y_f + y_b).transpose(1, 2) / 2)
 
 
-@pytest.mark.parametrize("scan", ["ref", "cpu"])
+@pytest.mark.parametrize("scan", ["ref", "cpu", "cpp"])
 def test_mixer_runs_both_directions_like_official(scan):
+    if scan == "cpp" and not compiled_cpu.available()[0]:
+        pytest.skip(f"compiled CPU kernels unavailable: {compiled_cpu.available()[1]}")
     model = create_model("vim_tiny", img_size=32, scan=scan).eval()
     m = model.layers[0].mixer
     with torch.no_grad():  # a non-zero backward bias so the backward branch is fully exercised

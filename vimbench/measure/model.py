@@ -29,6 +29,7 @@ import torch
 
 from vimbench.count.flops import count_flops
 from vimbench.count.memory import predict_memory
+from vimbench.errors import BackendUnavailable
 from vimbench.kernels.attention import sdpa_kernel_used
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
 from vimbench.measure.env import gpu_telemetry, nvml
@@ -153,6 +154,8 @@ def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
     try:  # the GPU memory this configuration is predicted to need, on any device (vimbench.count.memory)
         row["mem_pred_peak_gib"] = predict_memory(cfg["model"], cfg["res"], batch, cfg["dtype"], cfg["head"],
                                                   **cfg["options"])["mem_pred_peak_gib"]
+    except BackendUnavailable:  # a CPU-only backend (cpp): there is no GPU run to predict; the cell stays empty
+        pass
     except Exception as e:  # a failed prediction must not cost the measured row
         row["error"] = "; ".join(filter(None, [row.get("error"), f"mem_pred failed: {type(e).__name__}: {e}"]))
     return row

@@ -14,6 +14,9 @@ Ops (``OPS``, one ``OpSpec`` each; inputs are built outside the timed region):
     block_deit  layer 0's attention module of the DeiT model (qkv projection, attention, output projection):
                 (b, L, D) -> (b, L, D)
 A, D and delta_bias are float32 (Vim passes them as .float()); every other tensor is in the run's dtype.
+Layout: the scan's (b, channels, L) inputs are built in the layout the backend reads (``_seq``): time-major
+memory, as the Vim mixer produces it, for the backends that read strided inputs (``STRIDED``: cpp), contiguous
+for the others, so that each backend is timed at its best and none pays a layout copy in the timed region.
 Values: Vim's initialisation (A = -[1..N] per channel, D = 1, softplus(delta_bias) = 0.01), normal inputs.
 
 FLOPs: one call counted with FlopCounterMode on the meta device, the project's convention (2 per
@@ -47,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vimbench.kernels.attention import attention, sdpa_kernel_used
 from vimbench.measure.isolation import run_isolated
-from vimbench.kernels.selective_scan import bidirectional_scan, selective_scan
+from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, selective_scan
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
 from vimbench.models.registry import count_params, create_model
 
@@ -87,28 +90,35 @@ class Prepared:
     params: int = 0
 
 
-def _direction(g: Geometry, device, dtype) -> dict:
+def _seq(b: int, channels: int, L: int, impl: str, device, dtype) -> torch.Tensor:
+    """A random (b, channels, L) scan input laid out as ``impl`` reads it: time-major memory (the transpose of
+    a contiguous (b, L, channels) tensor, as the Vim mixer produces) for a backend in ``STRIDED``, contiguous
+    (b, channels, L) for the others; so no backend pays for a layout copy inside the timed region."""
+    if impl in STRIDED:
+        return torch.randn(b, L, channels, device=device, dtype=dtype).transpose(1, 2)
+    return torch.randn(b, channels, L, device=device, dtype=dtype)
+
+
+def _direction(g: Geometry, impl: str, device, dtype) -> dict:
     """One scan direction's inputs (see the module docstring), as keyword arguments of ``selective_scan``."""
     b, E, L, N = g.batch, g.d_inner, g.L, g.d_state
     f32 = dict(device=device, dtype=torch.float32)
-    return dict(u=torch.randn(b, E, L, device=device, dtype=dtype),
-                delta=torch.randn(b, E, L, device=device, dtype=dtype),
+    return dict(u=_seq(b, E, L, impl, device, dtype), delta=_seq(b, E, L, impl, device, dtype),
                 A=-torch.arange(1, N + 1, **f32).repeat(E, 1),
-                B=torch.randn(b, N, L, device=device, dtype=dtype),
-                C=torch.randn(b, N, L, device=device, dtype=dtype),
+                B=_seq(b, N, L, impl, device, dtype), C=_seq(b, N, L, impl, device, dtype),
                 D=torch.ones(E, **f32),
                 delta_bias=torch.full((E,), math.log(math.expm1(0.01)), **f32))
 
 
 def _build_scan(g: Geometry, impl: str, device, dtype) -> Prepared:
-    d = _direction(g, device, dtype)
-    z = torch.randn(g.batch, g.d_inner, g.L, device=device, dtype=dtype)
+    d = _direction(g, impl, device, dtype)
+    z = _seq(g.batch, g.d_inner, g.L, impl, device, dtype)
     return Prepared(lambda: selective_scan(**d, z=z, delta_softplus=True, backend=impl), [*d.values(), z])
 
 
 def _build_scan_bidir(g: Geometry, impl: str, device, dtype) -> Prepared:
-    f, bk = _direction(g, device, dtype), _direction(g, device, dtype)
-    z = torch.randn(g.batch, g.d_inner, g.L, device=device, dtype=dtype)
+    f, bk = _direction(g, impl, device, dtype), _direction(g, impl, device, dtype)
+    z = _seq(g.batch, g.d_inner, g.L, impl, device, dtype)
     order = ("u", "delta", "A", "B", "C", "D")
 
     def run():

@@ -3,8 +3,10 @@ its fork of mamba_ssm's mamba_simple.py): the "bimamba v2, middle cls token, div
 
 Architecture, initialisation and state_dict keys follow the official checkpoints, so that an official
 checkpoint loads with ``strict=True``. Differences from the official code, all numerically neutral:
-  * no dependency on mamba_ssm / causal_conv1d: RMSNorm, the causal conv and the scan are plain PyTorch or
-    the scan backend chosen with ``scan=`` (see ``vimbench.kernels.selective_scan``);
+  * no dependency on mamba_ssm / causal_conv1d: RMSNorm is PyTorch's; the scan is the backend chosen with
+    ``scan=`` (see ``vimbench.kernels.selective_scan``); the two causal convs with their SiLU run through
+    ``vimbench.kernels.causal_conv``: its compiled kernel with the ``cpp`` scan (as the official fast path
+    pairs mamba_ssm's CUDA scan with causal_conv1d's kernel), F.conv1d with every other backend;
   * both directions run on every path (the official eager path silently drops the backward direction);
   * the backward direction is computed in original token order: its causal conv over the flipped
     sequence is an anti-causal conv over the original one, and its scan runs from the last token to the
@@ -17,10 +19,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import lecun_normal_, trunc_normal_
 
-from vimbench.kernels import SCAN_CHOICES, bidirectional_scan, resolve_scan_backend
+from vimbench.kernels import SCAN_CHOICES, bidirectional_scan, causal_conv1d_pair, resolve_scan_backend
 
 
 class PatchEmbed(nn.Module):
@@ -83,23 +84,21 @@ class BiMambaMixer(nn.Module):
         return delta, B.transpose(1, 2), C.transpose(1, 2)
 
     def forward(self, h):
-        # delta, B, C and z are (b, channels, M) views of time-major memory; the scan's entry point copies
-        # them to the layout the backend reads (a backend in STRIDED, the cpp scan, reads them as they are)
+        # Every (b, channels, M) tensor below is a view of time-major (b, M, channels) memory, except the conv
+        # outputs of the torch conv path (contiguous (b, E, M)); the scan's entry point copies its inputs to the
+        # layout the backend reads (a backend in STRIDED, the cpp scan, reads them as they are).
+        scan = resolve_scan_backend(self.scan, h.device)
         xz = self.in_proj(h).transpose(1, 2)                                    # (b, 2E, M)
         x, z = xz.chunk(2, dim=1)
-        k = self.d_conv - 1
-        # causal conv == conv1d(x)[..., :M] of the official code, without computing the k dropped outputs
-        xf = F.silu(F.conv1d(F.pad(x, (k, 0)), self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
-        # anti-causal conv == flip(conv1d_b(flip(x))): pad on the right, kernel taps reversed
-        xb = F.silu(F.conv1d(F.pad(x, (0, k)), self.conv1d_b.weight.flip(-1), self.conv1d_b.bias,
-                             groups=self.d_inner))
+        xf, xb = causal_conv1d_pair(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight,
+                                    self.conv1d_b.bias, impl="cpp" if scan == "cpp" else "torch")
         delta_f, B_f, C_f = self._ssm_inputs(xf, self.x_proj, self.dt_proj)
         delta_b, B_b, C_b = self._ssm_inputs(xb, self.x_proj_b, self.dt_proj_b)
         y = bidirectional_scan(
             xf, delta_f, -torch.exp(self.A_log.float()), B_f, C_f, self.D.float(),
             xb, delta_b, -torch.exp(self.A_b_log.float()), B_b, C_b, self.D_b.float(),
             z=z, delta_bias=self.dt_proj.bias.float(), delta_bias_b=self.dt_proj_b.bias.float(),
-            delta_softplus=True, backend=self.scan)
+            delta_softplus=True, backend=scan)
         return self.out_proj(y.transpose(1, 2)) / 2  # = out_proj(y / 2): out_proj has no bias
 
 

@@ -50,7 +50,8 @@ COLUMN_DOCS = {
     "mem_peak_gib": ("GiB", "GPU: torch.cuda.max_memory_allocated; CPU: resident memory one call adds"),
     "mem_reserved_gib": ("GiB", "GPU: torch.cuda.max_memory_reserved"),
     "mem_nvml_gib": ("GiB", "GPU: NVML used memory, max during the timed loop, minus the level before"),
-    "mem_pred_peak_gib": ("GiB", "predicted torch.cuda.max_memory_allocated (fake CUDA tensors)"),
+    "mem_pred_peak_gib": ("GiB", "predicted torch.cuda.max_memory_allocated (fake CUDA tensors); empty for a "
+                                 "backend with no GPU path (cpp)"),
     "mem_pred_reserved_gib": ("GiB", "predicted torch.cuda.max_memory_reserved (caching-allocator model)"),
     "mem_pred_weights_gib": ("GiB", "predicted parameters and buffers"),
     "mem_pred_activations_gib": ("GiB", "predicted peak minus weights"),

@@ -32,10 +32,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -47,11 +43,14 @@
 #include <utility>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace vimbench_scan {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int W = Vec::size();             // channels per task (SIMD lanes of float32)
+using vimbench_vec::Vec;
+using vimbench_vec::W;                     // channels per task (SIMD lanes of float32)
+using namespace vimbench_vec;              // load_vec, store_vec, exp_state, softplus, silu
 constexpr int kTile = 64;                  // time steps staged per tile (buffers stay in L1)
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kMaxNT = 16;                 // 32 vector registers: 16 state vectors + temporaries
@@ -90,37 +89,6 @@ ViewBC<T> view_bc(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1)};
 }
 
-// One float32 vector of W channels from W consecutive elements (any input dtype).
-template <typename T>
-inline Vec load_vec(const T* p);
-template <>
-inline Vec load_vec<float>(const float* p) { return Vec::loadu(p); }
-template <>
-inline Vec load_vec<c10::BFloat16>(const c10::BFloat16* p) {
-  Vec v;
-  at::vec::load_to_float(p, v);
-  return v;
-}
-template <>
-inline Vec load_vec<c10::Half>(const c10::Half* p) {
-  Vec v;
-  at::vec::load_to_float(p, v);
-  return v;
-}
-
-// Stores W float32 lanes to W consecutive elements of type T.
-template <typename T>
-inline void store_vec(const Vec& v, T* p);
-template <>
-inline void store_vec<float>(const Vec& v, float* p) { v.store(p); }
-template <>
-inline void store_vec<c10::BFloat16>(const Vec& v, c10::BFloat16* p) {
-  at::vec::convert_from_float<c10::BFloat16>(v, v).store(p, W);
-}
-template <>
-inline void store_vec<c10::Half>(const Vec& v, c10::Half* p) {
-  at::vec::convert_from_float<c10::Half>(v, v).store(p, W);
-}
 
 // dst[s][i] = float(x[bi, e0 + i, t0 + s]) for s < nt, i < cnt; lanes i >= cnt are set to 0.
 // Time-major inputs (stride along E == 1) take one vector load per step.
@@ -157,115 +125,19 @@ template <typename T>
 inline void load_bc(const ViewBC<T>& M, int64_t bi, int64_t g, int64_t N, int64_t t0, int nt, int ld, float* dst) {
   const T* base = M.data + bi * M.sb + g * M.sg + t0 * M.sl;
   if (M.sn == 1) {                                    // time-major (x_proj output): contiguous along n
-    for (int s = 0; s < nt; ++s)
-      for (int64_t n = 0; n < N; ++n) dst[s * ld + n] = static_cast<float>(base[s * M.sl + n]);
+    for (int s = 0; s < nt; ++s) {
+      const T* row = base + s * M.sl;
+      float* d = dst + s * ld;
+      int64_t n = 0;
+      for (; n + W <= N; n += W) load_vec<T>(row + n).store(d + n);
+      for (; n < N; ++n) d[n] = static_cast<float>(row[n]);
+    }
   } else {
     for (int64_t n = 0; n < N; ++n)
       for (int s = 0; s < nt; ++s) dst[s * ld + n] = static_cast<float>(base[n * M.sn + s * M.sl]);
   }
 }
 
-// ------------------------------------------------------------------------------------------------------
-// exp of the state decay, the kernel's hot spot (E * L * N of them per direction).
-// With AVX-512: exp(x) = 2^t, t = x * log2(e) (A is pre-scaled by log2(e), so t = delta * A' costs one
-// multiply); t = n + f with n = round(t), |f| <= 1/2; 2^f by a degree-5 polynomial (minimax of the relative
-// error on [-1/2, 1/2], fitted for this kernel; max relative error 2.4e-7 in float32 arithmetic, i.e. ~2 ulp);
-// 2^n applied by vscalefps, which also yields inf / 0 / denormals at the ends. 10 instructions per vector,
-// about half of at::vec's exp_u20. Elsewhere: exp_u20 on the unscaled argument.
-// ------------------------------------------------------------------------------------------------------
-
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr float kExpScale = 1.4426950408889634f;   // log2(e): A is multiplied by this once per block
-
-// 2^(n + f) for an integer-valued n and |f| <= 1/2 (slightly more in exp_accurate): the polynomial and the
-// vscalefps that both exps below share.
-inline __m512 exp2_split(__m512 n, __m512 f) {
-  __m512 p = _mm512_set1_ps(0.001327647129073739f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541892647743f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline Vec exp_state(const Vec& t_in) {            // exp(x) for t_in = x * log2(e)
-  // f = t - round(t) by vreduceps, which gives 0 for +-inf, so exp(+-inf) = scalef(1, +-inf) = inf / 0 and
-  // NaN propagates, with no clamping
-  const __m512 t = t_in;
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return exp2_split(n, f);
-}
-#else
-constexpr float kExpScale = 1.f;
-inline Vec exp_state(const Vec& x) { return x.exp_u20(); }
-#endif
-
-// ------------------------------------------------------------------------------------------------------
-// Elementwise functions of the staging and epilogue passes (once per (e, t)), matching torch's float32
-// softplus (threshold 20) and silu to a few ulp. Inline, so the passes make no function calls.
-// ------------------------------------------------------------------------------------------------------
-
-#if defined(CPU_CAPABILITY_AVX512)
-// exp(x) to ~2 ulp for any x: like exp_state, but t = x * log2(e) is carried in two parts (t_hi + t_lo, the
-// product's rounding error recovered with FMAs), so large |x| loses no accuracy.
-inline Vec exp_accurate(const Vec& xv) {
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), xv));
-  const __m512 L_hi = _mm512_set1_ps(1.44269502162933349609375f);      // float(log2(e))
-  const __m512 L_lo = _mm512_set1_ps(1.925963033500011079e-8f);        // log2(e) - L_hi
-  const __m512 t_hi = _mm512_mul_ps(x, L_hi);
-  const __m512 t_lo = _mm512_fmadd_ps(x, L_lo, _mm512_fmsub_ps(x, L_hi, t_hi));
-  const __m512 n = _mm512_roundscale_ps(t_hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_add_ps(_mm512_sub_ps(t_hi, n), t_lo);
-  return exp2_split(n, f);
-}
-
-// a / b to ~1 ulp without vdivps: 14-bit reciprocal estimate refined by one Newton step.
-inline __m512 fast_div(__m512 a, __m512 b) {
-  const __m512 r0 = _mm512_rcp14_ps(b);
-  const __m512 r = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(b, r0, _mm512_set1_ps(1.f)), r0);
-  return _mm512_mul_ps(a, r);
-}
-
-// log1p(w) for w in [0, 1]: s = 1 + w = 2^k m with m in [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(q),
-// q = (m - 1) / (m + 1), |q| <= 0.172, by its odd series to q^9 (truncation < 1e-9); plus the rounding error
-// of 1 + w, (w - (s - 1)) / s, so small w keep full relative accuracy.
-inline Vec log1p_unit(const Vec& wv) {
-  const __m512 w = wv, one = _mm512_set1_ps(1.f);
-  const __m512 s = _mm512_add_ps(one, w);
-  const __mmask16 big = _mm512_cmp_ps_mask(s, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
-  const __m512 m = _mm512_mask_mul_ps(s, big, s, _mm512_set1_ps(0.5f));
-  const __m512 k = _mm512_mask_blend_ps(big, _mm512_setzero_ps(), one);
-  const __m512 q = fast_div(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
-  const __m512 q2 = _mm512_mul_ps(q, q);
-  __m512 p = _mm512_set1_ps(2.f / 9.f);
-  p = _mm512_fmadd_ps(p, q2, _mm512_set1_ps(2.f / 7.f));
-  p = _mm512_fmadd_ps(p, q2, _mm512_set1_ps(2.f / 5.f));
-  p = _mm512_fmadd_ps(p, q2, _mm512_set1_ps(2.f / 3.f));
-  p = _mm512_fmadd_ps(p, q2, _mm512_set1_ps(2.f));
-  const __m512 log_m = _mm512_mul_ps(p, q);
-  const __m512 corr = fast_div(_mm512_sub_ps(w, _mm512_sub_ps(s, one)), s);
-  return _mm512_add_ps(_mm512_fmadd_ps(k, _mm512_set1_ps(0.693147180559945309f), log_m), corr);
-}
-
-inline Vec softplus(const Vec& x) {    // x > 20 ? x : log1p(exp(x)) = max(x, 0) + log1p(exp(-|x|))
-  const Vec sp = at::vec::maximum(x, Vec(0.f)) + log1p_unit(exp_accurate(x.abs().neg()));
-  return Vec::blendv(sp, x, x > Vec(20.f));
-}
-
-inline Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp(-x)), as torch's kernel
-  return fast_div(x, Vec(1.f) + exp_accurate(x.neg()));
-}
-#else
-inline Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(x), beta 1, threshold 20
-  return Vec::blendv(x.exp().log1p(), x, x > Vec(20.f));
-}
-
-inline Vec silu(const Vec& x) {        // x * sigmoid(x), as torch's silu kernel: x / (1 + exp(-x))
-  return x / (Vec(1.f) + x.neg().exp());
-}
-#endif
 
 // ------------------------------------------------------------------------------------------------------
 // The scan over one tile for one chunk of NT state entries: the hot loop.
