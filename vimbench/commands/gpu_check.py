@@ -30,7 +30,12 @@ def command(ctx, budget, archive, unpack_archive, out_dir):
     paper's Vim-Ti vs DeiT-Ti setting with its claim check, the Triton scan against its floor, the wider
     kernel sweeps, figures. With --budget, a step starts only if its time estimate fits what is left; the
     summary records each step's estimate and actual time. If a correctness check fails, no timing follows.
-    Steps cut short are resumed when run again into the same folder (see vimbench/gpucheck_steps.py)."""
+    Steps cut short are resumed when run again into the same folder (see vimbench/gpucheck_steps.py).
+
+    \b
+    On a rented GPU, 7 minutes:  vimbench gpu-check --budget 420 --archive gpu.tar.gz
+    Back home, in a checkout:    vimbench gpu-check --unpack gpu.tar.gz
+    """
     if unpack_archive:
         if budget is not None or archive or out_dir:
             raise click.UsageError("--unpack takes no other option")
