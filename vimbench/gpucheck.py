@@ -27,6 +27,8 @@ from vimbench.measure.isolation import run_isolated
 from vimbench.rows.reader import with_current_names
 
 PERF_GOAL = 1.4  # the Triton scan's target: within 1.4x of its floor at the Vim-Ti 1248 shape, batch 64
+FLOOR = dict(model="vim_tiny", res=1248, batch=64, dtype="fp32")
+"""Where the goal is judged: the Triton scan at Vim-Ti's 1248 px shape (L = 6085), batch 64, fp32."""
 
 
 def default_out(card: str, today: datetime.date | None = None) -> Path:
@@ -103,7 +105,7 @@ def record_facts(out: Path) -> list[str]:
 def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
     """Triton scan rows of a kernels CSV with their floors: memory time = bytes / ceiling_gbs, exp time =
     exp2 count / exp2_per_s (one exp2 per (b, e, t, n) and direction), floor = the larger; ratio = time /
-    floor. Columns: op, model, L, batch, dtype, time_ms, mem_floor_ms, exp_floor_ms, floor_ms, ratio."""
+    floor. Columns: op, model, res, tokens, batch, dtype, time_ms, mem_floor_ms, exp_floor_ms, floor_ms, ratio."""
     rows = kernels[(kernels["impl"] == "triton") & kernels["op"].isin(["scan", "scan_bidir"])
                    & (kernels["status"] == "ok")].copy()
     directions = rows["op"].map({"scan": 1, "scan_bidir": 2})
@@ -112,8 +114,8 @@ def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
     rows["exp_floor_ms"] = exps / exp2_per_s * 1e3
     rows["floor_ms"] = rows[["mem_floor_ms", "exp_floor_ms"]].max(axis=1)
     rows["ratio"] = rows["time_ms"] / rows["floor_ms"]
-    return rows[["op", "model", "tokens", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms", "floor_ms",
-                 "ratio"]].reset_index(drop=True)
+    return rows[["op", "model", "res", "tokens", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms",
+                 "floor_ms", "ratio"]].reset_index(drop=True)
 
 
 def _md_table(df: pd.DataFrame) -> list[str]:
@@ -193,13 +195,13 @@ def floor_line(floors: pd.DataFrame | None) -> str:
     """The Triton scan at the Vim-Ti 1248 shape, batch 64, fp32, against its floor (``_floors``), in words."""
     if floors is None:
         return "not measured"
-    at = floors[(floors["model"] == "vim_tiny") & (floors["tokens"] == 6085) & (floors["batch"] == 64)
-                & (floors["dtype"] == "fp32")]
+    at = floors[(floors["model"] == FLOOR["model"]) & (floors["res"] == FLOOR["res"])
+                & (floors["batch"] == FLOOR["batch"]) & (floors["dtype"] == FLOOR["dtype"])]
     if not len(at):
-        return "not measured at vim_tiny L=6085, batch 64, fp32"
+        return "not measured at {model} {res} px, batch {batch}, {dtype}".format(**FLOOR)
     return "; ".join(f"{r.op} {r.time_ms:.3g} ms = {r.ratio:.2f}x its floor "
                      f"({'meets' if r.ratio <= PERF_GOAL else 'misses'} the goal <= {PERF_GOAL}x)"
-                     for r in at.itertuples()) + " (vim_tiny, L = 6085, batch 64, fp32)"
+                     for r in at.itertuples()) + " ({model} {res} px, batch {batch}, {dtype})".format(**FLOOR)
 
 
 def write_summary(out: Path) -> Path:

@@ -97,8 +97,9 @@ def index_line(folder: Path, rel: str) -> str:
                                       *(f"{k.removesuffix('_version')} {env[k]}" for k in
                                         ("driver_version", "torch_version", "triton_version") if env.get(k))]))
     verdict = (folder / "summary.md").read_text().splitlines()[0].removeprefix("# GPU check: ")
-    return (f"| [{rel}/]({rel}/) | {machine} | `vimbench gpu-check`: [summary]({rel}/summary.md) ({verdict}); "
-            f"paper-preset [report]({rel}/report/report.md) when it ran | `{env.get('command', 'vimbench gpu-check')}` |")
+    report = f"; paper-preset [report]({rel}/report/report.md)" if (folder / "report" / "report.md").exists() else ""
+    command = env.get("command", "vimbench gpu-check")
+    return f"| [{rel}/]({rel}/) | {machine} | [summary]({rel}/summary.md): {verdict}{report} | `{command}` |"
 
 
 def add_to_index(readme: Path, line: str) -> None:

@@ -52,19 +52,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vimbench import gpucheck
-from vimbench.gpucheck import with_resume
+from vimbench.analysis.paper import PAPER_SETTING_OPTIONS
+from vimbench.gpucheck import FLOOR, with_resume
+from vimbench.measure.model import DEFAULT_TIMING
 
 COST = dict(worker_s=3.0, op_s=1.0, step_s=10.0, check_s=15.0, tests_s=100.0, report_s=25.0, exp2_s=5.0,
             plot_s=5.0, fp32_flops_s=40e12, hbm_bytes_s=2.5e12)
 """The cost model's constants: seconds, FLOP/s (2 FLOPs per multiply-add) and bytes/s; see the docstring."""
-FORWARDS = 25
-"""Forwards per scaling configuration on a GPU: 5 warmup + 20 timed (DEFAULT_TIMING['cuda'])."""
+FORWARDS = DEFAULT_TIMING["cuda"]["warmup"] + DEFAULT_TIMING["cuda"]["repeats"]
+"""Forwards per scaling configuration on a GPU: warmup + timed (25)."""
 WRAP_UP_S = 10.0
 """Budget kept back for writing the summary and the archive."""
 RES = "224,512,738,1024,1248"
-PAPER_RES = (512, 640, 738, 1024, 1248)
-FLOOR = dict(model="vim_tiny", res=1248, batch=64, dtype="fp32")
-"""The shape of the Triton scan's goal: within ``PERF_GOAL`` x its floor at Vim-Ti 1248, batch 64, fp32."""
 
 
 @dataclass
@@ -114,6 +113,18 @@ def scaling_estimate(pairs: list[tuple[str, str]], res: tuple[int, ...], batch: 
     """Seconds of a scaling sweep over (model, impl) ``pairs`` x ``res`` at ``batch``, without step_s."""
     return sum(COST["worker_s"] + FORWARDS * forward_s(model, r, batch, impl == "eager")
                for model, impl in pairs for r in res)
+
+
+def paper_pairs(scan: str) -> list[tuple[str, str]]:
+    """(model, backend) of ``scaling --preset paper --scan scan``: Vim models with ``scan``, DeiT with each attn."""
+    models, attns = PAPER_SETTING_OPTIONS["models_spec"].split(","), PAPER_SETTING_OPTIONS["attn_spec"].split(",")
+    return [(m, scan) for m in models if m.startswith("vim")] + \
+           [(m, a) for m in models if m.startswith("deit") for a in attns]
+
+
+def paper_res_batch() -> tuple[tuple[int, ...], int]:
+    """The paper preset's resolutions and batch."""
+    return tuple(int(r) for r in PAPER_SETTING_OPTIONS["res_spec"].split(",")), PAPER_SETTING_OPTIONS["batch"]
 
 
 def kernels_estimate(n_configs: int, n_checked: int) -> float:
@@ -166,7 +177,7 @@ def build_steps(out: Path, present: list[str] | None = None) -> list[Step]:
              COST["tests_s"], lambda cli: gpucheck.run_tests(out), correctness=True),
         cli_step("paper", f"scaling --preset paper --scan {fast}, and its report (claim check)",
                  COST["step_s"] + COST["report_s"]
-                 + scaling_estimate([("vim_tiny", fast), ("deit_tiny", "eager"), ("deit_tiny", "sdpa")], PAPER_RES, 64),
+                 + scaling_estimate(paper_pairs(fast), *paper_res_batch()),
                  ["scaling", "--preset", "paper", "--scan", fast, "--out", str(paper_csv)],
                  ["report", str(paper_csv), "--out-dir", str(out / "report")]),
         cli_step("floor", "Triton scan against its floor at vim_tiny 1248 px (L = 6085), batch 64, fp32",

@@ -61,7 +61,8 @@ def test_forward_estimate_closed_form():
     """DeiT-Ti eager at 1248, batch 64: 407.64 GFLOPs per image (341.24 of them QK^T and AV) at 40 TFLOP/s,
     plus the score matrix's 16 bytes per element = flops_attention / 16 bytes at 2.5 TB/s."""
     flops, attention = 407_640_572_928 * 64, 341_242_905_600 * 64
-    assert gpucheck_steps.forward_s("deit_tiny", 1248, 64, True) == pytest.approx(flops / 40e12 + attention / 16 / 2.5e12)
+    expected = flops / 40e12 + attention / 16 / 2.5e12
+    assert gpucheck_steps.forward_s("deit_tiny", 1248, 64, True) == pytest.approx(expected)
     assert gpucheck_steps.forward_s("deit_tiny", 1248, 64, False) == pytest.approx(flops / 40e12)
 
 
@@ -219,7 +220,8 @@ def test_unpack_recreates_the_folder_and_indexes_it(fake_gpu, tmp_path, capsys):
     assert summary[6] == "- **Not run for lack of budget:** kernels (estimate 10000 s)"
     readme = (tmp_path / "results" / "README.md").read_text().splitlines()
     assert readme[4].startswith(f"| [gpu/{top}/](gpu/{top}/) | NVIDIA H200")
-    assert "kernels correct" in readme[4] and readme[5].startswith("| [cpu-2026-12-01/]")
+    assert "kernels correct" in readme[4] and f"[report](gpu/{top}/report/report.md)" in readme[4]
+    assert readme[5].startswith("| [cpu-2026-12-01/]")
     assert not any(line.startswith("| gpu/ |") for line in readme) and readme[-1] == "Text after."
     capsys.readouterr()
     assert main(["gpu-check", "--unpack", "gpu.tar.gz"]) == 2  # never overwritten
@@ -260,15 +262,14 @@ def test_with_resume_only_for_existing_csv(tmp_path):
 
 def fake_kernels_csv():
     # vim_tiny at L=6085, batch 64: one direction moves 1.2e9 bytes; both directions twice the exp2 work
+    shape = dict(res=1248, tokens=6085, batch=64, dtype="fp32", status="ok", ceiling_gbs=3000.0)
+    vim = dict(model="vim_tiny", d_inner=384, d_state=16, **shape)
     return pd.DataFrame([
-        dict(op="scan", impl="triton", model="vim_tiny", tokens=6085, batch=64, dtype="fp32", status="ok", time_ms=1.0,
-             bytes=1.2e9, ceiling_gbs=3000.0, d_inner=384, d_state=16),
-        dict(op="scan_bidir", impl="triton", model="vim_tiny", tokens=6085, batch=64, dtype="fp32", status="ok",
-             time_ms=2.0, bytes=2.0e9, ceiling_gbs=3000.0, d_inner=384, d_state=16),
-        dict(op="scan", impl="cpu", model="vim_tiny", tokens=6085, batch=64, dtype="fp32", status="ok", time_ms=50.0,
-             bytes=1.2e9, ceiling_gbs=3000.0, d_inner=384, d_state=16),
-        dict(op="attention", impl="sdpa", model="deit_tiny", tokens=6085, batch=64, dtype="fp32", status="ok",
-             time_ms=9.0, bytes=1e9, ceiling_gbs=3000.0, d_inner=None, d_state=None)])
+        dict(op="scan", impl="triton", time_ms=1.0, bytes=1.2e9, **vim),
+        dict(op="scan_bidir", impl="triton", time_ms=2.0, bytes=2.0e9, **vim),
+        dict(op="scan", impl="cpu", time_ms=50.0, bytes=1.2e9, **vim),
+        dict(op="attention", impl="sdpa", model="deit_tiny", time_ms=9.0, bytes=1e9, d_inner=None, d_state=None,
+             **shape)])
 
 
 def test_scan_floors_closed_form():
@@ -320,7 +321,7 @@ def test_summary_from_fake_results(tmp_path):
     text = "\n".join(lines)
     assert "| check | ok | 30 | 20 | w |" in text and "12.5" not in text  # the latest run's steps only
     assert "84 passed, 0 failed, 0 errors (exit code 0)" in text and "CUDA context: 0.52 GiB" in text
-    assert "| scan | vim_tiny | 6085 | 64 | fp32 | 1 |" in text
+    assert "| scan | vim_tiny | 1248 | 6085 | 64 | fp32 | 1 |" in text
     assert "see [report" not in text  # no report yet
 
 
@@ -337,6 +338,17 @@ def test_summary_first_line_says_when_timings_are_untrusted(tmp_path):
     text = gpucheck.write_summary(empty).read_text()
     assert text.splitlines()[0] == "# GPU check: card unknown: kernel correctness not checked"
     assert text.count("not measured") >= 2 and text.count("not run") >= 2
+
+
+def test_run_checks_records_every_backend_and_names_failures(tmp_path, monkeypatch):
+    """The check step's bookkeeping, with the worker's result stubbed (the check itself needs CUDA)."""
+    results = {"cpu": {"status": "ok", "check_ok": True, "checked": 24, "check_failure": ""},
+               "triton": {"status": "ok", "check_ok": False, "checked": 5, "check_failure": "odd-L: out differs"},
+               "mamba_ssm": {"status": "error", "error": "RuntimeError: no kernel image"}}
+    monkeypatch.setattr(gpucheck, "run_isolated", lambda fn, args: results[args[0]])
+    failures = gpucheck.run_checks(tmp_path, ["cpu", "triton", "mamba_ssm"])
+    assert failures == ["triton: odd-L: out differs", "mamba_ssm: RuntimeError: no kernel image"]
+    assert json.loads((tmp_path / "check.json").read_text()) == results
 
 
 def test_exp2_chain_kernel_under_interpreter():
