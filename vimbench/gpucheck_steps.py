@@ -245,9 +245,9 @@ def run_steps(steps: list[Step], budget_s: float | None, cli: Callable[[list[str
     the run's start time) as the step ends. The budget counts from ``start`` (a ``clock()`` reading;
     default: now).
 
-    A step starts only while its estimate fits the time left (less ``WRAP_UP_S``); the first that does not
-    fit and every one after it get status ``no budget``. After a failed correctness step, later steps are
-    ``skipped``. When the budget runs out mid-step, the step is stopped (``cut short``; its CSV is resumed
+    After a failed correctness step, every later step that is not one is ``skipped``. Otherwise a step
+    starts only while its estimate fits the time left (less ``WRAP_UP_S``); the first that does not fit and
+    every one after it get status ``no budget``. When the budget runs out mid-step, the step is stopped (``cut short``; its CSV is resumed
     by the next run); KeyboardInterrupt or SIGTERM stop the run (``interrupted``) and re-raise after the
     records are written."""
     start, run_id = clock() if start is None else start, time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -260,15 +260,15 @@ def run_steps(steps: list[Step], budget_s: float | None, cli: Callable[[list[str
             f.write(json.dumps({"run": run_id, "budget_s": budget_s, **rec}) + "\n")
 
     for step, rec in zip(steps, records):
-        left = None if budget_s is None else budget_s - (clock() - start) - WRAP_UP_S
-        if left is not None and step.estimate_s > left:
-            echo(f"== {step.name}: not started, estimate {step.estimate_s:.0f} s > {max(left, 0):.0f} s left")
-            break
         if not correct and not step.correctness:
             rec["status"] = "skipped"
             rec["failures"] = ["kernels failed their correctness checks: no timing taken"]
             write(rec)
             continue
+        left = None if budget_s is None else budget_s - (clock() - start) - WRAP_UP_S
+        if left is not None and step.estimate_s > left:
+            echo(f"== {step.name}: not started, estimate {step.estimate_s:.0f} s > {max(left, 0):.0f} s left")
+            break
         echo(f"== {step.name} (estimate {step.estimate_s:.0f} s): {step.what}")
         began = clock()
         try:

@@ -57,6 +57,14 @@ def test_plan_under_budget_in_priority_order(real_steps, budget, expected):
     assert sum(s.estimate_s for s in chosen) + gpucheck_steps.WRAP_UP_S <= (budget or float("inf"))
 
 
+def test_plan_with_mamba_ssm_present(tmp_path):
+    """mamba_ssm adds a backend check and becomes the paper step's scan; 420 s still delivers steps 1-3."""
+    steps = gpucheck_steps.build_steps(tmp_path, ["cpu", "triton", "mamba_ssm"])
+    assert [s.name for s in gpucheck_steps.plan(steps, 420)[0]] == ["check", "tests", "paper", "floor"]
+    assert steps[2].argvs[0][:5] == ["scaling", "--preset", "paper", "--scan", "mamba_ssm"]
+    assert steps[0].estimate_s == 3 * gpucheck_steps.COST["check_s"]
+
+
 def test_forward_estimate_closed_form():
     """DeiT-Ti eager at 1248, batch 64: 407.64 GFLOPs per image (341.24 of them QK^T and AV) at 40 TFLOP/s,
     plus the score matrix's 16 bytes per element = flops_attention / 16 bytes at 2.5 TB/s."""
@@ -119,11 +127,12 @@ def test_run_stops_starting_steps_that_would_overrun(tmp_path):
 def test_failed_correctness_skips_every_later_timing(tmp_path):
     clock, ran = FakeClock(), []
     steps = [fake_step("check", 1, clock, failures=["triton: out differs"], correctness=True, ran=ran),
-             fake_step("tests", 1, clock, correctness=True, ran=ran), fake_step("paper", 1, clock, ran=ran)]
-    records = gpucheck_steps.run_steps(steps, None, lambda argv: 0, tmp_path / "s.jsonl", echo=lambda _: None,
+             fake_step("tests", 1, clock, correctness=True, ran=ran), fake_step("paper", 1, clock, ran=ran),
+             fake_step("kernels", 1000, clock, ran=ran)]
+    records = gpucheck_steps.run_steps(steps, 100, lambda argv: 0, tmp_path / "s.jsonl", echo=lambda _: None,
                                        clock=clock)
     assert ran == ["check", "tests"]
-    assert [r["status"] for r in records] == ["failed", "ok", "skipped"]
+    assert [r["status"] for r in records] == ["failed", "ok", "skipped", "skipped"]
 
 
 def test_budget_spent_mid_step_cuts_it_short(tmp_path):
