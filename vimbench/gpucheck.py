@@ -220,10 +220,12 @@ def write_summary(out: Path) -> Path:
             "INCORRECT": "KERNELS INCORRECT: no timing was taken after the failed check"
                          + ("; the timings below are untrusted" if timed else ""),
             "not checked": "kernel correctness not checked" + (": the timings below are untrusted" if timed else "")}
-    interrupted = [s["name"] for s in steps if s["status"] == "interrupted" or s["status"].startswith("cut short")]
+    interrupted = [f"{s['name']} ({s['status']})" for s in steps
+                   if s["status"] == "interrupted" or s["status"].startswith("cut short")]
     no_budget = [f"{s['name']} (estimate {s['estimate_s']:.0f} s)" for s in steps if s["status"] == "no budget"]
-    versions = ", ".join(f"{k} {env[k]}" for k in ("driver_version", "cuda_version", "torch_version",
-                                                   "triton_version") if env.get(k))
+    versions = ", ".join(f"{label} {env[k]}" for k, label in (("driver_version", "driver"), ("cuda_version", "CUDA"),
+                                                              ("torch_version", "torch"), ("triton_version", "triton"))
+                         if env.get(k))
     lines = [f"# GPU check: {card}: {head[verdict]}", "",
              f"- **Card:** {card}" + (f" ({versions})" if versions else ""),
              f"- **Kernels correct?** {verdict}: {detail}",

@@ -96,7 +96,8 @@ def index_line(folder: Path, rel: str) -> str:
     machine = ", ".join(filter(None, [env.get("device_name", "GPU"),
                                       *(f"{k.removesuffix('_version')} {env[k]}" for k in
                                         ("driver_version", "torch_version", "triton_version") if env.get(k))]))
-    verdict = (folder / "summary.md").read_text().splitlines()[0].removeprefix("# GPU check: ")
+    card = env.get("device_name", "")
+    verdict = (folder / "summary.md").read_text().splitlines()[0].removeprefix(f"# GPU check: {card}: ")
     report = f"; paper-preset [report]({rel}/report/report.md)" if (folder / "report" / "report.md").exists() else ""
     command = env.get("command", "vimbench gpu-check")
     return f"| [{rel}/]({rel}/) | {machine} | [summary]({rel}/summary.md): {verdict}{report} | `{command}` |"

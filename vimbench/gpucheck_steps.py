@@ -247,9 +247,9 @@ def run_steps(steps: list[Step], budget_s: float | None, cli: Callable[[list[str
 
     After a failed correctness step, every later step that is not one is ``skipped``. Otherwise a step
     starts only while its estimate fits the time left (less ``WRAP_UP_S``); the first that does not fit and
-    every one after it get status ``no budget``. When the budget runs out mid-step, the step is stopped (``cut short``; its CSV is resumed
-    by the next run); KeyboardInterrupt or SIGTERM stop the run (``interrupted``) and re-raise after the
-    records are written."""
+    every one after it get status ``no budget``. When the budget runs out mid-step, the step is stopped
+    (``cut short``; its CSV is resumed by the next run); KeyboardInterrupt or SIGTERM stop the run
+    (``interrupted``) and re-raise after the record is written."""
     start, run_id = clock() if start is None else start, time.strftime("%Y-%m-%dT%H:%M:%S")
     records = [dict(name=s.name, what=s.what, estimate_s=round(s.estimate_s, 1), actual_s=None, status="no budget",
                     failures=[]) for s in steps]

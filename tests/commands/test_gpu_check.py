@@ -204,7 +204,7 @@ def test_interrupted_run_still_writes_its_archive(fake_gpu, tmp_path, stop, code
         env = json.loads(tar.extractfile(f"{top}/environment.json").read())
     assert summary.splitlines()[0] == ("# GPU check: NVIDIA H200: kernel correctness not checked: the timings "
                                        "below are untrusted")
-    assert "stopped during: paper" in summary
+    assert "stopped during: paper (interrupted)" in summary
     assert env["device_name"] == "NVIDIA H200" and env["budget_s"] == 420 and "clocks_end" in env
     assert env["command"] == "vimbench gpu-check --budget 420 --archive gpu.tar.gz --out-dir run"
 
@@ -229,7 +229,7 @@ def test_unpack_recreates_the_folder_and_indexes_it(fake_gpu, tmp_path, capsys):
     assert summary[6] == "- **Not run for lack of budget:** kernels (estimate 10000 s)"
     readme = (tmp_path / "results" / "README.md").read_text().splitlines()
     assert readme[4].startswith(f"| [gpu/{top}/](gpu/{top}/) | NVIDIA H200")
-    assert "kernels correct" in readme[4] and f"[report](gpu/{top}/report/report.md)" in readme[4]
+    assert "summary.md): kernels correct;" in readme[4] and f"[report](gpu/{top}/report/report.md)" in readme[4]
     assert readme[5].startswith("| [cpu-2026-12-01/]")
     assert not any(line.startswith("| gpu/ |") for line in readme) and readme[-1] == "Text after."
     capsys.readouterr()
