@@ -206,7 +206,8 @@ def floor_line(floors: pd.DataFrame | None) -> str:
 
 def write_summary(out: Path) -> Path:
     """``out/summary.md`` from what the steps left in ``out``. Its first line gives the card and whether the
-    kernels are correct (when they are not, or were not checked, it says the timings are untrusted); the
+    kernels are correct (when they are not, no timing is shown; when they were not checked, the timings are
+    called untrusted); the
     next lines say in plain words: the card, correctness, Vim-Ti/DeiT-Ti at 1248 in the paper's setting,
     the Triton scan against its floor, what did not run for lack of budget; then each step's estimate and
     actual seconds; then the details. Every part that has not run is named as such."""
@@ -214,11 +215,12 @@ def write_summary(out: Path) -> Path:
     tests = _json(out / "tests.json")
     card = env.get("device_name") or facts.get("card", "card unknown")
     verdict, detail = correctness(out)
-    steps, floors = latest_steps(out), _floors(out, facts)
+    steps, trusted = latest_steps(out), verdict != "INCORRECT"
+    floors = _floors(out, facts) if trusted else None  # correctness gates speed: no timing of failed kernels
+    withheld = "withheld: the kernels failed their correctness checks"
     timed = any(out.glob("*.csv"))
     head = {"correct": "kernels correct",
-            "INCORRECT": "KERNELS INCORRECT: no timing was taken after the failed check"
-                         + ("; the timings below are untrusted" if timed else ""),
+            "INCORRECT": "KERNELS INCORRECT: no timing is taken or shown after a failed correctness check",
             "not checked": "kernel correctness not checked" + (": the timings below are untrusted" if timed else "")}
     interrupted = [f"{s['name']} ({s['status']})" for s in steps
                    if s["status"] == "interrupted" or s["status"].startswith("cut short")]
@@ -229,8 +231,9 @@ def write_summary(out: Path) -> Path:
     lines = [f"# GPU check: {card}: {head[verdict]}", "",
              f"- **Card:** {card}" + (f" ({versions})" if versions else ""),
              f"- **Kernels correct?** {verdict}: {detail}",
-             f"- **Vim-Ti vs DeiT-Ti at 1248 px, the paper's setting** (fp32, batch 64, backbone): {paper_1248(out)}",
-             f"- **Triton scan against its floor:** {floor_line(floors)}",
+             f"- **Vim-Ti vs DeiT-Ti at 1248 px, the paper's setting** (fp32, batch 64, backbone): "
+             f"{paper_1248(out) if trusted else withheld}",
+             f"- **Triton scan against its floor:** {floor_line(floors) if trusted else withheld}",
              f"- **Not run for lack of budget:** {', '.join(no_budget) or 'nothing'}"
              + (f"; stopped during: {', '.join(interrupted)}" if interrupted else ""), "",
              f"Folder `{out.name}`, written by `vimbench gpu-check`; environment.json has the card, driver, "
@@ -254,9 +257,10 @@ def write_summary(out: Path) -> Path:
         lines += _md_table(floors) + ["", f"floor = max(bytes / measured copy bandwidth, exp2 count / measured "
                                           f"exp2 rate); goal: ratio <= {PERF_GOAL} at vim_tiny L=6085, batch 64."]
     else:
-        lines += ["not run"]
+        lines += ["not run" if trusted else withheld]
     lines += ["", "## Scaling, claim check and predicted vs measured memory", ""]
-    lines += ["see [report/report.md](report/report.md)" if (out / "report" / "report.md").exists() else "not run"]
+    lines += [withheld if not trusted else "see [report/report.md](report/report.md)"
+              if (out / "report" / "report.md").exists() else "not run"]
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path

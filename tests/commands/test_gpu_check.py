@@ -340,8 +340,10 @@ def test_summary_first_line_says_when_timings_are_untrusted(tmp_path):
     assert first() == "# GPU check: card unknown: kernel correctness not checked: the timings below are untrusted"
     (tmp_path / "check.json").write_text(json.dumps({"triton": {"status": "ok", "check_ok": False, "checked": 3,
                                                                 "check_failure": "odd-L: out differs"}}))
-    assert first() == ("# GPU check: card unknown: KERNELS INCORRECT: no timing was taken after the failed check; "
-                       "the timings below are untrusted")
+    assert first() == ("# GPU check: card unknown: KERNELS INCORRECT: no timing is taken or shown after a failed "
+                       "correctness check")
+    text = (tmp_path / "summary.md").read_text()
+    assert "img/s" not in text and text.count("withheld: the kernels failed their correctness checks") == 4
     empty = tmp_path / "empty"
     empty.mkdir()
     text = gpucheck.write_summary(empty).read_text()
