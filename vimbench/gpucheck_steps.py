@@ -16,28 +16,35 @@ Steps (``build_steps``), highest priority first; each writes under one output fo
 ``check`` and ``tests`` are the correctness steps: when one fails, no later step takes a timing.
 
 ESTIMATES (seconds, ``COST``) are built from each step's configurations, resolutions and batch, for an
-H100 or H200 with a cold Triton cache:
+H100 or H200, starting with a cold Triton cache (Triton keeps compiled kernels on disk, so a specialisation
+compiled once is loaded, not compiled, by every later process):
+    check                  per backend (``check_estimate``): triton a worker plus its specialisations for
+                           check.CASES (6 shapes x 2 dtypes x with/without extras = 24) at compile_s each;
+                           check_other_s for cpu and mamba_ssm (nothing to compile)
+    tests                  tests_s: ~55 Triton specialisations (the shapes of test_scan_cuda.py fall into ~6
+                           classes of divisibility, x 3 dtypes x (2 extras + bidirectional)) at compile_s, ~0.2 M
+                           steps of the sequential reference at ~0.1 ms (launch bound), pytest's start-up
     scaling configuration  worker_s + 25 forwards (warmup 5 + repeats 20), each forward
                            FLOPs / fp32_flops_s, plus for eager attention the (b, H, L, L) score matrix
                            written, read and written by the softmax and read by AV (4 x 4 bytes per element
                            in fp32, i.e. flops_attention / 16 bytes at head_dim 64) / hbm_bytes_s
-    kernels configuration  worker_s + op_s (do_bench runs ~0.1 s of calls, then one memory pass)
-    check                  check_s per backend (a worker, ~10 Triton specialisations, 24 small cases)
-    tests                  tests_s: 82 cases, ~30 Triton specialisations compiled at ~2 s, ~0.2 M steps of the
-                           sequential reference at ~0.1 ms (launch bound), pytest's start-up
+    kernels run            step_s + check_other_s per scan checked (its kernels are compiled by then)
+                           + per configuration worker_s + op_s (do_bench runs ~0.1 s of calls, then a memory pass)
     each step              + step_s (imports, the sweep's worker server, the device ceilings)
 The rates are sustained, not peak: fp32 without TF32 runs on the CUDA cores (H100/H200 SXM peak
 67 TFLOP/s), and HBM sustains ~2.5 TB/s of the H100 SXM's 3.35 (the H200 has 4.8).
 
 WHY 420 s DELIVERS STEPS 1-3 on an H100/H200 (triton and cpu present; ``estimate_s`` rounded):
-    check 2 x 15 = 30 s; tests 100 s; paper 171 s (15 configurations: 45 s of workers and 91 s of forwards,
-    DeiT-Ti eager 52 s of them, 30 s at 1248 alone, DeiT-Ti sdpa 29 s, Vim-Ti 9 s; 10 s start, 25 s for the
-    report with its figures); floor 42 s (the exp2 rate 5 s, start 10 s, the triton check 15 s, 3 ops at
-    4 s). Total 343 s + ``WRAP_UP_S`` 10 s for the summary and archive = 353 s, leaving 67 s (16%) for what
+    check 39 + 8 = 47 s; tests 115 s (55 x 1.5 = 83 s compiling, ~19 s of reference steps, ~13 s start and
+    the vim_tiny forward); paper 171 s (15 configurations: 45 s of workers and 91 s of forwards, DeiT-Ti
+    eager 52 s of them, 30 s at 1248 alone, DeiT-Ti sdpa 29 s, Vim-Ti 9 s; 10 s start, 25 s for the report
+    with its figures); floor 35 s (the exp2 rate 5 s, start 10 s, the triton check 8 s, 3 ops at 4 s).
+    Total 368 s + ``WRAP_UP_S`` 10 s for the summary and the archive = 378 s, leaving 42 s (10%) for what
     the model leaves out: Vim's elementwise passes (~0.2 s per forward at 1248, batch 64: ~13 s over the
-    paper's resolutions) and slower CPUs in the parent. The tests check the plans for 60, 420 and 3600 s
-    (check only; steps 1-3; everything). Each run records every step's actual seconds beside its estimate
-    (steps.jsonl and the summary), so the constants can be corrected from data.
+    paper's resolutions) and planning in the parent (the FLOP counts, a few seconds). With mamba_ssm
+    present its check adds 8 s (and 60 s no longer fits the check step). The tests check the plans for 60,
+    420 and 3600 s (check only; steps 1-3; everything). Each run records every step's actual seconds beside
+    its estimate (steps.jsonl and the summary), so the constants can be corrected from data.
 """
 from __future__ import annotations
 
@@ -56,8 +63,8 @@ from vimbench.analysis.paper import PAPER_SETTING_OPTIONS
 from vimbench.gpucheck import FLOOR, with_resume
 from vimbench.measure.model import DEFAULT_TIMING
 
-COST = dict(worker_s=3.0, op_s=1.0, step_s=10.0, check_s=15.0, tests_s=100.0, report_s=25.0, exp2_s=5.0,
-            plot_s=5.0, fp32_flops_s=40e12, hbm_bytes_s=2.5e12)
+COST = dict(worker_s=3.0, op_s=1.0, step_s=10.0, compile_s=1.5, check_other_s=8.0, tests_s=115.0, report_s=25.0,
+            exp2_s=5.0, plot_s=5.0, fp32_flops_s=40e12, hbm_bytes_s=2.5e12)
 """The cost model's constants: seconds, FLOP/s (2 FLOPs per multiply-add) and bytes/s; see the docstring."""
 FORWARDS = DEFAULT_TIMING["cuda"]["warmup"] + DEFAULT_TIMING["cuda"]["repeats"]
 """Forwards per scaling configuration on a GPU: warmup + timed (25)."""
@@ -95,6 +102,14 @@ def scan_backends_present() -> list[str]:
     return ["cpu", "triton"] + (["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else [])
 
 
+def check_estimate(backend: str) -> float:
+    """Seconds of ``check_backend`` of ``backend`` on CUDA in a worker, Triton's cache cold (see COST)."""
+    if backend != "triton":
+        return COST["check_other_s"]
+    from vimbench.kernels.selective_scan.check import CASES
+    return COST["worker_s"] + len(CASES) * 2 * 2 * COST["compile_s"]  # x 2 dtypes x with/without extras
+
+
 def fastest_scan(present: list[str]) -> str:
     """What ``--scan auto`` resolves to on CUDA: mamba_ssm when present, else triton."""
     return "mamba_ssm" if "mamba_ssm" in present else "triton"
@@ -129,7 +144,7 @@ def paper_res_batch() -> tuple[tuple[int, ...], int]:
 
 def kernels_estimate(n_configs: int, n_checked: int) -> float:
     """Seconds of one ``vimbench kernels`` run: its scan checks, ceilings and ``n_configs`` op timings."""
-    return COST["step_s"] + n_checked * COST["check_s"] + n_configs * (COST["worker_s"] + COST["op_s"])
+    return COST["step_s"] + n_checked * COST["check_other_s"] + n_configs * (COST["worker_s"] + COST["op_s"])
 
 
 def op_configs_count(n_res: int, vim: tuple[int, int] = (0, 0), deit: tuple[int, int] = (0, 0)) -> int:
@@ -172,7 +187,7 @@ def build_steps(out: Path, present: list[str] | None = None) -> list[Step]:
     return [
         # priority 0, first of all: a preflight step (does the card work at all?) goes here when there is one
         Step("check", f"scan backends {', '.join(present)} against the reference on CUDA",
-             len(present) * COST["check_s"], lambda cli: gpucheck.run_checks(out, present), correctness=True),
+             sum(map(check_estimate, present)), lambda cli: gpucheck.run_checks(out, present), correctness=True),
         Step("tests", "CUDA tests of the Triton scan (tests/kernels/test_scan_cuda.py)",
              COST["tests_s"], lambda cli: gpucheck.run_tests(out), correctness=True),
         cli_step("paper", f"scaling --preset paper --scan {fast}, and its report (claim check)",
