@@ -243,6 +243,8 @@ def test_unpack_recreates_the_folder_and_indexes_it(fake_gpu, tmp_path, capsys):
     (["--budget", "abc"], "'abc' is not a valid float"),
     (["--budget", "0"], "--budget"),
     (["--budget", "-5"], "--budget"),
+    (["--budget", "nan"], "not a finite number of seconds"),
+    (["--budget", "inf"], "not a finite number of seconds"),
     (["--archive", "gpu.zip"], "must end in .tar.gz or .tgz"),
     (["--archive", "missing/gpu.tar.gz"], "does not exist"),
     (["--archive", "old.tar.gz"], "exists already"),

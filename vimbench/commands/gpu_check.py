@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from pathlib import Path
 
@@ -14,8 +15,15 @@ from vimbench.errors import InputError
 from vimbench.measure.env import environment
 
 
+def _finite(budget):
+    if budget is not None and not math.isfinite(budget):
+        raise click.BadParameter(f"{budget} is not a finite number of seconds", param_hint="'--budget'")
+    return budget
+
+
 @click.command("gpu-check")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              callback=lambda ctx, param, v: _finite(v),
               help="Stop starting steps whose estimate would overrun this many seconds [no limit].")
 @click.option("--archive", default=None, metavar="PATH",
               help="Also pack every output into PATH (.tar.gz), at the end, when the budget is spent or "
