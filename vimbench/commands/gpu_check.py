@@ -56,16 +56,16 @@ def command(ctx, budget, archive, unpack_archive, out_dir):
     card, today = torch.cuda.get_device_name(0), datetime.date.today()
     out = Path(out_dir) if out_dir else gpucheck.default_out(card, today)
     out.mkdir(parents=True, exist_ok=True)
-    steps = gpucheck_steps.build_steps(out)
-    chosen, left_out = gpucheck_steps.plan(steps, budget)
-    click.echo(f"plan: {', '.join(f'{s.name} ~{s.estimate_s:.0f} s' for s in chosen) or 'nothing fits'}"
-               + (f"; no budget for: {', '.join(s.name for s in left_out)}" if left_out else ""))
-    gpucheck_archive.write_environment(out, {**environment(torch.device("cuda:0")), "command": command_line(ctx),
-                                             "budget_s": budget}, "start")
     from vimbench.commands import main  # each step's command line runs through the CLI entry point
     code = 1
     try:
         with gpucheck_steps.sigterm_raises():
+            gpucheck_archive.write_environment(out, {**environment(torch.device("cuda:0")),
+                                                     "command": command_line(ctx), "budget_s": budget}, "start")
+            steps = gpucheck_steps.build_steps(out)
+            chosen, left_out = gpucheck_steps.plan(steps, budget)
+            click.echo(f"plan: {', '.join(f'{s.name} ~{s.estimate_s:.0f} s' for s in chosen) or 'nothing fits'}"
+                       + (f"; no budget for: {', '.join(s.name for s in left_out)}" if left_out else ""))
             records = gpucheck_steps.run_steps(steps, budget, main, out / "steps.jsonl", echo=click.echo,
                                                start=started)
         code = 1 if any(r["status"] in ("failed", "skipped") for r in records) else 0
@@ -74,12 +74,19 @@ def command(ctx, budget, archive, unpack_archive, out_dir):
     except gpucheck_steps.Terminated:
         code = 143
     finally:
+        _wrap_up(out, archive_path, gpucheck_archive.archive_name(card, today))
+    if code in (130, 143):
+        click.echo(f"gpu-check: interrupted; summary{' and archive' if archive_path else ''} written", err=True)
+    return code
+
+
+def _wrap_up(out: Path, archive_path: Path | None, top: str) -> None:
+    """The summary, then the archive: a summary that fails to write is reported and the archive still made."""
+    try:
         gpucheck_archive.write_environment(out, {}, "end")
         click.echo(f"wrote {gpucheck.write_summary(out)}")
-        if archive_path:
-            top = gpucheck_archive.archive_name(card, today)
-            click.echo(f"wrote {gpucheck_archive.write_archive(out, archive_path, top)}; bring it home and run "
-                       f"`vimbench gpu-check --unpack {archive_path.name}` in your checkout")
-    if code in (130, 143):
-        click.echo("gpu-check: interrupted; summary and archive written", err=True)
-    return code
+    except Exception as e:  # the archive of the results matters more than their summary
+        click.echo(f"gpu-check: the summary failed: {type(e).__name__}: {e}", err=True)
+    if archive_path:
+        click.echo(f"wrote {gpucheck_archive.write_archive(out, archive_path, top)}; bring it home and run "
+                   f"`vimbench gpu-check --unpack {archive_path.name}` in your checkout")
