@@ -1,0 +1,308 @@
+"""The GPU check's steps in priority order, their time estimates, and running them within a budget.
+
+Steps (``build_steps``), highest priority first; each writes under one output folder:
+    check    every scan backend present on CUDA (cpu, triton, mamba_ssm when it imports) against the
+             sequential reference (``kernels/selective_scan/check.py``), one worker each      -> check.json
+    tests    the CUDA tests of the Triton scan (tests/kernels/test_scan_cuda.py)              -> tests.json
+    paper    ``vimbench scaling --preset paper`` with the fastest scan present, and ``vimbench report``
+             (the claim check)                                         -> scaling-paper.csv, report/
+    floor    the card's exp2 rate and CUDA context, and ``vimbench kernels`` for the Triton scan at the
+             Vim-Ti 1248 shape (L = 6085), batch 64, fp32: the scan against its floor
+                                                                        -> facts.json, kernels-b64-fp32.csv
+    kernels  the wider kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248 (5 points), batch 1 fp32 and
+             batch 64 fp32/bf16, every scan and attention backend (the floor step's rows are resumed)
+                                                                        -> kernels-*.csv
+    figures  ``vimbench plot`` of every kernels CSV                    -> figures/
+``check`` and ``tests`` are the correctness steps: when one fails, no later step takes a timing.
+
+ESTIMATES (seconds, ``COST``) are built from each step's configurations, resolutions and batch, for an
+H100 or H200, starting with a cold Triton cache (Triton keeps compiled kernels on disk, so a specialisation
+compiled once is loaded, not compiled, by every later process):
+    check                  per backend (``check_estimate``): triton a worker plus its specialisations for
+                           check.CASES (6 shapes x 2 dtypes x with/without extras = 24) at compile_s each;
+                           check_other_s for cpu and mamba_ssm (nothing to compile)
+    tests                  tests_s: ~55 Triton specialisations (the shapes of test_scan_cuda.py fall into ~6
+                           classes of divisibility, x 3 dtypes x (2 extras + bidirectional)) at compile_s, ~0.2 M
+                           steps of the sequential reference at ~0.1 ms (launch bound), pytest's start-up
+    scaling configuration  worker_s + 25 forwards (warmup 5 + repeats 20), each forward
+                           FLOPs / fp32_flops_s, plus for eager attention the (b, H, L, L) score matrix
+                           written, read and written by the softmax and read by AV (4 x 4 bytes per element
+                           in fp32, i.e. flops_attention / 16 bytes at head_dim 64) / hbm_bytes_s
+    kernels run            step_s + check_other_s per scan checked (its kernels are compiled by then)
+                           + per configuration worker_s + op_s (do_bench runs ~0.1 s of calls, then a memory pass)
+    each step              + step_s (imports, the sweep's worker server, the device ceilings)
+The rates are sustained, not peak: fp32 without TF32 runs on the CUDA cores (H100/H200 SXM peak
+67 TFLOP/s), and HBM sustains ~2.5 TB/s of the H100 SXM's 3.35 (the H200 has 4.8).
+
+WHY 420 s DELIVERS STEPS 1-3 on an H100/H200 (triton and cpu present; ``estimate_s`` rounded):
+    check 39 + 8 = 47 s; tests 115 s (55 x 1.5 = 83 s compiling, ~19 s of reference steps, ~13 s start and
+    the vim_tiny forward); paper 171 s (15 configurations: 45 s of workers and 91 s of forwards, DeiT-Ti
+    eager 52 s of them, 30 s at 1248 alone, DeiT-Ti sdpa 29 s, Vim-Ti 9 s; 10 s start, 25 s for the report
+    with its figures); floor 35 s (the exp2 rate 5 s, start 10 s, the triton check 8 s, 3 ops at 4 s).
+    Total 368 s + ``WRAP_UP_S`` 10 s for the summary and the archive = 378 s, leaving 42 s (10%) for what
+    the model leaves out: Vim's elementwise passes (~0.2 s per forward at 1248, batch 64: ~13 s over the
+    paper's resolutions) and planning in the parent (the FLOP counts, a few seconds). With mamba_ssm
+    present its check adds 8 s (and 60 s no longer fits the check step). The tests check the plans for 60,
+    420 and 3600 s (check only; steps 1-3; everything). Each run records every step's actual seconds beside
+    its estimate (steps.jsonl and the summary), so the constants can be corrected from data.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from vimbench import gpucheck
+from vimbench.analysis.paper import PAPER_SETTING_OPTIONS
+from vimbench.gpucheck import FLOOR, with_resume
+from vimbench.measure.model import DEFAULT_TIMING
+
+COST = dict(worker_s=3.0, op_s=1.0, step_s=10.0, compile_s=1.5, check_other_s=8.0, tests_s=115.0, report_s=25.0,
+            exp2_s=5.0, plot_s=5.0, fp32_flops_s=40e12, hbm_bytes_s=2.5e12)
+"""The cost model's constants: seconds, FLOP/s (2 FLOPs per multiply-add) and bytes/s; see the docstring."""
+FORWARDS = DEFAULT_TIMING["cuda"]["warmup"] + DEFAULT_TIMING["cuda"]["repeats"]
+"""Forwards per scaling configuration on a GPU: warmup + timed (25)."""
+WRAP_UP_S = 10.0
+"""Budget kept back for writing the summary and the archive."""
+RES = "224,512,738,1024,1248"
+
+
+@dataclass
+class Step:
+    """One step: ``run(cli)`` does the work (``cli(argv) -> exit code`` runs a vimbench command line) and
+    returns the failures (empty: all went well). ``argvs``: the vimbench command lines it runs, if any.
+    A ``correctness`` step's failure stops every later timing."""
+    name: str
+    what: str
+    estimate_s: float
+    run: Callable[[Callable[[list[str]], int]], list[str]]
+    correctness: bool = False
+    argvs: tuple[list[str], ...] = ()
+
+
+def cli_step(name: str, what: str, estimate_s: float, *argvs: list[str],
+             before: Callable[[], list[str]] = list) -> Step:
+    """A step that runs ``before()`` and then the vimbench command lines ``argvs`` (sweeps resumed when their
+    CSV has rows); its failures are before's and each command line with a non-zero exit code."""
+    def run(cli):
+        failures = before()
+        codes = [(a, cli(with_resume(a))) for a in argvs]
+        return failures + [f"vimbench {' '.join(a)}: exit code {code}" for a, code in codes if code != 0]
+    return Step(name, what, estimate_s, run, argvs=argvs)
+
+
+def scan_backends_present() -> list[str]:
+    """The scan backends that can run on CUDA here, but the reference: cpu, triton, mamba_ssm when it imports."""
+    return ["cpu", "triton"] + (["mamba_ssm"] if importlib.util.find_spec("mamba_ssm") else [])
+
+
+def check_estimate(backend: str) -> float:
+    """Seconds of ``check_backend`` of ``backend`` on CUDA in a worker, Triton's cache cold (see COST)."""
+    if backend != "triton":
+        return COST["check_other_s"]
+    from vimbench.kernels.selective_scan.check import CASES
+    return COST["worker_s"] + len(CASES) * 2 * 2 * COST["compile_s"]  # x 2 dtypes x with/without extras
+
+
+def fastest_scan(present: list[str]) -> str:
+    """What ``--scan auto`` resolves to on CUDA: mamba_ssm when present, else triton."""
+    return "mamba_ssm" if "mamba_ssm" in present else "triton"
+
+
+@functools.cache
+def forward_s(model: str, res: int, batch: int, eager_attention: bool) -> float:
+    """Estimated seconds of one fp32 backbone forward of ``model`` at ``res``, batch ``batch`` (see COST)."""
+    from vimbench.count.flops import count_flops
+    flops = count_flops(model, res, batch)
+    score_bytes = flops["flops_attention"] / 16 if eager_attention else 0.0
+    return flops["flops_total"] / COST["fp32_flops_s"] + score_bytes / COST["hbm_bytes_s"]
+
+
+def scaling_estimate(pairs: list[tuple[str, str]], res: tuple[int, ...], batch: int) -> float:
+    """Seconds of a scaling sweep over (model, impl) ``pairs`` x ``res`` at ``batch``, without step_s."""
+    return sum(COST["worker_s"] + FORWARDS * forward_s(model, r, batch, impl == "eager")
+               for model, impl in pairs for r in res)
+
+
+def paper_pairs(scan: str) -> list[tuple[str, str]]:
+    """(model, backend) of ``scaling --preset paper --scan scan``: Vim models with ``scan``, DeiT with each attn."""
+    models, attns = PAPER_SETTING_OPTIONS["models_spec"].split(","), PAPER_SETTING_OPTIONS["attn_spec"].split(",")
+    return [(m, scan) for m in models if m.startswith("vim")] + \
+           [(m, a) for m in models if m.startswith("deit") for a in attns]
+
+
+def paper_res_batch() -> tuple[tuple[int, ...], int]:
+    """The paper preset's resolutions and batch."""
+    return tuple(int(r) for r in PAPER_SETTING_OPTIONS["res_spec"].split(",")), PAPER_SETTING_OPTIONS["batch"]
+
+
+def kernels_estimate(n_configs: int, n_checked: int) -> float:
+    """Seconds of one ``vimbench kernels`` run: its scan checks, ceilings and ``n_configs`` op timings."""
+    return COST["step_s"] + n_checked * COST["check_other_s"] + n_configs * (COST["worker_s"] + COST["op_s"])
+
+
+def op_configs_count(n_res: int, vim: tuple[int, int] = (0, 0), deit: tuple[int, int] = (0, 0)) -> int:
+    """Kernel configurations of a ``vimbench kernels`` run over ``n_res`` resolutions: ``vim`` and ``deit``
+    are (models, backends); each Vim model runs the Vim ops and each DeiT model the attention ops
+    (``vimbench.measure.ops.OPS``) once per backend."""
+    from vimbench.measure.ops import OPS
+    ops = {family: sum(spec.family == family for spec in OPS.values()) for family in ("vim", "deit")}
+    return n_res * (vim[0] * vim[1] * ops["vim"] + deit[0] * deit[1] * ops["deit"])
+
+
+def build_steps(out: Path, present: list[str] | None = None) -> list[Step]:
+    """Every step of the check, highest priority first, writing under ``out``."""
+    present = scan_backends_present() if present is None else present
+    fast = fastest_scan(present)
+    attn = "eager,sdpa,efficient,cudnn"
+
+    def kernels_argv(csv, *args):
+        return ["kernels", *args, "--out", str(out / csv)]
+
+    floor = kernels_argv("kernels-b64-fp32.csv", "--models", FLOOR["model"], "--scan", "triton",
+                         "--res", str(FLOOR["res"]), "--batch", str(FLOOR["batch"]), "--dtype", FLOOR["dtype"])
+    paper_csv = out / "scaling-paper.csv"
+    wide = [kernels_argv("kernels-b1-fp32.csv", "--models", "vim_tiny,vim_small,vim_base,deit_tiny",
+                         "--scan", ",".join(present), "--attn", attn, "--res", RES, "--batch", "1", "--dtype", "fp32"),
+            kernels_argv("kernels-ref.csv", "--models", "vim_tiny", "--scan", "ref", "--res", "224", "--batch", "1"),
+            *(kernels_argv(f"kernels-b64-{dtype}.csv", "--models", "vim_tiny,deit_tiny", "--scan", "triton",
+                           "--attn", attn + (",flash" if dtype != "fp32" else ""), "--res", RES, "--batch", "64",
+                           "--dtype", dtype) for dtype in ("fp32", "bf16"))]
+    n_res, n_floor = len(RES.split(",")), op_configs_count(1, vim=(1, 1))
+    wide_estimate = (kernels_estimate(op_configs_count(n_res, vim=(3, len(present)), deit=(1, 4)), len(present))
+                     + kernels_estimate(op_configs_count(1, vim=(1, 1)), 0)
+                     + kernels_estimate(op_configs_count(n_res, vim=(1, 1), deit=(1, 4)) - n_floor, 1)
+                     + kernels_estimate(op_configs_count(n_res, vim=(1, 1), deit=(1, 5)), 1))
+
+    def figures(cli):
+        return [f"vimbench plot {csv.name}: failed" for csv in sorted(out.glob("kernels-*.csv"))
+                if cli(["plot", str(csv), "--out-dir", str(out / "figures")]) != 0]
+
+    return [
+        # priority 0, first of all: a preflight step (does the card work at all?) goes here when there is one
+        Step("check", f"scan backends {', '.join(present)} against the reference on CUDA",
+             sum(map(check_estimate, present)), lambda cli: gpucheck.run_checks(out, present), correctness=True),
+        Step("tests", "CUDA tests of the Triton scan (tests/kernels/test_scan_cuda.py)",
+             COST["tests_s"], lambda cli: gpucheck.run_tests(out), correctness=True),
+        cli_step("paper", f"scaling --preset paper --scan {fast}, and its report (claim check)",
+                 COST["step_s"] + COST["report_s"]
+                 + scaling_estimate(paper_pairs(fast), *paper_res_batch()),
+                 ["scaling", "--preset", "paper", "--scan", fast, "--out", str(paper_csv)],
+                 ["report", str(paper_csv), "--out-dir", str(out / "report")]),
+        cli_step("floor", "Triton scan against its floor at vim_tiny 1248 px (L = 6085), batch 64, fp32",
+                 COST["exp2_s"] + kernels_estimate(n_floor, 1), floor, before=lambda: gpucheck.record_facts(out)),
+        cli_step("kernels", "kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248, batch 1 and 64, fp32 and "
+                 "bf16", wide_estimate, *wide),
+        Step("figures", "figures of the kernel sweeps (vimbench plot)", 4 * COST["plot_s"], figures),
+    ]
+
+
+def plan(steps: list[Step], budget_s: float | None) -> tuple[list[Step], list[Step]]:
+    """(steps to run, steps left out): the longest prefix of ``steps`` (priority order) whose estimates,
+    plus ``WRAP_UP_S``, fit ``budget_s`` (None: no budget, all of them)."""
+    total = WRAP_UP_S
+    for i, step in enumerate(steps):
+        total += step.estimate_s
+        if budget_s is not None and total > budget_s:
+            return steps[:i], steps[i:]
+    return list(steps), []
+
+
+class BudgetSpent(BaseException):
+    """The budget ran out while a step was running (raised by the SIGALRM handler of ``deadline``)."""
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM (raised by the handler ``sigterm_raises`` installs)."""
+
+
+@contextmanager
+def deadline(seconds: float | None):
+    """Raises ``BudgetSpent`` in the main thread after ``seconds`` (None: never); restores the old handler."""
+    def on_alarm(signum, frame):
+        raise BudgetSpent()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    if seconds is not None:
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@contextmanager
+def sigterm_raises():
+    """Within the block SIGTERM raises ``Terminated``, so that clean-up in ``finally`` (summary, archive) runs."""
+    def on_term(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run_steps(steps: list[Step], budget_s: float | None, cli: Callable[[list[str]], int], log: Path,
+              echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
+              start: float | None = None) -> list[dict]:
+    """Runs ``steps`` in order within ``budget_s`` seconds (None: no limit) and returns one record per step:
+    name, what, estimate_s, actual_s (None if it did not start), status (ok, failed, skipped, no budget,
+    cut short: budget spent, interrupted) and failures. Appends each record to ``log`` (JSON lines, with
+    the run's start time) as the step ends. The budget counts from ``start`` (a ``clock()`` reading;
+    default: now).
+
+    After a failed correctness step, every later step that is not one is ``skipped``. Otherwise a step
+    starts only while its estimate fits the time left (less ``WRAP_UP_S``); the first that does not fit and
+    every one after it get status ``no budget``. When the budget runs out mid-step, the step is stopped
+    (``cut short``; its CSV is resumed by the next run); KeyboardInterrupt or SIGTERM stop the run
+    (``interrupted``) and re-raise after the record is written."""
+    start, run_id = clock() if start is None else start, time.strftime("%Y-%m-%dT%H:%M:%S")
+    records = [dict(name=s.name, what=s.what, estimate_s=round(s.estimate_s, 1), actual_s=None, status="no budget",
+                    failures=[]) for s in steps]
+    correct = True
+
+    def write(rec):
+        with open(log, "a") as f:
+            f.write(json.dumps({"run": run_id, "budget_s": budget_s, **rec}) + "\n")
+
+    for step, rec in zip(steps, records):
+        if not correct and not step.correctness:
+            rec["status"] = "skipped"
+            rec["failures"] = ["kernels failed their correctness checks: no timing taken"]
+            write(rec)
+            continue
+        left = None if budget_s is None else budget_s - (clock() - start) - WRAP_UP_S
+        if left is not None and step.estimate_s > left:
+            echo(f"== {step.name}: not started, estimate {step.estimate_s:.0f} s > {max(left, 0):.0f} s left")
+            break
+        echo(f"== {step.name} (estimate {step.estimate_s:.0f} s): {step.what}")
+        began = clock()
+        try:
+            with deadline(left):
+                rec["failures"] = step.run(cli)
+            rec["status"] = "failed" if rec["failures"] else "ok"
+        except BudgetSpent:
+            rec["status"] = "cut short: budget spent"
+        except (KeyboardInterrupt, Terminated):
+            rec["status"] = "interrupted"
+            raise
+        finally:
+            rec["actual_s"] = round(clock() - began, 1)
+            write(rec)
+        if step.correctness and rec["status"] != "ok":
+            correct = False
+        if rec["status"].startswith("cut short"):
+            break
+    for rec in records:
+        if rec["status"] == "no budget":
+            write(rec)
+    return records
