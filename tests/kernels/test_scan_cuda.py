@@ -1,6 +1,6 @@
 """The compiled Triton scan on a real GPU against the sequential reference (skipped without CUDA).
 
-Run by `vimbench gpu-check` on a lent GPU. Every case draws fresh random inputs (the seed is in the test
+Run by `vimbench gpu-check` on a GPU. Every case draws fresh random inputs (the seed is in the test
 output on failure) and poisons the output buffers with NaN before the kernel runs, so unwritten elements
 fail. Shapes include the Vim-Ti/S/B widths at 224 and 1248 px.
 """
