@@ -9,12 +9,14 @@ whose object is a function of no arguments that registers them (``vimbench.regis
 
 A group is loaded the first time its registry is asked for a name it does not hold or for its list (never
 at ``import vimbench``). An entry point that fails to import, raises, or registers a name that is taken
-(a built-in's or another package's) is skipped with one line on stderr naming the package and why; the
-other backends and every command keep working. ``problems`` keeps those lines.
+(a built-in's or another package's) is skipped with one line on stderr naming the package and why (from
+the main process only, not from each measuring worker); the other backends and every command keep
+working. ``problems`` keeps those lines.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import multiprocessing
 import re
 import sys
 from dataclasses import dataclass
@@ -85,6 +87,7 @@ def load_group(group: str) -> None:
             line = (f"vimbench: skipped plug-in {ep.name!r} of package {package!r} ({group}): "
                     f"{type(e).__name__}: {' '.join(str(e).split())}")
             problems.append(line)
-            print(line, file=sys.stderr)
+            if multiprocessing.parent_process() is None:  # said once, by the command, not by each worker
+                print(line, file=sys.stderr)
         finally:
             _loading.pop()
