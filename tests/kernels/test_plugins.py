@@ -38,6 +38,16 @@ def test_entry_point_loads_lazily_and_the_backend_is_the_reference(example):
     assert check_named_backend("example")["check_ok"]
 
 
+def test_example_predicts_memory_through_its_fake(example):
+    got, ref = (predict_memory("vim_tiny", 32, 2, scan=s) for s in ("example", "ref"))
+    assert got["impl"] == "example" and got["mem_pred_weights_gib"] == ref["mem_pred_weights_gib"]
+    # activations: at least the model's (b, L, D) input and output; at most ref's plus one (b, E, L) float32
+    # tensor (measured: the example's wrapper of ref's fake predicts exactly that much more than ref)
+    b, L, D, E = 2, 5, 192, 384
+    assert 2 * b * L * D * 4 <= got["mem_pred_activations_gib"] * 2**30 <= \
+        ref["mem_pred_activations_gib"] * 2**30 + b * E * L * 4
+
+
 def test_broken_and_clashing_entry_points_are_one_line_each_and_the_rest_still_works(example, capsys):
     fake_install(example, "broken-plugin", {"fast": "no_such_module_here:register"})
     (example / "clash_plugin.py").write_text(

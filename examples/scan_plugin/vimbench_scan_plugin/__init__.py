@@ -15,8 +15,15 @@ def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Fals
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
+def fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """What ``scan`` allocates, run on fake tensors for memory prediction: the reference's allocations, as
+    vimbench's own fake of ``ref`` models them (a kernel of your own allocates its outputs and workspaces)."""
+    from vimbench.kernels.selective_scan import selective_scan_fake
+    out, last = selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, "ref")
+    return (out, last) if return_last_state else out
+
+
 def register() -> None:
     import vimbench
-    # the reference allocates the same on fake tensors as for real, so it is its own fake (memory prediction)
-    vimbench.register_scan_backend("example", scan, devices=("cpu", "cuda"), fake=scan,
+    vimbench.register_scan_backend("example", scan, devices=("cpu", "cuda"), fake=fake,
                                    description="the sequential reference scan, as a plug-in")
