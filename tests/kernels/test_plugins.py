@@ -109,3 +109,22 @@ def test_attention_plugin_is_usable_and_refuses_taken_names(fresh_plugins):
     with pytest.raises(ValueError, match="clashes with a built-in"):
         vimbench.register_attention_backend("sdpa", attention_eager, devices="cpu")
     assert vimbench.create_model("deit_tiny", img_size=32, attn="mine").blocks[0].attn.backend == "mine"
+
+
+def test_models_entry_point_adds_a_model_and_a_clash_is_one_line(fresh_plugins, monkeypatch, tmp_path, capsys):
+    (tmp_path / "model_plugin.py").write_text(
+        "from vimbench.models.registry import register_model\n"
+        "from vimbench.models.vim import VisionMamba\n"
+        "def register():\n"
+        "    register_model('vim_two_layers', 'vim', 'Vim-Ti with 2 layers')(\n"
+        "        lambda img_size, scan='auto': VisionMamba(img_size, embed_dim=192, depth=2, scan=scan))\n"
+        "def clash():\n"
+        "    register_model('vim_tiny', 'vim', 'another vim_tiny')(lambda img_size, scan='auto': None)\n")
+    fake_install(tmp_path, "model-plugin", {"two": "model_plugin:register", "again": "model_plugin:clash"},
+                 group="vimbench.models")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "vim_two_layers" in vimbench.list_models()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'again' of package 'model-plugin'" in err[0] and "'vim_tiny' clashes" in err[0]
+    net = vimbench.create_model("vim_two_layers", img_size=32, scan="ref")
+    assert len(net.layers) == 2 and net.family == "vim" and vimbench.model_entry("vim_tiny").description.startswith("Vim-Tiny")
