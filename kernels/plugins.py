@@ -47,7 +47,8 @@ class Plugin:
     package: str
 
 
-DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+DEVICE_TYPES = ("cpu", "cuda")
+"""The device types vimbench measures on."""
 
 
 def make_plugin(kind: str, name: str, fn: Callable, devices, fake: Callable | None, description: str,
