@@ -42,7 +42,8 @@ def _register():
     # One line per command module; each defines a Click command named after its module.
     from vimbench.commands import (check_backend, check_kernels, flops, gate, gpu_check, kernels, memory, models, plot,
                                    report, scaling)
-    for module in (models, flops, scaling, check_kernels, check_backend, plot, report, memory, kernels, gate, gpu_check):
+    for module in (models, flops, scaling, check_kernels, check_backend, plot, report, memory, kernels, gate,
+                   gpu_check):
         cli.add_command(module.command)
 
 
