@@ -42,7 +42,8 @@ def test_example_predicts_memory_through_its_fake(example):
     got, ref = (predict_memory("vim_tiny", 32, 2, scan=s) for s in ("example", "ref"))
     assert got["impl"] == "example" and got["mem_pred_weights_gib"] == ref["mem_pred_weights_gib"]
     # activations: at least the model's (b, L, D) input and output; at most ref's plus one (b, E, L) float32
-    # tensor (measured: the example's wrapper of ref's fake predicts exactly that much more than ref)
+    # tensor: the example's wrapper frames (its fake's as its scan's) hold the backward direction's flipped
+    # delta until the scan returns, where ref alone drops it at once (traced: exactly that much more)
     b, L, D, E = 2, 5, 192, 384
     assert 2 * b * L * D * 4 <= got["mem_pred_activations_gib"] * 2**30 <= \
         ref["mem_pred_activations_gib"] * 2**30 + b * E * L * 4
