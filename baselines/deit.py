@@ -12,7 +12,7 @@ from __future__ import annotations
 import timm
 import torch.nn as nn
 
-from vimbench.kernels.attention import ATTENTION_BACKENDS, attention
+from vimbench.kernels.attention import attention, attention_backends
 
 
 class BackendAttention(nn.Module):
@@ -38,8 +38,8 @@ class BackendAttention(nn.Module):
 
 def set_attention_backend(model: nn.Module, attn: str) -> None:
     """Sets the attention kernel of every block of a timm ViT-style ``model`` (replacing timm Attention)."""
-    if attn not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {attn!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+    if attn not in attention_backends():
+        raise ValueError(f"unknown attention backend {attn!r}; choose from {', '.join(attention_backends())}")
     for blk in model.blocks:
         if isinstance(blk.attn, BackendAttention):
             blk.attn.backend = attn

@@ -4,6 +4,8 @@ Run through ``vimbench gate``, which picks the clock (``vimbench.gate.CLOCKS``),
 (``vimbench.gate.SUITE_ENV``), compares with a baseline and prints milliseconds per call; or directly:
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 \
         pytest benchmarks --device cpu --benchmark-timer time.thread_time
+With ``--scan NAME`` the scan benchmarks, and ``test_vim_tiny_scan`` (the whole Vim-Ti forward), run with
+that backend alone (``vimbench gate --scan NAME``); without it the scan benchmarks run every built-in.
 Every benchmark times its workload with the ``calibrated`` fixture (``vimbench.gate.measure_calibrated``);
 pytest-benchmark's own table is per round, a round being ``extra_info['inner']`` calls (1 for workloads of
 5 ms or more on CPU, so the Vim-Ti 1248 pair compares directly there).
@@ -14,6 +16,7 @@ import pytest
 import torch
 from pytest_benchmark.utils import load_timer
 
+from vimbench.kernels.selective_scan import SCAN_BACKENDS
 from vimbench.gate import CPU_THREADS, Calibration, default_device, measure_calibrated, suite_environment
 
 SLOWDOWN_ENV = "VIMBENCH_BENCH_SLOWDOWN"
@@ -25,6 +28,16 @@ regression and check that the gate fails; nothing else should."""
 def pytest_addoption(parser):
     parser.addoption("--device", choices=("cpu", "cuda"), default=None,
                      help="Device the benchmarks run on (default: cuda when available, else cpu).")
+    parser.addoption("--scan", default=None, help="The one scan backend to benchmark, a plug-in's included "
+                                                  "(default: every built-in; the whole-model test needs it).")
+
+
+def pytest_generate_tests(metafunc):
+    scan = metafunc.config.option.scan
+    if "scan_backend" in metafunc.fixturenames:
+        metafunc.parametrize("scan_backend", [scan] if scan else SCAN_BACKENDS)
+    if "plugin_scan" in metafunc.fixturenames:
+        metafunc.parametrize("plugin_scan", [scan] if scan else [])
 
 
 def pytest_configure(config):

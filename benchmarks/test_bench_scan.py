@@ -1,12 +1,13 @@
 """Selective-scan backends at a fixed small shape, and at Vim-Ti's 1248 shape (the cpu-vs-ref claim).
 
 Shapes (b, E, L, N) follow kernels/selective_scan.py; inputs are float32 with D, z, delta_bias and
-softplus, as a Vim layer calls the scan.
+softplus, as a Vim layer calls the scan. ``scan_backend``: every built-in, or the one given by --scan
+(conftest.py).
 """
 import pytest
 import torch
 
-from vimbench.kernels.selective_scan import SCAN_BACKENDS, BackendUnavailable, check_scan_backend, selective_scan
+from vimbench.kernels.selective_scan import BackendUnavailable, check_scan_backend, selective_scan
 
 SMALL = {"cpu": (1, 384, 197, 16), "cuda": (8, 384, 1025, 16)}
 """Vim-Ti at 224 (L = 197) on CPU; Vim-Ti at 512 with batch 8 on CUDA."""
@@ -34,18 +35,16 @@ def _checked(backend, device):
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("backend", SCAN_BACKENDS)
-def test_scan(backend, device, calibrated, benchmark):
-    _checked(backend, device)
+def test_scan(scan_backend, device, calibrated, benchmark):
+    _checked(scan_backend, device)
     shape = SMALL[device.type]
     benchmark.group = f"scan {shape}"
     x = scan_inputs(*shape, device)
-    calibrated(lambda: selective_scan(**x, backend=backend))
+    calibrated(lambda: selective_scan(**x, backend=scan_backend))
 
 
-@pytest.mark.parametrize("backend", SCAN_BACKENDS)
-def test_scan_vim_tiny_1248(backend, device, calibrated, benchmark):
-    _checked(backend, device)
+def test_scan_vim_tiny_1248(scan_backend, device, calibrated, benchmark):
+    _checked(scan_backend, device)
     benchmark.group = f"scan Vim-Ti 1248 {VIM_TI_1248}"
     x = scan_inputs(*VIM_TI_1248, device)
-    calibrated(lambda: selective_scan(**x, backend=backend))
+    calibrated(lambda: selective_scan(**x, backend=scan_backend))

@@ -8,10 +8,13 @@ Shapes: q, k, v (b, H, L, d) -> (b, H, L, d). Backends (``ATTENTION_BACKENDS``):
     flash, efficient, math, cudnn
                SDPA forced to that kernel with torch.nn.attention.sdpa_kernel; a kernel that cannot run
                on the device/dtype/shape raises ``BackendUnavailable`` instead of falling back.
+Other packages add backends with ``register_attention_backend`` (``ATTENTION_PLUGINS``), directly or through
+the ``vimbench.attention_backends`` entry point; ``attention_backends()`` lists them all.
 """
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vimbench.errors import BackendUnavailable
+from vimbench.kernels.plugins import Plugin, load_group, make_plugin, owners
 
 _FORCED = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
            "math": SDPBackend.MATH}
@@ -62,6 +66,10 @@ def attention(q, k, v, backend: str = "sdpa"):
 
     On fake CUDA tensors (FakeTensorMode, memory prediction) the fused backends, and ``sdpa`` through
     ``sdpa_fused_kernel``, only allocate what the kernel allocates (``_fused_attention_fake``)."""
+    if backend not in ATTENTION_BACKENDS:
+        if backend not in attention_backends():
+            raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(attention_backends())}")
+        return _plugin_attention(ATTENTION_PLUGINS[backend], q, k, v)
     if isinstance(q, FakeTensor) and q.device.type == "cuda":
         kernel = sdpa_fused_kernel(q.dtype) if backend == "sdpa" else backend
         if kernel in _FUSED:
@@ -70,8 +78,6 @@ def attention(q, k, v, backend: str = "sdpa"):
         return attention_eager(q, k, v)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
     if backend not in _FORCED:
         raise BackendUnavailable(f"attention backend {backend!r} needs a newer torch ({torch.__version__})")
     try:
@@ -88,6 +94,9 @@ def check_attention_backend(backend: str, device, dtype: torch.dtype, head_dim: 
     """Raises ``BackendUnavailable`` if ``backend`` cannot run on (device, dtype, head_dim): a tiny probe."""
     if backend in ("eager", "sdpa") or torch.device(device).type == "meta":
         return
+    if backend in ATTENTION_PLUGINS and torch.device(device).type not in ATTENTION_PLUGINS[backend].devices:
+        raise BackendUnavailable(f"attention backend {backend!r} (package {ATTENTION_PLUGINS[backend].package!r}) "
+                                 f"runs on {', '.join(ATTENTION_PLUGINS[backend].devices)}")
     q = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype)
     attention(q, q, q, backend)
 
@@ -122,3 +131,33 @@ def sdpa_kernel_used(device, dtype: torch.dtype, L: int, head_dim: int, heads: i
     if torch.device(device).type == "meta":
         return "unknown"
     return _sdpa_choice(torch.device(device).type, dtype, L, head_dim, heads)
+
+
+
+ATTENTION_PLUGINS: dict[str, Plugin] = {}
+
+
+def register_attention_backend(name: str, fn: Callable, *, devices, fake: Callable | None = None,
+                               description: str = "") -> None:
+    """Adds attention backend ``name`` (``--attn NAME`` / ``attn=NAME`` everywhere). ``fn(q, k, v)`` computes
+    softmax(q k^T / sqrt(d)) v for q, k, v (b, H, L, d) -> (b, H, L, d) in q's dtype; ``devices`` the device
+    types it runs on; ``fake`` the same signature on fake tensors, allocating what ``fn`` allocates on a GPU
+    (memory prediction; without it a prediction says it is unavailable). ValueError for a taken name."""
+    ATTENTION_PLUGINS[name] = make_plugin("attention", name, fn, devices, fake, description,
+                                          owners(ATTENTION_BACKENDS, ATTENTION_PLUGINS))
+
+
+def attention_backends() -> tuple[str, ...]:
+    """Every attention backend name: the built-ins, then the plug-ins (entry points loaded on first use)."""
+    load_group("vimbench.attention_backends")
+    return ATTENTION_BACKENDS + tuple(ATTENTION_PLUGINS)
+
+
+def _plugin_attention(plugin: Plugin, q, k, v):
+    """A plug-in's attention; on fake tensors (memory prediction) its fake, or BackendUnavailable without one."""
+    if isinstance(q, FakeTensor):
+        if plugin.fake is None:
+            raise BackendUnavailable(f"memory prediction unavailable: attention backend {plugin.name!r} "
+                                     f"(package {plugin.package!r}) registered no fake")
+        return plugin.fake(q, k, v)
+    return plugin.fn(q, k, v)

@@ -1,7 +1,11 @@
 """Test helpers: one closeness check against the project's tolerance table (``check.TOLERANCES``), the
-scan input builder (``check.scan_case``), and NaN-poisoned allocations."""
+scan input builder (``check.scan_case``), NaN-poisoned allocations, and for plug-ins: a planted wrong scan,
+isolated registries (``fresh_plugins``) and an installed-looking distribution without pip (``fake_install``)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from vimbench.kernels.selective_scan.check import TOLERANCES, scan_case  # noqa: F401 (re-exported)
@@ -35,3 +39,43 @@ def poison_empty(monkeypatch) -> None:
     torch.utils._device._device_constructors()
     for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
         monkeypatch.setattr(owner, name, poisoned(getattr(owner, name)))
+
+
+def planted_wrong_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The reference scan with 0.1 added to every output of an odd length L > 1: passes L = 1, fails odd L
+    (check.CASES 'odd-L') by exactly 0.1."""
+    from vimbench.kernels.selective_scan import selective_scan_ref
+    out, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+    if u.shape[-1] % 2 == 1 and u.shape[-1] > 1:
+        out = out + 0.1
+    return (out, last) if return_last_state else out
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """A test with its own plug-in registries: entry points load afresh in it, and every backend or model it
+    registers is gone after it."""
+    from vimbench.kernels import attention, plugins
+    from vimbench.kernels.selective_scan import backends
+    from vimbench.models import registry
+    saved = [(d, dict(d)) for d in (backends.PLUGINS, backends.IMPLS, attention.ATTENTION_PLUGINS, registry._REGISTRY)]
+    monkeypatch.setattr(plugins, "_loaded", set())
+    monkeypatch.setattr(plugins, "problems", [])
+    yield
+    for d, old in saved:
+        d.clear()
+        d.update(old)
+
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "scan_plugin"
+
+
+def fake_install(site: Path, dist: str, entry_points: dict[str, str], group: str = "vimbench.scan_backends") -> None:
+    """What ``pip install`` leaves for importlib.metadata, without pip: ``site``/<dist>-0.1.dist-info with the
+    distribution's METADATA and ``entry_points`` ({name: "module:function"}) in ``group``. ``site`` must be
+    on sys.path (or PYTHONPATH) for the entry points to be seen."""
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))

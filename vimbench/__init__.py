@@ -6,6 +6,9 @@ try:
 except PackageNotFoundError:  # a checkout that was not installed
     __version__ = "0+unknown"
 
-from vimbench.models.registry import count_params, create_model, list_models, model_entry  # noqa: E402
+from vimbench.kernels.attention import register_attention_backend  # noqa: E402
+from vimbench.kernels.selective_scan import register_scan_backend  # noqa: E402
+from vimbench.models.registry import count_params, create_model, list_models, model_entry, register_model  # noqa: E402
 
-__all__ = ["__version__", "count_params", "create_model", "list_models", "model_entry"]
+__all__ = ["__version__", "count_params", "create_model", "list_models", "model_entry", "register_attention_backend",
+           "register_model", "register_scan_backend"]

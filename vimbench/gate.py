@@ -21,6 +21,14 @@ Timing gate
     (page-faulted on every call) depends on the process's allocation history, and the same scan took
     5.1 to 10.5 ms in fresh processes.
 
+    Correctness gates speed: before timing, every scan backend the suite would time is checked against
+    ``ref`` (``vimbench.measure.ops.check_scans``); one that fails is not timed (``run_suite``'s ``exclude``)
+    and fails the gate.
+
+    ``scan``: the gate of one scan backend, typically a plug-in in its own package's CI: the two scan
+    benchmarks (``SMALL`` and Vim-Ti 1248 shapes) and the whole Vim-Ti forward with that backend
+    (``SCAN_SUITE``, the suite run with ``--scan NAME``), against a baseline file the package keeps.
+
     A baseline (``benchmarks/baselines/<device class>.json``) holds, per benchmark, the reference, the
     median ratio over ``--runs`` runs (at least ``MIN_BASELINE_RUNS``), the spread of those runs and the
     threshold derived from it (``threshold_from_runs``). Every other run of ``record_runs`` has a synthetic
@@ -54,7 +62,7 @@ from pathlib import Path
 import torch
 
 from vimbench.measure.env import cpu_model, environment, slug
-from vimbench.errors import InputError
+from vimbench.errors import BackendUnavailable, InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_DIR = REPO_ROOT / "benchmarks"
@@ -202,6 +210,37 @@ def timing_baseline_path(device: str) -> Path:
     return BASELINE_DIR / f"{device_class(device)}.json"
 
 
+SCAN_SUITE = ("test_bench_scan.py", "test_bench_models.py::test_vim_tiny_scan")
+"""The benchmarks of one scan backend's gate (the suite run with ``--scan NAME``)."""
+
+
+def timed_scans(device: str, scan: str | None) -> list[str]:
+    """The scan backends the suite times on ``device``: ``scan`` alone for one backend's gate; else every
+    built-in that can run there (triton on CUDA only: the interpreter is not a benchmark)."""
+    from vimbench.kernels.selective_scan import SCAN_BACKENDS, check_scan_backend
+    if scan:
+        return [scan]
+    out = []
+    for name in SCAN_BACKENDS:
+        try:
+            check_scan_backend(name, device)
+        except BackendUnavailable:
+            continue
+        if name != "triton" or device == "cuda":
+            out.append(name)
+    return out
+
+
+def excluded_terms(failed: list[str], device: str) -> list[str]:
+    """pytest -k terms naming the benchmarks of the scan backends in ``failed``: their scan benchmarks
+    ('[name]'), and the default Vim-Ti forward when ``auto`` runs one of them on ``device``."""
+    from vimbench.kernels.selective_scan import resolve_scan_backend
+    terms = [f"[{name}]" for name in failed]
+    if resolve_scan_backend("auto", device) in failed:
+        terms.append("test_model[vim_tiny]")
+    return terms
+
+
 def run_ratios(bench_json: dict) -> dict[str, dict]:
     """{'<file>::<test>': {'ratios': {reference: ratio}, 'seconds', 'rounds'}} from one pytest-benchmark
     JSON of the suite: each ratio is the median over rounds of (seconds per call) / (that round's
@@ -218,22 +257,26 @@ def run_ratios(bench_json: dict) -> dict[str, dict]:
     return out
 
 
-def run_suite(device: str, select: str | None, log=print,
-              tests: list[str] | None = None) -> tuple[dict[str, dict], dict]:
+def run_suite(device: str, select: str | None, log=print, tests: list[str] | None = None, scan: str | None = None,
+              exclude: list[str] = ()) -> tuple[dict[str, dict], dict]:
     """Runs the benchmark suite once in a subprocess on ``device`` ('cpu' | 'cuda'), restricted to the
-    pytest ``-k`` expression ``select`` and to the benchmarks named in ``tests`` ('<file>::<test>') if
-    given. Returns (``run_ratios`` of it, the run's environment). InputError when nothing matches
+    pytest ``-k`` expression ``select``, to the benchmarks named in ``tests`` ('<file>::<test>') if
+    given, and without those matching a -k term in ``exclude``; with ``scan``, the ``SCAN_SUITE`` of that
+    backend. Returns (``run_ratios`` of it, the run's environment). InputError when nothing matches
     ``select``; RuntimeError (with pytest's output) when a benchmark fails."""
     if not SUITE_DIR.is_dir():
         raise InputError(f"benchmark suite not found at {SUITE_DIR}: run vimbench gate from a vimbench checkout")
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "bench.json"
-        paths = [str(SUITE_DIR / t) for t in tests] if tests else [str(SUITE_DIR)]
+        paths = [str(SUITE_DIR / t) for t in tests or (SCAN_SUITE if scan else [""])]
         cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider",
                f"--device={device}", f"--benchmark-timer={CLOCKS[device]}", "--benchmark-disable-gc",
                f"--benchmark-json={out_json}", "--benchmark-columns=median,iqr,rounds"]
-        if select:
-            cmd += ["-k", select]
+        if scan:
+            cmd += [f"--scan={scan}"]
+        terms = ([f"({select})"] if select else []) + [f"not {t}" for t in exclude]
+        if terms:
+            cmd += ["-k", " and ".join(terms)]
         start = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
                               env={**os.environ, **SUITE_ENV})
@@ -260,14 +303,16 @@ def cotenant():
         proc.wait()
 
 
-def record_runs(device: str, select: str | None, runs: int, log=print) -> list[tuple[dict[str, dict], dict]]:
-    """``runs`` results of ``run_suite``; the odd-numbered runs (2nd, 4th, ...) beside ``cotenant()``."""
+def record_runs(device: str, select: str | None, runs: int, log=print,
+                scan: str | None = None) -> list[tuple[dict[str, dict], dict]]:
+    """``runs`` results of ``run_suite`` (``scan`` as there); the odd-numbered runs (2nd, 4th, ...) beside
+    ``cotenant()``."""
     results = []
     for i in range(runs):
         beside = i % 2 == 1
         log(f"run {i + 1}/{runs} on {device}{' beside a co-tenant process' if beside else ''}")
         with cotenant() if beside else contextlib.nullcontext():
-            results.append(run_suite(device, select, log))
+            results.append(run_suite(device, select, log, scan=scan))
     return results
 
 
@@ -294,9 +339,10 @@ def threshold_from_runs(ratios: dict[str, list[float]]) -> dict:
             "spreads": spreads}
 
 
-def make_timing_baseline(device: str, runs: list[dict[str, dict]], env: dict, old: dict | None) -> dict:
-    """A baseline from several ``run_ratios`` results. With ``old`` (an update of a -k selection), the
-    entries of ``old`` not measured now are kept."""
+def make_timing_baseline(device: str, runs: list[dict[str, dict]], env: dict, old: dict | None,
+                         scan: str | None = None) -> dict:
+    """A baseline from several ``run_ratios`` results (of one scan backend's gate with ``scan``). With ``old``
+    (an update of a -k selection), the entries of ``old`` not measured now are kept."""
     names = sorted(set().union(*runs))
     missing = [n for n in names if any(n not in r for r in runs)]
     if missing:
@@ -308,7 +354,7 @@ def make_timing_baseline(device: str, runs: list[dict[str, dict]], env: dict, ol
         benchmarks[name] = {**threshold_from_runs(per_ref),
                             "seconds": statistics.median(r[name]["seconds"] for r in runs),
                             "recorded": recorded, "git_commit": env.get("git_commit", "")}
-    return {"kind": "timing", "device_class": device_class(device), "clock": CLOCKS[device],
+    return {"kind": "timing", "scan": scan, "device_class": device_class(device), "clock": CLOCKS[device],
             "cpu_threads": CPU_THREADS if device == "cpu" else None, "calibration": CALIBRATION_SIZES[device],
             "suite_env": SUITE_ENV, "recorded": recorded, "environment": env,
             "benchmarks": dict(sorted(benchmarks.items()))}
@@ -321,11 +367,12 @@ class TimingComparison:
     notes: list[str]
 
 
-def compare_timing(baseline: dict, now: dict[str, dict], complete: bool) -> TimingComparison:
+def compare_timing(baseline: dict, now: dict[str, dict], complete: bool, exclude: list[str] = ()) -> TimingComparison:
     """Compares one run's ``run_ratios`` with a baseline. A benchmark regresses when
     ratio_now / ratio_baseline - 1 > its threshold, both ratios against the baseline entry's reference.
     ``complete``: the whole suite ran, so a baseline benchmark that did not run (deleted, or its backend
-    missing here) is a failure too."""
+    missing here) is a failure too. A benchmark matching a term of ``exclude`` (its backend failed its
+    correctness check) is a failure with no timing."""
     rows, regressions, notes = [], [], []
     for name in sorted(set(baseline["benchmarks"]) | set(now)):
         base, cur = baseline["benchmarks"].get(name), now.get(name)
@@ -335,9 +382,12 @@ def compare_timing(baseline: dict, now: dict[str, dict], complete: bool) -> Timi
             row["status"] = "new (no baseline)"
             notes.append(f"{name} has no baseline entry: record one with `vimbench gate --update -k '{name}'`")
         elif cur is None:
-            if not complete:
+            if any(term in name for term in exclude):
+                row["status"] = "INCORRECT (not timed)"
+            elif complete:
+                row["status"] = "MISSING"
+            else:
                 continue
-            row["status"] = "MISSING"
             regressions.append(name)
         else:
             ratio = cur["ratios"][base["reference"]]
@@ -353,25 +403,26 @@ def compare_timing(baseline: dict, now: dict[str, dict], complete: bool) -> Timi
     return TimingComparison(rows, regressions, notes)
 
 
-def check_timing(baseline: dict, device: str, select: str | None, log=print) -> tuple[TimingComparison, dict]:
-    """Runs the suite (``select`` as in ``run_suite``), compares with ``baseline`` (``compare_timing``),
-    re-runs what is over its threshold (``CONFIRM_ATTEMPTS``). Returns the comparison, each row with
-    'attempts', and the environment of the first run."""
-    now, env = run_suite(device, select, log)
+def check_timing(baseline: dict, device: str, select: str | None, log=print, scan: str | None = None,
+                 exclude: list[str] = ()) -> tuple[TimingComparison, dict]:
+    """Runs the suite (``select``, ``scan`` and ``exclude`` as in ``run_suite``), compares with ``baseline``
+    (``compare_timing``), re-runs what is over its threshold (``CONFIRM_ATTEMPTS``). Returns the comparison,
+    each row with 'attempts', and the environment of the first run."""
+    now, env = run_suite(device, select, log, scan=scan, exclude=exclude)
     attempts = dict.fromkeys(now, 1)
-    result = compare_timing(baseline, now, complete=select is None)
+    result = compare_timing(baseline, now, complete=select is None, exclude=exclude)
     for i in range(CONFIRM_ATTEMPTS):
         slower = [row["benchmark"] for row in result.rows if row["status"] == "SLOWER"]
         if not slower:
             break
         log(f"  confirming {len(slower)} benchmark(s) over their threshold (attempt {i + 2})")
-        again, _ = run_suite(device, None, log, tests=slower)
+        again, _ = run_suite(device, None, log, tests=slower, scan=scan)
         for name in slower:
             attempts[name] += 1
             ref = baseline["benchmarks"][name]["reference"]
             if again[name]["ratios"][ref] < now[name]["ratios"][ref]:
                 now[name] = again[name]
-        result = compare_timing(baseline, now, complete=select is None)
+        result = compare_timing(baseline, now, complete=select is None, exclude=exclude)
     for row in result.rows:
         row["attempts"] = attempts.get(row["benchmark"], 0)
     return result, env

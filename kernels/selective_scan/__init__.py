@@ -11,7 +11,7 @@ Data flow of this package, each file with one job:
     chunked.py        the chunked pure-PyTorch scan (backend ``cpu``)
     compiled_cpu.py   the compiled C++ scan on ATen's vector types, source in csrc/ (backend ``cpp``)
     triton_kernel.py  the fused Triton kernel (backend ``triton``)
-    backends.py       the backend table, availability checks and what ``auto`` resolves to
+    backends.py       the backend table, plug-in registration, availability checks and what ``auto`` resolves to
     ops.py            the torch custom ops the entry points below call, their fakes and FLOP formulas
     check.py          a backend against ``ref`` on awkward shapes: run before any timing
 No backend ever falls back to another: an unavailable one raises ``BackendUnavailable`` naming why.
@@ -20,13 +20,16 @@ from __future__ import annotations
 
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels.selective_scan.backends import (SCAN_BACKENDS, SCAN_CHOICES, STRIDED, check_scan_backend,
-                                                      resolve_scan_backend)
-from vimbench.kernels.selective_scan.ops import (_bidir_op, _scan_op, bidirectional_scan_fake, scan_flops,
-                                                 selective_scan_fake)
+                                                      register_scan_backend, resolve_scan_backend, scan_backends,
+                                                      scan_choices)
+from vimbench.kernels.selective_scan.ops import (_bidir_op, _scan_op, bidirectional_scan_fake, has_memory_model,
+                                                 scan_flops, selective_scan_fake)
 from vimbench.kernels.selective_scan.ref import bidirectional_scan_ref, selective_scan_ref
 
-__all__ = ["SCAN_BACKENDS", "SCAN_CHOICES", "STRIDED", "BackendUnavailable", "bidirectional_scan", "bidirectional_scan_fake",
-           "bidirectional_scan_ref", "check_scan_backend", "resolve_scan_backend", "scan_flops", "selective_scan",
+__all__ = ["SCAN_BACKENDS", "SCAN_CHOICES", "STRIDED", "BackendUnavailable", "bidirectional_scan",
+           "bidirectional_scan_fake", "bidirectional_scan_ref", "check_scan_backend", "has_memory_model",
+           "register_scan_backend", "resolve_scan_backend", "scan_backends", "scan_choices", "scan_flops",
+           "selective_scan",
            "selective_scan_fake", "selective_scan_ref"]
 
 
@@ -62,7 +65,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,).
     Inputs may have any strides (``_laid_out`` gives each backend the layout it reads).
     Math in float32 (float64 stays float64); returns out (b, E, L) in u's dtype, and with
-    ``return_last_state`` also the final state (b, E, N). ``backend``: one of ``SCAN_CHOICES``.
+    ``return_last_state`` also the final state (b, E, N). ``backend``: one of ``scan_choices()``.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     backend = resolve_scan_backend(backend, u.device)

@@ -8,6 +8,9 @@ Backends (``SCAN_BACKENDS``):
     triton     our fused Triton kernel (triton_kernel.py); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
     mamba_ssm  mamba_ssm's CUDA kernel, when that package imports; CUDA tensors
     auto       resolved per device by ``resolve_scan_backend``; callers record the resolved name
+Other packages add backends with ``register_scan_backend`` (``PLUGINS``), directly or through the
+``vimbench.scan_backends`` entry point (``vimbench.kernels.plugins``); ``scan_backends()`` lists them all.
+``auto`` never resolves to a plug-in.
 No backend ever falls back to another: an unavailable one raises ``BackendUnavailable`` naming why.
 """
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import Callable
 
 import torch
 
 from vimbench.errors import BackendUnavailable
+from vimbench.kernels.plugins import Plugin, load_group, make_plugin, owners
 from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.kernels.selective_scan.chunked import selective_scan_cpu
 from vimbench.kernels.selective_scan.ref import selective_scan_ref
@@ -45,8 +50,12 @@ def _triton_interpret() -> bool:
 def check_scan_backend(backend: str, device: torch.device | str) -> None:
     """Raises ``BackendUnavailable`` (or ValueError for an unknown name) if ``backend`` can't run on ``device``."""
     device = torch.device(device)
-    if backend not in SCAN_BACKENDS:
-        raise ValueError(f"unknown scan backend {backend!r}; choose from {', '.join(SCAN_CHOICES)}")
+    if backend not in scan_backends():
+        raise ValueError(f"unknown scan backend {backend!r}; choose from {', '.join(scan_choices())}")
+    plugin = PLUGINS.get(backend)
+    if plugin is not None and device.type not in plugin.devices + ("meta",):
+        raise BackendUnavailable(f"scan backend {backend!r} (package {plugin.package!r}) runs on "
+                                 f"{', '.join(plugin.devices)}, not {device.type}")
     if backend == "triton":
         if not _importable("triton"):
             raise BackendUnavailable("scan backend 'triton' needs the triton package, which is not installed")
@@ -101,3 +110,37 @@ IMPLS = {"ref": selective_scan_ref, "cpu": selective_scan_cpu, "cpp": _cpp_scan,
          "mamba_ssm": _mamba_ssm_scan}
 """Backend name -> one-direction scan with ``ref.selective_scan_ref``'s signature."""
 
+
+
+
+PLUGINS: dict[str, Plugin] = {}
+
+
+def register_scan_backend(name: str, fn: Callable, *, devices, fake: Callable | None = None,
+                          description: str = "") -> None:
+    """Adds scan backend ``name``: usable as ``--scan NAME`` / ``scan=NAME`` everywhere, checked against
+    ``ref`` before any timing (``check.py``), its FLOPs from ``scan_flops``.
+
+    fn       a function with ``selective_scan_ref``'s signature and semantics: (u, delta, A, B, C, D=None,
+             z=None, delta_bias=None, delta_softplus=False, return_last_state=False) -> out (b, E, L) in u's
+             dtype, or (out, last state (b, E, N) float32) with ``return_last_state``; inputs contiguous
+    devices  the device types it runs on, e.g. ("cuda",) or ("cpu", "cuda") (the meta device, for FLOP
+             counting, works for every backend)
+    fake     the same signature, run on fake tensors: allocates what ``fn`` allocates on a GPU, for memory
+             prediction; without it predictions for this backend say they are unavailable
+    ValueError for a name that is not a plain identifier or is taken (a built-in's or already registered).
+    """
+    PLUGINS[name] = make_plugin("scan", name, fn, devices, fake, description, owners(SCAN_CHOICES, PLUGINS))
+    IMPLS[name] = fn
+
+
+def scan_backends() -> tuple[str, ...]:
+    """Every scan backend name: the built-ins (``SCAN_BACKENDS``), then the plug-ins (loading the entry points
+    on first use)."""
+    load_group("vimbench.scan_backends")
+    return SCAN_BACKENDS + tuple(PLUGINS)
+
+
+def scan_choices() -> tuple[str, ...]:
+    """``scan_backends()`` and ``auto``: every value a --scan option takes."""
+    return scan_backends() + ("auto",)

@@ -89,7 +89,8 @@ def check_backend(scan, device="cpu", dtypes=(torch.float32, torch.bfloat16)) ->
 def check_named_backend(backend: str, device: str = "cpu") -> dict:
     """``check_backend`` of the registered backend ``backend`` on ``device``, as a dict for a worker
     process (``vimbench.measure.isolation.run_isolated``): checked, check_failure, check_worst."""
-    from vimbench.kernels.selective_scan.backends import IMPLS
+    from vimbench.kernels.selective_scan.backends import IMPLS, check_scan_backend
+    check_scan_backend(backend, device)
     result = check_backend(IMPLS[backend], device)
     return {"checked": result.cases, "check_ok": result.ok, "check_failure": result.failure,
             "check_worst": result.worst}

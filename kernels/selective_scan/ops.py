@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from vimbench.kernels.selective_scan import compiled_cpu
-from vimbench.kernels.selective_scan.backends import IMPLS
+from vimbench.kernels.selective_scan.backends import IMPLS, PLUGINS
 from vimbench.kernels.selective_scan.chunked import selective_scan_cpu
 from vimbench.kernels.selective_scan.ref import (bidirectional_scan_ref, compute_dtype, expand_groups,
                                                  finish_output, prepare_delta)
@@ -86,13 +86,32 @@ def _cpp_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus
     return (out, last) if return_last_state else out
 
 
+def _outputs_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                  return_last_state=False):
+    """The outputs alone, for a plug-in that registered no fake: shapes for FLOP counting on the meta device.
+    Memory prediction refuses such a backend (``has_memory_model``) instead of trusting this."""
+    out = torch.empty_like(u)
+    last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=compute_dtype(u))
+    return (out, last) if return_last_state else out
+
+
 _FAKES = {"ref": _ref_fake, "cpu": _cpu_fake, "cpp": _cpp_fake, "triton": _triton_fake, "mamba_ssm": _mamba_ssm_fake}
+
+
+def _fake(backend: str):
+    """``backend``'s fake: a built-in's above, or a plug-in's own (``_outputs_fake`` when it has none)."""
+    return _FAKES.get(backend) or PLUGINS[backend].fake or _outputs_fake
+
+
+def has_memory_model(backend: str) -> bool:
+    """Whether fake tensors see what ``backend`` allocates: every built-in, and a plug-in with a fake."""
+    return backend in _FAKES or PLUGINS[backend].fake is not None
 
 
 @_scan_op.register_fake
 def selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
     """The fake implementation of ``vimbench::selective_scan``: ``backend``'s allocations (see above)."""
-    return _FAKES[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+    return _fake(backend)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
 
 @torch.library.custom_op("vimbench::bidirectional_scan", mutates_args=())
 def _bidir_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -126,7 +145,7 @@ def bidirectional_scan_fake(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D
         del A_t
         return out
     return bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
-                                  delta_bias_b, delta_softplus, scan=_FAKES[backend])
+                                  delta_bias_b, delta_softplus, scan=_fake(backend))
 
 
 # ----------------------------------------------------------------------------------------------------

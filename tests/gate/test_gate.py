@@ -82,7 +82,7 @@ def test_over_threshold_is_confirmed_by_reruns_keeping_the_fastest(monkeypatch, 
     results = iter([_now(a=1.3, b=1.0)] + [_now(a=r) for r in reruns])
     calls = []
 
-    def fake_run_suite(device, select, log, tests=None):
+    def fake_run_suite(device, select, log, tests=None, scan=None, exclude=()):
         calls.append(tests)
         return next(results), {}
 

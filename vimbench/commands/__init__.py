@@ -40,8 +40,10 @@ def main(argv=None) -> int:
 
 def _register():
     # One line per command module; each defines a Click command named after its module.
-    from vimbench.commands import check_kernels, flops, gate, gpu_check, kernels, memory, models, plot, report, scaling
-    for module in (models, flops, scaling, check_kernels, plot, report, memory, kernels, gate, gpu_check):
+    from vimbench.commands import (check_backend, check_kernels, flops, gate, gpu_check, kernels, memory, models, plot,
+                                   report, scaling)
+    for module in (models, flops, scaling, check_kernels, check_backend, plot, report, memory, kernels, gate,
+                   gpu_check):
         cli.add_command(module.command)
 
 

@@ -10,7 +10,9 @@ import torch
 
 from vimbench.commands import options as o
 from vimbench import gate
-from vimbench.errors import InputError
+from vimbench.errors import BackendUnavailable, InputError
+from vimbench.kernels.selective_scan import check_scan_backend
+from vimbench.measure.ops import check_scans
 from vimbench.present.tables import format_table
 
 TIMING_COLUMNS = ["benchmark", "reference", "baseline", "now", "change", "threshold", "ms_now", "attempts", "status"]
@@ -28,11 +30,15 @@ DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
               help=f"With --update: suite runs whose spread sets the thresholds, every other one beside a "
                    f"synthetic co-tenant process (default {gate.DEFAULT_BASELINE_RUNS}, at least "
                    f"{gate.MIN_BASELINE_RUNS}).")
+@click.option("--scan", default=None,
+              help="Gate one scan backend (a plug-in's, in its own CI): the scan at the small and Vim-Ti 1248 "
+                   "shapes and the whole Vim-Ti forward with it (default baseline: "
+                   "vimbench-gate-<NAME>-<cpu-model or gpu name>.json in the current folder).")
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Baseline file (default: benchmarks/baselines/<cpu-model or gpu name>.json, or "
                    "deterministic.json).")
 @click.pass_context
-def command(ctx, deterministic, update, device_spec, select, runs, baseline_path):
+def command(ctx, deterministic, update, device_spec, select, runs, scan, baseline_path):
     """Regression gate for CI. Exits 1 on a regression, with a table of what moved, 0 otherwise.
 
     Timing gate (default): runs the pytest-benchmark suite in benchmarks/ once, every round timed against a
@@ -48,23 +54,41 @@ def command(ctx, deterministic, update, device_spec, select, runs, baseline_path
     """
     if runs is not None and not update:
         raise InputError("--runs applies to --update only")
+    if runs is not None and runs < gate.MIN_BASELINE_RUNS:
+        raise InputError(f"--runs must be >= {gate.MIN_BASELINE_RUNS} to measure the noise, got {runs}")
     if deterministic:
         explicit_device = ctx.get_parameter_source("device_spec") != click.core.ParameterSource.DEFAULT
-        if explicit_device or select or runs is not None:
-            raise InputError("--device, -k and --runs apply to the timing gate, not --deterministic")
+        if explicit_device or select or runs is not None or scan:
+            raise InputError("--device, -k, --runs and --scan apply to the timing gate, not --deterministic")
         return _deterministic(update, baseline_path or gate.DETERMINISTIC_BASELINE)
     device = o.resolve_device(device_spec).type
-    path = baseline_path or gate.timing_baseline_path(device)
+    if scan:
+        try:
+            check_scan_backend(scan, device)
+        except (ValueError, BackendUnavailable) as e:
+            raise InputError(f"--scan {scan}: {e}") from None
+    path = baseline_path or (Path(f"vimbench-gate-{scan}-{gate.device_class(device)}.json") if scan
+                             else gate.timing_baseline_path(device))
+    baseline = None if update else gate.load_baseline(path, "timing")
+    if baseline is not None and baseline.get("scan") != scan:
+        raise InputError(f"--baseline {path} is the baseline of {baseline.get('scan') or 'the whole suite'}, "
+                         f"not of --scan {scan}")
+    failed = check_scans(gate.timed_scans(device, scan), device, click.echo)
+    for name, why in failed.items():
+        click.echo(f"timing gate: scan backend {name} is not timed: {why}", err=True)
+    if failed and (update or scan):
+        click.echo("timing gate: FAILED: correctness before speed; nothing timed", err=True)
+        return 1
     if update:
-        return _update_timing(device, select, gate.DEFAULT_BASELINE_RUNS if runs is None else runs, path)
-    return _check_timing(device, select, path)
+        return _update_timing(device, select, gate.DEFAULT_BASELINE_RUNS if runs is None else runs, path, scan)
+    return _check_timing(device, select, path, baseline, scan, gate.excluded_terms(list(failed), device))
 
 
-def _check_timing(device: str, select: str | None, path: Path) -> int:
-    baseline = gate.load_baseline(path, "timing")
+def _check_timing(device: str, select: str | None, path: Path, baseline: dict, scan: str | None,
+                  exclude: list[str]) -> int:
     click.echo(f"timing gate on {device}: baseline {path} (recorded {baseline['recorded']})")
     try:
-        result, env = gate.check_timing(baseline, device, select, log=click.echo)
+        result, env = gate.check_timing(baseline, device, select, log=click.echo, scan=scan, exclude=exclude)
     except RuntimeError as e:
         click.echo(f"timing gate: FAILED: {e}", err=True)
         return 1
@@ -82,16 +106,14 @@ def _check_timing(device: str, select: str | None, path: Path) -> int:
     return 0
 
 
-def _update_timing(device: str, select: str | None, runs: int, path: Path) -> int:
-    if runs < gate.MIN_BASELINE_RUNS:
-        raise InputError(f"--runs must be >= {gate.MIN_BASELINE_RUNS} to measure the noise, got {runs}")
+def _update_timing(device: str, select: str | None, runs: int, path: Path, scan: str | None) -> int:
     old = gate.load_baseline(path, "timing") if select and path.exists() else None
     try:
-        results = gate.record_runs(device, select, runs, log=click.echo)
+        results = gate.record_runs(device, select, runs, log=click.echo, scan=scan)
     except RuntimeError as e:
         click.echo(f"timing gate --update: FAILED: {e}", err=True)
         return 1
-    baseline = gate.make_timing_baseline(device, [r for r, _ in results], results[-1][1], old)
+    baseline = gate.make_timing_baseline(device, [r for r, _ in results], results[-1][1], old, scan)
     gate.save_baseline(path, baseline)
     measured = results[0][0]
     rows = [{"benchmark": name, "reference": b["reference"], "ratio": b["ratio"], "spread": f"{b['spread']:.1%}",

@@ -10,10 +10,9 @@ from vimbench.commands import options as o
 from vimbench.errors import InputError
 from vimbench.kernels.attention import ATTENTION_BACKENDS
 from vimbench.kernels.selective_scan import SCAN_CHOICES
-from vimbench.kernels.selective_scan.check import check_named_backend
 from vimbench.measure.env import environment
 from vimbench.measure.isolation import run_isolated
-from vimbench.measure.ops import CPU_TIMING, kernel_row, measure_ceilings, op_configs
+from vimbench.measure.ops import CPU_TIMING, check_scans, kernel_row, measure_ceilings, op_configs
 from vimbench.models.registry import model_entry
 from vimbench.present.figures import plot_results
 from vimbench.present.tables import format_table
@@ -38,27 +37,14 @@ def summary(path) -> str:
     return "\n".join(blocks)
 
 
-def _check_scans(scans: list[str], device) -> dict[str, str]:
-    """Each scan backend but the reference checked against it on the device first (``check_backend``,
-    in a worker): {backend: why} for those that failed, whose ops then get error rows and no timing."""
-    failed = {}
-    for impl in scans:
-        if impl == "ref":
-            continue
-        result = run_isolated(check_named_backend, (impl, str(device)))
-        if result["status"] != "ok" or not result["check_ok"]:
-            failed[impl] = f"correctness check failed: {result.get('check_failure') or result.get('error')}"
-        else:
-            click.echo(f"{impl}: correct on {result['checked']} cases against the reference", err=True)
-    return failed
-
-
 @click.command("kernels")
 @o.models_option
 @click.option("--attn", "attn_spec", default="eager,sdpa", show_default=True,
-              help=f"Attention backend(s) for the DeiT ops, one row each: {', '.join(ATTENTION_BACKENDS)}.")
+              help=f"Attention backend(s) for the DeiT ops, one row each: {', '.join(ATTENTION_BACKENDS)}, "
+                   "or a plug-in's.")
 @click.option("--scan", "scan_spec", default="auto", show_default=True,
-              help=f"Scan backend(s) for the Vim ops, one row each: {', '.join(SCAN_CHOICES)}.")
+              help=f"Scan backend(s) for the Vim ops, one row each: {', '.join(SCAN_CHOICES)}, or a plug-in's "
+                   "(each checked against ref first; `vimbench models` lists the plug-ins).")
 @o.res_option
 @o.batch_option
 @o.dtype_option
@@ -99,7 +85,7 @@ def command(ctx, **opts):
     configs = op_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing)
     log = CsvLog.open(opts["out"] or o.default_out("kernels", device), KERNELS, resume=opts["resume"],
                       given=opts["out"] is not None)
-    failed = _check_scans(impls["scan"], device)
+    failed = check_scans(impls["scan"], device, lambda line: click.echo(line, err=True))
     ceilings = run_isolated(measure_ceilings, (dict(device=str(device), dtype=opts["dtype"],
                                                     threads=opts["threads"], timing=timing),))
     if ceilings.pop("status") != "ok":

@@ -181,9 +181,10 @@ models_option = click.option("--models", "models_spec", default="vim_tiny,deit_t
                              help="Comma-separated model names (see `vimbench models`; any timm model as timm:<name>).")
 attn_option = click.option("--attn", "attn_spec", default="eager,sdpa", show_default=True,
                            help="Attention backend(s) for DeiT/ViT models, one row each: "
-                                f"{', '.join(ATTENTION_BACKENDS)}.")
+                                f"{', '.join(ATTENTION_BACKENDS)}, or a plug-in's.")
 scan_option = click.option("--scan", "scan_spec", default="auto", show_default=True,
-                           help=f"Scan backend(s) for Vim models, one row each: {', '.join(SCAN_CHOICES)}.")
+                           help=f"Scan backend(s) for Vim models, one row each: {', '.join(SCAN_CHOICES)}, "
+                                "or a plug-in's (`vimbench models` lists them).")
 res_option = click.option("--res", "res_spec", default="224..1248", show_default=True,
                           help="Resolutions: A..B (step 64), A..B:STEP, comma lists, or a mix.")
 batch_option = click.option("--batch", type=int, default=None, help="Images per forward [64 on a GPU, 1 on CPU].")

@@ -42,7 +42,8 @@ from torch.utils._pytree import tree_leaves
 
 from vimbench.kernels.attention import sdpa_fused_kernel
 from vimbench.measure.core import DTYPES, GIB
-from vimbench.kernels.selective_scan import bidirectional_scan_fake, selective_scan_fake
+from vimbench.errors import BackendUnavailable
+from vimbench.kernels.selective_scan import bidirectional_scan_fake, has_memory_model, selective_scan_fake
 from vimbench.models.registry import check_options, count_params, create_model, model_entry
 
 
@@ -298,12 +299,16 @@ def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: 
       mem_pred_activations_gib  peak minus weights: input, activations, output and scan workspaces
       mem_pred_peak_gib         torch.cuda.max_memory_allocated after the forward (weights + input included)
       mem_pred_reserved_gib     torch.cuda.max_memory_reserved: the caching allocator's segments
-    The CUDA context is not included.
+    The CUDA context is not included. ``BackendUnavailable`` ("memory prediction unavailable") for a plug-in
+    backend that registered no fake.
     """
     options = check_options(model, options)
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
         net = create_model(model, img_size=res, **options).to(torch_dtype).eval()
+    if hasattr(net, "scan_backend") and not has_memory_model(resolved_impl(net)):
+        raise BackendUnavailable(f"memory prediction unavailable: scan backend {resolved_impl(net)!r} "
+                                 "registered no fake")
     trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES)
     sim = CachingAllocatorModel().replay(trace.events[:trace.n_weights])
     weights = sim.allocated

@@ -51,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vimbench.kernels.attention import attention, sdpa_kernel_used
 from vimbench.measure.isolation import run_isolated
 from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, selective_scan
+from vimbench.kernels.selective_scan.check import check_named_backend
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
 from vimbench.models.registry import count_params, create_model
 
@@ -284,6 +285,23 @@ def measure_ceilings(cfg: dict) -> dict:
     return {"ceiling_gbs": 2 * src.numel() * dtype.itemsize / (copy_ms * 1e-3) / 1e9,
             "ceiling_gflops_s": 2 * n ** 3 / (matmul_ms * 1e-3) / 1e9}
 
+
+
+def check_scans(scans: list[str], device, log) -> dict[str, str]:
+    """Correctness before speed: each scan backend in ``scans`` but the reference checked against it on
+    ``device`` (``check.check_backend``, in a worker) before any timing. Returns {backend: why} for those
+    that failed (the first failing case: its shape, dtype and worst error), which then get no timing;
+    ``log`` gets one line per backend that passed."""
+    failed = {}
+    for impl in scans:
+        if impl == "ref":
+            continue
+        result = run_isolated(check_named_backend, (impl, str(device)))
+        if result["status"] != "ok" or not result["check_ok"]:
+            failed[impl] = f"correctness check failed: {result.get('check_failure') or result.get('error')}"
+        else:
+            log(f"{impl}: correct on {result['checked']} cases against the reference")
+    return failed
 
 
 CONFIG_TIMEOUT_S = 1800

@@ -6,7 +6,9 @@
     list_models() -> ["deit_base", ..., "vim_tiny_s8"]
 
 Every model returned carries ``vimbench_name``, ``family`` ("vim" | "deit" | "timm") and
-``num_tokens`` (the sequence length its token mixer sees, cls token included).
+``num_tokens`` (the sequence length its token mixer sees, cls token included). Other packages add models
+with ``register_model`` from a ``vimbench.models`` entry point (``vimbench.kernels.plugins``), loaded on
+first use of the registry.
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from typing import Callable
 import torch.nn as nn
 
 from vimbench.errors import InputError
-from vimbench.kernels.attention import ATTENTION_BACKENDS
-from vimbench.kernels.selective_scan import SCAN_CHOICES
+from vimbench.kernels.attention import attention_backends
+from vimbench.kernels.plugins import load_group
+from vimbench.kernels.selective_scan import scan_choices
 
-FAMILY_OPTIONS = {"vim": {"scan": SCAN_CHOICES}, "deit": {"attn": ATTENTION_BACKENDS},
-                  "timm": {"attn": ATTENTION_BACKENDS}}
-"""Options each family takes, with their allowed values."""
+FAMILY_OPTIONS = {"vim": {"scan": scan_choices}, "deit": {"attn": attention_backends},
+                  "timm": {"attn": attention_backends}}
+"""Options each family takes, each with the function that lists its allowed values (plug-ins included)."""
 DEFAULT_OPTIONS = {"vim": {"scan": "auto"}, "deit": {"attn": "sdpa"}, "timm": {}}
 
 
@@ -38,20 +41,25 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, family: str, description: str):
-    """Decorator for a builder ``fn(img_size, **options) -> nn.Module``."""
+    """Decorator for a builder ``fn(img_size, **options) -> nn.Module``; ValueError for a name taken."""
     def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} clashes with a registered model")
         _REGISTRY[name] = ModelEntry(name, family, fn, description, FAMILY_OPTIONS[family])
         return fn
     return deco
 
 
 def list_models() -> list[str]:
-    """Names of the registered models, sorted (``timm:<name>`` works too but is not listed)."""
+    """Names of the registered models, plug-ins included, sorted (``timm:<name>`` works too but is not listed)."""
+    load_group("vimbench.models")
     return sorted(_REGISTRY)
 
 
 def model_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; ``timm:<model>`` gets an entry made on the fly."""
+    if name not in _REGISTRY:
+        load_group("vimbench.models")
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name.startswith("timm:"):
@@ -68,8 +76,8 @@ def check_options(name: str, options: dict) -> dict:
     for key, value in options.items():
         if key not in entry.options:
             raise InputError(f"model {name!r} takes no option {key!r} (it takes: {', '.join(entry.options) or 'none'})")
-        if value not in entry.options[key]:
-            raise InputError(f"unknown {key} {value!r} for {name}; choose from {', '.join(entry.options[key])}")
+        if value not in entry.options[key]():
+            raise InputError(f"unknown {key} {value!r} for {name}; choose from {', '.join(entry.options[key]())}")
     return {**DEFAULT_OPTIONS[entry.family], **options}
 
 
@@ -96,11 +104,11 @@ def model_variants(models: list[str], attn: list[str], scan: list[str]) -> list[
     if not models:
         raise InputError("no models given")
     for a in attn:
-        if a not in ATTENTION_BACKENDS:
-            raise InputError(f"unknown attention backend {a!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+        if a not in attention_backends():
+            raise InputError(f"unknown attention backend {a!r}; choose from {', '.join(attention_backends())}")
     for s in scan:
-        if s not in SCAN_CHOICES:
-            raise InputError(f"unknown scan backend {s!r}; choose from {', '.join(SCAN_CHOICES)}")
+        if s not in scan_choices():
+            raise InputError(f"unknown scan backend {s!r}; choose from {', '.join(scan_choices())}")
     out = []
     for name in models:
         family = model_entry(name).family

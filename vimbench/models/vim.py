@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from timm.layers import lecun_normal_, trunc_normal_
 
-from vimbench.kernels import SCAN_CHOICES, bidirectional_scan, causal_conv1d_pair, resolve_scan_backend
+from vimbench.kernels import bidirectional_scan, causal_conv1d_pair, resolve_scan_backend, scan_choices
 
 
 class PatchEmbed(nn.Module):
@@ -121,8 +121,8 @@ class VisionMamba(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, stride: int = 16, embed_dim: int = 192,
                  depth: int = 24, d_state: int = 16, num_classes: int = 1000, scan: str = "auto"):
         super().__init__()
-        if scan not in SCAN_CHOICES:
-            raise ValueError(f"unknown scan backend {scan!r}; choose from {', '.join(SCAN_CHOICES)}")
+        if scan not in scan_choices():
+            raise ValueError(f"unknown scan backend {scan!r}; choose from {', '.join(scan_choices())}")
         if img_size < patch_size:
             raise ValueError(f"img_size {img_size} is smaller than the patch size {patch_size}")
         self.num_features = self.embed_dim = embed_dim
@@ -150,8 +150,8 @@ class VisionMamba(nn.Module):
 
     def set_scan(self, scan: str) -> None:
         """Switches every layer to another scan backend."""
-        if scan not in SCAN_CHOICES:
-            raise ValueError(f"unknown scan backend {scan!r}; choose from {', '.join(SCAN_CHOICES)}")
+        if scan not in scan_choices():
+            raise ValueError(f"unknown scan backend {scan!r}; choose from {', '.join(scan_choices())}")
         for layer in self.layers:
             layer.mixer.scan = scan
 

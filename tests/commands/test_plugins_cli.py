@@ -1,0 +1,81 @@
+"""A plug-in scan backend through the command line: listed by `vimbench models`, passing `check-backend`,
+benchmarked by `vimbench kernels` (the example package installed, a broken plug-in beside it), and a wrong
+one refused before any timing."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import vimbench
+from helpers import EXAMPLE_PLUGIN, fake_install, fresh_plugins, planted_wrong_scan  # noqa: F401
+from vimbench.commands import main
+from vimbench.kernels.selective_scan import selective_scan_ref
+from vimbench.measure import ops
+
+FAST = ["--repeats", "1", "--min-time", "0", "--device", "cpu", "--threads", "1", "--res", "32"]
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_lists_a_registered_scan_backend(fresh_plugins, capsys):
+    vimbench.register_scan_backend("mine", selective_scan_ref, devices=("cpu", "cuda"), description="my scan")
+    code, out, _ = run(["models", "--res", "32"], capsys)
+    assert code == 0
+    assert "scan=auto (ref|cpu|cpp|triton|mamba_ssm|mine|auto)" in next(l for l in out.splitlines() if "vim_tiny " in l)
+    row = next(l for l in out.split("plug-in backends:")[1].splitlines() if l.startswith("scan "))
+    assert row.split()[:5] == ["scan", "mine", "(direct", "call)", "cpu,cuda"] and "unavailable" in row
+
+
+def test_check_backend_passes_a_correct_plugin_and_fails_a_wrong_one(fresh_plugins, capsys):
+    vimbench.register_scan_backend("mine", selective_scan_ref, devices="cpu")
+    vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
+    code, out, _ = run(["check-backend", "mine", "--device", "cpu"], capsys)
+    assert code == 0 and "mine is correct on cpu: 24 cases" in out
+    code, _, err = run(["check-backend", "wrong", "--device", "cpu"], capsys)
+    assert code == 1 and "wrong FAILED on cpu: odd-L (2, 6, 7, 4, 1) float32 extras" in err
+    assert "by up to 0.1" in err
+    code, _, err = run(["check-backend", "nope"], capsys)
+    assert code == 2 and "unknown scan backend 'nope'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_kernels_refuses_a_wrong_scan_before_any_timing(fresh_plugins, monkeypatch, tmp_path, capsys):
+    vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
+    # the check runs in this process (a worker would not see a backend registered here); timing would not
+    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+    timed = []
+    monkeypatch.setattr("vimbench.commands.kernels.kernel_row", lambda cfg, fixed: timed.append(cfg))
+    out = tmp_path / "k.csv"
+    code, _, err = run(["kernels", "--models", "vim_tiny", "--scan", "wrong", "--out", str(out), *FAST], capsys)
+    assert code == 1 and timed == []
+    df = pd.read_csv(out)
+    assert set(df.op) == {"scan", "scan_bidir", "mixer_vim"} and (df.impl == "wrong").all()
+    assert (df.status == "error").all() and df.time_ms.isna().all()
+    assert df.error.str.contains(r"correctness check failed: odd-L \(2, 6, 7, 4, 1\)").all()
+    assert df.error.str.contains("by up to 0.1").all()
+    assert "kernels: no timing for wrong" in err
+
+
+@pytest.mark.slow
+def test_installed_example_is_benchmarked_beside_a_broken_plugin(tmp_path):
+    """End to end in a fresh process: the example's entry point (as pip installs it) and a broken one."""
+    site = tmp_path / "site"
+    fake_install(site, "vimbench-scan-plugin", {"example": "vimbench_scan_plugin:register"})
+    fake_install(site, "broken-plugin", {"fast": "no_such_module_here:register"})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(EXAMPLE_PLUGIN)])}
+    out = tmp_path / "k.csv"
+    proc = subprocess.run([sys.executable, "cli.py", "kernels", "--models", "vim_tiny", "--scan", "example",
+                           "--out", str(out), *FAST], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "example: correct on 24 cases against the reference" in proc.stderr
+    assert proc.stderr.count("skipped plug-in 'fast' of package 'broken-plugin'") == 1
+    df = pd.read_csv(out)
+    assert set(df.op) == {"scan", "scan_bidir", "mixer_vim"} and (df.impl == "example").all()
+    assert (df.status == "ok").all() and (df.time_ms > 0).all() and (df.flops_total > 0).all()

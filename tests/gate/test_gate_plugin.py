@@ -1,0 +1,109 @@
+"""`vimbench gate --scan NAME` and correctness before timing in the timing gate, deterministically: the suite's
+measured ratios are injected at its boundary (``gate.run_suite``), so a planted 2x slowdown is exactly 2x."""
+import json
+
+import pytest
+
+import vimbench
+from helpers import fresh_plugins, planted_wrong_scan  # noqa: F401
+from vimbench import gate
+from vimbench.commands import main
+from vimbench.kernels.selective_scan import selective_scan_ref
+from vimbench.kernels.selective_scan.backends import IMPLS
+from vimbench.measure import ops
+
+SCAN_BENCHMARKS = ("test_bench_scan.py::test_scan[{}]", "test_bench_scan.py::test_scan_vim_tiny_1248[{}]",
+                   "test_bench_models.py::test_vim_tiny_scan[{}]")
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def suite(fresh_plugins, monkeypatch):
+    """Backends 'mine' (the reference) and 'wrong' (``planted_wrong_scan``) registered; correctness checks in
+    this process; ``run_suite`` replaced by one that reports ``suite.slowdown[name]`` x a ratio of 1 (with a
+    1% run-to-run wobble) for the benchmarks it is asked for, recording each call in ``suite.calls``."""
+    vimbench.register_scan_backend("mine", selective_scan_ref, devices="cpu")
+    vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
+    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+
+    class Suite:
+        calls, slowdown = [], {}
+
+    def fake_run_suite(device, select, log, tests=None, scan=None, exclude=()):
+        Suite.calls.append(dict(tests=tests, scan=scan, exclude=list(exclude)))
+        names = tests or [n.format(scan) for n in SCAN_BENCHMARKS]
+        wobble = 1 + 0.01 * (len(Suite.calls) % 2)
+        return ({n: {"ratios": dict.fromkeys(gate.REFERENCES, Suite.slowdown.get(n, 1.0) * wobble), "seconds": 0.01}
+                 for n in names}, {"git_commit": "abc"})
+
+    monkeypatch.setattr(gate, "run_suite", fake_run_suite)
+    return Suite
+
+
+def test_scan_gate_records_in_the_users_file_passes_unchanged_and_fails_a_2x_slowdown(suite, tmp_path, capsys):
+    path = tmp_path / "ci" / "scan-gate.json"
+    code, out, err = run(["gate", "--scan", "mine", "--device", "cpu", "--update", "--baseline", str(path)], capsys)
+    assert code == 0, out + err
+    baseline = json.loads(path.read_text())
+    assert baseline["scan"] == "mine" and sorted(baseline["benchmarks"]) == sorted(
+        n.format("mine") for n in SCAN_BENCHMARKS)
+    assert all(b["threshold"] == gate.THRESHOLD_FLOOR for b in baseline["benchmarks"].values())
+    assert len(suite.calls) == gate.DEFAULT_BASELINE_RUNS and {c["scan"] for c in suite.calls} == {"mine"}
+
+    code, out, err = run(["gate", "--scan", "mine", "--device", "cpu", "--baseline", str(path)], capsys)
+    assert code == 0 and "timing gate: ok (3 benchmarks" in out, out + err
+
+    slow = "test_bench_scan.py::test_scan[mine]"
+    suite.slowdown[slow] = 2.0
+    suite.calls.clear()
+    code, out, err = run(["gate", "--scan", "mine", "--device", "cpu", "--baseline", str(path)], capsys)
+    assert code == 1 and f"FAILED: 1 benchmark(s)" in err and slow in err
+    row = next(line for line in out.splitlines() if line.startswith(slow))
+    # baseline: the median of ratios 1.0 and 1.01 over the runs; now: the fastest attempt, 2.0
+    assert "SLOWER" in row and f"{2.0 / 1.005 - 1:+.1%}" in row
+    assert [c["tests"] for c in suite.calls] == [None] + [[slow]] * gate.CONFIRM_ATTEMPTS
+
+
+def test_scan_gate_refuses_a_wrong_backend_before_any_timing(suite, tmp_path, capsys):
+    path = tmp_path / "scan-gate.json"
+    code, _, err = run(["gate", "--scan", "wrong", "--device", "cpu", "--update", "--baseline", str(path)], capsys)
+    assert code == 1 and suite.calls == [] and not path.exists()
+    assert "scan backend wrong is not timed: correctness check failed: odd-L (2, 6, 7, 4, 1)" in err
+    assert "by up to 0.1" in err and "nothing timed" in err
+    path.write_text(json.dumps({"kind": "timing", "scan": "wrong", "recorded": "x", "benchmarks": {}}))
+    code, out, err = run(["gate", "--scan", "wrong", "--device", "cpu", "--baseline", str(path)], capsys)
+    assert code == 1 and suite.calls == [] and "ms_now" not in out
+
+
+def test_timing_gate_does_not_time_a_builtin_that_fails_its_check(suite, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(IMPLS, "cpu", planted_wrong_scan)
+    monkeypatch.setattr(gate, "timed_scans", lambda device, scan: ["ref", "cpu"])
+    names = ["test_bench_scan.py::test_scan[cpu]", "test_bench_scan.py::test_scan[ref]"]
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"kind": "timing", "scan": None, "recorded": "x", "environment": {}, "benchmarks": {
+        n: {"reference": "matmul", "ratio": 1.0, "threshold": 0.2} for n in names}}))
+    suite.calls.clear()
+    monkeypatch.setattr(gate, "run_suite", lambda device, select, log, tests=None, scan=None, exclude=(): (
+        suite.calls.append(list(exclude)) or ({names[1]: {"ratios": {"matmul": 1.0}, "seconds": 0.01}}, {})))
+    code, out, err = run(["gate", "--device", "cpu", "--baseline", str(path)], capsys)
+    assert code == 1 and "[cpu]" in suite.calls[0]
+    row = next(line for line in out.splitlines() if line.startswith(names[0]))
+    assert row.split() == [names[0], "0", "INCORRECT", "(not", "timed)"]     # no ratio, no time, no attempt
+    assert "scan backend cpu is not timed: correctness check failed" in err
+
+
+def test_scan_gate_bad_input_is_one_line_exit_2(suite, tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"kind": "timing", "scan": "mine", "recorded": "x", "benchmarks": {}}))
+    for argv, msg in ((["gate", "--scan", "nope"], "--scan nope: unknown scan backend"),
+                      (["gate", "--scan", "mine", "--deterministic"], "apply to the timing gate"),
+                      (["gate", "--scan", "mine", "--device", "cuda"], "no CUDA"),
+                      (["gate", "--device", "cpu", "--baseline", str(other)], "is the baseline of mine")):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert suite.calls == []
