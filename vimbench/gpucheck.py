@@ -91,15 +91,14 @@ def device_facts(device: str = "cuda") -> dict:
     CUDA minus before). Run it in a fresh process (``run_isolated``) so the context is this one's alone."""
     import torch
 
-    from vimbench.measure.env import nvml
+    from vimbench.measure.nvml import GpuReadings
     from vimbench.kernels.exp_rate import measure_exp2_rate
-    nv, before = nvml(), None
-    if nv is not None:
-        handle = nv.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
-        before = nv.nvmlDeviceGetMemoryInfo(handle).used
+    gpu = GpuReadings(torch.device(device).index or 0)  # guarded, found by PCI bus id
+    before = gpu.used_bytes()
     torch.zeros(1, device=device)
     torch.cuda.synchronize()
-    context = None if nv is None else (nv.nvmlDeviceGetMemoryInfo(handle).used - before) / 2 ** 30
+    after = gpu.used_bytes() if before is not None else None
+    context = None if after is None else (after - before) / 2 ** 30
     return {"card": torch.cuda.get_device_name(device), "exp2_per_s": measure_exp2_rate(device),
             "cuda_context_gib": context}
 
