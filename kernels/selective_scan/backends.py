@@ -34,7 +34,7 @@ entry points make every input contiguous for the others."""
 def _importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+    except Exception:  # a broken install (ImportError, ValueError, or whatever a parent package raises) = absent
         return False
 
 

@@ -2,7 +2,8 @@
 
 Run by `vimbench gpu-check` on a lent GPU. Every case draws fresh random inputs (the seed is in the test
 output on failure) and poisons the output buffers with NaN before the kernel runs, so unwritten elements
-fail. Shapes include the Vim-Ti/S/B widths at 224 and 1248 px.
+fail. Shapes include the Vim-Ti/S/B widths at 224 and 1248 px. Also: the memory model's SDPA kernel
+choice against the kernel SDPA runs on this card.
 """
 import os
 
@@ -66,3 +67,11 @@ def test_vim_tiny_triton_matches_ref_on_cuda(fresh_seed):
         model.set_scan("triton")
         out = model.forward_features(x)
     assert_close(f"vim_tiny forward_features (seed {fresh_seed})", ref, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sdpa_kernel_model_matches_the_dispatcher(dtype):
+    """The memory model's SDPA choice (torch's rules, ``sdpa_fused_kernel``) against the kernel the
+    dispatcher runs on this card at DeiT's head_dim 64 (``sdpa_kernel_used``)."""
+    from vimbench.kernels.attention import sdpa_fused_kernel, sdpa_kernel_used
+    assert sdpa_fused_kernel(dtype) == sdpa_kernel_used("cuda", dtype, 197, 64, 3)
