@@ -2,6 +2,7 @@
 scan input builder (``check.scan_case``), and NaN-poisoned allocations."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vimbench.kernels.selective_scan.check import TOLERANCES, scan_case  # noqa: F401 (re-exported)
@@ -35,3 +36,8 @@ def poison_empty(monkeypatch) -> None:
     torch.utils._device._device_constructors()
     for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
         monkeypatch.setattr(owner, name, poisoned(getattr(owner, name)))
+
+
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(),
+                                  reason="checks what happens on a host without a CUDA GPU; this host has one")
+"""For tests of the refusals a host without a GPU gives (on a GPU host those calls would start real work)."""

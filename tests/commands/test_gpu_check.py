@@ -8,10 +8,12 @@ import sys
 import pandas as pd
 import pytest
 
+from helpers import needs_no_gpu
 from vimbench import gpucheck
 from vimbench.commands import cli, main
 
 
+@needs_no_gpu
 def test_needs_a_gpu(capsys):
     assert main(["gpu-check"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
