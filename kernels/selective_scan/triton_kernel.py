@@ -246,11 +246,14 @@ def kernel_configs(N: int = 16):
     """Every kernel instance the public functions launch for Vim's inputs at state size N, for compile checks.
 
     Returns a list of (label, kernel, args, constexprs, num_warps), args holding meta-device tensors and
-    ints as the launcher passes them. Cases: the one-direction scan (D, z, delta_bias, softplus, last state)
-    and the bidirectional scan (both D, both biases, z), each for float32 and bfloat16 activations; A, D and
-    the biases are float32 as in Vim.
+    ints as the launcher passes them at Vim-Ti's 1248 px shape (E = 384, L = 6085, G = 1). Triton's JIT
+    specialises on these values (``vimbench.count.kernel_compile.specialisation``), and every Vim shape
+    gives the same variant: G = 1, E = 2 D divisible by 16, L = (res/16)^2 + 1 neither 1 nor divisible by
+    16. Cases: the one-direction scan (D, z, delta_bias, softplus, last state) and the bidirectional scan
+    (both D, both biases, z), each for float32 and bfloat16 activations; A, D and the biases are float32
+    as in Vim.
     """
-    b, E, L = 2, 64, 256
+    b, E, L = 2, 384, 6085
     configs = []
     for dtype in (torch.float32, torch.bfloat16):
         def direction():
