@@ -23,6 +23,13 @@ def command(part, out_dir):
     Needs a CUDA GPU; parts already run are resumed, not repeated."""
     if not torch.cuda.is_available():
         raise InputError("gpu-check needs a CUDA GPU; none is available on this machine")
+    from vimbench.measure import preflight
+    checks = preflight.run_preflight(torch.device("cuda"))  # within seconds, what is missing, before measuring
+    click.echo("\n".join(preflight.report_lines(checks)))
+    if preflight.failed(checks):
+        click.echo(f"gpu-check: preflight failed ({', '.join(c.name for c in preflight.failed(checks))}); "
+                   "nothing measured", err=True)
+        return 1
     out = Path(out_dir) if out_dir else gpucheck.default_out(torch.cuda.get_device_name(0))
     out.mkdir(parents=True, exist_ok=True)
     from vimbench.commands import main  # each step runs through the CLI entry point, as on the command line
