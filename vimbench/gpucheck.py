@@ -4,11 +4,13 @@ Parts (``PARTS``), each writing under one output folder (``results/gpu/<card>-<d
     tests    the CUDA tests of the Triton scan against the reference (tests/kernels/test_scan_cuda.py)
     kernels  ``vimbench kernels`` at the Vim-Ti/S/B and DeiT-Ti widths, res 224..1248 (5 points), batch 1
              (fp32) and batch 64 (fp32 and bf16), scans triton and cpu (+ mamba_ssm when importable, ref at
-             224 only), attention backends that run; the device's copy/matmul ceilings and exp2 rate
+             224 only; batch 64 both Triton designs), attention backends that run; the device's copy/matmul
+             ceilings and exp2 rate
     scaling  ``vimbench scaling --preset paper`` with the triton scan, the cpu scan at small resolutions for
              comparison, and ``vimbench report`` (claim check, predicted vs measured memory)
-    summary  ``summary.md``: the card and versions, the tests' result, each Triton scan's time against its
-             floor max(bytes / copy bandwidth, exp2 count / exp2 rate), the CUDA context size
+    summary  ``summary.md``: the card and versions, the tests' result, which Triton scan design is faster at
+             Vim-Ti 1248, batch 64 and by how much, each Triton scan's time against its floor
+             max(bytes / copy bandwidth, exp2 count / exp2 rate), the CUDA context size
 Steps are data (``plan``): a list of (name, argv) run through ``vimbench.commands.main``; CSVs are
 resumed, so a part cut short can simply be run again.
 """
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vimbench.analysis.designs import describe, design_comparison
+from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
 from vimbench.measure.env import slug
 from vimbench.rows.reader import with_current_names
 
@@ -52,7 +56,7 @@ def plan(part: str, out: Path) -> list[tuple[str, list[str]]]:
                 kernels("kernels ref 224", "kernels-ref.csv", "--models", "vim_tiny", "--scan", "ref", "--res", "224",
                         "--batch", "1"),
                 *(kernels(f"kernels b64 {dtype}", f"kernels-b64-{dtype}.csv", "--models", "vim_tiny,deit_tiny",
-                          "--scan", "triton",
+                          "--scan", "triton,triton_pipelined",  # both Triton designs, compared in the summary
                           "--attn", "eager,sdpa,efficient,cudnn" + (",flash" if dtype != "fp32" else ""),
                           "--res", RES, "--batch", "64", "--dtype", dtype)
                   for dtype in ("fp32", "bf16"))]
@@ -107,7 +111,7 @@ def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
     """Triton scan rows of a kernels CSV with their floors: memory time = bytes / ceiling_gbs, exp time =
     exp2 count / exp2_per_s (one exp2 per (b, e, t, n) and direction), floor = the larger; ratio = time /
     floor. Columns: op, model, L, batch, dtype, time_ms, mem_floor_ms, exp_floor_ms, floor_ms, ratio."""
-    rows = kernels[(kernels["impl"] == "triton") & kernels["op"].isin(["scan", "scan_bidir"])
+    rows = kernels[kernels["impl"].isin(TRITON_DESIGNS) & kernels["op"].isin(["scan", "scan_bidir"])
                    & (kernels["status"] == "ok")].copy()
     directions = rows["op"].map({"scan": 1, "scan_bidir": 2})
     rows["mem_floor_ms"] = rows["bytes"] / (rows["ceiling_gbs"] * 1e9) * 1e3
@@ -115,8 +119,8 @@ def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
     rows["exp_floor_ms"] = exps / exp2_per_s * 1e3
     rows["floor_ms"] = rows[["mem_floor_ms", "exp_floor_ms"]].max(axis=1)
     rows["ratio"] = rows["time_ms"] / rows["floor_ms"]
-    return rows[["op", "model", "tokens", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms", "floor_ms",
-                 "ratio"]].reset_index(drop=True)
+    return rows[["op", "impl", "model", "tokens", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms",
+                 "floor_ms", "ratio"]].reset_index(drop=True)
 
 
 def _md_table(df: pd.DataFrame) -> list[str]:
@@ -144,11 +148,14 @@ def write_summary(out: Path) -> Path:
                   "(NVML used memory after CUDA initialisation minus before)", ""]
     else:
         lines += ["not measured", ""]
-    lines += ["## Triton scan against its floor", ""]
     csvs = sorted(out.glob("kernels-*.csv"))
+    kernels = pd.concat([with_current_names(pd.read_csv(c)) for c in csvs], ignore_index=True) if csvs else None
+    lines += ["## Triton scan designs at vim_tiny L=6085, batch 64", ""]
+    designs = design_comparison(kernels) if kernels is not None else []
+    lines += [f"- {describe(r)}" for r in designs] or ["not run"]
+    lines += ["", "## Triton scan against its floor", ""]
     if csvs and facts:
-        floors = scan_floors(pd.concat([with_current_names(pd.read_csv(c)) for c in csvs], ignore_index=True),
-                             facts["exp2_per_s"])
+        floors = scan_floors(kernels, facts["exp2_per_s"])
         lines += _md_table(floors) + ["", f"floor = max(bytes / measured copy bandwidth, exp2 count / measured "
                                           f"exp2 rate); goal: ratio <= {PERF_GOAL} at vim_tiny L=6085, batch 64."]
     else:

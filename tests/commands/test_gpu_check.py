@@ -60,7 +60,7 @@ def fake_kernels_csv():
 
 def test_scan_floors_closed_form():
     floors = gpucheck.scan_floors(fake_kernels_csv(), exp2_per_s=4e12)
-    assert list(floors.op) == ["scan", "scan_bidir"]  # triton scan rows only
+    assert list(floors.op) == ["scan", "scan_bidir"] and set(floors.impl) == {"triton"}  # Triton scan rows only
     exps = 64 * 384 * 6085 * 16
     one = floors.iloc[0]
     assert one.mem_floor_ms == pytest.approx(1.2e9 / 3000e9 * 1e3)
@@ -74,11 +74,14 @@ def test_summary_from_fake_results(tmp_path):
     (tmp_path / "facts.json").write_text(json.dumps({"card": "NVIDIA H100 80GB HBM3", "exp2_per_s": 4e12,
                                                      "cuda_context_gib": 0.52}))
     (tmp_path / "tests.json").write_text(json.dumps({"returncode": 0, "passed": 84}))
-    fake_kernels_csv().to_csv(tmp_path / "kernels-b64-fp32.csv", index=False)
+    pipelined = dict(fake_kernels_csv().iloc[0], impl="triton_pipelined", time_ms=0.8)  # the second Triton design
+    pd.concat([fake_kernels_csv(), pd.DataFrame([pipelined])]).to_csv(tmp_path / "kernels-b64-fp32.csv", index=False)
     text = gpucheck.write_summary(tmp_path).read_text()
     assert text.startswith("# GPU check: NVIDIA H100 80GB HBM3")
     assert "84 passed, 0 failed, 0 errors (exit code 0)" in text and "CUDA context: 0.52 GiB" in text
-    assert "| scan | vim_tiny | 6085 | 64 | fp32 | 1 |" in text
+    assert "| scan | triton | vim_tiny | 6085 | 64 | fp32 | 1 |" in text
+    assert "| scan | triton_pipelined | vim_tiny | 6085 | 64 | fp32 | 0.8 |" in text
+    assert "- scan fp32: triton_pipelined is 1.25x faster than triton (0.8 ms vs 1 ms)" in text
     assert "not run" in text  # no report yet
     empty = tmp_path / "empty"
     empty.mkdir()
