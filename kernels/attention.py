@@ -62,11 +62,13 @@ def prefers_cudnn(capability: tuple[int, int], torch_version: str = torch.__vers
                   cudnn_version: int | None = None, cuda_version: str | None = torch.version.cuda) -> bool:
     """Whether the installed torch tries cuDNN attention before flash on a card of ``capability``.
 
-    torch >= 2.11 (the rule checked against the 2.11 source): aten/src/ATen/native/transformers/cuda/
-    sdp_utils.cpp, ``check_prefer_cudnn_attention()`` puts cuDNN first unless TORCH_CUDNN_SDPA_DEPRIORITIZED=1,
-    when the runtime cuDNN version is > 91500 (newer than 9.15.0) and the card is sm_9x/sm_10x with minor 0
-    or 3 (builds for CUDA >= 13 drop the minor check; H100/H200/B200 have minor 0 either way). torch 2.5.0
-    had cuDNN first on every card (``priority_order``'s default_order); other versions put flash first.
+    torch >= 2.11: aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, ``check_prefer_cudnn_attention()``
+    (read on pytorch main at commit 001f694a) puts cuDNN first unless TORCH_CUDNN_SDPA_DEPRIORITIZED=1, when
+    the runtime cuDNN version is > 91500 (newer than 9.15.0) and the card is sm_9x/sm_10x with minor 0 or 3,
+    the minor check dropped in builds for CUDA >= 13 (H100/H200/B200 have minor 0 either way). torch 2.5.0
+    had cuDNN first on every card (``priority_order``'s default_order); other versions are modelled with
+    flash first (some 2.8-2.10 builds may already prefer cuDNN on sm_90: on a GPU the tests compare this
+    model with the kernel SDPA runs, ``sdpa_kernel_used``).
     ``cudnn_version``: torch.backends.cudnn.version() when None (readable without a GPU)."""
     tv = _version_tuple(torch_version)
     if tv == (2, 5):
