@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vimbench.kernels.selective_scan import BackendUnavailable, check_scan_backend, selective_scan
+from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
 
 SMALL = {"cpu": (1, 384, 197, 16), "cuda": (8, 384, 1025, 16)}
 """Vim-Ti at 224 (L = 197) on CPU; Vim-Ti at 512 with batch 8 on CUDA."""
@@ -27,7 +28,7 @@ def scan_inputs(b, E, L, N, device):
 
 
 def _checked(backend, device):
-    if backend == "triton" and device.type != "cuda":
+    if backend in TRITON_DESIGNS and device.type != "cuda":
         pytest.skip("triton runs only under the interpreter on CPU, which is not a benchmark")
     try:
         check_scan_backend(backend, device)

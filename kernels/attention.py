@@ -13,7 +13,10 @@ the ``vimbench.attention_backends`` entry point; ``attention_backends()`` lists 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import os
 from typing import Callable
 
 import torch
@@ -38,11 +41,68 @@ def attention_eager(q, k, v):
     return attn.softmax(dim=-1) @ v
 
 
-def sdpa_fused_kernel(dtype: torch.dtype) -> str:
-    """The kernel SDPA picks on an sm80+ GPU (A100, H100) for unmasked, dropout-free attention with
-    head_dim <= 256: flash for fp16/bf16; memory-efficient for fp32, which flash and cuDNN do not take.
-    (PyTorch's default priority is flash > efficient > math > cudnn; cuDNN was first in 2.5.0 only.)"""
-    return "flash" if dtype in (torch.float16, torch.bfloat16) else "efficient"
+DEFAULT_CAPABILITY = (9, 0)
+"""The card modelled on a host without a GPU: an H100/H200 (sm_90), the memory command's default card."""
+_CARD = contextvars.ContextVar("vimbench_sdpa_card", default=None)
+
+
+@contextlib.contextmanager
+def modelled_card(capability: tuple[int, int] | None):
+    """Within it, fake CUDA tensors model SDPA's choice as on a card of compute ``capability`` (None: the
+    default of ``sdpa_fused_kernel``)."""
+    token = _CARD.set(capability)
+    try:
+        yield
+    finally:
+        _CARD.reset(token)
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def prefers_cudnn(capability: tuple[int, int], torch_version: str = torch.__version__,
+                  cudnn_version: int | None = None, cuda_version: str | None = torch.version.cuda) -> bool:
+    """Whether the installed torch tries cuDNN attention before flash on a card of ``capability``.
+
+    torch >= 2.11: aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, ``check_prefer_cudnn_attention()``
+    (read on pytorch main at commit 001f694a) puts cuDNN first unless TORCH_CUDNN_SDPA_DEPRIORITIZED=1, when
+    the runtime cuDNN version is > 91500 (newer than 9.15.0) and the card is sm_9x/sm_10x with minor 0 or 3,
+    the minor check dropped in builds for CUDA >= 13 (H100/H200/B200 have minor 0 either way). torch 2.5.0
+    had cuDNN first on every card (``priority_order``'s default_order); other versions are modelled with
+    flash first (some 2.8-2.10 builds may already prefer cuDNN on sm_90: on a GPU the tests compare this
+    model with the kernel SDPA runs, ``sdpa_kernel_used``).
+    ``cudnn_version``: torch.backends.cudnn.version() when None (readable without a GPU)."""
+    tv = _version_tuple(torch_version)
+    if tv == (2, 5):
+        return True
+    if tv < (2, 11) or os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED", "0") not in ("", "0"):
+        return False
+    cudnn_version = torch.backends.cudnn.version() if cudnn_version is None else cudnn_version
+    major, minor = capability
+    new_cuda = cuda_version is not None and _version_tuple(cuda_version) >= (13, 0)
+    return bool(cudnn_version) and cudnn_version > 91500 and major in (9, 10) and (new_cuda or minor in (0, 3))
+
+
+def sdpa_fused_kernel(dtype: torch.dtype, capability: tuple[int, int] | None = None) -> str:
+    """The kernel SDPA picks for unmasked, dropout-free attention with head_dim 64 (DeiT's) on a card of
+    compute ``capability``, by the installed torch's rules (torch's ``select_sdp_backend``: the first in
+    priority order whose checks pass). ``capability`` None: the one set by ``modelled_card``, else the GPU
+    here, else ``DEFAULT_CAPABILITY``. cuDNN and flash take only fp16/bf16 and need sm_80+ (flash up to
+    sm_121); memory-efficient runs from sm_50 in any dtype; math otherwise. On real hardware the kernel a
+    run used is recorded from the dispatcher (``sdpa_kernel_used``); the GPU tests check this model
+    against it."""
+    if capability is None:
+        capability = _CARD.get() or (torch.cuda.get_device_capability() if torch.cuda.is_available()
+                                     else DEFAULT_CAPABILITY)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half and capability >= (8, 0):
+        if "cudnn" in _FORCED and prefers_cudnn(capability):
+            return "cudnn"
+        if capability <= (12, 1):
+            return "flash"
+    return "efficient" if capability >= (5, 0) else "math"
 
 
 _FUSED = ("flash", "efficient", "cudnn")
@@ -91,14 +151,22 @@ def attention(q, k, v, backend: str = "sdpa"):
 
 
 def check_attention_backend(backend: str, device, dtype: torch.dtype, head_dim: int) -> None:
-    """Raises ``BackendUnavailable`` if ``backend`` cannot run on (device, dtype, head_dim): a tiny probe."""
+    """Raises ``BackendUnavailable`` if ``backend`` cannot run on (device, dtype, head_dim): a tiny probe.
+    Any failure of the probe (a cuDNN-frontend error, a CUDA error) means unavailable, with its reason."""
     if backend in ("eager", "sdpa") or torch.device(device).type == "meta":
         return
     if backend in ATTENTION_PLUGINS and torch.device(device).type not in ATTENTION_PLUGINS[backend].devices:
         raise BackendUnavailable(f"attention backend {backend!r} (package {ATTENTION_PLUGINS[backend].package!r}) "
                                  f"runs on {', '.join(ATTENTION_PLUGINS[backend].devices)}")
-    q = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype)
-    attention(q, q, q, backend)
+    try:
+        q = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype)
+        attention(q, q, q, backend)
+    except (BackendUnavailable, ValueError):
+        raise
+    except Exception as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise BackendUnavailable(f"attention backend {backend!r} failed its probe on {torch.device(device)} with "
+                                 f"{str(dtype).removeprefix('torch.')}: {type(e).__name__}: {why}") from None
 
 
 class _OpRecorder(TorchDispatchMode):

@@ -79,3 +79,8 @@ def fake_install(site: Path, dist: str, entry_points: dict[str, str], group: str
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+
+
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(),
+                                  reason="checks what happens on a host without a CUDA GPU; this host has one")
+"""For tests of the refusals a host without a GPU gives (on a GPU host those calls would start real work)."""

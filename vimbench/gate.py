@@ -41,6 +41,11 @@ Deterministic gate
     FLOP counts of every registered model at ``FLOP_SHAPES`` (exact, on the meta device) and the registers,
     spill bytes and shared memory of every Triton kernel configuration compiled for sm_80 and sm_90
     (``vimbench.count.kernel_compile``), compared exactly with ``benchmarks/baselines/deterministic.json``.
+    Kernel resources are the compiler's, so the baseline keeps them per Triton release (``triton_key``:
+    major.minor, e.g. "3.6"; each item's key names its arch): Triton 3.6 and 3.8 each gate against their own
+    numbers. A Triton release without numbers in the baseline is not compared (the gate says so, names the
+    releases it has, and how to record this one) instead of failing on another compiler's numbers; the FLOPs
+    are still gated. ``--update`` records the installed release's numbers beside the others.
 
 Units: seconds for times; ratios are dimensionless; thresholds and changes are fractions (0.25 = +25%).
 """
@@ -445,9 +450,15 @@ def suite_environment(device: torch.device) -> dict:
 # Deterministic gate
 # ----------------------------------------------------------------------------------------------------
 
+def triton_key(version: str) -> str:
+    """The Triton release a kernel baseline holds for: major.minor of ``version`` ("3.6.0" -> "3.6")."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
 def deterministic_snapshot() -> dict:
     """{'flops': {'<model> res=<r> batch=<b>': {FLOP_FIELDS}}, 'kernels': {'<kernel> | <config> | <arch>':
-    {KERNEL_FIELDS}}}: FLOPs of forward_features with each model's default options, counted on meta."""
+    {KERNEL_FIELDS}}, 'triton': ``triton_key`` of the installed Triton}: FLOPs of forward_features with each
+    model's default options, counted on meta."""
     from vimbench.count.flops import count_flops
     from vimbench.count.kernel_compile import ARCHS, compile_report
     from vimbench.models.registry import list_models
@@ -458,21 +469,31 @@ def deterministic_snapshot() -> dict:
             flops[f"{model} res={res} batch={batch}"] = {k: counts[k] for k in FLOP_FIELDS}
     kernels = {f"{r.kernel} | {r.config} | {r.arch}": {k: getattr(r, k) for k in KERNEL_FIELDS}
                for r in compile_report(ARCHS)}
-    return {"flops": flops, "kernels": kernels}
+    import triton
+    return {"flops": flops, "kernels": kernels, "triton": triton_key(triton.__version__)}
 
 
-def make_deterministic_baseline(snapshot: dict) -> dict:
+def make_deterministic_baseline(snapshot: dict, previous: dict | None = None) -> dict:
+    """The baseline file for ``snapshot``: its FLOPs, and its kernel numbers under its Triton release beside
+    those of other releases kept from ``previous`` (the file it replaces, if any)."""
     recorded = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    kernels = {**(previous or {}).get("kernels_by_triton", {}), snapshot["triton"]: snapshot["kernels"]}
     return {"kind": "deterministic", "recorded": recorded, "environment": suite_environment(torch.device("cpu")),
-            **snapshot}
+            "flops": snapshot["flops"], "kernels_by_triton": dict(sorted(kernels.items()))}
 
 
 def compare_deterministic(baseline: dict, snapshot: dict) -> list[dict]:
     """Every difference: rows {'section', 'item', 'field', 'baseline', 'now', 'change'}; [] when equal.
-    An item present on one side only is one row with field '(item)'."""
+    An item present on one side only is one row with field '(item)'. Kernels are compared with the
+    baseline's numbers for the snapshot's Triton release, and not at all when it has none
+    (``missing_triton_baseline``)."""
     rows = []
+    by_triton = baseline.get("kernels_by_triton", {})
     for section in ("flops", "kernels"):
-        base, now = baseline.get(section, {}), snapshot[section]
+        if section == "kernels" and snapshot["triton"] not in by_triton:
+            continue
+        base = baseline.get("flops", {}) if section == "flops" else by_triton[snapshot["triton"]]
+        now = snapshot[section]
         for item in sorted(set(base) | set(now)):
             if item not in now or item not in base:
                 rows.append({"section": section, "item": item, "field": "(item)",
@@ -486,6 +507,15 @@ def compare_deterministic(baseline: dict, snapshot: dict) -> list[dict]:
                     rows.append({"section": section, "item": item, "field": field, "baseline": b, "now": n,
                                  "change": change})
     return rows
+
+
+def missing_triton_baseline(baseline: dict, snapshot: dict) -> str | None:
+    """One line when the baseline has no kernel numbers for the snapshot's Triton release, else None."""
+    have = sorted(baseline.get("kernels_by_triton", {}))
+    if snapshot["triton"] in have:
+        return None
+    return (f"no kernel baseline for Triton {snapshot['triton']} (the baseline has: {', '.join(have) or 'none'}): "
+            f"kernel resources not compared; record them with `vimbench gate --deterministic --update`")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ its unpacking in ``gpucheck_archive.py``. Everything is written under one output
     *.csv        the sweeps, report/ the paper-preset report, figures/ the kernel figures
     steps.jsonl  each step's estimate, actual seconds and status, one line per step and run
     summary.md   plain language first: the card, whether the kernels are correct, Vim-Ti/DeiT-Ti at 1248,
-                 the Triton scan against its floor, what did not run for lack of budget (``write_summary``)
+                 the Triton scan against its floor (both Triton designs, and which is faster), what did not run for lack of budget (``write_summary``)
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vimbench.analysis.designs import describe, design_comparison
+from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
 from vimbench.measure.env import slug
 from vimbench.measure.isolation import run_isolated
 from vimbench.rows.reader import with_current_names
@@ -77,15 +79,14 @@ def device_facts(device: str = "cuda") -> dict:
     CUDA minus before). Run it in a fresh process (``run_isolated``) so the context is this one's alone."""
     import torch
 
-    from vimbench.measure.env import nvml
+    from vimbench.measure.nvml import GpuReadings
     from vimbench.kernels.exp_rate import measure_exp2_rate
-    nv, before = nvml(), None
-    if nv is not None:
-        handle = nv.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
-        before = nv.nvmlDeviceGetMemoryInfo(handle).used
+    gpu = GpuReadings(torch.device(device).index or 0)  # guarded, found by PCI bus id
+    before = gpu.used_bytes()
     torch.zeros(1, device=device)
     torch.cuda.synchronize()
-    context = None if nv is None else (nv.nvmlDeviceGetMemoryInfo(handle).used - before) / 2 ** 30
+    after = gpu.used_bytes() if before is not None else None
+    context = None if after is None else (after - before) / 2 ** 30
     return {"card": torch.cuda.get_device_name(device), "exp2_per_s": measure_exp2_rate(device),
             "cuda_context_gib": context}
 
@@ -105,8 +106,8 @@ def record_facts(out: Path) -> list[str]:
 def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
     """Triton scan rows of a kernels CSV with their floors: memory time = bytes / ceiling_gbs, exp time =
     exp2 count / exp2_per_s (one exp2 per (b, e, t, n) and direction), floor = the larger; ratio = time /
-    floor. Columns: op, model, res, tokens, batch, dtype, time_ms, mem_floor_ms, exp_floor_ms, floor_ms, ratio."""
-    rows = kernels[(kernels["impl"] == "triton") & kernels["op"].isin(["scan", "scan_bidir"])
+    floor. Columns: op, impl, model, res, tokens, batch, dtype, time_ms, mem_floor_ms, exp_floor_ms, floor_ms, ratio."""
+    rows = kernels[kernels["impl"].isin(TRITON_DESIGNS) & kernels["op"].isin(["scan", "scan_bidir"])
                    & (kernels["status"] == "ok")].copy()
     directions = rows["op"].map({"scan": 1, "scan_bidir": 2})
     rows["mem_floor_ms"] = rows["bytes"] / (rows["ceiling_gbs"] * 1e9) * 1e3
@@ -114,7 +115,7 @@ def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
     rows["exp_floor_ms"] = exps / exp2_per_s * 1e3
     rows["floor_ms"] = rows[["mem_floor_ms", "exp_floor_ms"]].max(axis=1)
     rows["ratio"] = rows["time_ms"] / rows["floor_ms"]
-    return rows[["op", "model", "res", "tokens", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms",
+    return rows[["op", "impl", "model", "res", "tokens", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms",
                  "floor_ms", "ratio"]].reset_index(drop=True)
 
 
@@ -182,13 +183,17 @@ def paper_1248(out: Path) -> str:
     return text
 
 
+def _kernels(out: Path) -> pd.DataFrame:
+    """Every kernels CSV in ``out`` as one table (there is at least one)."""
+    return pd.concat([with_current_names(pd.read_csv(c)) for c in sorted(out.glob("kernels-*.csv"))],
+                     ignore_index=True)
+
+
 def _floors(out: Path, facts: dict) -> pd.DataFrame | None:
     """``scan_floors`` of every kernels CSV in ``out``; None without CSVs or device facts."""
-    csvs = sorted(out.glob("kernels-*.csv"))
-    if not csvs or not facts:
+    if not any(out.glob("kernels-*.csv")) or not facts:
         return None
-    return scan_floors(pd.concat([with_current_names(pd.read_csv(c)) for c in csvs], ignore_index=True),
-                       facts["exp2_per_s"])
+    return scan_floors(_kernels(out), facts["exp2_per_s"])
 
 
 def floor_line(floors: pd.DataFrame | None) -> str:
@@ -199,7 +204,7 @@ def floor_line(floors: pd.DataFrame | None) -> str:
                 & (floors["batch"] == FLOOR["batch"]) & (floors["dtype"] == FLOOR["dtype"])]
     if not len(at):
         return "not measured at {model} {res} px, batch {batch}, {dtype}".format(**FLOOR)
-    return "; ".join(f"{r.op} {r.time_ms:.3g} ms = {r.ratio:.2f}x its floor "
+    return "; ".join(f"{r.op} ({r.impl}) {r.time_ms:.3g} ms = {r.ratio:.2f}x its floor "
                      f"({'meets' if r.ratio <= PERF_GOAL else 'misses'} the goal <= {PERF_GOAL}x)"
                      for r in at.itertuples()) + " ({model} {res} px, batch {batch}, {dtype})".format(**FLOOR)
 
@@ -252,6 +257,11 @@ def write_summary(out: Path) -> Path:
                   "(NVML used memory after CUDA initialisation minus before)", ""]
     else:
         lines += ["not measured", ""]
+    if trusted:  # correctness gates speed
+        lines += ["## Triton scan designs at vim_tiny L=6085, batch 64", ""]
+        designs = design_comparison(_kernels(out)) if any(out.glob("kernels-*.csv")) else []
+        lines += [f"- {describe(r)}" for r in designs] or ["not run"]
+        lines += [""]
     lines += ["## Triton scan against its floor", ""]
     if floors is not None:
         lines += _md_table(floors) + ["", f"floor = max(bytes / measured copy bandwidth, exp2 count / measured "

@@ -9,6 +9,9 @@ Steps (``build_steps``), highest priority first; each writes under one output fo
     floor    the card's exp2 rate and CUDA context, and ``vimbench kernels`` for the Triton scan at the
              Vim-Ti 1248 shape (L = 6085), batch 64, fp32: the scan against its floor
                                                                         -> facts.json, kernels-b64-fp32.csv
+    designs  the same for the second Triton scan design (``triton_pipelined``), so that the summary can say
+             which design is faster at that shape (the tests step covers both designs' correctness)
+                                                                        -> kernels-b64-fp32.csv
     kernels  the wider kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248 (5 points), batch 1 fp32 and
              batch 64 fp32/bf16, every scan and attention backend (the floor step's rows are resumed)
                                                                         -> kernels-*.csv
@@ -40,7 +43,7 @@ WHY 420 s DELIVERS STEPS 1-3 on an H100/H200 (triton and cpu present; ``estimate
     eager 52 s of them, 30 s at 1248 alone, DeiT-Ti sdpa 29 s, Vim-Ti 9 s; 10 s start, 25 s for the report
     with its figures); floor 35 s (the exp2 rate 5 s, start 10 s, the triton check 8 s, 3 ops at 4 s).
     Total 368 s + ``WRAP_UP_S`` 10 s for the summary and the archive = 378 s, leaving 42 s (10%) for what
-    the model leaves out: Vim's elementwise passes (~0.2 s per forward at 1248, batch 64: ~13 s over the
+    the model leaves out (the designs step, ~25 s, runs when a budget leaves room for it): Vim's elementwise passes (~0.2 s per forward at 1248, batch 64: ~13 s over the
     paper's resolutions) and planning in the parent (the FLOP counts, a few seconds). With mamba_ssm
     present its check adds 8 s (and 60 s no longer fits the check step). The tests check the plans for 60,
     420 and 3600 s (check only; steps 1-3; everything). Each run records every step's actual seconds beside
@@ -61,6 +64,7 @@ from pathlib import Path
 from vimbench import gpucheck
 from vimbench.analysis.paper import PAPER_SETTING_OPTIONS
 from vimbench.gpucheck import FLOOR, with_resume
+from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
 from vimbench.measure.model import DEFAULT_TIMING
 
 COST = dict(worker_s=3.0, op_s=1.0, step_s=10.0, compile_s=1.5, check_other_s=8.0, tests_s=115.0, report_s=25.0,
@@ -165,27 +169,31 @@ def build_steps(out: Path, present: list[str] | None = None) -> list[Step]:
     def kernels_argv(csv, *args):
         return ["kernels", *args, "--out", str(out / csv)]
 
-    floor = kernels_argv("kernels-b64-fp32.csv", "--models", FLOOR["model"], "--scan", "triton",
-                         "--res", str(FLOOR["res"]), "--batch", str(FLOOR["batch"]), "--dtype", FLOOR["dtype"])
+    designs = ",".join(TRITON_DESIGNS)   # both Triton scan designs, compared in the summary
+
+    def at_floor_shape(scan):  # the Vim-Ti 1248 shape, batch 64, fp32
+        return kernels_argv("kernels-b64-fp32.csv", "--models", FLOOR["model"], "--scan", scan,
+                            "--res", str(FLOOR["res"]), "--batch", str(FLOOR["batch"]), "--dtype", FLOOR["dtype"])
     paper_csv = out / "scaling-paper.csv"
     wide = [kernels_argv("kernels-b1-fp32.csv", "--models", "vim_tiny,vim_small,vim_base,deit_tiny",
                          "--scan", ",".join(present), "--attn", attn, "--res", RES, "--batch", "1", "--dtype", "fp32"),
             kernels_argv("kernels-ref.csv", "--models", "vim_tiny", "--scan", "ref", "--res", "224", "--batch", "1"),
-            *(kernels_argv(f"kernels-b64-{dtype}.csv", "--models", "vim_tiny,deit_tiny", "--scan", "triton",
+            *(kernels_argv(f"kernels-b64-{dtype}.csv", "--models", "vim_tiny,deit_tiny", "--scan", designs,
                            "--attn", attn + (",flash" if dtype != "fp32" else ""), "--res", RES, "--batch", "64",
                            "--dtype", dtype) for dtype in ("fp32", "bf16"))]
     n_res, n_floor = len(RES.split(",")), op_configs_count(1, vim=(1, 1))
     wide_estimate = (kernels_estimate(op_configs_count(n_res, vim=(3, len(present)), deit=(1, 4)), len(present))
                      + kernels_estimate(op_configs_count(1, vim=(1, 1)), 0)
-                     + kernels_estimate(op_configs_count(n_res, vim=(1, 1), deit=(1, 4)) - n_floor, 1)
-                     + kernels_estimate(op_configs_count(n_res, vim=(1, 1), deit=(1, 5)), 1))
+                     + kernels_estimate(op_configs_count(n_res, vim=(1, len(TRITON_DESIGNS)), deit=(1, 4))
+                                        - len(TRITON_DESIGNS) * n_floor, 1)
+                     + kernels_estimate(op_configs_count(n_res, vim=(1, len(TRITON_DESIGNS)), deit=(1, 5)), 1))
 
     def figures(cli):
         return [f"vimbench plot {csv.name}: failed" for csv in sorted(out.glob("kernels-*.csv"))
                 if cli(["plot", str(csv), "--out-dir", str(out / "figures")]) != 0]
 
     return [
-        # priority 0, first of all: a preflight step (does the card work at all?) goes here when there is one
+        # the preflight (vimbench.measure.preflight: does the card work at all?) runs before these, in the command
         Step("check", f"scan backends {', '.join(present)} against the reference on CUDA",
              sum(map(check_estimate, present)), lambda cli: gpucheck.run_checks(out, present), correctness=True),
         Step("tests", "CUDA tests of the Triton scan (tests/kernels/test_scan_cuda.py)",
@@ -196,7 +204,10 @@ def build_steps(out: Path, present: list[str] | None = None) -> list[Step]:
                  ["scaling", "--preset", "paper", "--scan", fast, "--out", str(paper_csv)],
                  ["report", str(paper_csv), "--out-dir", str(out / "report")]),
         cli_step("floor", "Triton scan against its floor at vim_tiny 1248 px (L = 6085), batch 64, fp32",
-                 COST["exp2_s"] + kernels_estimate(n_floor, 1), floor, before=lambda: gpucheck.record_facts(out)),
+                 COST["exp2_s"] + kernels_estimate(n_floor, 1), at_floor_shape("triton"),
+                 before=lambda: gpucheck.record_facts(out)),
+        cli_step("designs", "the second Triton scan design (triton_pipelined) at the same shape, to compare",
+                 kernels_estimate(n_floor, 1), at_floor_shape("triton_pipelined")),
         cli_step("kernels", "kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248, batch 1 and 64, fp32 and "
                  "bf16", wide_estimate, *wide),
         Step("figures", "figures of the kernel sweeps (vimbench plot)", 4 * COST["plot_s"], figures),

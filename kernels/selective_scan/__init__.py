@@ -10,7 +10,7 @@ Data flow of this package, each file with one job:
     ref.py            the sequential loops: ``selective_scan_ref`` and ``bidirectional_scan_ref`` (the oracle)
     chunked.py        the chunked pure-PyTorch scan (backend ``cpu``)
     compiled_cpu.py   the compiled C++ scan on ATen's vector types, source in csrc/ (backend ``cpp``)
-    triton_kernel.py  the fused Triton kernel (backend ``triton``)
+    triton_kernel.py  the fused Triton kernel (backends ``triton`` and ``triton_pipelined``: two launch designs)
     backends.py       the backend table, plug-in registration, availability checks and what ``auto`` resolves to
     ops.py            the torch custom ops the entry points below call, their fakes and FLOP formulas
     check.py          a backend against ``ref`` on awkward shapes: run before any timing

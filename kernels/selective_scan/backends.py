@@ -6,6 +6,9 @@ Backends (``SCAN_BACKENDS``):
     cpp        compiled C++ on ATen's vectorised types (compiled_cpu.py, csrc/); CPU tensors, fp32/bf16/fp16;
                built on first use with the machine's C++ compiler and cached
     triton     our fused Triton kernel (triton_kernel.py); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    triton_pipelined
+               the same kernel in its second launch design (4 warps per program, pipelined token loop;
+               ``triton_kernel.DESIGNS``); same devices
     mamba_ssm  mamba_ssm's CUDA kernel, when that package imports; CUDA tensors
     auto       resolved per device by ``resolve_scan_backend``; callers record the resolved name
 Other packages add backends with ``register_scan_backend`` (``PLUGINS``), directly or through the
@@ -28,7 +31,9 @@ from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.kernels.selective_scan.chunked import selective_scan_cpu
 from vimbench.kernels.selective_scan.ref import selective_scan_ref
 
-SCAN_BACKENDS = ("ref", "cpu", "cpp", "triton", "mamba_ssm")
+SCAN_BACKENDS = ("ref", "cpu", "cpp", "triton", "triton_pipelined", "mamba_ssm")
+TRITON_DESIGNS = ("triton", "triton_pipelined")
+"""The backends that are launch designs of the Triton kernel (``triton_kernel.DESIGNS``)."""
 SCAN_CHOICES = SCAN_BACKENDS + ("auto",)
 STRIDED = ("cpp",)
 """Backends that read inputs of any strides (Vim's time-major views of in_proj's output as they are); the
@@ -39,7 +44,7 @@ entry points make every input contiguous for the others."""
 def _importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+    except Exception:  # a broken install (ImportError, ValueError, or whatever a parent package raises) = absent
         return False
 
 
@@ -56,12 +61,12 @@ def check_scan_backend(backend: str, device: torch.device | str) -> None:
     if plugin is not None and device.type not in plugin.devices + ("meta",):
         raise BackendUnavailable(f"scan backend {backend!r} (package {plugin.package!r}) runs on "
                                  f"{', '.join(plugin.devices)}, not {device.type}")
-    if backend == "triton":
+    if backend in TRITON_DESIGNS:
         if not _importable("triton"):
-            raise BackendUnavailable("scan backend 'triton' needs the triton package, which is not installed")
+            raise BackendUnavailable(f"scan backend {backend!r} needs the triton package, which is not installed")
         if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
             raise BackendUnavailable(
-                f"scan backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
+                f"scan backend {backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
     if backend == "cpp":
         if device.type not in ("cpu", "meta"):
             raise BackendUnavailable(f"scan backend 'cpp' needs CPU tensors, got {device.type}")
@@ -74,6 +79,17 @@ def check_scan_backend(backend: str, device: torch.device | str) -> None:
             raise BackendUnavailable("scan backend 'mamba_ssm' needs the mamba_ssm package, which is not installed")
         if device.type != "cuda":
             raise BackendUnavailable(f"scan backend 'mamba_ssm' needs CUDA tensors, got {device.type}")
+
+
+CPU_ONLY = ("cpp",)
+"""Built-in backends with no CUDA implementation at all (so no GPU run to predict memory for)."""
+
+
+def runs_on_cuda(backend: str) -> bool:
+    """Whether ``backend`` has a CUDA implementation (installed here or not): not the CPU-only built-ins, and
+    for a plug-in whether it registered the cuda device."""
+    plugin = PLUGINS.get(backend)
+    return "cuda" in plugin.devices if plugin is not None else backend not in CPU_ONLY
 
 
 def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
@@ -102,12 +118,16 @@ def _triton_scan(*args, **kwargs):
     return selective_scan_triton(*args, **kwargs)
 
 
+def _triton_pipelined_scan(*args, **kwargs):
+    return _triton_scan(*args, **kwargs, design="triton_pipelined")
+
+
 def _cpp_scan(*args, **kwargs):
     return compiled_cpu.selective_scan_compiled(*args, **kwargs)
 
 
 IMPLS = {"ref": selective_scan_ref, "cpu": selective_scan_cpu, "cpp": _cpp_scan, "triton": _triton_scan,
-         "mamba_ssm": _mamba_ssm_scan}
+         "triton_pipelined": _triton_pipelined_scan, "mamba_ssm": _mamba_ssm_scan}
 """Backend name -> one-direction scan with ``ref.selective_scan_ref``'s signature."""
 
 

@@ -174,8 +174,8 @@ def available() -> tuple[bool, str]:
     for users: no compiler, no ninja, or a build failure)."""
     try:
         build()
-    except RuntimeError as exc:
-        return False, str(exc).splitlines()[0] if str(exc) else "building the compiled CPU scan failed"
+    except Exception as exc:  # any failure to build or load (RuntimeError, OSError, ImportError) = unavailable
+        return False, str(exc).splitlines()[0] if str(exc) else f"building the compiled CPU scan failed ({type(exc).__name__})"
     return True, ""
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from vimbench.kernels.selective_scan import compiled_cpu
-from vimbench.kernels.selective_scan.backends import IMPLS, PLUGINS
+from vimbench.kernels.selective_scan.backends import IMPLS, PLUGINS, TRITON_DESIGNS
 from vimbench.kernels.selective_scan.chunked import selective_scan_cpu
 from vimbench.kernels.selective_scan.ref import (bidirectional_scan_ref, compute_dtype, expand_groups,
                                                  finish_output, prepare_delta)
@@ -95,7 +95,8 @@ def _outputs_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
     return (out, last) if return_last_state else out
 
 
-_FAKES = {"ref": _ref_fake, "cpu": _cpu_fake, "cpp": _cpp_fake, "triton": _triton_fake, "mamba_ssm": _mamba_ssm_fake}
+_FAKES = {"ref": _ref_fake, "cpu": _cpu_fake, "cpp": _cpp_fake, "triton": _triton_fake, "triton_pipelined": _triton_fake,
+          "mamba_ssm": _mamba_ssm_fake}
 
 
 def _fake(backend: str):
@@ -118,10 +119,10 @@ def _bidir_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
               u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Optional[Tensor],
               z: Optional[Tensor], delta_bias: Optional[Tensor], delta_bias_b: Optional[Tensor],
               delta_softplus: bool, backend: str) -> Tensor:
-    if backend == "triton":
+    if backend in TRITON_DESIGNS:
         from vimbench.kernels.selective_scan.triton_kernel import bidirectional_scan_triton
         return bidirectional_scan_triton(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
-                                         delta_bias, delta_bias_b, delta_softplus)
+                                         delta_bias, delta_bias_b, delta_softplus, design=backend)
     if backend == "cpp":  # both directions in one kernel, the output in time-major memory (see ``_bidir_fake``)
         return compiled_cpu.bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
                                                         delta_bias, delta_bias_b, delta_softplus, time_major_out=True)
@@ -139,7 +140,7 @@ def bidirectional_scan_fake(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D
     if backend == "cpp":
         b, E, L = u.shape
         return u.new_empty(b, L, E).transpose(1, 2)
-    if backend == "triton":
+    if backend in TRITON_DESIGNS:
         A_t = (A.t().contiguous(), A_b.t().contiguous())
         out = torch.empty_like(u)
         del A_t

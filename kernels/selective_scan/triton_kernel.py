@@ -92,7 +92,7 @@ def _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_
                     pid_b, group, offs_e, mask_e, E, L, G,
                     REVERSE: tl.constexpr, ADD_TO_OUT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                     HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, STORE_LAST_STATE: tl.constexpr,
-                    N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+                    N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Scans one direction for the channels ``offs_e`` (valid where ``mask_e``, all in B/C group ``group``)
     of batch row ``pid_b`` and writes y into out. A_ptr points to A transposed, (N, E) contiguous, so that A
     loads in the layout of the state tile."""
@@ -113,7 +113,7 @@ def _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_
     if HAS_DELTA_BIAS:
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     h = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-    for c in range(0, L, 4):
+    for c in tl.range(0, L, 4, num_stages=NUM_STAGES):      # NUM_STAGES None: Triton's default for the loop
         # the 4 tokens scanned next, as a tile in ascending address order (so that it loads coalesced in
         # both directions); the backward direction scans its columns from last to first
         if REVERSE:
@@ -163,7 +163,7 @@ def _selective_scan_fwd_kernel(
         E, L, G,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
         BIDIRECTIONAL: tl.constexpr, STORE_LAST_STATE: tl.constexpr, N: tl.constexpr, BLOCK_E: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr):
     # grid: (G * cdiv(E // G, BLOCK_E), b): blocks of channels never straddle two groups, so that B_t and
     # C_t are one (N,) vector per program. All (b, E, L) tensors and B, C (b, G, N, L) are contiguous.
     pid_b = tl.program_id(1).to(tl.int64)
@@ -176,22 +176,33 @@ def _selective_scan_fwd_kernel(
     if BIDIRECTIONAL:
         _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
                         pid_b, group, offs_e, mask_e, E, L, G, False, False, HAS_D, False, HAS_DELTA_BIAS,
-                        DELTA_SOFTPLUS, False, N, BLOCK_E, BLOCK_N)
+                        DELTA_SOFTPLUS, False, N, BLOCK_E, BLOCK_N, NUM_STAGES)
         tl.debug_barrier()  # y_f stored by the forward pass is visible to every thread of the program
         _scan_direction(out_ptr, last_ptr, ub_ptr, deltab_ptr, Ab_ptr, Bb_ptr, Cb_ptr, Db_ptr, biasb_ptr, z_ptr,
                         pid_b, group, offs_e, mask_e, E, L, G, True, True, HAS_D, HAS_Z, HAS_DELTA_BIAS,
-                        DELTA_SOFTPLUS, False, N, BLOCK_E, BLOCK_N)
+                        DELTA_SOFTPLUS, False, N, BLOCK_E, BLOCK_N, NUM_STAGES)
     else:
         _scan_direction(out_ptr, last_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
                         pid_b, group, offs_e, mask_e, E, L, G, False, False, HAS_D, HAS_Z, HAS_DELTA_BIAS,
-                        DELTA_SOFTPLUS, STORE_LAST_STATE, N, BLOCK_E, BLOCK_N)
+                        DELTA_SOFTPLUS, STORE_LAST_STATE, N, BLOCK_E, BLOCK_N, NUM_STAGES)
 
 
-def _launch_config(N: int) -> dict:
-    """Tile and warps for state size N: one channel per thread, one warp per program (the most programs,
-    hence the most warps in flight to hide load latency)."""
-    num_warps = 1
-    return dict(BLOCK_E=32 * num_warps, BLOCK_N=triton.next_power_of_2(N), num_warps=num_warps)
+DESIGNS = {"triton": dict(num_warps=1, num_stages=None), "triton_pipelined": dict(num_warps=4, num_stages=3)}
+"""The two launch designs, each its own scan backend (rows name the one that ran):
+    triton            one warp per program, 32 channels; the token loop as Triton schedules it by default (the
+                      most programs, hence the most warps in flight to hide load latency)
+    triton_pipelined  four warps per program, 4 x 32 channels (four channel blocks of the first design, sharing
+                      one program's B_t, C_t loads), and the token loop software-pipelined over 3 stages
+                      (``tl.range(num_stages=3)``: the loads of the next tiles are issued while the current one
+                      is scanned)
+Which is faster is a measurement: the GPU check times both at the Vim-Ti 1248 shape, batch 64."""
+
+
+def _launch_config(N: int, design: str) -> dict:
+    """Tile, warps and loop stages of ``design`` (``DESIGNS``) for state size N: one channel per thread."""
+    cfg = DESIGNS[design]
+    return dict(BLOCK_E=32 * cfg["num_warps"], BLOCK_N=triton.next_power_of_2(N), NUM_STAGES=cfg["num_stages"],
+                num_warps=cfg["num_warps"])
 
 
 def _direction_inputs(u, delta, A, B, C, D, delta_bias):
@@ -202,17 +213,17 @@ def _direction_inputs(u, delta, A, B, C, D, delta_bias):
     return [t if t is None else t.contiguous() for t in (u, delta, A.t(), B, C, D, delta_bias)]
 
 
-def _kernel_launch(out, last, fwd, bwd, z, delta_softplus):
-    """Grid, pointer/size arguments, constexprs and num_warps of one launch (shared by the launcher and
-    ``kernel_configs``). ``fwd``/``bwd``: ``_direction_inputs`` lists; ``bwd`` None for one direction;
-    ``last``: (b, E, N) float32 or None."""
+def _kernel_launch(out, last, fwd, bwd, z, delta_softplus, design):
+    """Grid, pointer/size arguments, constexprs and num_warps of one launch of ``design`` (shared by the
+    launcher and ``kernel_configs``). ``fwd``/``bwd``: ``_direction_inputs`` lists; ``bwd`` None for one
+    direction; ``last``: (b, E, N) float32 or None."""
     u, delta, A, B, C, D, bias = fwd
     b, E, L = u.shape
     N, G = A.shape[0], B.shape[1]
     if bwd is not None and bwd[3].shape[1] != G:
         raise ValueError(f"bidirectional scan: B_b has {bwd[3].shape[1]} groups, B has {G}")
     ub, deltab, Ab, Bb, Cb, Db, biasb = bwd if bwd is not None else fwd
-    cfg = _launch_config(N)
+    cfg = _launch_config(N, design)
     args = dict(out_ptr=out, last_ptr=last if last is not None else out,
                 u_ptr=u, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
                 D_ptr=D if D is not None else A, bias_ptr=bias if bias is not None else A,
@@ -221,19 +232,20 @@ def _kernel_launch(out, last, fwd, bwd, z, delta_softplus):
                 z_ptr=z if z is not None else u, E=E, L=L, G=G)
     constexprs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=bias is not None,
                       DELTA_SOFTPLUS=bool(delta_softplus), BIDIRECTIONAL=bwd is not None,
-                      STORE_LAST_STATE=last is not None, N=N, BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"])
+                      STORE_LAST_STATE=last is not None, N=N, BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"],
+                      NUM_STAGES=cfg["NUM_STAGES"])
     grid = (G * triton.cdiv(E // G, cfg["BLOCK_E"]), b)
     return grid, args, constexprs, cfg["num_warps"]
 
 
-def _selective_scan_fwd(fwd, bwd, z, delta_softplus, return_last_state):
+def _selective_scan_fwd(fwd, bwd, z, delta_softplus, return_last_state, design):
     """Host launcher: allocates out (b, E, L) in u's dtype (and the last state (b, E, N) float32), launches
-    the kernel once. Returns (out, last or None)."""
+    the kernel once in ``design``. Returns (out, last or None)."""
     u = fwd[0]
     b, E, L = u.shape
     out = torch.empty_like(u)
     last = u.new_empty(b, E, fwd[2].shape[0], dtype=torch.float32) if return_last_state else None
-    grid, args, constexprs, num_warps = _kernel_launch(out, last, fwd, bwd, z, delta_softplus)
+    grid, args, constexprs, num_warps = _kernel_launch(out, last, fwd, bwd, z, delta_softplus, design)
     if L == 0 or b == 0 or E == 0:
         if last is not None:
             last.zero_()
@@ -243,14 +255,18 @@ def _selective_scan_fwd(fwd, bwd, z, delta_softplus, return_last_state):
 
 
 def kernel_configs(N: int = 16):
-    """Every kernel instance the public functions launch for Vim's inputs at state size N, for compile checks.
+    """Every kernel instance the public functions launch for Vim's inputs at state size N, in both
+    ``DESIGNS``, for compile checks.
 
     Returns a list of (label, kernel, args, constexprs, num_warps), args holding meta-device tensors and
-    ints as the launcher passes them. Cases: the one-direction scan (D, z, delta_bias, softplus, last state)
-    and the bidirectional scan (both D, both biases, z), each for float32 and bfloat16 activations; A, D and
-    the biases are float32 as in Vim.
+    ints as the launcher passes them at Vim-Ti's 1248 px shape (E = 384, L = 6085, G = 1). Triton's JIT
+    specialises on these values (``vimbench.count.kernel_compile.specialisation``), and every Vim shape
+    gives the same variant: G = 1, E = 2 D divisible by 16, L = (res/16)^2 + 1 neither 1 nor divisible by
+    16. Cases: the one-direction scan (D, z, delta_bias, softplus, last state) and the bidirectional scan
+    (both D, both biases, z), each for float32 and bfloat16 activations; A, D and the biases are float32
+    as in Vim.
     """
-    b, E, L = 2, 64, 256
+    b, E, L = 2, 384, 6085
     configs = []
     for dtype in (torch.float32, torch.bfloat16):
         def direction():
@@ -262,9 +278,11 @@ def kernel_configs(N: int = 16):
         out = torch.empty_like(z)
         last = torch.empty(b, E, N, dtype=torch.float32, device="meta")
         name = str(dtype).removeprefix("torch.")
-        for label, last_, bwd in ((f"scan {name}", last, None), (f"bidirectional {name}", None, direction())):
-            _, args, constexprs, num_warps = _kernel_launch(out, last_, direction(), bwd, z, True)
-            configs.append((label, _selective_scan_fwd_kernel, args, constexprs, num_warps))
+        for design in DESIGNS:
+            for label, last_, bwd in ((f"scan {name}", last, None), (f"bidirectional {name}", None, direction())):
+                _, args, constexprs, num_warps = _kernel_launch(out, last_, direction(), bwd, z, True, design)
+                label = label if design == "triton" else f"{label} {design}"
+                configs.append((label, _selective_scan_fwd_kernel, args, constexprs, num_warps))
     return configs
 
 
@@ -277,8 +295,9 @@ def _both_or_none(v, v_b):
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False):
-    """Fused selective scan; same signature, shapes and semantics as ``scan_ref.selective_scan_ref``.
+                          return_last_state=False, design="triton"):
+    """Fused selective scan; same signature, shapes and semantics as ``scan_ref.selective_scan_ref``, launched
+    in ``design`` (``DESIGNS``).
 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,). Inputs
     float32, float16 or bfloat16 (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); math in float32.
@@ -287,13 +306,14 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if compute_dtype(u) != torch.float32:
         raise ValueError(f"the triton scan computes in float32; got u of dtype {u.dtype}")
     out, last = _selective_scan_fwd(_direction_inputs(u, delta, A, B, C, D, delta_bias), None,
-                                    None if z is None else z.contiguous(), delta_softplus, return_last_state)
+                                    None if z is None else z.contiguous(), delta_softplus, return_last_state, design)
     return (out, last) if return_last_state else out
 
 
 def bidirectional_scan_triton(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None, delta_bias=None,
-                              delta_bias_b=None, delta_softplus=True):
-    """Both scans of a Vim mixer layer in one launch; same semantics as ``bidirectional_scan_ref``.
+                              delta_bias_b=None, delta_softplus=True, design="triton"):
+    """Both scans of a Vim mixer layer in one launch of ``design`` (``DESIGNS``); same semantics as
+    ``bidirectional_scan_ref``.
 
     Forward inputs (u, delta, A, B, C, D, delta_bias) and backward inputs (u_b, delta_b, A_b, B_b, C_b, D_b,
     delta_bias_b) are in original token order, shapes as in ``selective_scan_triton``; the backward scan
@@ -306,5 +326,5 @@ def bidirectional_scan_triton(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b,
     delta_bias, delta_bias_b = _both_or_none(delta_bias, delta_bias_b)
     out, _ = _selective_scan_fwd(_direction_inputs(u, delta, A, B, C, D, delta_bias),
                                  _direction_inputs(u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b),
-                                 None if z is None else z.contiguous(), delta_softplus, False)
+                                 None if z is None else z.contiguous(), delta_softplus, False, design)
     return out

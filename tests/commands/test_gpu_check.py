@@ -14,11 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import needs_no_gpu
 from vimbench import gpucheck, gpucheck_archive, gpucheck_steps
 from vimbench.commands import cli, main
 from vimbench.gpucheck_steps import Step
+from vimbench.measure import preflight
 
 
+@needs_no_gpu
 def test_needs_a_gpu(capsys):
     assert main(["gpu-check"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
@@ -47,20 +50,21 @@ def test_every_planned_command_line_parses(real_steps):
 
 @pytest.mark.parametrize("budget, expected", [
     (60, ["check"]),
-    (420, ["check", "tests", "paper", "floor"]),
-    (3600, ["check", "tests", "paper", "floor", "kernels", "figures"]),
-    (None, ["check", "tests", "paper", "floor", "kernels", "figures"])])
+    (420, ["check", "tests", "paper", "floor", "designs"]),
+    (3600, ["check", "tests", "paper", "floor", "designs", "kernels", "figures"]),
+    (None, ["check", "tests", "paper", "floor", "designs", "kernels", "figures"])])
 def test_plan_under_budget_in_priority_order(real_steps, budget, expected):
     chosen, left_out = gpucheck_steps.plan(real_steps, budget)
     assert [s.name for s in chosen] == expected
-    assert [s.name for s in chosen + left_out] == ["check", "tests", "paper", "floor", "kernels", "figures"]
+    assert [s.name for s in chosen + left_out] == ["check", "tests", "paper", "floor", "designs", "kernels",
+                                                   "figures"]
     assert sum(s.estimate_s for s in chosen) + gpucheck_steps.WRAP_UP_S <= (budget or float("inf"))
 
 
 def test_plan_with_mamba_ssm_present(tmp_path):
     """mamba_ssm adds a backend check and becomes the paper step's scan; 420 s still delivers steps 1-3."""
     steps = gpucheck_steps.build_steps(tmp_path, ["cpu", "triton", "mamba_ssm"])
-    assert [s.name for s in gpucheck_steps.plan(steps, 420)[0]] == ["check", "tests", "paper", "floor"]
+    assert [s.name for s in gpucheck_steps.plan(steps, 420)[0]][:4] == ["check", "tests", "paper", "floor"]
     assert steps[2].argvs[0][:5] == ["scaling", "--preset", "paper", "--scan", "mamba_ssm"]
     cost = gpucheck_steps.COST  # triton compiles 6 shapes x 2 dtypes x 2 (with/without extras) specialisations
     assert steps[0].estimate_s == 2 * cost["check_other_s"] + cost["worker_s"] + 24 * cost["compile_s"]
@@ -102,15 +106,17 @@ def fake_step(name, estimate, clock, took=None, failures=(), correctness=False, 
 
 def test_scaled_down_plan_delivers_steps_1_to_3_in_420_s(real_steps, tmp_path):
     """The real plan's estimates with the work stubbed out: each step takes its estimate (then 10% more) on
-    a fake clock; a 420 s budget runs check, tests, paper and floor and records their durations."""
+    a fake clock; a 420 s budget runs check, tests, paper and floor (and the designs step when the estimates
+    hold) and records their durations."""
     for overrun in (1.0, 1.1):
         clock, ran = FakeClock(), []
         steps = [fake_step(s.name, s.estimate_s, clock, took=s.estimate_s * overrun, ran=ran,
                            correctness=s.correctness) for s in real_steps]
         records = gpucheck_steps.run_steps(steps, 420, lambda argv: 0, tmp_path / f"steps{overrun}.jsonl",
                                            echo=lambda _: None, clock=clock)
-        assert ran == ["check", "tests", "paper", "floor"]
-        assert [r["status"] for r in records] == ["ok"] * 4 + ["no budget"] * 2
+        delivered = 5 if overrun == 1.0 else 4
+        assert ran == ["check", "tests", "paper", "floor", "designs"][:delivered]
+        assert [r["status"] for r in records] == ["ok"] * delivered + ["no budget"] * (7 - delivered)
         assert [r["actual_s"] for r in records[:4]] == [round(s.estimate_s * overrun, 1) for s in real_steps[:4]]
         logged = [json.loads(line) for line in (tmp_path / f"steps{overrun}.jsonl").read_text().splitlines()]
         assert [r["name"] for r in logged] == [s.name for s in real_steps] and logged[0]["budget_s"] == 420
@@ -154,9 +160,11 @@ def test_budget_spent_mid_step_cuts_it_short(tmp_path):
 
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
-    """gpu-check on CPU: a CUDA card named NVIDIA H200 and a plan whose steps the test supplies."""
+    """gpu-check on CPU: a CUDA card named NVIDIA H200 that passes the preflight, and a plan whose steps the
+    test supplies."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(preflight, "run_preflight", lambda device: [])
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "README.md").write_text(
@@ -287,7 +295,7 @@ def fake_kernels_csv():
 
 def test_scan_floors_closed_form():
     floors = gpucheck.scan_floors(fake_kernels_csv(), exp2_per_s=4e12)
-    assert list(floors.op) == ["scan", "scan_bidir"]  # triton scan rows only
+    assert list(floors.op) == ["scan", "scan_bidir"] and set(floors.impl) == {"triton"}  # Triton scan rows only
     exps = 64 * 384 * 6085 * 16
     one = floors.iloc[0]
     assert one.mem_floor_ms == pytest.approx(1.2e9 / 3000e9 * 1e3)
@@ -312,7 +320,8 @@ def test_summary_from_fake_results(tmp_path):
     (tmp_path / "check.json").write_text(json.dumps({b: {"status": "ok", "check_ok": True, "checked": 24}
                                                      for b in ("cpu", "triton")}))
     (tmp_path / "tests.json").write_text(json.dumps({"returncode": 0, "passed": 84}))
-    fake_kernels_csv().to_csv(tmp_path / "kernels-b64-fp32.csv", index=False)
+    pipelined = dict(fake_kernels_csv().iloc[0], impl="triton_pipelined", time_ms=0.8)  # the second Triton design
+    pd.concat([fake_kernels_csv(), pd.DataFrame([pipelined])]).to_csv(tmp_path / "kernels-b64-fp32.csv", index=False)
     fake_paper_csv().to_csv(tmp_path / "scaling-paper.csv", index=False)
     steps = [dict(run="r1", name="check", what="w", estimate_s=30, actual_s=12.5, status="ok"),
              dict(run="r2", name="check", what="w", estimate_s=30, actual_s=20.0, status="ok"),
@@ -328,13 +337,15 @@ def test_summary_from_fake_results(tmp_path):
                         "images/s of DeiT-Ti fused (sdpa)")
     # scan: 1 ms against max(1.2e9 B / 3000 GB/s = 0.4 ms, 64*384*6085*16 exp2 / 4e12 = 0.598 ms)
     floor_ms = 64 * 384 * 6085 * 16 / 4e12 * 1e3
-    assert lines[5].startswith(f"- **Triton scan against its floor:** scan 1 ms = {1 / floor_ms:.2f}x its floor "
-                               "(misses the goal <= 1.4x); scan_bidir 2 ms")
+    assert lines[5].startswith(f"- **Triton scan against its floor:** scan (triton) 1 ms = {1 / floor_ms:.2f}x its "
+                               "floor (misses the goal <= 1.4x); scan_bidir (triton) 2 ms")
     assert lines[6] == "- **Not run for lack of budget:** kernels (estimate 1100 s)"
     text = "\n".join(lines)
     assert "| check | ok | 30 | 20 | w |" in text and "12.5" not in text  # the latest run's steps only
     assert "84 passed, 0 failed, 0 errors (exit code 0)" in text and "CUDA context: 0.52 GiB" in text
-    assert "| scan | vim_tiny | 1248 | 6085 | 64 | fp32 | 1 |" in text
+    assert "| scan | triton | vim_tiny | 1248 | 6085 | 64 | fp32 | 1 |" in text
+    assert "| scan | triton_pipelined | vim_tiny | 1248 | 6085 | 64 | fp32 | 0.8 |" in text
+    assert "- scan fp32: triton_pipelined is 1.25x faster than triton (0.8 ms vs 1 ms)" in text
     assert "see [report" not in text  # no report yet
 
 

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import needs_no_gpu
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import resolve_scan_backend
 from vimbench.analysis.crossovers import kernel_crossovers
@@ -117,10 +118,13 @@ def test_resume_runs_only_what_is_missing(tiny_csv):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--attn", "efficient"], "--attn efficient"), (["--attn", "fast"], "unknown attention backend"),
-    (["--scan", "triton"], "--scan triton"), (["--models", "timm:vit_tiny_patch16_224"], "Vim and DeiT"),
+    # CPU refusals are asked for on --device cpu: under the default auto, a GPU host would run them
+    (["--attn", "efficient", "--device", "cpu"], "--attn efficient"), (["--attn", "fast"], "unknown attention backend"),
+    (["--scan", "triton", "--device", "cpu"], "--scan triton"),
+    (["--models", "timm:vit_tiny_patch16_224"], "Vim and DeiT"),
     (["--models", "nope"], "unknown model"), (["--res", "1248..224"], "runs backwards"),
-    (["--batch", "0"], "--batch must be >= 1"), (["--device", "cuda"], "no CUDA GPU"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=needs_no_gpu),
     (["--resume"], "--resume needs --out"),
 ])
 def test_bad_input_exits_2_with_one_line(args, msg, capsys, tmp_path):

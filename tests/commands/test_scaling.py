@@ -5,6 +5,7 @@ import time
 import pandas as pd
 import pytest
 
+from helpers import needs_no_gpu
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import resolve_scan_backend
 from vimbench.measure.model import decay_batch
@@ -108,8 +109,9 @@ def test_resume_refuses_other_columns(tmp_path, capsys):
     (["--res", "0"], "smaller than the patch size"), (["--res", "1248..224"], "runs backwards"),
     (["--res", "abc"], "cannot read"), (["--models", "vit_huge"], "unknown model"),
     (["--attn", "fast"], "unknown attention backend"), (["--scan", "fast"], "unknown scan backend"),
-    (["--scan", "triton"], "needs"), (["--attn", "efficient"], "efficient"),
-    (["--device", "cuda"], "no CUDA GPU"), (["--device", "tpu"], "--device"),
+    # CPU refusals are asked for on --device cpu: under the default auto, a GPU host would run them
+    (["--scan", "triton", "--device", "cpu"], "needs"), (["--attn", "efficient", "--device", "cpu"], "efficient"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=needs_no_gpu), (["--device", "tpu"], "--device"),
     (["--batch", "0"], "--batch must be >= 1"),
     (["--out", "/proc/nope/x.csv"], "cannot write"), (["--resume"], "--resume needs --out"),
 ])

@@ -13,7 +13,7 @@ from vimbench.kernels.selective_scan.backends import IMPLS
 from vimbench.baselines.deit import create_deit
 from vimbench.commands import main
 from vimbench.rows.schema import MEMORY
-from vimbench.kernels.attention import attention
+from vimbench.kernels.attention import attention, modelled_card, prefers_cudnn, sdpa_fused_kernel
 from vimbench.models.vim import VisionMamba
 
 ss = importlib.import_module("vimbench.kernels.selective_scan")
@@ -100,18 +100,61 @@ def test_attention_scores_closed_form():
     with FakeTensorMode(allow_non_fake_inputs=True):
         for dtype in (torch.float32, torch.float16):
             q, k, v = (torch.empty(b, H, L, d, device="cuda", dtype=dtype) for _ in range(3))
-            for backend in ("eager", "efficient", "sdpa", "flash"):
-                if backend == "flash" and dtype == torch.float32:
+            for backend in ("eager", "efficient", "sdpa", "flash", "cudnn"):
+                if backend in ("flash", "cudnn") and dtype == torch.float32:
                     continue
-                peaks[backend, dtype] = traced(attention, q, k, v, backend).peak_live()
+                with modelled_card((8, 0)):  # an A100: flash first for half precision in every torch but 2.5
+                    peaks[backend, dtype] = traced(attention, q, k, v, backend).peak_live()
+            with modelled_card((9, 0)):
+                peaks["sdpa on sm_90", dtype] = traced(attention, q, k, v, "sdpa").peak_live()
     assert peaks["eager", torch.float32] == 2 * scores + out
     assert peaks["efficient", torch.float32] == peaks["sdpa", torch.float32] == out
+    assert peaks["sdpa on sm_90", torch.float32] == out
     assert peaks["eager", torch.float32] - peaks["efficient", torch.float32] == 2 * scores
-    assert peaks["flash", torch.float16] == peaks["sdpa", torch.float16] == out // 2 + mem.round_request(b * H * L * 4)
+    flash = out // 2 + mem.round_request(b * H * L * 4)
+    assert peaks["cudnn", torch.float16] == out // 2
+    assert peaks["flash", torch.float16] == flash
+    assert peaks["sdpa", torch.float16] == (out // 2 if prefers_cudnn((8, 0)) else flash)
+    assert peaks["sdpa on sm_90", torch.float16] == (out // 2 if prefers_cudnn((9, 0)) else flash)
     with FakeTensorMode(allow_non_fake_inputs=True):
         q = torch.empty(b, H, L, d, device="cuda")
         with pytest.raises(ss.BackendUnavailable):
             attention(q, q, q, "flash")
+
+
+@pytest.mark.parametrize("torch_version,cudnn,cuda,capability,expected", [
+    ("2.11.0+cu130", 91600, "13.0", (9, 0), True),    # H100/H200, cuDNN 9.16: cuDNN first
+    ("2.11.0+cu130", 91500, "13.0", (9, 0), False),   # cuDNN 9.15.0 is not > 91500
+    ("2.11.0+cu128", 91600, "12.8", (10, 0), True),   # B200
+    ("2.11.0+cu128", 91600, "12.8", (10, 1), False),  # minor 1 on a CUDA 12 build
+    ("2.11.0+cu130", 91600, "13.0", (10, 1), True),   # ... allowed on a CUDA 13 build
+    ("2.11.0+cu130", 91600, "13.0", (8, 0), False),   # A100: flash first
+    ("2.11.0+cu130", 0, "13.0", (9, 0), False),       # no cuDNN
+    ("2.9.1+cu128", 91600, "12.8", (9, 0), False),    # before 2.11: flash first
+    ("2.5.0+cu124", 90100, "12.4", (8, 0), True),     # 2.5.0: cuDNN first everywhere
+])
+def test_prefers_cudnn_follows_torchs_rule(torch_version, cudnn, cuda, capability, expected, monkeypatch):
+    monkeypatch.delenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", raising=False)
+    assert prefers_cudnn(capability, torch_version, cudnn, cuda) is expected
+    monkeypatch.setenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", "1")
+    assert prefers_cudnn(capability, torch_version, cudnn, cuda) is (expected and torch_version.startswith("2.5"))
+
+
+def test_sdpa_fused_kernel_per_card():
+    """fp32 never takes flash or cuDNN; a V100 (sm_70) has neither; half precision on sm_90 takes cuDNN
+    exactly when the installed torch prefers it (prefers_cudnn)."""
+    assert sdpa_fused_kernel(torch.float32, (9, 0)) == sdpa_fused_kernel(torch.float32, (8, 0)) == "efficient"
+    assert sdpa_fused_kernel(torch.float16, (7, 0)) == "efficient"
+    assert sdpa_fused_kernel(torch.bfloat16, (8, 0)) == ("cudnn" if prefers_cudnn((8, 0)) else "flash")
+    assert sdpa_fused_kernel(torch.bfloat16, (9, 0)) == ("cudnn" if prefers_cudnn((9, 0)) else "flash")
+    with modelled_card((7, 0)):
+        assert sdpa_fused_kernel(torch.float16) == "efficient"
+
+
+def test_memory_rows_model_sdpa_per_card():
+    h100 = mem.memory_row("deit_tiny", {"attn": "sdpa"}, 64, 1, "bf16", False, "h100-80gb")
+    v100 = mem.memory_row("deit_tiny", {"attn": "sdpa"}, 64, 1, "bf16", False, "v100-32gb")
+    assert h100["kernel"] == sdpa_fused_kernel(torch.bfloat16, (9, 0)) and v100["kernel"] == "efficient"
 
 
 def test_deit_eager_vs_fused_differ_by_the_scores():

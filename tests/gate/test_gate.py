@@ -166,3 +166,47 @@ def test_deterministic_gate_fails_when_kernel_registers_change(monkeypatch, caps
     assert code == 1
     diff = [line for line in out.splitlines() if line.startswith("kernels ")]
     assert len(diff) == 1 and "registers" in diff[0] and "sm_80" in diff[0]
+
+
+KERNEL = "k [scan float32] | N=16 | sm_90"
+
+
+def snapshot(triton, registers):
+    return {"flops": {"m res=224 batch=1": {"flops_total": 10}}, "triton": triton,
+            "kernels": {KERNEL: {"registers": registers, "spill_bytes": 0, "shared_bytes": 0, "status": "ok"}}}
+
+
+def test_triton_key_is_major_minor():
+    assert gate.triton_key("3.6.0") == "3.6" and gate.triton_key("3.8.1+git1234") == "3.8"
+
+
+def test_kernel_baselines_are_kept_per_triton_release(monkeypatch, tmp_path, capsys):
+    """Triton 3.6 and 3.8 each gate against their own numbers; --update adds a release beside the others."""
+    path = tmp_path / "det.json"
+    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.8", 168))
+    assert run(["gate", "--deterministic", "--update", "--baseline", str(path)], capsys)[0] == 0
+    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.6", 128))
+    assert run(["gate", "--deterministic", "--update", "--baseline", str(path)], capsys)[0] == 0
+    assert {v: k[KERNEL]["registers"] for v, k in gate.load_baseline(path, "deterministic")["kernels_by_triton"].items()} \
+        == {"3.6": 128, "3.8": 168}
+    for triton, registers in (("3.6", 128), ("3.8", 168)):
+        monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot(triton, registers))
+        code, out, err = run(["gate", "--deterministic", "--baseline", str(path)], capsys)
+        assert code == 0 and "deterministic gate: ok" in out, out + err
+    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.6", 168))  # 3.8's numbers on 3.6
+    code, out, err = run(["gate", "--deterministic", "--baseline", str(path)], capsys)
+    assert code == 1 and "registers" in out
+
+
+def test_a_triton_release_without_baseline_is_named_not_failed(monkeypatch, tmp_path, capsys):
+    path = tmp_path / "det.json"
+    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.8", 168))
+    run(["gate", "--deterministic", "--update", "--baseline", str(path)], capsys)
+    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.9", 99))
+    code, out, err = run(["gate", "--deterministic", "--baseline", str(path)], capsys)
+    assert code == 0 and "no kernel baseline for Triton 3.9 (the baseline has: 3.8)" in err
+    assert "1 FLOP counts equal" in out
+    broken = snapshot("3.9", 99)
+    broken["flops"]["m res=224 batch=1"]["flops_total"] = 11  # the FLOPs are still gated
+    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: broken)
+    assert run(["gate", "--deterministic", "--baseline", str(path)], capsys)[0] == 1

@@ -12,7 +12,8 @@ from vimbench.count.memory import predict_memory
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels import plugins
 from vimbench.kernels.attention import attention, attention_backends, attention_eager
-from vimbench.kernels.selective_scan import check_scan_backend, scan_backends, selective_scan, selective_scan_ref
+from vimbench.kernels.selective_scan import (SCAN_BACKENDS, check_scan_backend, scan_backends, selective_scan,
+                                            selective_scan_ref)
 from vimbench.kernels.selective_scan.backends import PLUGINS
 from vimbench.kernels.selective_scan.check import check_backend, check_named_backend
 
@@ -55,7 +56,7 @@ def test_broken_and_clashing_entry_points_are_one_line_each_and_the_rest_still_w
         "import vimbench\nfrom vimbench.kernels.selective_scan import selective_scan_ref\n"
         "def register():\n    vimbench.register_scan_backend('cpu', selective_scan_ref, devices='cpu')\n")
     fake_install(example, "clash-plugin", {"mine": "clash_plugin:register"})
-    assert scan_backends() == ("ref", "cpu", "cpp", "triton", "mamba_ssm", "example")
+    assert scan_backends() == (*SCAN_BACKENDS, "example")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and len(plugins.problems) == 2
     broken = next(line for line in err if "broken-plugin" in line)

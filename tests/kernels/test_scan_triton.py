@@ -28,31 +28,37 @@ IDS = ["L1", "odd-L-G2-20-channel-groups", "L30-8-tiles-E72-tail-block", "N5-pad
 
 
 
+DESIGNS = ["triton", "triton_pipelined"]  # triton_kernel.DESIGNS: 1 warp / 32 channels; 4 warps / 128, pipelined
+
+
 @interpreter_only
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 @pytest.mark.parametrize("extras", [True, False], ids=["D-z-bias-softplus", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_scan_matches_ref(shape, extras, dtype):
+def test_scan_matches_ref(shape, extras, dtype, design):
     from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton
     args, kw = scan_case(*shape, dtype=dtype, extras=extras)
     ref, ref_h = selective_scan_ref(*args, **kw, return_last_state=True)
-    out, h = selective_scan_triton(*args, **kw, return_last_state=True)
+    out, h = selective_scan_triton(*args, **kw, return_last_state=True, design=design)
     assert out.dtype == dtype and h.dtype == torch.float32
     assert_close("out", ref, out, dtype)
     assert_close("last_state", ref_h, h, torch.float32)
-    assert_close("out without last state", ref, selective_scan_triton(*args, **kw), dtype)
+    assert_close("out without last state", ref, selective_scan_triton(*args, **kw, design=design), dtype)
 
 
 @interpreter_only
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_bidirectional_matches_ref(shape, dtype):
+def test_bidirectional_matches_ref(shape, dtype, design):
     from vimbench.kernels.selective_scan.triton_kernel import bidirectional_scan_triton
     (u, delta, A, B, C), kw = scan_case(*shape, dtype=dtype, extras=True)
     (u_b, delta_b, A_b, B_b, C_b), kw_b = scan_case(*shape, dtype=dtype, extras=True)
     args = (u, delta, A, B, C, kw["D"], u_b, delta_b, A_b, B_b, C_b, kw_b["D"], kw["z"], kw["delta_bias"],
             kw_b["delta_bias"], True)
-    assert_close("bidirectional", bidirectional_scan_ref(*args), bidirectional_scan_triton(*args), dtype)
+    out = bidirectional_scan_triton(*args, design=design)
+    assert_close("bidirectional", bidirectional_scan_ref(*args), out, dtype)
 
 
 @interpreter_only
@@ -71,16 +77,17 @@ def test_bidirectional_optional_inputs(missing):
 
 
 @interpreter_only
-def test_vim_model_with_triton_scan_matches_ref():
-    """vim_tiny's forward (5 tokens, its first 2 of 24 layers to keep the interpreter fast) with
-    scan='triton' against scan='ref'."""
+@pytest.mark.parametrize("design", DESIGNS)
+def test_vim_model_with_triton_scan_matches_ref(design):
+    """vim_tiny's forward (5 tokens, its first 2 of 24 layers to keep the interpreter fast) with each
+    Triton design as its scan backend against scan='ref'."""
     import vimbench
     model = vimbench.create_model("vim_tiny", img_size=32, scan="ref").eval()
     del model.layers[2:]
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = model.forward_features(x)
-        model.set_scan("triton")
+        model.set_scan(design)
         out = model.forward_features(x)
     assert_close("forward_features", ref, out)
 

@@ -130,11 +130,16 @@ def _deterministic(update: bool, path: Path) -> int:
     snapshot = gate.deterministic_snapshot()
     counts = f"{len(snapshot['flops'])} FLOP counts, {len(snapshot['kernels'])} kernel compilations"
     if update:
-        gate.save_baseline(path, gate.make_deterministic_baseline(snapshot))
-        click.echo(f"wrote {path} ({counts})")
+        previous = gate.load_baseline(path, "deterministic") if path.exists() else None
+        gate.save_baseline(path, gate.make_deterministic_baseline(snapshot, previous))
+        click.echo(f"wrote {path} ({counts}, Triton {snapshot['triton']})")
         return 0
     baseline = gate.load_baseline(path, "deterministic")
     diff = gate.compare_deterministic(baseline, snapshot)
+    missing = gate.missing_triton_baseline(baseline, snapshot)
+    if missing:
+        click.echo(f"deterministic gate: {missing}", err=True)
+        counts = f"{len(snapshot['flops'])} FLOP counts"
     if not diff:
         click.echo(f"deterministic gate: ok ({counts} equal to {path})")
         return 0

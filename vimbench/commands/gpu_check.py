@@ -12,6 +12,7 @@ import torch
 from vimbench import gpucheck, gpucheck_archive, gpucheck_steps
 from vimbench.commands.options import command_line
 from vimbench.errors import InputError
+from vimbench.measure import preflight
 from vimbench.measure.env import environment
 
 
@@ -53,6 +54,12 @@ def command(ctx, budget, archive, unpack_archive, out_dir):
     archive_path = gpucheck_archive.check_archive_path(archive) if archive else None
     if not torch.cuda.is_available():
         raise InputError("gpu-check needs a CUDA GPU; none is available on this machine")
+    checks = preflight.run_preflight(torch.device("cuda"))  # within seconds, what is missing, before measuring
+    click.echo("\n".join(preflight.report_lines(checks)))
+    if preflight.failed(checks):
+        click.echo(f"gpu-check: preflight failed ({', '.join(c.name for c in preflight.failed(checks))}); "
+                   "nothing measured", err=True)
+        return 1
     card, today = torch.cuda.get_device_name(0), datetime.date.today()
     out = Path(out_dir) if out_dir else gpucheck.default_out(card, today)
     out.mkdir(parents=True, exist_ok=True)

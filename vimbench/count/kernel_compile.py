@@ -1,7 +1,9 @@
 """Ahead-of-time compile report for vimbench's Triton kernels; needs no GPU.
 
-Each kernel configuration the launchers use (``kernels.selective_scan.triton_kernel.kernel_configs``) is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for every arch in ``ARCHS``, and
+Each kernel configuration the launchers use (``kernels.selective_scan.triton_kernel.kernel_configs``, at
+Vim's shapes) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for
+every arch in ``ARCHS``, specialised as Triton's JIT specialises that launch (``specialisation``: ints equal
+to 1 become constexprs, 16-divisible ints and 16-byte-aligned pointers get the divisibility attribute), and
 the cubin's resource usage is read with the ``cuobjdump`` bundled in the Triton wheel:
 
     registers     per thread (cuobjdump REG)
@@ -48,24 +50,49 @@ class CompileRow:
     status: str
 
 
-def _signature(args: dict, constexprs: dict) -> dict:
-    """Triton signature strings for the launcher's arguments: tensors -> '*fp32' etc., ints -> 'i32'/'i64'."""
-    sig = {}
+def specialisation(args: dict, constexprs: dict) -> tuple[dict, dict, list[str]]:
+    """What Triton's JIT compiles for a launch with ``args`` (the runtime arguments in kernel order, tensors and
+    ints) and ``constexprs``: (signature, constexprs, names of the arguments it marks divisible by 16).
+
+    The JIT's rule (triton/runtime/jit.py, ``specialize_impl``), applied to the launch's values: a pointer is
+    '*<dtype>' and divisible by 16 when its address is (the CUDA caching allocator returns blocks aligned to
+    512 B, and meta tensors, address 0, stand for them); an int equal to 1 becomes the constexpr 1 (Vim's
+    G = 1); any other int is i32/i64, divisible by 16 when its value is (Vim's E = 2 D always is; its
+    L = (res/16)^2 + 1 never is, nor 1). The compile report uses this; tests check it against the JIT's own
+    binder for the installed Triton."""
+    sig, consts, divisible = {}, {}, []
     for name, value in args.items():
         if isinstance(value, torch.Tensor):
             sig[name] = "*" + _TORCH_TO_TRITON[value.dtype]
-        elif isinstance(value, int):
-            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        else:
+            aligned = value.data_ptr() % 16 == 0
+        elif isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"argument {name}: cannot derive a Triton type from {type(value).__name__}")
-    return {**sig, **{name: "constexpr" for name in constexprs}}
+        elif value == 1:
+            sig[name], consts[name] = "constexpr", 1
+            continue
+        else:
+            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            aligned = value % 16 == 0
+        if aligned:
+            divisible.append(name)
+    return {**sig, **{name: "constexpr" for name in constexprs}}, {**consts, **constexprs}, divisible
 
 
-def _ast_source(fn, signature: dict, constexprs: dict):
+def _ast_source(fn, signature: dict, constexprs: dict, divisible: list[str]):
+    """ASTSource with the JIT's specialisation. Triton 3.4+ takes ``constexprs=`` and ``attrs`` keyed by
+    argument path; 3.2-3.3 take ``constants=`` and get no alignment attributes (the report then compiles
+    without them, and says so in the config)."""
     from triton.compiler import ASTSource
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:   # Triton 3.4+
-        return ASTSource(fn, signature, constexprs=constexprs)
+        names = list(signature)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+        return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return ASTSource(fn, signature, constants=constexprs)                  # Triton 3.2-3.3
+
+
+def _has_attrs() -> bool:
+    from triton.compiler import ASTSource
+    return "constexprs" in inspect.signature(ASTSource.__init__).parameters
 
 
 def _cuobjdump() -> str:
@@ -96,10 +123,15 @@ def _compile_row(kernel_index: int, arch: int) -> CompileRow:
     import triton
     from triton.backends.compiler import GPUTarget
     label, fn, args, constexprs, num_warps = _kernel_configs()[kernel_index]
-    config = ", ".join([f"{k}={v}" for k, v in constexprs.items()] + [f"num_warps={num_warps}"])
+    signature, consts, divisible = specialisation(args, constexprs)
+    pointers = [n for n, v in args.items() if isinstance(v, torch.Tensor)]
+    named = ["all pointers"] if set(pointers) <= set(divisible) else [n for n in divisible if n in pointers]
+    named += [n for n in divisible if n not in pointers]
+    aligned = f"divisible by 16: {' '.join(named)}" if _has_attrs() else "no alignment attributes (Triton < 3.4)"
+    config = ", ".join([f"{k}={v}" for k, v in consts.items()] + [f"num_warps={num_warps}", aligned])
     common = dict(kernel=f"{fn.__name__} [{label}]", config=config, arch=f"sm_{arch}")
     try:
-        compiled = triton.compile(_ast_source(fn, _signature(args, constexprs), constexprs),
+        compiled = triton.compile(_ast_source(fn, signature, consts, divisible),
                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         usage = _resource_usage(compiled.asm["cubin"])
     except Exception as e:  # a failed compile is a row of the report, not a crash

@@ -40,7 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vimbench.kernels.attention import sdpa_fused_kernel
+from vimbench.kernels.attention import modelled_card, sdpa_fused_kernel
 from vimbench.measure.core import DTYPES, GIB
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels.selective_scan import bidirectional_scan_fake, has_memory_model, selective_scan_fake
@@ -280,18 +280,19 @@ def resolved_impl(model: torch.nn.Module) -> str:
     return attn or "default"
 
 
-def resolved_kernel(model: torch.nn.Module, dtype: torch.dtype) -> str:
-    """What computes the token mixer on a GPU: the scan backend, or for ``sdpa`` the fused kernel SDPA is
-    modelled to pick there (``sdpa_fused_kernel``)."""
+def resolved_kernel(model: torch.nn.Module, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> str:
+    """What computes the token mixer on a GPU of compute ``capability``: the scan backend, or for ``sdpa``
+    the fused kernel SDPA is modelled to pick there (``sdpa_fused_kernel``)."""
     impl = resolved_impl(model)
-    return sdpa_fused_kernel(dtype) if impl == "sdpa" else impl
+    return sdpa_fused_kernel(dtype, capability) if impl == "sdpa" else impl
 
 
 def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: bool = False,
-                   **options) -> dict:
+                   capability: tuple[int, int] | None = None, **options) -> dict:
     """Predicted CUDA memory of one inference forward of registry model ``model`` (built for ``res`` x
     ``res`` images, options such as ``scan=`` / ``attn=``) on a ``batch``-image input of ``dtype``, backbone
-    only (``forward_features``) unless ``head``.
+    only (``forward_features``) unless ``head``, on a card of compute ``capability`` (what ``sdpa`` runs
+    there: ``sdpa_fused_kernel``; None: the GPU here, else an H100).
 
     Returns impl and kernel (what the prediction is for: ``resolved_impl``, ``resolved_kernel``), tokens,
     params and, in GiB (2**30 B):
@@ -309,12 +310,13 @@ def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: 
     if hasattr(net, "scan_backend") and not has_memory_model(resolved_impl(net)):
         raise BackendUnavailable(f"memory prediction unavailable: scan backend {resolved_impl(net)!r} "
                                  "registered no fake")
-    trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES)
+    with modelled_card(capability):
+        trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES)
     sim = CachingAllocatorModel().replay(trace.events[:trace.n_weights])
     weights = sim.allocated
     sim.replay(trace.events[trace.n_weights:])
     return {"model": model, "family": model_entry(model).family, "impl": resolved_impl(net),
-            "kernel": resolved_kernel(net, torch_dtype),
+            "kernel": resolved_kernel(net, torch_dtype, capability),
             "res": res, "tokens": net.num_tokens, "batch": batch, "dtype": dtype, "head": head,
             "params": count_params(net),
             "mem_pred_weights_gib": weights / GIB,
@@ -336,6 +338,10 @@ CARDS = {"h100-80gb": 79.6, "h200-141gb": 140.4, "a100-80gb": 80.0, "a100-40gb":
          "rtx3090-24gb": 24.0}
 """Total memory per card in GiB as nvidia-smi reports it (MiB / 1024, e.g. H100 SXM 81559 MiB): the bound on
 context + reserved. Values are +-1% across board variants and drivers."""
+CARD_CAPABILITY = {"h100-80gb": (9, 0), "h200-141gb": (9, 0), "a100-80gb": (8, 0), "a100-40gb": (8, 0),
+                   "l40s-48gb": (8, 9), "a6000-48gb": (8, 6), "v100-32gb": (7, 0), "rtx4090-24gb": (8, 9),
+                   "rtx3090-24gb": (8, 6)}
+"""Compute capability per card: which fused attention kernel SDPA picks there (``sdpa_fused_kernel``)."""
 
 
 def fits(reserved_gib: float, card: str) -> bool:
@@ -352,6 +358,6 @@ def fits(reserved_gib: float, card: str) -> bool:
 def memory_row(model: str, options: dict, res: int, batch: int, dtype: str, head: bool, card: str) -> dict:
     """One row of a memory CSV: ``predict_memory`` of the configuration, what nvidia-smi would show
     (reserved + ``CONTEXT_GIB``) and whether that fits ``card``."""
-    pred = predict_memory(model, res, batch, dtype, head, **options)
+    pred = predict_memory(model, res, batch, dtype, head, CARD_CAPABILITY[card], **options)
     return {**pred, "mem_pred_used_gib": pred["mem_pred_reserved_gib"] + CONTEXT_GIB, "card": card,
             "card_gib": CARDS[card], "context_gib": CONTEXT_GIB, "fits": fits(pred["mem_pred_reserved_gib"], card)}

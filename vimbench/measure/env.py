@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from vimbench.measure.nvml import GpuReadings
+
 
 def _version(pkg: str) -> str:
     try:
@@ -48,16 +50,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def nvml():
-    """The initialised pynvml module, or None when NVML (driver or package) is unavailable."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        return pynvml
-    except Exception:  # pynvml.NVMLError, ImportError, or a driver library missing
-        return None
-
-
 def environment(device: torch.device) -> dict:
     """Static conditions of a run on ``device``: versions, host CPU, thread count, GPU name and driver."""
     env = {"device_name": cpu_model(), "driver_version": "", "cuda_version": torch.version.cuda or "",
@@ -67,17 +59,6 @@ def environment(device: torch.device) -> dict:
            "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
-        nv = nvml()
-        if nv is not None:
-            env["driver_version"] = nv.nvmlSystemGetDriverVersion()
+        gpu = GpuReadings(device.index or 0)
+        env["driver_version"] = gpu.read("driver version", lambda: gpu.nv.nvmlSystemGetDriverVersion()) or ""
     return env
-
-
-def gpu_telemetry(nv, index: int) -> dict:
-    """SM clock (MHz), temperature (C) and power draw (W) of GPU ``index`` now; {} without NVML."""
-    if nv is None:
-        return {}
-    h = nv.nvmlDeviceGetHandleByIndex(index)
-    return {"sm_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
-            "temperature_c": nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
-            "power_w": nv.nvmlDeviceGetPowerUsage(h) / 1000.0}

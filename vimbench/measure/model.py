@@ -10,7 +10,8 @@ Memory (GiB = 2^30 bytes):
   GPU  mem_peak_gib      torch.cuda.max_memory_allocated over the process (weights, input, activations)
        mem_reserved_gib  torch.cuda.max_memory_reserved (the caching allocator's segments)
        mem_nvml_gib      NVML device used memory, max sampled every ~5 ms during the timed loop, minus the
-                         level before this process touched CUDA (so it includes the CUDA context)
+                         level before this process touched CUDA (so it includes the CUDA context); empty,
+                         with a note in ``error``, when an NVML reading fails (``nvml.py``)
   CPU  mem_peak_gib      resident-set high-water mark of one extra forward after the timed loop, minus the
                          resident set before it: the memory the forward pass adds. For it glibc is told to
                          serve allocations >= 64 KiB with mmap and to trim its heap, so freed tensors go back
@@ -22,41 +23,17 @@ from __future__ import annotations
 
 import datetime
 import os
-import threading
-import time
 
 import torch
 
 from vimbench.count.flops import count_flops
 from vimbench.count.memory import predict_memory
-from vimbench.errors import BackendUnavailable
+from vimbench.kernels.selective_scan.backends import runs_on_cuda
 from vimbench.kernels.attention import sdpa_kernel_used
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
-from vimbench.measure.env import gpu_telemetry, nvml
+from vimbench.measure.nvml import NvmlWatch
 from vimbench.measure.isolation import run_isolated
 from vimbench.models import registry
-
-
-class _NvmlSampler(threading.Thread):
-    """Samples NVML used memory of one GPU every ``period`` seconds until stopped; keeps the max."""
-
-    def __init__(self, nv, index: int, period: float = 0.005):
-        super().__init__(daemon=True)
-        self.nv, self.handle, self.period = nv, nv.nvmlDeviceGetHandleByIndex(index), period
-        self.peak, self._stop_event = 0, threading.Event()
-
-    def used(self) -> int:
-        return self.nv.nvmlDeviceGetMemoryInfo(self.handle).used
-
-    def run(self):
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, self.used())
-            time.sleep(self.period)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        return max(self.peak, self.used())
 
 
 def attention_kernel(model, device, dtype) -> str:
@@ -72,11 +49,9 @@ def measure_model(cfg: dict) -> dict:
     """Measures one configuration. ``cfg`` keys: model, options (dict), res, batch, dtype (fp32|fp16|bf16),
     device ("cpu" | "cuda:N"), head (bool), warmup, repeats, min_time, threads (CPU; 0 = torch default)."""
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
-    nv, idle = None, 0
-    if device.type == "cuda":  # NVML's reading before this process touches CUDA
-        nv = nvml()
-        if nv is not None:
-            idle = nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(device.index or 0)).used
+    # NVML's reading before this process touches CUDA; every NVML call is guarded (a failed reading is an
+    # empty cell and a note in ``error``, never a lost row)
+    watch = NvmlWatch(device.index or 0) if device.type == "cuda" else None
     setup_worker(device, cfg.get("threads", 0))
     model = registry.create_model(cfg["model"], img_size=cfg["res"], **cfg["options"])
     model = model.eval().to(device=device, dtype=dtype)
@@ -90,19 +65,14 @@ def measure_model(cfg: dict) -> dict:
         with torch.inference_mode():
             forward(x)
 
-    sampler = None
     out["load_avg_1m"] = os.getloadavg()[0]  # other work on the host distorts CPU timings: record it
     if device.type == "cuda":
         run()  # the first forward before the sampler starts: lazy CUDA/cuBLAS initialisation
-        if nv is not None:
-            sampler = _NvmlSampler(nv, device.index or 0)
-            sampler.start()
+        watch.start()
         times = time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
         out.update(mem_peak_gib=torch.cuda.max_memory_allocated(device) / GIB,
                    mem_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB)
-        if sampler is not None:
-            out["mem_nvml_gib"] = (sampler.stop() - idle) / GIB
-        out.update(gpu_telemetry(nv, device.index or 0), tf32=False, cudnn_benchmark=False)
+        out.update(watch.finish(), tf32=False, cudnn_benchmark=False)
     else:
         times = time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
         peak = cpu_forward_peak(run)
@@ -151,11 +121,11 @@ def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
     row.update(fixed, batch=batch, kernel=cfg["impl"], timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
                **config_flops(run_cfg))
     row.update(result)
+    if cfg["family"] == "vim" and not runs_on_cuda(cfg["impl"]):
+        return row  # a CPU-only scan backend (cpp): no GPU run to predict, mem_pred_peak_gib stays empty
     try:  # the GPU memory this configuration is predicted to need, on any device (vimbench.count.memory)
         row["mem_pred_peak_gib"] = predict_memory(cfg["model"], cfg["res"], batch, cfg["dtype"], cfg["head"],
                                                   **cfg["options"])["mem_pred_peak_gib"]
-    except BackendUnavailable:  # a CPU-only backend (cpp): there is no GPU run to predict; the cell stays empty
-        pass
     except Exception as e:  # a failed prediction must not cost the measured row
         row["error"] = "; ".join(filter(None, [row.get("error"), f"mem_pred failed: {type(e).__name__}: {e}"]))
     return row
