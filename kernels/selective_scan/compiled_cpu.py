@@ -30,7 +30,7 @@ that feeds time-major views gets ``out.transpose(1, 2)`` contiguous, ready for o
 Threads: the kernel parallelises over (batch, block of 16 channels) with at::parallel_for, so
 ``torch.set_num_threads`` governs it.
 
-Build cache: ``<cache>/scan_cpu/torch<version>-<capability>-<source hash>/``, where <cache> is $VIMBENCH_CACHE,
+Build cache: ``<cache>/scan_cpu/torch<version>-<capability>-<hash of the sources and their folder>/``, where <cache> is $VIMBENCH_CACHE,
 else $XDG_CACHE_HOME/vimbench, else ~/.cache/vimbench; <capability> is the CPU capability ATen dispatches to
 on this machine (AVX512, AVX2 or DEFAULT; it sets the vector width the kernel is compiled for). Nothing is
 built at import time.
@@ -85,7 +85,9 @@ def cache_root() -> Path:
 
 
 def _source_hash() -> str:
-    h = hashlib.sha256()
+    """Of the sources' contents and of their folder: the build files name the sources by absolute path, so two
+    checkouts of the same code at two paths get two build directories instead of rebuilding each other's."""
+    h = hashlib.sha256(str(CSRC.resolve()).encode())
     for src in SOURCES + HEADERS:
         h.update(src.name.encode())
         h.update(src.read_bytes())

@@ -78,7 +78,8 @@ def test_csv_schema_and_values(sweep_csv):
     assert row.mem_pred_peak_gib == pytest.approx(predict_memory("deit_tiny", 48, 1, attn="eager")["mem_pred_peak_gib"])
     gpu_scan = df.impl != "cpp"  # the GPU-memory prediction needs a backend that runs on a GPU
     assert df.mem_pred_peak_gib[gpu_scan].notna().all()
-    assert df.error[~gpu_scan].str.contains("mem_pred failed: BackendUnavailable").all()
+    # a CPU-only scan has no GPU run to predict: an empty cell, not an error
+    assert df.mem_pred_peak_gib[~gpu_scan].isna().all() and df.error[~gpu_scan].isna().all()
 
 
 def test_resume_appends_only_missing_and_keeps_rows(sweep_csv, tmp_path):
