@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
 import re
 import subprocess
@@ -71,6 +72,15 @@ def environment(device: torch.device) -> dict:
         if nv is not None:
             env["driver_version"] = nv.nvmlSystemGetDriverVersion()
     return env
+
+
+def nvml_index(index: int) -> int:
+    """NVML's index of the GPU this process's torch calls cuda:<index>. CUDA_VISIBLE_DEVICES renumbers the
+    GPUs for CUDA (a worker pinned to GPU 3 sees it as cuda:0) but not for NVML, which counts every GPU of
+    the host in PCI order (set CUDA_DEVICE_ORDER=PCI_BUS_ID on a host with different GPU models). Entries
+    that are not indices (UUIDs) are left as they are."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return int(visible[index]) if index < len(visible) and visible[index].isdigit() else index
 
 
 def gpu_telemetry(nv, index: int) -> dict:

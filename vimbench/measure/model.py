@@ -31,7 +31,7 @@ from vimbench.count.flops import count_flops
 from vimbench.count.memory import predict_memory
 from vimbench.kernels.attention import sdpa_kernel_used
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
-from vimbench.measure.env import gpu_telemetry, nvml
+from vimbench.measure.env import gpu_telemetry, nvml, nvml_index
 from vimbench.measure.isolation import run_isolated
 from vimbench.models import registry
 
@@ -71,11 +71,11 @@ def measure_model(cfg: dict) -> dict:
     """Measures one configuration. ``cfg`` keys: model, options (dict), res, batch, dtype (fp32|fp16|bf16),
     device ("cpu" | "cuda:N"), head (bool), warmup, repeats, min_time, threads (CPU; 0 = torch default)."""
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
-    nv, idle = None, 0
+    nv, idle, gpu = None, 0, nvml_index(device.index or 0)
     if device.type == "cuda":  # NVML's reading before this process touches CUDA
         nv = nvml()
         if nv is not None:
-            idle = nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(device.index or 0)).used
+            idle = nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(gpu)).used
     setup_worker(device, cfg.get("threads", 0))
     model = registry.create_model(cfg["model"], img_size=cfg["res"], **cfg["options"])
     model = model.eval().to(device=device, dtype=dtype)
@@ -94,14 +94,14 @@ def measure_model(cfg: dict) -> dict:
     if device.type == "cuda":
         run()  # the first forward before the sampler starts: lazy CUDA/cuBLAS initialisation
         if nv is not None:
-            sampler = _NvmlSampler(nv, device.index or 0)
+            sampler = _NvmlSampler(nv, gpu)
             sampler.start()
         times = time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
         out.update(mem_peak_gib=torch.cuda.max_memory_allocated(device) / GIB,
                    mem_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB)
         if sampler is not None:
             out["mem_nvml_gib"] = (sampler.stop() - idle) / GIB
-        out.update(gpu_telemetry(nv, device.index or 0), tf32=False, cudnn_benchmark=False)
+        out.update(gpu_telemetry(nv, gpu), tf32=False, cudnn_benchmark=False)
     else:
         times = time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
         peak = cpu_forward_peak(run)
