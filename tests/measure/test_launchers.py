@@ -61,17 +61,21 @@ def test_local_jobs_give_the_keys_of_a_plain_run_and_a_killed_job_an_error_row(t
     def run_one(cfg):  # pickled by value into each job
         if cfg["name"] == "c":
             os.kill(os.getpid(), signal.SIGKILL)  # the job's process dies mid-job
+        if cfg["name"] == "d":
+            raise ValueError("bad configuration")
         return {"name": cfg["name"], "status": "ok", "seen": str(os.getpid())}
 
     (tmp_path / "p").mkdir()
     (tmp_path / "l").mkdir()
-    plain = _sweep(tmp_path / "p", lambda cfg: {"name": cfg["name"], "status": "ok"}, Plain(), CONFIGS[:3])
-    local = _sweep(tmp_path / "l", run_one, Submitit("local", workers=2, poll_s=0.2), CONFIGS[:3])
-    assert sorted(local.name) == sorted(plain.name) == ["a", "b", "c"]
-    ok, dead = local[local.name != "c"], local[local.name == "c"].iloc[0]
-    assert (ok.status == "ok").all() and (ok.launcher == "local").all() and (ok.workers == "2").all()
-    assert (ok.job_id != "").all() and len(set(ok.seen)) == 2  # two jobs, two processes
+    plain = _sweep(tmp_path / "p", lambda cfg: {"name": cfg["name"], "status": "ok"}, Plain())
+    local = _sweep(tmp_path / "l", run_one, Submitit("local", workers=2, poll_s=0.2)).set_index("name")
+    assert sorted(local.index) == sorted(plain.name) == ["a", "b", "c", "d"]
+    ok, dead, raised = local.loc[["a", "b"]], local.loc["c"], local.loc["d"]
+    assert (ok.status == "ok").all() and (local.launcher == "local").all() and (local.workers == "2").all()
+    assert local.job_id.is_unique and len(set(ok.seen)) == 2  # two jobs, two processes
     assert dead.status == "error" and dead.error.startswith(f"local job {dead.job_id} ended without a row")
+    assert dead.host == os.uname().nodename
+    assert raised.error == f"local job {raised.job_id} failed: ValueError: bad configuration"
 
 
 SBATCH = """#!/bin/sh
@@ -114,6 +118,7 @@ def test_slurm_array_script_and_failed_tasks_become_error_rows(tmp_path, fake_sl
     assert list(df.status) == ["error", "error"] and (df.launcher == "slurm").all()
     assert list(df.job_id) == ["4242_0", "4242_1"] and (df.device == "cuda:0").all()
     assert "(state PREEMPTED)" in df.error.iloc[0] and "(state FAILED)" in df.error.iloc[1]
+    assert list(df.host) == ["n1", "n2"]  # the nodes sacct names
     # --resume submits only what is missing: here res 48 (res 32 has an ok row now), as a single job
     log = CsvLog(out, SCALING, resume=True)
     log.append({**df.iloc[0].to_dict(), "status": "ok", "error": ""})
@@ -133,20 +138,29 @@ from vimbench.measure.launchers import Plain
 from vimbench.rows.sweep import run_sweep
 from vimbench.rows.writer import CsvLog
 from test_launchers import SCHEMA
-configs = [{{"name": str(i)}} for i in range(8)]
-run_sweep(configs, CsvLog({str(tmp_path / 'r.csv')!r}, SCHEMA), lambda c: time.sleep(0.3) or {{"name": c["name"], "status": "ok"}},
-          lambda c: c["name"], Plain(("0", "1")))
+run_one = lambda c: time.sleep(0.5) or {{"name": c["name"], "status": "ok"}}
+run_sweep(CONFIGS, CsvLog({str(tmp_path / 'r.csv')!r}, SCHEMA), run_one, str, Plain(("0", "1")))
 """
+    configs = [{"name": str(i)} for i in range(16)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__),
                                                                      os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", f"CONFIGS = {configs!r}" + code], env=env,
+                            stderr=subprocess.DEVNULL)
     csv = tmp_path / "r.csv"
     while proc.poll() is None and (not csv.exists() or len(csv.read_text().splitlines()) < 3):
         time.sleep(0.05)
     proc.kill()
     proc.wait()
     before = pd.read_csv(csv, dtype=str)
-    assert 2 <= len(before) < 8 and list(before.name) == [str(i) for i in range(len(before))]
-    df = _sweep(tmp_path, lambda c: {"name": c["name"], "status": "ok"}, Plain(), [{"name": str(i)} for i in range(8)],
-                resume=True)
-    assert sorted(df.name, key=int) == [str(i) for i in range(8)] and df.name.is_unique
+    assert 2 <= len(before) < 16 and list(before.name) == [str(i) for i in range(len(before))]
+    df = _sweep(tmp_path, lambda c: {"name": c["name"], "status": "ok"}, Plain(), configs, resume=True)
+    assert sorted(df.name, key=int) == [str(i) for i in range(16)] and df.name.is_unique
+
+
+def test_without_submitit_vimbench_imports_and_a_launcher_is_one_line_exit_2(tmp_path):
+    argv = ["scaling", "--launcher", "local", "--device", "cpu", "--out", str(tmp_path / "x.csv")]
+    code = f"import sys; sys.modules['submitit'] = None\nfrom vimbench.commands import main\nsys.exit(main({argv!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2 and not (tmp_path / "x.csv").exists()
+    assert proc.stderr.strip() == ("vimbench scaling: error: --launcher local needs submitit: "
+                                   "pip install 'vimbench[cluster]'")

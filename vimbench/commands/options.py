@@ -37,6 +37,7 @@ from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.attention import ATTENTION_BACKENDS, check_attention_backend
 from vimbench.kernels.selective_scan import SCAN_CHOICES, resolve_scan_backend
 from vimbench.measure.core import DTYPES
+from vimbench.measure.launchers import Plain, Submitit
 from vimbench.models.registry import model_variants
 
 
@@ -241,7 +242,6 @@ def gpu_slots(spec: str) -> tuple[str, ...]:
 def local_target(spec: str):
     """(device, launcher) for --device on this machine: one device run plainly, or several GPUs (``gpu_slots``)
     one configuration per GPU, each worker seeing its GPU as cuda:0."""
-    from vimbench.measure.launchers import Plain
     slots = gpu_slots(spec)
     return (torch.device("cuda:0"), Plain(slots)) if slots else (resolve_device(spec), Plain())
 
@@ -258,8 +258,8 @@ def _slurm_file(path: str | None) -> dict:
             values = tomllib.loads(text)
     except (OSError, ValueError, ImportError) as e:
         raise InputError(f"--slurm-config {path}: cannot read it ({' '.join(str(e).split())})") from None
-    if not isinstance(values.get("sbatch", {}), dict):
-        raise InputError(f"--slurm-config {path}: sbatch must be a table of KEY = VALUE")
+    if not isinstance(values, dict) or not isinstance(values.get("sbatch", {}), dict):
+        raise InputError(f"--slurm-config {path}: expected a table of settings with sbatch a table of KEY = VALUE")
     unknown = sorted(set(values) - set(SLURM_KEYS))
     if unknown:
         raise InputError(f"--slurm-config {path}: unknown key(s) {', '.join(unknown)}; "
@@ -272,7 +272,6 @@ def sweep_target(opts: dict):
     options. With --launcher slurm the GPU is checked on the cluster, not here: cuda (or auto) means each
     task's cuda:0. InputError, before any file is written, for a launcher that cannot run here, options it
     does not take, or a setting out of range."""
-    from vimbench.measure.launchers import Submitit
     launcher, spec = opts["launcher"], opts["device_spec"]
     settings = {**_slurm_file(opts["slurm_config"]),
                 **{k: opts[k] for k in SLURM_KEYS if k != "sbatch" and opts[k] is not None}}
@@ -290,6 +289,8 @@ def sweep_target(opts: dict):
                          f"--launcher {launcher} takes one device")
     for name, low in (("workers", 1), ("time_limit", 1), ("gpus_per_task", 0)):
         if name in settings:
+            if not isinstance(settings[name], int):
+                raise InputError(f"--{name.replace('_', '-')} must be an integer, got {settings[name]!r}")
             at_least(f"--{name.replace('_', '-')}", settings[name], low)
     if launcher == "slurm":
         if not (shutil.which("sbatch") and shutil.which("srun")):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import threading
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,8 @@ class Submitit:
 
     def run(self, run_one: RunOne, todo: list[dict], jobs_dir: Path) -> Iterator[tuple[dict, dict]]:
         """(configuration, row) as jobs finish. Jobs still running when the caller stops are cancelled."""
+        if not todo:
+            return
         ex = self.executor(jobs_dir)
         workers = min(self.workers or len(todo), len(todo))
         task = functools.partial(run_task, run_one, launcher=self.name, workers=workers)
@@ -159,7 +162,8 @@ class Submitit:
         return job.done() or self._state(job) in FINAL_STATES
 
     def _row(self, job) -> dict:
-        """The job's row, or an error row naming its state (and the exception or the log to read)."""
+        """The job's row, or an error row naming the job's state (and the exception, or the log to read) and
+        its host as far as known."""
         if job.paths.result_pickle.exists():
             try:
                 return job.result()
@@ -167,5 +171,7 @@ class Submitit:
                 trace = str(e).split("-" * 22)
                 last = trace[1].strip().splitlines()[-1] if len(trace) > 2 else one_line(e)
                 return {"status": "error", "error": f"{self.name} job {job.job_id} failed: {last}"}
-        return {"status": "error", "error": f"{self.name} job {job.job_id} ended without a row (state "
-                                            f"{self._state(job)}); log: {job.paths.stderr}"}
+        host = platform.node() if self.cluster == "local" else \
+            job.watcher.get_info(job.job_id, mode="cache").get("NodeList", "")  # from sacct
+        return {"status": "error", "host": host, "error": f"{self.name} job {job.job_id} ended without a row "
+                                                          f"(state {self._state(job)}); log: {job.paths.stderr}"}

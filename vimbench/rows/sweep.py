@@ -1,7 +1,7 @@
 """A generic sweep: configurations in, one CSV row per configuration out, each measured in its own worker.
 
 Resuming skips configurations whose key is already in the CSV with status ok; everything else is
-appended (never rewritten). A progress bar names the configuration running, the rows done and the ETA.
+appended (never rewritten). A progress bar names the launcher, the last configuration done and the ETA.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from vimbench.rows.writer import CsvLog
 
 
 WHERE = {*ENVIRONMENT, *PLACEMENT}
+"""Columns every launcher adds to a row; kept where the log's schema has them (scaling, kernels)."""
 
 
 def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
@@ -36,7 +37,7 @@ def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
     with tqdm(total=len(todo), unit="config", file=sys.stderr, dynamic_ncols=True) as bar:
         bar.set_description(f"{launcher.name} x{launcher.workers or len(todo)}" if todo else "")
         for cfg, row in launcher.run(run_one, todo, jobs_dir):
-            row = {**{k: v for k, v in cfg.items() if k in columns},  # a test schema may lack the environment
+            row = {**{k: v for k, v in cfg.items() if k in columns},  # all a job that died returns is its key
                    **{k: v for k, v in row.items() if k in columns or k not in WHERE}}
             log.append(row)
             written.append(row)
