@@ -40,8 +40,8 @@ def placed(row: dict, cfg: dict, launcher: str, workers: int, visible: str | Non
     and load) and where it ran: ``visible`` is its workers' CUDA_VISIBLE_DEVICES (default: this process's).
     ``job_id`` is added by whoever knows it. A configuration without a device ran on the CPU."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible
-    return {**environment(torch.device(cfg.get("device", "cpu"))), **row, "launcher": launcher, "workers": workers,
-            "cuda_visible_devices": visible}
+    env = environment(torch.device(cfg.get("device", "cpu")))
+    return {**env, **row, "launcher": launcher, "workers": workers, "cuda_visible_devices": visible}
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ class Plain:
             slot, row, exc = results[i]
             if exc is not None:
                 raise exc
-            gpu = torch.device(cfg.get("device", "cpu")).type == "cuda" and slot.isdigit()  # its GPU's name, read here
-            env_cfg = {**cfg, "device": f"cuda:{slot}"} if gpu else cfg
+            on_gpu = torch.device(cfg.get("device", "cpu")).type == "cuda" and slot.isdigit()
+            env_cfg = {**cfg, "device": f"cuda:{slot}"} if on_gpu else cfg  # the name of the slot's own GPU
             yield cfg, {**placed(row, env_cfg, self.name, self.workers, visible=slot), "job_id": ""}
 
 

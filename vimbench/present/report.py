@@ -307,7 +307,7 @@ def placement_notes(s: Setting) -> list[str]:
     above 1 share the cores, so their timings test the machinery and are not measurements), and rows from
     different devices (CSVs of several machines reported together) drawn on the same curves."""
     out = []
-    workers = pd.to_numeric(s.rows.get("workers"), errors="coerce") if "workers" in s.rows else None
+    workers = s.rows["workers"] if "workers" in s.rows else None  # numeric, as the reader reads it
     if s.is_cpu and workers is not None and (workers > 1).any():
         out.append(f"**Concurrent CPU workers:** up to {int(workers.max())} configurations ran at once on the same "
                    "cores (the `workers` column). Their timings test the sweep machinery; they are not "
