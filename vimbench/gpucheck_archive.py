@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path
 
 from vimbench.errors import InputError
+from vimbench.measure.nvml import GpuReadings
 
 SUFFIXES = (".tar.gz", ".tgz")
 _TOP = re.compile(r"^[a-z0-9][a-z0-9-]*-\d{4}-\d{2}-\d{2}$")
@@ -34,16 +35,18 @@ def check_archive_path(path: str) -> Path:
 
 
 def clocks(index: int = 0) -> dict:
-    """Clocks (MHz) of GPU ``index`` now and at most, its temperature and power, from NVML; {} without it."""
-    from vimbench.measure.env import gpu_telemetry, nvml
-    nv = nvml()
-    if nv is None:
-        return {}
-    h = nv.nvmlDeviceGetHandleByIndex(index)
-    return {**gpu_telemetry(nv, index),
-            "mem_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
-            "sm_clock_max_mhz": nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM),
-            "mem_clock_max_mhz": nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_MEM)}
+    """Clocks (MHz) of CUDA device ``index`` now and at most, its temperature (C) and power (W), from guarded
+    NVML readings (``measure.nvml.GpuReadings``): a reading that fails is None, and ``nvml_notes`` says why."""
+    gpu = GpuReadings(index)
+    nv, h = gpu.nv, gpu.handle
+    if h is None:
+        return {"nvml_notes": gpu.notes}
+    out = {**gpu.telemetry(),
+           "mem_clock_mhz": gpu.read("memory clock", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
+           "sm_clock_max_mhz": gpu.read("max sm clock", lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)),
+           "mem_clock_max_mhz": gpu.read("max memory clock",
+                                         lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_MEM))}
+    return {**out, "nvml_notes": gpu.notes} if gpu.notes else out
 
 
 def write_environment(out: Path, env: dict, when: str) -> Path:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import needs_no_gpu
-from vimbench import gpucheck, gpucheck_archive, gpucheck_steps
+from vimbench import gpucheck, gpucheck_steps
 from vimbench.commands import cli, main
 from vimbench.gpucheck_steps import Step
 from vimbench.measure import preflight

@@ -1,7 +1,11 @@
+import re
+
 import pytest
+import torch
 
 from vimbench.errors import InputError
-from vimbench.commands.options import parse_resolutions
+from vimbench.commands.options import gpu_slots, local_target, parse_resolutions
+from vimbench.measure.launchers import Plain
 
 
 def test_ranges_lists_and_mixes():
@@ -18,3 +22,23 @@ def test_ranges_lists_and_mixes():
 def test_bad_specs(spec, msg):
     with pytest.raises(InputError, match=msg):
         parse_resolutions(spec)
+
+
+@pytest.fixture
+def three_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+
+
+def test_gpu_lists_become_slots_seen_as_cuda_0(three_gpus):
+    assert local_target("cuda:all") == (torch.device("cuda:0"), Plain(("0", "1", "2")))
+    assert local_target("cuda:2,cuda:0") == (torch.device("cuda:0"), Plain(("2", "0")))
+    assert local_target("cuda:1") == (torch.device("cuda:1"), Plain())  # one GPU: as before, no pinning
+    assert gpu_slots("cuda") == () and gpu_slots("cpu") == ()
+
+
+@pytest.mark.parametrize("spec,msg", [("cuda:0,cuda:3", "no GPU cuda:3 (3 GPU(s) present)"),
+                                      ("cuda:1,cuda:1", "named twice"), ("cuda:0,cpu", "'cpu' is not cuda:N")])
+def test_bad_gpu_lists(three_gpus, spec, msg):
+    with pytest.raises(InputError, match=re.escape(msg)):
+        gpu_slots(spec)

@@ -82,6 +82,19 @@ def test_csv_schema_and_values(sweep_csv):
     assert df.mem_pred_peak_gib[~gpu_scan].isna().all() and df.error[~gpu_scan].isna().all()
 
 
+@pytest.mark.slow
+def test_local_launcher_gives_the_rows_of_a_plain_run(sweep_csv, tmp_path):
+    out = tmp_path / "local.csv"
+    assert main(["scaling", "--models", "vim_tiny,deit_tiny", "--attn", "eager", "--res", "32,48", "--out", str(out),
+                 "--launcher", "local", "--workers", "2", *FAST]) == 0
+    plain, local = pd.read_csv(sweep_csv), pd.read_csv(out)
+    assert list(local.columns) == SCALING.columns and (local.status == "ok").all()
+    key = lambda df: sorted(map(tuple, df[SCALING.key].astype(str).values))  # noqa: E731
+    assert key(local) == key(plain) and len(local) == 4
+    assert (local.launcher == "local").all() and (local.workers == 2).all() and local.job_id.is_unique
+    assert (plain.launcher == "plain").all() and (plain.workers == 1).all() and plain.job_id.isna().all()
+
+
 def test_resume_appends_only_missing_and_keeps_rows(sweep_csv, tmp_path):
     before = sweep_csv.read_text()
     assert main(["scaling", "--models", "vim_tiny", "--res", "32,48,64", "--out", str(sweep_csv), "--resume",
@@ -115,6 +128,13 @@ def test_resume_refuses_other_columns(tmp_path, capsys):
     pytest.param(["--device", "cuda"], "no CUDA GPU", marks=needs_no_gpu), (["--device", "tpu"], "--device"),
     (["--batch", "0"], "--batch must be >= 1"),
     (["--out", "/proc/nope/x.csv"], "cannot write"), (["--resume"], "--resume needs --out"),
+    (["--device", "cuda:0,cuda:1"], "no GPU cuda:0"), (["--device", "cuda:all"], "cuda:all: no CUDA GPU"),
+    (["--device", "cpu,cuda:0"], "is not cuda:N"), (["--launcher", "nope"], "'--launcher'"),
+    (["--launcher", "slurm"], "sbatch and srun are not on PATH"), (["--workers", "2"], "needs --launcher"),
+    (["--launcher", "local", "--partition", "gpu"], "Slurm option"),
+    (["--launcher", "local", "--workers", "0"], "--workers must be >= 1"),
+    (["--launcher", "local", "--slurm-config", "/nope.toml"], "cannot read it"),
+    (["--launcher", "local", "--sbatch", "qos"], "KEY=VALUE"),
 ])
 def test_bad_input_exits_2_before_work(args, msg, capsys, tmp_path):
     argv = ["scaling", *args] if "--out" in args or "--resume" in args else \

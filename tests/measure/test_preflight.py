@@ -2,7 +2,6 @@
 import importlib
 import types
 
-import pytest
 import torch
 
 from vimbench.measure import preflight

@@ -163,3 +163,34 @@ def test_report_reads_a_memory_csv_beside_the_scaling_csv(tmp_path):
     assert "| vim_tiny | triton | triton | 1248 | 6085 | 11.14 | 5.57 | -50% | 6.50 | -42% | yes |" in text
     assert "| deit_tiny | eager | eager | 1248 | 6085 | OOM | 40.00 |  | 41.50 |  | yes |" in text
     assert "DeiT-Ti at 1248 (eager, batch 64): predicted 40.0 GiB peak" in text
+
+
+def test_csvs_of_several_machines_make_one_report(tmp_path, monkeypatch):
+    """Vim rows from one machine, DeiT rows from another: read as one, the same tables as one CSV of both,
+    and a warning that the setting mixes devices."""
+    monkeypatch.setattr(plotting, "save", lambda fig, out_dir, stem: [])
+    frame = scaling_frame()
+    frame.to_csv(tmp_path / "both.csv", index=False)
+    frame[frame.model == "vim_tiny"].to_csv(tmp_path / "a.csv", index=False)
+    deit = frame[frame.model == "deit_tiny"].assign(device_name="NVIDIA A100-SXM4-80GB", host="node7")
+    deit.to_csv(tmp_path / "b.csv", index=False)
+    assert main(["report", str(tmp_path / "both.csv"), "--out-dir", str(tmp_path / "one")]) == 0
+    assert main(["report", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--out-dir", str(tmp_path / "two")]) == 0
+    one, two = ((tmp_path / d / "report.md").read_text() for d in ("one", "two"))
+    section = lambda text: text[text.index("## Scaling exponents"):text.index("## Environment")]  # noqa: E731
+    assert MIXED in two and MIXED not in one
+    assert section(two).replace(MIXED, "").replace(", NVIDIA A100-SXM4-80GB", "") == section(one)
+
+
+MIXED = ("**Mixed devices:** this setting combines rows from NVIDIA H100 80GB HBM3, NVIDIA A100-SXM4-80GB; its "
+         "curves and fits mix them. Report each device's CSVs separately to compare them.\n\n")
+
+
+@pytest.mark.parametrize("workers,noted", [(1, False), (2, True)])
+def test_concurrent_cpu_workers_are_flagged_as_no_measurement(tmp_path, monkeypatch, workers, noted):
+    monkeypatch.setattr(plotting, "save", lambda fig, out_dir, stem: [])
+    scaling_frame(device="cpu").assign(workers=workers, launcher="local").to_csv(tmp_path / "c.csv", index=False)
+    assert main(["report", str(tmp_path / "c.csv"), "--out-dir", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert ("**Concurrent CPU workers:** up to 2 configurations ran at once" in text) == noted
+    assert ("they are not measurements" in text) == noted

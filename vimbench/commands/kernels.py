@@ -10,7 +10,6 @@ from vimbench.commands import options as o
 from vimbench.errors import InputError
 from vimbench.kernels.attention import ATTENTION_BACKENDS
 from vimbench.kernels.selective_scan import SCAN_CHOICES
-from vimbench.measure.env import environment
 from vimbench.measure.isolation import run_isolated
 from vimbench.measure.ops import CPU_TIMING, check_scans, kernel_row, measure_ceilings, op_configs
 from vimbench.models.registry import model_entry
@@ -65,7 +64,7 @@ def command(ctx, **opts):
     One CSV row per (op, backend, model, resolution), each measured in its own worker; prints a table,
     the fitted exponents in tokens and the crossovers.
     """
-    device = o.resolve_device(opts["device_spec"])
+    device, launcher = o.local_target(opts["device_spec"])
     batch = o.batch_for(opts["batch"], device)
     o.at_least("--repeats", opts["repeats"], 1)
     o.at_least("--min-time", opts["min_time"], 0)
@@ -91,7 +90,7 @@ def command(ctx, **opts):
     if ceilings.pop("status") != "ok":
         click.echo(f"warning: measuring the device ceilings failed ({ceilings.pop('error')}); "
                    "frac_peak_* left empty", err=True)
-    fixed = {**environment(device), **ceilings, "command": o.command_line(ctx)}
+    fixed = {**ceilings, "command": o.command_line(ctx)}
 
     def row(cfg):
         if cfg["impl"] in failed:  # correctness gates speed: no timing for a backend that failed its check
@@ -99,7 +98,7 @@ def command(ctx, **opts):
         return kernel_row(cfg, fixed)
 
     rows = run_sweep(configs, log, row,
-                     lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}")
+                     lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}", launcher)
     click.echo(format_table(rows, ["op", "impl", "kernel", "model", "tokens", "status", "time_ms", "mem_peak_gib",
                                    "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")

@@ -21,8 +21,11 @@ The resolution spec, used by every command that takes ``--res``:
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import json
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.attention import ATTENTION_BACKENDS, check_attention_backend
 from vimbench.kernels.selective_scan import SCAN_CHOICES, resolve_scan_backend
 from vimbench.measure.core import DTYPES
+from vimbench.measure.launchers import Plain, Submitit
 from vimbench.models.registry import model_variants
 
 
@@ -191,7 +195,8 @@ batch_option = click.option("--batch", type=int, default=None, help="Images per 
 dtype_option = click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
                             help="Weights and inputs.")
 device_option = click.option("--device", "device_spec", default="auto", show_default=True,
-                             help="auto, cpu, cuda or cuda:N.")
+                             help="auto, cpu, cuda or cuda:N (scaling, kernels: also cuda:0,cuda:1,... or "
+                                  "cuda:all, one configuration per GPU at a time).")
 head_option = click.option("--head/--no-head", default=False, show_default=True,
                            help="Include the classifier head (default: backbone only, as the Vim paper measured).")
 threads_option = click.option("--threads", type=int, default=0, help="CPU threads for torch [torch's default].")
@@ -204,3 +209,126 @@ preset_option = click.option("--preset", type=click.Choice(list(PRESETS)), defau
                                   "res 512,640,738,1024,1248 "
                                   "as in the Vim paper's Fig. 1; explicit options override it.")
 model_options = _decorator(models_option, attn_option, scan_option, res_option)
+
+
+# Where a sweep runs (vimbench.measure.launchers): several local GPUs through --device, or submitit jobs.
+LAUNCHERS = ("plain", "local", "slurm")
+SLURM_KEYS = ("partition", "time_limit", "gpus_per_task", "workers", "sbatch")
+"""What --slurm-config FILE may hold (TOML or JSON): the options of the same names; sbatch is a table."""
+
+
+def gpu_slots(spec: str) -> tuple[str, ...]:
+    """The GPU indices of --device cuda:all or cuda:I,cuda:J,... (two or more); () for any other spec.
+    InputError for a GPU that is absent or named twice, or cuda:all without a GPU."""
+    if spec != "cuda:all" and "," not in spec:
+        return ()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec == "cuda:all":
+        if count == 0:
+            raise InputError("--device cuda:all: no CUDA GPU is available on this machine")
+        return tuple(str(i) for i in range(count))
+    slots = []
+    for part in comma_list(spec):
+        m = re.fullmatch(r"cuda:(\d+)", part)
+        if not m:
+            raise InputError(f"--device {spec}: {part!r} is not cuda:N (several devices must all be GPUs)")
+        if int(m[1]) >= count:
+            raise InputError(f"--device {spec}: no GPU {part} ({count} GPU(s) present)")
+        slots.append(m[1])
+    if len(set(slots)) < len(slots):
+        raise InputError(f"--device {spec}: a GPU is named twice")
+    return tuple(slots)
+
+
+def local_target(spec: str):
+    """(device, launcher) for --device on this machine: one device run plainly, or several GPUs (``gpu_slots``)
+    one configuration per GPU, each worker seeing its GPU as cuda:0."""
+    slots = gpu_slots(spec)
+    return (torch.device("cuda:0"), Plain(slots)) if slots else (resolve_device(spec), Plain())
+
+
+def _slurm_file(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            import tomllib  # Python >= 3.11
+            values = tomllib.loads(text)
+    except (OSError, ValueError, ImportError) as e:
+        raise InputError(f"--slurm-config {path}: cannot read it ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("sbatch", {}), dict):
+        raise InputError(f"--slurm-config {path}: expected a table of settings with sbatch a table of KEY = VALUE")
+    unknown = sorted(set(values) - set(SLURM_KEYS))
+    if unknown:
+        raise InputError(f"--slurm-config {path}: unknown key(s) {', '.join(unknown)}; "
+                         f"it may hold {', '.join(SLURM_KEYS)}")
+    return values
+
+
+def sweep_target(opts: dict):
+    """(the device every configuration runs on, the launcher that runs them) from --device and the launcher
+    options. With --launcher slurm the GPU is checked on the cluster, not here: cuda (or auto) means each
+    task's cuda:0. InputError, before any file is written, for a launcher that cannot run here, options it
+    does not take, or a setting out of range."""
+    launcher, spec = opts["launcher"], opts["device_spec"]
+    settings = {**_slurm_file(opts["slurm_config"]),
+                **{k: opts[k] for k in SLURM_KEYS if k != "sbatch" and opts[k] is not None}}
+    sbatch = {**settings.pop("sbatch", {}), **dict(_key_value(item) for item in opts["sbatch"])}
+    if sbatch:
+        settings["sbatch"] = sbatch
+    if launcher == "plain":
+        if settings:
+            raise InputError(f"--{sorted(settings)[0].replace('_', '-')} needs --launcher local or slurm")
+        return local_target(spec)
+    if importlib.util.find_spec("submitit") is None:
+        raise InputError(f"--launcher {launcher} needs submitit: pip install 'vimbench[cluster]'")
+    if spec == "cuda:all" or "," in spec:
+        raise InputError(f"--device {spec} spreads over this machine's GPUs without --launcher; "
+                         f"--launcher {launcher} takes one device")
+    for name, low in (("workers", 1), ("time_limit", 1), ("gpus_per_task", 0)):
+        if name in settings:
+            if not isinstance(settings[name], int):
+                raise InputError(f"--{name.replace('_', '-')} must be an integer, got {settings[name]!r}")
+            at_least(f"--{name.replace('_', '-')}", settings[name], low)
+    if launcher == "slurm":
+        if not (shutil.which("sbatch") and shutil.which("srun")):
+            raise InputError("--launcher slurm: sbatch and srun are not on PATH (not a Slurm login node)")
+        if spec not in ("auto", "cpu", "cuda", "cuda:0"):
+            raise InputError(f"--launcher slurm --device {spec}: use cpu or cuda (each task's first GPU)")
+        device = torch.device("cpu" if spec == "cpu" else "cuda:0")
+    else:
+        extra = sorted({"partition", "sbatch"} & set(settings))
+        if extra:
+            raise InputError(f"--{extra[0]} is a Slurm option; --launcher local does not take it")
+        device = resolve_device(spec)
+        if device.type == "cuda" and settings.get("workers", 1) > 1:
+            raise InputError("--launcher local --workers above 1 would run several configurations on one GPU "
+                             "at once; use --device cuda:0,cuda:1,... (no --launcher) to spread them over GPUs")
+    settings.setdefault("gpus_per_task", int(device.type == "cuda"))
+    settings.setdefault("workers", 1 if launcher == "local" else None)
+    return device, Submitit(launcher, **settings)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--sbatch {item!r}: use KEY=VALUE, e.g. --sbatch account=abc")
+    return key.strip(), value.strip()
+
+
+launcher_options = _decorator(
+    click.option("--launcher", type=click.Choice(LAUNCHERS), default="plain", show_default=True,
+                 help="plain: this process runs the configurations (one per GPU of --device cuda:0,cuda:1 or "
+                      "cuda:all); local: submitit jobs on this machine; slurm: a submitit job array."),
+    click.option("--workers", type=int, default=None,
+                 help="local/slurm: configurations at once (Slurm: the array's parallelism) [local 1, slurm all]."),
+    click.option("--slurm-config", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                 help=f"TOML or JSON file with any of {', '.join(SLURM_KEYS)}; options given win."),
+    click.option("--partition", default=None, help="slurm: the partition."),
+    click.option("--time-limit", type=int, default=None, help="local/slurm: minutes per configuration [60]."),
+    click.option("--gpus-per-task", type=int, default=None, help="local/slurm: GPUs per job [1 on cuda, 0 on cpu]."),
+    click.option("--sbatch", multiple=True, metavar="KEY=VALUE",
+                 help="slurm: an extra sbatch parameter (repeatable), e.g. --sbatch account=abc --sbatch qos=high."))

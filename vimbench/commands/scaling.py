@@ -4,7 +4,6 @@ from __future__ import annotations
 import click
 
 from vimbench.commands import options as o
-from vimbench.measure.env import environment
 from vimbench.measure.model import DEFAULT_TIMING, scaling_row
 from vimbench.models.registry import impl_of, model_entry
 from vimbench.present.tables import format_table
@@ -25,16 +24,18 @@ from vimbench.rows.writer import CsvLog
 @o.head_option
 @o.out_options
 @o.preset_option
+@o.launcher_options
 @click.option("--backoff", is_flag=True, help="On OOM retry with a smaller batch; the batch that ran is recorded.")
 @click.pass_context
 def command(ctx, preset, **opts):
     """Sweep resolutions for each model and backend; one CSV row per configuration, written as it finishes.
 
     Each configuration runs in its own worker process: an OOM or crash is recorded as a row with status
-    oom or error and the sweep goes on.
+    oom or error and the sweep goes on. --device cuda:0,cuda:1 (or cuda:all) runs one configuration per
+    GPU at a time; --launcher local or slurm runs each as a submitit job (Slurm: one job array).
     """
     opts = o.apply_preset(ctx, preset, opts)
-    device = o.resolve_device(opts["device_spec"])
+    device, launcher = o.sweep_target(opts)
     batch = o.batch_for(opts["batch"], device)
     timing = {k: opts[k] if opts[k] is not None else v for k, v in DEFAULT_TIMING[device.type].items()}
     for name, low in (("warmup", 0), ("repeats", 1), ("min_time", 0)):
@@ -48,9 +49,9 @@ def command(ctx, preset, **opts):
                for model, options in pairs for res in res_list]
     log = CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],
                       given=opts["out"] is not None)
-    fixed = {**environment(device), "command": o.command_line(ctx)}
-    rows = run_sweep(configs, log, lambda cfg: scaling_row(cfg, fixed, opts["backoff"]),
-                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested']}")
+    fixed, backoff = {"command": o.command_line(ctx)}, opts["backoff"]
+    rows = run_sweep(configs, log, lambda cfg: scaling_row(cfg, fixed, backoff),
+                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested']}", launcher)
     click.echo(format_table(rows, ["model", "impl", "res", "batch", "status", "throughput_img_s", "time_ms",
                                    "mem_peak_gib", "flops_total"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")

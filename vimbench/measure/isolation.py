@@ -6,10 +6,14 @@ each configuration starts in a fresh, CUDA-free process in well under a second.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import signal
+import threading
 
 _CTX = None
+_PINNED = threading.local()
 
 
 def _context():
@@ -33,7 +37,20 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
-def _child(fn, args, conn):
+@contextlib.contextmanager
+def pinned(env: dict):
+    """Workers this thread starts (``run_isolated``) get ``env`` in their environment before ``fn`` runs.
+    How a sweep over several GPUs gives each worker its own GPU (CUDA_VISIBLE_DEVICES, read when the worker
+    first touches CUDA) without the measurers knowing; the rows record it (``cuda_visible_devices``)."""
+    _PINNED.env = env
+    try:
+        yield
+    finally:
+        _PINNED.env = {}
+
+
+def _child(fn, args, conn, env):
+    os.environ.update(env)
     try:
         result = {"status": "ok", **(fn(*args) or {})}
     except BaseException as e:  # everything is reported to the parent, nothing escapes the worker
@@ -51,7 +68,7 @@ def run_isolated(fn, args: tuple = (), timeout: float | None = None) -> dict:
     """
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(fn, args, send), daemon=True)
+    proc = ctx.Process(target=_child, args=(fn, args, send, getattr(_PINNED, "env", {})), daemon=True)
     proc.start()
     send.close()
     if not recv.poll(timeout):

@@ -302,6 +302,23 @@ def setting_notes(s: Setting) -> list[str]:
     return [f"This setting differs from the authors' benchmark script: {'; '.join(diffs)}."] if diffs else []
 
 
+def placement_notes(s: Setting) -> list[str]:
+    """Warnings on where the rows of a setting ran: CPU configurations that ran concurrently (``workers``
+    above 1 share the cores, so their timings test the machinery and are not measurements), and rows from
+    different devices (CSVs of several machines reported together) drawn on the same curves."""
+    out = []
+    workers = s.rows["workers"] if "workers" in s.rows else None  # numeric, as the reader reads it
+    if s.is_cpu and workers is not None and (workers > 1).any():
+        out.append(f"**Concurrent CPU workers:** up to {int(workers.max())} configurations ran at once on the same "
+                   "cores (the `workers` column). Their timings test the sweep machinery; they are not "
+                   "measurements.")
+    names = s.rows["device_name"].dropna().unique() if "device_name" in s.rows else []
+    if len(names) > 1:
+        out.append(f"**Mixed devices:** this setting combines rows from {', '.join(map(str, names))}; its "
+                   "curves and fits mix them. Report each device's CSVs separately to compare them.")
+    return out
+
+
 def environment_lines(df: pd.DataFrame) -> list[str]:
     out = ["| field | value(s) |", "|---|---|"]
     for col in ENV_COLUMNS:
@@ -356,7 +373,7 @@ def build_report(df: pd.DataFrame, source: str, figures: dict[str, list[str]],
             lines += [f"## Setting: {setting_title(s)}", ""]
         else:
             lines += [f"Setting: **{setting_title(s)}**", ""]
-        notes = setting_notes(s)
+        notes = setting_notes(s) + placement_notes(s)
         lines += notes + [""] if notes else []
         lines += [f"![{Path(f).stem}]({f})" for f in figures.get(s.slug, [])] + [""]
         h = "###" if len(settings) > 1 else "##"

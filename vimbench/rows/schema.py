@@ -93,12 +93,19 @@ COLUMN_DOCS = {
     "power_w": ("W", "GPU power draw after the timed loop"),
     "timestamp": ("", "when the row was written (local time, ISO 8601)"),
     "command": ("", "the vimbench command line that wrote the row"),
+    # where it ran (vimbench.measure.launchers)
+    "launcher": ("", "plain (this machine), local (submitit jobs on it) or slurm (a submitit job array)"),
+    "job_id": ("", "submitit job id (Slurm: <array id>_<index>; local: the job's process id); empty for plain"),
+    "workers": ("", "configurations running at once; above 1 on a CPU they share its cores (no measurement)"),
+    "cuda_visible_devices": ("", "CUDA_VISIBLE_DEVICES of the worker: which GPU cuda:N was on its host"),
 }
 
 ENVIRONMENT = ["device_name", "driver_version", "cuda_version", "torch_version", "triton_version", "timm_version",
                "vimbench_version", "git_commit", "cpu_model", "host", "threads", "load_avg_1m", "timestamp",
                "command"]
 GPU_TELEMETRY = ["tf32", "cudnn_benchmark", "sm_clock_mhz", "temperature_c", "power_w"]
+PLACEMENT = ["launcher", "job_id", "workers", "cuda_visible_devices"]
+"""Measured rows (scaling, kernels) end with where they ran, after the environment (``host``)."""
 FLOP_COLUMNS = ["flops_total", "flops_scan", "flops_attention", "flops_linear", "flops_other"]
 
 
@@ -121,7 +128,7 @@ SCALING = Schema(
     ["model", "family", "impl", "kernel", "res", "tokens", "batch", "batch_requested", "dtype", "device", "head",
      "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "throughput_img_s", "repeats", "warmup",
      "mem_peak_gib", "mem_reserved_gib", "mem_nvml_gib", "mem_pred_peak_gib", *FLOP_COLUMNS, "params",
-     *ENVIRONMENT, *GPU_TELEMETRY],
+     *ENVIRONMENT, *GPU_TELEMETRY, *PLACEMENT],
     key=["model", "impl", "res", "batch_requested", "dtype", "device", "head"],
     required=("model", "family", "impl", "res", "tokens", "batch", "dtype", "device", "head", "status", "time_ms",
               "time_ms_p10", "time_ms_p90", "throughput_img_s", "mem_peak_gib", *FLOP_COLUMNS, "device_name"),
@@ -133,7 +140,7 @@ KERNELS = Schema(
     ["op", "impl", "kernel", "model", "width", "heads", "head_dim", "d_inner", "d_state", "tokens", "res", "batch",
      "dtype", "device", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "repeats", "mem_peak_gib",
      "flops_total", "bytes", "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw", "ceiling_gflops_s",
-     "ceiling_gbs", *ENVIRONMENT],
+     "ceiling_gbs", *ENVIRONMENT, *PLACEMENT],
     key=["op", "impl", "model", "res", "batch", "dtype", "device"],
     required=("op", "impl", "tokens", "width", "batch", "dtype", "device", "status", "time_ms", "time_ms_p10",
               "time_ms_p90", "mem_peak_gib"),
@@ -168,7 +175,7 @@ RENAMED = {"L": "tokens", "latency_ms": "time_ms", "latency_ms_p10": "time_ms_p1
 
 NUMERIC = {name for name, (unit, _) in COLUMN_DOCS.items() if unit} | {
     "tokens", "width", "heads", "head_dim", "d_inner", "d_state", "repeats", "warmup", "params", "threads",
-    "load_avg_1m", "frac_peak_flops", "frac_peak_bw"}
+    "load_avg_1m", "frac_peak_flops", "frac_peak_bw", "workers"}
 """Columns read as numbers (empty cells become NaN)."""
 BOOLEAN = ("head", "fits")
 

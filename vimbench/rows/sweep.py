@@ -1,7 +1,7 @@
 """A generic sweep: configurations in, one CSV row per configuration out, each measured in its own worker.
 
 Resuming skips configurations whose key is already in the CSV with status ok; everything else is
-appended (never rewritten). A progress bar names the configuration running, the rows done and the ETA.
+appended (never rewritten). A progress bar names the launcher, the last configuration done and the ETA.
 """
 from __future__ import annotations
 
@@ -12,28 +12,36 @@ from typing import Callable
 from tqdm import tqdm
 
 from vimbench.measure.isolation import one_line
-from vimbench.rows.schema import Schema
+from vimbench.measure.launchers import Plain
+from vimbench.rows.schema import ENVIRONMENT, PLACEMENT, Schema
 from vimbench.rows.writer import CsvLog
 
 
+WHERE = {*ENVIRONMENT, *PLACEMENT}
+"""Columns every launcher adds to a row; kept where the log's schema has them (scaling, kernels)."""
+
+
 def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
-              describe: Callable[[dict], str]) -> list[dict]:
-    """Runs ``run_one(cfg) -> row`` for every configuration not yet done in ``log`` and appends each row
-    as it finishes. A config's key is its values of the log schema's key columns (``CsvLog.key``).
-    Returns the rows written by this call."""
+              describe: Callable[[dict], str], launcher=Plain()) -> list[dict]:
+    """Runs ``run_one(cfg) -> row`` for every configuration not yet done in ``log`` where ``launcher``
+    (``vimbench.measure.launchers``) puts it, and appends each row as it comes back, with the columns of
+    its configuration and of where it ran. A config's key is its values of the log schema's key columns
+    (``CsvLog.key``). Returns the rows written by this call."""
     done = log.done()
     todo = [c for c in configs if log.key(c) not in done]
     if len(todo) < len(configs):
         print(f"resuming {log.path}: {len(configs) - len(todo)} configurations already ok, {len(todo)} to run",
               file=sys.stderr)
-    written = []
+    written, columns = [], set(log.schema.columns)
+    jobs_dir = log.path.with_name(f"{log.path.stem}-jobs")
     with tqdm(total=len(todo), unit="config", file=sys.stderr, dynamic_ncols=True) as bar:
-        for cfg in todo:
-            bar.set_description(describe(cfg))
-            row = run_one(cfg)
+        bar.set_description(f"{launcher.name} x{launcher.workers or len(todo)}" if todo else "")
+        for cfg, row in launcher.run(run_one, todo, jobs_dir):
+            row = {**{k: v for k, v in cfg.items() if k in columns},  # all a job that died returns is its key
+                   **{k: v for k, v in row.items() if k in columns or k not in WHERE}}
             log.append(row)
             written.append(row)
-            bar.set_postfix_str(f"last: {row.get('status', '?')}")
+            bar.set_postfix_str(f"last: {describe(cfg)} {row.get('status', '?')}")
             bar.update()
     return written
 

@@ -1,0 +1,177 @@
+"""Where the configurations of a sweep run, and the columns that say so in every row.
+
+    Plain     on this machine, each configuration in its own worker (``isolation.run_isolated``). With one
+              slot (the default) one configuration at a time; with several slots (``--device cuda:0,cuda:1``
+              or ``cuda:all``) one configuration per slot at a time, each worker pinned to its slot's GPU with
+              CUDA_VISIBLE_DEVICES, so that every worker sees its GPU as cuda:0 and the rows' keys are those
+              of a one-GPU run. Rows come back in the order of the configurations.
+    Submitit  one submitit job per configuration, running the same isolated worker and returning its row:
+              ``local`` runs the jobs as processes on this machine, ``workers`` at a time (LocalExecutor);
+              ``slurm`` submits one job array through AutoExecutor, ``workers`` tasks at a time (the
+              array's parallelism). Rows come back as jobs finish; a job that ends without a row (failed,
+              pre-empted, timed out, killed) becomes an error row naming its state.
+
+Every row gets ``PLACEMENT`` columns: ``launcher``, ``job_id`` (empty for plain), ``workers`` (configurations
+running at once, which share the cores on a CPU), ``cuda_visible_devices``; and the ``environment`` of the
+machine that ran it. submitit is an optional dependency: only ``Submitit`` imports it, when it runs.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from vimbench.measure.env import environment
+from vimbench.measure.isolation import one_line, pinned
+
+RunOne = Callable[[dict], dict]
+"""A configuration in, its row out (measured in an isolated worker)."""
+
+
+def placed(row: dict, cfg: dict, launcher: str, workers: int, visible: str | None = None) -> dict:
+    """``row`` with the environment of this process's machine (its own values win: the worker's threads
+    and load) and where it ran: ``visible`` is its workers' CUDA_VISIBLE_DEVICES (default: this process's).
+    ``job_id`` is added by whoever knows it. A configuration without a device ran on the CPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible
+    env = environment(torch.device(cfg.get("device", "cpu")))
+    return {**env, **row, "launcher": launcher, "workers": workers, "cuda_visible_devices": visible}
+
+
+@dataclass(frozen=True)
+class Plain:
+    """Configurations run on this machine, one per slot at a time. ``slots``: the CUDA_VISIBLE_DEVICES value
+    of each slot's workers (GPU indices); empty: one slot, workers inherit this process's environment."""
+    slots: tuple[str, ...] = ()
+    name = "plain"
+
+    @property
+    def workers(self) -> int:
+        return max(1, len(self.slots))
+
+    def run(self, run_one: RunOne, todo: list[dict], jobs_dir: Path) -> Iterator[tuple[dict, dict]]:
+        """(configuration, row) for each of ``todo``, in its order. ``jobs_dir`` is not used."""
+        if not self.slots:
+            for cfg in todo:
+                yield cfg, {**placed(run_one(cfg), cfg, self.name, 1), "job_id": ""}
+            return
+        results: list = [None] * len(todo)
+        finished = [threading.Event() for _ in todo]
+        claim = iter(range(len(todo)))
+        lock = threading.Lock()
+
+        def slot_loop(slot: str):
+            with pinned({"CUDA_VISIBLE_DEVICES": slot}):
+                while True:
+                    with lock:
+                        i = next(claim, None)
+                    if i is None:
+                        return
+                    try:
+                        results[i] = (slot, run_one(todo[i]), None)
+                    except BaseException as e:  # re-raised in order, in the caller's thread
+                        results[i] = (slot, None, e)
+                    finished[i].set()
+
+        for slot in self.slots:  # daemons: an interrupted parent does not wait for running configurations
+            threading.Thread(target=slot_loop, args=(slot,), daemon=True).start()
+        for i, cfg in enumerate(todo):
+            finished[i].wait()
+            slot, row, exc = results[i]
+            if exc is not None:
+                raise exc
+            on_gpu = torch.device(cfg.get("device", "cpu")).type == "cuda" and slot.isdigit()
+            env_cfg = {**cfg, "device": f"cuda:{slot}"} if on_gpu else cfg  # the name of the slot's own GPU
+            yield cfg, {**placed(row, env_cfg, self.name, self.workers, visible=slot), "job_id": ""}
+
+
+def run_task(run_one: RunOne, cfg: dict, launcher: str, workers: int) -> dict:
+    """What a submitit job runs: ``run_one(cfg)`` placed on the job's machine."""
+    return placed(run_one(cfg), cfg, launcher, workers)
+
+
+FINAL_STATES = ("PREEMPTED",)
+"""Slurm states taken as final although submitit waits on them (a pre-empted task that is not requeued)."""
+
+
+@dataclass(frozen=True)
+class Submitit:
+    """Configurations as submitit jobs. ``cluster``: local or slurm; ``workers``: jobs at once (None: all
+    at once on Slurm); ``time_limit``: minutes per job; ``gpus_per_task``; Slurm only: ``partition`` and
+    ``sbatch`` (extra sbatch parameters, e.g. {"account": "abc"}). Job files and logs go to ``jobs_dir``."""
+    cluster: str
+    workers: int | None = None
+    time_limit: int = 60
+    gpus_per_task: int = 0
+    partition: str | None = None
+    sbatch: dict = field(default_factory=dict)
+    poll_s: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.cluster
+
+    def executor(self, jobs_dir: Path):
+        """The submitit executor with this launcher's parameters (``%j`` in the folder: one per job)."""
+        import submitit
+        ex = submitit.AutoExecutor(folder=Path(jobs_dir) / "%j", cluster=self.cluster)
+        params = dict(name="vimbench", timeout_min=self.time_limit, gpus_per_node=self.gpus_per_task or None)
+        if self.cluster == "slurm":
+            params.update(slurm_partition=self.partition, slurm_additional_parameters=dict(self.sbatch) or None)
+            if self.workers:
+                params["slurm_array_parallelism"] = self.workers
+        ex.update_parameters(**params)
+        return ex
+
+    def run(self, run_one: RunOne, todo: list[dict], jobs_dir: Path) -> Iterator[tuple[dict, dict]]:
+        """(configuration, row) as jobs finish. Jobs still running when the caller stops are cancelled."""
+        if not todo:
+            return
+        ex = self.executor(jobs_dir)
+        workers = min(self.workers or len(todo), len(todo))
+        task = functools.partial(run_task, run_one, launcher=self.name, workers=workers)
+        waiting, running = list(todo), []
+        if self.cluster == "slurm":  # one job array; Slurm runs `workers` of its tasks at a time
+            running, waiting = list(zip(ex.map_array(task, waiting), waiting)), []
+        try:
+            while running or waiting:
+                while waiting and len(running) < workers:  # local: keep `workers` jobs running
+                    cfg = waiting.pop(0)
+                    running.append((ex.submit(task, cfg), cfg))
+                done = [(job, cfg) for job, cfg in running if self._ended(job)]
+                for job, cfg in done:
+                    running.remove((job, cfg))
+                    yield cfg, {"launcher": self.name, "workers": workers, **self._row(job), "job_id": job.job_id}
+                if not done:
+                    time.sleep(self.poll_s)
+        finally:
+            for job, _ in running:
+                job.cancel(check=False)
+
+    @staticmethod
+    def _state(job) -> str:
+        return str(job.state).split()[0].upper()  # "CANCELLED by 123" -> CANCELLED
+
+    def _ended(self, job) -> bool:
+        return job.done() or self._state(job) in FINAL_STATES
+
+    def _row(self, job) -> dict:
+        """The job's row, or an error row naming the job's state (and the exception, or the log to read) and
+        its host as far as known."""
+        if job.paths.result_pickle.exists():
+            try:
+                return job.result()
+            except Exception as e:  # the job raised: its trace is in the message
+                trace = str(e).split("-" * 22)
+                last = trace[1].strip().splitlines()[-1] if len(trace) > 2 else one_line(e)
+                return {"status": "error", "error": f"{self.name} job {job.job_id} failed: {last}"}
+        host = platform.node() if self.cluster == "local" else \
+            job.watcher.get_info(job.job_id, mode="cache").get("NodeList", "")  # from sacct
+        return {"status": "error", "host": host, "error": f"{self.name} job {job.job_id} ended without a row "
+                                                          f"(state {self._state(job)}); log: {job.paths.stderr}"}
