@@ -67,6 +67,9 @@ def check_scan_backend(backend: str, device: torch.device | str) -> None:
             raise BackendUnavailable(f"scan backend 'mamba_ssm' needs CUDA tensors, got {device.type}")
 
 
+# Under torch.compile the answer is taken as a constant at trace time: tracing the checks (a lock around the
+# cpp build, importlib look-ups) would break the graph at every scan call.
+@torch.compiler.assume_constant_result
 def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend that ``backend`` means on ``device``: 'auto' picks the fastest available
     (CUDA: mamba_ssm, else triton, else cpu; CPU: cpp when it builds here, else cpu; elsewhere, e.g. the meta
