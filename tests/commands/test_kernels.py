@@ -122,6 +122,7 @@ def test_resume_runs_only_what_is_missing(tiny_csv):
     (["--models", "nope"], "unknown model"), (["--res", "1248..224"], "runs backwards"),
     (["--batch", "0"], "--batch must be >= 1"), (["--device", "cuda"], "no CUDA GPU"),
     (["--resume"], "--resume needs --out"),
+    (["--compile", "fast"], "--compile 'fast': unknown"), (["--amp", "fp8"], "--amp 'fp8': unknown"),
 ])
 def test_bad_input_exits_2_with_one_line(args, msg, capsys, tmp_path):
     out = [] if "--resume" in args else ["--out", str(tmp_path / "x.csv")]
