@@ -25,6 +25,13 @@ def with_current_names(df: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns={old: new for old, new in RENAMED.items() if old in df.columns and new not in df.columns})
 
 
+def with_regime(kind: str, df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the regime columns (``REGIME``) of a scaling or kernel CSV filled: none where absent or empty."""
+    if kind not in ("scaling", "kernels"):
+        return df
+    return df.assign(**{col: df[col].fillna("none").astype(str) if col in df.columns else "none" for col in REGIME})
+
+
 def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]:
     """(kind, rows) of the CSV at ``path``, checked and normalised: old column names renamed, ``status``
     lower-case, ``head`` and ``fits`` bool, numeric columns numeric (empty cells NaN). Raises ``InputError``
@@ -53,9 +60,7 @@ def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]
     df["status"] = df["status"].astype(str).str.strip().str.lower()
     if kind == "scaling" and "batch_requested" not in df.columns:
         df["batch_requested"] = df["batch"]
-    if kind in ("scaling", "kernels"):
-        for col in REGIME:
-            df[col] = df[col].fillna("none").astype(str) if col in df.columns else "none"
+    df = with_regime(kind, df)
     for col in NUMERIC & set(df.columns):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     for col in BOOLEAN:
@@ -103,7 +108,7 @@ def split_settings(kind: str, df: pd.DataFrame) -> list[Setting]:
     """The settings of a CSV, in a stable order; rows with no value in a key column are dropped."""
     keys = list(SCHEMAS[kind].setting)
     out = []
-    for values, rows in df.dropna(subset=keys).groupby(keys, sort=True):
+    for values, rows in with_regime(kind, df).dropna(subset=keys).groupby(keys, sort=True):
         key = dict(zip(keys, values))
         last = ("head" if key["head"] else "backbone") if kind == "scaling" else f"w{int(key['width'])}"
         batch = key.get("batch_requested", key.get("batch"))
