@@ -92,6 +92,9 @@ def runs_on_cuda(backend: str) -> bool:
     return "cuda" in plugin.devices if plugin is not None else backend not in CPU_ONLY
 
 
+# Under torch.compile the answer is taken as a constant at trace time: tracing the checks (a lock around the
+# cpp build, importlib look-ups) would break the graph at every scan call.
+@torch.compiler.assume_constant_result
 def resolve_scan_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend that ``backend`` means on ``device``: 'auto' picks the fastest available
     (CUDA: mamba_ssm, else triton, else cpu; CPU: cpp when it builds here, else cpu; elsewhere, e.g. the meta

@@ -126,6 +126,7 @@ def test_resume_runs_only_what_is_missing(tiny_csv):
     (["--batch", "0"], "--batch must be >= 1"),
     pytest.param(["--device", "cuda"], "no CUDA GPU", marks=needs_no_gpu),
     (["--resume"], "--resume needs --out"),
+    (["--compile", "fast"], "--compile 'fast': unknown"), (["--amp", "fp8"], "--amp 'fp8': unknown"),
 ])
 def test_bad_input_exits_2_with_one_line(args, msg, capsys, tmp_path):
     out = [] if "--resume" in args else ["--out", str(tmp_path / "x.csv")]

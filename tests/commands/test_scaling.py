@@ -135,6 +135,9 @@ def test_resume_refuses_other_columns(tmp_path, capsys):
     (["--launcher", "local", "--workers", "0"], "--workers must be >= 1"),
     (["--launcher", "local", "--slurm-config", "/nope.toml"], "cannot read it"),
     (["--launcher", "local", "--sbatch", "qos"], "KEY=VALUE"),
+    (["--compile", "default,fast"], "--compile 'fast': unknown; choose from none, default, max-autotune"),
+    (["--compile", ","], "--compile: no value given"), (["--amp", "fp8"], "--amp 'fp8': unknown"),
+    (["--amp", "bf16", "--dtype", "fp16"], "--amp needs --dtype fp32"),
 ])
 def test_bad_input_exits_2_before_work(args, msg, capsys, tmp_path):
     argv = ["scaling", *args] if "--out" in args or "--resume" in args else \
@@ -143,6 +146,16 @@ def test_bad_input_exits_2_before_work(args, msg, capsys, tmp_path):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and msg in err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_each_regime_gets_its_own_configurations(tmp_path, monkeypatch):
+    seen = {}
+    import vimbench.commands.scaling as scaling
+    monkeypatch.setattr(scaling, "run_sweep", lambda configs, *a, **k: seen.setdefault("configs", configs) and [])
+    assert main(["scaling", "--models", "deit_tiny", "--attn", "eager", "--res", "32,48", "--compile", "none,default",
+                 "--amp", "none,bf16", "--out", str(tmp_path / "r.csv"), "--device", "cpu"]) == 0
+    regimes = [(c["compile"], c["amp"]) for c in seen["configs"]]
+    assert regimes == [(m, a) for m in ("none", "default") for a in ("none", "bf16") for _ in (32, 48)]
 
 
 def test_preset_paper_with_explicit_override(tmp_path, monkeypatch):

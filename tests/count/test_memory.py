@@ -91,6 +91,39 @@ def test_fake_trace_equals_real_cpu_trace(build, shape):
     assert f.peak_allocated > weights
 
 
+@pytest.mark.parametrize("build,shape", [
+    (lambda: tiny_vim("cpu", 64), (1, 3, 64, 64)),
+    (lambda: create_deit("tiny", 64, "eager"), (2, 3, 64, 64)),
+], ids=["vim-cpu", "deit-eager"])
+def test_fake_trace_under_autocast_equals_real_cpu_trace(build, shape):
+    """Autocast (bf16, fp32 weights) on fake tensors allocates what it allocates for real: the weights' bf16
+    copies, cached until the forward ends, and half-size activations."""
+    real_model = build().eval()
+    with torch.device("meta"):
+        meta_model = build().eval()
+    real = mem.trace_forward(real_model, shape, torch.float32, False, device="cpu", inline=REAL_SCANS, amp="bf16")
+    fake = mem.trace_forward(meta_model, shape, torch.float32, False, device="cpu", inline=mem.SCAN_FAKES, amp="bf16")
+    plain = mem.trace_forward(real_model, shape, torch.float32, False, device="cpu", inline=REAL_SCANS)
+    assert fake.peak_live() == real.peak_live() != plain.peak_live()
+    r = mem.CachingAllocatorModel().replay(real.events)
+    f = mem.CachingAllocatorModel().replay(fake.events)
+    assert (f.peak_allocated, f.peak_reserved) == (r.peak_allocated, r.peak_reserved)
+
+
+def test_autocast_on_fake_cuda_tensors_without_a_gpu():
+    """torch.autocast("cuda") disables itself where CUDA is unavailable; the prediction's must not."""
+    with FakeTensorMode(), mem.fake_autocast("cuda", "fp16"):
+        out = torch.nn.functional.linear(torch.empty(2, 8, device="cuda"), torch.empty(4, 8, device="cuda"))
+    assert out.dtype == torch.float16 and out.device.type == "cuda"
+    fp32 = mem.predict_memory("deit_tiny", 64, 2, attn="sdpa")
+    amp = mem.predict_memory("deit_tiny", 64, 2, amp="fp16", attn="sdpa")
+    assert amp["mem_pred_weights_gib"] == fp32["mem_pred_weights_gib"]
+    assert amp["mem_pred_peak_gib"] != fp32["mem_pred_peak_gib"]
+    # SDPA's modelled pick for fp32 and fp16 inputs on the default card (an H100: cuDNN or flash for fp16,
+    # by torch's rule, tested with the rule itself in tests/kernels/test_probes.py)
+    assert (fp32["kernel"], amp["kernel"]) == ("efficient", sdpa_fused_kernel(torch.float16, (9, 0)))
+
+
 def test_attention_scores_closed_form():
     """Eager keeps the (b, H, L, L) scores and their softmax; fused kernels only the output (b, H, L, d)
     and, for flash, the logsumexp (b, H, L) float32. Sizes chosen as multiples of 512 B."""

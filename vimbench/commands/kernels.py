@@ -47,6 +47,8 @@ def summary(path) -> str:
 @o.res_option
 @o.batch_option
 @o.dtype_option
+@o.compile_option
+@o.amp_option
 @o.device_option
 @click.option("--repeats", type=int, default=CPU_TIMING["repeats"], show_default=True,
               help="CPU: at least this many timed calls (GPU: do_bench decides).")
@@ -81,7 +83,8 @@ def command(ctx, **opts):
     impls = {"scan": list(dict.fromkeys(p["scan"] for _, p in pairs if "scan" in p)),
              "attn": list(dict.fromkeys(p["attn"] for _, p in pairs if "attn" in p))}
     timing = {**CPU_TIMING, "repeats": opts["repeats"], "min_time": opts["min_time"]}
-    configs = op_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing)
+    regimes = o.regimes(opts["compile_spec"], opts["amp_spec"], opts["dtype"])
+    configs = op_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing, regimes)
     log = CsvLog.open(opts["out"] or o.default_out("kernels", device), KERNELS, resume=opts["resume"],
                       given=opts["out"] is not None)
     failed = check_scans(impls["scan"], device, lambda line: click.echo(line, err=True))
@@ -98,9 +101,11 @@ def command(ctx, **opts):
         return kernel_row(cfg, fixed)
 
     rows = run_sweep(configs, log, row,
-                     lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}", launcher)
-    click.echo(format_table(rows, ["op", "impl", "kernel", "model", "tokens", "status", "time_ms", "mem_peak_gib",
-                                   "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw"]))
+                     lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}"
+                                 f"{o.regime_label(cfg)}", launcher)
+    click.echo(format_table(rows, ["op", "impl", "kernel", "compile", "amp", "model", "tokens", "status", "time_ms",
+                                   "compile_s", "graph_breaks", "mem_peak_gib", "gflops_s", "gbs", "frac_peak_flops",
+                                   "frac_peak_bw"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")
     if failed:
         click.echo(f"kernels: no timing for {', '.join(failed)}: {'; '.join(failed.values())}", err=True)

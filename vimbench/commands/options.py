@@ -6,6 +6,8 @@
     --res     resolutions (spec below)                                       [224..1248]
     --batch   images per forward                                [64 on a GPU, 1 on CPU]
     --dtype   weights and inputs: fp32, fp16 or bf16                         [fp32]
+    --compile torch.compile mode(s), one row each: none, default, max-autotune [none]
+    --amp     autocast dtype(s), one row each: none, fp16, bf16 (weights stay fp32) [none]
     --device  auto, cpu, cuda or cuda:N                                      [auto]
     --out     the CSV to write; an existing one is never overwritten: --resume appends to it
               [results/<command>-<device>-<time>.csv]
@@ -38,6 +40,7 @@ from vimbench.kernels.attention import ATTENTION_BACKENDS, check_attention_backe
 from vimbench.kernels.selective_scan import SCAN_CHOICES, resolve_scan_backend
 from vimbench.measure.core import DTYPES
 from vimbench.measure.launchers import Plain, Submitit
+from vimbench.measure.regime import AMP_DTYPES, COMPILE_MODES
 from vimbench.models.registry import model_variants
 
 
@@ -154,6 +157,28 @@ def resolved_variants(models_spec, attn_spec, scan_spec, device: torch.device, d
     return out
 
 
+def regimes(compile_spec: str, amp_spec: str, dtype: str) -> list[tuple[str, str]]:
+    """The (compile, amp) pairs named by --compile and --amp, each list in the order given; InputError
+    naming the option for an unknown or missing value, or autocast on weights that are not fp32."""
+    lists = {}
+    for option, spec, allowed in (("--compile", compile_spec, COMPILE_MODES), ("--amp", amp_spec, AMP_DTYPES)):
+        values = list(dict.fromkeys(comma_list(spec)))
+        if not values:
+            raise InputError(f"{option}: no value given; choose from {', '.join(allowed)}")
+        for v in values:
+            if v not in allowed:
+                raise InputError(f"{option} {v!r}: unknown; choose from {', '.join(allowed)}")
+        lists[option] = values
+    if dtype != "fp32" and lists["--amp"] != ["none"]:
+        raise InputError(f"--amp needs --dtype fp32 (autocast runs fp32 weights in half precision), got {dtype}")
+    return [(c, a) for c in lists["--compile"] for a in lists["--amp"]]
+
+
+def regime_label(cfg: dict) -> str:
+    """" compile=<mode> amp=<dtype>" for the progress bar, the parts that are not none."""
+    return "".join(f" {k}={cfg[k]}" for k in ("compile", "amp") if cfg[k] != "none")
+
+
 def command_line(ctx: click.Context) -> str:
     """The command line that invoked this command, as recorded in result rows ("vimbench scaling ...")."""
     obj = ctx.find_root().obj or {}
@@ -199,6 +224,12 @@ device_option = click.option("--device", "device_spec", default="auto", show_def
                                   "cuda:all, one configuration per GPU at a time).")
 head_option = click.option("--head/--no-head", default=False, show_default=True,
                            help="Include the classifier head (default: backbone only, as the Vim paper measured).")
+compile_option = click.option("--compile", "compile_spec", default="none", show_default=True,
+                              help="torch.compile mode(s) (inductor), one row each: "
+                                   f"{', '.join(COMPILE_MODES)}. Compiled once before the warm-up.")
+amp_option = click.option("--amp", "amp_spec", default="none", show_default=True,
+                          help=f"Autocast dtype(s), one row each: {', '.join(AMP_DTYPES)} "
+                               "(weights stay fp32, unlike --dtype).")
 threads_option = click.option("--threads", type=int, default=0, help="CPU threads for torch [torch's default].")
 out_options = _decorator(
     click.option("--out", type=click.Path(dir_okay=False), default=None,

@@ -16,6 +16,8 @@ from vimbench.rows.writer import CsvLog
 @o.model_options
 @o.batch_option
 @o.dtype_option
+@o.compile_option
+@o.amp_option
 @o.device_option
 @click.option("--warmup", type=int, default=None, help="Untimed forwards first [5 on GPU, 1 on CPU].")
 @click.option("--repeats", type=int, default=None, help="At least this many timed forwards [20 GPU, 3 CPU].")
@@ -42,16 +44,18 @@ def command(ctx, preset, **opts):
         o.at_least(f"--{name.replace('_', '-')}", timing[name], low)
     o.at_least("--threads", opts["threads"], 0)
     res_list = o.parse_resolutions(opts["res_spec"])
+    regimes = o.regimes(opts["compile_spec"], opts["amp_spec"], opts["dtype"])
     pairs = o.resolved_variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"], device, opts["dtype"])
     configs = [dict(model=model, family=model_entry(model).family, options=options, impl=impl_of(options),
-                    res=res, batch_requested=batch, dtype=opts["dtype"], device=str(device), head=opts["head"],
-                    threads=opts["threads"], **timing)
-               for model, options in pairs for res in res_list]
+                    res=res, batch_requested=batch, dtype=opts["dtype"], compile=compile_mode, amp=amp,
+                    device=str(device), head=opts["head"], threads=opts["threads"], **timing)
+               for compile_mode, amp in regimes for model, options in pairs for res in res_list]
     log = CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],
                       given=opts["out"] is not None)
     fixed, backoff = {"command": o.command_line(ctx)}, opts["backoff"]
     rows = run_sweep(configs, log, lambda cfg: scaling_row(cfg, fixed, backoff),
-                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested']}", launcher)
-    click.echo(format_table(rows, ["model", "impl", "res", "batch", "status", "throughput_img_s", "time_ms",
-                                   "mem_peak_gib", "flops_total"]))
+                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested']}"
+                                 f"{o.regime_label(cfg)}", launcher)
+    click.echo(format_table(rows, ["model", "impl", "compile", "amp", "res", "batch", "status", "throughput_img_s",
+                                   "time_ms", "compile_s", "graph_breaks", "mem_peak_gib", "flops_total"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")

@@ -23,6 +23,9 @@ What a dispatch-level trace cannot see is modelled where it matters:
   * fused attention (flash, efficient, cudnn, and ``sdpa`` on CUDA) allocates only its output (and flash
     its logsumexp), modelled in ``vimbench.kernels.attention``: on fake CUDA tensors SDPA would otherwise
     take the materialising math path.
+Autocast (``amp``): the forward runs under torch.autocast("cuda") on the fake tensors, so the trace has the
+half-precision copies autocast makes (weights cast once per forward and cached until it ends, activations
+cast at each op); the prediction is of eager execution (a torch.compile'd forward allocates differently).
 Not counted: workspaces a library allocates inside a kernel (cuBLAS keeps ~32 MiB per handle on Hopper,
 cuDNN convolution workspaces), and the CUDA context (~0.5 GiB, outside the allocator: see
 ``vimbench.commands.memory``). Units: bytes internally, GiB = 2**30 bytes in every ``*_gib`` value.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -246,11 +250,24 @@ class CachingAllocatorModel:
 # Prediction
 # ----------------------------------------------------------------------------------------------------
 
+def fake_autocast(device: str, amp: str):
+    """torch.autocast on ``device`` in ``amp``'s dtype (nothing for none), enabled even for fake CUDA
+    tensors on a machine without CUDA, where torch.autocast("cuda") would disable itself."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available ... Disabling autocast": re-enabled below
+        ctx = torch.autocast(device, dtype=DTYPES[amp])
+    ctx._enabled = True
+    return ctx
+
+
 def trace_forward(model: torch.nn.Module, input_shape: tuple, dtype: torch.dtype, head: bool,
-                  device: str = "cuda", inline: dict | None = None) -> AllocationTrace:
+                  device: str = "cuda", inline: dict | None = None, amp: str = "none") -> AllocationTrace:
     """The allocation trace of ``model`` on ``device``: its weights (one allocation per distinct storage of
     parameters and buffers), an input of ``input_shape``/``dtype``, then ``forward_features`` (``forward``
-    when ``head``) under ``torch.no_grad`` (see the module docstring).
+    when ``head``) under ``torch.no_grad``, and under autocast in ``amp``'s dtype unless none (see the
+    module docstring).
 
     A meta ``model`` is moved to fake ``device`` tensors (nothing is allocated); a ``model`` with real
     tensors runs for real on them (tests use this on the CPU to check the fake trace).
@@ -266,7 +283,8 @@ def trace_forward(model: torch.nn.Module, input_shape: tuple, dtype: torch.dtype
         trace.n_weights = len(trace.events)
         with tracker, torch.no_grad():
             x = torch.empty(input_shape, dtype=dtype, device=device)
-            out = model(x) if head else model.forward_features(x)
+            with fake_autocast(device, amp):
+                out = model(x) if head else model.forward_features(x)
         del x, out
     return trace
 
@@ -288,11 +306,11 @@ def resolved_kernel(model: torch.nn.Module, dtype: torch.dtype, capability: tupl
 
 
 def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: bool = False,
-                   capability: tuple[int, int] | None = None, **options) -> dict:
+                   capability: tuple[int, int] | None = None, amp: str = "none", **options) -> dict:
     """Predicted CUDA memory of one inference forward of registry model ``model`` (built for ``res`` x
     ``res`` images, options such as ``scan=`` / ``attn=``) on a ``batch``-image input of ``dtype``, backbone
-    only (``forward_features``) unless ``head``, on a card of compute ``capability`` (what ``sdpa`` runs
-    there: ``sdpa_fused_kernel``; None: the GPU here, else an H100).
+    only (``forward_features``) unless ``head``, under autocast in ``amp``'s dtype unless none, on a card of
+    compute ``capability`` (what ``sdpa`` runs there: ``sdpa_fused_kernel``; None: the GPU here, else an H100).
 
     Returns impl and kernel (what the prediction is for: ``resolved_impl``, ``resolved_kernel``), tokens,
     params and, in GiB (2**30 B):
@@ -311,12 +329,12 @@ def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: 
         raise BackendUnavailable(f"memory prediction unavailable: scan backend {resolved_impl(net)!r} "
                                  "registered no fake")
     with modelled_card(capability):
-        trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES)
+        trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES, amp=amp)
     sim = CachingAllocatorModel().replay(trace.events[:trace.n_weights])
     weights = sim.allocated
     sim.replay(trace.events[trace.n_weights:])
     return {"model": model, "family": model_entry(model).family, "impl": resolved_impl(net),
-            "kernel": resolved_kernel(net, torch_dtype, capability),
+            "kernel": resolved_kernel(net, torch_dtype if amp == "none" else DTYPES[amp], capability),
             "res": res, "tokens": net.num_tokens, "batch": batch, "dtype": dtype, "head": head,
             "params": count_params(net),
             "mem_pred_weights_gib": weights / GIB,

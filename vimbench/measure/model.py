@@ -18,6 +18,9 @@ Memory (GiB = 2^30 bytes):
                          to the OS and cannot hide the peak (only for that forward: mmap per allocation
                          slows CPU forwards, so timing runs with the default allocator). Needs Linux
                          /proc and glibc, else empty.
+Regime (``regime.py``): with compile other than none the forward is compiled once before the warm-up
+(``compile_s``, ``graph_breaks``; on a GPU the peak statistics are reset after it, so autotuning buffers
+do not count); with amp other than none every forward runs under torch.autocast, weights in ``dtype``.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from vimbench.kernels.attention import sdpa_kernel_used
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
 from vimbench.measure.nvml import NvmlWatch
 from vimbench.measure.isolation import run_isolated
+from vimbench.measure.regime import autocast, compiled
 from vimbench.models import registry
 
 
@@ -47,7 +51,8 @@ def attention_kernel(model, device, dtype) -> str:
 
 def measure_model(cfg: dict) -> dict:
     """Measures one configuration. ``cfg`` keys: model, options (dict), res, batch, dtype (fp32|fp16|bf16),
-    device ("cpu" | "cuda:N"), head (bool), warmup, repeats, min_time, threads (CPU; 0 = torch default)."""
+    compile (``regime.COMPILE_MODES``), amp (``regime.AMP_DTYPES``), device ("cpu" | "cuda:N"), head (bool),
+    warmup, repeats, min_time, threads (CPU; 0 = torch default)."""
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
     # NVML's reading before this process touches CUDA; every NVML call is guarded (a failed reading is an
     # empty cell and a note in ``error``, never a lost row)
@@ -57,13 +62,22 @@ def measure_model(cfg: dict) -> dict:
     model = model.eval().to(device=device, dtype=dtype)
     x = torch.randn(cfg["batch"], 3, cfg["res"], cfg["res"], device=device, dtype=dtype)
     forward = model if cfg["head"] else model.forward_features
+    compute = dtype if cfg["amp"] == "none" else DTYPES[cfg["amp"]]  # what the matmuls run in
     out = {"impl": model.scan_backend(device) if model.family == "vim" else getattr(model, "attn", ""),
-           "kernel": model.scan_backend(device) if model.family == "vim" else attention_kernel(model, device, dtype),
+           "kernel": model.scan_backend(device) if model.family == "vim" else attention_kernel(model, device, compute),
            "threads": torch.get_num_threads()}
 
+    def call(fn):
+        with torch.inference_mode(), autocast(device, cfg["amp"]):
+            fn(x)
+
+    forward, compile_info = compiled(forward, cfg["compile"], call)  # before the warm-up, never timed
+    out.update(compile_info)
+    if compile_info and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
     def run():
-        with torch.inference_mode():
-            forward(x)
+        call(forward)
 
     out["load_avg_1m"] = os.getloadavg()[0]  # other work on the host distorts CPU timings: record it
     if device.type == "cuda":
@@ -116,16 +130,18 @@ def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
         if result["status"] != "oom" or not backoff or decay_batch(batch) == 0:
             break
         batch = decay_batch(batch)
-    row = {k: cfg[k] for k in ("model", "family", "impl", "res", "batch_requested", "dtype", "device", "head",
-                               "warmup")}
+    row = {k: cfg[k] for k in ("model", "family", "impl", "res", "batch_requested", "dtype", "compile", "amp",
+                               "device", "head", "warmup")}
     row.update(fixed, batch=batch, kernel=cfg["impl"], timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
                **config_flops(run_cfg))
     row.update(result)
     if cfg["family"] == "vim" and not runs_on_cuda(cfg["impl"]):
         return row  # a CPU-only scan backend (cpp): no GPU run to predict, mem_pred_peak_gib stays empty
+    if cfg["compile"] != "none":  # the prediction replays eager execution; inductor's fused kernels allocate less
+        return row
     try:  # the GPU memory this configuration is predicted to need, on any device (vimbench.count.memory)
         row["mem_pred_peak_gib"] = predict_memory(cfg["model"], cfg["res"], batch, cfg["dtype"], cfg["head"],
-                                                  **cfg["options"])["mem_pred_peak_gib"]
+                                                  amp=cfg["amp"], **cfg["options"])["mem_pred_peak_gib"]
     except Exception as e:  # a failed prediction must not cost the measured row
         row["error"] = "; ".join(filter(None, [row.get("error"), f"mem_pred failed: {type(e).__name__}: {e}"]))
     return row

@@ -33,12 +33,18 @@ re-reads) is its excess over this ideal.
   memory     GPU: torch.cuda.max_memory_allocated over one call, reset after the inputs are built (so
              inputs, weights, output and workspace); CPU: ``core.cpu_forward_peak``, the resident memory
              one call adds (the inputs are already resident). GiB = 2^30 bytes.
+Regime (``regime.py``): with compile other than none the op's callable is compiled once before anything is
+timed (``compile_s``, ``graph_breaks``); with amp other than none every call runs under torch.autocast.
+Autocast casts what goes into matmuls (attention, and the projections of mixer_vim and block_deit); the
+scan ops are custom ops without an autocast rule, so ``scan`` and ``scan_bidir`` run on their inputs as
+built, in ``dtype`` (inside a model they receive the half-precision outputs of the projections before them).
 ``measure_ceilings`` measures the device's ceilings once per run: a large copy (GB/s) and a large matmul
 (GFLOP/s) in the run's dtype, TF32 off.
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import dataclasses
@@ -53,6 +59,7 @@ from vimbench.measure.isolation import run_isolated
 from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, selective_scan
 from vimbench.kernels.selective_scan.check import check_named_backend
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
+from vimbench.measure.regime import autocast, compiled
 from vimbench.models.registry import count_params, create_model
 
 
@@ -235,28 +242,38 @@ def _time(run, device, timing: dict) -> dict:
 
 def measure_op(cfg: dict) -> dict:
     """Times one configuration (run it through ``run_isolated``). ``cfg``: op, impl (a concrete backend),
-    geometry (``Geometry`` as a dict), device ("cpu" | "cuda:N"), dtype (fp32 | fp16 | bf16), threads
-    (CPU threads, 0 = torch's default), timing (CPU: warmup, repeats, min_time). Returns kernel,
-    time_ms, time_ms_p10, time_ms_p90, repeats (CPU), mem_peak_gib, threads, load_avg_1m."""
+    geometry (``Geometry`` as a dict), device ("cpu" | "cuda:N"), dtype (fp32 | fp16 | bf16), compile and
+    amp (the regime, see the module docstring), threads (CPU threads, 0 = torch's default), timing (CPU:
+    warmup, repeats, min_time). Returns kernel, time_ms, time_ms_p10, time_ms_p90, repeats (CPU),
+    mem_peak_gib, threads, load_avg_1m, and for a compiled op compile_s and graph_breaks."""
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
     g = Geometry(**cfg["geometry"])
     setup_worker(device, cfg["threads"])
+    compute = dtype if cfg["amp"] == "none" else DTYPES[cfg["amp"]]  # what the matmuls run in
     # outside inference_mode: under it the dispatcher shows SDPA's composite op, not the kernel it picks
-    out = {"kernel": kernel_name(cfg["op"], cfg["impl"], g, device, dtype), "threads": torch.get_num_threads(),
+    out = {"kernel": kernel_name(cfg["op"], cfg["impl"], g, device, compute), "threads": torch.get_num_threads(),
            "load_avg_1m": os.getloadavg()[0]}
+
+    def call(fn):
+        with autocast(device, cfg["amp"]):
+            return fn()
+
     with torch.inference_mode():
         prep = OPS[cfg["op"]].build(g, cfg["impl"], device, dtype)
-        prep.run()  # first call outside everything: compilation, autotuning, library handles
+        op, compile_info = compiled(prep.run, cfg["compile"], call)  # before anything is timed
+        out.update(compile_info)
+        run = functools.partial(call, op)
+        run()  # first call outside everything: compilation, autotuning, library handles
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            prep.run()
+            run()
             torch.cuda.synchronize(device)
             out["mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-            out.update(_time(prep.run, device, cfg["timing"]))
+            out.update(_time(run, device, cfg["timing"]))
         else:
-            out.update(_time(prep.run, device, cfg["timing"]))
-            peak = cpu_forward_peak(prep.run)
+            out.update(_time(run, device, cfg["timing"]))
+            peak = cpu_forward_peak(run)
             if peak is not None:
                 out["mem_peak_gib"] = peak / GIB
     return out
@@ -314,9 +331,10 @@ def _rates(row: dict) -> dict:
     """Achieved GFLOP/s and GB/s of an ok row, and their fractions of the measured ceilings."""
     seconds = row["time_ms"] * 1e-3
     out = {"gflops_s": row["flops_total"] / seconds / 1e9, "gbs": row["bytes"] / seconds / 1e9}
-    if row.get("ceiling_gflops_s"):
-        out["frac_peak_flops"] = out["gflops_s"] / row["ceiling_gflops_s"]
+    if row.get("ceiling_gbs"):
         out["frac_peak_bw"] = out["gbs"] / row["ceiling_gbs"]
+    if row.get("ceiling_gflops_s") and row["amp"] == "none":  # the matmul ceiling is measured in dtype
+        out["frac_peak_flops"] = out["gflops_s"] / row["ceiling_gflops_s"]
     return out
 
 
@@ -324,7 +342,7 @@ def kernel_row(cfg: dict, fixed: dict) -> dict:
     """One row of a kernels CSV: ``measure_op`` in its own worker, plus sizes, FLOPs, bytes, rates and
     ``fixed`` (environment, ceilings, command). ``cfg``: as ``measure_op`` takes it, plus model and res."""
     g = cfg["geometry"]
-    row = {k: cfg[k] for k in ("op", "impl", "model", "res", "batch", "dtype", "device")}
+    row = {k: cfg[k] for k in ("op", "impl", "model", "res", "batch", "dtype", "compile", "amp", "device")}
     row.update({k: g[k] or "" for k in ("width", "heads", "head_dim", "d_inner", "d_state")}, tokens=g["L"],
                kernel=cfg["impl"], **fixed, **op_cost(cfg["op"], Geometry(**g), cfg["dtype"]),
                timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
@@ -335,10 +353,10 @@ def kernel_row(cfg: dict, fixed: dict) -> dict:
 
 
 def op_configs(models: list[str], res_list: list[int], impls: dict, batch: int, dtype: str, device, threads: int,
-               timing: dict) -> list[dict]:
-    """Every (resolution, model, op, backend) configuration, in that order: each model runs the ops of its
-    family (``OpSpec.family``) with each backend of the op's kind in ``impls`` ({"scan": [...],
-    "attn": [...]})."""
+               timing: dict, regimes: list[tuple[str, str]] = (("none", "none"),)) -> list[dict]:
+    """Every (resolution, model, op, backend, regime) configuration, in that order: each model runs the ops
+    of its family (``OpSpec.family``) with each backend of the op's kind in ``impls`` ({"scan": [...],
+    "attn": [...]}), in each (compile, amp) of ``regimes``."""
     configs = []
     for res in res_list:
         for model in models:
@@ -347,6 +365,7 @@ def op_configs(models: list[str], res_list: list[int], impls: dict, batch: int, 
             for spec in OPS.values():
                 if spec.family == family:
                     configs += [dict(op=spec.name, impl=impl, model=model, res=res, batch=batch, dtype=dtype,
-                                     device=str(device), geometry=dataclasses.asdict(geometry), threads=threads,
-                                     timing=timing) for impl in impls[spec.backend]]
+                                     compile=compile_mode, amp=amp, device=str(device),
+                                     geometry=dataclasses.asdict(geometry), threads=threads, timing=timing)
+                                for impl in impls[spec.backend] for compile_mode, amp in regimes]
     return configs

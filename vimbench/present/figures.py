@@ -92,7 +92,15 @@ def setting_title(s: Setting) -> str:
         parts.append("with classifier head" if s.key["head"] else "backbone only")
     if "width" in s.key:
         parts.append(f"width {int(s.key['width'])}")
+    if s.key.get("compile", "none") != "none" or s.key.get("amp", "none") != "none":
+        parts.append(regime_title(s.key))
     return " | ".join(parts)
+
+
+def regime_title(key: dict) -> str:
+    """The regime of a setting in words: "eager" or "torch.compile <mode>", then "autocast <dtype>" if any."""
+    mode, amp = key.get("compile", "none"), key.get("amp", "none")
+    return ("eager" if mode == "none" else f"torch.compile {mode}") + ("" if amp == "none" else f", autocast {amp}")
 
 
 def memory_label(s: Setting) -> str:

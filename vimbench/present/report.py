@@ -15,6 +15,11 @@ adds a few percent. Memory ratios use the column closest to what the paper most 
 ``mem_nvml_gib``, else ``mem_reserved_gib``, else ``mem_peak_gib``, the first that both rows have.
 Not measurable: a CPU run (the claim is about GPU batch inference), a resolution outside the sweep, or a
 side that failed (OOM/error) at that resolution.
+
+Regimes. Each (compile, amp) regime of the CSV is its own setting, with its own exponents, crossovers and
+claim check. "Does compiling both contenders change the verdict?" pairs each compiled setting with its
+eager twin (``vimbench.analysis.regimes``): the crossovers and the Vim/DeiT ratio at the top of the sweep
+in both, the claim verdicts that differ, and what compiling did to each model's speed.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from vimbench.analysis import paper
+from vimbench.analysis import regimes
 from vimbench.analysis.crossovers import crossover_cell
 from vimbench.analysis.fit import describe_fit, fit_sweep
 from vimbench.present.figures import plot_results, setting_title
@@ -299,6 +305,10 @@ def setting_notes(s: Setting) -> list[str]:
         diffs.append(f"batch {s.batch} (authors: 64)")
     if s.key["head"]:
         diffs.append("the classifier head was timed (paper: backbone only)")
+    if s.key.get("compile", "none") != "none":
+        diffs.append(f"torch.compile {s.key['compile']} (authors: eager)")
+    if s.key.get("amp", "none") != "none":
+        diffs.append(f"autocast {s.key['amp']} (authors: none)")
     return [f"This setting differs from the authors' benchmark script: {'; '.join(diffs)}."] if diffs else []
 
 
@@ -395,15 +405,53 @@ def build_report(df: pd.DataFrame, source: str, figures: dict[str, list[str]],
         lines += absolute_tables(s) + [""]
         if not s.is_cpu:
             lines += [f"{h} Predicted vs measured GPU memory", ""] + memory_prediction_lines(s) + [""]
+    pairs = regimes.compile_pairs(settings)
+    if pairs:
+        lines += ["## Does compiling both contenders change the verdict?", ""] + compile_lines(pairs) + [""]
     lines += ["## Predicted GPU memory in the paper's setting vs Fig. 1(c)", ""] + paper_memory_lines(memory) + [""]
     lines += ["## Failed runs", ""] + failures(df) + [""]
     lines += ["## Environment", ""] + environment_lines(df) + [""]
     return "\n".join(lines)
 
 
+def compile_lines(pairs: list[tuple[Setting, Setting]]) -> list[str]:
+    """Per (eager, compiled) pair of settings: one answer per Vim/DeiT pair, the crossovers and ratios
+    behind it, the claim verdicts compiling changes (GPU runs), and compiled/eager speed per model."""
+    out = []
+    for eager, compiled in pairs:
+        out += [f"### {setting_title(compiled)} vs eager", ""]
+        rows = regimes.verdict_rows(eager, compiled)
+        if not rows:
+            out += ["No Vim/DeiT pair of the same size was measured in both regimes.", ""]
+        for r in rows:
+            out += [f"- {r['answer']}"]
+        if rows:
+            out += ["", "| Vim | DeiT | faster from, eager | faster from, compiled | Vim/DeiT at top res, eager | "
+                        "compiled |", "|---|---|---|---|---|---|"]
+            out += [f"| {r['vim']} | {r['deit']} | {r['faster_eager']} | {r['faster_compiled']} | "
+                    f"{r['ratio_eager']:.2f} ({r['top_res']:g} px) | {r['ratio_compiled']:.2f} |" for r in rows]
+        if {"vim_tiny", "deit_tiny"} <= set(eager.rows["model"]) & set(compiled.rows["model"]):
+            before, after = claim_check(eager), claim_check(compiled)
+            changed = [f"{b['claim']} ({baseline}): {b['verdict']} -> {a['verdict']}"
+                       for baseline in before for b, a in zip(before[baseline], after[baseline])
+                       if b["verdict"] != a["verdict"]]
+            out += ["", "Claim check verdicts that compiling changes: " + ("; ".join(changed) if changed else
+                    "none" + (" (CPU run: the claims are not measurable here)" if compiled.is_cpu else "")) + "."]
+        out += ["", "| model | impl | res | compiled/eager throughput | compile_s | graph_breaks |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['impl']} | {r['res']:g} | {r['speedup']:.2f} | {r['compile_s']:.1f} | "
+                f"{r['graph_breaks']:.0f} |" for r in regimes.speedups(eager, compiled)]
+        out += [""]
+    return out + ["compile_s: wall time of the first call of the compiled model (tracing, inductor compilation, "
+                  "one forward), never timed; graph_breaks: places where TorchDynamo fell back to Python."]
+
+
 def memory_prediction_lines(s: Setting) -> list[str]:
     """mem_pred_peak_gib (vimbench.count.memory's prediction, made without a GPU) beside torch's measured peak
     allocated, reserved and NVML memory for each ok row of a GPU setting; the goal is within 10% of peak."""
+    if s.key.get("compile", "none") != "none":
+        return ["Not predicted: the prediction replays the eager forward, and inductor's fused kernels allocate "
+                "differently."]
     rows = s.rows[(s.rows["status"] == "ok") & s.rows["mem_pred_peak_gib"].notna()]
     if rows.empty:
         return ["No ok row carries a prediction."]
@@ -417,8 +465,9 @@ def memory_prediction_lines(s: Setting) -> list[str]:
                    f"{r.mem_peak_gib:.3f} | {100 * err:+.1f}% | {r.mem_reserved_gib:.3f} | "
                    f"{'' if pd.isna(r.mem_nvml_gib) else f'{r.mem_nvml_gib:.3f}'} |")
     within = sum(e <= 0.10 for e in errors)
+    amp = "" if s.key.get("amp", "none") == "none" else f" under autocast {s.key['amp']}"
     out += ["", f"GiB. Predicted = peak allocated (torch.cuda.max_memory_allocated) of the same configuration, "
-                f"computed on fake tensors; {within} of {len(errors)} rows within 10% of the measured peak "
+                f"computed on fake tensors{amp}; {within} of {len(errors)} rows within 10% of the measured peak "
                 f"(largest error {100 * max(errors):.1f}%)."]
     return out
 

@@ -5,7 +5,8 @@ are mapped to their current names (``schema.RENAMED``), so old results keep work
 *settings* (``Schema.setting``: device, dtype, batch, ...): curves are only drawn or fitted within one. A
 scaling setting is keyed by the batch asked for (``batch_requested``): ``vimbench scaling`` retries an OOM
 at smaller batches and records the batch that ran in ``batch``. A CSV without ``batch_requested`` gets it
-equal to ``batch``.
+equal to ``batch``; a scaling or kernel CSV without the regime columns (``schema.REGIME``: compile, amp) gets
+none for both, the eager full-precision regime it was measured in.
 """
 from __future__ import annotations
 
@@ -15,13 +16,20 @@ from pathlib import Path
 import pandas as pd
 
 from vimbench.errors import InputError
-from vimbench.rows.schema import BOOLEAN, NUMERIC, RENAMED, SCHEMAS, kind_of
+from vimbench.rows.schema import BOOLEAN, NUMERIC, REGIME, RENAMED, SCHEMAS, kind_of
 
 
 
 def with_current_names(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with the columns renamed since it was written given their current names (``RENAMED``)."""
     return df.rename(columns={old: new for old, new in RENAMED.items() if old in df.columns and new not in df.columns})
+
+
+def with_regime(kind: str, df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the regime columns (``REGIME``) of a scaling or kernel CSV filled: none where absent or empty."""
+    if kind not in ("scaling", "kernels"):
+        return df
+    return df.assign(**{col: df[col].fillna("none").astype(str) if col in df.columns else "none" for col in REGIME})
 
 
 def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]:
@@ -52,6 +60,7 @@ def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]
     df["status"] = df["status"].astype(str).str.strip().str.lower()
     if kind == "scaling" and "batch_requested" not in df.columns:
         df["batch_requested"] = df["batch"]
+    df = with_regime(kind, df)
     for col in NUMERIC & set(df.columns):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     for col in BOOLEAN:
@@ -89,14 +98,20 @@ class Setting:
         return str(self.key["device"]).startswith("cpu")
 
 
+def regime_slug(key: dict) -> str:
+    """The file-name part of a setting's regime: "" for eager without autocast (the names of CSVs from
+    before the regime columns stay as they were), else "-compile_<mode>" and/or "-amp_<dtype>"."""
+    return "".join(f"-{col}_{key[col]}" for col in REGIME if key.get(col, "none") != "none")
+
+
 def split_settings(kind: str, df: pd.DataFrame) -> list[Setting]:
     """The settings of a CSV, in a stable order; rows with no value in a key column are dropped."""
     keys = list(SCHEMAS[kind].setting)
     out = []
-    for values, rows in df.dropna(subset=keys).groupby(keys, sort=True):
+    for values, rows in with_regime(kind, df).dropna(subset=keys).groupby(keys, sort=True):
         key = dict(zip(keys, values))
         last = ("head" if key["head"] else "backbone") if kind == "scaling" else f"w{int(key['width'])}"
         batch = key.get("batch_requested", key.get("batch"))
-        slug = f"{str(key['device']).replace(':', '')}-{key['dtype']}-b{int(batch)}-{last}"
+        slug = f"{str(key['device']).replace(':', '')}-{key['dtype']}-b{int(batch)}-{last}" + regime_slug(key)
         out.append(Setting(key, slug, rows.reset_index(drop=True)))
     return out

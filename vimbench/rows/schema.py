@@ -35,6 +35,11 @@ COLUMN_DOCS = {
     "batch": ("images", "batch that ran (scaling: smaller than batch_requested after an OOM retry)"),
     "batch_requested": ("images", "scaling: batch asked for"),
     "dtype": ("", "fp32, fp16 or bf16 (weights and inputs)"),
+    "compile": ("", "none, or the torch.compile mode (default, max-autotune; inductor backend) the call ran in"),
+    "amp": ("", "none, or the torch.autocast dtype (fp16, bf16) the call ran in; weights stay in dtype"),
+    "compile_s": ("s", "wall time of the first call of the compiled callable (tracing, compiling, one run); "
+                       "before the warm-up, never timed"),
+    "graph_breaks": ("", "places where TorchDynamo ended a graph and fell back to Python (0: whole graphs)"),
     "device": ("", "cpu or cuda:N"),
     "head": ("", "True: full classifier timed; False: backbone only (forward_features)"),
     "status": ("", "ok, oom or error"),
@@ -50,8 +55,8 @@ COLUMN_DOCS = {
     "mem_peak_gib": ("GiB", "GPU: torch.cuda.max_memory_allocated; CPU: resident memory one call adds"),
     "mem_reserved_gib": ("GiB", "GPU: torch.cuda.max_memory_reserved"),
     "mem_nvml_gib": ("GiB", "GPU: NVML used memory, max during the timed loop, minus the level before"),
-    "mem_pred_peak_gib": ("GiB", "predicted torch.cuda.max_memory_allocated (fake CUDA tensors); empty for a "
-                                 "backend with no GPU path (cpp)"),
+    "mem_pred_peak_gib": ("GiB", "predicted torch.cuda.max_memory_allocated (fake CUDA tensors, eager); empty "
+                                 "for compiled rows and for a backend with no GPU path (cpp)"),
     "mem_pred_reserved_gib": ("GiB", "predicted torch.cuda.max_memory_reserved (caching-allocator model)"),
     "mem_pred_weights_gib": ("GiB", "predicted parameters and buffers"),
     "mem_pred_activations_gib": ("GiB", "predicted peak minus weights"),
@@ -107,6 +112,9 @@ GPU_TELEMETRY = ["tf32", "cudnn_benchmark", "sm_clock_mhz", "temperature_c", "po
 PLACEMENT = ["launcher", "job_id", "workers", "cuda_visible_devices"]
 """Measured rows (scaling, kernels) end with where they ran, after the environment (``host``)."""
 FLOP_COLUMNS = ["flops_total", "flops_scan", "flops_attention", "flops_linear", "flops_other"]
+REGIME = ["compile", "amp"]
+"""scaling and kernels: the regime a row ran in; each regime is its own setting (CSVs without them: none)."""
+COMPILE_COLUMNS = ["compile_s", "graph_breaks"]
 
 
 @dataclass(frozen=True)
@@ -125,27 +133,28 @@ class Schema:
 
 SCALING = Schema(
     "scaling",
-    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "batch_requested", "dtype", "device", "head",
-     "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "throughput_img_s", "repeats", "warmup",
-     "mem_peak_gib", "mem_reserved_gib", "mem_nvml_gib", "mem_pred_peak_gib", *FLOP_COLUMNS, "params",
-     *ENVIRONMENT, *GPU_TELEMETRY, *PLACEMENT],
-    key=["model", "impl", "res", "batch_requested", "dtype", "device", "head"],
+    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "batch_requested", "dtype", *REGIME, "device",
+     "head", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "throughput_img_s", "repeats", "warmup",
+     *COMPILE_COLUMNS, "mem_peak_gib", "mem_reserved_gib", "mem_nvml_gib", "mem_pred_peak_gib", *FLOP_COLUMNS,
+     "params", *ENVIRONMENT, *GPU_TELEMETRY, *PLACEMENT],
+    key=["model", "impl", "res", "batch_requested", "dtype", *REGIME, "device", "head"],
     required=("model", "family", "impl", "res", "tokens", "batch", "dtype", "device", "head", "status", "time_ms",
               "time_ms_p10", "time_ms_p90", "throughput_img_s", "mem_peak_gib", *FLOP_COLUMNS, "device_name"),
     marker=("throughput_img_s",),
-    setting=("device", "dtype", "batch_requested", "head"),
+    setting=("device", "dtype", "batch_requested", "head", *REGIME),
 )
 KERNELS = Schema(
     "kernels",
     ["op", "impl", "kernel", "model", "width", "heads", "head_dim", "d_inner", "d_state", "tokens", "res", "batch",
-     "dtype", "device", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "repeats", "mem_peak_gib",
+     "dtype", *REGIME, "device", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "repeats",
+     *COMPILE_COLUMNS, "mem_peak_gib",
      "flops_total", "bytes", "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw", "ceiling_gflops_s",
      "ceiling_gbs", *ENVIRONMENT, *PLACEMENT],
-    key=["op", "impl", "model", "res", "batch", "dtype", "device"],
+    key=["op", "impl", "model", "res", "batch", "dtype", *REGIME, "device"],
     required=("op", "impl", "tokens", "width", "batch", "dtype", "device", "status", "time_ms", "time_ms_p10",
               "time_ms_p90", "mem_peak_gib"),
     marker=("op",),
-    setting=("device", "dtype", "batch", "width"),
+    setting=("device", "dtype", "batch", "width", *REGIME),
 )
 FLOPS = Schema(
     "flops",
@@ -175,7 +184,7 @@ RENAMED = {"L": "tokens", "latency_ms": "time_ms", "latency_ms_p10": "time_ms_p1
 
 NUMERIC = {name for name, (unit, _) in COLUMN_DOCS.items() if unit} | {
     "tokens", "width", "heads", "head_dim", "d_inner", "d_state", "repeats", "warmup", "params", "threads",
-    "load_avg_1m", "frac_peak_flops", "frac_peak_bw", "workers"}
+    "load_avg_1m", "frac_peak_flops", "frac_peak_bw", "workers", "graph_breaks"}
 """Columns read as numbers (empty cells become NaN)."""
 BOOLEAN = ("head", "fits")
 
