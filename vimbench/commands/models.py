@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 import torch
 
+from vimbench.commands.options import check_resolution
 from vimbench.models.registry import DEFAULT_OPTIONS, count_params, create_model, list_models, model_entry
 from vimbench.present.tables import format_table
 
@@ -15,6 +16,7 @@ def command(res):
 
     Any timm model also works by name as timm:<model_name>.
     """
+    check_resolution(res)
     rows = []
     for name in list_models():
         entry = model_entry(name)
