@@ -82,7 +82,7 @@ def _fake_count_flops(model, res, batch=1, head=False, **options):
                 flops_linear=6 * tokens * batch, flops_other=0, params=1000, tokens=tokens)
 
 
-def _fake_predict_memory(model, res, batch, dtype="fp32", head=False, **options):
+def _fake_predict_memory(model, res, batch, dtype="fp32", head=False, capability=None, **options):
     options = check_options(model, options)
     _build(model, tuple(sorted(options.items())))
     SEEN.append(dict(model=model, res=res, batch=batch))
@@ -127,12 +127,16 @@ def _fake_op_cost(op, g, dtype):
 
 
 def _fake_plot_results(kind, df, out_dir):
+    """One empty figure file, in ``out_dir`` made as ``figures.save`` makes it."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / f"{kind}.png"
     path.write_bytes(b"")
     return [path]
 
 
 def _fake_write_report(df, source, out_dir, memory=None):
+    """report.md naming the sources, in ``out_dir`` made as ``write_report`` makes it."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / "report.md"
     path.write_text(source)
     return path
@@ -142,7 +146,7 @@ def _fake_compile_report(archs):
     return [CompileRow("scan", "fake", arch, 32, 0, 1024, "ok") for arch in archs]
 
 
-def _fake_run_suite(device, select, log=print, tests=None):
+def _fake_run_suite(device, select, log=print, tests=None, **selection):
     """Every benchmark of this machine's baseline (``-k`` as a substring) at exactly its baseline ratio."""
     path = gate.timing_baseline_path(device)
     benchmarks = gate.load_baseline(path, "timing")["benchmarks"] if path.exists() else {"test_scan": {"ratio": 1}}
@@ -154,8 +158,11 @@ def _fake_run_suite(device, select, log=print, tests=None):
 
 
 def _fake_deterministic_snapshot():
-    return {k: v for k, v in gate.load_baseline(gate.DETERMINISTIC_BASELINE, "deterministic").items()
-            if k in ("flops", "kernels")}
+    """The baseline's own numbers (kernels under its first Triton release, where it keeps them per release)."""
+    base = gate.load_baseline(gate.DETERMINISTIC_BASELINE, "deterministic")
+    triton = next(iter(base.get("kernels_by_triton", {})), "")
+    return {"flops": base["flops"], "kernels": base.get("kernels") or base["kernels_by_triton"][triton],
+            "triton": triton}
 
 
 STUBS = {measure_ops.run_isolated: _fake_run_isolated, count_flops_module.count_flops: _fake_count_flops,
