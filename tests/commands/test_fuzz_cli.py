@@ -6,12 +6,14 @@ its name or, failing that, its Click type: valid values, boundary values and gar
 model/backend/card/device names, negative, zero and huge numbers, missing, unwritable and directory
 paths, CSVs of another kind, empty strings, unicode). Each call runs in-process through ``main`` (the
 console entry point) inside Click's ``CliRunner`` isolation, in a fresh folder, with the measuring
-boundary stubbed (``stub_measuring``) so nothing runs a model. Every call must:
+boundary stubbed (``STUBS``: workers, FLOP counts, memory prediction, kernel compiles, the benchmark
+suite; also figures and reports) so nothing runs a model. Every call must:
 
   * exit 0 or 2, never with an unhandled exception;
   * on exit 2 print one line naming the option (or argument) it refuses;
   * leave every file that existed byte-for-byte unchanged when it fails, and only append when it succeeds;
-  * write only rows that have every column of their schema (``rows/schema.py``), ok rows with every
+  * write only rows that have every column of their schema (``rows/schema.py``), each with status ok
+    (the stubs succeed, so an error row is a configuration the CLI should have refused) and every
     required value;
   * hand the measuring boundary only sane configurations (positive sizes, finite times).
 
@@ -24,6 +26,7 @@ import csv
 import functools
 import math
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -165,6 +168,7 @@ def _fake_deterministic_snapshot():
             "triton": triton}
 
 
+REAL_RUN_SUITE = gate.run_suite
 STUBS = {measure_ops.run_isolated: _fake_run_isolated, count_flops_module.count_flops: _fake_count_flops,
          count_memory_module.predict_memory: _fake_predict_memory, measure_ops.model_geometry: _fake_model_geometry,
          measure_ops.op_cost: _fake_op_cost,
@@ -228,7 +232,8 @@ def _make_workspace(root: Path) -> dict[Path, bytes]:
 # Values per option
 # ----------------------------------------------------------------------------------------------------
 
-garbage = st.one_of(st.sampled_from(["", " ", "-", "--", ",", "..", "nan", "None", "ü", "日本", "💥", "\t", "a b"]),
+garbage = st.one_of(st.sampled_from(["", " ", "-", "--", ",", "..", "nan", "None", "ü", "日本", "💥", "\t",
+                                     "a b"]),
                     st.text(st.characters(blacklist_characters="\x00"), max_size=8))  # argv holds no NUL
 
 
@@ -338,7 +343,9 @@ def _sane(cfg: dict) -> list[str]:
     return bad
 
 
-def _check_rows(path: Path, old: bytes) -> None:
+def _check_rows(path: Path, old: bytes | None) -> None:
+    """Asserts that the rows ``path`` gained (all, if it is new; ``old``: its bytes before) have every
+    column, and, in a schema's CSV, status ok and every required value."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         rows = list(csv.reader(f))
     header, body = rows[0], rows[1:]
@@ -350,7 +357,8 @@ def _check_rows(path: Path, old: bytes) -> None:
             values = dict(zip(header, row))
             # the boundary is stubbed to succeed: an error row is a configuration the CLI should have refused
             assert values["status"] == "ok", f"{path.name}: a row with status {values['status']}: {values['error']}"
-            empty = [c for c in schema.required if not values[c] and not (c == "tokens" and values.get("family") == "timm")]
+            cnn = values.get("family") == "timm"  # a timm CNN has no token sequence: tokens empty
+            empty = [c for c in schema.required if not values[c] and not (c == "tokens" and cnn)]
             assert not empty, f"{path.name}: an ok row without {empty}"
 
 
@@ -444,13 +452,13 @@ REGRESSIONS = [
     (["scaling", "--res=32..10000000000000:1"], "names more than 1000 resolutions"),
     (["scaling", "--min-time=inf"], "--min-time must be a finite number, got inf"),
     (["kernels", "--min-time=nan"], "--min-time must be a finite number, got nan"),
-    (["plot", "--out-dir=/proc/vimbench-nope/x", "--", "scaling.csv"], "--out-dir /proc/vimbench-nope/x: cannot create"),
+    (["plot", "--out-dir=/proc/vimbench-nope/x", "--", "scaling.csv"],
+     "--out-dir /proc/vimbench-nope/x: cannot create"),
     # timm: models that take no attn= got it pushed onto them (error rows); unknown names had no hint
     (["flops", "--models=timm:resnet18"], None),
     (["memory", "--models=timm:resnet18,deit_tiny", "--attn=eager"], None),
     (["scaling", "--models=timm:resnet18", "--device=cpu"], None),
     (["flops", "--models=timm:resnt18"], "--models: unknown timm model 'resnt18'; close matches: timm:resnet18"),
-    (["gate", "-k", "nosuchbench"], "no benchmark matches -k 'nosuchbench'"),
 ]
 """Every failure the fuzz found, as an explicit case: argv and what its one-line error says (None: exit 0)."""
 
@@ -459,3 +467,12 @@ REGRESSIONS = [
 def test_regression(argv, message, stub_measuring):
     code, err = check_call(argv)
     assert (code, message is None or message in err) == (0 if message is None else 2, True), err
+
+
+def test_gate_k_that_selects_nothing_says_so(stub_measuring, monkeypatch):
+    """The real ``run_suite``, with pytest answering "no tests ran" (exit 5) as it does for such a -k."""
+    monkeypatch.setattr(gate, "run_suite", REAL_RUN_SUITE)
+    monkeypatch.setattr(gate.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 5))
+    baseline = next(gate.BASELINE_DIR.glob("cpu-*.json"))  # any CPU's: this one's may not be recorded
+    code, err = check_call(["gate", "--device=cpu", "-knosuchbench", f"--baseline={baseline}"])
+    assert code == 2 and "no benchmark matches -k 'nosuchbench'" in err
