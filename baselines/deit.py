@@ -15,14 +15,23 @@ import torch.nn as nn
 from vimbench.kernels.attention import attention, attention_backends
 
 
+def unsupported_attention(timm_attn: nn.Module) -> str | None:
+    """Why ``BackendAttention`` cannot replace the timm ``Attention`` ``timm_attn`` (a q/k norm or a
+    norm before the projection, which it does not implement); None if it can."""
+    for name in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(timm_attn, name, nn.Identity()), nn.Identity):
+            return f"BackendAttention does not implement timm's {name}"
+    return None
+
+
 class BackendAttention(nn.Module):
     """timm's multi-head self-attention with the kernel named by ``backend``. (b, M, D) -> (b, M, D)."""
 
     def __init__(self, timm_attn: nn.Module, backend: str):
         super().__init__()
-        for name in ("q_norm", "k_norm", "norm"):
-            if not isinstance(getattr(timm_attn, name, nn.Identity()), nn.Identity):
-                raise ValueError(f"BackendAttention does not implement timm's {name}")
+        why = unsupported_attention(timm_attn)
+        if why:
+            raise ValueError(why)
         self.num_heads, self.head_dim = timm_attn.num_heads, timm_attn.head_dim
         self.qkv, self.proj = timm_attn.qkv, timm_attn.proj
         self.backend = backend

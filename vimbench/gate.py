@@ -529,10 +529,11 @@ def load_baseline(path: Path, kind: str) -> dict:
                          f"{' --deterministic' if kind == 'deterministic' else ''} --update`")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read baseline {path}: {e}") from None
-    if data.get("kind") != kind:
-        raise InputError(f"{path} is not a {kind} baseline (kind {data.get('kind')!r})")
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise InputError(f"--baseline {path}: cannot read it: {e}") from None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        found = data.get("kind") if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"--baseline {path} is not a {kind} baseline (kind {found!r})")
     return data
 
 

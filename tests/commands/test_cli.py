@@ -59,5 +59,5 @@ def test_flops_writes_csv(tmp_path, capsys):
 def test_cli_py_from_checkout_matches_console_script():
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     a = subprocess.run([sys.executable, str(root / "cli.py"), "flops", "--res", "abc"], capture_output=True, text=True)
-    assert a.returncode == 2 and a.stderr.strip() == "vimbench flops: error: cannot read resolution 'abc': " \
+    assert a.returncode == 2 and a.stderr.strip() == "vimbench flops: error: --res: cannot read resolution 'abc': " \
                                                      "use N, A..B or A..B:STEP, comma-separated"

@@ -36,7 +36,8 @@ def _both(x, y) -> str:
 
 def kernel_exponents(s: Setting) -> list[dict]:
     """Per (op, impl): fitted exponents in tokens of time and memory (whole sweep | upper half)."""
-    return [{"op": op, "impl": impl, "kernel": "/".join(dict.fromkeys(c["kernel"].astype(str))), "n": len(c),
+    return [{"op": op, "impl": impl, "kernel": "/".join(dict.fromkeys(c["kernel"].dropna().astype(str))),
+             "n": len(c),
              "k_time": _both(c.index, c["time_ms"]), "k_mem": _both(c.index, c["mem_peak_gib"])}
             for (op, impl), c in _kernel_curves(s).items()]
 

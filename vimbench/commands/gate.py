@@ -56,6 +56,8 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
         raise InputError("--runs applies to --update only")
     if runs is not None and runs < gate.MIN_BASELINE_RUNS:
         raise InputError(f"--runs must be >= {gate.MIN_BASELINE_RUNS} to measure the noise, got {runs}")
+    if baseline_path is not None and baseline_path.is_dir():
+        raise InputError(f"--baseline {str(baseline_path)!r} is a directory; name a .json file")
     if deterministic:
         explicit_device = ctx.get_parameter_source("device_spec") != click.core.ParameterSource.DEFAULT
         if explicit_device or select or runs is not None or scan:
@@ -107,6 +109,8 @@ def _check_timing(device: str, select: str | None, path: Path, baseline: dict, s
 
 
 def _update_timing(device: str, select: str | None, runs: int, path: Path, scan: str | None) -> int:
+    if path.exists():  # only a baseline is ever replaced, never another file
+        gate.load_baseline(path, "timing")
     old = gate.load_baseline(path, "timing") if select and path.exists() else None
     try:
         results = gate.record_runs(device, select, runs, log=click.echo, scan=scan)
@@ -127,6 +131,8 @@ def _update_timing(device: str, select: str | None, runs: int, path: Path, scan:
 
 
 def _deterministic(update: bool, path: Path) -> int:
+    if update and path.exists():  # only a baseline is ever replaced, never another file
+        gate.load_baseline(path, "deterministic")
     snapshot = gate.deterministic_snapshot()
     counts = f"{len(snapshot['flops'])} FLOP counts, {len(snapshot['kernels'])} kernel compilations"
     if update:

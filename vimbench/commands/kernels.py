@@ -75,11 +75,11 @@ def command(ctx, **opts):
     models = o.comma_list(opts["models_spec"])
     if not models:
         raise InputError("--models: no models given")
+    pairs = o.resolved_variants(",".join(models), opts["attn_spec"], opts["scan_spec"], device, opts["dtype"])
     for model in models:
         if model_entry(model).family not in ("vim", "deit"):
             raise InputError(f"--models {model}: a {model_entry(model).family} model; "
                              "kernels takes Vim and DeiT models")
-    pairs = o.resolved_variants(",".join(models), opts["attn_spec"], opts["scan_spec"], device, opts["dtype"])
     impls = {"scan": list(dict.fromkeys(p["scan"] for _, p in pairs if "scan" in p)),
              "attn": list(dict.fromkeys(p["attn"] for _, p in pairs if "attn" in p))}
     timing = {**CPU_TIMING, "repeats": opts["repeats"], "min_time": opts["min_time"]}

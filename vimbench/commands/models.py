@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 import torch
 
+from vimbench.commands.options import check_resolution
 from vimbench.kernels.attention import ATTENTION_PLUGINS
 from vimbench.kernels.selective_scan.backends import PLUGINS
 from vimbench.models.registry import DEFAULT_OPTIONS, count_params, create_model, list_models, model_entry
@@ -18,6 +19,7 @@ def command(res):
 
     Any timm model also works by name as timm:<model_name>.
     """
+    check_resolution(res)
     rows = []
     for name in list_models():
         entry = model_entry(name)

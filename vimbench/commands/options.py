@@ -11,7 +11,10 @@
     --device  auto, cpu, cuda or cuda:N                                      [auto]
     --out     the CSV to write; an existing one is never overwritten: --resume appends to it
               [results/<command>-<device>-<time>.csv]
-    --out-dir a folder for what a command writes besides CSVs (figures, reports)
+    --out-dir a folder for what a command writes besides CSVs (figures, reports), created if missing
+              [beside the input CSV]
+
+An error about an option's value names the option (``naming``): "--res: cannot read resolution 'abc' ...".
     --preset  a named setting (``PRESETS``); options given explicitly override it
 
 The resolution spec, used by every command that takes ``--res``:
@@ -22,9 +25,11 @@ The resolution spec, used by every command that takes ``--res``:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
+import math
 import re
 import shlex
 import shutil
@@ -41,18 +46,47 @@ from vimbench.kernels.selective_scan import SCAN_CHOICES, resolve_scan_backend
 from vimbench.measure.core import DTYPES
 from vimbench.measure.launchers import Plain, Submitit
 from vimbench.measure.regime import AMP_DTYPES, COMPILE_MODES
-from vimbench.models.registry import model_variants
+from vimbench.models.registry import check_backends, model_variants
 
 
 DEFAULT_STEP = 64
+MAX_RES = 65536
+"""The largest resolution accepted (px): 16.7 M tokens at patch 16, beyond any GPU's memory; much larger
+values overflow tensor sizes while the model is built."""
+MAX_RESOLUTIONS = 1000
+"""The most resolutions one spec may name (a range with a tiny step would otherwise name millions)."""
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)(?::(\d+))?$")
+_OPTION = re.compile(r"(?:^|[\s(])--[a-z]")
 
 
+@contextlib.contextmanager
+def naming(option: str):
+    """Re-raises an ``InputError`` from the block with ``option`` in front ("--res: ..."), unless its
+    message already names an option: every error about a value says which option it came from."""
+    try:
+        yield
+    except InputError as e:
+        if _OPTION.search(str(e)):
+            raise
+        raise InputError(f"{option}: {e}") from None
+
+
+@naming("--res")
+def check_resolution(res: int, min_res: int = 16) -> None:
+    """InputError unless ``min_res`` (the patch size) <= ``res`` <= ``MAX_RES``."""
+    if res < min_res:
+        raise InputError(f"resolution {res} is smaller than the patch size {min_res}")
+    if res > MAX_RES:
+        raise InputError(f"resolution {res} is larger than {MAX_RES}")
+
+
+@naming("--res")
 def parse_resolutions(spec: str, min_res: int = 16) -> list[int]:
     """Sorted, de-duplicated resolutions (pixels, square images) named by ``spec``.
 
     A range ``A..B`` is inclusive and must have A <= B; its step defaults to 64. Every resolution must be
-    at least ``min_res`` (the patch size). Raises ``InputError`` naming the offending part.
+    at least ``min_res`` (the patch size) and at most ``MAX_RES``; a spec names at most ``MAX_RESOLUTIONS``.
+    Raises ``InputError`` naming --res and the offending part.
     """
     out: set[int] = set()
     parts = [p.strip() for p in str(spec).split(",")]
@@ -66,15 +100,18 @@ def parse_resolutions(spec: str, min_res: int = 16) -> list[int]:
                 raise InputError(f"resolution range {part!r} runs backwards; write {hi}..{lo}")
             if step <= 0:
                 raise InputError(f"resolution step in {part!r} must be positive")
+            if (hi - lo) // step + 1 > MAX_RESOLUTIONS:
+                raise InputError(f"resolution range {part!r} names more than {MAX_RESOLUTIONS} resolutions")
             values = list(range(lo, hi + 1, step))
         elif part.isdigit():
             values = [int(part)]
         else:
             raise InputError(f"cannot read resolution {part!r}: use N, A..B or A..B:STEP, comma-separated")
         for r in values:
-            if r < min_res:
-                raise InputError(f"resolution {r} is smaller than the patch size {min_res}")
+            check_resolution(r, min_res)
         out.update(values)
+        if len(out) > MAX_RESOLUTIONS:
+            raise InputError(f"resolution spec {spec!r} names more than {MAX_RESOLUTIONS} resolutions")
     return sorted(out)
 
 
@@ -83,7 +120,9 @@ def comma_list(value: str) -> list[str]:
 
 
 def at_least(name: str, value, low) -> None:
-    """InputError unless ``value >= low``, naming the option."""
+    """InputError unless ``value`` is a finite number ``>= low``, naming the option."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
     if value < low:
         raise InputError(f"{name} must be >= {low}, got {value}")
 
@@ -134,7 +173,13 @@ def apply_preset(ctx: click.Context, preset: str | None, opts: dict) -> dict:
 
 def variants(models_spec: str, attn_spec: str, scan_spec: str) -> list[tuple[str, dict]]:
     """The (model, options) pairs named by --models, --attn and --scan (see ``model_variants``)."""
-    return model_variants(comma_list(models_spec), comma_list(attn_spec), comma_list(scan_spec))
+    attn, scan = comma_list(attn_spec), comma_list(scan_spec)
+    with naming("--attn"):
+        check_backends("attn", attn)
+    with naming("--scan"):
+        check_backends("scan", scan)
+    with naming("--models"):
+        return model_variants(comma_list(models_spec), attn, scan)
 
 
 def resolved_variants(models_spec, attn_spec, scan_spec, device: torch.device, dtype: str) -> list[tuple[str, dict]]:
@@ -148,7 +193,7 @@ def resolved_variants(models_spec, attn_spec, scan_spec, device: torch.device, d
         try:
             if "scan" in options:
                 options = {**options, "scan": resolve_scan_backend(options["scan"], device)}
-            elif device.type == "cpu" and options["attn"] not in ("eager", "sdpa"):
+            elif device.type == "cpu" and options.get("attn", "eager") not in ("eager", "sdpa"):
                 check_attention_backend(options["attn"], device, DTYPES[dtype], head_dim=64)
         except BackendUnavailable as e:
             raise InputError(f"{option} {options.get('scan') or options['attn']} ({model}): {e}") from None
@@ -193,9 +238,14 @@ def default_out(command: str, device: torch.device | str) -> str:
 
 
 def check_out_dir(out_dir: str) -> None:
-    """InputError unless ``out_dir`` (an --out-dir) is a directory or can become one."""
+    """Creates ``out_dir`` (an --out-dir, given or the command's default) with its parents; InputError
+    naming --out-dir if it is not a directory or cannot be created."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise InputError(f"--out-dir {out_dir} exists and is not a directory")
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out-dir {out_dir}: cannot create it ({e.strerror or e}); pass another --out-dir") from None
 
 
 def _decorator(*options):

@@ -18,8 +18,8 @@ def command(results, out_dir):
     throughput_memory (Fig. 1 style), flops and loglog; a kernel CSV (vimbench kernels) gives kernels.
     A CSV with several settings (device, dtype, batch, head or width) gets one set per setting, named
     <figure>-<setting>."""
+    kind, df = load_results(results, kinds=("scaling", "kernels"))
     out_dir = out_dir or str(Path(results).parent)
     check_out_dir(out_dir)
-    kind, df = load_results(results, kinds=("scaling", "kernels"))
     for p in plot_results(kind, df, out_dir):
         click.echo(f"wrote {p}")

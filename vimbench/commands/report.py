@@ -22,14 +22,14 @@ def command(results, out_dir):
     DeiT's attention share of FLOPs, Vim/DeiT crossovers, and the paper's Fig. 1 claims checked against
     eager and fused-attention DeiT. A memory CSV among them (`vimbench memory --preset paper`) adds the
     predicted memory of the paper's setting beside Fig. 1 (c)."""
-    out_dir = out_dir or str(Path(results[0]).with_suffix("")) + "-report"
-    check_out_dir(out_dir)
     scaling, memory = [], []
     for path in results:
         kind, df = load_results(path, kinds=("scaling", "memory"))
         (scaling if kind == "scaling" else memory).append(df)
     if not scaling:
         raise InputError("RESULTS: no scaling CSV given (a memory CSV only adds to a scaling report)")
+    out_dir = out_dir or str(Path(results[0]).with_suffix("")) + "-report"
+    check_out_dir(out_dir)
     df = pd.concat(scaling, ignore_index=True)
     mem = pd.concat(memory, ignore_index=True) if memory else None
     click.echo(f"wrote {write_report(df, ', '.join(Path(p).name for p in results), out_dir, mem)}")

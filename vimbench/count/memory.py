@@ -48,7 +48,7 @@ from vimbench.kernels.attention import modelled_card, sdpa_fused_kernel
 from vimbench.measure.core import DTYPES, GIB
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels.selective_scan import bidirectional_scan_fake, has_memory_model, selective_scan_fake
-from vimbench.models.registry import check_options, count_params, create_model, model_entry
+from vimbench.models.registry import OWN_IMPL, check_options, count_params, create_model, model_entry
 
 
 # PyTorch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp), default configuration.
@@ -291,11 +291,11 @@ def trace_forward(model: torch.nn.Module, input_shape: tuple, dtype: torch.dtype
 
 def resolved_impl(model: torch.nn.Module) -> str:
     """The token-mixer backend a forward on a GPU runs: the concrete scan backend for Vim models (``auto``
-    resolved as on a CUDA machine with this environment), the attention backend for ViT-style ones."""
+    resolved as on a CUDA machine with this environment), the attention backend for ViT-style ones,
+    ``OWN_IMPL`` for a model that takes neither (a timm CNN)."""
     if hasattr(model, "scan_backend"):
         return model.scan_backend("cuda")
-    attn = getattr(model, "attn", None)
-    return attn or "default"
+    return getattr(model, "attn", None) or OWN_IMPL
 
 
 def resolved_kernel(model: torch.nn.Module, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> str:

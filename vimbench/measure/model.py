@@ -42,7 +42,7 @@ from vimbench.models import registry
 
 def attention_kernel(model, device, dtype) -> str:
     """What actually computes attention in ``model``: its backend, and for 'sdpa' the kernel SDPA picks."""
-    attn = getattr(model, "attn", "")
+    attn = getattr(model, "attn", None) or registry.OWN_IMPL
     if attn != "sdpa":
         return attn
     blk = model.blocks[0].attn
@@ -63,7 +63,8 @@ def measure_model(cfg: dict) -> dict:
     x = torch.randn(cfg["batch"], 3, cfg["res"], cfg["res"], device=device, dtype=dtype)
     forward = model if cfg["head"] else model.forward_features
     compute = dtype if cfg["amp"] == "none" else DTYPES[cfg["amp"]]  # what the matmuls run in
-    out = {"impl": model.scan_backend(device) if model.family == "vim" else getattr(model, "attn", ""),
+    own = getattr(model, "attn", None) or registry.OWN_IMPL  # attention backend, or timm's own forward
+    out = {"impl": model.scan_backend(device) if model.family == "vim" else own,
            "kernel": model.scan_backend(device) if model.family == "vim" else attention_kernel(model, device, compute),
            "threads": torch.get_num_threads()}
 

@@ -26,6 +26,10 @@ FAMILY_OPTIONS = {"vim": {"scan": scan_choices}, "deit": {"attn": attention_back
                   "timm": {"attn": attention_backends}}
 """Options each family takes, each with the function that lists its allowed values (plug-ins included)."""
 DEFAULT_OPTIONS = {"vim": {"scan": "auto"}, "deit": {"attn": "sdpa"}, "timm": {}}
+OWN_IMPL = "timm"
+"""``impl`` of a model that takes no backend option (a timm CNN or hybrid): timm's own forward ran."""
+BACKENDS = {"attn": ("attention backend", attention_backends), "scan": ("scan backend", scan_choices)}
+"""Backend options: what each names, and a function giving its allowed values (plug-ins included)."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,10 @@ def model_entry(name: str) -> ModelEntry:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name.startswith("timm:"):
-        from vimbench.baselines.timm_models import create_timm_model
+        from vimbench.baselines.timm_models import create_timm_model, timm_options
         timm_name = name.removeprefix("timm:")
         return ModelEntry(name, "timm", lambda img_size, **kw: create_timm_model(timm_name, img_size, **kw),
-                          f"timm model {timm_name}", FAMILY_OPTIONS["timm"])
+                          f"timm model {timm_name}", timm_options(timm_name))
     raise InputError(f"unknown model {name!r}; known: {', '.join(list_models())} or timm:<name>")
 
 
@@ -98,32 +102,40 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_backends(option: str, values: list[str]) -> None:
+    """InputError for a value of backend option ``option`` ("attn" | "scan") that is not allowed."""
+    what, allowed = BACKENDS[option]
+    known = allowed()
+    for v in values:
+        if v not in known:
+            raise InputError(f"unknown {what} {v!r}; choose from {', '.join(known)}")
+
+
 def model_variants(models: list[str], attn: list[str], scan: list[str]) -> list[tuple[str, dict]]:
-    """[(model, options)] with one entry per attention backend for DeiT/timm-ViT models and one per scan
-    backend for Vim models, in the order given. Unknown names raise ``InputError``."""
+    """[(model, options)] with one entry per attention backend for DeiT/timm-ViT models, one per scan
+    backend for Vim models and one (no options) for a model that takes neither, in the order given.
+    Unknown names raise ``InputError``."""
     if not models:
         raise InputError("no models given")
-    for a in attn:
-        if a not in attention_backends():
-            raise InputError(f"unknown attention backend {a!r}; choose from {', '.join(attention_backends())}")
-    for s in scan:
-        if s not in scan_choices():
-            raise InputError(f"unknown scan backend {s!r}; choose from {', '.join(scan_choices())}")
+    check_backends("attn", attn)
+    check_backends("scan", scan)
     out = []
     for name in models:
-        family = model_entry(name).family
-        if not (scan if family == "vim" else attn):
-            raise InputError(f"{name} needs at least one {'scan' if family == 'vim' else 'attention'} backend")
-        if family == "vim":
-            out += [(name, {"scan": s}) for s in scan]
-        else:
-            out += [(name, {"attn": a}) for a in attn]
+        takes = model_entry(name).options
+        if not takes:
+            out.append((name, {}))
+            continue
+        option = "scan" if "scan" in takes else "attn"
+        values = scan if option == "scan" else attn
+        if not values:
+            raise InputError(f"{name} needs at least one {BACKENDS[option][0]} (--{option})")
+        out += [(name, {option: v}) for v in values]
     return out
 
 
 def impl_of(options: dict) -> str:
-    """The backend an options dict names (the value of scan= or attn=), '' if none."""
-    return options.get("scan") or options.get("attn") or ""
+    """The backend an options dict names (the value of scan= or attn=); ``OWN_IMPL`` if it names none."""
+    return options.get("scan") or options.get("attn") or OWN_IMPL
 
 
 def _register_builtin():

@@ -39,7 +39,7 @@ def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]
     missing columns, or no ``ok`` row."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{str(path)!r}: no such file" if not str(path).strip() else f"{path}: no such file")
     try:
         df = pd.read_csv(p)
     except pd.errors.EmptyDataError:

@@ -23,10 +23,12 @@ COLUMN_DOCS = {
     "model": ("", "registry name (see `vimbench models`)"),
     "family": ("", "vim, deit or timm"),
     "op": ("", "kernels: scan, scan_bidir, attention, mixer_vim or block_deit"),
-    "impl": ("", "backend asked for, `auto` resolved: scan backend (Vim) or attention backend (DeiT/ViT)"),
-    "kernel": ("", "what computed the token mixer: the scan backend, or for sdpa the kernel SDPA picked"),
+    "impl": ("", "backend asked for, `auto` resolved: scan backend (Vim) or attention backend (DeiT/ViT); "
+                 "timm for a model that takes neither"),
+    "kernel": ("", "what computed the token mixer: the scan backend, or for sdpa the kernel SDPA picked; "
+                   "timm: timm's own forward"),
     "res": ("px", "square input resolution"),
-    "tokens": ("", "sequence length of the token mixer, cls token included"),
+    "tokens": ("", "sequence length of the token mixer, cls token included; empty for a CNN"),
     "width": ("", "kernels: the model's embed dim D"),
     "heads": ("", "kernels: attention heads H (DeiT widths)"),
     "head_dim": ("", "kernels: head dim d (DeiT widths)"),

@@ -63,7 +63,7 @@ class CsvLog:
                 if reader.fieldnames != self.columns:
                     missing = sorted(set(self.columns) - set(reader.fieldnames or []))
                     extra = sorted(set(reader.fieldnames or []) - set(self.columns))
-                    raise InputError(f"cannot resume {self.path}: its columns differ "
+                    raise InputError(f"cannot --resume {self.path}: its columns differ "
                                      f"(missing {missing or 'none'}, unexpected {extra or 'none'})")
                 self.rows = list(reader)
         else:
