@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Attention
 
 from vimbench.baselines.deit import set_attention_backend, unsupported_attention
 from vimbench.errors import InputError
-from vimbench.kernels.attention import ATTENTION_BACKENDS
+from vimbench.kernels.attention import attention_backends
 
 
 def check_timm_name(name: str) -> None:
@@ -33,8 +33,8 @@ def check_timm_name(name: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def timm_options(name: str) -> dict:
-    """The options timm model ``name`` takes: {"attn": ATTENTION_BACKENDS} for a ViT-style model, {}
-    otherwise. Decided from the model built on the meta device (nothing allocated); InputError for a
+    """The options timm model ``name`` takes: {"attn": attention_backends} (the function listing the allowed
+    values, plug-ins included) for a ViT-style model, {} otherwise. Decided from the model built on the meta device (nothing allocated); InputError for a
     name timm does not know (``check_timm_name``)."""
     check_timm_name(name)
     with torch.device("meta"):
@@ -42,7 +42,7 @@ def timm_options(name: str) -> dict:
     blocks = getattr(model, "blocks", None)
     takes_attn = blocks is not None and len(blocks) > 0 and all(
         isinstance(getattr(b, "attn", None), Attention) and unsupported_attention(b.attn) is None for b in blocks)
-    return {"attn": ATTENTION_BACKENDS} if takes_attn else {}
+    return {"attn": attention_backends} if takes_attn else {}
 
 
 def create_timm_model(name: str, img_size: int = 224, attn: str | None = None, num_classes: int = 1000):

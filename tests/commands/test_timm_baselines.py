@@ -22,7 +22,8 @@ def run(argv, capsys):
 
 
 def test_attn_applies_only_to_models_that_take_it():
-    assert model_entry("timm:vit_tiny_patch16_224").options == {"attn": ATTENTION_BACKENDS}
+    vit = model_entry("timm:vit_tiny_patch16_224").options
+    assert list(vit) == ["attn"] and vit["attn"]() == ATTENTION_BACKENDS
     for name in MODELS:
         assert model_entry(name).options == {}
     assert model_variants(["timm:resnet18", "deit_tiny"], ["eager", "sdpa"], ["auto"]) == [

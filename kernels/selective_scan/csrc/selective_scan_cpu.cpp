@@ -10,22 +10,24 @@
 //   out    = y * silu(z)                                  (gate optional)
 //
 // Design (the exp of the state update dominates: E * L * N of them per direction):
-//   * One task = (batch, block of W channels), W = Vectorized<float>::size() (16 with AVX-512, 8 with AVX2);
+//   * One lane = (batch, block of W channels), W = Vectorized<float>::size() (16 with AVX-512, 8 with AVX2);
 //     one channel per SIMD lane, so the per-(e, n) exp is vectorised across channels. Blocks never straddle a
-//     group of B/C, so B_t[n] and C_t[n] are scalars broadcast to all lanes. Tasks run through
-//     at::parallel_for, so torch.set_num_threads governs the thread count.
+//     group of B/C, so B_t[n] and C_t[n] are scalars broadcast to all lanes. Each thread of at::parallel_for
+//     takes a contiguous range of lanes (so torch.set_num_threads governs the thread count).
 //   * The decay exp is an inline AVX-512 exp2 (polynomial + vscalefps, ~2 ulp; exp_u20 on other CPUs).
-//   * The state of a block is NT vectors (NT = N, padded to 4, 8 or 16; larger N in several chunks of 16)
-//     kept across the whole time loop (at N = 16 with AVX-512, g++ 12 holds 7 in registers and 9 in L1 stack
-//     slots: a memory operand and a store per step each).
-//   * Time is processed in tiles of kTile steps. Per tile, a staging pass reads u, delta (any dtype, any
+//   * The state of a lane is NT vectors (NT = N, padded to 4, 8 or 16; larger N in several chunks of 16),
+//     held in registers through a tile and in the lane's memory between tiles.
+//   * Time is processed in tiles of kTile steps, and a thread scans each tile for all its lanes before the
+//     next tile: the tile's rows of a time-major input (E contiguous channels each) are read while they are
+//     in cache and their pages in the TLB, where a lane scanning all L steps alone would stride through every
+//     page of every input once per lane. Per tile and lane, a staging pass reads u, delta (any dtype, any
 //     strides) into small float32 buffers, applies bias and softplus, forms delta*u and D*u, and copies B and
 //     C of the tile into float32 buffers; the scan pass then touches only those L1-resident buffers and its
 //     registers (no function calls, so the state never spills); an epilogue pass applies the gate and stores
 //     the output in u's dtype with the output's strides.
 //   * The bidirectional op scans the backward direction first (t = L-1 .. 0, reading original-order memory at
-//     reversed offsets; no flipped copies), keeps y_b + D_b*u_b in a per-task float32 buffer (L x W), then
-//     scans forward and writes (y_f + D_f*u_f + y_b + D_b*u_b) * silu(z).
+//     reversed offsets; no flipped copies), keeps y_b + D_b*u_b in a float32 buffer (lanes x L x W, at most
+//     64 MiB per pass), then scans forward and writes (y_f + D_f*u_f + y_b + D_b*u_b) * silu(z).
 //
 // Build: compiled by compiled_cpu.py with -DCPU_CAPABILITY=<AVX512|AVX2|DEFAULT> -DCPU_CAPABILITY_<...> and
 // the matching -m flags, so that at::vec::Vectorized<float> has the width of the running CPU.
@@ -218,80 +220,102 @@ struct Direction {
   int64_t Eg = 0;                // channels per group of B / C
 };
 
-// Per-thread scratch for one task.
+// Per-thread scratch: one tile's staged inputs (shared by the blocks a thread scans in turn).
 struct Scratch {
-  std::vector<float> d, du, y, z, Bt, Ct, A, h;
-  explicit Scratch(int ld, int64_t state_len)
-      : d(kTile * W), du(kTile * W), y(kTile * W), z(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f),
-        A(state_len * W), h(state_len * W) {}
+  std::vector<float> d, du, y, z, Bt, Ct;
+  explicit Scratch(int ld)
+      : d(kTile * W), du(kTile * W), y(kTile * W), z(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f) {}
 };
 
-// Scans one direction over all L steps for the channels [e0, e0 + cnt) of batch bi.
+// One block of <= W channels [e0, e0 + cnt) of batch bi, and its state carried from tile to tile.
+struct Lane {
+  int64_t bi = 0, e0 = 0, g = 0;
+  int cnt = 0;
+  std::vector<float> A, h;     // (state_len, W): A[e0 + i, n] * kExpScale per lane (0 past N or cnt); the state
+  Vec Dv, biasv;
+
+  template <typename T, typename TBC>
+  Lane(const Direction<T, TBC>& dir, int64_t N, int state_len, int64_t bi_, int64_t e0_, int cnt_)
+      : bi(bi_), e0(e0_), g(e0_ / dir.Eg), cnt(cnt_), A(state_len * W, 0.f), h(state_len * W, 0.f) {
+    for (int i = 0; i < cnt; ++i)
+      for (int64_t n = 0; n < N; ++n) A[n * W + i] = dir.A[(e0 + i) * N + n] * kExpScale;
+    float Dl[W] = {0}, biasl[W] = {0};
+    for (int i = 0; i < cnt; ++i) {
+      if (dir.D) Dl[i] = dir.D[e0 + i];
+      if (dir.bias) biasl[i] = dir.bias[e0 + i];
+    }
+    Dv = Vec::loadu(Dl);
+    biasv = Vec::loadu(biasl);
+  }
+};
+
+// Tile k (in scan order) of one direction for one lane: stage, scan, epilogue.
 //   acc_out: if non-null, receives y + D*u (float32, (L, W)) instead of the output (first pass of the pair)
 //   acc_in:  if non-null, added to y + D*u before the gate (second pass of the pair)
-//   last:    if non-null, (b, E, N) float32 contiguous, receives h_{end of scan}
+template <typename T, typename TBC>
+void scan_tile_of_lane(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N,
+                       int64_t L, int64_t k, Lane& lane, bool softplus_on, const View3<const T>* z,
+                       const View3<T>* out, float* acc_out, const float* acc_in, Scratch& sc) {
+  const int64_t ntiles = (L + kTile - 1) / kTile;
+  const int64_t tile = dir.reverse ? ntiles - 1 - k : k;
+  const int64_t t0 = tile * kTile, bi = lane.bi, e0 = lane.e0;
+  const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0)), cnt = lane.cnt;
+
+  // stage: delta (+bias, softplus), delta*u, D*u, B_t, C_t
+  load_rows<T>(dir.delta, bi, e0, cnt, t0, nt, sc.d.data());
+  load_rows<T>(dir.u, bi, e0, cnt, t0, nt, sc.du.data());
+  for (int s = 0; s < nt; ++s) {
+    Vec dv = Vec::loadu(sc.d.data() + s * W);
+    if (dir.bias) dv = dv + lane.biasv;
+    if (softplus_on) dv = softplus(dv);
+    const Vec uv = Vec::loadu(sc.du.data() + s * W);
+    dv.store(sc.d.data() + s * W);
+    (dv * uv).store(sc.du.data() + s * W);
+    (dir.D ? lane.Dv * uv : Vec(0.f)).store(sc.y.data() + s * W);
+  }
+  load_bc<TBC>(dir.B, bi, lane.g, N, t0, nt, ld, sc.Bt.data());
+  load_bc<TBC>(dir.C, bi, lane.g, N, t0, nt, ld, sc.Ct.data());
+
+  // scan, chunk by chunk of the state
+  for (const Chunk& ch : chunks)
+    ch.fn(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.y.data(), sc.Bt.data() + ch.n0, sc.Ct.data() + ch.n0,
+          ld, lane.A.data() + ch.n0 * W, lane.h.data() + ch.n0 * W);
+
+  // epilogue
+  float* y = sc.y.data();
+  if (acc_out) {
+    std::copy(y, y + nt * W, acc_out + t0 * W);
+    return;
+  }
+  if (acc_in)
+    for (int s = 0; s < nt; ++s)
+      (Vec::loadu(y + s * W) + Vec::loadu(acc_in + (t0 + s) * W)).store(y + s * W);
+  if (z) {
+    load_rows<T>(*z, bi, e0, cnt, t0, nt, sc.z.data());
+    for (int s = 0; s < nt; ++s)
+      (Vec::loadu(y + s * W) * silu(Vec::loadu(sc.z.data() + s * W))).store(y + s * W);
+  }
+  store_rows<T>(*out, bi, e0, cnt, t0, nt, y);
+}
+
+// Scans one direction over all L steps for every lane of ``lanes``, tile by tile: each tile of kTile steps is
+// scanned for all lanes before the next, so a time-major input's rows (E channels, contiguous) are read while
+// they are in cache and their pages in the TLB, instead of each block striding through all L rows alone.
+//   acc: null, or (lanes.size(), L, W) float32: written (acc_out) or read (acc_in) per lane, see above
+//   last: if non-null, (b, E, N) float32 contiguous, receives h_{end of scan} of every lane
 template <typename T, typename TBC>
 void scan_direction(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N, int64_t L,
-                    int64_t E, int64_t bi, int64_t e0, int cnt, bool softplus_on, const View3<const T>* z,
+                    int64_t E, std::vector<Lane>& lanes, bool softplus_on, const View3<const T>* z,
                     const View3<T>* out, float* acc_out, const float* acc_in, float* last, Scratch& sc) {
-  const int64_t g = e0 / dir.Eg;
-  // A per lane, chunk by chunk: sc.A[(n0 + j) * W + i] = A[e0 + i, n0 + j] (0 past N or past cnt)
-  std::fill(sc.A.begin(), sc.A.end(), 0.f);
-  std::fill(sc.h.begin(), sc.h.end(), 0.f);
-  for (int i = 0; i < cnt; ++i)
-    for (int64_t n = 0; n < N; ++n) sc.A[n * W + i] = dir.A[(e0 + i) * N + n] * kExpScale;
-  float Dl[W] = {0}, biasl[W] = {0};
-  for (int i = 0; i < cnt; ++i) {
-    if (dir.D) Dl[i] = dir.D[e0 + i];
-    if (dir.bias) biasl[i] = dir.bias[e0 + i];
-  }
-  const Vec Dv = Vec::loadu(Dl), biasv = Vec::loadu(biasl);
-
   const int64_t ntiles = (L + kTile - 1) / kTile;
-  for (int64_t k = 0; k < ntiles; ++k) {
-    const int64_t tile = dir.reverse ? ntiles - 1 - k : k;
-    const int64_t t0 = tile * kTile;
-    const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0));
-
-    // stage: delta (+bias, softplus), delta*u, D*u, B_t, C_t
-    load_rows<T>(dir.delta, bi, e0, cnt, t0, nt, sc.d.data());
-    load_rows<T>(dir.u, bi, e0, cnt, t0, nt, sc.du.data());
-    for (int s = 0; s < nt; ++s) {
-      Vec dv = Vec::loadu(sc.d.data() + s * W);
-      if (dir.bias) dv = dv + biasv;
-      if (softplus_on) dv = softplus(dv);
-      const Vec uv = Vec::loadu(sc.du.data() + s * W);
-      dv.store(sc.d.data() + s * W);
-      (dv * uv).store(sc.du.data() + s * W);
-      (dir.D ? Dv * uv : Vec(0.f)).store(sc.y.data() + s * W);
-    }
-    load_bc<TBC>(dir.B, bi, g, N, t0, nt, ld, sc.Bt.data());
-    load_bc<TBC>(dir.C, bi, g, N, t0, nt, ld, sc.Ct.data());
-
-    // scan, chunk by chunk of the state
-    for (const Chunk& ch : chunks)
-      ch.fn(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.y.data(), sc.Bt.data() + ch.n0, sc.Ct.data() + ch.n0,
-            ld, sc.A.data() + ch.n0 * W, sc.h.data() + ch.n0 * W);
-
-    // epilogue
-    float* y = sc.y.data();
-    if (acc_out) {
-      std::copy(y, y + nt * W, acc_out + t0 * W);
-      continue;
-    }
-    if (acc_in)
-      for (int s = 0; s < nt; ++s)
-        (Vec::loadu(y + s * W) + Vec::loadu(acc_in + (t0 + s) * W)).store(y + s * W);
-    if (z) {
-      load_rows<T>(*z, bi, e0, cnt, t0, nt, sc.z.data());
-      for (int s = 0; s < nt; ++s)
-        (Vec::loadu(y + s * W) * silu(Vec::loadu(sc.z.data() + s * W))).store(y + s * W);
-    }
-    store_rows<T>(*out, bi, e0, cnt, t0, nt, y);
-  }
+  for (int64_t k = 0; k < ntiles; ++k)
+    for (size_t j = 0; j < lanes.size(); ++j)
+      scan_tile_of_lane(dir, chunks, ld, N, L, k, lanes[j], softplus_on, z, out,
+                        acc_out ? acc_out + j * L * W : nullptr, acc_in ? acc_in + j * L * W : nullptr, sc);
   if (last)
-    for (int i = 0; i < cnt; ++i)
-      for (int64_t n = 0; n < N; ++n) last[(bi * E + e0 + i) * N + n] = sc.h[n * W + i];
+    for (const Lane& lane : lanes)
+      for (int i = 0; i < lane.cnt; ++i)
+        for (int64_t n = 0; n < N; ++n) last[(lane.bi * E + lane.e0 + i) * N + n] = lane.h[n * W + i];
 }
 
 // Tasks: (batch, block of <= W channels inside a segment of Sg channels that no group boundary crosses).
@@ -309,6 +333,26 @@ struct Blocks {
 
 Blocks make_blocks(int64_t E, int64_t Sg) {
   return {Sg, (Sg + W - 1) / W, E / Sg};
+}
+
+// The lanes of tasks [begin, end) for direction ``dir``.
+template <typename T, typename TBC>
+std::vector<Lane> make_lanes(const Direction<T, TBC>& dir, const Blocks& blocks, int64_t N, int ld, int64_t begin,
+                             int64_t end) {
+  std::vector<Lane> lanes;
+  lanes.reserve(end - begin);
+  for (int64_t task = begin; task < end; ++task) {
+    int64_t bi, e0;
+    int cnt;
+    blocks.at(task, bi, e0, cnt);
+    lanes.emplace_back(dir, N, ld, bi, e0, cnt);
+  }
+  return lanes;
+}
+
+// Lanes per pass of the bidirectional op: its (lanes, L, W) float32 buffer stays under 64 MiB.
+int64_t lanes_per_pass(int64_t L) {
+  return std::max<int64_t>(1, (int64_t{64} << 20) / (L * W * int64_t{sizeof(float)}));
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -443,14 +487,10 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
     const View3<T> ov = view3<T>(out);
     float* lastp = last.data_ptr<float>();
     at::parallel_for(0, blocks.count(b), 1, [&](int64_t begin, int64_t end) {
-      Scratch sc(ld, ld);
-      for (int64_t task = begin; task < end; ++task) {
-        int64_t bi, e0;
-        int cnt;
-        blocks.at(task, bi, e0, cnt);
-        scan_direction<T, TBC>(dir, chunks, ld, N, L, E, bi, e0, cnt, delta_softplus, z ? &zv : nullptr, &ov,
-                               nullptr, nullptr, lastp, sc);
-      }
+      Scratch sc(ld);
+      std::vector<Lane> lanes = make_lanes(dir, blocks, N, ld, begin, end);
+      scan_direction<T, TBC>(dir, chunks, ld, N, L, E, lanes, delta_softplus, z ? &zv : nullptr, &ov, nullptr,
+                             nullptr, lastp, sc);
     });
   });
   return {out.scalar_type() == out_st ? out : out.to(out_st), last};
@@ -505,16 +545,18 @@ at::Tensor bidirectional_scan_fwd(
     const View3<const T> zv = z ? view3<const T>(*z) : View3<const T>{};
     const View3<T> ov = view3<T>(out);
     at::parallel_for(0, blocks.count(b), 1, [&](int64_t begin, int64_t end) {
-      Scratch sc(ld, ld);
-      std::vector<float> acc(L * W);        // y_b + D_b * u_b of the current block, (L, W) float32
-      for (int64_t task = begin; task < end; ++task) {
-        int64_t bi, e0;
-        int cnt;
-        blocks.at(task, bi, e0, cnt);
-        scan_direction<T, TBC>(bwd, chunks, ld, N, L, E, bi, e0, cnt, delta_softplus, nullptr, nullptr,
-                               acc.data(), nullptr, nullptr, sc);
-        scan_direction<T, TBC>(fwd, chunks, ld, N, L, E, bi, e0, cnt, delta_softplus, z ? &zv : nullptr, &ov,
-                               nullptr, acc.data(), nullptr, sc);
+      Scratch sc(ld);
+      const int64_t per_pass = lanes_per_pass(L);
+      std::vector<float> acc;                // y_b + D_b * u_b of the pass's lanes, (lanes, L, W) float32
+      for (int64_t first = begin; first < end; first += per_pass) {
+        const int64_t last_task = std::min(end, first + per_pass);
+        acc.resize((last_task - first) * L * W);
+        std::vector<Lane> back = make_lanes(bwd, blocks, N, ld, first, last_task);
+        scan_direction<T, TBC>(bwd, chunks, ld, N, L, E, back, delta_softplus, nullptr, nullptr, acc.data(),
+                               nullptr, nullptr, sc);
+        std::vector<Lane> fore = make_lanes(fwd, blocks, N, ld, first, last_task);
+        scan_direction<T, TBC>(fwd, chunks, ld, N, L, E, fore, delta_softplus, z ? &zv : nullptr, &ov, nullptr,
+                               acc.data(), nullptr, sc);
       }
     });
   });
