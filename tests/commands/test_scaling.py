@@ -8,7 +8,7 @@ import pytest
 from helpers import needs_no_gpu
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import resolve_scan_backend
-from vimbench.measure.model import decay_batch
+from vimbench.rows.scaling import decay_batch
 from vimbench.rows.schema import SCALING, Schema
 from vimbench.rows.writer import CsvLog
 from vimbench.count.flops import count_flops

@@ -12,10 +12,10 @@ from helpers import assert_close
 
 from vimbench.baselines.deit import set_attention_backend
 from vimbench.kernels.selective_scan import resolve_scan_backend
-from vimbench.measure import model as measure_model
 from vimbench.measure.isolation import one_line
 from vimbench.measure.regime import autocast, compiled
 from vimbench.models.vim import VisionMamba
+from vimbench.rows import scaling as scaling_rows
 from vimbench.rows.schema import SCALING
 from vimbench.rows.sweep import run_sweep
 from vimbench.rows.writer import CsvLog
@@ -98,13 +98,13 @@ def test_compile_failure_is_an_error_row_and_the_sweep_goes_on(tmp_path, monkeyp
         raise RuntimeError("injected inductor failure")
 
     monkeypatch.setattr(inductor, "compile_fx", broken)
-    monkeypatch.setattr(measure_model, "run_isolated", _in_process)
+    monkeypatch.setattr(scaling_rows, "run_isolated", _in_process)
     base = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, impl="eager", res=RES,
                 batch_requested=1, dtype="fp32", amp="none", device="cpu", head=False, threads=0, warmup=0,
                 repeats=1, min_time=0)
     log = CsvLog(tmp_path / "s.csv", SCALING)
     rows = run_sweep([{**base, "compile": "default"}, {**base, "compile": "none"}], log,
-                     lambda cfg: measure_model.scaling_row(cfg, {}, backoff=False), lambda cfg: cfg["compile"])
+                     lambda cfg: scaling_rows.scaling_row(cfg, {}, backoff=False), lambda cfg: cfg["compile"])
     df = pd.read_csv(tmp_path / "s.csv")
     assert list(df.compile) == ["default", "none"] and list(df.status) == ["error", "ok"]
     assert df.error[0] == ("CompileFailed: torch.compile (mode default) failed: inductor raised RuntimeError: "

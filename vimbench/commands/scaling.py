@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from vimbench.commands import options as o
-from vimbench.measure.model import DEFAULT_TIMING, scaling_row
+from vimbench.measure.model import DEFAULT_TIMING
+from vimbench.rows.scaling import scaling_row
 from vimbench.models.registry import impl_of, model_entry
 from vimbench.present.tables import format_table
 from vimbench.rows.schema import SCALING

@@ -24,18 +24,13 @@ do not count); with amp other than none every forward runs under torch.autocast,
 """
 from __future__ import annotations
 
-import datetime
 import os
 
 import torch
 
-from vimbench.count.flops import count_flops
-from vimbench.count.memory import predict_memory
-from vimbench.kernels.selective_scan.backends import runs_on_cuda
 from vimbench.kernels.attention import sdpa_kernel_used
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
 from vimbench.measure.nvml import NvmlWatch
-from vimbench.measure.isolation import run_isolated
 from vimbench.measure.regime import autocast, compiled
 from vimbench.models import registry
 
@@ -98,51 +93,5 @@ def measure_model(cfg: dict) -> dict:
     return out
 
 
-def config_flops(cfg: dict) -> dict:
-    """FLOPs, params and tokens of a configuration (counted on the meta device, no worker needed)."""
-    return count_flops(cfg["model"], cfg["res"], cfg["batch"], cfg["head"], **cfg["options"])
-
-
 DEFAULT_TIMING = {"cuda": dict(warmup=5, repeats=20, min_time=1.0), "cpu": dict(warmup=1, repeats=3, min_time=1.0)}
 """Per device type: untimed forwards, then at least ``repeats`` timed ones and ``min_time`` seconds of them."""
-CONFIG_TIMEOUT_S = 3600
-
-
-def decay_batch(batch: int) -> int:
-    """The next smaller batch to try after an OOM: 64 -> 48 -> 32 -> 24 -> 16 -> 12 -> 8 -> 6 -> 4 -> 3 -> 2 -> 1
-    (halving, with a 3/4 step in between), 0 when there is nothing smaller."""
-    if batch <= 1:
-        return 0
-    p = 1 << (batch.bit_length() - 1)  # largest power of two <= batch
-    if batch > p:
-        return p
-    return p * 3 // 4 if p >= 4 else p // 2
-
-
-def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
-    """One row of a scaling CSV: ``measure_model`` in its own worker (on OOM retried at ``decay_batch``
-    sizes when ``backoff``), the configuration's FLOPs, its predicted GPU memory, and ``fixed`` (the
-    environment and command). ``cfg``: as ``measure_model`` takes it, with ``batch_requested`` for the
-    batch, plus family and impl."""
-    batch = cfg["batch_requested"]
-    while True:
-        run_cfg = {**cfg, "batch": batch}
-        result = run_isolated(measure_model, (run_cfg,), timeout=CONFIG_TIMEOUT_S)
-        if result["status"] != "oom" or not backoff or decay_batch(batch) == 0:
-            break
-        batch = decay_batch(batch)
-    row = {k: cfg[k] for k in ("model", "family", "impl", "res", "batch_requested", "dtype", "compile", "amp",
-                               "device", "head", "warmup")}
-    row.update(fixed, batch=batch, kernel=cfg["impl"], timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
-               **config_flops(run_cfg))
-    row.update(result)
-    if cfg["family"] == "vim" and not runs_on_cuda(cfg["impl"]):
-        return row  # a CPU-only scan backend (cpp): no GPU run to predict, mem_pred_peak_gib stays empty
-    if cfg["compile"] != "none":  # the prediction replays eager execution; inductor's fused kernels allocate less
-        return row
-    try:  # the GPU memory this configuration is predicted to need, on any device (vimbench.count.memory)
-        row["mem_pred_peak_gib"] = predict_memory(cfg["model"], cfg["res"], batch, cfg["dtype"], cfg["head"],
-                                                  amp=cfg["amp"], **cfg["options"])["mem_pred_peak_gib"]
-    except Exception as e:  # a failed prediction must not cost the measured row
-        row["error"] = "; ".join(filter(None, [row.get("error"), f"mem_pred failed: {type(e).__name__}: {e}"]))
-    return row

@@ -1,2 +1,3 @@
 """Result rows: the one CSV schema (``schema.py``), the append-only writer, the reader that plots and
-reports use, and the generic sweep that turns configurations into rows."""
+reports use, the generic sweep that turns configurations into rows, and the scaling row (``scaling.py``: the
+measured forward with its counted FLOPs and predicted memory)."""
