@@ -12,7 +12,7 @@ import pytest
 import vimbench
 from helpers import EXAMPLE_PLUGIN, fake_install, fresh_plugins, planted_wrong_scan  # noqa: F401
 from vimbench.commands import main
-from vimbench.kernels.selective_scan import selective_scan_ref
+from vimbench.kernels.selective_scan import SCAN_BACKENDS, selective_scan_ref
 from vimbench.measure import ops
 
 FAST = ["--repeats", "1", "--min-time", "0", "--device", "cpu", "--threads", "1", "--res", "32"]
@@ -28,7 +28,8 @@ def test_models_lists_a_registered_scan_backend(fresh_plugins, capsys):
     vimbench.register_scan_backend("mine", selective_scan_ref, devices=("cpu", "cuda"), description="my scan")
     code, out, _ = run(["models", "--res", "32"], capsys)
     assert code == 0
-    assert "scan=auto (ref|cpu|cpp|triton|mamba_ssm|mine|auto)" in next(l for l in out.splitlines() if "vim_tiny " in l)
+    built_in = "|".join(SCAN_BACKENDS)
+    assert f"scan=auto ({built_in}|mine|auto)" in next(l for l in out.splitlines() if "vim_tiny " in l)
     row = next(l for l in out.split("plug-in backends:")[1].splitlines() if l.startswith("scan "))
     assert row.split()[:5] == ["scan", "mine", "(direct", "call)", "cpu,cuda"] and "unavailable" in row
 
