@@ -183,21 +183,14 @@ def paper_1248(out: Path) -> str:
     return text
 
 
-def _kernels(out: Path) -> pd.DataFrame:
-    """Every kernels CSV in ``out`` as one table (there is at least one)."""
-    return pd.concat([with_current_names(pd.read_csv(c)) for c in sorted(out.glob("kernels-*.csv"))],
-                     ignore_index=True)
-
-
-def _floors(out: Path, facts: dict) -> pd.DataFrame | None:
-    """``scan_floors`` of every kernels CSV in ``out``; None without CSVs or device facts."""
-    if not any(out.glob("kernels-*.csv")) or not facts:
-        return None
-    return scan_floors(_kernels(out), facts["exp2_per_s"])
+def _kernels(out: Path) -> pd.DataFrame | None:
+    """Every kernels CSV in ``out`` as one table; None when there is none."""
+    csvs = sorted(out.glob("kernels-*.csv"))
+    return pd.concat([with_current_names(pd.read_csv(c)) for c in csvs], ignore_index=True) if csvs else None
 
 
 def floor_line(floors: pd.DataFrame | None) -> str:
-    """The Triton scan at the Vim-Ti 1248 shape, batch 64, fp32, against its floor (``_floors``), in words."""
+    """The Triton scan at the Vim-Ti 1248 shape, batch 64, fp32, against its floor (``scan_floors``), in words."""
     if floors is None:
         return "not measured"
     at = floors[(floors["model"] == FLOOR["model"]) & (floors["res"] == FLOOR["res"])
@@ -221,7 +214,8 @@ def write_summary(out: Path) -> Path:
     card = env.get("device_name") or facts.get("card", "card unknown")
     verdict, detail = correctness(out)
     steps, trusted = latest_steps(out), verdict != "INCORRECT"
-    floors = _floors(out, facts) if trusted else None  # correctness gates speed: no timing of failed kernels
+    kernels = _kernels(out) if trusted else None  # correctness gates speed: no timing of failed kernels
+    floors = scan_floors(kernels, facts["exp2_per_s"]) if kernels is not None and facts else None
     withheld = "withheld: the kernels failed their correctness checks"
     timed = any(out.glob("*.csv"))
     head = {"correct": "kernels correct",
@@ -259,7 +253,7 @@ def write_summary(out: Path) -> Path:
         lines += ["not measured", ""]
     if trusted:  # correctness gates speed
         lines += ["## Triton scan designs at vim_tiny L=6085, batch 64", ""]
-        designs = design_comparison(_kernels(out)) if any(out.glob("kernels-*.csv")) else []
+        designs = design_comparison(kernels) if kernels is not None else []
         lines += [f"- {describe(r)}" for r in designs] or ["not run"]
         lines += [""]
     lines += ["## Triton scan against its floor", ""]

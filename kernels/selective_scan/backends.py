@@ -52,6 +52,10 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+CPU_ONLY = ("cpp",)
+"""Built-in backends with no CUDA implementation at all (so no GPU run to predict memory for)."""
+
+
 def check_scan_backend(backend: str, device: torch.device | str) -> None:
     """Raises ``BackendUnavailable`` (or ValueError for an unknown name) if ``backend`` can't run on ``device``."""
     device = torch.device(device)
@@ -67,22 +71,17 @@ def check_scan_backend(backend: str, device: torch.device | str) -> None:
         if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
             raise BackendUnavailable(
                 f"scan backend {backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}")
-    if backend == "cpp":
-        if device.type not in ("cpu", "meta"):
-            raise BackendUnavailable(f"scan backend 'cpp' needs CPU tensors, got {device.type}")
-        if device.type == "cpu":
-            ok, why = compiled_cpu.available()
-            if not ok:
-                raise BackendUnavailable(f"scan backend 'cpp' is unavailable: {why}")
+    if backend in CPU_ONLY and device.type not in ("cpu", "meta"):
+        raise BackendUnavailable(f"scan backend {backend!r} needs CPU tensors, got {device.type}")
+    if backend == "cpp" and device.type == "cpu":
+        ok, why = compiled_cpu.available()
+        if not ok:
+            raise BackendUnavailable(f"scan backend 'cpp' is unavailable: {why}")
     if backend == "mamba_ssm":
         if not _importable("mamba_ssm"):
             raise BackendUnavailable("scan backend 'mamba_ssm' needs the mamba_ssm package, which is not installed")
         if device.type != "cuda":
             raise BackendUnavailable(f"scan backend 'mamba_ssm' needs CUDA tensors, got {device.type}")
-
-
-CPU_ONLY = ("cpp",)
-"""Built-in backends with no CUDA implementation at all (so no GPU run to predict memory for)."""
 
 
 def runs_on_cuda(backend: str) -> bool:
