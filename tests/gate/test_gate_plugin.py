@@ -62,7 +62,7 @@ def test_scan_gate_records_in_the_users_file_passes_unchanged_and_fails_a_2x_slo
     suite.slowdown[slow] = 2.0
     suite.calls.clear()
     code, out, err = run(["gate", "--scan", "mine", "--device", "cpu", "--baseline", str(path)], capsys)
-    assert code == 1 and f"FAILED: 1 benchmark(s)" in err and slow in err
+    assert code == 1 and "FAILED: 1 benchmark(s)" in err and slow in err
     row = next(line for line in out.splitlines() if line.startswith(slow))
     # baseline: the median of ratios 1.0 and 1.01 over the runs; now: the fastest attempt, 2.0
     assert "SLOWER" in row and f"{2.0 / 1.005 - 1:+.1%}" in row
