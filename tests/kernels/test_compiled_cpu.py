@@ -174,6 +174,27 @@ def test_threads_do_not_change_results():
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("E", [192, 200])
+def test_many_lanes_on_one_thread(E):
+    """One thread scans 3 * E / 16 > 32 lanes, so lanes are staged in several groups (the last one partial);
+    E = 192: every lane full, time-major rows read in place; E = 200: a partial lane per batch, rows gathered."""
+    u, delta, A, B, C, D, z, bias = make_inputs(3, E, 70, 16, time_major=True, seed=8)
+    u_b, delta_b, A_b, B_b, C_b, D_b, _, bias_b = make_inputs(3, E, 70, 16, time_major=True, seed=9)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out, last = compiled_cpu.selective_scan_compiled(u, delta, A, B, C, D, z, bias, True, return_last_state=True)
+        pair = compiled_cpu.bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
+                                                        bias, bias_b, True)
+    finally:
+        torch.set_num_threads(prev)
+    ref, last_ref = ref64(u, delta, A, B, C, D, z, bias, True)
+    close(out, ref, *TOL[torch.float32])
+    close(last, last_ref, *STATE_TOL, what="last state")
+    close(pair, bidir_ref64(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, bias, bias_b, True),
+          *TOL[torch.float32], what="bidirectional")
+
+
 def test_float64_refused():
     u, delta, A, B, C, D, z, bias = make_inputs(1, 5, 3, 4)
     with pytest.raises(RuntimeError, match="float64"):

@@ -17,14 +17,14 @@
 //   * The decay exp is an inline AVX-512 exp2 (polynomial + vscalefps, ~2 ulp; exp_u20 on other CPUs).
 //   * The state of a lane is NT vectors (NT = N, padded to 4, 8 or 16; larger N in several chunks of 16),
 //     held in registers through a tile and in the lane's memory between tiles.
-//   * Time is processed in tiles of kTile steps, and a thread scans each tile for all its lanes before the
-//     next tile: the tile's rows of a time-major input (E contiguous channels each) are read while they are
-//     in cache and their pages in the TLB, where a lane scanning all L steps alone would stride through every
-//     page of every input once per lane. Per tile and lane, a staging pass reads u, delta (any dtype, any
-//     strides) into small float32 buffers, applies bias and softplus, forms delta*u and D*u, and copies B and
-//     C of the tile into float32 buffers; the scan pass then touches only those L1-resident buffers and its
-//     registers (no function calls, so the state never spills); an epilogue pass applies the gate and stores
-//     the output in u's dtype with the output's strides.
+//   * Time is processed in tiles of kTile steps, and a thread takes its lanes in groups of up to kGroup; each
+//     tile is staged, scanned and stored for the whole group before the next tile. Staging reads u and delta
+//     (any dtype, any strides), applies bias and softplus, and forms delta*u and D*u into float32 buffers (L2);
+//     B and C of the tile are copied once per (batch, group of B/C). For time-major inputs (Vim's in_proj and
+//     x_proj outputs) staging and the store go row by row across the group's lanes, so each step's channels are
+//     one contiguous run of memory that the hardware prefetcher streams; other layouts are gathered lane by
+//     lane. The scan pass then touches only the staged buffers and its registers (no function calls, so the
+//     state never spills); the epilogue applies the gate and stores the output in u's dtype and strides.
 //   * The bidirectional op scans the backward direction first (t = L-1 .. 0, reading original-order memory at
 //     reversed offsets; no flipped copies), keeps y_b + D_b*u_b in a float32 buffer (lanes x L x W, at most
 //     64 MiB per pass), then scans forward and writes (y_f + D_f*u_f + y_b + D_b*u_b) * silu(z).
@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <type_traits>
@@ -53,7 +54,8 @@ namespace {
 using vimbench_vec::Vec;
 using vimbench_vec::W;                     // channels per task (SIMD lanes of float32)
 using namespace vimbench_vec;              // load_vec, store_vec, exp_state, softplus, silu
-constexpr int kTile = 64;                  // time steps staged per tile (buffers stay in L1)
+constexpr int kTile = 64;                  // time steps staged per tile
+constexpr int kGroup = 32;                 // lanes staged together per tile (their buffers: 384 KiB, in L2)
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kMaxNT = 16;                 // 32 vector registers: 16 state vectors + temporaries
 #else
@@ -220,13 +222,6 @@ struct Direction {
   int64_t Eg = 0;                // channels per group of B / C
 };
 
-// Per-thread scratch: one tile's staged inputs (shared by the blocks a thread scans in turn).
-struct Scratch {
-  std::vector<float> d, du, y, z, Bt, Ct;
-  explicit Scratch(int ld)
-      : d(kTile * W), du(kTile * W), y(kTile * W), z(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f) {}
-};
-
 // One block of <= W channels [e0, e0 + cnt) of batch bi, and its state carried from tile to tile.
 struct Lane {
   int64_t bi = 0, e0 = 0, g = 0;
@@ -249,73 +244,128 @@ struct Lane {
   }
 };
 
-// Tile k (in scan order) of one direction for one lane: stage, scan, epilogue.
-//   acc_out: if non-null, receives y + D*u (float32, (L, W)) instead of the output (first pass of the pair)
-//   acc_in:  if non-null, added to y + D*u before the gate (second pass of the pair)
-template <typename T, typename TBC>
-void scan_tile_of_lane(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N,
-                       int64_t L, int64_t k, Lane& lane, bool softplus_on, const View3<const T>* z,
-                       const View3<T>* out, float* acc_out, const float* acc_in, Scratch& sc) {
-  const int64_t ntiles = (L + kTile - 1) / kTile;
-  const int64_t tile = dir.reverse ? ntiles - 1 - k : k;
-  const int64_t t0 = tile * kTile, bi = lane.bi, e0 = lane.e0;
-  const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0)), cnt = lane.cnt;
+// Per-thread scratch for one group of <= kGroup lanes and one tile: the staged delta, delta*u and y of every
+// lane ((kGroup, kTile, W) float32 each, in L2), a lane's gathered rows for inputs that are not time-major, and
+// B and C of the tile, staged once for all lanes of one (batch, group of B/C): ``bc_key`` says which they hold.
+struct Scratch {
+  std::vector<float> d, du, y, rows_a, rows_b, Bt, Ct;
+  struct BCKey {
+    const void* B = nullptr;
+    int64_t bi = -1, g = -1, t0 = -1;
+    bool operator==(const BCKey& o) const { return B == o.B && bi == o.bi && g == o.g && t0 == o.t0; }
+  } bc_key;
+  explicit Scratch(int ld)
+      : d(kGroup * kTile * W), du(kGroup * kTile * W), y(kGroup * kTile * W), rows_a(kTile * W), rows_b(kTile * W),
+        Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f) {}
+  float* d_of(int j) { return d.data() + j * kTile * W; }
+  float* du_of(int j) { return du.data() + j * kTile * W; }
+};
 
-  // stage: delta (+bias, softplus), delta*u, D*u, B_t, C_t
-  load_rows<T>(dir.delta, bi, e0, cnt, t0, nt, sc.d.data());
-  load_rows<T>(dir.u, bi, e0, cnt, t0, nt, sc.du.data());
-  for (int s = 0; s < nt; ++s) {
-    Vec dv = Vec::loadu(sc.d.data() + s * W);
-    if (dir.bias) dv = dv + lane.biasv;
-    if (softplus_on) dv = softplus(dv);
-    const Vec uv = Vec::loadu(sc.du.data() + s * W);
-    dv.store(sc.d.data() + s * W);
-    (dv * uv).store(sc.du.data() + s * W);
-    (dir.D ? lane.Dv * uv : Vec(0.f)).store(sc.y.data() + s * W);
-  }
-  load_bc<TBC>(dir.B, bi, lane.g, N, t0, nt, ld, sc.Bt.data());
-  load_bc<TBC>(dir.C, bi, lane.g, N, t0, nt, ld, sc.Ct.data());
-
-  // scan, chunk by chunk of the state
-  for (const Chunk& ch : chunks)
-    ch.fn(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.y.data(), sc.Bt.data() + ch.n0, sc.Ct.data() + ch.n0,
-          ld, lane.A.data() + ch.n0 * W, lane.h.data() + ch.n0 * W);
-
-  // epilogue
-  float* y = sc.y.data();
-  if (acc_out) {
-    std::copy(y, y + nt * W, acc_out + t0 * W);
-    return;
-  }
-  if (acc_in)
-    for (int s = 0; s < nt; ++s)
-      (Vec::loadu(y + s * W) + Vec::loadu(acc_in + (t0 + s) * W)).store(y + s * W);
-  if (z) {
-    load_rows<T>(*z, bi, e0, cnt, t0, nt, sc.z.data());
-    for (int s = 0; s < nt; ++s)
-      (Vec::loadu(y + s * W) * silu(Vec::loadu(sc.z.data() + s * W))).store(y + s * W);
-  }
-  store_rows<T>(*out, bi, e0, cnt, t0, nt, y);
+// Whether a group's rows of x are read in place: x time-major (stride 1 along E) and every lane full.
+template <typename T>
+bool in_place(const View3<T>& x, const Lane* lanes, int n) {
+  return x.se == 1 && std::all_of(lanes, lanes + n, [](const Lane& l) { return l.cnt == W; });
 }
 
-// Scans one direction over all L steps for every lane of ``lanes``, tile by tile: each tile of kTile steps is
-// scanned for all lanes before the next, so a time-major input's rows (E channels, contiguous) are read while
-// they are in cache and their pages in the TLB, instead of each block striding through all L rows alone.
-//   acc: null, or (lanes.size(), L, W) float32: written (acc_out) or read (acc_in) per lane, see above
-//   last: if non-null, (b, E, N) float32 contiguous, receives h_{end of scan} of every lane
+// The W elements x[lane.bi, lane.e0 .. lane.e0 + W - 1, t] of a time-major x.
+template <typename T>
+inline T* row(const View3<T>& x, const Lane& lane, int64_t t) { return x.data + lane.bi * x.sb + lane.e0 + t * x.sl; }
+
+// Scans one direction over all L steps for a group of n <= kGroup lanes, tile by tile. Per tile:
+//   stage     delta (+ bias, softplus), delta*u, and y's start D*u (+ the other direction's y + D*u, acc_in)
+//             for every lane; time-major inputs are read row by row across the group's lanes, so each
+//             step's channels are one contiguous run of memory (the hardware prefetcher streams it), others
+//             are gathered lane by lane;
+//   scan      lane by lane, chunk by chunk of the state, from the staged buffers;
+//   epilogue  the gate y * silu(z) and the store in u's dtype, row by row again where the output is time-major.
+//   acc_out: null, or (n, L, W) float32 that receives y + D*u in place of the output (first pass of the pair);
+//            its rows are the scan's accumulator, so nothing is copied
+//   acc_in:  null, or (n, L, W) float32 added to y + D*u before the gate (second pass of the pair)
+//   last:    null, or (b, E, N) float32 contiguous, receives h at the end of the scan of every lane
+template <typename T, typename TBC>
+void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N, int64_t L,
+                int64_t E, Lane* lanes, int n, bool softplus_on, const View3<const T>* z, const View3<T>* out,
+                float* acc_out, const float* acc_in, float* last, Scratch& sc) {
+  const int64_t ntiles = (L + kTile - 1) / kTile;
+  const bool rows_du = in_place(dir.delta, lanes, n) && in_place(dir.u, lanes, n);
+  const bool rows_out = acc_out == nullptr && in_place(*out, lanes, n) && (z == nullptr || in_place(*z, lanes, n));
+  for (int64_t k = 0; k < ntiles; ++k) {
+    const int64_t t0 = (dir.reverse ? ntiles - 1 - k : k) * kTile;
+    const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0));
+    auto y_of = [&](int j) { return acc_out ? acc_out + (j * L + t0) * W : sc.y.data() + j * kTile * W; };
+
+    // stage
+    auto stage = [&](int j, int s, Vec dv, const Vec uv) {
+      if (dir.bias) dv = dv + lanes[j].biasv;
+      if (softplus_on) dv = softplus(dv);
+      dv.store(sc.d_of(j) + s * W);
+      (dv * uv).store(sc.du_of(j) + s * W);
+      Vec y0 = dir.D ? lanes[j].Dv * uv : Vec(0.f);
+      if (acc_in) y0 = y0 + Vec::loadu(acc_in + (j * L + t0 + s) * W);
+      y0.store(y_of(j) + s * W);
+    };
+    if (rows_du) {
+      for (int s = 0; s < nt; ++s)
+        for (int j = 0; j < n; ++j)
+          stage(j, s, load_vec<T>(row(dir.delta, lanes[j], t0 + s)), load_vec<T>(row(dir.u, lanes[j], t0 + s)));
+    } else {
+      for (int j = 0; j < n; ++j) {
+        load_rows<T>(dir.delta, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, sc.rows_a.data());
+        load_rows<T>(dir.u, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, sc.rows_b.data());
+        for (int s = 0; s < nt; ++s) stage(j, s, Vec::loadu(sc.rows_a.data() + s * W), Vec::loadu(sc.rows_b.data() + s * W));
+      }
+    }
+
+    // scan
+    for (int j = 0; j < n; ++j) {
+      const Scratch::BCKey key{dir.B.data, lanes[j].bi, lanes[j].g, t0};
+      if (!(sc.bc_key == key)) {
+        load_bc<TBC>(dir.B, lanes[j].bi, lanes[j].g, N, t0, nt, ld, sc.Bt.data());
+        load_bc<TBC>(dir.C, lanes[j].bi, lanes[j].g, N, t0, nt, ld, sc.Ct.data());
+        sc.bc_key = key;
+      }
+      for (const Chunk& ch : chunks)
+        ch.fn(nt, dir.reverse, sc.d_of(j), sc.du_of(j), y_of(j), sc.Bt.data() + ch.n0, sc.Ct.data() + ch.n0, ld,
+              lanes[j].A.data() + ch.n0 * W, lanes[j].h.data() + ch.n0 * W);
+    }
+
+    // epilogue
+    if (acc_out) continue;
+    if (rows_out) {
+      for (int s = 0; s < nt; ++s)
+        for (int j = 0; j < n; ++j) {
+          Vec v = Vec::loadu(y_of(j) + s * W);
+          if (z) v = v * silu(load_vec<T>(row(*z, lanes[j], t0 + s)));
+          store_vec<T>(v, row(*out, lanes[j], t0 + s));
+        }
+    } else {
+      for (int j = 0; j < n; ++j) {
+        float* y = y_of(j);
+        if (z) {
+          load_rows<T>(*z, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, sc.rows_a.data());
+          for (int s = 0; s < nt; ++s)
+            (Vec::loadu(y + s * W) * silu(Vec::loadu(sc.rows_a.data() + s * W))).store(y + s * W);
+        }
+        store_rows<T>(*out, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, y);
+      }
+    }
+  }
+  if (last)
+    for (int j = 0; j < n; ++j)
+      for (int i = 0; i < lanes[j].cnt; ++i)
+        for (int64_t m = 0; m < N; ++m) last[(lanes[j].bi * E + lanes[j].e0 + i) * N + m] = lanes[j].h[m * W + i];
+}
+
+// scan_group over ``lanes`` in groups of kGroup; acc_out / acc_in as there, (lanes.size(), L, W) here.
 template <typename T, typename TBC>
 void scan_direction(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N, int64_t L,
                     int64_t E, std::vector<Lane>& lanes, bool softplus_on, const View3<const T>* z,
                     const View3<T>* out, float* acc_out, const float* acc_in, float* last, Scratch& sc) {
-  const int64_t ntiles = (L + kTile - 1) / kTile;
-  for (int64_t k = 0; k < ntiles; ++k)
-    for (size_t j = 0; j < lanes.size(); ++j)
-      scan_tile_of_lane(dir, chunks, ld, N, L, k, lanes[j], softplus_on, z, out,
-                        acc_out ? acc_out + j * L * W : nullptr, acc_in ? acc_in + j * L * W : nullptr, sc);
-  if (last)
-    for (const Lane& lane : lanes)
-      for (int i = 0; i < lane.cnt; ++i)
-        for (int64_t n = 0; n < N; ++n) last[(lane.bi * E + lane.e0 + i) * N + n] = lane.h[n * W + i];
+  for (size_t first = 0; first < lanes.size(); first += kGroup) {
+    const int n = static_cast<int>(std::min<size_t>(kGroup, lanes.size() - first));
+    scan_group(dir, chunks, ld, N, L, E, lanes.data() + first, n, softplus_on, z, out,
+               acc_out ? acc_out + first * L * W : nullptr, acc_in ? acc_in + first * L * W : nullptr, last, sc);
+  }
 }
 
 // Tasks: (batch, block of <= W channels inside a segment of Sg channels that no group boundary crosses).
@@ -547,16 +597,16 @@ at::Tensor bidirectional_scan_fwd(
     at::parallel_for(0, blocks.count(b), 1, [&](int64_t begin, int64_t end) {
       Scratch sc(ld);
       const int64_t per_pass = lanes_per_pass(L);
-      std::vector<float> acc;                // y_b + D_b * u_b of the pass's lanes, (lanes, L, W) float32
+      // y_b + D_b * u_b of the pass's lanes, (lanes, L, W) float32; every element is written before it is read
+      const std::unique_ptr<float[]> acc(new float[std::min(end - begin, per_pass) * L * W]);
       for (int64_t first = begin; first < end; first += per_pass) {
         const int64_t last_task = std::min(end, first + per_pass);
-        acc.resize((last_task - first) * L * W);
         std::vector<Lane> back = make_lanes(bwd, blocks, N, ld, first, last_task);
-        scan_direction<T, TBC>(bwd, chunks, ld, N, L, E, back, delta_softplus, nullptr, nullptr, acc.data(),
+        scan_direction<T, TBC>(bwd, chunks, ld, N, L, E, back, delta_softplus, nullptr, nullptr, acc.get(),
                                nullptr, nullptr, sc);
         std::vector<Lane> fore = make_lanes(fwd, blocks, N, ld, first, last_task);
         scan_direction<T, TBC>(fwd, chunks, ld, N, L, E, fore, delta_softplus, z ? &zv : nullptr, &ov, nullptr,
-                               acc.data(), nullptr, sc);
+                               acc.get(), nullptr, sc);
       }
     });
   });

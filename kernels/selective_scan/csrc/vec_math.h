@@ -11,6 +11,10 @@
 
 namespace vimbench_vec {
 
+// Forced inlining for the per-element math below: called once per vector inside the kernels' loops, where a
+// call would reload every polynomial constant from memory and pass vectors through the stack.
+#define VIMBENCH_INLINE inline __attribute__((always_inline))
+
 using Vec = at::vec::Vectorized<float>;
 constexpr int W = Vec::size();             // float32 SIMD lanes (16 with AVX-512, 8 with AVX2)
 
@@ -61,7 +65,7 @@ constexpr float kExpScale = 1.4426950408889634f;   // log2(e): A is multiplied b
 
 // 2^(n + f) for an integer-valued n and |f| <= 1/2 (slightly more in exp_accurate): the polynomial and the
 // vscalefps that both exps below share.
-inline __m512 exp2_split(__m512 n, __m512 f) {
+VIMBENCH_INLINE __m512 exp2_split(__m512 n, __m512 f) {
   __m512 p = _mm512_set1_ps(0.001327647129073739f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541892647743f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
@@ -71,7 +75,7 @@ inline __m512 exp2_split(__m512 n, __m512 f) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline Vec exp_state(const Vec& t_in) {            // exp(x) for t_in = x * log2(e)
+VIMBENCH_INLINE Vec exp_state(const Vec& t_in) {            // exp(x) for t_in = x * log2(e)
   // f = t - round(t) by vreduceps, which gives 0 for +-inf, so exp(+-inf) = scalef(1, +-inf) = inf / 0 and
   // NaN propagates, with no clamping
   const __m512 t = t_in;
@@ -81,7 +85,7 @@ inline Vec exp_state(const Vec& t_in) {            // exp(x) for t_in = x * log2
 }
 #else
 constexpr float kExpScale = 1.f;
-inline Vec exp_state(const Vec& x) { return x.exp_u20(); }
+VIMBENCH_INLINE Vec exp_state(const Vec& x) { return x.exp_u20(); }
 #endif
 
 // ------------------------------------------------------------------------------------------------------
@@ -92,7 +96,7 @@ inline Vec exp_state(const Vec& x) { return x.exp_u20(); }
 #if defined(CPU_CAPABILITY_AVX512)
 // exp(x) to ~2 ulp for any x: like exp_state, but t = x * log2(e) is carried in two parts (t_hi + t_lo, the
 // product's rounding error recovered with FMAs), so large |x| loses no accuracy.
-inline Vec exp_accurate(const Vec& xv) {
+VIMBENCH_INLINE Vec exp_accurate(const Vec& xv) {
   const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), xv));
   const __m512 L_hi = _mm512_set1_ps(1.44269502162933349609375f);      // float(log2(e))
   const __m512 L_lo = _mm512_set1_ps(1.925963033500011079e-8f);        // log2(e) - L_hi
@@ -104,7 +108,7 @@ inline Vec exp_accurate(const Vec& xv) {
 }
 
 // a / b to ~1 ulp without vdivps: 14-bit reciprocal estimate refined by one Newton step.
-inline __m512 fast_div(__m512 a, __m512 b) {
+VIMBENCH_INLINE __m512 fast_div(__m512 a, __m512 b) {
   const __m512 r0 = _mm512_rcp14_ps(b);
   const __m512 r = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(b, r0, _mm512_set1_ps(1.f)), r0);
   return _mm512_mul_ps(a, r);
@@ -113,7 +117,7 @@ inline __m512 fast_div(__m512 a, __m512 b) {
 // log1p(w) for w in [0, 1]: s = 1 + w = 2^k m with m in [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(q),
 // q = (m - 1) / (m + 1), |q| <= 0.172, by its odd series to q^9 (truncation < 1e-9); plus the rounding error
 // of 1 + w, (w - (s - 1)) / s, so small w keep full relative accuracy.
-inline Vec log1p_unit(const Vec& wv) {
+VIMBENCH_INLINE Vec log1p_unit(const Vec& wv) {
   const __m512 w = wv, one = _mm512_set1_ps(1.f);
   const __m512 s = _mm512_add_ps(one, w);
   const __mmask16 big = _mm512_cmp_ps_mask(s, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
@@ -131,20 +135,20 @@ inline Vec log1p_unit(const Vec& wv) {
   return _mm512_add_ps(_mm512_fmadd_ps(k, _mm512_set1_ps(0.693147180559945309f), log_m), corr);
 }
 
-inline Vec softplus(const Vec& x) {    // x > 20 ? x : log1p(exp(x)) = max(x, 0) + log1p(exp(-|x|))
+VIMBENCH_INLINE Vec softplus(const Vec& x) {    // x > 20 ? x : log1p(exp(x)) = max(x, 0) + log1p(exp(-|x|))
   const Vec sp = at::vec::maximum(x, Vec(0.f)) + log1p_unit(exp_accurate(x.abs().neg()));
   return Vec::blendv(sp, x, x > Vec(20.f));
 }
 
-inline Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp(-x)), as torch's kernel
+VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp(-x)), as torch's kernel
   return fast_div(x, Vec(1.f) + exp_accurate(x.neg()));
 }
 #else
-inline Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(x), beta 1, threshold 20
+VIMBENCH_INLINE Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(x), beta 1, threshold 20
   return Vec::blendv(x.exp().log1p(), x, x > Vec(20.f));
 }
 
-inline Vec silu(const Vec& x) {        // x * sigmoid(x), as torch's silu kernel: x / (1 + exp(-x))
+VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x), as torch's silu kernel: x / (1 + exp(-x))
   return x / (Vec(1.f) + x.neg().exp());
 }
 #endif
