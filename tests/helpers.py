@@ -1,8 +1,10 @@
 """Test helpers: one closeness check against the project's tolerance table (``check.TOLERANCES``), the
 scan input builder (``check.scan_case``), NaN-poisoned allocations, and for plug-ins: a planted wrong scan,
-isolated registries (``fresh_plugins``) and an installed-looking distribution without pip (``fake_install``)."""
+isolated registries (``fresh_plugins``) and an installed-looking distribution without pip (``fake_install``);
+a Slurm login node without a cluster (``fake_slurm``)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,14 @@ def planted_wrong_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, last) if return_last_state else out
 
 
+def register_planted_wrong_scan() -> None:
+    """Registers ``planted_wrong_scan`` as the CPU scan backend "wrong": an entry point's function, for other
+    processes (submitit jobs, their workers) to find it as an installed plug-in (``fake_install`` with
+    {"wrong": "helpers:register_planted_wrong_scan"}, and this folder on their PYTHONPATH)."""
+    import vimbench
+    vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
+
+
 @pytest.fixture
 def fresh_plugins(monkeypatch):
     """A test with its own plug-in registries: entry points load afresh in it, and every backend or model it
@@ -84,3 +94,33 @@ def fake_install(site: Path, dist: str, entry_points: dict[str, str], group: str
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(),
                                   reason="checks what happens on a host without a CUDA GPU; this host has one")
 """For tests of the refusals a host without a GPU gives (on a GPU host those calls would start real work)."""
+
+
+SBATCH = """#!/bin/sh
+n=$(ls "{scripts}" | wc -l)
+cp "$1" "{scripts}/$n.sh"
+echo "Submitted batch job 4242"
+"""
+SACCT = """#!/bin/sh
+printf 'JobID|State|NodeList\\n4242_0|PREEMPTED|n1\\n4242_1|FAILED|n2\\n4242|TIMEOUT|n3\\n'
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """A Slurm login node without a cluster: sbatch (keeps each script it is given as <n>.sh in the folder
+    returned, n counting from 0; every submission is job 4242), srun, and sacct (array task 0 pre-empted,
+    task 1 failed; the single job 4242 timed out) on PATH."""
+    bin_dir, scripts = tmp_path / "bin", tmp_path / "submitted"
+    bin_dir.mkdir()
+    scripts.mkdir()
+    for name, text in {"sbatch": SBATCH.format(scripts=scripts), "srun": "#!/bin/sh\n", "sacct": SACCT}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return scripts
+
+
+def submitted(scripts: Path) -> list[str]:
+    """The sbatch scripts ``fake_slurm`` was given, in the order they were submitted."""
+    return [p.read_text() for p in sorted(scripts.glob("*.sh"), key=lambda p: int(p.stem))]

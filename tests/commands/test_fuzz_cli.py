@@ -44,7 +44,7 @@ from vimbench.commands import cli, main
 from vimbench.count import flops as count_flops_module, memory as count_memory_module
 from vimbench.count.kernel_compile import CompileRow
 from vimbench.count.memory import CARDS
-from vimbench.measure import isolation, ops as measure_ops
+from vimbench.measure import isolation, launchers, ops as measure_ops
 from vimbench.errors import InputError
 from vimbench.models.registry import check_options, create_model, impl_of
 from vimbench.present import figures, report
@@ -166,6 +166,13 @@ def _fake_deterministic_snapshot():
             "triton": triton}
 
 
+def _fake_submitit_run(self, run_one, todo, jobs_dir):
+    """submitit jobs without submitit: each configuration's row computed in this process (where the other
+    stubs apply), placed as a job's row is."""
+    for i, cfg in enumerate(todo):
+        yield cfg, {**launchers.placed(run_one(cfg), cfg, self.name, 1), "job_id": str(i)}
+
+
 REAL_RUN_SUITE = gate.run_suite
 STUBS = {measure_ops.run_isolated: _fake_run_isolated, count_flops_module.count_flops: _fake_count_flops,
          count_memory_module.predict_memory: _fake_predict_memory, measure_ops.model_geometry: _fake_model_geometry,
@@ -183,6 +190,7 @@ def stub_measuring(monkeypatch, tmp_path):
         for attr, value in list(vars(module).items()):
             if callable(value) and value in STUBS:
                 monkeypatch.setattr(module, attr, STUBS[value])
+    monkeypatch.setattr(launchers.Submitit, "run", _fake_submitit_run)
     monkeypatch.setattr(gate, "cotenant", contextlib.nullcontext)
     monkeypatch.setattr(writer.os, "fsync", lambda fd: None)  # durability is not under test; fsync is slow
     # baselines are written next to the benchmark suite by default: work on copies
@@ -267,6 +275,8 @@ BY_NAME = {
     "device_spec": kinds(["auto", "cpu"], ["cuda", "cuda:0", "cuda:7", "cpu:0", "meta", "tpu", "mps", "cuda:-1",
                                            "cuda:" + "9" * 25, "gpu"]),
     "card": kinds(list(CARDS), ["h100", "H100-80GB"]),
+    "partition": kinds(["gpu"], ["", " "]),
+    "sbatch": kinds(["account=abc", "qos=high"], ["qos", "=abc", ""]),
     "select": kinds(["scan", "attention"], ["nosuchbench", "not scan", "(", "and", "scan or attention"]),
 }
 """(valid, wild) values for an option by its parameter name (the Click ``name``); others by type
@@ -474,3 +484,11 @@ def test_gate_k_that_selects_nothing_says_so(stub_measuring, monkeypatch):
     baseline = next(gate.BASELINE_DIR.glob("cpu-*.json"))  # any CPU's: this one's may not be recorded
     code, err = check_call(["gate", "--device=cpu", "-knosuchbench", f"--baseline={baseline}"])
     assert code == 2 and "no benchmark matches -k 'nosuchbench'" in err
+
+
+@pytest.mark.parametrize("name", ["scaling", "kernels"])
+def test_submitit_launcher_under_the_stubs(name, stub_measuring):
+    """The path random lines rarely take whole (--launcher local with no Slurm-only option): the jobs, the
+    kernels preamble's among them, run in this process under the stubs; the invariants hold."""
+    code, err = check_call([name, "--launcher=local", "--workers=2", "--device=cpu", "--res=32"])
+    assert code == 0, err

@@ -1,15 +1,17 @@
-"""`vimbench kernels`: FLOP and byte models against closed forms, the CSV schema, resume and bad input."""
+"""`vimbench kernels`: FLOP and byte models against closed forms, the CSV schema, resume, the launchers (the
+preamble job of checks and ceilings, then the sweep) and bad input."""
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-from helpers import needs_no_gpu
+from helpers import fake_slurm, needs_no_gpu, submitted  # noqa: F401 (a fixture)
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import resolve_scan_backend
 from vimbench.analysis.crossovers import kernel_crossovers
 from vimbench.rows.schema import KERNELS
+from vimbench.measure.launchers import Plain, Submitit
 from vimbench.measure.ops import OPS, Geometry, model_geometry, op_cost
 from vimbench.rows.reader import split_settings
 
@@ -117,6 +119,60 @@ def test_resume_runs_only_what_is_missing(tiny_csv):
     assert len(df) == 7 and set(df.res.iloc[-2:]) == {48} and set(df.op.iloc[-2:]) == {"attention", "block_deit"}
 
 
+@pytest.mark.slow
+def test_local_launcher_gives_the_rows_of_a_plain_run_after_one_preamble_job(tiny_csv, tmp_path):
+    out = tmp_path / "local.csv"
+    assert main(["kernels", "--res", "32", "--attn", "eager", "--out", str(out), "--launcher", "local",
+                 "--workers", "2", *FAST]) == 0
+    plain, local = pd.read_csv(tiny_csv).query("res == 32"), pd.read_csv(out)  # not the rows resume added
+    key = lambda df: sorted(map(tuple, df[KERNELS.key].astype(str).values))  # noqa: E731
+    assert key(local) == key(plain) and (local.status == "ok").all()
+    assert (local.launcher == "local").all() and (local.workers == 2).all() and local.job_id.is_unique
+    assert (plain.launcher == "plain").all() and (plain.workers == 1).all() and plain.job_id.isna().all()
+    assert local.host.notna().all() and local.torch_version.notna().all()
+    # one preamble job besides the five configurations' jobs (a folder each); its ceilings are in every row
+    jobs = {d.name for d in (tmp_path / "local-jobs").iterdir() if d.name.isdigit()}
+    assert set(local.job_id.astype(str)) < jobs and len(jobs) == len(local) + 1
+    assert local.ceiling_gbs.nunique() == 1 and (local.ceiling_gbs > 0).all() and local.frac_peak_bw.notna().all()
+
+
+def test_slurm_submits_the_preamble_then_the_array(tmp_path, fake_slurm, monkeypatch, capsys):
+    """Under fake Slurm the preamble (the single job 4242) times out: a warning, no ceilings; the two
+    configurations are one array whose tasks fail (sacct), each an error row saying where it was."""
+    monkeypatch.setattr(Submitit, "poll_s", 0.1)
+    out = tmp_path / "k.csv"
+    assert main(["kernels", "--models", "deit_tiny", "--attn", "eager", "--res", "32", "--device", "cuda",
+                 "--launcher", "slurm", "--workers", "1", "--out", str(out)]) == 0
+    preamble, array = submitted(fake_slurm)
+    assert "--array" not in preamble and "#SBATCH --array=0-1%1" in array.splitlines()
+    assert "#SBATCH --gpus-per-node=1" in preamble.splitlines()
+    err = capsys.readouterr().err
+    assert "warning: the preamble job failed (slurm job 4242 ended without a row (state TIMEOUT)" in err
+    df = pd.read_csv(out).sort_values("job_id")
+    assert list(df.op) == ["attention", "block_deit"]  # array tasks in the order of the configurations
+    assert (df.status == "error").all() and (df.launcher == "slurm").all() and (df.device == "cuda:0").all()
+    assert list(df.job_id) == ["4242_0", "4242_1"] and list(df.host) == ["n1", "n2"]
+    assert df.ceiling_gbs.isna().all() and df.frac_peak_bw.isna().all()
+
+
+def test_a_failed_preamble_job_leaves_no_ceilings_and_the_scans_untimed(tmp_path, monkeypatch, capsys):
+    """The preamble's job ends without a result (as a pre-empted Slurm job does): the attention ops are still
+    timed, without ceilings; the scan backend, unchecked, gets error rows and no timing."""
+    monkeypatch.setattr(Plain, "run_job", lambda self, fn, cfg, jobs_dir: {
+        "status": "error", "error": "slurm job 7 ended without a row (state PREEMPTED)"})
+    out = tmp_path / "k.csv"
+    assert main(["kernels", "--res", "32", "--attn", "eager", "--out", str(out), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "warning: the preamble job failed (slurm job 7 ended without a row (state PREEMPTED)); " \
+           "frac_peak_* left empty" in err
+    df = pd.read_csv(out)
+    deit, vim = df[df.model == "deit_tiny"], df[df.model == "vim_tiny"]
+    assert (deit.status == "ok").all() and (deit.time_ms > 0).all() and len(deit) == 2
+    assert deit.ceiling_gbs.isna().all() and deit.frac_peak_bw.isna().all() and deit.frac_peak_flops.isna().all()
+    assert (vim.status == "error").all() and vim.time_ms.isna().all() and set(vim.impl) == {AUTO} and len(vim) == 3
+    assert vim.error.str.startswith("correctness not checked: the preamble job failed (slurm job 7").all()
+
+
 @pytest.mark.parametrize("args,msg", [
     # CPU refusals are asked for on --device cpu: under the default auto, a GPU host would run them
     (["--attn", "efficient", "--device", "cpu"], "--attn efficient"), (["--attn", "fast"], "unknown attention backend"),
@@ -127,6 +183,10 @@ def test_resume_runs_only_what_is_missing(tiny_csv):
     pytest.param(["--device", "cuda"], "no CUDA GPU", marks=needs_no_gpu),
     (["--resume"], "--resume needs --out"),
     (["--compile", "fast"], "--compile 'fast': unknown"), (["--amp", "fp8"], "--amp 'fp8': unknown"),
+    (["--launcher", "slurm"], "sbatch and srun are not on PATH"), (["--launcher", "nope"], "'--launcher'"),
+    (["--workers", "2"], "needs --launcher"),
+    pytest.param(["--device", "cuda:all"], "cuda:all: no CUDA GPU", marks=needs_no_gpu),
+    pytest.param(["--device", "cuda:0,cuda:1"], "no GPU cuda:0", marks=needs_no_gpu),
 ])
 def test_bad_input_exits_2_with_one_line(args, msg, capsys, tmp_path):
     out = [] if "--resume" in args else ["--out", str(tmp_path / "x.csv")]

@@ -64,6 +64,25 @@ def test_kernels_refuses_a_wrong_scan_before_any_timing(fresh_plugins, monkeypat
 
 
 @pytest.mark.slow
+def test_kernels_refuses_a_wrong_scan_in_submitit_jobs(fresh_plugins, monkeypatch, tmp_path, capsys):
+    """--launcher local: the check runs in the preamble job and the configurations in theirs (processes that
+    find the wrong backend as an installed plug-in); the failed check still means error rows, no timing."""
+    site = tmp_path / "site"
+    fake_install(site, "wrong-scan", {"wrong": "helpers:register_planted_wrong_scan"})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(Path(__file__).resolve().parents[1])]))
+    out = tmp_path / "k.csv"
+    code, _, err = run(["kernels", "--models", "vim_tiny", "--scan", "wrong", "--out", str(out), "--launcher", "local",
+                        "--workers", "2", *FAST], capsys)
+    assert code == 1 and "kernels: no timing for wrong" in err
+    df = pd.read_csv(out)
+    assert set(df.op) == {"scan", "scan_bidir", "mixer_vim"} and (df.impl == "wrong").all()
+    assert (df.status == "error").all() and df.time_ms.isna().all() and df.repeats.isna().all()
+    assert df.error.str.contains(r"correctness check failed: odd-L \(2, 6, 7, 4, 1\)").all()
+    assert (df.launcher == "local").all() and df.job_id.is_unique and (df.ceiling_gbs > 0).all()
+
+
+@pytest.mark.slow
 def test_installed_example_is_benchmarked_beside_a_broken_plugin(tmp_path):
     """End to end in a fresh process: the example's entry point (as pip installs it) and a broken one."""
     site = tmp_path / "site"

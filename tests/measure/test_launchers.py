@@ -10,6 +10,7 @@ import time
 import pandas as pd
 import pytest
 
+from helpers import fake_slurm, submitted  # noqa: F401 (a fixture)
 from vimbench.measure.isolation import run_isolated
 from vimbench.measure.launchers import Plain, Submitit
 from vimbench.rows.schema import PLACEMENT, SCALING, Schema
@@ -57,6 +58,12 @@ def test_plain_rows_say_where_they_ran(tmp_path):
     assert (df.host == os.uname().nodename).all()
 
 
+def test_a_single_job_runs_on_the_first_slot(tmp_path):
+    row = Plain(("1", "0")).run_job(lambda cfg: {**cfg, **run_isolated(visible_devices)}, {"name": "p"}, tmp_path)
+    assert row["name"] == "p" and row["seen"] == row["cuda_visible_devices"] == "1"
+    assert row["launcher"] == "plain" and row["workers"] == 1 and row["job_id"] == ""
+
+
 def test_local_jobs_give_the_keys_of_a_plain_run_and_a_killed_job_an_error_row(tmp_path):
     def run_one(cfg):  # pickled by value into each job
         if cfg["name"] == "c":
@@ -78,28 +85,6 @@ def test_local_jobs_give_the_keys_of_a_plain_run_and_a_killed_job_an_error_row(t
     assert raised.error == f"local job {raised.job_id} failed: ValueError: bad configuration"
 
 
-SBATCH = """#!/bin/sh
-cp "$1" "{script}"
-echo "Submitted batch job 4242"
-"""
-SACCT = """#!/bin/sh
-printf 'JobID|State|NodeList\\n4242_0|PREEMPTED|n1\\n4242_1|FAILED|n2\\n4242|TIMEOUT|n3\\n'
-"""
-
-
-@pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """sbatch (keeps the script it is given, job 4242), srun, and sacct (array task 0 pre-empted, task 1
-    failed; a single job timed out) on PATH."""
-    bin_dir, script = tmp_path / "bin", tmp_path / "submitted.sh"
-    bin_dir.mkdir()
-    for name, text in {"sbatch": SBATCH.format(script=script), "srun": "#!/bin/sh\n", "sacct": SACCT}.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return script
-
-
 def test_slurm_array_script_and_failed_tasks_become_error_rows(tmp_path, fake_slurm, monkeypatch):
     from vimbench.commands import main
     from vimbench.measure import launchers
@@ -110,7 +95,7 @@ def test_slurm_array_script_and_failed_tasks_become_error_rows(tmp_path, fake_sl
     assert main(["scaling", "--models", "deit_tiny", "--attn", "eager", "--res", "32,48", "--device", "cuda",
                  "--launcher", "slurm", "--slurm-config", str(config), "--workers", "1", "--sbatch", "qos=high",
                  "--out", str(out)]) == 0
-    script = fake_slurm.read_text()
+    [script] = submitted(fake_slurm)
     for line in ("#SBATCH --array=0-1%1", "#SBATCH --partition=gpu", "#SBATCH --time=30",
                  "#SBATCH --gpus-per-node=1", "#SBATCH --account=abc", "#SBATCH --qos=high"):
         assert line in script.splitlines()
@@ -122,10 +107,10 @@ def test_slurm_array_script_and_failed_tasks_become_error_rows(tmp_path, fake_sl
     # --resume submits only what is missing: here res 48 (res 32 has an ok row now), as a single job
     log = CsvLog(out, SCALING, resume=True)
     log.append({**df.iloc[0].to_dict(), "status": "ok", "error": ""})
-    fake_slurm.unlink()
     assert main(["scaling", "--models", "deit_tiny", "--attn", "eager", "--res", "32,48", "--device", "cuda",
                  "--launcher", "slurm", "--out", str(out), "--resume"]) == 0
-    assert "--array" not in fake_slurm.read_text()
+    [_, single] = submitted(fake_slurm)
+    assert "--array" not in single
     last = pd.read_csv(out).iloc[-1]
     assert len(pd.read_csv(out)) == 4 and last.res == 48 and "(state TIMEOUT)" in last.error
 
@@ -142,7 +127,8 @@ run_one = lambda c: time.sleep(0.5) or {{"name": c["name"], "status": "ok"}}
 run_sweep(CONFIGS, CsvLog({str(tmp_path / 'r.csv')!r}, SCHEMA), run_one, str, Plain(("0", "1")))
 """
     configs = [{"name": str(i)} for i in range(16)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(__file__),
+    here = os.path.dirname(__file__)  # test_launchers, and helpers in the folder above
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.path.dirname(here),
                                                                      os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-c", f"CONFIGS = {configs!r}" + code], env=env,
                             stderr=subprocess.DEVNULL)

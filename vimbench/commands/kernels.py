@@ -10,14 +10,13 @@ from vimbench.commands import options as o
 from vimbench.errors import InputError
 from vimbench.kernels.attention import ATTENTION_BACKENDS
 from vimbench.kernels.selective_scan import SCAN_CHOICES
-from vimbench.measure.isolation import run_isolated
-from vimbench.measure.ops import CPU_TIMING, check_scans, kernel_row, measure_ceilings, op_configs
+from vimbench.measure.ops import CPU_TIMING, kernel_row, op_configs, preamble, preamble_result
 from vimbench.models.registry import model_entry
 from vimbench.present.figures import plot_results
 from vimbench.present.tables import format_table
 from vimbench.rows.reader import load_results, split_settings
 from vimbench.rows.schema import KERNELS
-from vimbench.rows.sweep import run_sweep
+from vimbench.rows.sweep import jobs_dir, run_sweep
 from vimbench.rows.writer import CsvLog
 
 
@@ -56,6 +55,7 @@ def summary(path) -> str:
               help="CPU: ...and at least this many seconds of them.")
 @o.threads_option
 @o.out_options
+@o.launcher_options
 @click.option("--plot", is_flag=True, help="Also draw the log-log time/memory figure next to the CSV.")
 @click.pass_context
 def command(ctx, **opts):
@@ -64,9 +64,11 @@ def command(ctx, **opts):
     for the widths of the --models given (Vim models run the scan ops, DeiT models the attention ops).
 
     One CSV row per (op, backend, model, resolution), each measured in its own worker; prints a table,
-    the fitted exponents in tokens and the crossovers.
+    the fitted exponents in tokens and the crossovers. The scan backends' correctness checks and the
+    device's ceilings run first, as one job where the configurations run (--device and --launcher as for
+    `vimbench scaling`).
     """
-    device, launcher = o.local_target(opts["device_spec"])
+    device, launcher = o.sweep_target(opts)
     batch = o.batch_for(opts["batch"], device)
     o.at_least("--repeats", opts["repeats"], 1)
     o.at_least("--min-time", opts["min_time"], 0)
@@ -87,13 +89,14 @@ def command(ctx, **opts):
     configs = op_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing, regimes)
     log = CsvLog.open(opts["out"] or o.default_out("kernels", device), KERNELS, resume=opts["resume"],
                       given=opts["out"] is not None)
-    failed = check_scans(impls["scan"], device, lambda line: click.echo(line, err=True))
-    ceilings = run_isolated(measure_ceilings, (dict(device=str(device), dtype=opts["dtype"],
-                                                    threads=opts["threads"], timing=timing),))
-    if ceilings.pop("status") != "ok":
-        click.echo(f"warning: measuring the device ceilings failed ({ceilings.pop('error')}); "
-                   "frac_peak_* left empty", err=True)
-    fixed = {**ceilings, "command": o.command_line(ctx)}
+    click.echo(f"{launcher.name}: checking the scan backends and measuring the device's ceilings first", err=True)
+    job = dict(scans=impls["scan"], device=str(device), dtype=opts["dtype"], threads=opts["threads"], timing=timing)
+    pre = preamble_result(launcher.run_job(preamble, job, jobs_dir(log)), impls["scan"])
+    for line in pre["passed"]:
+        click.echo(line, err=True)
+    if pre["warning"]:
+        click.echo(f"warning: {pre['warning']}", err=True)
+    failed, fixed = pre["failed"], {**pre["ceilings"], "command": o.command_line(ctx)}
 
     def row(cfg):
         if cfg["impl"] in failed:  # correctness gates speed: no timing for a backend that failed its check

@@ -11,6 +11,9 @@
               array's parallelism). Rows come back as jobs finish; a job that ends without a row (failed,
               pre-empted, timed out, killed) becomes an error row naming its state.
 
+``run_job`` runs one function the same way and returns its row: how a sweep runs a preamble (the kernels
+sweep's correctness checks and ceilings) where its configurations will run, before them.
+
 Every row gets ``PLACEMENT`` columns: ``launcher``, ``job_id`` (empty for plain), ``workers`` (configurations
 running at once, which share the cores on a CPU), ``cuda_visible_devices``; and the ``environment`` of the
 machine that ran it. submitit is an optional dependency: only ``Submitit`` imports it, when it runs.
@@ -90,6 +93,11 @@ class Plain:
             env_cfg = {**cfg, "device": f"cuda:{slot}"} if on_gpu else cfg  # the name of the slot's own GPU
             yield cfg, {**placed(row, env_cfg, self.name, self.workers, visible=slot), "job_id": ""}
 
+    def run_job(self, fn: RunOne, cfg: dict, jobs_dir: Path) -> dict:
+        """``fn(cfg)``'s row, run once as ``run`` runs a configuration: on the first slot, if there are slots."""
+        [(_, row)] = Plain(self.slots[:1]).run(fn, [cfg], jobs_dir)
+        return row
+
 
 def run_task(run_one: RunOne, cfg: dict, launcher: str, workers: int) -> dict:
     """What a submitit job runs: ``run_one(cfg)`` placed on the job's machine."""
@@ -153,6 +161,12 @@ class Submitit:
         finally:
             for job, _ in running:
                 job.cancel(check=False)
+
+    def run_job(self, fn: RunOne, cfg: dict, jobs_dir: Path) -> dict:
+        """``fn(cfg)``'s row from one job (on Slurm a single job, not an array), waited for; an error row naming
+        the job's state if it ended without one."""
+        [(_, row)] = self.run(fn, [cfg], jobs_dir)
+        return row
 
     @staticmethod
     def _state(job) -> str:

@@ -39,7 +39,8 @@ Autocast casts what goes into matmuls (attention, and the projections of mixer_v
 scan ops are custom ops without an autocast rule, so ``scan`` and ``scan_bidir`` run on their inputs as
 built, in ``dtype`` (inside a model they receive the half-precision outputs of the projections before them).
 ``measure_ceilings`` measures the device's ceilings once per run: a large copy (GB/s) and a large matmul
-(GFLOP/s) in the run's dtype, TF32 off.
+(GFLOP/s) in the run's dtype, TF32 off. ``preamble`` runs it and the scan backends' correctness checks
+(``check_scans``) as one job where the configurations run (on Slurm a node, not the login node).
 """
 from __future__ import annotations
 
@@ -319,6 +320,32 @@ def check_scans(scans: list[str], device, log) -> dict[str, str]:
         else:
             log(f"{impl}: correct on {result['checked']} cases against the reference")
     return failed
+
+
+def preamble(cfg: dict) -> dict:
+    """What a kernels sweep needs before any timing, run once where its configurations run (a launcher's
+    ``run_job``): the correctness of each scan backend in ``cfg["scans"]`` (``check_scans``) and the device's
+    ceilings (``measure_ceilings``), each in its own worker. ``cfg``: scans, device, dtype, threads, timing.
+    Returns plain data: passed (one line per backend that passed), failed ({backend: why}), ceilings
+    ({ceiling_gbs, ceiling_gflops_s}; {} when measuring them failed) and warning ("" or why they are missing)."""
+    passed = []
+    failed = check_scans(cfg["scans"], cfg["device"], passed.append)
+    ceilings = run_isolated(measure_ceilings, (cfg,))
+    if ceilings.pop("status") != "ok":
+        return {"passed": passed, "failed": failed, "ceilings": {},
+                "warning": f"measuring the device ceilings failed ({ceilings['error']}); frac_peak_* left empty"}
+    return {"passed": passed, "failed": failed, "ceilings": ceilings, "warning": ""}
+
+
+def preamble_result(row: dict, scans: list[str]) -> dict:
+    """``preamble``'s result from the row its job returned. A job that ended without one (an error row:
+    failed, pre-empted, timed out) checked nothing: every scan backend in ``scans`` but ref then counts as
+    failed (no timing without a passed check) and the ceilings as missing."""
+    if row.get("status") != "error":
+        return row
+    why = f"the preamble job failed ({row['error']})"
+    return {"passed": [], "failed": {s: f"correctness not checked: {why}" for s in scans if s != "ref"},
+            "ceilings": {}, "warning": f"{why}; frac_peak_* left empty"}
 
 
 CONFIG_TIMEOUT_S = 1800

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
@@ -21,6 +22,11 @@ WHERE = {*ENVIRONMENT, *PLACEMENT}
 """Columns every launcher adds to a row; kept where the log's schema has them (scaling, kernels)."""
 
 
+def jobs_dir(log: CsvLog) -> Path:
+    """Where a submitit launcher keeps the job files and logs of ``log``'s sweep: <csv stem>-jobs beside it."""
+    return log.path.with_name(f"{log.path.stem}-jobs")
+
+
 def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
               describe: Callable[[dict], str], launcher=Plain()) -> list[dict]:
     """Runs ``run_one(cfg) -> row`` for every configuration not yet done in ``log`` where ``launcher``
@@ -33,10 +39,9 @@ def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
         print(f"resuming {log.path}: {len(configs) - len(todo)} configurations already ok, {len(todo)} to run",
               file=sys.stderr)
     written, columns = [], set(log.schema.columns)
-    jobs_dir = log.path.with_name(f"{log.path.stem}-jobs")
     with tqdm(total=len(todo), unit="config", file=sys.stderr, dynamic_ncols=True) as bar:
         bar.set_description(f"{launcher.name} x{launcher.workers or len(todo)}" if todo else "")
-        for cfg, row in launcher.run(run_one, todo, jobs_dir):
+        for cfg, row in launcher.run(run_one, todo, jobs_dir(log)):
             row = {**{k: v for k, v in cfg.items() if k in columns},  # all a job that died returns is its key
                    **{k: v for k, v in row.items() if k in columns or k not in WHERE}}
             log.append(row)
