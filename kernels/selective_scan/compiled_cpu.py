@@ -1,6 +1,6 @@
-"""The compiled CPU kernels of the Vim mixer: the selective scan (csrc/selective_scan_cpu.cpp) and the pair of
-causal depthwise convolutions (csrc/causal_conv_cpu.cpp), C++ on ATen's vector types (shared math in
-csrc/vec_math.h), one library JIT-built on first use.
+"""The compiled CPU kernels of the Vim layer: the selective scan (csrc/selective_scan_cpu.cpp), the pair of causal
+depthwise convolutions (csrc/causal_conv_cpu.cpp) and the residual add with RMSNorm (csrc/rms_norm_cpu.cpp), C++
+on ATen's vector types (shared math in csrc/vec_math.h), one library JIT-built on first use.
 
 Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, N state, G groups; K conv taps):
 
@@ -11,6 +11,7 @@ Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, 
     bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None,
                                 delta_bias=None, delta_bias_b=None, delta_softplus=True, *, time_major_out=None)
     causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b) -> (x_f, x_b)   see ``kernels/causal_conv.py``
+    add_rms_norm_compiled(x, residual, weight, eps) -> (out, residual_out)   see ``kernels/rms_norm.py``
     exp_floor_rate(numel=..., iters=...) -> float   exp per second with the kernel's state exp (its floor)
 
 Dtypes: u, delta, z, B, C may be float32, bfloat16 or float16 (float64 is refused: use the 'ref' backend);
@@ -47,7 +48,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "causal_conv_cpu.cpp")
+SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "causal_conv_cpu.cpp", CSRC / "rms_norm_cpu.cpp")
 HEADERS = (CSRC / "vec_math.h",)
 LIB_NAME = "vimbench_scan_cpu"
 
@@ -155,7 +156,7 @@ def build() -> str:
         out_dir = build_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (out_dir / f"{LIB_NAME}.so").exists():
-            print("vimbench: compiling the CPU scan and conv kernels (once per machine, ~1 min)...", file=sys.stderr,
+            print("vimbench: compiling the CPU kernels of the Vim layer (once per machine, ~1 min)...", file=sys.stderr,
                   flush=True)
         load = _cpp_extension().load
         try:
@@ -229,6 +230,16 @@ def causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b):
     """
     build()
     return torch.ops.vimbench_cpu.causal_conv1d_pair_fwd(x, w_f, b_f, w_b, b_b)
+
+
+def add_rms_norm_compiled(x, residual, weight, eps):
+    """The residual add and RMSNorm of a Vim block in one pass (semantics of ``kernels.rms_norm.add_rms_norm_ref``).
+
+    x: (..., D) CPU tensor, float32 / bfloat16 / float16; residual: None or x's shape, float32; weight: (D,).
+    Returns (out in weight's dtype, residual_out float32), both x's shape, contiguous; arithmetic in float32.
+    """
+    build()
+    return torch.ops.vimbench_cpu.add_rms_norm_fwd(x, residual, weight, float(eps))
 
 
 def vector_width() -> int:

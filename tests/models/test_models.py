@@ -116,6 +116,21 @@ def test_mixer_runs_both_directions_like_official(scan):
         assert not torch.allclose(m(h), forward_only)
 
 
+def test_vim_compiled_cpu_path_equals_the_reference_model():
+    """scan=cpp (compiled scan, convs and add + RMSNorm) against scan=ref (sequential scan, F.conv1d,
+    nn.RMSNorm's computation) on the same weights, the whole backbone in float32."""
+    if not compiled_cpu.available()[0]:
+        pytest.skip(f"compiled CPU kernels unavailable: {compiled_cpu.available()[1]}")
+    model = create_model("vim_tiny", img_size=48, scan="ref").eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        for layer in model.layers:   # non-trivial norms: weights away from 1
+            layer.norm.weight.uniform_(0.5, 1.5)
+        ref = model.forward_features(x)
+        model.set_scan("cpp")
+        assert_close("features", ref, model.forward_features(x))
+
+
 def test_vim_any_resolution_and_middle_cls_token():
     with torch.device("meta"):
         assert create_model("vim_tiny", img_size=738).num_tokens == 46 * 46 + 1

@@ -6,7 +6,10 @@ checkpoint loads with ``strict=True``. Differences from the official code, all n
   * no dependency on mamba_ssm / causal_conv1d: RMSNorm is PyTorch's; the scan is the backend chosen with
     ``scan=`` (see ``vimbench.kernels.selective_scan``); the two causal convs with their SiLU run through
     ``vimbench.kernels.causal_conv``: its compiled kernel with the ``cpp`` scan (as the official fast path
-    pairs mamba_ssm's CUDA scan with causal_conv1d's kernel), F.conv1d with every other backend;
+    pairs mamba_ssm's CUDA scan with causal_conv1d's kernel), F.conv1d with every other backend; likewise the
+    residual add with RMSNorm runs through ``vimbench.kernels.rms_norm`` (its compiled kernel with the ``cpp``
+    scan, as the official fused add-norm; nn.RMSNorm's computation otherwise);
+  * the scan backend is resolved once per forward and handed to every layer;
   * both directions run on every path (the official eager path silently drops the backward direction);
   * the backward direction is computed in original token order: its causal conv over the flipped
     sequence is an anti-causal conv over the original one, and its scan runs from the last token to the
@@ -21,7 +24,7 @@ import torch
 import torch.nn as nn
 from timm.layers import lecun_normal_, trunc_normal_
 
-from vimbench.kernels import bidirectional_scan, causal_conv1d_pair, resolve_scan_backend, scan_choices
+from vimbench.kernels import add_rms_norm, bidirectional_scan, causal_conv1d_pair, resolve_scan_backend, scan_choices
 
 
 class PatchEmbed(nn.Module):
@@ -38,6 +41,12 @@ class PatchEmbed(nn.Module):
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"input is {tuple(x.shape[-2:])}, this model was built for img_size={self.img_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def fused_impl(scan: str) -> str:
+    """The implementation of the causal convs and of the add + RMSNorm that goes with scan backend ``scan``:
+    the compiled CPU kernels with ``cpp``, PyTorch's ops otherwise."""
+    return "cpp" if scan == "cpp" else "torch"
 
 
 class BiMambaMixer(nn.Module):
@@ -83,15 +92,17 @@ class BiMambaMixer(nn.Module):
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)                     # (b, E, M)
         return delta, B.transpose(1, 2), C.transpose(1, 2)
 
-    def forward(self, h):
+    def forward(self, h, scan: str | None = None):
+        """h (b, M, D) -> (b, M, D). ``scan``: the concrete backend to run (the model resolves it once per
+        forward); None resolves ``self.scan`` here."""
         # Every (b, channels, M) tensor below is a view of time-major (b, M, channels) memory, except the conv
         # outputs of the torch conv path (contiguous (b, E, M)); the scan's entry point copies its inputs to the
         # layout the backend reads (a backend in STRIDED, the cpp scan, reads them as they are).
-        scan = resolve_scan_backend(self.scan, h.device)
+        scan = resolve_scan_backend(self.scan, h.device) if scan is None else scan
         xz = self.in_proj(h).transpose(1, 2)                                    # (b, 2E, M)
         x, z = xz.chunk(2, dim=1)
         xf, xb = causal_conv1d_pair(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight,
-                                    self.conv1d_b.bias, impl="cpp" if scan == "cpp" else "torch")
+                                    self.conv1d_b.bias, impl=fused_impl(scan))
         delta_f, B_f, C_f = self._ssm_inputs(xf, self.x_proj, self.dt_proj)
         delta_b, B_b, C_b = self._ssm_inputs(xb, self.x_proj_b, self.dt_proj_b)
         y = bidirectional_scan(
@@ -110,9 +121,10 @@ class Block(nn.Module):
         self.mixer = BiMambaMixer(dim, depth, d_state=d_state, scan=scan)
         self.norm = nn.RMSNorm(dim, eps=1e-5)
 
-    def forward(self, hidden, residual):
-        residual = hidden.float() if residual is None else residual + hidden.float()
-        return self.mixer(self.norm(residual.to(self.norm.weight.dtype))), residual
+    def forward(self, hidden, residual, scan: str):
+        """hidden (b, M, D), residual None or (b, M, D) float32; ``scan`` the resolved scan backend."""
+        normed, residual = add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, impl=fused_impl(scan))
+        return self.mixer(normed, scan), residual
 
 
 class VisionMamba(nn.Module):
@@ -160,13 +172,14 @@ class VisionMamba(nn.Module):
         return resolve_scan_backend(self.scan, device)
 
     def forward_features(self, x):
+        scan = self.scan_backend(x.device)                                      # once per forward, for every layer
         x = self.patch_embed(x)                                                 # (b, M-1, D)
         mid = x.shape[1] // 2
         x = torch.cat((x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]), dim=1)
         hidden, residual = x + self.pos_embed, None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
-        hidden = self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
+            hidden, residual = layer(hidden, residual, scan)
+        hidden, _ = add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps, impl=fused_impl(scan))
         return hidden[:, mid]
 
     def forward(self, x):

@@ -1,0 +1,62 @@
+"""The residual add and RMSNorm that open every Vim block (and close the backbone, with norm_f):
+
+    add_rms_norm(x, residual, weight, eps, impl) -> (out, residual_out)
+
+Shapes: x (..., D); residual None or x's shape, float32; weight (D,). Outputs x's shape:
+
+    residual_out = residual + float(x)            (float(x) when residual is None; float32)
+    out          = residual_out / sqrt(mean over D of residual_out^2 + eps) * weight      (weight's dtype)
+
+This is mamba_ssm's fused add-norm with prenorm and a float32 residual (``rms_norm_fn``), what the official Vim
+runs on GPU. With float32 weights both implementations below compute exactly this; with bfloat16 / float16
+weights the ``torch`` path (the model's plain PyTorch path) rounds residual_out to weight's dtype before the
+norm, while ``cpp``, like mamba_ssm's kernel, normalises the float32 residual (they agree to that dtype's
+precision).
+
+Implementations (``NORM_IMPLS``):
+    torch  ``add_rms_norm_ref``: the add, then torch's RMSNorm (``F.rms_norm``, several elementwise ops on CPU)
+    cpp    the compiled CPU kernel (``selective_scan.compiled_cpu``): one pass per row
+The Vim block uses ``cpp`` when its scan backend is ``cpp`` and ``torch`` otherwise (as for the causal convs,
+``kernels/causal_conv.py``). The ``cpp`` path is a custom op (``torch.ops.vimbench.add_rms_norm``) with a fake,
+so that FLOP counting on the meta device and torch.compile see it; like every norm it counts 0 FLOPs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vimbench.kernels.selective_scan import compiled_cpu
+
+NORM_IMPLS = ("torch", "cpp")
+
+
+def add_rms_norm_ref(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The reference, the Vim block's plain PyTorch path: the float32 add, then torch's RMSNorm of the residual
+    cast to weight's dtype."""
+    res = x.float() if residual is None else residual + x.float()
+    return F.rms_norm(res.to(weight.dtype), (res.shape[-1],), weight, eps), res
+
+
+@torch.library.custom_op("vimbench::add_rms_norm", mutates_args=())
+def _add_rms_norm_cpp(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return compiled_cpu.add_rms_norm_compiled(x, residual, weight, eps)
+
+
+@_add_rms_norm_cpp.register_fake
+def _add_rms_norm_cpp_fake(x, residual, weight, eps):
+    """The compiled kernel's allocations: out in weight's dtype and the float32 residual, both contiguous."""
+    return torch.empty_like(x, dtype=weight.dtype, memory_format=torch.contiguous_format), \
+        torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
+def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
+                 impl: str = "torch") -> tuple[Tensor, Tensor]:
+    """The add and the norm with implementation ``impl`` (one of ``NORM_IMPLS``); see the module docstring."""
+    if impl == "cpp":
+        return _add_rms_norm_cpp(x, residual, weight, eps)
+    if impl == "torch":
+        return add_rms_norm_ref(x, residual, weight, eps)
+    raise ValueError(f"unknown add + RMSNorm implementation {impl!r}; choose from {', '.join(NORM_IMPLS)}")

@@ -1,0 +1,86 @@
+"""Vim's residual add + RMSNorm (kernels/rms_norm.py): the reference against the closed-form float64 formula and
+the official block's formulation, the compiled kernel against the float64 formula, and the op's fake."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from helpers import assert_close
+from vimbench.kernels.rms_norm import add_rms_norm, add_rms_norm_ref
+from vimbench.kernels.selective_scan import compiled_cpu
+
+needs_cpp = pytest.mark.skipif(not compiled_cpu.available()[0],
+                               reason=f"compiled CPU kernels unavailable: {compiled_cpu.available()[1]}")
+EPS = 1e-5
+
+
+def norm_case(shape, dtype=torch.float32, w_dtype=torch.float32, residual=True, seed=0):
+    """x in ``dtype``, a float32 residual (or None) and a (D,) weight in ``w_dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    res = torch.randn(*shape, generator=g) if residual else None
+    w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(w_dtype)
+    return x, res, w
+
+
+def formula64(x, res, w, eps=EPS):
+    """residual_out = residual + x; out = residual_out / sqrt(mean(residual_out^2) + eps) * w, in float64."""
+    r = x.double() + (0 if res is None else res.double())
+    return r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * w.double(), r
+
+
+def test_reference_is_the_official_block():
+    """The torch path computes what the official block does: residual + hidden in float32, then nn.RMSNorm of
+    it; in float32 it equals the float64 formula."""
+    x, res, w = norm_case((2, 7, 24))
+    norm = torch.nn.RMSNorm(24, eps=EPS)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        official = norm(res + x.float())
+    out, r = add_rms_norm_ref(x, res, w, EPS)
+    assert torch.equal(r, res + x) and torch.equal(out, official)
+    ref_out, ref_r = formula64(x, res, w)
+    assert_close("out", ref_out, out)
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 4, 16), (1, 9, 37), (2, 197, 192)])
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_compiled_matches_formula(shape, dtype, w_dtype, residual):
+    x, res, w = norm_case(shape, dtype, w_dtype, residual)
+    out, r = add_rms_norm(x, res, w, EPS, impl="cpp")
+    ref_out, ref_r = formula64(x, res, w)
+    assert out.dtype == w_dtype and r.dtype == torch.float32 and out.shape == x.shape == r.shape
+    assert torch.equal(r, x.float() + (0 if res is None else res))   # the same float32 add
+    assert_close("out", ref_out, out)
+
+
+@needs_cpp
+def test_compiled_reads_strided_inputs():
+    x, res, w = norm_case((5, 3, 40))
+    x_t, res_t = x.transpose(0, 1), res.transpose(0, 1)     # non-contiguous views
+    out, r = add_rms_norm(x_t, res_t, w, EPS, impl="cpp")
+    assert_close("out", formula64(x_t, res_t, w)[0], out)
+
+
+@needs_cpp
+def test_compiled_refuses_a_half_residual():
+    x, res, w = norm_case((2, 8))
+    with pytest.raises(RuntimeError, match="residual must be float32"):
+        add_rms_norm(x, res.half(), w, EPS, impl="cpp")
+
+
+def test_fake_allocates_the_outputs():
+    with FakeTensorMode():
+        x, w = torch.empty(2, 9, 24, dtype=torch.bfloat16), torch.empty(24, dtype=torch.bfloat16)
+        out, r = add_rms_norm(x, torch.empty(2, 9, 24), w, EPS, impl="cpp")
+    assert (out.shape, out.dtype, r.shape, r.dtype) == ((2, 9, 24), torch.bfloat16, (2, 9, 24), torch.float32)
+
+
+def test_unknown_impl():
+    x, res, w = norm_case((2, 8))
+    with pytest.raises(ValueError, match="unknown add"):
+        add_rms_norm(x, res, w, EPS, impl="fast")
