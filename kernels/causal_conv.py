@@ -17,9 +17,10 @@ Implementations (``CONV_IMPLS``):
     cpp    the compiled CPU kernel (``selective_scan.compiled_cpu``): one pass over time-major x, outputs with
            time-major memory, as mamba_ssm's fast path pairs its CUDA scan with causal_conv1d's fused kernel
 The Vim mixer uses ``cpp`` when its scan backend is ``cpp`` and ``torch`` otherwise, so a row's scan backend
-names both. The ``cpp`` path is a custom op (``torch.ops.vimbench.causal_conv1d_pair``) with a fake and a FLOP
-formula equal to what the FLOP counter counts for the two convolutions of the ``torch`` path:
-2 * (2 b E L K), 2 FLOPs per multiply-add (bias and SiLU uncounted, as for ``aten.convolution``).
+names both. The ``cpp`` path calls the compiled op ``torch.ops.vimbench_cpu.causal_conv1d_pair_fwd`` directly;
+its fake and its FLOP formula, registered below once the library loads, equal what the FLOP counter counts for
+the two convolutions of the ``torch`` path: 2 * (2 b E L K), 2 FLOPs per multiply-add (bias and SiLU uncounted,
+as for ``aten.convolution``).
 """
 from __future__ import annotations
 
@@ -45,30 +46,25 @@ def causal_conv1d_pair_ref(x: Tensor, w_f: Tensor, b_f: Optional[Tensor], w_b: T
     return x_f, x_b
 
 
-@torch.library.custom_op("vimbench::causal_conv1d_pair", mutates_args=())
-def _conv_pair_cpp(x: Tensor, w_f: Tensor, b_f: Optional[Tensor], w_b: Tensor,
-                   b_b: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return compiled_cpu.causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b)
+@compiled_cpu.describe_ops
+def _describe_compiled_conv() -> None:
+    @torch.library.register_fake("vimbench_cpu::causal_conv1d_pair_fwd")
+    def _(x, w_f, b_f, w_b, b_b):
+        """The compiled kernel's allocations: two (b, L, E) outputs, returned as (b, E, L) transposes."""
+        b, E, L = x.shape
+        return x.new_empty(b, L, E).transpose(1, 2), x.new_empty(b, L, E).transpose(1, 2)
 
-
-@_conv_pair_cpp.register_fake
-def _conv_pair_cpp_fake(x, w_f, b_f, w_b, b_b):
-    """The compiled kernel's allocations: two (b, L, E) outputs, returned as (b, E, L) transposes."""
-    b, E, L = x.shape
-    return x.new_empty(b, L, E).transpose(1, 2), x.new_empty(b, L, E).transpose(1, 2)
-
-
-@register_flop_formula(torch.ops.vimbench.causal_conv1d_pair)
-def _conv_pair_flops(x, w_f, b_f, w_b, b_b, out_shape=None, **kw):
-    b, E, L = x
-    return 2 * (2 * b * E * L * w_f[-1])
+    @register_flop_formula(torch.ops.vimbench_cpu.causal_conv1d_pair_fwd)
+    def _(x, w_f, b_f, w_b, b_b, out_shape=None, **kw):
+        b, E, L = x
+        return 2 * (2 * b * E * L * w_f[-1])
 
 
 def causal_conv1d_pair(x: Tensor, w_f: Tensor, b_f: Optional[Tensor], w_b: Tensor, b_b: Optional[Tensor],
                        impl: str = "torch") -> tuple[Tensor, Tensor]:
     """Both convs and their SiLU with implementation ``impl`` (one of ``CONV_IMPLS``); see the module docstring."""
     if impl == "cpp":
-        return _conv_pair_cpp(x, w_f, b_f, w_b, b_b)
+        return compiled_cpu.causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b)
     if impl == "torch":
         return causal_conv1d_pair_ref(x, w_f, b_f, w_b, b_b)
     raise ValueError(f"unknown causal conv implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")

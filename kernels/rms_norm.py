@@ -17,8 +17,9 @@ Implementations (``NORM_IMPLS``):
     torch  ``add_rms_norm_ref``: the add, then torch's RMSNorm (``F.rms_norm``, several elementwise ops on CPU)
     cpp    the compiled CPU kernel (``selective_scan.compiled_cpu``): one pass per row
 The Vim block uses ``cpp`` when its scan backend is ``cpp`` and ``torch`` otherwise (as for the causal convs,
-``kernels/causal_conv.py``). The ``cpp`` path is a custom op (``torch.ops.vimbench.add_rms_norm``) with a fake,
-so that FLOP counting on the meta device and torch.compile see it; like every norm it counts 0 FLOPs.
+``kernels/causal_conv.py``). The ``cpp`` path calls the compiled op ``torch.ops.vimbench_cpu.add_rms_norm_fwd``
+directly; its fake, registered below once the library loads, serves the meta device, FakeTensorMode and
+torch.compile. Like every norm it counts 0 FLOPs.
 """
 from __future__ import annotations
 
@@ -40,23 +41,20 @@ def add_rms_norm_ref(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps:
     return F.rms_norm(res.to(weight.dtype), (res.shape[-1],), weight, eps), res
 
 
-@torch.library.custom_op("vimbench::add_rms_norm", mutates_args=())
-def _add_rms_norm_cpp(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return compiled_cpu.add_rms_norm_compiled(x, residual, weight, eps)
-
-
-@_add_rms_norm_cpp.register_fake
-def _add_rms_norm_cpp_fake(x, residual, weight, eps):
-    """The compiled kernel's allocations: out in weight's dtype and the float32 residual, both contiguous."""
-    return torch.empty_like(x, dtype=weight.dtype, memory_format=torch.contiguous_format), \
-        torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
+@compiled_cpu.describe_ops
+def _describe_compiled_norm() -> None:
+    @torch.library.register_fake("vimbench_cpu::add_rms_norm_fwd")
+    def _(x, residual, weight, eps):
+        """The compiled kernel's allocations: out in weight's dtype and the float32 residual, both contiguous."""
+        return (torch.empty_like(x, dtype=weight.dtype, memory_format=torch.contiguous_format),
+                torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format))
 
 
 def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
                  impl: str = "torch") -> tuple[Tensor, Tensor]:
     """The add and the norm with implementation ``impl`` (one of ``NORM_IMPLS``); see the module docstring."""
     if impl == "cpp":
-        return _add_rms_norm_cpp(x, residual, weight, eps)
+        return compiled_cpu.add_rms_norm_compiled(x, residual, weight, eps)
     if impl == "torch":
         return add_rms_norm_ref(x, residual, weight, eps)
     raise ValueError(f"unknown add + RMSNorm implementation {impl!r}; choose from {', '.join(NORM_IMPLS)}")

@@ -19,6 +19,7 @@ No backend ever falls back to another: an unavailable one raises ``BackendUnavai
 from __future__ import annotations
 
 from vimbench.errors import BackendUnavailable
+from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.kernels.selective_scan.backends import (SCAN_BACKENDS, SCAN_CHOICES, STRIDED, check_scan_backend,
                                                       register_scan_backend, resolve_scan_backend, scan_backends,
                                                       scan_choices)
@@ -69,6 +70,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     backend = resolve_scan_backend(backend, u.device)
+    if backend == "cpp":  # its compiled op directly (see ``ops.py``: its fake and FLOP formula are registered on it)
+        return compiled_cpu.selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                    return_last_state)
     out, last = _scan_op(*_laid_out(backend, u, delta, A, B, C, D, z, delta_bias), delta_softplus, backend)
     return (out, last) if return_last_state else out
 
@@ -84,5 +88,8 @@ def bidirectional_scan(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     _check_shapes(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b)
     backend = resolve_scan_backend(backend, u.device)
+    if backend == "cpp":  # both directions in one compiled op, the output in time-major memory (for out_proj)
+        return compiled_cpu.bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
+                                                        delta_bias, delta_bias_b, delta_softplus, time_major_out=True)
     return _bidir_op(*_laid_out(backend, u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
                                 delta_bias_b), delta_softplus, backend)

@@ -44,6 +44,7 @@ import shutil
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -64,6 +65,7 @@ _CAPABILITY_FLAGS = {
 _lock = threading.Lock()
 _loaded: str | None = None          # path of the loaded library
 _failure: str | None = None         # one-line reason the build failed (cached for the process)
+_describers: list[Callable[[], None]] = []   # see ``describe_ops``
 
 
 def cpu_capability() -> str:
@@ -139,10 +141,24 @@ def _precheck() -> str | None:
     return None
 
 
+def describe_ops(fn: Callable[[], None]) -> Callable[[], None]:
+    """Decorator: ``fn`` describes some of the library's ops to torch (their fakes, for the meta device,
+    FakeTensorMode and torch.compile, and their FLOP formulas); it runs once the library is loaded (now, if it
+    is). The modules that document each op (``ops.py``, ``kernels/causal_conv.py``, ``kernels/rms_norm.py``)
+    register theirs, so the callers run the compiled ops directly, with no Python op around them."""
+    _describers.append(fn)
+    if _loaded is not None:
+        fn()
+    return fn
+
+
+# Under torch.compile the path is taken as a constant at trace time, so that the compiled ops' wrappers below
+# trace without breaking the graph at the lock.
+@torch.compiler.assume_constant_result
 def build() -> str:
-    """Compiles the kernel if this machine's cache lacks it, loads it into torch.ops.vimbench_cpu, and returns
-    the library's path. Prints one line to stderr when it compiles. Raises RuntimeError with a one-line message
-    if it cannot (a longer log is kept in the build directory)."""
+    """Compiles the kernel if this machine's cache lacks it, loads it into torch.ops.vimbench_cpu (and runs the
+    ``describe_ops`` functions), and returns the library's path. Prints one line to stderr when it compiles.
+    Raises RuntimeError with a one-line message if it cannot (a longer log is kept in the build directory)."""
     global _loaded, _failure
     with _lock:
         if _loaded is not None:
@@ -169,6 +185,8 @@ def build() -> str:
             _failure = f"building the compiled CPU scan failed ({type(exc).__name__}); compiler output in {log}"
             raise RuntimeError(_failure) from exc
         _loaded = str(out_dir / f"{LIB_NAME}.so")
+        for describe in _describers:
+            describe()
         return _loaded
 
 

@@ -77,15 +77,6 @@ def _triton_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     return (out, last) if return_last_state else out
 
 
-def _cpp_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    """compiled_cpu: out in u's layout (time-major memory when u is time-major) and the last state float32;
-    its per-thread tile buffers are a few KiB."""
-    b, E, L = u.shape
-    out = u.new_empty(b, L, E).transpose(1, 2) if compiled_cpu.is_time_major(u) else torch.empty_like(u)
-    last = u.new_empty(b, E, A.shape[1], dtype=compute_dtype(u))
-    return (out, last) if return_last_state else out
-
-
 def _outputs_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                   return_last_state=False):
     """The outputs alone, for a plug-in that registered no fake: shapes for FLOP counting on the meta device.
@@ -95,8 +86,10 @@ def _outputs_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
     return (out, last) if return_last_state else out
 
 
-_FAKES = {"ref": _ref_fake, "cpu": _cpu_fake, "cpp": _cpp_fake, "triton": _triton_fake, "triton_pipelined": _triton_fake,
+_FAKES = {"ref": _ref_fake, "cpu": _cpu_fake, "triton": _triton_fake, "triton_pipelined": _triton_fake,
           "mamba_ssm": _mamba_ssm_fake}
+"""The fakes of the backends that run through these ops (``cpp`` calls its compiled ops directly: their fakes
+are at the end of this file)."""
 
 
 def _fake(backend: str):
@@ -105,8 +98,9 @@ def _fake(backend: str):
 
 
 def has_memory_model(backend: str) -> bool:
-    """Whether fake tensors see what ``backend`` allocates: every built-in, and a plug-in with a fake."""
-    return backend in _FAKES or PLUGINS[backend].fake is not None
+    """Whether fake tensors see what ``backend`` allocates on a GPU: every built-in with a CUDA implementation,
+    and a plug-in with a fake."""
+    return backend in _FAKES or (backend in PLUGINS and PLUGINS[backend].fake is not None)
 
 
 @_scan_op.register_fake
@@ -123,9 +117,6 @@ def _bidir_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
         from vimbench.kernels.selective_scan.triton_kernel import bidirectional_scan_triton
         return bidirectional_scan_triton(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
                                          delta_bias, delta_bias_b, delta_softplus, design=backend)
-    if backend == "cpp":  # both directions in one kernel, the output in time-major memory (see ``_bidir_fake``)
-        return compiled_cpu.bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
-                                                        delta_bias, delta_bias_b, delta_softplus, time_major_out=True)
     return bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
                                   delta_bias_b, delta_softplus, scan=IMPLS[backend])
 
@@ -134,12 +125,8 @@ def _bidir_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 def bidirectional_scan_fake(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
                             delta_softplus, backend):
     """The fake implementation of ``vimbench::bidirectional_scan``: triton runs both directions in one
-    kernel (the two (N, E) copies of A, then out); cpp too (out in time-major memory, plus a per-thread
-    (L, 16) float32 buffer); the other backends go through ``bidirectional_scan_ref`` (flipped copies, two
-    outputs, the sum and the gate) with their one-direction allocations."""
-    if backend == "cpp":
-        b, E, L = u.shape
-        return u.new_empty(b, L, E).transpose(1, 2)
+    kernel (the two (N, E) copies of A, then out); the other backends go through ``bidirectional_scan_ref``
+    (flipped copies, two outputs, the sum and the gate) with their one-direction allocations."""
     if backend in TRITON_DESIGNS:
         A_t = (A.t().contiguous(), A_b.t().contiguous())
         out = torch.empty_like(u)
@@ -186,3 +173,30 @@ def _bidir_flop_formula(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, 
             + one(has_D=D_b is not None, has_delta_bias=delta_bias_b is not None)
             + b * E * L * (1 + 3 * (z is not None)))
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# The compiled CPU scan's own ops (backend ``cpp``), which the entry points call directly: their fakes
+# (compiled_cpu's allocations: out in the requested layout, the last state float32; its per-thread tile buffers
+# are not tensors) and the FLOP formulas above, registered once the library is loaded.
+# ----------------------------------------------------------------------------------------------------
+
+def _compiled_out(u: Tensor, time_major_out: bool) -> Tensor:
+    b, E, L = u.shape
+    return u.new_empty(b, L, E).transpose(1, 2) if time_major_out else torch.empty_like(u)
+
+
+@compiled_cpu.describe_ops
+def _describe_compiled_scan() -> None:
+    @torch.library.register_fake("vimbench_cpu::selective_scan_fwd")
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, time_major_out):
+        return _compiled_out(u, time_major_out), u.new_empty(u.shape[0], u.shape[1], A.shape[1],
+                                                            dtype=compute_dtype(u))
+
+    @torch.library.register_fake("vimbench_cpu::bidirectional_scan_fwd")
+    def _(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b, delta_softplus,
+          time_major_out):
+        return _compiled_out(u, time_major_out)
+
+    register_flop_formula(torch.ops.vimbench_cpu.selective_scan_fwd)(_scan_flop_formula)
+    register_flop_formula(torch.ops.vimbench_cpu.bidirectional_scan_fwd)(_bidir_flop_formula)

@@ -65,6 +65,7 @@ def test_compiled_without_bias():
         assert_close("no bias", ref, out)
 
 
+@needs_cpp
 def test_fake_and_flops_agree_with_the_torch_path():
     x, w_f, b_f, w_b, b_b = (t.to("meta") for t in conv_case(2, 32, 50, 4))
     counts = {}

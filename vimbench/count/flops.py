@@ -7,9 +7,11 @@ elementwise function, ``SCAN_FLOPS_PER_STATE`` = 7 per (b, e, t, n)). Elementwis
 (norms, activations, softmax, residual adds) is not counted, as in every common counter.
 
 Categories (each op counted once):
-    flops_scan       the selective scan custom ops (both directions of each Vim layer)
+    flops_scan       the selective scan ops (both directions of each Vim layer; the custom ops, or the compiled CPU
+                     scan's own)
     flops_attention  attention's QK^T and AV products (bmm, or the fused SDPA op): 4 * b * H * L^2 * d per layer
-    flops_linear     matmuls and convolutions (qkv/in/out projections, MLP, x_proj, dt_proj, conv1d, patch embed, head)
+    flops_linear     matmuls and convolutions (qkv/in/out projections, MLP, x_proj, dt_proj, conv1d or the compiled
+                     causal conv pair, patch embed, head)
     flops_other      anything else FlopCounterMode counts (0 for the built-in models)
 """
 from __future__ import annotations
@@ -19,8 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vimbench.models.registry import count_params, create_model
 
-_SCAN_OPS = {"selective_scan", "bidirectional_scan"}
-_LINEAR_OPS = {"mm", "addmm", "convolution", "_convolution", "conv1d", "conv2d"}
+_SCAN_OPS = {"selective_scan", "bidirectional_scan", "selective_scan_fwd", "bidirectional_scan_fwd"}
+_LINEAR_OPS = {"mm", "addmm", "convolution", "_convolution", "conv1d", "conv2d", "causal_conv1d_pair_fwd"}
 
 
 def _category(op) -> str:
