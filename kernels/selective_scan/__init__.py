@@ -5,6 +5,7 @@ Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, 
     selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend="auto")
     bidirectional_scan(...)   both directions of one Vim mixer layer, see its docstring
+    run_bidirectional_scan(backend, ...)   the same on a resolved backend, without the input checks
 
 Data flow of this package, each file with one job:
     ref.py            the sequential loops: ``selective_scan_ref`` and ``bidirectional_scan_ref`` (the oracle)
@@ -29,9 +30,8 @@ from vimbench.kernels.selective_scan.ref import bidirectional_scan_ref, selectiv
 
 __all__ = ["SCAN_BACKENDS", "SCAN_CHOICES", "STRIDED", "BackendUnavailable", "bidirectional_scan",
            "bidirectional_scan_fake", "bidirectional_scan_ref", "check_scan_backend", "has_memory_model",
-           "register_scan_backend", "resolve_scan_backend", "scan_backends", "scan_choices", "scan_flops",
-           "selective_scan",
-           "selective_scan_fake", "selective_scan_ref"]
+           "register_scan_backend", "resolve_scan_backend", "run_bidirectional_scan", "scan_backends", "scan_choices",
+           "scan_flops", "selective_scan", "selective_scan_fake", "selective_scan_ref"]
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
@@ -87,7 +87,15 @@ def bidirectional_scan(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     _check_shapes(u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias_b)
-    backend = resolve_scan_backend(backend, u.device)
+    return run_bidirectional_scan(resolve_scan_backend(backend, u.device), u, delta, A, B, C, D, u_b, delta_b, A_b,
+                                  B_b, C_b, D_b, z, delta_bias, delta_bias_b, delta_softplus)
+
+
+def run_bidirectional_scan(backend, u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
+                           delta_bias_b, delta_softplus):
+    """``bidirectional_scan`` on a concrete ``backend`` (as ``resolve_scan_backend`` returns it), without its
+    input checks: for a caller that resolved the backend and builds well-formed inputs, as the Vim model does
+    once per forward for all its layers."""
     if backend == "cpp":  # both directions in one compiled op, the output in time-major memory (for out_proj)
         return compiled_cpu.bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
                                                         delta_bias, delta_bias_b, delta_softplus, time_major_out=True)

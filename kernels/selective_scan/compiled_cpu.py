@@ -152,9 +152,6 @@ def describe_ops(fn: Callable[[], None]) -> Callable[[], None]:
     return fn
 
 
-# Under torch.compile the path is taken as a constant at trace time, so that the compiled ops' wrappers below
-# trace without breaking the graph at the lock.
-@torch.compiler.assume_constant_result
 def build() -> str:
     """Compiles the kernel if this machine's cache lacks it, loads it into torch.ops.vimbench_cpu (and runs the
     ``describe_ops`` functions), and returns the library's path. Prints one line to stderr when it compiles.
@@ -200,6 +197,14 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def _ops():
+    """torch.ops.vimbench_cpu, built and loaded first if it is not yet (a plain check when it is, so that the
+    wrappers below cost nothing per call and trace under torch.compile without a graph break)."""
+    if _loaded is None:
+        build()
+    return torch.ops.vimbench_cpu
+
+
 def is_time_major(u: torch.Tensor) -> bool:
     """Whether u is laid out time-major: its stride along E is below its stride along L."""
     return u.shape[1] > 1 and u.shape[2] > 1 and u.stride(1) < u.stride(2)
@@ -213,11 +218,10 @@ def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     float32 / bfloat16 / float16, any strides. Returns out (b, E, L) in u's dtype (memory layout: see
     ``time_major_out`` in the module docstring), and with ``return_last_state`` also h_{L-1} (b, E, N) float32.
     """
-    build()
     if time_major_out is None:
         time_major_out = is_time_major(u)
-    out, last = torch.ops.vimbench_cpu.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
-                                                          bool(delta_softplus), bool(time_major_out))
+    out, last = _ops().selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                          bool(time_major_out))
     return (out, last) if return_last_state else out
 
 
@@ -230,12 +234,10 @@ def bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_
     down to 0 by reading reversed offsets, without flipped copies. Returns (y_f + y_b) * silu(z), (b, E, L) in
     u's dtype (y_f, y_b include their D * u terms; the sum is formed in float32).
     """
-    build()
     if time_major_out is None:
         time_major_out = is_time_major(u)
-    return torch.ops.vimbench_cpu.bidirectional_scan_fwd(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b,
-                                                         z, delta_bias, delta_bias_b, bool(delta_softplus),
-                                                         bool(time_major_out))
+    return _ops().bidirectional_scan_fwd(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
+                                         delta_bias_b, bool(delta_softplus), bool(time_major_out))
 
 
 def causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b):
@@ -246,8 +248,7 @@ def causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b):
     w_f, w_b: (E, 1, K) or (E, K); b_f, b_b: (E,) or None. Returns (x_f, x_b), each (b, E, L) in x's dtype with
     time-major memory (the transposes of contiguous (b, L, E) tensors); arithmetic in float32.
     """
-    build()
-    return torch.ops.vimbench_cpu.causal_conv1d_pair_fwd(x, w_f, b_f, w_b, b_b)
+    return _ops().causal_conv1d_pair_fwd(x, w_f, b_f, w_b, b_b)
 
 
 def add_rms_norm_compiled(x, residual, weight, eps):
@@ -256,14 +257,12 @@ def add_rms_norm_compiled(x, residual, weight, eps):
     x: (..., D) CPU tensor, float32 / bfloat16 / float16; residual: None or x's shape, float32; weight: (D,).
     Returns (out in weight's dtype, residual_out float32), both x's shape, contiguous; arithmetic in float32.
     """
-    build()
-    return torch.ops.vimbench_cpu.add_rms_norm_fwd(x, residual, weight, float(eps))
+    return _ops().add_rms_norm_fwd(x, residual, weight, float(eps))
 
 
 def vector_width() -> int:
     """float32 lanes per SIMD vector in the built kernel (16 with AVX-512, 8 with AVX2 or DEFAULT)."""
-    build()
-    return torch.ops.vimbench_cpu.vector_width()
+    return _ops().vector_width()
 
 
 def exp_floor_rate(numel: int = 1 << 14, iters: int = 4096) -> float:
@@ -271,8 +270,7 @@ def exp_floor_rate(numel: int = 1 << 14, iters: int = 4096) -> float:
     torch uses: x <- exp(-x/2) chained ``iters`` times on ``numel`` float32 values held in registers
     (8 independent vectors per chain).
     The scan's floor for one direction is then b*E*L*N / rate seconds."""
-    build()
     x = torch.rand(numel)
-    torch.ops.vimbench_cpu.exp_chain(x, 16)                      # warm-up
-    seconds = torch.ops.vimbench_cpu.exp_chain(x, iters)
+    _ops().exp_chain(x, 16)                      # warm-up
+    seconds = _ops().exp_chain(x, iters)
     return numel * iters / seconds

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from timm.layers import lecun_normal_, trunc_normal_
 
-from vimbench.kernels import add_rms_norm, bidirectional_scan, causal_conv1d_pair, resolve_scan_backend, scan_choices
+from vimbench.kernels import (add_rms_norm, causal_conv1d_pair, resolve_scan_backend, run_bidirectional_scan,
+                              scan_choices)
 
 
 class PatchEmbed(nn.Module):
@@ -105,11 +106,10 @@ class BiMambaMixer(nn.Module):
                                     self.conv1d_b.bias, impl=fused_impl(scan))
         delta_f, B_f, C_f = self._ssm_inputs(xf, self.x_proj, self.dt_proj)
         delta_b, B_b, C_b = self._ssm_inputs(xb, self.x_proj_b, self.dt_proj_b)
-        y = bidirectional_scan(
-            xf, delta_f, -torch.exp(self.A_log.float()), B_f, C_f, self.D.float(),
+        y = run_bidirectional_scan(
+            scan, xf, delta_f, -torch.exp(self.A_log.float()), B_f, C_f, self.D.float(),
             xb, delta_b, -torch.exp(self.A_b_log.float()), B_b, C_b, self.D_b.float(),
-            z=z, delta_bias=self.dt_proj.bias.float(), delta_bias_b=self.dt_proj_b.bias.float(),
-            delta_softplus=True, backend=scan)
+            z, self.dt_proj.bias.float(), self.dt_proj_b.bias.float(), True)
         return self.out_proj(y.transpose(1, 2)) / 2  # = out_proj(y / 2): out_proj has no bias
 
 
