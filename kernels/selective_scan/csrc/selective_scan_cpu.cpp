@@ -271,6 +271,13 @@ bool in_place(const View3<T>& x, const Lane* lanes, int n) {
 template <typename T>
 inline T* row(const View3<T>& x, const Lane& lane, int64_t t) { return x.data + lane.bi * x.sb + lane.e0 + t * x.sl; }
 
+// Prefetches the rows [t0, t0 + nt) of lane's W channels of a time-major x (nothing for other layouts).
+template <typename T>
+inline void prefetch_rows(const View3<T>& x, const Lane& lane, int64_t t0, int nt) {
+  if (x.se != 1) return;
+  for (int s = 0; s < nt; ++s) __builtin_prefetch(row(x, lane, t0 + s));
+}
+
 // Scans one direction over all L steps for a group of n <= kGroup lanes, tile by tile. Per tile:
 //   stage     delta (+ bias, softplus), delta*u, and y's start D*u (+ the other direction's y + D*u, acc_in)
 //             for every lane; time-major inputs are read row by row across the group's lanes, so each
@@ -316,8 +323,14 @@ void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, 
       }
     }
 
-    // scan
+    // scan; meanwhile the next tile's rows of u, delta and z (time-major: one cache line per row and lane) are
+    // fetched into cache, lane by lane, so that staging and the epilogue of the next tile do not wait on memory
+    const int64_t t0_next = k + 1 < ntiles ? (dir.reverse ? ntiles - 2 - k : k + 1) * kTile : 0;
+    const int nt_next = k + 1 < ntiles ? static_cast<int>(std::min<int64_t>(kTile, L - t0_next)) : 0;
     for (int j = 0; j < n; ++j) {
+      prefetch_rows(dir.delta, lanes[j], t0_next, nt_next);
+      prefetch_rows(dir.u, lanes[j], t0_next, nt_next);
+      if (z) prefetch_rows(*z, lanes[j], t0_next, nt_next);
       const Scratch::BCKey key{dir.B.data, lanes[j].bi, lanes[j].g, t0};
       if (!(sc.bc_key == key)) {
         load_bc<TBC>(dir.B, lanes[j].bi, lanes[j].g, N, t0, nt, ld, sc.Bt.data());
