@@ -156,16 +156,16 @@ def scan_flops(b: int, E: int, L: int, N: int, *, has_D: bool, has_z: bool, has_
     return b * E * L * (SCAN_FLOPS_PER_STATE * N + per_step)
 
 
-@register_flop_formula(torch.ops.vimbench.selective_scan)
 def _scan_flop_formula(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend, out_shape=None, **kw):
+    """FLOPs of one scan call from its argument shapes (registered below, on this op and on the compiled scan's)."""
     b, E, L = u
     return scan_flops(b, E, L, A[1], has_D=D is not None, has_z=z is not None,
                       has_delta_bias=delta_bias is not None, delta_softplus=delta_softplus)
 
 
-@register_flop_formula(torch.ops.vimbench.bidirectional_scan)
 def _bidir_flop_formula(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
                         delta_softplus, backend, out_shape=None, **kw):
+    """FLOPs of one bidirectional call from its argument shapes (registered as the one-direction formula)."""
     b, E, L = u
     one = functools.partial(scan_flops, b, E, L, A[1], has_z=False, delta_softplus=delta_softplus)
     # the two directions, then y_f + y_b (1) and the shared gate (3) per (b, e, t)
@@ -173,6 +173,9 @@ def _bidir_flop_formula(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, 
             + one(has_D=D_b is not None, has_delta_bias=delta_bias_b is not None)
             + b * E * L * (1 + 3 * (z is not None)))
 
+
+register_flop_formula(torch.ops.vimbench.selective_scan)(_scan_flop_formula)
+register_flop_formula(torch.ops.vimbench.bidirectional_scan)(_bidir_flop_formula)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import math
 import pytest
 
 from vimbench.count.flops import count_flops
+from vimbench.kernels.selective_scan import compiled_cpu
 
 
 def deit_closed_form(res, D, depth=12, b=1):
@@ -37,9 +38,14 @@ def test_deit_flops_closed_form(name, D, res):
     assert got["flops_total"] == want["linear"] + want["attention"]
 
 
+@pytest.mark.parametrize("scan", ["cpu", "cpp"])
 @pytest.mark.parametrize("res", [224, 1248])
-def test_vim_flops_closed_form(res):
-    got, want = count_flops("vim_tiny", res), vim_closed_form(res, 192)
+def test_vim_flops_closed_form(res, scan):
+    """Every path counts the same: the custom scan op (cpu) and the compiled ops the cpp path calls directly
+    (scan, causal conv pair, add + RMSNorm)."""
+    if scan == "cpp" and not compiled_cpu.available()[0]:
+        pytest.skip(f"compiled CPU kernels unavailable: {compiled_cpu.available()[1]}")
+    got, want = count_flops("vim_tiny", res, scan=scan), vim_closed_form(res, 192)
     assert got["flops_linear"] == want["linear"]
     assert got["flops_scan"] == want["scan"]
     assert got["flops_attention"] == 0 and got["flops_total"] == want["linear"] + want["scan"]

@@ -45,9 +45,12 @@ def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
         batch = decay_batch(batch)
     row = {k: cfg[k] for k in ("model", "family", "impl", "res", "batch_requested", "dtype", "compile", "amp",
                                "device", "head", "warmup")}
-    row.update(fixed, batch=batch, kernel=cfg["impl"], timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
-               **config_flops(run_cfg))
+    row.update(fixed, batch=batch, kernel=cfg["impl"], timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     row.update(result)
+    try:  # counted on the meta device; a failed count must not cost the measured row (nor the sweep)
+        row.update(config_flops(run_cfg))
+    except Exception as e:
+        row["error"] = "; ".join(filter(None, [row.get("error"), f"flops failed: {type(e).__name__}: {e}"]))
     if cfg["family"] == "vim" and not runs_on_cuda(cfg["impl"]):
         return row  # a CPU-only scan backend (cpp): no GPU run to predict, mem_pred_peak_gib stays empty
     if cfg["compile"] != "none":  # the prediction replays eager execution; inductor's fused kernels allocate less
