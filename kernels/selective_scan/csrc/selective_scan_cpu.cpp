@@ -369,13 +369,16 @@ void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, 
         for (int64_t m = 0; m < N; ++m) last[(lanes[j].bi * E + lanes[j].e0 + i) * N + m] = lanes[j].h[m * W + i];
 }
 
-// scan_group over ``lanes`` in groups of kGroup; acc_out / acc_in as there, (lanes.size(), L, W) here.
+// scan_group over ``lanes`` in groups; acc_out / acc_in as there, (lanes.size(), L, W) here.
 template <typename T, typename TBC>
 void scan_direction(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N, int64_t L,
                     int64_t E, std::vector<Lane>& lanes, bool softplus_on, const View3<const T>* z,
                     const View3<T>* out, float* acc_out, const float* acc_in, float* last, Scratch& sc) {
-  for (size_t first = 0; first < lanes.size(); first += kGroup) {
-    const int n = static_cast<int>(std::min<size_t>(kGroup, lanes.size() - first));
+  // Groups pay off where rows are read across lanes (time-major inputs); for other layouts a lane is staged
+  // alone, so its buffers stay in L1.
+  const size_t group = dir.delta.se == 1 && dir.u.se == 1 ? kGroup : 1;
+  for (size_t first = 0; first < lanes.size(); first += group) {
+    const int n = static_cast<int>(std::min<size_t>(group, lanes.size() - first));
     scan_group(dir, chunks, ld, N, L, E, lanes.data() + first, n, softplus_on, z, out,
                acc_out ? acc_out + first * L * W : nullptr, acc_in ? acc_in + first * L * W : nullptr, last, sc);
   }
