@@ -54,9 +54,10 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError(f"z must have u's shape {tuple(u.shape)}; got {tuple(z.shape)}")
 
 
-def _laid_out(backend: str, *tensors):
-    """The tensors as ``backend`` reads them: as given for a backend in ``STRIDED``, else contiguous."""
-    return tensors if backend in STRIDED else tuple(None if t is None else t.contiguous() for t in tensors)
+def _contiguous(*tensors):
+    """The tensors contiguous, as the backends behind the custom ops read them (the backends in ``STRIDED``,
+    which read any strides, are called before these ops)."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -64,7 +65,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """Selective scan with mamba_ssm's ``selective_scan_fn`` semantics (see ``ref.py``).
 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,).
-    Inputs may have any strides (``_laid_out`` gives each backend the layout it reads).
+    Inputs may have any strides (the cpp scan reads them as they are; the others get contiguous copies).
     Math in float32 (float64 stays float64); returns out (b, E, L) in u's dtype, and with
     ``return_last_state`` also the final state (b, E, N). ``backend``: one of ``scan_choices()``.
     """
@@ -73,7 +74,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if backend == "cpp":  # its compiled op directly (see ``ops.py``: its fake and FLOP formula are registered on it)
         return compiled_cpu.selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                                     return_last_state)
-    out, last = _scan_op(*_laid_out(backend, u, delta, A, B, C, D, z, delta_bias), delta_softplus, backend)
+    out, last = _scan_op(*_contiguous(u, delta, A, B, C, D, z, delta_bias), delta_softplus, backend)
     return (out, last) if return_last_state else out
 
 
@@ -99,5 +100,5 @@ def run_bidirectional_scan(backend, u, delta, A, B, C, D, u_b, delta_b, A_b, B_b
     if backend == "cpp":  # both directions in one compiled op, the output in time-major memory (for out_proj)
         return compiled_cpu.bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
                                                         delta_bias, delta_bias_b, delta_softplus, time_major_out=True)
-    return _bidir_op(*_laid_out(backend, u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
-                                delta_bias_b), delta_softplus, backend)
+    return _bidir_op(*_contiguous(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
+                                  delta_bias_b), delta_softplus, backend)

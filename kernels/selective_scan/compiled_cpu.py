@@ -6,6 +6,7 @@ Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, 
 
     available() -> (bool, str)       can the kernel be used here? builds it if needed; the str says why not
     build() -> str                   compiles (if not cached) and loads the kernel; returns the library path
+    describe_ops(fn)                 decorator: fn registers fakes / FLOP formulas of the ops once they load
     selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             return_last_state=False, *, time_major_out=None)
     bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None,

@@ -3,6 +3,8 @@
 ``torch.ops.vimbench.selective_scan`` and ``torch.ops.vimbench.bidirectional_scan`` take the backend name
 as an argument; their fake implementations allocate what that backend allocates on a GPU (for
 ``vimbench.count.memory``), and their FLOP formulas follow ``scan_flops`` (for ``vimbench.count.flops``).
+The ``cpp`` backend is not behind these ops: the entry points call its compiled ops directly, and the end of
+this file registers their fakes and the same FLOP formulas on them.
 """
 from __future__ import annotations
 
