@@ -81,8 +81,7 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_pair_fwd(const at::Tensor& x_in
   TORCH_CHECK(x_in.device().is_cpu(), "the compiled causal conv needs CPU tensors, got ", x_in.device());
   TORCH_CHECK(x_in.dim() == 3, "x must be (batch, E, L); got ", x_in.sizes());
   const at::ScalarType st = x_in.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-              "the compiled causal conv takes float32, bfloat16 or float16; got ", st);
+  TORCH_CHECK(is_kernel_dtype(st), "the compiled causal conv takes float32, bfloat16 or float16; got ", st);
   const int64_t b = x_in.size(0), E = x_in.size(1), L = x_in.size(2);
   TORCH_CHECK(w_b.sizes() == w_f.sizes(), "both directions' conv weights must have one shape; got ", w_f.sizes(),
               " and ", w_b.sizes());
@@ -106,9 +105,7 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_pair_fwd(const at::Tensor& x_in
       }
     });
   };
-  if (st == at::kFloat) run(float{});
-  else if (st == at::kBFloat16) run(c10::BFloat16{});
-  else run(c10::Half{});
+  dispatch_kernel_dtype(st, run);
   return {out_f.transpose(1, 2), out_b.transpose(1, 2)};
 }
 

@@ -48,17 +48,15 @@ void norm_row(const T* x, const float* res, const TW* w, int64_t D, float eps, f
   for (; d < D; ++d) out[d] = static_cast<TW>(r[d] * inv * static_cast<float>(w[d]));
 }
 
-bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
 // x: (..., D) float32 / bfloat16 / float16; residual: None or x's shape, float32; weight: (D,) float32 /
 // bfloat16 / float16. Returns (out in weight's dtype, residual_out float32), both x's shape, contiguous.
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor& x_in, const std::optional<at::Tensor>& res_in,
                                                     const at::Tensor& w_in, double eps) {
   TORCH_CHECK(x_in.device().is_cpu(), "the compiled add + RMSNorm needs CPU tensors, got ", x_in.device());
-  TORCH_CHECK(x_in.dim() >= 1 && is_float_type(x_in.scalar_type()),
+  TORCH_CHECK(x_in.dim() >= 1 && is_kernel_dtype(x_in.scalar_type()),
               "x must be a float32, bfloat16 or float16 tensor (..., D); got ", x_in.scalar_type(), " ", x_in.sizes());
   const int64_t D = x_in.size(-1);
-  TORCH_CHECK(w_in.dim() == 1 && w_in.size(0) == D && is_float_type(w_in.scalar_type()),
+  TORCH_CHECK(w_in.dim() == 1 && w_in.size(0) == D && is_kernel_dtype(w_in.scalar_type()),
               "weight must be (D=", D, ",) float32, bfloat16 or float16; got ", w_in.scalar_type(), " ", w_in.sizes());
   if (res_in)
     TORCH_CHECK(res_in->sizes() == x_in.sizes() && res_in->scalar_type() == at::kFloat,
@@ -70,31 +68,21 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor& x_in, cons
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(w.scalar_type()));
   const int64_t rows = D == 0 ? 0 : x.numel() / D;
   const float* rp = res ? res->const_data_ptr<float>() : nullptr;
-  auto run = [&](auto x_tag, auto w_tag) {
-    using T = decltype(x_tag);
-    using TW = decltype(w_tag);
-    const T* xp = x.const_data_ptr<T>();
-    const TW* wp = w.const_data_ptr<TW>();
-    float* ro = r.mutable_data_ptr<float>();
-    TW* op = out.mutable_data_ptr<TW>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        norm_row<T, TW>(xp + i * D, rp ? rp + i * D : nullptr, wp, D, static_cast<float>(eps), ro + i * D,
-                        op + i * D);
+  dispatch_kernel_dtype(x.scalar_type(), [&](auto x_tag) {
+    dispatch_kernel_dtype(w.scalar_type(), [&](auto w_tag) {
+      using T = decltype(x_tag);
+      using TW = decltype(w_tag);
+      const T* xp = x.const_data_ptr<T>();
+      const TW* wp = w.const_data_ptr<TW>();
+      float* ro = r.mutable_data_ptr<float>();
+      TW* op = out.mutable_data_ptr<TW>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          norm_row<T, TW>(xp + i * D, rp ? rp + i * D : nullptr, wp, D, static_cast<float>(eps), ro + i * D,
+                          op + i * D);
+      });
     });
-  };
-  auto with_weight = [&](auto x_tag) {
-    switch (w.scalar_type()) {
-      case at::kFloat: run(x_tag, float{}); break;
-      case at::kBFloat16: run(x_tag, c10::BFloat16{}); break;
-      default: run(x_tag, c10::Half{});
-    }
-  };
-  switch (x.scalar_type()) {
-    case at::kFloat: with_weight(float{}); break;
-    case at::kBFloat16: with_weight(c10::BFloat16{}); break;
-    default: with_weight(c10::Half{});
-  }
+  });
   return {out, r};
 }
 

@@ -53,7 +53,7 @@ namespace {
 
 using vimbench_vec::Vec;
 using vimbench_vec::W;                     // channels per task (SIMD lanes of float32)
-using namespace vimbench_vec;              // load_vec, store_vec, exp_state, softplus, silu
+using namespace vimbench_vec;              // is_kernel_dtype, load_vec, store_vec, exp_state, softplus, silu
 constexpr int kTile = 64;                  // time steps staged per tile
 constexpr int kGroup = 32;                 // lanes staged together per tile (their buffers: 384 KiB, in L2)
 #if defined(CPU_CAPABILITY_AVX512)
@@ -319,7 +319,8 @@ void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, 
       for (int j = 0; j < n; ++j) {
         load_rows<T>(dir.delta, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, sc.rows_a.data());
         load_rows<T>(dir.u, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, sc.rows_b.data());
-        for (int s = 0; s < nt; ++s) stage(j, s, Vec::loadu(sc.rows_a.data() + s * W), Vec::loadu(sc.rows_b.data() + s * W));
+        for (int s = 0; s < nt; ++s)
+          stage(j, s, Vec::loadu(sc.rows_a.data() + s * W), Vec::loadu(sc.rows_b.data() + s * W));
       }
     }
 
@@ -425,10 +426,6 @@ int64_t lanes_per_pass(int64_t L) {
 // Argument checking and dtype handling
 // ------------------------------------------------------------------------------------------------------
 
-bool is_kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
-
 void check_bc(const at::Tensor& M, const char* name, int64_t b, int64_t E, int64_t N, int64_t L) {
   const bool ok = (M.dim() == 3 && M.size(0) == b && M.size(1) == N && M.size(2) == L) ||
                   (M.dim() == 4 && M.size(0) == b && M.size(1) > 0 && E % M.size(1) == 0 && M.size(2) == N &&
@@ -481,19 +478,9 @@ at::Tensor new_output(const at::Tensor& u, at::ScalarType st, bool time_major) {
 template <typename F>
 void dispatch_types(at::ScalarType st, at::ScalarType st_bc, F&& f) {
   // TBC is either T or float32 (mixed families are read as float32), so five combinations.
-  switch (st) {
-    case at::kFloat:
-      f(float{}, float{});
-      return;
-    case at::kBFloat16:
-      if (st_bc == at::kBFloat16) f(c10::BFloat16{}, c10::BFloat16{}); else f(c10::BFloat16{}, float{});
-      return;
-    case at::kHalf:
-      if (st_bc == at::kHalf) f(c10::Half{}, c10::Half{}); else f(c10::Half{}, float{});
-      return;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", st);
-  }
+  dispatch_kernel_dtype(st, [&](auto t) {
+    if (st_bc == st) f(t, t); else f(t, float{});
+  });
 }
 
 template <typename T, typename TBC>
@@ -629,8 +616,9 @@ at::Tensor bidirectional_scan_fwd(
   return out.scalar_type() == out_st ? out : out.to(out_st);
 }
 
-// Microbenchmark for the floor: applies x <- exp(x * c), c = -1/2, with the kernel's state exp (exp_state) `iters` times to every element of the float32
-// contiguous x (numel a multiple of W), in place, 8 independent vectors at a time, through at::parallel_for.
+// Microbenchmark for the floor: applies x <- exp(x * c), c = -1/2, with the kernel's state exp (exp_state)
+// `iters` times to every element of the float32 contiguous x (numel a multiple of W), in place, 8 independent
+// vectors at a time, through at::parallel_for.
 // Returns the elapsed seconds. exps = numel * iters.
 double exp_chain(at::Tensor x, int64_t iters) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() % (8 * W) == 0,

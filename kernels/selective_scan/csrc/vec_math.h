@@ -1,15 +1,33 @@
-// Vectorised float32 math shared by vimbench's compiled CPU kernels (the selective scan and the causal conv):
-// the vector type, loads/stores that convert bf16/fp16 to and from float32, and the inline exp, softplus and
-// silu the kernels apply per element. Compiled with -DCPU_CAPABILITY_<AVX512|AVX2|DEFAULT> (see compiled_cpu.py),
-// which sets the vector width W.
+// Vectorised float32 math shared by vimbench's compiled CPU kernels (the selective scan, the causal conv and the
+// add + RMSNorm): the dtypes they take and the dispatch over them, the vector type, loads/stores that convert
+// bf16/fp16 to and from float32, and the inline exp, softplus and silu the kernels apply per element. Compiled
+// with -DCPU_CAPABILITY_<AVX512|AVX2|DEFAULT> (see compiled_cpu.py), which sets the vector width W.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 namespace vimbench_vec {
+
+// The dtypes the kernels read and write (their arithmetic is float32 whatever these are).
+inline bool is_kernel_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half;
+}
+
+// Calls f(T{}) with T the C++ type of st: float, c10::BFloat16 or c10::Half (st must be a kernel dtype).
+template <typename F>
+void dispatch_kernel_dtype(c10::ScalarType st, F&& f) {
+  switch (st) {
+    case c10::ScalarType::Float: f(float{}); return;
+    case c10::ScalarType::BFloat16: f(c10::BFloat16{}); return;
+    case c10::ScalarType::Half: f(c10::Half{}); return;
+    default: TORCH_CHECK(false, "unsupported dtype ", st);
+  }
+}
 
 // Forced inlining for the per-element math below: called once per vector inside the kernels' loops, where a
 // call would reload every polynomial constant from memory and pass vectors through the stack.
