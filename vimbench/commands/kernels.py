@@ -8,8 +8,6 @@ import click
 from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents
 from vimbench.commands import options as o
 from vimbench.errors import InputError
-from vimbench.kernels.attention import ATTENTION_BACKENDS
-from vimbench.kernels.selective_scan import SCAN_CHOICES
 from vimbench.measure.ops import CPU_TIMING, kernel_row, op_configs, preamble, preamble_result
 from vimbench.models.registry import model_entry
 from vimbench.present.figures import plot_results
@@ -36,14 +34,7 @@ def summary(path) -> str:
 
 
 @click.command("kernels")
-@o.models_option
-@click.option("--attn", "attn_spec", default="eager,sdpa", show_default=True,
-              help=f"Attention backend(s) for the DeiT ops, one row each: {', '.join(ATTENTION_BACKENDS)}, "
-                   "or a plug-in's.")
-@click.option("--scan", "scan_spec", default="auto", show_default=True,
-              help=f"Scan backend(s) for the Vim ops, one row each: {', '.join(SCAN_CHOICES)}, or a plug-in's "
-                   "(each checked against ref first; `vimbench models` lists the plug-ins).")
-@o.res_option
+@o.model_options
 @o.batch_option
 @o.dtype_option
 @o.compile_option
