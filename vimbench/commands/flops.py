@@ -34,7 +34,7 @@ def command(ctx, **opts):
     res_list = o.parse_resolutions(opts["res_spec"])
     pairs = o.variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"])
     configs = [dict(model=m, family=model_entry(m).family, options=options, impl=impl_of(options), res=res,
-                    batch=batch, head=opts["head"]) for m, options in pairs for res in res_list]
+                    batch=batch, head=opts["head"], mode="infer") for m, options in pairs for res in res_list]
     log = CsvLog.open(opts["out"] or o.default_out("flops", device), FLOPS, resume=opts["resume"],
                       given=opts["out"] is not None)
     fixed = {**environment(torch.device("cpu")), "command": o.command_line(ctx)}

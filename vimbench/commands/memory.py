@@ -63,7 +63,7 @@ def command(ctx, preset, **opts):
     for _, options in pairs:
         _check_variant(options, opts["dtype"])
     configs = [dict(model=m, family=model_entry(m).family, options=options, impl=impl_of(options), res=res,
-                    batch=batch, dtype=opts["dtype"], head=opts["head"], card=opts["card"])
+                    batch=batch, dtype=opts["dtype"], head=opts["head"], mode="infer", card=opts["card"])
                for m, options in pairs for res in res_list]
     log = CsvLog.open(opts["out"] or o.default_out("memory", "cuda"), MEMORY, resume=opts["resume"],
                       given=opts["out"] is not None)

@@ -48,7 +48,7 @@ def command(ctx, preset, **opts):
     regimes = o.regimes(opts["compile_spec"], opts["amp_spec"], opts["dtype"])
     pairs = o.resolved_variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"], device, opts["dtype"])
     configs = [dict(model=model, family=model_entry(model).family, options=options, impl=impl_of(options),
-                    res=res, batch_requested=batch, dtype=opts["dtype"], compile=compile_mode, amp=amp,
+                    res=res, batch_requested=batch, dtype=opts["dtype"], mode="infer", compile=compile_mode, amp=amp,
                     device=str(device), head=opts["head"], threads=opts["threads"], **timing)
                for compile_mode, amp in regimes for model, options in pairs for res in res_list]
     log = CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],

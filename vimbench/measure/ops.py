@@ -369,7 +369,7 @@ def kernel_row(cfg: dict, fixed: dict) -> dict:
     """One row of a kernels CSV: ``measure_op`` in its own worker, plus sizes, FLOPs, bytes, rates and
     ``fixed`` (environment, ceilings, command). ``cfg``: as ``measure_op`` takes it, plus model and res."""
     g = cfg["geometry"]
-    row = {k: cfg[k] for k in ("op", "impl", "model", "res", "batch", "dtype", "compile", "amp", "device")}
+    row = {k: cfg[k] for k in ("op", "impl", "model", "res", "batch", "dtype", "mode", "compile", "amp", "device")}
     row.update({k: g[k] or "" for k in ("width", "heads", "head_dim", "d_inner", "d_state")}, tokens=g["L"],
                kernel=cfg["impl"], **fixed, **op_cost(cfg["op"], Geometry(**g), cfg["dtype"]),
                timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
@@ -392,7 +392,7 @@ def op_configs(models: list[str], res_list: list[int], impls: dict, batch: int, 
             for spec in OPS.values():
                 if spec.family == family:
                     configs += [dict(op=spec.name, impl=impl, model=model, res=res, batch=batch, dtype=dtype,
-                                     compile=compile_mode, amp=amp, device=str(device),
+                                     mode="infer", compile=compile_mode, amp=amp, device=str(device),
                                      geometry=dataclasses.asdict(geometry), threads=threads, timing=timing)
                                 for impl in impls[spec.backend] for compile_mode, amp in regimes]
     return configs

@@ -5,8 +5,9 @@ are mapped to their current names (``schema.RENAMED``), so old results keep work
 *settings* (``Schema.setting``: device, dtype, batch, ...): curves are only drawn or fitted within one. A
 scaling setting is keyed by the batch asked for (``batch_requested``): ``vimbench scaling`` retries an OOM
 at smaller batches and records the batch that ran in ``batch``. A CSV without ``batch_requested`` gets it
-equal to ``batch``; a scaling or kernel CSV without the regime columns (``schema.REGIME``: compile, amp) gets
-none for both, the eager full-precision regime it was measured in.
+equal to ``batch``; a CSV without ``mode`` gets infer (it measured inference); a scaling or kernel CSV without
+the regime columns (``schema.REGIME``: compile, amp) gets none for both, the eager full-precision regime it was
+measured in.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from vimbench.errors import InputError
-from vimbench.rows.schema import BOOLEAN, NUMERIC, REGIME, RENAMED, SCHEMAS, kind_of
+from vimbench.rows.schema import BOOLEAN, MODE, NUMERIC, REGIME, RENAMED, SCHEMAS, kind_of
 
 
 
@@ -26,10 +27,10 @@ def with_current_names(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_regime(kind: str, df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with the regime columns (``REGIME``) of a scaling or kernel CSV filled: none where absent or empty."""
-    if kind not in ("scaling", "kernels"):
-        return df
-    return df.assign(**{col: df[col].fillna("none").astype(str) if col in df.columns else "none" for col in REGIME})
+    """``df`` with its ``mode`` filled (infer where absent or empty: every CSV from before training mode measured
+    inference) and the regime columns (``REGIME``) of a scaling or kernel CSV filled: none where absent or empty."""
+    fill = {MODE: "infer", **({col: "none" for col in REGIME} if kind in ("scaling", "kernels") else {})}
+    return df.assign(**{col: df[col].fillna(v).astype(str) if col in df.columns else v for col, v in fill.items()})
 
 
 def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]:
@@ -99,9 +100,11 @@ class Setting:
 
 
 def regime_slug(key: dict) -> str:
-    """The file-name part of a setting's regime: "" for eager without autocast (the names of CSVs from
-    before the regime columns stay as they were), else "-compile_<mode>" and/or "-amp_<dtype>"."""
-    return "".join(f"-{col}_{key[col]}" for col in REGIME if key.get(col, "none") != "none")
+    """The file-name part of a setting's mode and regime: "" for inference, eager, without autocast (the names
+    of CSVs from before these columns stay as they were), else "-train" and/or "-compile_<mode>" and/or
+    "-amp_<dtype>"."""
+    return ("-train" if key.get(MODE, "infer") == "train" else "") + \
+        "".join(f"-{col}_{key[col]}" for col in REGIME if key.get(col, "none") != "none")
 
 
 def split_settings(kind: str, df: pd.DataFrame) -> list[Setting]:

@@ -43,7 +43,7 @@ def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
         if result["status"] != "oom" or not backoff or decay_batch(batch) == 0:
             break
         batch = decay_batch(batch)
-    row = {k: cfg[k] for k in ("model", "family", "impl", "res", "batch_requested", "dtype", "compile", "amp",
+    row = {k: cfg[k] for k in ("model", "family", "impl", "res", "batch_requested", "dtype", "mode", "compile", "amp",
                                "device", "head", "warmup")}
     row.update(fixed, batch=batch, kernel=cfg["impl"], timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     row.update(result)

@@ -39,6 +39,8 @@ COLUMN_DOCS = {
     "dtype": ("", "fp32, fp16 or bf16 (weights and inputs)"),
     "compile": ("", "none, or the torch.compile mode (default, max-autotune; inductor backend) the call ran in"),
     "amp": ("", "none, or the torch.autocast dtype (fp16, bf16) the call ran in; weights stay in dtype"),
+    "mode": ("", "infer (a forward under inference_mode) or train (forward, backward and optimizer step); CSVs "
+                 "without the column: infer"),
     "compile_s": ("s", "wall time of the first call of the compiled callable (tracing, compiling, one run); "
                        "before the warm-up, never timed"),
     "graph_breaks": ("", "places where TorchDynamo ended a graph and fell back to Python (0: whole graphs)"),
@@ -114,6 +116,9 @@ GPU_TELEMETRY = ["tf32", "cudnn_benchmark", "sm_clock_mhz", "temperature_c", "po
 PLACEMENT = ["launcher", "job_id", "workers", "cuda_visible_devices"]
 """Measured rows (scaling, kernels) end with where they ran, after the environment (``host``)."""
 FLOP_COLUMNS = ["flops_total", "flops_scan", "flops_attention", "flops_linear", "flops_other"]
+MODE = "mode"
+"""Every kind: what a row measures, counts or predicts, infer or train (``MODES``); each mode is its own setting."""
+MODES = ("infer", "train")
 REGIME = ["compile", "amp"]
 """scaling and kernels: the regime a row ran in; each regime is its own setting (CSVs without them: none)."""
 COMPILE_COLUMNS = ["compile_s", "graph_breaks"]
@@ -135,48 +140,48 @@ class Schema:
 
 SCALING = Schema(
     "scaling",
-    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "batch_requested", "dtype", *REGIME, "device",
+    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "batch_requested", "dtype", MODE, *REGIME, "device",
      "head", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "throughput_img_s", "repeats", "warmup",
      *COMPILE_COLUMNS, "mem_peak_gib", "mem_reserved_gib", "mem_nvml_gib", "mem_pred_peak_gib", *FLOP_COLUMNS,
      "params", *ENVIRONMENT, *GPU_TELEMETRY, *PLACEMENT],
-    key=["model", "impl", "res", "batch_requested", "dtype", *REGIME, "device", "head"],
+    key=["model", "impl", "res", "batch_requested", "dtype", MODE, *REGIME, "device", "head"],
     required=("model", "family", "impl", "res", "tokens", "batch", "dtype", "device", "head", "status", "time_ms",
               "time_ms_p10", "time_ms_p90", "throughput_img_s", "mem_peak_gib", *FLOP_COLUMNS, "device_name"),
     marker=("throughput_img_s",),
-    setting=("device", "dtype", "batch_requested", "head", *REGIME),
+    setting=("device", "dtype", "batch_requested", "head", MODE, *REGIME),
 )
 KERNELS = Schema(
     "kernels",
     ["op", "impl", "kernel", "model", "width", "heads", "head_dim", "d_inner", "d_state", "tokens", "res", "batch",
-     "dtype", *REGIME, "device", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "repeats",
+     "dtype", MODE, *REGIME, "device", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "repeats",
      *COMPILE_COLUMNS, "mem_peak_gib",
      "flops_total", "bytes", "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw", "ceiling_gflops_s",
      "ceiling_gbs", *ENVIRONMENT, *PLACEMENT],
-    key=["op", "impl", "model", "res", "batch", "dtype", *REGIME, "device"],
+    key=["op", "impl", "model", "res", "batch", "dtype", MODE, *REGIME, "device"],
     required=("op", "impl", "tokens", "width", "batch", "dtype", "device", "status", "time_ms", "time_ms_p10",
               "time_ms_p90", "mem_peak_gib"),
     marker=("op",),
-    setting=("device", "dtype", "batch", "width", *REGIME),
+    setting=("device", "dtype", "batch", "width", MODE, *REGIME),
 )
 FLOPS = Schema(
     "flops",
-    ["model", "family", "impl", "res", "tokens", "batch", "head", "status", "error", "params", *FLOP_COLUMNS,
+    ["model", "family", "impl", "res", "tokens", "batch", "head", MODE, "status", "error", "params", *FLOP_COLUMNS,
      *ENVIRONMENT],
-    key=["model", "impl", "res", "batch", "head"],
+    key=["model", "impl", "res", "batch", "head", MODE],
     required=("model", "impl", "res", "tokens", "batch", "head", "status", *FLOP_COLUMNS),
     marker=(),
-    setting=("batch", "head"),
+    setting=("batch", "head", MODE),
 )
 MEMORY = Schema(
     "memory",
-    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "dtype", "head", "status", "error", "params",
+    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "dtype", "head", MODE, "status", "error", "params",
      "mem_pred_weights_gib", "mem_pred_activations_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
      "mem_pred_used_gib", "card", "card_gib", "context_gib", "fits", "paper_gib", *ENVIRONMENT],
-    key=["model", "impl", "res", "batch", "dtype", "head", "card"],
+    key=["model", "impl", "res", "batch", "dtype", "head", MODE, "card"],
     required=("model", "impl", "res", "tokens", "batch", "dtype", "head", "status", "mem_pred_peak_gib",
               "mem_pred_reserved_gib"),
     marker=("mem_pred_reserved_gib",),
-    setting=("dtype", "batch", "head", "card"),
+    setting=("dtype", "batch", "head", MODE, "card"),
 )
 SCHEMAS = {s.kind: s for s in (SCALING, KERNELS, FLOPS, MEMORY)}
 
