@@ -84,6 +84,17 @@ def check_scan_backend(backend: str, device: torch.device | str) -> None:
             raise BackendUnavailable(f"scan backend 'mamba_ssm' needs CUDA tensors, got {device.type}")
 
 
+WITH_BACKWARD = ("ref", "cpu", "cpp", "mamba_ssm")
+"""Built-in backends with a backward (``--mode train``); the Triton designs are forward-only."""
+
+
+def has_backward(backend: str) -> bool:
+    """Whether ``backend`` has a backward, so that a train step can run through it: a built-in in
+    ``WITH_BACKWARD``, or a plug-in that registered one."""
+    plugin = PLUGINS.get(backend)
+    return getattr(plugin, "backward", None) is not None if plugin is not None else backend in WITH_BACKWARD
+
+
 def runs_on_cuda(backend: str) -> bool:
     """Whether ``backend`` has a CUDA implementation (installed here or not): not the CPU-only built-ins, and
     for a plug-in whether it registered the cuda device."""

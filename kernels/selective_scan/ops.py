@@ -158,6 +158,26 @@ def scan_flops(b: int, E: int, L: int, N: int, *, has_D: bool, has_z: bool, has_
     return b * E * L * (SCAN_FLOPS_PER_STATE * N + per_step)
 
 
+SCAN_BWD_FLOPS_PER_STATE = 20
+"""FLOPs per (b, e, t, n) of the recurrence's backward (convention of ``SCAN_FLOPS_PER_STATE``): recomputing the
+forward state from a checkpoint, delta*A (1), exp (1), dA*h (1), + dBu (1), (delta*u)*B (1); then in reverse
+dh_t = dA_{t+1}*dh_{t+1} + C_t*dy_t (3), dC_t += h_t*dy_t (2), dB_t += dh_t*(delta_t*u_t) (2),
+g = dh_t*h_{t-1}*dA_t, the gradient of delta*A (2), dA += g*delta_t (2), ddelta_t += g*A (2) and
+d(delta*u)_t += dh_t*B_t (2)."""
+
+
+def scan_bwd_flops(b: int, E: int, L: int, N: int, *, has_D: bool, has_z: bool, has_delta_bias: bool,
+                   delta_softplus: bool) -> int:
+    """FLOPs of the backward of one direction of the selective scan (same convention as ``scan_flops``).
+
+    Per (b, e, t): d(delta*u) into du and ddelta (4); the skip's dD += dy*u and du += D*dy (4); the gate,
+    dy = dout*silu(z) and dz = dout*y*silu'(z) with silu recomputed (8); softplus' derivative, a sigmoid and
+    a product (3); the bias gradient's sum (1). Per (b, e, t, n): ``SCAN_BWD_FLOPS_PER_STATE``.
+    """
+    per_step = 4 + 4 * has_D + 8 * has_z + 3 * delta_softplus + has_delta_bias
+    return b * E * L * (SCAN_BWD_FLOPS_PER_STATE * N + per_step)
+
+
 def _scan_flop_formula(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend, out_shape=None, **kw):
     """FLOPs of one scan call from its argument shapes (registered below, on this op and on the compiled scan's)."""
     b, E, L = u
