@@ -8,6 +8,7 @@
     --dtype   weights and inputs: fp32, fp16 or bf16                         [fp32]
     --compile torch.compile mode(s), one row each: none, default, max-autotune [none]
     --amp     autocast dtype(s), one row each: none, fp16, bf16 (weights stay fp32) [none]
+    --mode    infer and/or train, one row each; --grad-checkpointing for train rows [infer]
     --device  auto, cpu, cuda or cuda:N                                      [auto]
     --out     the CSV to write; an existing one is never overwritten: --resume appends to it
               [results/<command>-<device>-<time>.csv]
@@ -47,6 +48,7 @@ from vimbench.measure.core import DTYPES
 from vimbench.measure.launchers import Plain, Submitit
 from vimbench.measure.regime import AMP_DTYPES, COMPILE_MODES
 from vimbench.models.registry import check_backends, model_variants
+from vimbench.rows.schema import MODES
 
 
 DEFAULT_STEP = 64
@@ -219,9 +221,25 @@ def regimes(compile_spec: str, amp_spec: str, dtype: str) -> list[tuple[str, str
     return [(c, a) for c in lists["--compile"] for a in lists["--amp"]]
 
 
+def modes(mode_spec: str, grad_checkpointing: bool) -> list[str]:
+    """The modes named by --mode, in the order given (``schema.MODES``: infer, train); InputError naming the
+    option for an unknown or missing value, or --grad-checkpointing without train (it applies to a backward
+    only)."""
+    values = list(dict.fromkeys(comma_list(mode_spec)))
+    if not values:
+        raise InputError(f"--mode: no value given; choose from {', '.join(MODES)}")
+    for v in values:
+        if v not in MODES:
+            raise InputError(f"--mode {v!r}: unknown; choose from {', '.join(MODES)}")
+    if grad_checkpointing and "train" not in values:
+        raise InputError("--grad-checkpointing applies to a train step: add train to --mode")
+    return values
+
+
 def regime_label(cfg: dict) -> str:
-    """" compile=<mode> amp=<dtype>" for the progress bar, the parts that are not none."""
-    return "".join(f" {k}={cfg[k]}" for k in ("compile", "amp") if cfg[k] != "none")
+    """" mode=train compile=<mode> amp=<dtype>" for the progress bar, the parts that are not the defaults."""
+    return (" mode=train" if cfg.get("mode") == "train" else "") + \
+        "".join(f" {k}={cfg[k]}" for k in ("compile", "amp") if cfg[k] != "none")
 
 
 def command_line(ctx: click.Context) -> str:
@@ -280,6 +298,13 @@ compile_option = click.option("--compile", "compile_spec", default="none", show_
 amp_option = click.option("--amp", "amp_spec", default="none", show_default=True,
                           help=f"Autocast dtype(s), one row each: {', '.join(AMP_DTYPES)} "
                                "(weights stay fp32, unlike --dtype).")
+mode_option = _decorator(
+    click.option("--mode", "mode_spec", default="infer", show_default=True,
+                 help="What is measured, one row each: infer (a forward under inference_mode), train (forward, "
+                      "loss, backward and an SGD step; per-phase times beside the step's)."),
+    click.option("--grad-checkpointing", is_flag=True,
+                 help="Train rows: recompute each block's activations in the backward (activation "
+                      "checkpointing per block, Vim and DeiT alike)."))
 threads_option = click.option("--threads", type=int, default=0, help="CPU threads for torch [torch's default].")
 out_options = _decorator(
     click.option("--out", type=click.Path(dir_okay=False), default=None,
