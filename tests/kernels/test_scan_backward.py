@@ -13,6 +13,7 @@ from vimbench.kernels.selective_scan import bidirectional_scan, bidirectional_sc
 from vimbench.kernels.selective_scan.backends import has_backward
 from vimbench.kernels.selective_scan.check import CASES, check_backward, check_named_backend
 from vimbench.kernels.selective_scan.ops import scan_bwd_flops, scan_flops
+from vimbench.kernels.selective_scan.chunked import selective_scan_cpu_backward
 from vimbench.kernels.selective_scan.ref import selective_scan_ref_backward
 
 OPTIONAL = ("D", "z", "delta_bias")
@@ -240,3 +241,29 @@ def test_memory_model_of_training_needs_a_backward_fake(fresh_plugins):
         vimbench.register_scan_backend("odd", selective_scan_ref, devices="cpu", backward_fake=selective_scan_ref)
     with pytest.raises(ValueError, match="must be callables"):
         vimbench.register_scan_backend("odd", selective_scan_ref, devices="cpu", backward="not a function")
+
+
+def test_cpu_backward_never_builds_a_tensor_of_the_whole_state_sequence():
+    """At the Vim-Ti 1248 px shape on meta tensors (as memory prediction runs it): the largest tensors of the
+    backward are (b, E, L) ones like du, 1/N of b*E*L*N (the chunk start states are 1/64 of it), and the step
+    loops are skipped."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel, calls = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Largest.calls += 1
+            Largest.numel = max([Largest.numel] + [t.numel() for t in torch.utils._pytree.tree_leaves(out)
+                                                   if isinstance(t, torch.Tensor)])
+            return out
+
+    b, E, L, N = 1, 384, 6085, 16
+    with torch.device("meta"):
+        (u, delta, A, B, C), kw = scan_case(b, E, L, N, 0)
+        with Largest():
+            selective_scan_cpu_backward(u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True,
+                                        torch.empty_like(u))
+    assert Largest.numel == b * E * L
+    assert Largest.calls < 1000                  # three chunks of batched ops; the step loops would be 3 L calls
