@@ -177,7 +177,7 @@ def selective_scan_cpu_backward(u, delta, A, B, C, D, z, delta_bias, delta_softp
         if not s.shapes_only:
             dHs[n - 1].add_(carry)
             for t in range(n - 2, -1, -1):
-                dHs[t].addcmul_(s.dA[t + 1], dHs[t + 1])
+                dHs[t].addcmul_(s.dAs[t + 1], dHs[t + 1])
         torch.mul(s.dA[0], dH[0], out=carry)
         dsu = (ds * uc).permute(2, 0, 1).reshape(n, b, G, Eg)
         dBt[t0:t0 + n] = torch.einsum("tbgen,tbge->tbgn", dH5, dsu)

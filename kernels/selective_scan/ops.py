@@ -155,6 +155,12 @@ def _scan_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     return _present(*scan_backward(backend)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout))
 
 
+def _grads_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
+    """The gradients alone: for a plug-in that registered no ``backward_fake`` (shapes for FLOP counting), and
+    what every backward returns."""
+    return tuple(None if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
 def _ref_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
     """autograd through scan_ref's loop, approximately: what the loop saves per step, the state h_t and
     exp(delta_t*A) (b, E, N) each, so two (L, b, E, N) in the compute dtype; the gradients of the expanded
@@ -163,7 +169,7 @@ def _ref_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
     b, E, L = u.shape
     saved = u.new_empty(2, L, b, E, A.shape[1], dtype=dt)  # noqa: F841  (held through the backward)
     expanded = u.new_empty(2, b, E, A.shape[1], L, dtype=dt)  # noqa: F841
-    return tuple(None if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+    return _grads_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout)
 
 
 def _mamba_ssm_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
@@ -179,11 +185,6 @@ def _mamba_ssm_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dou
     out_z = None if z is None else torch.empty_like(z)  # noqa: F841
     grads[3], grads[4] = grads[3].to(B.dtype), grads[4].to(C.dtype)
     return tuple(grads)
-
-
-def _grads_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
-    """The gradients alone, for a plug-in that registered no ``backward_fake``: shapes for FLOP counting."""
-    return tuple(None if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
 
 
 _BWD_FAKES = {"ref": _ref_bwd_fake, "cpu": selective_scan_cpu_backward, "mamba_ssm": _mamba_ssm_bwd_fake}
