@@ -272,6 +272,8 @@ BY_NAME = {
                                ["timm:nosuchmodel", "timm:", "timm:resnet", "vim_huge", "VIM_TINY", " ", "ü"]),
     "attn_spec": comma_lists(["eager", "sdpa", "math"], ["flash", "efficient", "cudnn", "fast", "EAGER", ""]),
     "scan_spec": comma_lists(["auto", "ref", "cpu"], ["cpp", "triton", "mamba_ssm", "fast", "AUTO", ""]),
+    "mode_spec": comma_lists(["infer", "train"], ["INFER", "fly", " ", ""]),
+    "mem_limit_gib": kinds(["1", "64"], ["0", "-1", "nan", "inf", "-inf", "x"]),
     "device_spec": kinds(["auto", "cpu"], ["cuda", "cuda:0", "cuda:7", "cpu:0", "meta", "tpu", "mps", "cuda:-1",
                                            "cuda:" + "9" * 25, "gpu"]),
     "card": kinds(list(CARDS), ["h100", "H100-80GB"]),
@@ -343,7 +345,8 @@ def names_in(argv: list[str]) -> list[str]:
 def _sane(cfg: dict) -> list[str]:
     """What is wrong with a configuration handed to the measuring boundary."""
     bad = []
-    for key, low in (("res", 16), ("batch", 1), ("batch_requested", 1), ("repeats", 1), ("warmup", 0),
+    # batch_requested 0: --max-batch (the batch is searched for)
+    for key, low in (("res", 16), ("batch", 1), ("batch_requested", 0), ("repeats", 1), ("warmup", 0),
                      ("threads", 0), ("min_time", 0)):
         value = cfg.get(key, cfg.get("timing", {}).get(key))
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
