@@ -86,8 +86,9 @@ def command(ctx, preset, **opts):
     rows = run_sweep(configs, log, run_one,
                      lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested']}"
                                  f"{o.regime_label(cfg)}", launcher)
-    click.echo(format_table(rows, ["model", "impl", "mode", "compile", "amp", "res", "batch", "status", "throughput_img_s",
-                                   "time_ms", "compile_s", "graph_breaks", "mem_peak_gib", "flops_total"]))
+    click.echo(format_table(rows, ["model", "impl", "mode", "compile", "amp", "res", "batch", "status",
+                                   "throughput_img_s", "time_ms", "compile_s", "graph_breaks", "mem_peak_gib",
+                                   "flops_total"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")
 
 
