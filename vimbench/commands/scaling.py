@@ -84,7 +84,7 @@ def command(ctx, preset, **opts):
         return {**fixed, "status": "error", "error": why} if why else scaling_row(cfg, fixed, backoff)
 
     rows = run_sweep(configs, log, run_one,
-                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested']}"
+                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested'] or 'max'}"
                                  f"{o.regime_label(cfg)}", launcher)
     click.echo(format_table(rows, ["model", "impl", "mode", "compile", "amp", "res", "batch", "status",
                                    "throughput_img_s", "time_ms", "compile_s", "graph_breaks", "mem_peak_gib",
