@@ -92,7 +92,7 @@ def has_backward(backend: str) -> bool:
     """Whether ``backend`` has a backward, so that a train step can run through it: a built-in in
     ``WITH_BACKWARD``, or a plug-in that registered one."""
     plugin = PLUGINS.get(backend)
-    return getattr(plugin, "backward", None) is not None if plugin is not None else backend in WITH_BACKWARD
+    return plugin.backward is not None if plugin is not None else backend in WITH_BACKWARD
 
 
 def runs_on_cuda(backend: str) -> bool:
@@ -164,16 +164,25 @@ BACKWARDS = {"ref": selective_scan_ref_backward, "cpu": selective_scan_cpu_backw
 ``backward``. ``cpp`` is not here: its compiled ops carry their own autograd (``compiled_cpu``)."""
 
 
+def forward_only(backend: str) -> str:
+    """Why ``backend`` cannot train, in one line ("" when it has a backward: ``has_backward``)."""
+    if has_backward(backend):
+        return ""
+    if backend in TRITON_DESIGNS:
+        return (f"scan backend {backend!r} is forward-only: the Triton kernel has no backward yet, so it cannot "
+                f"train; use cpu, cpp or mamba_ssm")
+    return (f"scan backend {backend!r} (package {PLUGINS[backend].package or '(direct call)'!r}) is forward-only: "
+            f"it registered no backward, so it cannot train")
+
+
 def scan_backward(backend: str) -> Callable:
     """``backend``'s backward (``BACKWARDS``, or a plug-in's); ``BackendUnavailable`` naming why for a
-    forward-only backend (the Triton designs, a plug-in that registered none)."""
+    forward-only backend (the Triton designs, a plug-in that registered none) and for ``cpp``, whose compiled
+    ops are not behind the ops that call this."""
     if backend in BACKWARDS:
         return BACKWARDS[backend]
-    if backend in TRITON_DESIGNS:
-        raise BackendUnavailable(f"scan backend {backend!r} is forward-only: the Triton kernel has no backward yet, "
-                                 f"so it cannot train; use cpu, cpp or mamba_ssm")
-    raise BackendUnavailable(f"scan backend {backend!r} (package {PLUGINS[backend].package or '(direct call)'!r}) "
-                             f"is forward-only: it registered no backward, so it cannot train")
+    raise BackendUnavailable(forward_only(backend) or f"scan backend {backend!r} has its own autograd, not "
+                                                      f"through vimbench::selective_scan")
 
 
 PLUGINS: dict[str, Plugin] = {}
