@@ -116,7 +116,9 @@ def _fake_run_isolated(fn, args=(), timeout=None):
     if fn.__name__ == "measure_ceilings":
         return dict(status="ok", ceiling_gbs=100.0, ceiling_gflops_s=1000.0)
     if fn.__name__ == "check_named_backend":
-        return dict(status="ok", checked=1, check_ok=True, check_failure="", check_worst=0.0)
+        grads = dict(forward_only="", grad_checked=1, grad_ok=True, grad_failure="", grad_worst=0.0)
+        return dict(status="ok", checked=1, check_ok=True, check_failure="", check_worst=0.0,
+                    **(grads if args[2:] and args[2] else {}))
     try:
         return {"status": "ok", **(fn(*args) or {})}
     except Exception as e:  # as the worker reports it

@@ -167,13 +167,13 @@ def test_each_regime_gets_its_own_configurations(tmp_path, monkeypatch):
 
 
 def test_a_forward_only_scan_backend_cannot_train(tmp_path, monkeypatch, capsys):
-    import vimbench.commands.scaling as scaling
-    monkeypatch.setattr(scaling, "has_backward", lambda scan: scan != "ref")  # as the Triton designs are
-    argv = ["scaling", "--models", "vim_tiny", "--scan", "ref", "--res", "32", "--out", str(tmp_path / "x.csv"), *FAST]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton scan runs on CPU tensors, forward only
+    argv = ["scaling", "--models", "vim_tiny", "--scan", "triton", "--res", "32", "--out", str(tmp_path / "x.csv"),
+            *FAST]
     assert main([*argv, "--mode", "infer,train"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().endswith("--mode train: scan backend 'ref' (vim_tiny) is forward-only (it has no backward)")
     assert len(err.strip().splitlines()) == 1
+    assert "--mode train (vim_tiny): scan backend 'triton' is forward-only: the Triton kernel has no backward" in err
     assert not (tmp_path / "x.csv").exists()
 
 
@@ -193,13 +193,13 @@ def test_each_mode_gets_its_own_configurations(tmp_path, monkeypatch):
 def test_a_scan_that_fails_its_check_gets_train_error_rows_and_no_timing(tmp_path, monkeypatch):
     import vimbench.commands.scaling as scaling
     checked = []
-    monkeypatch.setattr(scaling, "check_scan_gradients",
-                        lambda scans, device, log: checked.append(scans) or {"ref": "gradients wrong"})
+    monkeypatch.setattr(scaling, "check_scans",
+                        lambda scans, device, log, grads: checked.append((scans, grads)) or {"ref": "gradients wrong"})
     monkeypatch.setattr(scaling, "scaling_row", lambda cfg, fixed, backoff: {**fixed, "status": "ok"})
     assert main(["scaling", "--models", "vim_tiny,deit_tiny", "--scan", "ref", "--attn", "eager", "--res", "32",
                  "--mode", "infer,train", "--out", str(tmp_path / "r.csv"), *FAST]) == 0
     df = pd.read_csv(tmp_path / "r.csv")
-    assert checked == [["ref"]]
+    assert checked == [(["ref"], True)]
     bad = (df.model == "vim_tiny") & (df["mode"] == "train")
     assert list(df.status[bad]) == ["error"] and list(df.error[bad]) == ["gradients wrong"]
     assert (df.status[~bad] == "ok").all() and len(df) == 4

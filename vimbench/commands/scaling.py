@@ -8,11 +8,12 @@ import torch
 
 from vimbench.commands import options as o
 from vimbench.errors import InputError
-from vimbench.kernels.selective_scan.backends import has_backward
+from vimbench.kernels.selective_scan.backends import forward_only
 from vimbench.measure.core import memory_available_gib
 from vimbench.measure.model import DEFAULT_TIMING
 from vimbench.measure.train import GradCheckpointingUnsupported, enable_grad_checkpointing
-from vimbench.rows.scaling import MEM_LIMIT_FRACTION, check_scan_gradients, scaling_row
+from vimbench.measure.ops import check_scans
+from vimbench.rows.scaling import MEM_LIMIT_FRACTION, scaling_row
 from vimbench.models.registry import create_model, impl_of, model_entry
 from vimbench.present.tables import format_table
 from vimbench.rows.schema import SCALING
@@ -75,9 +76,10 @@ def command(ctx, preset, **opts):
     log = CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],
                       given=opts["out"] is not None)
     fixed, backoff = {"command": o.command_line(ctx)}, opts["backoff"]
-    # correctness gates training speed: a scan backend whose gradients fail its check gets error rows, no timing
+    # correctness gates training speed: each scan backend a Vim train row runs has its forward and its gradients
+    # checked against float64 autograd of ref first (each in a worker); one that fails gets error rows, no timing
     trained_scans = sorted({c["impl"] for c in configs if c["mode"] == "train" and c["family"] == "vim"})
-    failed = check_scan_gradients(trained_scans, device, click.echo)
+    failed = check_scans(trained_scans, device, click.echo, grads=True)
 
     def run_one(cfg: dict) -> dict:
         why = failed.get(cfg["impl"]) if cfg["mode"] == "train" and cfg["family"] == "vim" else None
@@ -107,12 +109,13 @@ def mem_limit_gib(max_batch: bool, given: float | None, device: torch.device) ->
 
 def check_trainable(pairs: list[tuple[str, dict]], res: int, grad_checkpointing: bool) -> None:
     """InputError, before any work, for a --mode train variant that cannot train: a scan backend without a
-    backward (``has_backward``: the Triton designs are forward-only), or with --grad-checkpointing a model
-    without activation checkpointing per block (checked on a copy built on the meta device)."""
+    backward (``forward_only``: the Triton designs, a plug-in that registered none), or with
+    --grad-checkpointing a model without activation checkpointing per block (checked on a copy built on the
+    meta device)."""
     for model, options in pairs:
-        scan = options.get("scan")
-        if scan is not None and not has_backward(scan):
-            raise InputError(f"--mode train: scan backend {scan!r} ({model}) is forward-only (it has no backward)")
+        why = forward_only(options["scan"]) if "scan" in options else ""
+        if why:
+            raise InputError(f"--mode train ({model}): {why}")
         if grad_checkpointing:
             with torch.device("meta"):
                 built = create_model(model, img_size=res, **options)

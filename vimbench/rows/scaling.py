@@ -20,7 +20,6 @@ from vimbench.count.memory import predict_memory
 from vimbench.kernels.selective_scan.backends import runs_on_cuda
 from vimbench.measure.isolation import run_isolated
 from vimbench.measure.model import measure_model
-from vimbench.measure.ops import check_scans
 
 
 def config_flops(cfg: dict) -> dict:
@@ -110,14 +109,6 @@ def max_batch(cfg: dict) -> dict:
                 "batch_search": f"doubling+bisection: 1 does not fit ({tries} try){bound}"}
     beyond = f"{misfit} does not" if misfit is not None else f"stopped at the cap {MAX_BATCH}"
     return {"batch": batch, "batch_search": f"doubling+bisection: {batch} fits, {beyond} ({tries} tries){bound}"}
-
-
-def check_scan_gradients(scans: list[str], device, log) -> dict[str, str]:
-    """Correctness before train timing: {backend: why} for each scan backend in ``scans`` that failed its
-    check against the reference (``measure.ops.check_scans``, each in a worker); ``log`` gets a line per
-    backend that passed. On this branch that is the forward check: the gradient check (float64 autograd of
-    ``ref``) is ``check_scans(..., grads=True)`` once the scan backwards land."""
-    return check_scans(scans, device, log)
 
 
 def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
