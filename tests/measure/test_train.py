@@ -47,13 +47,20 @@ def test_a_step_applies_the_sgd_update_and_marks_three_phases(head):
     assert changed > 10
 
 
-def test_train_row_has_the_phases_that_make_up_the_step():
-    out = measure.measure_model(TRAIN_CFG)
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_train_row_has_the_phases_that_make_up_the_step(amp):
+    out = measure.measure_model({**TRAIN_CFG, "amp": amp})
     assert out["repeats"] == 1  # one step: its time is exactly the sum of its phases
     phases = [out["time_fwd_ms"], out["time_bwd_ms"], out["time_opt_ms"]]
     assert all(t > 0 for t in phases) and sum(phases) == pytest.approx(out["time_ms"])
     assert out["throughput_img_s"] == pytest.approx(2 / (out["time_ms"] / 1e3))
     assert out["mem_peak_gib"] > 0
+
+
+@pytest.mark.slow
+def test_a_compiled_train_step_compiles_forward_and_backward_whole():
+    out = measure.measure_model({**TRAIN_CFG, "compile": "default"})
+    assert out["graph_breaks"] == 0 and out["compile_s"] > 0 and out["time_bwd_ms"] > 0
 
 
 def test_infer_row_has_no_phases():
