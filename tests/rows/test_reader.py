@@ -46,7 +46,8 @@ def test_train_settings_with_checkpointing_are_their_own_and_old_csvs_read_witho
     assert "grad_checkpointing" not in old and "mode" not in old
     infer = old.assign(batch_requested=old.batch)
     new = pd.concat([infer, infer.assign(mode="train", grad_checkpointing=False),
-                     infer.assign(mode="train", grad_checkpointing=True), infer.assign(batch_requested=0, mode="train")])
+                     infer.assign(mode="train", grad_checkpointing=True),
+                     infer.assign(batch_requested=0, mode="train")])
     for name, frame in (("old", old), ("new", new)):
         frame.to_csv(tmp_path / f"{name}.csv", index=False)
     kind, df = load_results(tmp_path / "old.csv")
