@@ -7,7 +7,8 @@ One step of ``TrainStep``:
                              head:     cross-entropy of the logits against fixed random labels
                              backbone: mean of the squared features, ``features.float().square().mean()``
                                        (Vim: the (b, D) cls features; DeiT: the (b, M, D) tokens)
-    backward         (bwd)   loss.backward(), outside autocast
+    backward         (bwd)   loss.backward(), outside autocast, without loss scaling (an fp16 step whose
+                             gradients overflow is a non-finite step, below)
     optimizer step   (opt)   torch.optim.SGD, momentum 0.9 (timm's default train-benchmark optimizer),
                              lr ``LR``; its momentum buffers are allocated by the first step
 
