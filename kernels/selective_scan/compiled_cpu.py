@@ -144,8 +144,8 @@ def _precheck() -> str | None:
 
 def describe_ops(fn: Callable[[], None]) -> Callable[[], None]:
     """Decorator: ``fn`` describes some of the library's ops to torch (their fakes, for the meta device,
-    FakeTensorMode and torch.compile, and their FLOP formulas); it runs once the library is loaded (now, if it
-    is). The modules that document each op (``ops.py``, ``kernels/causal_conv.py``, ``kernels/rms_norm.py``)
+    FakeTensorMode and torch.compile, their FLOP formulas, and the forwards' autograd through the backward ops);
+    it runs once the library is loaded (now, if it is). The modules that document each op (``ops.py``, ``kernels/causal_conv.py``, ``kernels/rms_norm.py``)
     register theirs, so the callers run the compiled ops directly, with no Python op around them."""
     _describers.append(fn)
     if _loaded is not None:
