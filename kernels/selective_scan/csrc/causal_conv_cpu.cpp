@@ -153,39 +153,52 @@ struct Direction {
   float* dw;          // the block's partial sums: dw (K, Ep) followed by db (Ep,)
 };
 
-// g of row r (0 <= r < L) into the ring. xr: x's rows (L, E) with row stride sl.
+// g of row r (0 <= r < L) into the ring. xr: x's rows (L, E) with row stride sl; xs: scratch for K pointers.
 template <typename T>
-void g_row(const Direction<T>& d, const T* xr, int64_t sl, int64_t L, int64_t E, int64_t K, int64_t r) {
+void g_row(const Direction<T>& d, const T* xr, int64_t sl, int64_t L, int64_t E, int64_t K, int64_t r,
+           const T** xs) {
   const int64_t Ep = padded(E);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t tt = r + d.dir * (K - 1 - k);
+    xs[k] = tt >= 0 && tt < L ? xr + tt * sl : nullptr;
+  }
+  const T* dy = d.dy + r * d.sdy;
+  float* g = d.ring + (r % K) * Ep;
   for (int64_t e = 0; e < Ep; e += W) {
     const int64_t n = std::min<int64_t>(W, E - e);
     Vec pre = Vec::loadu(d.bias + e);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t tt = r + d.dir * (K - 1 - k);
-      if (tt >= 0 && tt < L) pre = at::vec::fmadd(Vec::loadu(d.taps + k * Ep + e), load_part(xr + tt * sl + e, n), pre);
-    }
-    (load_part(d.dy + r * d.sdy + e, n) * silu_grad(pre)).store(d.ring + (r % K) * Ep + e);
+    for (int64_t k = 0; k < K; ++k)
+      if (xs[k]) pre = at::vec::fmadd(Vec::loadu(d.taps + k * Ep + e), load_part(xs[k] + e, n), pre);
+    (load_part(dy + e, n) * silu_grad(pre)).store(g + e);
   }
 }
 
-// Row s of dx, and row s's share of both directions' dw and db (the rings hold the g rows it needs).
+// Row s of dx, and row s's share of both directions' dw and db (the rings hold the g rows it needs). gs, xs:
+// scratch for 2K pointers each.
 template <typename T>
 void grad_row(const Direction<T>* dirs, const T* xr, int64_t sl, int64_t L, int64_t E, int64_t K, int64_t s,
-              T* dx) {
+              T* dx, const float** gs, const T** xs) {
   const int64_t Ep = padded(E);
+  for (int di = 0; di < 2; ++di)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t back = s - dirs[di].dir * (K - 1 - k), fwd = s + dirs[di].dir * (K - 1 - k);
+      gs[di * K + k] = back >= 0 && back < L ? dirs[di].ring + (back % K) * Ep : nullptr;  // read x[s] with tap k
+      xs[di * K + k] = fwd >= 0 && fwd < L ? xr + fwd * sl : nullptr;                       // row s's tap k read it
+    }
+  const float* g_s[2] = {dirs[0].ring + (s % K) * Ep, dirs[1].ring + (s % K) * Ep};
   for (int64_t e = 0; e < Ep; e += W) {
     const int64_t n = std::min<int64_t>(W, E - e);
     Vec acc(0.f);
     for (int di = 0; di < 2; ++di) {
       const Direction<T>& d = dirs[di];
-      const Vec g = Vec::loadu(d.ring + (s % K) * Ep + e);
+      const Vec g = Vec::loadu(g_s[di] + e);
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t back = s - d.dir * (K - 1 - k), fwd = s + d.dir * (K - 1 - k);
-        if (back >= 0 && back < L)   // output row `back` read x[s] with tap k
-          acc = at::vec::fmadd(Vec::loadu(d.taps + k * Ep + e), Vec::loadu(d.ring + (back % K) * Ep + e), acc);
-        if (fwd >= 0 && fwd < L) {   // output row s read x[fwd] with tap k
+        const float* gk = gs[di * K + k];
+        const T* xk = xs[di * K + k];
+        if (gk) acc = at::vec::fmadd(Vec::loadu(d.taps + k * Ep + e), Vec::loadu(gk + e), acc);
+        if (xk) {
           float* dw = d.dw + k * Ep + e;
-          at::vec::fmadd(g, load_part(xr + fwd * sl + e, n), Vec::loadu(dw)).store(dw);
+          at::vec::fmadd(g, load_part(xk + e, n), Vec::loadu(dw)).store(dw);
         }
       }
       float* db = d.dw + K * Ep + e;
@@ -226,6 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
     float* part = partials.mutable_data_ptr<float>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> rings(2 * K * Ep);
+      std::vector<const float*> gs(2 * K);
+      std::vector<const T*> xs(2 * K);
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t bi = blk / per_b, t0 = (blk % per_b) * len, t1 = std::min(L, t0 + len);
         const T* xr = xp + bi * x.stride(0);
@@ -239,11 +254,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_co
         auto lo = [&](const Direction<T>& d) { return d.dir < 0 ? int64_t{0} : -(K - 1); };
         for (const auto& d : dirs)
           for (int64_t r = std::max<int64_t>(0, t0 + lo(d)); r < std::min(L, t0 + lo(d) + K - 1); ++r)
-            g_row(d, xr, x.stride(2), L, E, K, r);
+            g_row(d, xr, x.stride(2), L, E, K, r, xs.data());
         for (int64_t s = t0; s < t1; ++s) {
           for (const auto& d : dirs)
-            if (s + lo(d) + K - 1 < L) g_row(d, xr, x.stride(2), L, E, K, s + lo(d) + K - 1);
-          grad_row(dirs, xr, x.stride(2), L, E, K, s, dxp + (bi * L + s) * E);
+            if (s + lo(d) + K - 1 < L) g_row(d, xr, x.stride(2), L, E, K, s + lo(d) + K - 1, xs.data());
+          grad_row(dirs, xr, x.stride(2), L, E, K, s, dxp + (bi * L + s) * E, gs.data(), xs.data());
         }
       }
     });
