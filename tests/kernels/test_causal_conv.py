@@ -174,3 +174,16 @@ def test_backward_flops_count_the_input_and_weight_gradients():
         out_f, out_b = causal_conv1d_pair(x, w_f, b_f, w_b, b_b, impl="cpp")
         torch.autograd.backward((out_f, out_b), (torch.ones_like(out_f), torch.ones_like(out_b)))
     assert fc.get_total_flops() == 3 * 2 * (2 * 2 * 32 * 50 * 4)
+
+
+@needs_cpp
+def test_compiled_training_graph_has_no_break_and_the_eager_gradients():
+    """torch.compile (fullgraph, AOT autograd) traces the op's forward and backward through their fakes; the
+    compiled gradients equal the eager ones."""
+    args = conv_case(2, 21, 9, 4)
+    dys = torch.randn(2, 2, 21, 9).unbind(0)
+    fn = torch.compile(lambda *a: causal_conv1d_pair(*a, impl="cpp"), backend="aot_eager", fullgraph=True)
+    leaves = [t.detach().requires_grad_() for t in args]
+    torch.autograd.backward(fn(*leaves), dys)
+    for name, eager, t in zip(("dx", "dw_f", "db_f", "dw_b", "db_b"), grads("cpp", *args, *dys), leaves):
+        assert torch.equal(eager, t.grad), name

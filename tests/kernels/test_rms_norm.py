@@ -149,3 +149,16 @@ def test_backward_fake_allocates_what_the_kernel_does(residual):
     for rt, ft in zip(real, fake):
         assert (ft.shape, ft.dtype, ft.stride()) == (rt.shape, rt.dtype, rt.stride())
     assert real[1].shape == ((2, 9, 24) if residual else (0,))
+
+
+@needs_cpp
+def test_compiled_training_graph_has_no_break_and_the_eager_gradients():
+    """torch.compile (fullgraph, AOT autograd) traces the op's forward and backward through their fakes; the
+    compiled gradients equal the eager ones."""
+    x, res, w = norm_case((2, 9, 24))
+    dout, dres = torch.randn(2, 9, 24), torch.randn(2, 9, 24)
+    fn = torch.compile(lambda *a: add_rms_norm(*a, EPS, impl="cpp"), backend="aot_eager", fullgraph=True)
+    leaves = [t.detach().requires_grad_() for t in (x, res, w)]
+    torch.autograd.backward(fn(*leaves), (dout, dres))
+    for name, eager, t in zip(("dx", "dresidual", "dweight"), norm_grads("cpp", x, res, w, dout, dres), leaves):
+        assert torch.equal(eager, t.grad), name
