@@ -99,7 +99,8 @@ def grads(impl, x, w_f, b_f, w_b, b_b, dx_f, dx_b):
     return [None if t is None else t.grad for t in leaves]
 
 
-GRAD_SHAPES = [(1, 16, 1, 4), (2, 37, 7, 4), (2, 5, 3, 4), (1, 20, 11, 3), (1, 48, 130, 4)]  # L=1, L<K, E%16
+# L = 1, L < K, E = 1, E not a multiple of 16, K = 3, several blocks of rows
+GRAD_SHAPES = [(1, 16, 1, 4), (2, 37, 7, 4), (2, 5, 3, 4), (2, 1, 6, 4), (1, 20, 11, 3), (1, 48, 130, 4)]
 
 
 @pytest.mark.parametrize("impl", [pytest.param(i, marks=needs_cpp) if i == "cpp" else i for i in CONV_IMPLS])
