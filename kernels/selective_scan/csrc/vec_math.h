@@ -157,6 +157,10 @@ VIMBENCH_INLINE Vec softplus(const Vec& x) {    // x > 20 ? x : log1p(exp(x)) = 
 VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp(-x)), as torch's kernel
   return fast_div(x, Vec(1.f) + exp_accurate(x.neg()));
 }
+
+VIMBENCH_INLINE Vec sigmoid(const Vec& x) {     // 1 / (1 + exp(-x)); exp(-x) kept finite (x >= -87) for fast_div
+  return fast_div(Vec(1.f), Vec(1.f) + exp_accurate(at::vec::minimum(x.neg(), Vec(87.f))));
+}
 #else
 VIMBENCH_INLINE Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(x), beta 1, threshold 20
   return Vec::blendv(x.exp().log1p(), x, x > Vec(20.f));
@@ -164,6 +168,10 @@ VIMBENCH_INLINE Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(
 
 VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x), as torch's silu kernel: x / (1 + exp(-x))
   return x / (Vec(1.f) + x.neg().exp());
+}
+
+VIMBENCH_INLINE Vec sigmoid(const Vec& x) {     // 1 / (1 + exp(-x))
+  return Vec(1.f) / (Vec(1.f) + x.neg().exp());
 }
 #endif
 
