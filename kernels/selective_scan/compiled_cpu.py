@@ -50,8 +50,9 @@ from typing import Callable
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "causal_conv_cpu.cpp", CSRC / "rms_norm_cpu.cpp")
-HEADERS = (CSRC / "vec_math.h",)
+SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "selective_scan_bwd_cpu.cpp", CSRC / "causal_conv_cpu.cpp",
+           CSRC / "rms_norm_cpu.cpp")
+HEADERS = (CSRC / "vec_math.h", CSRC / "scan_common.h")
 LIB_NAME = "vimbench_scan_cpu"
 
 # Compiler flags per ATen CPU capability, as torch's own build compiles its per-capability kernels: the
