@@ -180,10 +180,6 @@ VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp
 VIMBENCH_INLINE Vec sigmoid(const Vec& x) {     // 1 / (1 + exp(-x)); exp(-x) kept finite (x >= -87) for fast_div
   return fast_div(Vec(1.f), Vec(1.f) + exp_accurate(at::vec::minimum(x.neg(), Vec(87.f))));
 }
-
-VIMBENCH_INLINE Vec sigmoid(const Vec& x) {     // 1 / (1 + exp(-x)); exp(-x) kept finite (x >= -87) for fast_div
-  return fast_div(Vec(1.f), Vec(1.f) + exp_accurate(at::vec::minimum(x.neg(), Vec(87.f))));
-}
 #else
 VIMBENCH_INLINE Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(x), beta 1, threshold 20
   return Vec::blendv(x.exp().log1p(), x, x > Vec(20.f));
