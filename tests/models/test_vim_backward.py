@@ -72,14 +72,7 @@ def test_compiled_conv_and_norm_backward_in_the_model(monkeypatch):
     assert_grads_close(*grads_and_float64_reference(small_vim(), cpp_around_ref, monkeypatch))
 
 
-def _cpp_scan_has_autograd() -> bool:
-    return compiled_cpu.available()[0] and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "vimbench_cpu::bidirectional_scan_fwd", "Autograd")
-
-
-@pytest.mark.skipif(not _cpp_scan_has_autograd(),
-                    reason="the compiled bidirectional scan (vimbench_cpu::bidirectional_scan_fwd) has no "
-                           "registered autograd yet, or the compiled kernels are unavailable")
+@needs_cpp
 def test_cpp_path_gradients_match_the_float64_reference(monkeypatch):
     """A train step's backward on compiled code end to end: scan, convs and add + RMSNorm all ``cpp``."""
     def cpp(model, x, dout):
