@@ -20,7 +20,12 @@ The Vim mixer uses ``cpp`` when its scan backend is ``cpp`` and ``torch`` otherw
 names both. The ``cpp`` path calls the compiled op ``torch.ops.vimbench_cpu.causal_conv1d_pair_fwd`` directly;
 its fake and its FLOP formula, registered below once the library loads, equal what the FLOP counter counts for
 the two convolutions of the ``torch`` path: 2 * (2 b E L K), 2 FLOPs per multiply-add (bias and SiLU uncounted,
-as for ``aten.convolution``).
+as for ``aten.convolution``). Its backward, registered with it (``torch.library.register_autograd``), is the
+compiled op ``causal_conv1d_pair_bwd``: it recomputes the pre-activations from the saved x, and counts
+2 * 2 * (2 b E L K), the input and the weight gradient of each conv, as many multiply-adds as its forward each.
+(The ``torch`` path's backward counts more on torch versions whose aten.convolution_backward formula ignores
+groups in the weight gradient, E times the true count; pytorch/pytorch#183405 fixes it.) Both paths
+differentiate x, the weights and the biases.
 """
 from __future__ import annotations
 
@@ -58,6 +63,32 @@ def _describe_compiled_conv() -> None:
     def _(x, w_f, b_f, w_b, b_b, out_shape=None, **kw):
         b, E, L = x
         return 2 * (2 * b * E * L * w_f[-1])
+
+    @torch.library.register_fake("vimbench_cpu::causal_conv1d_pair_bwd")
+    def _(x, w_f, b_f, w_b, b_b, dx_f, dx_b):
+        """The compiled backward's allocations: dx as a time-major (b, E, L) transpose, the parameters'
+        gradients in their shapes and dtypes (an absent bias's as an empty tensor)."""
+        b, E, L = x.shape
+        db = lambda bias: w_f.new_empty(0) if bias is None else torch.empty_like(bias)  # noqa: E731
+        return (x.new_empty(b, L, E).transpose(1, 2), torch.empty_like(w_f), db(b_f), torch.empty_like(w_b),
+                db(b_b))
+
+    @register_flop_formula(torch.ops.vimbench_cpu.causal_conv1d_pair_bwd)
+    def _(x, w_f, b_f, w_b, b_b, dx_f, dx_b, out_shape=None, **kw):
+        """8 b E L K: per direction and (b, e, t), K multiply-adds for dx and K for dw, 2 FLOPs each (the bias
+        gradient, SiLU and its derivative uncounted, as in the forward)."""
+        b, E, L = x
+        return 2 * 2 * (2 * b * E * L * w_f[-1])
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, dx_f, dx_b):
+        x, w_f, b_f, w_b, b_b = ctx.saved_tensors
+        dx, dw_f, db_f, dw_b, db_b = torch.ops.vimbench_cpu.causal_conv1d_pair_bwd(x, w_f, b_f, w_b, b_b, dx_f, dx_b)
+        return dx, dw_f, None if b_f is None else db_f, dw_b, None if b_b is None else db_b
+
+    torch.library.register_autograd("vimbench_cpu::causal_conv1d_pair_fwd", backward, setup_context=setup_context)
 
 
 def causal_conv1d_pair(x: Tensor, w_f: Tensor, b_f: Optional[Tensor], w_b: Tensor, b_b: Optional[Tensor],

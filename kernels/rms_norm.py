@@ -19,7 +19,11 @@ Implementations (``NORM_IMPLS``):
 The Vim block uses ``cpp`` when its scan backend is ``cpp`` and ``torch`` otherwise (as for the causal convs,
 ``kernels/causal_conv.py``). The ``cpp`` path calls the compiled op ``torch.ops.vimbench_cpu.add_rms_norm_fwd``
 directly; its fake, registered below once the library loads, serves the meta device, FakeTensorMode and
-torch.compile. Like every norm it counts 0 FLOPs.
+torch.compile. Its backward, registered with it (``torch.library.register_autograd``), is the compiled op
+``add_rms_norm_bwd``: from the saved residual_out (float32, as mamba_ssm's fused add-norm saves it; the
+reciprocal RMS is recomputed), the gradient of out and that of residual_out (the residual stream's), it returns
+the gradients of x, residual and weight. Like every norm it counts 0 FLOPs, forward and backward, in both paths
+(the FLOP counter counts no elementwise op).
 """
 from __future__ import annotations
 
@@ -48,6 +52,26 @@ def _describe_compiled_norm() -> None:
         """The compiled kernel's allocations: out in weight's dtype and the float32 residual, both contiguous."""
         return (torch.empty_like(x, dtype=weight.dtype, memory_format=torch.contiguous_format),
                 torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format))
+
+    @torch.library.register_fake("vimbench_cpu::add_rms_norm_bwd")
+    def _(dout, dresidual_out, residual_out, weight, eps, x_dtype, has_residual):
+        """The compiled backward's allocations: dx in x's dtype, dresidual float32 (empty without a residual),
+        dweight in weight's dtype, all contiguous."""
+        dres = residual_out.new_empty(residual_out.shape if has_residual else (0,))
+        return (residual_out.new_empty(residual_out.shape, dtype=x_dtype), dres, torch.empty_like(weight))
+
+    def setup_context(ctx, inputs, output):
+        x, residual, weight, eps = inputs
+        ctx.save_for_backward(output[1], weight)
+        ctx.eps, ctx.x_dtype, ctx.has_residual = eps, x.dtype, residual is not None
+
+    def backward(ctx, dout, dresidual_out):
+        residual_out, weight = ctx.saved_tensors
+        dx, dres, dweight = torch.ops.vimbench_cpu.add_rms_norm_bwd(dout, dresidual_out, residual_out, weight,
+                                                                    ctx.eps, ctx.x_dtype, ctx.has_residual)
+        return dx, dres if ctx.has_residual else None, dweight, None
+
+    torch.library.register_autograd("vimbench_cpu::add_rms_norm_fwd", backward, setup_context=setup_context)
 
 
 def add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,

@@ -1,10 +1,12 @@
 """Test helpers: one closeness check against the project's tolerance table (``check.TOLERANCES``), the
-scan input builder (``check.scan_case``), NaN-poisoned allocations, and for plug-ins: a planted wrong scan,
-isolated registries (``fresh_plugins``) and an installed-looking distribution without pip (``fake_install``);
-a Slurm login node without a cluster (``fake_slurm``)."""
+scan input builder (``check.scan_case``), a thread count for a block (``num_threads``), NaN-poisoned
+allocations, and for plug-ins: a planted wrong scan, isolated registries (``fresh_plugins``) and an
+installed-looking distribution without pip (``fake_install``); a Slurm login node without a cluster
+(``fake_slurm``)."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,17 @@ def assert_close(name, ref, out, dtype=None):
     rel = (err / ref.abs().clamp_min(1e-6)).max().item()
     assert torch.allclose(out, ref, **tol), \
         f"{name}: max abs err {err.max().item():.3g}, max rel err {rel:.3g}, tol {tol}"
+
+
+@contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def poison_empty(monkeypatch) -> None:

@@ -50,8 +50,9 @@ from typing import Callable
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "causal_conv_cpu.cpp", CSRC / "rms_norm_cpu.cpp")
-HEADERS = (CSRC / "vec_math.h",)
+SOURCES = (CSRC / "selective_scan_cpu.cpp", CSRC / "selective_scan_bwd_cpu.cpp", CSRC / "causal_conv_cpu.cpp",
+           CSRC / "rms_norm_cpu.cpp")
+HEADERS = (CSRC / "vec_math.h", CSRC / "scan_common.h")
 LIB_NAME = "vimbench_scan_cpu"
 
 # Compiler flags per ATen CPU capability, as torch's own build compiles its per-capability kernels: the
@@ -144,8 +145,8 @@ def _precheck() -> str | None:
 
 def describe_ops(fn: Callable[[], None]) -> Callable[[], None]:
     """Decorator: ``fn`` describes some of the library's ops to torch (their fakes, for the meta device,
-    FakeTensorMode and torch.compile, and their FLOP formulas); it runs once the library is loaded (now, if it
-    is). The modules that document each op (``ops.py``, ``kernels/causal_conv.py``, ``kernels/rms_norm.py``)
+    FakeTensorMode and torch.compile, their FLOP formulas, and the forwards' autograd through the backward ops);
+    it runs once the library is loaded (now, if it is). The modules that document each op (``ops.py``, ``kernels/causal_conv.py``, ``kernels/rms_norm.py``)
     register theirs, so the callers run the compiled ops directly, with no Python op around them."""
     _describers.append(fn)
     if _loaded is not None:

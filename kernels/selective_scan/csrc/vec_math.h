@@ -1,7 +1,8 @@
 // Vectorised float32 math shared by vimbench's compiled CPU kernels (the selective scan, the causal conv and the
 // add + RMSNorm): the dtypes they take and the dispatch over them, the vector type, loads/stores that convert
-// bf16/fp16 to and from float32, and the inline exp, softplus and silu the kernels apply per element. Compiled
-// with -DCPU_CAPABILITY_<AVX512|AVX2|DEFAULT> (see compiled_cpu.py), which sets the vector width W.
+// bf16/fp16 to and from float32 (whole vectors, and the partial ones of a row's tail), and the inline exp,
+// softplus, silu, sigmoid and silu's derivative the kernels apply per element. Compiled with
+// -DCPU_CAPABILITY_<AVX512|AVX2|DEFAULT> (see compiled_cpu.py), which sets the vector width W.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -67,6 +68,24 @@ inline void store_vec<c10::BFloat16>(const Vec& v, c10::BFloat16* p) {
 template <>
 inline void store_vec<c10::Half>(const Vec& v, c10::Half* p) {
   at::vec::convert_from_float<c10::Half>(v, v).store(p, W);
+}
+
+// The first n <= W elements at p as a float32 vector, lanes n.. zero (a row's last E mod W channels).
+template <typename T>
+inline Vec load_part(const T* p, int64_t n) {
+  if (n == W) return load_vec<T>(p);
+  float tmp[W] = {};
+  for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+  return Vec::loadu(tmp);
+}
+
+// Stores the first n <= W lanes of v to p.
+template <typename T>
+inline void store_part(const Vec& v, T* p, int64_t n) {
+  if (n == W) return store_vec<T>(v, p);
+  float tmp[W];
+  v.store(tmp);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -154,8 +173,12 @@ VIMBENCH_INLINE Vec softplus(const Vec& x) {    // x > 20 ? x : log1p(exp(x)) = 
   return Vec::blendv(sp, x, x > Vec(20.f));
 }
 
-VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp(-x)), as torch's kernel
-  return fast_div(x, Vec(1.f) + exp_accurate(x.neg()));
+VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp(-x)), as torch's kernel; exp(-x)
+  return fast_div(x, Vec(1.f) + exp_accurate(at::vec::minimum(x.neg(), Vec(87.f))));   // finite, as in sigmoid
+}
+
+VIMBENCH_INLINE Vec sigmoid(const Vec& x) {     // 1 / (1 + exp(-x)); exp(-x) kept finite (x >= -87) for fast_div
+  return fast_div(Vec(1.f), Vec(1.f) + exp_accurate(at::vec::minimum(x.neg(), Vec(87.f))));
 }
 #else
 VIMBENCH_INLINE Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(x), beta 1, threshold 20
@@ -165,6 +188,16 @@ VIMBENCH_INLINE Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(
 VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x), as torch's silu kernel: x / (1 + exp(-x))
   return x / (Vec(1.f) + x.neg().exp());
 }
+
+VIMBENCH_INLINE Vec sigmoid(const Vec& x) {     // 1 / (1 + exp(-x))
+  return Vec(1.f) / (Vec(1.f) + x.neg().exp());
+}
 #endif
+
+// d silu(x) / dx = sigmoid(x) * (1 + x * (1 - sigmoid(x))), for the backwards of the conv's and the gate's SiLU.
+VIMBENCH_INLINE Vec silu_grad(const Vec& x) {
+  const Vec s = sigmoid(x);
+  return s * (Vec(1.f) + x * (Vec(1.f) - s));
+}
 
 }  // namespace vimbench_vec

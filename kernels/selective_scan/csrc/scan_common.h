@@ -1,0 +1,222 @@
+// Shared by the compiled selective scan's forward (selective_scan_cpu.cpp) and backward
+// (selective_scan_bwd_cpu.cpp): strided views of the (b, E, L) and (b, G, N, L) tensors, row loads and stores
+// that convert any kernel dtype to and from float32, one direction's typed inputs, the (batch, block of W
+// channels) tasks, argument checks and dtype handling. Shape legend as in selective_scan_cpu.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <type_traits>
+
+#include "vec_math.h"
+
+namespace vimbench_scan {
+
+using vimbench_vec::Vec;
+using vimbench_vec::W;                     // channels per task (SIMD lanes of float32)
+using namespace vimbench_vec;              // is_kernel_dtype, load_vec, store_vec, exp_state, softplus, silu
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kMaxNT = 16;                 // 32 vector registers: 16 state vectors + temporaries
+#else
+constexpr int kMaxNT = 8;                  // 16 vector registers (AVX2) or scalar emulation
+#endif
+
+// The state dimension is processed in chunks of 4, 8 or 16 entries (kMaxNT at most), zero-padded: the width
+// of the chunk that starts with ``rem`` entries left.
+inline int chunk_width(int64_t rem) { return std::min(rem > 8 ? 16 : rem > 4 ? 8 : 4, kMaxNT); }
+
+// ------------------------------------------------------------------------------------------------------
+// Element access: raw pointer + strides (in elements) of a (b, E, L) or (b, G, N, L) tensor.
+// ------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct View3 {               // (b, E, L) tensor such as u, delta, z, out
+  T* data = nullptr;
+  int64_t sb = 0, se = 0, sl = 0;
+};
+
+template <typename T>   // T = const S for inputs, S for outputs
+inline View3<T> view3(const at::Tensor& t) {
+  using S = std::remove_const_t<T>;
+  T* p;
+  if constexpr (std::is_const_v<T>) p = t.const_data_ptr<S>(); else p = t.mutable_data_ptr<S>();
+  return {p, t.stride(0), t.stride(1), t.stride(2)};
+}
+
+template <typename T>
+struct ViewBC {              // B or C as (b, G, N, L); the ungrouped (b, N, L) form has G = 1, sg = 0
+  const T* data = nullptr;
+  int64_t sb = 0, sg = 0, sn = 0, sl = 0;
+  int64_t G = 1;
+};
+
+template <typename T>
+inline ViewBC<T> view_bc(const at::Tensor& t) {
+  if (t.dim() == 3) return {t.data_ptr<T>(), t.stride(0), 0, t.stride(1), t.stride(2), 1};
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1)};
+}
+
+
+// dst[s][i] = float(x[bi, e0 + i, t0 + s]) for s < nt, i < cnt; lanes i >= cnt are set to 0.
+// Time-major inputs (stride along E == 1) take one vector load per step.
+template <typename T>
+inline void load_rows(const View3<const T>& x, int64_t bi, int64_t e0, int cnt, int64_t t0, int nt, float* dst) {
+  const T* base = x.data + bi * x.sb + e0 * x.se + t0 * x.sl;
+  if (x.se == 1 && cnt == W) {
+    for (int s = 0; s < nt; ++s) load_vec<T>(base + s * x.sl).store(dst + s * W);
+    return;
+  }
+  if (cnt < W) std::fill(dst, dst + nt * W, 0.f);
+  for (int i = 0; i < cnt; ++i) {                    // channel-major: contiguous along t
+    const T* p = base + i * x.se;
+    for (int s = 0; s < nt; ++s) dst[s * W + i] = static_cast<float>(p[s * x.sl]);
+  }
+}
+
+// x[bi, e0 + i, t0 + s] = T(src[s][i]) for s < nt, i < cnt.
+template <typename T>
+inline void store_rows(const View3<T>& x, int64_t bi, int64_t e0, int cnt, int64_t t0, int nt, const float* src) {
+  T* base = x.data + bi * x.sb + e0 * x.se + t0 * x.sl;
+  if (x.se == 1 && cnt == W) {
+    for (int s = 0; s < nt; ++s) store_vec<T>(Vec::loadu(src + s * W), base + s * x.sl);
+    return;
+  }
+  for (int i = 0; i < cnt; ++i) {
+    T* p = base + i * x.se;
+    for (int s = 0; s < nt; ++s) p[s * x.sl] = static_cast<T>(src[s * W + i]);
+  }
+}
+
+// dst[s * ld + n] = float(M[bi, g, n, t0 + s]) for n < N; columns N .. ld-1 are left as they are (zero).
+template <typename T>
+inline void load_bc(const ViewBC<T>& M, int64_t bi, int64_t g, int64_t N, int64_t t0, int nt, int ld, float* dst) {
+  const T* base = M.data + bi * M.sb + g * M.sg + t0 * M.sl;
+  if (M.sn == 1) {                                    // time-major (x_proj output): contiguous along n
+    for (int s = 0; s < nt; ++s) {
+      const T* row = base + s * M.sl;
+      float* d = dst + s * ld;
+      int64_t n = 0;
+      for (; n + W <= N; n += W) load_vec<T>(row + n).store(d + n);
+      for (; n < N; ++n) d[n] = static_cast<float>(row[n]);
+    }
+  } else {
+    for (int64_t n = 0; n < N; ++n)
+      for (int s = 0; s < nt; ++s) dst[s * ld + n] = static_cast<float>(base[n * M.sn + s * M.sl]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// One direction's inputs, typed: T for u / delta (and z, out), TBC for B / C.
+// ------------------------------------------------------------------------------------------------------
+
+template <typename T, typename TBC>
+struct Direction {
+  View3<const T> u, delta;
+  ViewBC<TBC> B, C;
+  const float* A = nullptr;      // (E, N) float32 contiguous
+  const float* D = nullptr;      // (E,) float32 or null
+  const float* bias = nullptr;   // (E,) float32 or null
+  bool reverse = false;
+  int64_t Eg = 0;                // channels per group of B / C
+};
+
+// Tasks: (batch, block of <= W channels inside a segment of Sg channels that no group boundary crosses).
+struct Blocks {
+  int64_t Sg, per_seg, nseg;
+  int64_t count(int64_t b) const { return b * nseg * per_seg; }
+  void at(int64_t task, int64_t& bi, int64_t& e0, int& cnt) const {
+    const int64_t k = task % per_seg, rest = task / per_seg;
+    const int64_t seg = rest % nseg;
+    bi = rest / nseg;
+    e0 = seg * Sg + k * W;
+    cnt = static_cast<int>(std::min<int64_t>(W, Sg - k * W));
+  }
+};
+
+inline Blocks make_blocks(int64_t E, int64_t Sg) {
+  return {Sg, (Sg + W - 1) / W, E / Sg};
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Argument checking and dtype handling
+// ------------------------------------------------------------------------------------------------------
+
+inline void check_bc(const at::Tensor& M, const char* name, int64_t b, int64_t E, int64_t N, int64_t L) {
+  const bool ok = (M.dim() == 3 && M.size(0) == b && M.size(1) == N && M.size(2) == L) ||
+                  (M.dim() == 4 && M.size(0) == b && M.size(1) > 0 && E % M.size(1) == 0 && M.size(2) == N &&
+                   M.size(3) == L);
+  TORCH_CHECK(ok, name, " must be (batch, N, L) or (batch, G, N, L) with G dividing E; got ", M.sizes(),
+              " for b=", b, ", E=", E, ", N=", N, ", L=", L);
+}
+
+inline void check_direction(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                     const at::Tensor& C, const std::optional<at::Tensor>& D,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(u.device().is_cpu(), "the compiled CPU scan needs CPU tensors, got ", u.device());
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u and delta must both be (batch, E, L); got ",
+              u.sizes(), " and ", delta.sizes());
+  const int64_t b = u.size(0), E = u.size(1), L = u.size(2);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == E, "A must be (E=", E, ", N); got ", A.sizes());
+  const int64_t N = A.size(1);
+  check_bc(B, "B", b, E, N, L);
+  check_bc(C, "C", b, E, N, L);
+  if (D) TORCH_CHECK(D->dim() == 1 && D->size(0) == E, "D must be (E=", E, ",); got ", D->sizes());
+  if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == E, "delta_bias must be (E=", E, ",); got ", bias->sizes());
+  for (const at::Tensor* t : {&u, &delta, &A, &B, &C})
+    TORCH_CHECK(is_kernel_dtype(t->scalar_type()), "the compiled CPU scan takes float32, bfloat16 or float16 "
+                "tensors (float64: use the 'ref' backend); got ", t->scalar_type());
+}
+
+// The dtype the kernel reads a family of tensors in: their common dtype, or float32 if they differ.
+inline at::ScalarType common_or_float(std::initializer_list<const at::Tensor*> ts) {
+  at::ScalarType st = (*ts.begin())->scalar_type();
+  for (const at::Tensor* t : ts)
+    if (t && t->scalar_type() != st) return at::kFloat;
+  return st;
+}
+
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType st) { return t.scalar_type() == st ? t : t.to(st); }
+
+inline std::optional<at::Tensor> small_float(const std::optional<at::Tensor>& t) {  // D, delta_bias: (E,) float32
+  if (!t) return std::nullopt;
+  return t->to(at::kFloat).contiguous();
+}
+
+// Output (b, E, L) of dtype st: time-major memory ((b, L, E) contiguous, returned as its (b, E, L) transpose)
+// or channel-major ((b, E, L) contiguous).
+inline at::Tensor new_output(const at::Tensor& u, at::ScalarType st, bool time_major) {
+  const int64_t b = u.size(0), E = u.size(1), L = u.size(2);
+  auto opts = u.options().dtype(st);
+  return time_major ? at::empty({b, L, E}, opts).transpose(1, 2) : at::empty({b, E, L}, opts);
+}
+
+template <typename F>
+void dispatch_types(at::ScalarType st, at::ScalarType st_bc, F&& f) {
+  // TBC is either T or float32 (mixed families are read as float32), so five combinations.
+  dispatch_kernel_dtype(st, [&](auto t) {
+    if (st_bc == st) f(t, t); else f(t, float{});
+  });
+}
+
+template <typename T, typename TBC>
+Direction<T, TBC> make_direction(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& bias, bool reverse) {
+  Direction<T, TBC> d;
+  d.u = view3<const T>(u);
+  d.delta = view3<const T>(delta);
+  d.B = view_bc<TBC>(B);
+  d.C = view_bc<TBC>(C);
+  d.A = A.const_data_ptr<float>();
+  d.D = D ? D->const_data_ptr<float>() : nullptr;
+  d.bias = bias ? bias->const_data_ptr<float>() : nullptr;
+  d.reverse = reverse;
+  d.Eg = u.size(1) / d.B.G;
+  return d;
+}
+
+}  // namespace vimbench_scan

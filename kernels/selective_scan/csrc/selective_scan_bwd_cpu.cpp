@@ -1,0 +1,630 @@
+// Backward of the compiled CPU selective scan (one direction and the Vim bidirectional pair): the gradients
+// autograd gives through kernels/selective_scan/ref.py's selective_scan_ref (mamba_ssm's backward semantics).
+//
+// Forward (see selective_scan_cpu.cpp), with x = delta + delta_bias and d = softplus(x) (or x):
+//   h_t = a_t * h_{t-1} + d_t u_t B_t,  a_t = exp(d_t A);   y_t = <C_t, h_t> + D u_t;   out = y * silu(z)
+// Backward, for dout = dL/dout (all per channel e and state entry n; B_t, C_t those of e's group):
+//   dy_t  = dout_t * silu(z_t);   dz_t = dout_t * y_t * silu'(z_t)          (dy = dout without z)
+//   g_t   = C_t dy_t + a_{t+1} g_{t+1}                       g = dL/dh, run in reverse, g_L = dlast (or 0)
+//   q_t   = g_t * a_t * h_{t-1}                              dL/d(d_t A)
+//   dA   += q_t d_t          (summed over batch and time)
+//   dd_t  = <q_t, A> + u_t <g_t, B_t>,   du_t = d_t <g_t, B_t> + D dy_t,   dD += dy_t u_t
+//   dB_t += g_t d_t u_t,   dC_t += h_t dy_t                  (summed over the channels of a group)
+//   dx_t  = dd_t * sigmoid(x_t) (x_t > 20: dd_t) with softplus;   ddelta_bias += dx_t;   ddelta = dx
+//
+// Design: no (b, E, L, N) tensor. As in the forward, one lane = (batch, block of W channels), channels across
+// the SIMD lanes, the state entries in registers. Each thread takes a contiguous range of lanes and works on
+// them in groups of up to kGroup lanes that share a batch and a group of B/C:
+//   1. checkpoint pass: scan forward (states only, no output) and keep the state entering every tile of kTile
+//      steps, per lane ((L / kTile) x N x W float32);
+//   2. reverse pass, tile by tile from the last (in scan order) to the first, lane by lane: stage the tile's
+//      inputs, recompute its states from the checkpoint into a per-thread buffer (storing a_t and a_t h_{t-1}
+//      per step, so the reverse recurrence has no exp; y_t and dC are formed here, where h_t is in registers),
+//      then run g backwards through the tile; dB and dC accumulate per (step, n) as vectors over the group's
+//      lanes and are reduced across the SIMD lanes once per tile into the thread's own float32 partial sums;
+//      the partial sums of the threads are added in a fixed order at the end (no atomics, deterministic for
+//      a given thread count). dA, dD, ddelta_bias: per (batch, channel) float32, summed over batch at the end.
+//   The pair: per group of lanes, the backward direction (scanned t = L-1 .. 0 by reversed offsets) is
+//   differentiated first, keeping its y_b + D_b u_b in a (lanes, L, W) float32 buffer; then the forward
+//   direction, whose epilogue forms dz from y_f + y_b. Both directions get dy = dout * silu(z).
+// Inputs as the forward takes them (float32 / bf16 / fp16, any strides; time-major is the fast path); math in
+// float32. du, ddelta and dz have their input's dtype and memory layout (time-major in, time-major out); dA,
+// dB, dC, dD and ddelta_bias have their input's dtype, dB and dC with stride 1 along N. The gradient of an
+// absent optional input (D, z, delta_bias) is an empty (0,) float32 tensor, which the Python wrappers drop.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "scan_common.h"
+#include "vec_math.h"
+
+namespace vimbench_scan {
+namespace {
+
+constexpr int kTile = 32;                  // steps per tile: the checkpoint interval and the recompute span
+constexpr int kGroup = 32;                 // lanes per group (their dB / dC partial sums are shared per tile)
+constexpr int kChunk = 8;                  // state entries per chunk: the reverse pass holds g and dA of each in
+                                           // registers (2 x 8 vectors), and a chunk's a, a*h stay small
+
+inline float hsum(const Vec& v) {          // the W lanes' sum, in a fixed order
+  float a[W];
+  v.store(a);
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += a[i];
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// The per-tile loops for one chunk of NT state entries (template parameter packs J..., so that the state or
+// its gradient stays in NT registers). Buffers: d, du, dy, y, dd, ddu are (nt, W); Bt, Ct are (nt, ld) with
+// the chunk's first column at offset 0; A, A2 (NT, W): A and A * kExpScale per lane (0 past N); a, ah:
+// (nt, NT, W); dBp, dCp: (nt, ld, W) with the chunk's first column at offset 0. ``reverse``: the direction
+// scans t = L-1 .. 0, so its steps within a tile run s = nt-1 .. 0.
+// ------------------------------------------------------------------------------------------------------
+
+// h <- the state after the tile's nt steps (the checkpoint pass).
+template <int... J>
+inline void advance_impl(int nt, bool reverse, const float* d, const float* du, const float* Bt, int ld,
+                         const float* A2, float* h_io, std::integer_sequence<int, J...>) {
+  Vec h[sizeof...(J)] = {Vec::loadu(h_io + J * W)...};
+  for (int k = 0; k < nt; ++k) {
+    const int s = reverse ? nt - 1 - k : k;
+    const Vec dv = Vec::loadu(d + s * W), duv = Vec::loadu(du + s * W);
+    const float* b = Bt + s * ld;
+    ((h[J] = at::vec::fmadd(exp_state(dv * Vec::loadu(A2 + J * W)), h[J], duv * Vec(b[J]))), ...);
+  }
+  ((h[J].store(h_io + J * W)), ...);
+}
+
+// From the state h0 entering the tile: a[s] = exp(d_s A), ah[s] = a[s] * h_{s-1}; y[s] += <C_s, h_s>,
+// dCp[s] += h_s * dy_s.
+template <int... J>
+inline void recompute_impl(int nt, bool reverse, const float* d, const float* du, const float* dy, const float* Bt,
+                           const float* Ct, int ld, const float* A2, const float* h0, float* a, float* ah, float* y,
+                           float* dCp, std::integer_sequence<int, J...>) {
+  constexpr int NT = sizeof...(J);
+  Vec h[NT] = {Vec::loadu(h0 + J * W)...};
+  for (int k = 0; k < nt; ++k) {
+    const int s = reverse ? nt - 1 - k : k;
+    const Vec dv = Vec::loadu(d + s * W), duv = Vec::loadu(du + s * W), dyv = Vec::loadu(dy + s * W);
+    const float* b = Bt + s * ld;
+    const float* c = Ct + s * ld;
+    float* as = a + s * NT * W;
+    float* ahs = ah + s * NT * W;
+    float* dc = dCp + s * ld * W;
+    Vec acc[2] = {Vec(0.f), Vec(0.f)};
+    auto one = [&](auto jc) {
+      constexpr int j = decltype(jc)::value;
+      const Vec av = exp_state(dv * Vec::loadu(A2 + j * W));
+      const Vec ahv = av * h[j];
+      av.store(as + j * W);
+      ahv.store(ahs + j * W);
+      h[j] = at::vec::fmadd(duv, Vec(b[j]), ahv);
+      acc[j & 1] = at::vec::fmadd(h[j], Vec(c[j]), acc[j & 1]);
+      at::vec::fmadd(h[j], dyv, Vec::loadu(dc + j * W)).store(dc + j * W);
+    };
+    (one(std::integral_constant<int, J>{}), ...);
+    (Vec::loadu(y + s * W) + (acc[0] + acc[1])).store(y + s * W);
+  }
+}
+
+// The reverse recurrence through the tile: g_io holds a_{t+1} g_{t+1} from the step after the tile (in scan
+// order) and receives a_t g_t of its first step. dA_acc (NT, W) += q d; dd[s] += <q, A>; ddu[s] += <g, B>;
+// dBp[s] += g * du.
+template <int... J>
+inline void reverse_impl(int nt, bool reverse, const float* d, const float* du, const float* dy, const float* Bt,
+                         const float* Ct, int ld, const float* A, const float* a, const float* ah, float* g_io,
+                         float* dA_io, float* dd, float* ddu, float* dBp, std::integer_sequence<int, J...>) {
+  constexpr int NT = sizeof...(J);
+  Vec g[NT] = {Vec::loadu(g_io + J * W)...};
+  Vec dA_acc[NT] = {Vec::loadu(dA_io + J * W)...};
+  for (int k = 0; k < nt; ++k) {
+    const int s = reverse ? k : nt - 1 - k;
+    const Vec dv = Vec::loadu(d + s * W), duv = Vec::loadu(du + s * W), dyv = Vec::loadu(dy + s * W);
+    const float* b = Bt + s * ld;
+    const float* c = Ct + s * ld;
+    const float* as = a + s * NT * W;
+    const float* ahs = ah + s * NT * W;
+    float* db = dBp + s * ld * W;
+    Vec dd_acc[2] = {Vec(0.f), Vec(0.f)}, ddu_acc[2] = {Vec(0.f), Vec(0.f)};
+    auto one = [&](auto jc) {
+      constexpr int j = decltype(jc)::value;
+      const Vec gt = at::vec::fmadd(Vec(c[j]), dyv, g[j]);
+      const Vec q = gt * Vec::loadu(ahs + j * W);
+      dA_acc[j] = at::vec::fmadd(q, dv, dA_acc[j]);
+      dd_acc[j & 1] = at::vec::fmadd(q, Vec::loadu(A + j * W), dd_acc[j & 1]);
+      ddu_acc[j & 1] = at::vec::fmadd(gt, Vec(b[j]), ddu_acc[j & 1]);
+      at::vec::fmadd(gt, duv, Vec::loadu(db + j * W)).store(db + j * W);
+      g[j] = gt * Vec::loadu(as + j * W);
+    };
+    (one(std::integral_constant<int, J>{}), ...);
+    (Vec::loadu(dd + s * W) + (dd_acc[0] + dd_acc[1])).store(dd + s * W);
+    (Vec::loadu(ddu + s * W) + (ddu_acc[0] + ddu_acc[1])).store(ddu + s * W);
+  }
+  ((g[J].store(g_io + J * W)), ...);
+  ((dA_acc[J].store(dA_io + J * W)), ...);
+}
+
+template <int NT>
+struct TileFns {
+  static void advance(int nt, bool rev, const float* d, const float* du, const float* Bt, int ld, const float* A2,
+                      float* h) {
+    advance_impl(nt, rev, d, du, Bt, ld, A2, h, std::make_integer_sequence<int, NT>{});
+  }
+  static void recompute(int nt, bool rev, const float* d, const float* du, const float* dy, const float* Bt,
+                        const float* Ct, int ld, const float* A2, const float* h0, float* a, float* ah, float* y,
+                        float* dCp) {
+    recompute_impl(nt, rev, d, du, dy, Bt, Ct, ld, A2, h0, a, ah, y, dCp, std::make_integer_sequence<int, NT>{});
+  }
+  static void reverse(int nt, bool rev, const float* d, const float* du, const float* dy, const float* Bt,
+                      const float* Ct, int ld, const float* A, const float* a, const float* ah, float* g,
+                      float* dA_acc, float* dd, float* ddu, float* dBp) {
+    reverse_impl(nt, rev, d, du, dy, Bt, Ct, ld, A, a, ah, g, dA_acc, dd, ddu, dBp,
+                 std::make_integer_sequence<int, NT>{});
+  }
+};
+
+struct Chunk {                              // NT state entries from n0, and their loops
+  int n0, nt;
+  decltype(&TileFns<4>::advance) advance;
+  decltype(&TileFns<4>::recompute) recompute;
+  decltype(&TileFns<4>::reverse) reverse;
+};
+
+template <int NT>
+Chunk chunk_of(int n0) { return {n0, NT, &TileFns<NT>::advance, &TileFns<NT>::recompute, &TileFns<NT>::reverse}; }
+
+std::vector<Chunk> make_chunks(int64_t N) {
+  std::vector<Chunk> chunks;
+  for (int64_t n0 = 0; n0 < N;) {
+    const int nt = std::min(chunk_width(N - n0), kChunk);
+    chunks.push_back(nt == 4 ? chunk_of<4>(n0) : chunk_of<8>(n0));
+    n0 += nt;
+  }
+  return chunks;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Lanes and scratch
+// ------------------------------------------------------------------------------------------------------
+
+// One block of <= W channels [e0, e0 + cnt) of batch bi for one direction: its parameters, checkpoints and
+// the gradients it accumulates.
+struct Lane {
+  int64_t bi = 0, e0 = 0, g = 0;
+  int cnt = 0;
+  std::vector<float> A, A2;    // (ld, W): A[e0 + i, n] and A * kExpScale (0 past N or cnt)
+  std::vector<float> ckpt;     // (ntiles, ld, W): the state entering each tile (indexed by the tile's position)
+  std::vector<float> h, dh;    // (ld, W): the state of the checkpoint pass; the carried a_{t+1} g_{t+1}
+  std::vector<float> dA;       // (ld, W)
+  Vec Dv, biasv, dD, dbias;
+
+  template <typename T, typename TBC>
+  Lane(const Direction<T, TBC>& dir, int64_t N, int ld, int64_t ntiles, int64_t bi_, int64_t e0_, int cnt_)
+      : bi(bi_), e0(e0_), g(e0_ / dir.Eg), cnt(cnt_), A(ld * W, 0.f), A2(ld * W, 0.f), ckpt(ntiles * ld * W),
+        h(ld * W, 0.f), dh(ld * W, 0.f), dA(ld * W, 0.f), dD(0.f), dbias(0.f) {
+    for (int i = 0; i < cnt; ++i)
+      for (int64_t n = 0; n < N; ++n) {
+        A[n * W + i] = dir.A[(e0 + i) * N + n];
+        A2[n * W + i] = A[n * W + i] * kExpScale;
+      }
+    float Dl[W] = {0}, biasl[W] = {0};
+    for (int i = 0; i < cnt; ++i) {
+      if (dir.D) Dl[i] = dir.D[e0 + i];
+      if (dir.bias) biasl[i] = dir.bias[e0 + i];
+    }
+    Dv = Vec::loadu(Dl);
+    biasv = Vec::loadu(biasl);
+  }
+};
+
+// Per-thread buffers of one tile: the staged rows of one lane ((kTile, W) each), B and C of the tile
+// ((kTile, ld)), the recomputed a and a*h of one chunk ((kTile, kChunk, W) each), and the dB / dC partial sums
+// of the group ((kTile, ld, W) each).
+struct Scratch {
+  std::vector<float> raw, u, dout, z, x, d, du, dy, y, dd, ddu, Bt, Ct, a, ah, dBp, dCp;
+  explicit Scratch(int ld)
+      : raw(kTile * W), u(kTile * W), dout(kTile * W), z(kTile * W), x(kTile * W), d(kTile * W), du(kTile * W),
+        dy(kTile * W), y(kTile * W), dd(kTile * W), ddu(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f),
+        a(kTile * kChunk * W), ah(kTile * kChunk * W), dBp(kTile * ld * W, 0.f), dCp(kTile * ld * W, 0.f) {}
+};
+
+// Where a direction's gradients go. du, ddelta, dz: (b, E, L) views in T; dA: (b, E, N), dD, dbias: (b, E)
+// float32 per batch; dB, dC: (b, G, L, N) float32 partial sums of this thread.
+template <typename T>
+struct Grads {
+  View3<T> du, ddelta;
+  float *dA = nullptr, *dD = nullptr, *dbias = nullptr, *dB = nullptr, *dC = nullptr;
+};
+
+// The tile at position ``pos`` in scan order (the reverse direction starts with the last tile).
+inline int64_t tile_at(int64_t pos, int64_t ntiles, bool reverse) { return reverse ? ntiles - 1 - pos : pos; }
+
+// Stages delta (+ bias, softplus) and delta * u of the tile's steps for one lane into sc.x, sc.d, sc.du.
+template <typename T, typename TBC>
+void stage_delta(const Direction<T, TBC>& dir, const Lane& lane, bool softplus_on, int64_t t0, int nt, Scratch& sc) {
+  load_rows<T>(dir.delta, lane.bi, lane.e0, lane.cnt, t0, nt, sc.raw.data());
+  load_rows<T>(dir.u, lane.bi, lane.e0, lane.cnt, t0, nt, sc.u.data());
+  for (int s = 0; s < nt; ++s) {
+    Vec xv = Vec::loadu(sc.raw.data() + s * W);
+    if (dir.bias) xv = xv + lane.biasv;
+    const Vec dv = softplus_on ? softplus(xv) : xv;
+    xv.store(sc.x.data() + s * W);
+    dv.store(sc.d.data() + s * W);
+    (dv * Vec::loadu(sc.u.data() + s * W)).store(sc.du.data() + s * W);
+  }
+}
+
+// The backward of one direction for a group of n lanes sharing a batch and a group of B/C.
+//   dout, z:  the op's output gradient and gate (z null: no gate)
+//   acc_out:  null, or (n, L, W) float32 receiving y + D u (the pair's first direction; no dz then)
+//   acc_in:   null, or (n, L, W) float32 holding the other direction's y + D u, added before dz is formed
+//   dz:       null, or where dz goes (with z and without acc_out)
+template <typename T, typename TBC>
+void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N, int64_t L,
+                    int64_t E, Lane* lanes, int n, bool softplus_on, const View3<const T>& dout,
+                    const View3<const T>* z, float* acc_out, const float* acc_in, const View3<T>* dz,
+                    const Grads<T>& gr, Scratch& sc) {
+  const int64_t ntiles = (L + kTile - 1) / kTile;
+  const int64_t bi = lanes[0].bi, g = lanes[0].g, G = dir.B.G;
+
+  // 1. checkpoints
+  for (int64_t pos = 0; pos < ntiles; ++pos) {
+    const int64_t t0 = tile_at(pos, ntiles, dir.reverse) * kTile;
+    const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0));
+    load_bc<TBC>(dir.B, bi, g, N, t0, nt, ld, sc.Bt.data());
+    for (int j = 0; j < n; ++j) {
+      Lane& lane = lanes[j];
+      const int64_t tile = t0 / kTile;
+      std::copy(lane.h.begin(), lane.h.end(), lane.ckpt.begin() + tile * ld * W);
+      if (pos + 1 == ntiles) continue;                  // the state after the last tile is not needed
+      stage_delta(dir, lane, softplus_on, t0, nt, sc);
+      for (const Chunk& ch : chunks)
+        ch.advance(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.Bt.data() + ch.n0, ld, lane.A2.data() + ch.n0 * W,
+                   lane.h.data() + ch.n0 * W);
+    }
+  }
+
+  // 2. the reverse pass
+  for (int64_t pos = ntiles - 1; pos >= 0; --pos) {
+    const int64_t tile = tile_at(pos, ntiles, dir.reverse);
+    const int64_t t0 = tile * kTile;
+    const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0));
+    load_bc<TBC>(dir.B, bi, g, N, t0, nt, ld, sc.Bt.data());
+    load_bc<TBC>(dir.C, bi, g, N, t0, nt, ld, sc.Ct.data());
+    for (int j = 0; j < n; ++j) {
+      Lane& lane = lanes[j];
+      stage_delta(dir, lane, softplus_on, t0, nt, sc);
+      load_rows<T>(dout, lane.bi, lane.e0, lane.cnt, t0, nt, sc.dout.data());
+      if (z) load_rows<T>(*z, lane.bi, lane.e0, lane.cnt, t0, nt, sc.z.data());
+      for (int s = 0; s < nt; ++s) {
+        const Vec dov = Vec::loadu(sc.dout.data() + s * W);
+        const Vec dyv = z ? dov * (Vec::loadu(sc.z.data() + s * W) * sigmoid(Vec::loadu(sc.z.data() + s * W))) : dov;
+        dyv.store(sc.dy.data() + s * W);
+      }
+      std::fill(sc.y.begin(), sc.y.begin() + nt * W, 0.f);
+      std::fill(sc.dd.begin(), sc.dd.begin() + nt * W, 0.f);
+      std::fill(sc.ddu.begin(), sc.ddu.begin() + nt * W, 0.f);
+      for (const Chunk& ch : chunks) {
+        ch.recompute(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.dy.data(), sc.Bt.data() + ch.n0,
+                     sc.Ct.data() + ch.n0, ld, lane.A2.data() + ch.n0 * W, lane.ckpt.data() + (tile * ld + ch.n0) * W,
+                     sc.a.data(), sc.ah.data(), sc.y.data(), sc.dCp.data() + ch.n0 * W);
+        ch.reverse(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.dy.data(), sc.Bt.data() + ch.n0,
+                   sc.Ct.data() + ch.n0, ld, lane.A.data() + ch.n0 * W, sc.a.data(), sc.ah.data(),
+                   lane.dh.data() + ch.n0 * W, lane.dA.data() + ch.n0 * W, sc.dd.data(), sc.ddu.data(),
+                   sc.dBp.data() + ch.n0 * W);
+      }
+      // epilogue: y, dz, du, ddelta, dD, ddelta_bias (rows reuse the staging buffers: raw <- du, u kept)
+      for (int s = 0; s < nt; ++s) {
+        const Vec uv = Vec::loadu(sc.u.data() + s * W), dyv = Vec::loadu(sc.dy.data() + s * W);
+        const Vec dv = Vec::loadu(sc.d.data() + s * W), dduv = Vec::loadu(sc.ddu.data() + s * W);
+        Vec yv = Vec::loadu(sc.y.data() + s * W);
+        if (dir.D) yv = at::vec::fmadd(lane.Dv, uv, yv);
+        if (acc_out) yv.store(acc_out + (j * L + t0 + s) * W);
+        if (dz) {
+          if (acc_in) yv = yv + Vec::loadu(acc_in + (j * L + t0 + s) * W);
+          const Vec zv = Vec::loadu(sc.z.data() + s * W), sg = sigmoid(zv);
+          const Vec dsilu = sg * at::vec::fmadd(zv, Vec(1.f) - sg, Vec(1.f));
+          (Vec::loadu(sc.dout.data() + s * W) * yv * dsilu).store(sc.y.data() + s * W);
+        }
+        Vec du_grad = dv * dduv;
+        if (dir.D) {
+          du_grad = at::vec::fmadd(lane.Dv, dyv, du_grad);
+          lane.dD = at::vec::fmadd(dyv, uv, lane.dD);
+        }
+        Vec ddv = at::vec::fmadd(dduv, uv, Vec::loadu(sc.dd.data() + s * W));
+        if (softplus_on) {
+          const Vec xv = Vec::loadu(sc.x.data() + s * W);
+          ddv = Vec::blendv(ddv * sigmoid(xv), ddv, xv > Vec(20.f));
+        }
+        lane.dbias = lane.dbias + ddv;
+        du_grad.store(sc.raw.data() + s * W);
+        ddv.store(sc.x.data() + s * W);
+      }
+      store_rows<T>(gr.du, lane.bi, lane.e0, lane.cnt, t0, nt, sc.raw.data());
+      store_rows<T>(gr.ddelta, lane.bi, lane.e0, lane.cnt, t0, nt, sc.x.data());
+      if (dz) store_rows<T>(*dz, lane.bi, lane.e0, lane.cnt, t0, nt, sc.y.data());
+    }
+    // the group's dB, dC of this tile: reduced across the SIMD lanes into the thread's partial sums
+    float* dB = gr.dB + ((bi * G + g) * L + t0) * N;
+    float* dC = gr.dC + ((bi * G + g) * L + t0) * N;
+    for (int s = 0; s < nt; ++s)
+      for (int64_t m = 0; m < N; ++m) {
+        dB[s * N + m] += hsum(Vec::loadu(sc.dBp.data() + (s * ld + m) * W));
+        dC[s * N + m] += hsum(Vec::loadu(sc.dCp.data() + (s * ld + m) * W));
+      }
+    std::fill(sc.dBp.begin(), sc.dBp.begin() + nt * ld * W, 0.f);
+    std::fill(sc.dCp.begin(), sc.dCp.begin() + nt * ld * W, 0.f);
+  }
+
+  // per-lane sums
+  for (int j = 0; j < n; ++j) {
+    const Lane& lane = lanes[j];
+    float dDl[W], dbl[W];
+    lane.dD.store(dDl);
+    lane.dbias.store(dbl);
+    for (int i = 0; i < lane.cnt; ++i) {
+      const int64_t e = lane.e0 + i;
+      for (int64_t m = 0; m < N; ++m) gr.dA[(bi * E + e) * N + m] = lane.dA[m * W + i];
+      gr.dD[bi * E + e] = dDl[i];
+      gr.dbias[bi * E + e] = dbl[i];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Entry points
+// ------------------------------------------------------------------------------------------------------
+
+// One direction's inputs converted to what the kernel reads (dtype st for u / delta, st_bc for B / C, A, D
+// and delta_bias float32 contiguous), and its gradients' buffers.
+struct DirData {
+  at::Tensor u, delta, A, B, C;
+  std::optional<at::Tensor> D, bias;
+  at::Tensor du, ddelta, dA, dB, dC, dD, dbias;     // dA (b, E, N), dD / dbias (b, E), dB / dC (parts, b, G, L, N)
+
+  DirData(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
+          const at::Tensor& C_in, const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& bias_in,
+          at::ScalarType st, at::ScalarType st_bc, int64_t parts)
+      : u(as_dtype(u_in, st)), delta(as_dtype(delta_in, st)), A(A_in.to(at::kFloat).contiguous()),
+        B(as_dtype(B_in, st_bc)), C(as_dtype(C_in, st_bc)), D(small_float(D_in)), bias(small_float(bias_in)) {
+    TORCH_CHECK(B.dim() == C.dim() && (B.dim() == 3 || B.size(1) == C.size(1)), "B and C must have the same groups");
+    const int64_t b = u.size(0), E = u.size(1), L = u.size(2), N = A.size(1), G = B.dim() == 4 ? B.size(1) : 1;
+    const bool tm = u.size(1) > 1 && u.size(2) > 1 && u.stride(1) < u.stride(2);
+    du = new_output(u, st, tm);
+    ddelta = new_output(u, st, delta.size(1) > 1 && delta.size(2) > 1 && delta.stride(1) < delta.stride(2));
+    auto f32 = u.options().dtype(at::kFloat);
+    dA = at::zeros({b, E, N}, f32);
+    dD = at::zeros({b, E}, f32);
+    dbias = at::zeros({b, E}, f32);
+    dB = at::zeros({parts, b, G, L, N}, f32);
+    dC = at::zeros({parts, b, G, L, N}, f32);
+  }
+
+  int64_t Eg() const { return u.size(1) / (B.dim() == 4 ? B.size(1) : 1); }
+
+  template <typename T>
+  Grads<T> grads(int64_t part) {
+    const int64_t per_part = dB.numel() / dB.size(0);
+    return {view3<T>(du), view3<T>(ddelta), dA.data_ptr<float>(), dD.data_ptr<float>(), dbias.data_ptr<float>(),
+            dB.data_ptr<float>() + part * per_part, dC.data_ptr<float>() + part * per_part};
+  }
+
+  // The gradients in the inputs' dtypes: du, ddelta, dA, dB, dC, dD, ddelta_bias (absent inputs: empty).
+  std::vector<at::Tensor> finish(const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
+                                 const at::Tensor& B_in, const at::Tensor& C_in, const std::optional<at::Tensor>& D_in,
+                                 const std::optional<at::Tensor>& bias_in) const {
+    auto bc = [&](const at::Tensor& parts, const at::Tensor& like) {   // (b, G, L, N) -> like's shape, stride 1 on N
+      at::Tensor s = parts.sum(0).transpose(2, 3);
+      if (like.dim() == 3) s = s.select(1, 0);
+      return s.to(like.scalar_type());
+    };
+    auto opt = [&](const at::Tensor& v, const std::optional<at::Tensor>& like) {
+      return like ? v.sum(0).to(like->scalar_type()) : at::empty({0}, v.options());
+    };
+    return {du.to(u_in.scalar_type()), ddelta.to(delta_in.scalar_type()), dA.sum(0).to(A_in.scalar_type()),
+            bc(dB, B_in), bc(dC, C_in), opt(dD, D_in), opt(dbias, bias_in)};
+  }
+};
+
+template <typename T, typename TBC>
+std::vector<Lane> make_lanes(const Direction<T, TBC>& dir, const Blocks& blocks, int64_t N, int ld, int64_t ntiles,
+                             int64_t begin, int64_t end) {
+  std::vector<Lane> lanes;
+  lanes.reserve(end - begin);
+  for (int64_t task = begin; task < end; ++task) {
+    int64_t bi, e0;
+    int cnt;
+    blocks.at(task, bi, e0, cnt);
+    lanes.emplace_back(dir, N, ld, ntiles, bi, e0, cnt);
+  }
+  return lanes;
+}
+
+// Calls f(part, begin, end) for ``parts`` contiguous ranges of tasks [0, count), in parallel.
+template <typename F>
+void for_parts(int64_t count, int64_t parts, F&& f) {
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) f(p, p * count / parts, (p + 1) * count / parts);
+  });
+}
+
+// Calls f(first, last) for the tasks [begin, end) in groups of up to kGroup consecutive tasks with equal
+// key(task) (their batch and groups of B/C, so that a group shares B_t and C_t).
+template <typename Key, typename F>
+void for_groups(int64_t begin, int64_t end, Key&& key, F&& f) {
+  for (int64_t first = begin; first < end;) {
+    int64_t last = first + 1;
+    while (last < end && last - first < kGroup && key(last) == key(first)) ++last;
+    f(first, last);
+    first = last;
+  }
+}
+
+// A task's batch and its groups of B/C in two directions (of Eg1 and Eg2 channels per group).
+std::tuple<int64_t, int64_t, int64_t> group_key(const Blocks& blocks, int64_t task, int64_t Eg1, int64_t Eg2) {
+  int64_t bi, e0;
+  int cnt;
+  blocks.at(task, bi, e0, cnt);
+  return {bi, e0 / Eg1, e0 / Eg2};
+}
+
+void check_dout(const at::Tensor& dout, const at::Tensor& u) {
+  TORCH_CHECK(dout.sizes() == u.sizes(), "dout must have u's shape ", u.sizes(), "; got ", dout.sizes());
+  TORCH_CHECK(is_kernel_dtype(dout.scalar_type()), "dout must be float32, bfloat16 or float16");
+}
+
+std::vector<at::Tensor> selective_scan_bwd(
+    const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& C_in, const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& z_in,
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& dout_in, const std::optional<at::Tensor>& dlast_in,
+    bool delta_softplus) {
+  check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
+  check_dout(dout_in, u_in);
+  if (z_in) {
+    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
+    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
+  }
+  const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
+  if (dlast_in)
+    TORCH_CHECK(dlast_in->sizes() == at::IntArrayRef({b, E, N}), "dlast must be (b, E, N); got ", dlast_in->sizes());
+  const at::ScalarType st = common_or_float({&u_in, &delta_in, &dout_in, z_in ? &*z_in : nullptr});
+  const at::ScalarType st_bc = common_or_float({&B_in, &C_in}) == st ? st : at::kFloat;
+  const at::Tensor dout = as_dtype(dout_in, st);
+  const std::optional<at::Tensor> z = z_in ? std::optional<at::Tensor>(as_dtype(*z_in, st)) : std::nullopt;
+  const at::Tensor dlast = dlast_in ? dlast_in->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t Eg = E / (B_in.dim() == 4 ? B_in.size(1) : 1);
+  const Blocks blocks = make_blocks(E, Eg);
+  const int64_t tasks = blocks.count(b);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  DirData dd(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in, st, st_bc, parts);
+  at::Tensor dz = z ? new_output(*z, st, z->size(1) > 1 && z->size(2) > 1 && z->stride(1) < z->stride(2))
+                    : at::empty({0}, u_in.options().dtype(at::kFloat));
+
+  if (tasks > 0 && L > 0) {
+    const auto chunks = make_chunks(N);
+    const int ld = chunks.back().n0 + chunks.back().nt;
+    const int64_t ntiles = (L + kTile - 1) / kTile;
+    dispatch_types(st, st_bc, [&](auto t_tag, auto bc_tag) {
+      using T = decltype(t_tag);
+      using TBC = decltype(bc_tag);
+      const auto dir = make_direction<T, TBC>(dd.u, dd.delta, dd.A, dd.B, dd.C, dd.D, dd.bias, /*reverse=*/false);
+      const View3<const T> dov = view3<const T>(dout);
+      const View3<const T> zv = z ? view3<const T>(*z) : View3<const T>{};
+      const View3<T> dzv = z ? view3<T>(dz) : View3<T>{};
+      for_parts(tasks, parts, [&](int64_t part, int64_t begin, int64_t end) {
+        Scratch sc(ld);
+        const Grads<T> gr = dd.grads<T>(part);
+        for_groups(begin, end, [&](int64_t task) { return group_key(blocks, task, Eg, Eg); },
+                   [&](int64_t first, int64_t last) {
+          std::vector<Lane> lanes = make_lanes(dir, blocks, N, ld, ntiles, first, last);
+          if (dlast.defined())   // the gradient of the last state starts the reverse recurrence
+            for (Lane& lane : lanes)
+              for (int i = 0; i < lane.cnt; ++i)
+                for (int64_t m = 0; m < N; ++m)
+                  lane.dh[m * W + i] = dlast.const_data_ptr<float>()[(lane.bi * E + lane.e0 + i) * N + m];
+          backward_group<T, TBC>(dir, chunks, ld, N, L, E, lanes.data(), static_cast<int>(last - first),
+                                 delta_softplus, dov, z ? &zv : nullptr, nullptr, nullptr, z ? &dzv : nullptr, gr, sc);
+        });
+      });
+    });
+  }
+  std::vector<at::Tensor> g = dd.finish(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
+  g.insert(g.begin() + 6, z_in ? dz.to(z_in->scalar_type()) : dz);
+  return g;   // du, ddelta, dA, dB, dC, dD, dz, ddelta_bias
+}
+
+std::vector<at::Tensor> bidirectional_scan_bwd(
+    const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& C_in, const std::optional<at::Tensor>& D_in, const at::Tensor& ub_in,
+    const at::Tensor& deltab_in, const at::Tensor& Ab_in, const at::Tensor& Bb_in, const at::Tensor& Cb_in,
+    const std::optional<at::Tensor>& Db_in, const std::optional<at::Tensor>& z_in,
+    const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& biasb_in, const at::Tensor& dout_in,
+    bool delta_softplus) {
+  check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
+  check_direction(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in);
+  TORCH_CHECK(ub_in.sizes() == u_in.sizes() && Ab_in.sizes() == A_in.sizes(),
+              "both directions must have the same shapes; got u ", u_in.sizes(), " / u_b ", ub_in.sizes(), ", A ",
+              A_in.sizes(), " / A_b ", Ab_in.sizes());
+  check_dout(dout_in, u_in);
+  if (z_in) {
+    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
+    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
+  }
+  const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
+  const at::ScalarType st =
+      common_or_float({&u_in, &delta_in, &ub_in, &deltab_in, &dout_in, z_in ? &*z_in : nullptr});
+  const at::ScalarType st_bc = common_or_float({&B_in, &C_in, &Bb_in, &Cb_in}) == st ? st : at::kFloat;
+  const at::Tensor dout = as_dtype(dout_in, st);
+  const std::optional<at::Tensor> z = z_in ? std::optional<at::Tensor>(as_dtype(*z_in, st)) : std::nullopt;
+  const int64_t Eg_f = E / (B_in.dim() == 4 ? B_in.size(1) : 1), Eg_b = E / (Bb_in.dim() == 4 ? Bb_in.size(1) : 1);
+  const Blocks blocks = make_blocks(E, std::gcd(Eg_f, Eg_b));
+  const int64_t tasks = blocks.count(b);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  DirData fd(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in, st, st_bc, parts);
+  DirData bd(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in, st, st_bc, parts);
+  at::Tensor dz = z ? new_output(*z, st, z->size(1) > 1 && z->size(2) > 1 && z->stride(1) < z->stride(2))
+                    : at::empty({0}, u_in.options().dtype(at::kFloat));
+
+  if (tasks > 0 && L > 0) {
+    const auto chunks = make_chunks(N);
+    const int ld = chunks.back().n0 + chunks.back().nt;
+    const int64_t ntiles = (L + kTile - 1) / kTile;
+    dispatch_types(st, st_bc, [&](auto t_tag, auto bc_tag) {
+      using T = decltype(t_tag);
+      using TBC = decltype(bc_tag);
+      const auto fwd = make_direction<T, TBC>(fd.u, fd.delta, fd.A, fd.B, fd.C, fd.D, fd.bias, /*reverse=*/false);
+      const auto bwd = make_direction<T, TBC>(bd.u, bd.delta, bd.A, bd.B, bd.C, bd.D, bd.bias, /*reverse=*/true);
+      const View3<const T> dov = view3<const T>(dout);
+      const View3<const T> zv = z ? view3<const T>(*z) : View3<const T>{};
+      const View3<T> dzv = z ? view3<T>(dz) : View3<T>{};
+      for_parts(tasks, parts, [&](int64_t part, int64_t begin, int64_t end) {
+        Scratch sc(ld);
+        const Grads<T> gr_f = fd.grads<T>(part), gr_b = bd.grads<T>(part);
+        // y_b + D_b u_b of a group, (lanes, L, W) float32; every element is written before it is read
+        std::vector<float> acc(z ? std::min<int64_t>(kGroup, end - begin) * L * W : 0);
+        for_groups(begin, end, [&](int64_t task) { return group_key(blocks, task, Eg_f, Eg_b); },
+                   [&](int64_t first, int64_t last) {
+          const int n = static_cast<int>(last - first);
+          std::vector<Lane> back = make_lanes(bwd, blocks, N, ld, ntiles, first, last);
+          backward_group<T, TBC>(bwd, chunks, ld, N, L, E, back.data(), n, delta_softplus, dov, z ? &zv : nullptr,
+                                 z ? acc.data() : nullptr, nullptr, nullptr, gr_b, sc);
+          back.clear();
+          std::vector<Lane> fore = make_lanes(fwd, blocks, N, ld, ntiles, first, last);
+          backward_group<T, TBC>(fwd, chunks, ld, N, L, E, fore.data(), n, delta_softplus, dov, z ? &zv : nullptr,
+                                 nullptr, z ? acc.data() : nullptr, z ? &dzv : nullptr, gr_f, sc);
+        });
+      });
+    });
+  }
+  std::vector<at::Tensor> g = fd.finish(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
+  std::vector<at::Tensor> gb = bd.finish(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in);
+  // du, ddelta, dA, dB, dC, dD, du_b, ddelta_b, dA_b, dB_b, dC_b, dD_b, dz, ddelta_bias, ddelta_bias_b
+  return {g[0], g[1], g[2], g[3], g[4], g[5], gb[0], gb[1], gb[2], gb[3], gb[4], gb[5],
+          z_in ? dz.to(z_in->scalar_type()) : dz, g[6], gb[6]};
+}
+
+}  // namespace
+}  // namespace vimbench_scan
+
+TORCH_LIBRARY_FRAGMENT(vimbench_cpu, m) {
+  m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, Tensor dout, Tensor? dlast, bool delta_softplus) -> Tensor[]");
+  m.def("bidirectional_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor u_b, "
+        "Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? z, Tensor? delta_bias, "
+        "Tensor? delta_bias_b, Tensor dout, bool delta_softplus) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(vimbench_cpu, CPU, m) {
+  m.impl("selective_scan_bwd", &vimbench_scan::selective_scan_bwd);
+  m.impl("bidirectional_scan_bwd", &vimbench_scan::bidirectional_scan_bwd);
+}
