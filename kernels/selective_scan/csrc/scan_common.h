@@ -91,6 +91,7 @@ inline void store_rows(const View3<T>& x, int64_t bi, int64_t e0, int cnt, int64
   }
 }
 
+
 // dst[s * ld + n] = float(M[bi, g, n, t0 + s]) for n < N; columns N .. ld-1 are left as they are (zero).
 template <typename T>
 inline void load_bc(const ViewBC<T>& M, int64_t bi, int64_t g, int64_t N, int64_t t0, int nt, int ld, float* dst) {
