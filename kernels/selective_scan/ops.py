@@ -4,7 +4,8 @@
 as an argument; their fake implementations allocate what that backend allocates on a GPU (for
 ``vimbench.count.memory``), and their FLOP formulas follow ``scan_flops`` (for ``vimbench.count.flops``).
 The ``cpp`` backend is not behind these ops: the entry points call its compiled ops directly, and the end of
-this file registers their fakes and the same FLOP formulas on them.
+this file registers their fakes and the same FLOP formulas on them, and their autograd (the compiled backward
+ops, with their own fakes and ``scan_bwd_flops``).
 """
 from __future__ import annotations
 

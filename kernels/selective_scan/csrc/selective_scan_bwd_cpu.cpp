@@ -217,13 +217,7 @@ struct Lane {
         A[n * W + i] = dir.A[(e0 + i) * N + n];
         A2[n * W + i] = A[n * W + i] * kExpScale;
       }
-    float Dl[W] = {0}, biasl[W] = {0};
-    for (int i = 0; i < cnt; ++i) {
-      if (dir.D) Dl[i] = dir.D[e0 + i];
-      if (dir.bias) biasl[i] = dir.bias[e0 + i];
-    }
-    Dv = Vec::loadu(Dl);
-    biasv = Vec::loadu(biasl);
+    channel_vectors(dir, e0, cnt, Dv, biasv);
   }
 };
 
@@ -443,9 +437,8 @@ struct DirData {
         B(as_dtype(B_in, st_bc)), C(as_dtype(C_in, st_bc)), D(small_float(D_in)), bias(small_float(bias_in)) {
     TORCH_CHECK(B.dim() == C.dim() && (B.dim() == 3 || B.size(1) == C.size(1)), "B and C must have the same groups");
     const int64_t b = u.size(0), E = u.size(1), L = u.size(2), N = A.size(1), G = B.dim() == 4 ? B.size(1) : 1;
-    const bool tm = u.size(1) > 1 && u.size(2) > 1 && u.stride(1) < u.stride(2);
-    du = new_output(u, st, tm);
-    ddelta = new_output(u, st, delta.size(1) > 1 && delta.size(2) > 1 && delta.stride(1) < delta.stride(2));
+    du = new_output(u, st, is_time_major(u));
+    ddelta = new_output(u, st, is_time_major(delta));
     auto f32 = u.options().dtype(at::kFloat);
     dA = at::zeros({b, E, N}, f32);
     dD = at::zeros({b, E}, f32);
@@ -522,6 +515,11 @@ std::tuple<int64_t, int64_t, int64_t> group_key(const Blocks& blocks, int64_t ta
   return {bi, e0 / Eg1, e0 / Eg2};
 }
 
+// dz in dtype st and z's layout, or an empty (0,) float32 tensor without z.
+at::Tensor new_gate_grad(const std::optional<at::Tensor>& z, const at::Tensor& u, at::ScalarType st) {
+  return z ? new_output(*z, st, is_time_major(*z)) : at::empty({0}, u.options().dtype(at::kFloat));
+}
+
 void check_dout(const at::Tensor& dout, const at::Tensor& u) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must have u's shape ", u.sizes(), "; got ", dout.sizes());
   TORCH_CHECK(is_kernel_dtype(dout.scalar_type()), "dout must be float32, bfloat16 or float16");
@@ -534,10 +532,7 @@ std::vector<at::Tensor> selective_scan_bwd(
     bool delta_softplus) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
   check_dout(dout_in, u_in);
-  if (z_in) {
-    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
-    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
-  }
+  check_gate(z_in, u_in);
   const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
   if (dlast_in)
     TORCH_CHECK(dlast_in->sizes() == at::IntArrayRef({b, E, N}), "dlast must be (b, E, N); got ", dlast_in->sizes());
@@ -551,8 +546,7 @@ std::vector<at::Tensor> selective_scan_bwd(
   const int64_t tasks = blocks.count(b);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   DirData dd(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in, st, st_bc, parts);
-  at::Tensor dz = z ? new_output(*z, st, z->size(1) > 1 && z->size(2) > 1 && z->stride(1) < z->stride(2))
-                    : at::empty({0}, u_in.options().dtype(at::kFloat));
+  at::Tensor dz = new_gate_grad(z, u_in, st);
 
   if (tasks > 0 && L > 0) {
     const auto chunks = make_chunks(N);
@@ -596,14 +590,9 @@ std::vector<at::Tensor> bidirectional_scan_bwd(
     bool delta_softplus) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
   check_direction(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in);
-  TORCH_CHECK(ub_in.sizes() == u_in.sizes() && Ab_in.sizes() == A_in.sizes(),
-              "both directions must have the same shapes; got u ", u_in.sizes(), " / u_b ", ub_in.sizes(), ", A ",
-              A_in.sizes(), " / A_b ", Ab_in.sizes());
+  check_same_shapes(u_in, A_in, ub_in, Ab_in);
   check_dout(dout_in, u_in);
-  if (z_in) {
-    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
-    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
-  }
+  check_gate(z_in, u_in);
   const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
   const at::ScalarType st =
       common_or_float({&u_in, &delta_in, &ub_in, &deltab_in, &dout_in, z_in ? &*z_in : nullptr});
@@ -616,8 +605,7 @@ std::vector<at::Tensor> bidirectional_scan_bwd(
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   DirData fd(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in, st, st_bc, parts);
   DirData bd(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in, st, st_bc, parts);
-  at::Tensor dz = z ? new_output(*z, st, z->size(1) > 1 && z->size(2) > 1 && z->stride(1) < z->stride(2))
-                    : at::empty({0}, u_in.options().dtype(at::kFloat));
+  at::Tensor dz = new_gate_grad(z, u_in, st);
 
   if (tasks > 0 && L > 0) {
     const auto chunks = make_chunks(N);
