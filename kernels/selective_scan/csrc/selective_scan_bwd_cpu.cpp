@@ -229,7 +229,8 @@ struct Scratch {
   std::vector<float> sz, x, d, du, dy, y, dd, ddu, Bt, Ct, a, ah, dBp, dCp;
   explicit Scratch(int ld)
       : g_delta(kGroup * kTile * W), g_u(kGroup * kTile * W), g_dout(kGroup * kTile * W), g_z(kGroup * kTile * W),
-        g_du(kGroup * kTile * W), g_ddelta(kGroup * kTile * W), g_dz(kGroup * kTile * W), sz(kTile * W), x(kTile * W), d(kTile * W), du(kTile * W),
+        g_du(kGroup * kTile * W), g_ddelta(kGroup * kTile * W), g_dz(kGroup * kTile * W), sz(kTile * W),
+        x(kTile * W), d(kTile * W), du(kTile * W),
         dy(kTile * W), y(kTile * W), dd(kTile * W), ddu(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f),
         a(kTile * kChunk * W), ah(kTile * kChunk * W), dBp(kTile * ld * W, 0.f), dCp(kTile * ld * W, 0.f) {}
 };
@@ -265,7 +266,8 @@ void store_group_rows(const View3<T>& x, const Lane* lanes, int n, int64_t t0, i
   if (x.se == 1 && std::all_of(lanes, lanes + n, [](const Lane& l) { return l.cnt == W; })) {
     for (int s = 0; s < nt; ++s)
       for (int j = 0; j < n; ++j)
-        store_vec<T>(Vec::loadu(src + (j * kTile + s) * W), x.data + lanes[j].bi * x.sb + lanes[j].e0 + (t0 + s) * x.sl);
+        store_vec<T>(Vec::loadu(src + (j * kTile + s) * W),
+                     x.data + lanes[j].bi * x.sb + lanes[j].e0 + (t0 + s) * x.sl);
     return;
   }
   for (int j = 0; j < n; ++j) store_rows<T>(x, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, src + j * kTile * W);
@@ -338,6 +340,9 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
       float* du_out = sc.g_du.data() + j * kTile * W;
       float* ddelta_out = sc.g_ddelta.data() + j * kTile * W;
       float* dz_out = sc.g_dz.data() + j * kTile * W;
+      if (j + 1 < n)                                    // the next lane's checkpoint (out of cache by now)
+        for (int k = 0; k < ld * W; k += 16)            // 16 floats: one cache line
+          __builtin_prefetch(lanes[j + 1].ckpt.data() + tile * ld * W + k);
       stage_delta(dir, lane, softplus_on, nt, sc.g_delta.data() + j * kTile * W, u, sc);
       for (int s = 0; s < nt; ++s) {                    // dy = dout * silu(z), keeping sigmoid(z) for dz
         const Vec dov = Vec::loadu(dout_j + s * W);
