@@ -154,8 +154,8 @@ VIMBENCH_INLINE Vec softplus(const Vec& x) {    // x > 20 ? x : log1p(exp(x)) = 
   return Vec::blendv(sp, x, x > Vec(20.f));
 }
 
-VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp(-x)), as torch's kernel
-  return fast_div(x, Vec(1.f) + exp_accurate(x.neg()));
+VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp(-x)), as torch's kernel; exp(-x)
+  return fast_div(x, Vec(1.f) + exp_accurate(at::vec::minimum(x.neg(), Vec(87.f))));   // finite for fast_div
 }
 
 VIMBENCH_INLINE Vec sigmoid(const Vec& x) {     // 1 / (1 + exp(-x)); exp(-x) kept finite (x >= -87) for fast_div
