@@ -1,6 +1,7 @@
-"""The compiled CPU kernels of the Vim layer: the selective scan (csrc/selective_scan_cpu.cpp), the pair of causal
-depthwise convolutions (csrc/causal_conv_cpu.cpp) and the residual add with RMSNorm (csrc/rms_norm_cpu.cpp), C++
-on ATen's vector types (shared math in csrc/vec_math.h), one library JIT-built on first use.
+"""The compiled CPU kernels of the Vim layer: the selective scan (csrc/selective_scan_cpu.cpp) and its backward
+(csrc/selective_scan_bwd_cpu.cpp; the two share csrc/scan_common.h), the pair of causal depthwise convolutions
+(csrc/causal_conv_cpu.cpp) and the residual add with RMSNorm (csrc/rms_norm_cpu.cpp), C++ on ATen's vector types
+(shared math in csrc/vec_math.h), one library JIT-built on first use.
 
 Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, N state, G groups; K conv taps):
 
@@ -11,6 +12,12 @@ Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, 
                             return_last_state=False, *, time_major_out=None)
     bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None,
                                 delta_bias=None, delta_bias_b=None, delta_softplus=True, *, time_major_out=None)
+    torch.ops.vimbench_cpu.selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, dlast, delta_softplus)
+        -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
+    torch.ops.vimbench_cpu.bidirectional_scan_bwd(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
+                                                  delta_bias, delta_bias_b, dout, delta_softplus)
+        -> [du, ddelta, dA, dB, dC, dD, du_b, ddelta_b, dA_b, dB_b, dC_b, dD_b, dz, ddelta_bias, ddelta_bias_b]
+                                     the backward ops, which autograd calls (see Training below)
     causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b) -> (x_f, x_b)   see ``kernels/causal_conv.py``
     add_rms_norm_compiled(x, residual, weight, eps) -> (out, residual_out)   see ``kernels/rms_norm.py``
     exp_floor_rate(numel=..., iters=...) -> float   exp per second with the kernel's state exp (its floor)
@@ -29,8 +36,22 @@ transpose of a contiguous (b, L, E) tensor, when ``time_major_out`` is True, and
 False. The default (None) follows u: time-major iff u's stride along E is smaller than along L. So a mixer
 that feeds time-major views gets ``out.transpose(1, 2)`` contiguous, ready for out_proj without a copy.
 
-Threads: the kernel parallelises over (batch, block of 16 channels) with at::parallel_for, so
-``torch.set_num_threads`` governs it.
+Training: the two scans are differentiable. ``ops.py`` registers autograd on vimbench_cpu::selective_scan_fwd and
+bidirectional_scan_fwd (it saves the inputs, nothing else), whose backward is the compiled backward op: the
+gradients of autograd through ``ref.selective_scan_ref`` (mamba_ssm's backward) for u, delta (the raw delta,
+before bias and softplus), A, B, C (summed over the channels of a group), D, z and delta_bias, and for the
+last state's gradient (dlast, which starts the reverse recurrence). The backward recomputes the forward states
+from checkpoints it keeps every 32 steps, never forms a (b, E, L, N) tensor, and reduces dB, dC over channels
+and dA, dD, ddelta_bias over batch without atomics (deterministic for a given thread count); design in the
+header of csrc/selective_scan_bwd_cpu.cpp. du, ddelta and dz come back in their input's dtype and memory
+layout (time-major in, time-major out, so the Vim mixer copies nothing); dA, dB, dC, dD and ddelta_bias in
+their input's dtype, dB and dC with stride 1 along N. The backward op returns an empty (0,) float32 tensor for
+an absent D, z or delta_bias; the autograd wrapper maps it to None. Fakes and FLOP formulas
+(``ops.scan_bwd_flops``) are registered on the backward ops, so FlopCounterMode, fake-tensor memory tracking and
+torch.compile (no graph break in training) see them.
+
+Threads: the kernels parallelise over (batch, block of 16 channels) with at::parallel_for, so
+``torch.set_num_threads`` governs them.
 
 Build cache: ``<cache>/scan_cpu/torch<version>-<capability>-<hash of the sources and their folder>/``, where <cache> is $VIMBENCH_CACHE,
 else $XDG_CACHE_HOME/vimbench, else ~/.cache/vimbench; <capability> is the CPU capability ATen dispatches to
@@ -219,6 +240,7 @@ def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,); CPU tensors,
     float32 / bfloat16 / float16, any strides. Returns out (b, E, L) in u's dtype (memory layout: see
     ``time_major_out`` in the module docstring), and with ``return_last_state`` also h_{L-1} (b, E, N) float32.
+    Differentiable in every tensor input and through both outputs (see Training in the module docstring).
     """
     if time_major_out is None:
         time_major_out = is_time_major(u)
@@ -234,7 +256,8 @@ def bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_
     All inputs in original token order, shapes as in ``selective_scan_compiled`` (both directions the same
     shapes). The backward direction (u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b) is scanned from t = L-1
     down to 0 by reading reversed offsets, without flipped copies. Returns (y_f + y_b) * silu(z), (b, E, L) in
-    u's dtype (y_f, y_b include their D * u terms; the sum is formed in float32).
+    u's dtype (y_f, y_b include their D * u terms; the sum is formed in float32). Differentiable in every tensor
+    input (see Training in the module docstring).
     """
     if time_major_out is None:
         time_major_out = is_time_major(u)

@@ -9,7 +9,8 @@ through the backend's backward (``backends.scan_backward``; a forward-only backe
 ``BackendUnavailable`` there); they have fakes per backend too, and FLOP formulas from ``scan_bwd_flops``.
 The last state returned by ``vimbench::selective_scan`` is not differentiable (as in mamba_ssm).
 The ``cpp`` backend is not behind these ops: the entry points call its compiled ops directly, and the end of
-this file registers their fakes and the same FLOP formulas on them.
+this file registers their fakes and the same FLOP formulas on them, and their autograd (the compiled backward
+ops, with their own fakes and ``scan_bwd_flops``).
 """
 from __future__ import annotations
 

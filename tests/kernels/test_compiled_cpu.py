@@ -133,6 +133,16 @@ def test_softplus_extremes(scale, shift):
     close(last, last_ref, *STATE_TOL, what="last state")
 
 
+def test_gate_far_negative():
+    """silu(z) for z far below -87, where exp(-z) overflows float32: the gate is ~0, not NaN."""
+    u, delta, A, B, C, D, z, bias = make_inputs(1, 37, 9, 16, seed=10)
+    z = z * 0 - 100.0
+    out = compiled_cpu.selective_scan_compiled(u, delta, A, B, C, D, z, bias, True)
+    ref = ref64(u, delta, A, B, C, D, z, bias, True, last=False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-30)
+
+
 def test_mixed_dtypes():
     """bf16 u / delta / z with float32 B, C; float32 u with bf16 delta (read as float32)."""
     u, delta, A, B, C, D, z, bias = make_inputs(2, 37, 23, 16, seed=3)

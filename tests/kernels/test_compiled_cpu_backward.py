@@ -58,18 +58,25 @@ def assert_grads(got, want, dtype, names):
             f"d{name}: max abs err {err.max().item():.3g}, gradient scale {ref.abs().max().item():.3g}"
 
 
+def compare_backward(scan, ref, xs, softplus, dtype, names):
+    """Backpropagates one random dout (in dtype) through ``scan`` on xs and through ``ref`` on xs in float64;
+    asserts every gradient; returns scan's leaves."""
+    x, x64 = leaves(xs), leaves(xs, torch.float64)
+    out = scan(*x, delta_softplus=softplus)
+    dout = torch.randn(out.shape).to(dtype)
+    out.backward(dout)
+    ref(*x64, delta_softplus=softplus).backward(dout.double())
+    assert_grads(x, x64, dtype, names)
+    return x
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("extras", [True, False])
 @pytest.mark.parametrize("layout", ["channel-major", "time-major"])
 def test_selective_scan_grads(case, dtype, extras, layout):
     xs, softplus = inputs(case, dtype, extras, layout)
-    x, x64 = leaves(xs), leaves(xs, torch.float64)
-    out = compiled_cpu.selective_scan_compiled(*x, delta_softplus=softplus)
-    dout = torch.randn(out.shape).to(dtype)
-    out.backward(dout)
-    selective_scan_ref(*x64, delta_softplus=softplus).backward(dout.double())
-    assert_grads(x, x64, dtype, NAMES)
+    x = compare_backward(compiled_cpu.selective_scan_compiled, selective_scan_ref, xs, softplus, dtype, NAMES)
     if layout == "time-major" and xs[0].shape[1] > 1 and xs[0].shape[2] > 1:
         assert x[0].grad.transpose(1, 2).is_contiguous() and x[1].grad.transpose(1, 2).is_contiguous()
 
@@ -102,12 +109,8 @@ def pair_inputs(case, dtype, extras, layout):
 @pytest.mark.parametrize("layout", ["channel-major", "time-major"])
 def test_bidirectional_grads(case, dtype, extras, layout):
     xs, softplus = pair_inputs(case, dtype, extras, layout)
-    x, x64 = leaves(xs), leaves(xs, torch.float64)
-    out = compiled_cpu.bidirectional_scan_compiled(*x, delta_softplus=softplus)
-    dout = torch.randn(out.shape).to(dtype)
-    out.backward(dout)
-    bidirectional_scan_ref(*x64, delta_softplus=softplus).backward(dout.double())
-    assert_grads(x, x64, dtype, BIDIR_NAMES)
+    compare_backward(compiled_cpu.bidirectional_scan_compiled, bidirectional_scan_ref, xs, softplus, dtype,
+                     BIDIR_NAMES)
 
 
 def test_bidirectional_groups_differ():

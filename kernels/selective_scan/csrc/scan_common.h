@@ -91,6 +91,7 @@ inline void store_rows(const View3<T>& x, int64_t bi, int64_t e0, int cnt, int64
   }
 }
 
+
 // dst[s * ld + n] = float(M[bi, g, n, t0 + s]) for n < N; columns N .. ld-1 are left as they are (zero).
 template <typename T>
 inline void load_bc(const ViewBC<T>& M, int64_t bi, int64_t g, int64_t N, int64_t t0, int nt, int ld, float* dst) {
@@ -141,6 +142,18 @@ inline Blocks make_blocks(int64_t E, int64_t Sg) {
   return {Sg, (Sg + W - 1) / W, E / Sg};
 }
 
+// D[e0 + i] and delta_bias[e0 + i] of a block of cnt channels as vectors (0 where absent and past cnt).
+template <typename T, typename TBC>
+inline void channel_vectors(const Direction<T, TBC>& dir, int64_t e0, int cnt, Vec& Dv, Vec& biasv) {
+  float Dl[W] = {0}, biasl[W] = {0};
+  for (int i = 0; i < cnt; ++i) {
+    if (dir.D) Dl[i] = dir.D[e0 + i];
+    if (dir.bias) biasl[i] = dir.bias[e0 + i];
+  }
+  Dv = Vec::loadu(Dl);
+  biasv = Vec::loadu(biasl);
+}
+
 // ------------------------------------------------------------------------------------------------------
 // Argument checking and dtype handling
 // ------------------------------------------------------------------------------------------------------
@@ -170,6 +183,21 @@ inline void check_direction(const at::Tensor& u, const at::Tensor& delta, const 
     TORCH_CHECK(is_kernel_dtype(t->scalar_type()), "the compiled CPU scan takes float32, bfloat16 or float16 "
                 "tensors (float64: use the 'ref' backend); got ", t->scalar_type());
 }
+
+inline void check_gate(const std::optional<at::Tensor>& z, const at::Tensor& u) {   // z: None or u's shape
+  if (!z) return;
+  TORCH_CHECK(z->sizes() == u.sizes(), "z must have u's shape ", u.sizes(), "; got ", z->sizes());
+  TORCH_CHECK(is_kernel_dtype(z->scalar_type()), "z must be float32, bfloat16 or float16");
+}
+
+// The two directions of the bidirectional pair have the same shapes.
+inline void check_same_shapes(const at::Tensor& u, const at::Tensor& A, const at::Tensor& u_b, const at::Tensor& A_b) {
+  TORCH_CHECK(u_b.sizes() == u.sizes() && A_b.sizes() == A.sizes(), "both directions must have the same shapes; got u ",
+              u.sizes(), " / u_b ", u_b.sizes(), ", A ", A.sizes(), " / A_b ", A_b.sizes());
+}
+
+// Whether a (b, E, L) tensor is laid out time-major: its stride along E below its stride along L.
+inline bool is_time_major(const at::Tensor& t) { return t.size(1) > 1 && t.size(2) > 1 && t.stride(1) < t.stride(2); }
 
 // The dtype the kernel reads a family of tensors in: their common dtype, or float32 if they differ.
 inline at::ScalarType common_or_float(std::initializer_list<const at::Tensor*> ts) {

@@ -217,23 +217,20 @@ struct Lane {
         A[n * W + i] = dir.A[(e0 + i) * N + n];
         A2[n * W + i] = A[n * W + i] * kExpScale;
       }
-    float Dl[W] = {0}, biasl[W] = {0};
-    for (int i = 0; i < cnt; ++i) {
-      if (dir.D) Dl[i] = dir.D[e0 + i];
-      if (dir.bias) biasl[i] = dir.bias[e0 + i];
-    }
-    Dv = Vec::loadu(Dl);
-    biasv = Vec::loadu(biasl);
+    channel_vectors(dir, e0, cnt, Dv, biasv);
   }
 };
 
-// Per-thread buffers of one tile: the staged rows of one lane ((kTile, W) each), B and C of the tile
-// ((kTile, ld)), the recomputed a and a*h of one chunk ((kTile, kChunk, W) each), and the dB / dC partial sums
-// of the group ((kTile, ld, W) each).
+// Per-thread buffers of one tile: the rows of the group's lanes read and written (g_*: (kGroup, kTile, W)
+// each), one lane's staged values ((kTile, W) each), B and C of the tile ((kTile, ld)), the recomputed a and a*h
+// of one chunk ((kTile, kChunk, W) each), and the dB / dC partial sums of the group ((kTile, ld, W) each).
 struct Scratch {
-  std::vector<float> raw, u, dout, z, x, d, du, dy, y, dd, ddu, Bt, Ct, a, ah, dBp, dCp;
+  std::vector<float> g_delta, g_u, g_dout, g_z, g_du, g_ddelta, g_dz;
+  std::vector<float> sz, x, d, du, dy, y, dd, ddu, Bt, Ct, a, ah, dBp, dCp;
   explicit Scratch(int ld)
-      : raw(kTile * W), u(kTile * W), dout(kTile * W), z(kTile * W), x(kTile * W), d(kTile * W), du(kTile * W),
+      : g_delta(kGroup * kTile * W), g_u(kGroup * kTile * W), g_dout(kGroup * kTile * W), g_z(kGroup * kTile * W),
+        g_du(kGroup * kTile * W), g_ddelta(kGroup * kTile * W), g_dz(kGroup * kTile * W), sz(kTile * W),
+        x(kTile * W), d(kTile * W), du(kTile * W),
         dy(kTile * W), y(kTile * W), dd(kTile * W), ddu(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f),
         a(kTile * kChunk * W), ah(kTile * kChunk * W), dBp(kTile * ld * W, 0.f), dCp(kTile * ld * W, 0.f) {}
 };
@@ -249,18 +246,45 @@ struct Grads {
 // The tile at position ``pos`` in scan order (the reverse direction starts with the last tile).
 inline int64_t tile_at(int64_t pos, int64_t ntiles, bool reverse) { return reverse ? ntiles - 1 - pos : pos; }
 
-// Stages delta (+ bias, softplus) and delta * u of the tile's steps for one lane into sc.x, sc.d, sc.du.
+// The rows [t0, t0 + nt) of x for the group's n lanes: lane j's (nt, W) rows at dst + j * kTile * W (as
+// load_rows). Time-major x with full lanes is read row by row across the lanes, so that each step's channels
+// are one contiguous run of memory that the hardware prefetcher streams.
+template <typename T>
+void load_group_rows(const View3<const T>& x, const Lane* lanes, int n, int64_t t0, int nt, float* dst) {
+  if (x.se == 1 && std::all_of(lanes, lanes + n, [](const Lane& l) { return l.cnt == W; })) {
+    for (int s = 0; s < nt; ++s)
+      for (int j = 0; j < n; ++j)
+        load_vec<T>(x.data + lanes[j].bi * x.sb + lanes[j].e0 + (t0 + s) * x.sl).store(dst + (j * kTile + s) * W);
+    return;
+  }
+  for (int j = 0; j < n; ++j) load_rows<T>(x, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, dst + j * kTile * W);
+}
+
+// The inverse of load_group_rows: lane j's (nt, W) rows at src + j * kTile * W into x.
+template <typename T>
+void store_group_rows(const View3<T>& x, const Lane* lanes, int n, int64_t t0, int nt, const float* src) {
+  if (x.se == 1 && std::all_of(lanes, lanes + n, [](const Lane& l) { return l.cnt == W; })) {
+    for (int s = 0; s < nt; ++s)
+      for (int j = 0; j < n; ++j)
+        store_vec<T>(Vec::loadu(src + (j * kTile + s) * W),
+                     x.data + lanes[j].bi * x.sb + lanes[j].e0 + (t0 + s) * x.sl);
+    return;
+  }
+  for (int j = 0; j < n; ++j) store_rows<T>(x, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, src + j * kTile * W);
+}
+
+// Stages delta (+ bias, softplus) and delta * u of the tile's steps for one lane, from its rows of delta and
+// u, into sc.x, sc.d, sc.du.
 template <typename T, typename TBC>
-void stage_delta(const Direction<T, TBC>& dir, const Lane& lane, bool softplus_on, int64_t t0, int nt, Scratch& sc) {
-  load_rows<T>(dir.delta, lane.bi, lane.e0, lane.cnt, t0, nt, sc.raw.data());
-  load_rows<T>(dir.u, lane.bi, lane.e0, lane.cnt, t0, nt, sc.u.data());
+void stage_delta(const Direction<T, TBC>& dir, const Lane& lane, bool softplus_on, int nt, const float* raw,
+                 const float* u, Scratch& sc) {
   for (int s = 0; s < nt; ++s) {
-    Vec xv = Vec::loadu(sc.raw.data() + s * W);
+    Vec xv = Vec::loadu(raw + s * W);
     if (dir.bias) xv = xv + lane.biasv;
     const Vec dv = softplus_on ? softplus(xv) : xv;
     xv.store(sc.x.data() + s * W);
     dv.store(sc.d.data() + s * W);
-    (dv * Vec::loadu(sc.u.data() + s * W)).store(sc.du.data() + s * W);
+    (dv * Vec::loadu(u + s * W)).store(sc.du.data() + s * W);
   }
 }
 
@@ -281,13 +305,16 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
   for (int64_t pos = 0; pos < ntiles; ++pos) {
     const int64_t t0 = tile_at(pos, ntiles, dir.reverse) * kTile;
     const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0));
+    const int64_t tile = t0 / kTile;
+    for (int j = 0; j < n; ++j)
+      std::copy(lanes[j].h.begin(), lanes[j].h.end(), lanes[j].ckpt.begin() + tile * ld * W);
+    if (pos + 1 == ntiles) break;                       // the state after the last tile is not needed
     load_bc<TBC>(dir.B, bi, g, N, t0, nt, ld, sc.Bt.data());
+    load_group_rows<T>(dir.delta, lanes, n, t0, nt, sc.g_delta.data());
+    load_group_rows<T>(dir.u, lanes, n, t0, nt, sc.g_u.data());
     for (int j = 0; j < n; ++j) {
       Lane& lane = lanes[j];
-      const int64_t tile = t0 / kTile;
-      std::copy(lane.h.begin(), lane.h.end(), lane.ckpt.begin() + tile * ld * W);
-      if (pos + 1 == ntiles) continue;                  // the state after the last tile is not needed
-      stage_delta(dir, lane, softplus_on, t0, nt, sc);
+      stage_delta(dir, lane, softplus_on, nt, sc.g_delta.data() + j * kTile * W, sc.g_u.data() + j * kTile * W, sc);
       for (const Chunk& ch : chunks)
         ch.advance(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.Bt.data() + ch.n0, ld, lane.A2.data() + ch.n0 * W,
                    lane.h.data() + ch.n0 * W);
@@ -301,15 +328,31 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
     const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0));
     load_bc<TBC>(dir.B, bi, g, N, t0, nt, ld, sc.Bt.data());
     load_bc<TBC>(dir.C, bi, g, N, t0, nt, ld, sc.Ct.data());
+    load_group_rows<T>(dir.delta, lanes, n, t0, nt, sc.g_delta.data());
+    load_group_rows<T>(dir.u, lanes, n, t0, nt, sc.g_u.data());
+    load_group_rows<T>(dout, lanes, n, t0, nt, sc.g_dout.data());
+    if (z) load_group_rows<T>(*z, lanes, n, t0, nt, sc.g_z.data());
     for (int j = 0; j < n; ++j) {
       Lane& lane = lanes[j];
-      stage_delta(dir, lane, softplus_on, t0, nt, sc);
-      load_rows<T>(dout, lane.bi, lane.e0, lane.cnt, t0, nt, sc.dout.data());
-      if (z) load_rows<T>(*z, lane.bi, lane.e0, lane.cnt, t0, nt, sc.z.data());
-      for (int s = 0; s < nt; ++s) {
-        const Vec dov = Vec::loadu(sc.dout.data() + s * W);
-        const Vec dyv = z ? dov * (Vec::loadu(sc.z.data() + s * W) * sigmoid(Vec::loadu(sc.z.data() + s * W))) : dov;
-        dyv.store(sc.dy.data() + s * W);
+      const float* u = sc.g_u.data() + j * kTile * W;
+      const float* dout_j = sc.g_dout.data() + j * kTile * W;
+      const float* z_j = sc.g_z.data() + j * kTile * W;
+      float* du_out = sc.g_du.data() + j * kTile * W;
+      float* ddelta_out = sc.g_ddelta.data() + j * kTile * W;
+      float* dz_out = sc.g_dz.data() + j * kTile * W;
+      if (j + 1 < n)                                    // the next lane's checkpoint (out of cache by now)
+        for (int k = 0; k < ld * W; k += 16)            // 16 floats: one cache line
+          __builtin_prefetch(lanes[j + 1].ckpt.data() + tile * ld * W + k);
+      stage_delta(dir, lane, softplus_on, nt, sc.g_delta.data() + j * kTile * W, u, sc);
+      for (int s = 0; s < nt; ++s) {                    // dy = dout * silu(z), keeping sigmoid(z) for dz
+        const Vec dov = Vec::loadu(dout_j + s * W);
+        if (!z) {
+          dov.store(sc.dy.data() + s * W);
+          continue;
+        }
+        const Vec zv = Vec::loadu(z_j + s * W), sg = sigmoid(zv);
+        sg.store(sc.sz.data() + s * W);
+        (dov * zv * sg).store(sc.dy.data() + s * W);
       }
       std::fill(sc.y.begin(), sc.y.begin() + nt * W, 0.f);
       std::fill(sc.dd.begin(), sc.dd.begin() + nt * W, 0.f);
@@ -325,16 +368,16 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
       }
       // epilogue: y, dz, du, ddelta, dD, ddelta_bias (rows reuse the staging buffers: raw <- du, u kept)
       for (int s = 0; s < nt; ++s) {
-        const Vec uv = Vec::loadu(sc.u.data() + s * W), dyv = Vec::loadu(sc.dy.data() + s * W);
+        const Vec uv = Vec::loadu(u + s * W), dyv = Vec::loadu(sc.dy.data() + s * W);
         const Vec dv = Vec::loadu(sc.d.data() + s * W), dduv = Vec::loadu(sc.ddu.data() + s * W);
         Vec yv = Vec::loadu(sc.y.data() + s * W);
         if (dir.D) yv = at::vec::fmadd(lane.Dv, uv, yv);
         if (acc_out) yv.store(acc_out + (j * L + t0 + s) * W);
         if (dz) {
           if (acc_in) yv = yv + Vec::loadu(acc_in + (j * L + t0 + s) * W);
-          const Vec zv = Vec::loadu(sc.z.data() + s * W), sg = sigmoid(zv);
+          const Vec zv = Vec::loadu(z_j + s * W), sg = Vec::loadu(sc.sz.data() + s * W);
           const Vec dsilu = sg * at::vec::fmadd(zv, Vec(1.f) - sg, Vec(1.f));
-          (Vec::loadu(sc.dout.data() + s * W) * yv * dsilu).store(sc.y.data() + s * W);
+          (Vec::loadu(dout_j + s * W) * yv * dsilu).store(dz_out + s * W);
         }
         Vec du_grad = dv * dduv;
         if (dir.D) {
@@ -347,13 +390,13 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
           ddv = Vec::blendv(ddv * sigmoid(xv), ddv, xv > Vec(20.f));
         }
         lane.dbias = lane.dbias + ddv;
-        du_grad.store(sc.raw.data() + s * W);
-        ddv.store(sc.x.data() + s * W);
+        du_grad.store(du_out + s * W);
+        ddv.store(ddelta_out + s * W);
       }
-      store_rows<T>(gr.du, lane.bi, lane.e0, lane.cnt, t0, nt, sc.raw.data());
-      store_rows<T>(gr.ddelta, lane.bi, lane.e0, lane.cnt, t0, nt, sc.x.data());
-      if (dz) store_rows<T>(*dz, lane.bi, lane.e0, lane.cnt, t0, nt, sc.y.data());
     }
+    store_group_rows<T>(gr.du, lanes, n, t0, nt, sc.g_du.data());
+    store_group_rows<T>(gr.ddelta, lanes, n, t0, nt, sc.g_ddelta.data());
+    if (dz) store_group_rows<T>(*dz, lanes, n, t0, nt, sc.g_dz.data());
     // the group's dB, dC of this tile: reduced across the SIMD lanes into the thread's partial sums
     float* dB = gr.dB + ((bi * G + g) * L + t0) * N;
     float* dC = gr.dC + ((bi * G + g) * L + t0) * N;
@@ -399,9 +442,8 @@ struct DirData {
         B(as_dtype(B_in, st_bc)), C(as_dtype(C_in, st_bc)), D(small_float(D_in)), bias(small_float(bias_in)) {
     TORCH_CHECK(B.dim() == C.dim() && (B.dim() == 3 || B.size(1) == C.size(1)), "B and C must have the same groups");
     const int64_t b = u.size(0), E = u.size(1), L = u.size(2), N = A.size(1), G = B.dim() == 4 ? B.size(1) : 1;
-    const bool tm = u.size(1) > 1 && u.size(2) > 1 && u.stride(1) < u.stride(2);
-    du = new_output(u, st, tm);
-    ddelta = new_output(u, st, delta.size(1) > 1 && delta.size(2) > 1 && delta.stride(1) < delta.stride(2));
+    du = new_output(u, st, is_time_major(u));
+    ddelta = new_output(u, st, is_time_major(delta));
     auto f32 = u.options().dtype(at::kFloat);
     dA = at::zeros({b, E, N}, f32);
     dD = at::zeros({b, E}, f32);
@@ -478,6 +520,11 @@ std::tuple<int64_t, int64_t, int64_t> group_key(const Blocks& blocks, int64_t ta
   return {bi, e0 / Eg1, e0 / Eg2};
 }
 
+// dz in dtype st and z's layout, or an empty (0,) float32 tensor without z.
+at::Tensor new_gate_grad(const std::optional<at::Tensor>& z, const at::Tensor& u, at::ScalarType st) {
+  return z ? new_output(*z, st, is_time_major(*z)) : at::empty({0}, u.options().dtype(at::kFloat));
+}
+
 void check_dout(const at::Tensor& dout, const at::Tensor& u) {
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must have u's shape ", u.sizes(), "; got ", dout.sizes());
   TORCH_CHECK(is_kernel_dtype(dout.scalar_type()), "dout must be float32, bfloat16 or float16");
@@ -490,10 +537,7 @@ std::vector<at::Tensor> selective_scan_bwd(
     bool delta_softplus) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
   check_dout(dout_in, u_in);
-  if (z_in) {
-    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
-    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
-  }
+  check_gate(z_in, u_in);
   const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
   if (dlast_in)
     TORCH_CHECK(dlast_in->sizes() == at::IntArrayRef({b, E, N}), "dlast must be (b, E, N); got ", dlast_in->sizes());
@@ -507,8 +551,7 @@ std::vector<at::Tensor> selective_scan_bwd(
   const int64_t tasks = blocks.count(b);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   DirData dd(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in, st, st_bc, parts);
-  at::Tensor dz = z ? new_output(*z, st, z->size(1) > 1 && z->size(2) > 1 && z->stride(1) < z->stride(2))
-                    : at::empty({0}, u_in.options().dtype(at::kFloat));
+  at::Tensor dz = new_gate_grad(z, u_in, st);
 
   if (tasks > 0 && L > 0) {
     const auto chunks = make_chunks(N);
@@ -552,14 +595,9 @@ std::vector<at::Tensor> bidirectional_scan_bwd(
     bool delta_softplus) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
   check_direction(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in);
-  TORCH_CHECK(ub_in.sizes() == u_in.sizes() && Ab_in.sizes() == A_in.sizes(),
-              "both directions must have the same shapes; got u ", u_in.sizes(), " / u_b ", ub_in.sizes(), ", A ",
-              A_in.sizes(), " / A_b ", Ab_in.sizes());
+  check_same_shapes(u_in, A_in, ub_in, Ab_in);
   check_dout(dout_in, u_in);
-  if (z_in) {
-    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
-    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
-  }
+  check_gate(z_in, u_in);
   const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
   const at::ScalarType st =
       common_or_float({&u_in, &delta_in, &ub_in, &deltab_in, &dout_in, z_in ? &*z_in : nullptr});
@@ -572,8 +610,7 @@ std::vector<at::Tensor> bidirectional_scan_bwd(
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   DirData fd(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in, st, st_bc, parts);
   DirData bd(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in, st, st_bc, parts);
-  at::Tensor dz = z ? new_output(*z, st, z->size(1) > 1 && z->size(2) > 1 && z->stride(1) < z->stride(2))
-                    : at::empty({0}, u_in.options().dtype(at::kFloat));
+  at::Tensor dz = new_gate_grad(z, u_in, st);
 
   if (tasks > 0 && L > 0) {
     const auto chunks = make_chunks(N);

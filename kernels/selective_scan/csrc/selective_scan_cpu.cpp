@@ -130,13 +130,7 @@ struct Lane {
       : bi(bi_), e0(e0_), g(e0_ / dir.Eg), cnt(cnt_), A(state_len * W, 0.f), h(state_len * W, 0.f) {
     for (int i = 0; i < cnt; ++i)
       for (int64_t n = 0; n < N; ++n) A[n * W + i] = dir.A[(e0 + i) * N + n] * kExpScale;
-    float Dl[W] = {0}, biasl[W] = {0};
-    for (int i = 0; i < cnt; ++i) {
-      if (dir.D) Dl[i] = dir.D[e0 + i];
-      if (dir.bias) biasl[i] = dir.bias[e0 + i];
-    }
-    Dv = Vec::loadu(Dl);
-    biasv = Vec::loadu(biasl);
+    channel_vectors(dir, e0, cnt, Dv, biasv);
   }
 };
 
@@ -310,10 +304,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& C_in, const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& z_in,
     const std::optional<at::Tensor>& bias_in, bool delta_softplus, bool time_major_out) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
-  if (z_in) {
-    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
-    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
-  }
+  check_gate(z_in, u_in);
   const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
   const at::ScalarType out_st = u_in.scalar_type();
   const at::ScalarType st = common_or_float({&u_in, &delta_in, z_in ? &*z_in : nullptr});
@@ -359,13 +350,8 @@ at::Tensor bidirectional_scan_fwd(
     bool time_major_out) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
   check_direction(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in);
-  TORCH_CHECK(ub_in.sizes() == u_in.sizes() && Ab_in.sizes() == A_in.sizes(),
-              "both directions must have the same shapes; got u ", u_in.sizes(), " / u_b ", ub_in.sizes(), ", A ",
-              A_in.sizes(), " / A_b ", Ab_in.sizes());
-  if (z_in) {
-    TORCH_CHECK(z_in->sizes() == u_in.sizes(), "z must have u's shape ", u_in.sizes(), "; got ", z_in->sizes());
-    TORCH_CHECK(is_kernel_dtype(z_in->scalar_type()), "z must be float32, bfloat16 or float16");
-  }
+  check_same_shapes(u_in, A_in, ub_in, Ab_in);
+  check_gate(z_in, u_in);
   const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
   const at::ScalarType out_st = u_in.scalar_type();
   const at::ScalarType st = common_or_float({&u_in, &delta_in, &ub_in, &deltab_in, z_in ? &*z_in : nullptr});
