@@ -28,9 +28,14 @@ def with_current_names(df: pd.DataFrame) -> pd.DataFrame:
 
 def with_regime(kind: str, df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with its ``mode`` filled (infer where absent or empty: every CSV from before training mode measured
-    inference) and the regime columns (``REGIME``) of a scaling or kernel CSV filled: none where absent or empty."""
+    inference), the regime columns (``REGIME``) of a scaling or kernel CSV filled: none where absent or empty,
+    and ``grad_checkpointing`` where a setting has it: False where absent or empty (no checkpointing)."""
     fill = {MODE: "infer", **({col: "none" for col in REGIME} if kind in ("scaling", "kernels") else {})}
-    return df.assign(**{col: df[col].fillna(v).astype(str) if col in df.columns else v for col, v in fill.items()})
+    df = df.assign(**{col: df[col].fillna(v).astype(str) if col in df.columns else v for col, v in fill.items()})
+    if "grad_checkpointing" in SCHEMAS[kind].setting:
+        df = df.assign(grad_checkpointing=df["grad_checkpointing"].fillna(False)
+                       if "grad_checkpointing" in df.columns else False)
+    return df
 
 
 def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]:

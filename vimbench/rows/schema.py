@@ -41,6 +41,8 @@ COLUMN_DOCS = {
     "amp": ("", "none, or the torch.autocast dtype (fp16, bf16) the call ran in; weights stay in dtype"),
     "mode": ("", "infer (a forward under inference_mode) or train (forward, backward and optimizer step); CSVs "
                  "without the column: infer"),
+    "grad_checkpointing": ("", "train rows: True when each block's activations were recomputed in the backward "
+                               "(activation checkpointing per block); False otherwise and in CSVs without it"),
     "compile_s": ("s", "wall time of the first call of the compiled callable (tracing, compiling, one run); "
                        "before the warm-up, never timed"),
     "graph_breaks": ("", "places where TorchDynamo ended a graph and fell back to Python (0: whole graphs)"),
@@ -165,23 +167,24 @@ KERNELS = Schema(
 )
 FLOPS = Schema(
     "flops",
-    ["model", "family", "impl", "res", "tokens", "batch", "head", MODE, "status", "error", "params", *FLOP_COLUMNS,
-     *ENVIRONMENT],
-    key=["model", "impl", "res", "batch", "head", MODE],
+    ["model", "family", "impl", "res", "tokens", "batch", "head", MODE, "grad_checkpointing", "status", "error",
+     "params", *FLOP_COLUMNS, *ENVIRONMENT],
+    key=["model", "impl", "res", "batch", "head", MODE, "grad_checkpointing"],
     required=("model", "impl", "res", "tokens", "batch", "head", "status", *FLOP_COLUMNS),
     marker=(),
-    setting=("batch", "head", MODE),
+    setting=("batch", "head", MODE, "grad_checkpointing"),
 )
 MEMORY = Schema(
     "memory",
-    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "dtype", "head", MODE, "status", "error", "params",
-     "mem_pred_weights_gib", "mem_pred_activations_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
-     "mem_pred_used_gib", "card", "card_gib", "context_gib", "fits", "paper_gib", *ENVIRONMENT],
-    key=["model", "impl", "res", "batch", "dtype", "head", MODE, "card"],
+    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "dtype", "head", MODE, "grad_checkpointing",
+     "status", "error", "params", "mem_pred_weights_gib", "mem_pred_activations_gib", "mem_pred_peak_gib",
+     "mem_pred_reserved_gib", "mem_pred_used_gib", "card", "card_gib", "context_gib", "fits", "paper_gib",
+     *ENVIRONMENT],
+    key=["model", "impl", "res", "batch", "dtype", "head", MODE, "grad_checkpointing", "card"],
     required=("model", "impl", "res", "tokens", "batch", "dtype", "head", "status", "mem_pred_peak_gib",
               "mem_pred_reserved_gib"),
     marker=("mem_pred_reserved_gib",),
-    setting=("dtype", "batch", "head", MODE, "card"),
+    setting=("dtype", "batch", "head", MODE, "grad_checkpointing", "card"),
 )
 SCHEMAS = {s.kind: s for s in (SCALING, KERNELS, FLOPS, MEMORY)}
 
@@ -193,7 +196,7 @@ NUMERIC = {name for name, (unit, _) in COLUMN_DOCS.items() if unit} | {
     "tokens", "width", "heads", "head_dim", "d_inner", "d_state", "repeats", "warmup", "params", "threads",
     "load_avg_1m", "frac_peak_flops", "frac_peak_bw", "workers", "graph_breaks"}
 """Columns read as numbers (empty cells become NaN)."""
-BOOLEAN = ("head", "fits")
+BOOLEAN = ("head", "fits", "grad_checkpointing")
 
 
 def kind_of(columns) -> str | None:
