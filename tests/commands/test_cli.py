@@ -24,6 +24,9 @@ def run(argv, capsys):
     (["flops", "--batch", "0"], "--batch must be >= 1"),
     (["flops", "--batch", "x"], "'x' is not a valid integer"),
     (["flops", "--nope"], "No such option '--nope'"),
+    (["flops", "--mode", "training"], "--mode 'training': unknown"),
+    (["flops", "--mode", ","], "--mode: no value given"),
+    (["flops", "--grad-checkpointing"], "add train to --mode"),
     (["nope"], "No such command 'nope'"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, msg, capsys):

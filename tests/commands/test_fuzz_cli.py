@@ -75,7 +75,7 @@ def _build(model: str, options: tuple) -> None:
         create_model(model, img_size=64, **dict(options))
 
 
-def _fake_count_flops(model, res, batch=1, head=False, **options):
+def _fake_count_flops(model, res, batch=1, head=False, mode="infer", grad_checkpointing=False, **options):
     _build(model, tuple(sorted(check_options(model, options).items())))
     SEEN.append(dict(model=model, res=res, batch=batch))
     tokens = (res // 16) ** 2 + 1
@@ -83,7 +83,8 @@ def _fake_count_flops(model, res, batch=1, head=False, **options):
                 flops_linear=6 * tokens * batch, flops_other=0, params=1000, tokens=tokens)
 
 
-def _fake_predict_memory(model, res, batch, dtype="fp32", head=False, capability=None, **options):
+def _fake_predict_memory(model, res, batch, dtype="fp32", head=False, capability=None, mode="infer",
+                         grad_checkpointing=False, **options):
     options = check_options(model, options)
     _build(model, tuple(sorted(options.items())))
     SEEN.append(dict(model=model, res=res, batch=batch))
@@ -275,6 +276,7 @@ BY_NAME = {
     "device_spec": kinds(["auto", "cpu"], ["cuda", "cuda:0", "cuda:7", "cpu:0", "meta", "tpu", "mps", "cuda:-1",
                                            "cuda:" + "9" * 25, "gpu"]),
     "card": kinds(list(CARDS), ["h100", "H100-80GB"]),
+    "mode_spec": comma_lists(["infer", "train"], ["INFER", "training", "", " "]),
     "partition": kinds(["gpu"], ["", " "]),
     "sbatch": kinds(["account=abc", "qos=high"], ["qos", "=abc", ""]),
     "select": kinds(["scan", "attention"], ["nosuchbench", "not scan", "(", "and", "scan or attention"]),

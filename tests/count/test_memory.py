@@ -252,6 +252,9 @@ def test_paper_preset_rows_carry_the_papers_values(tmp_path, capsys):
     (["--res", "abc"], "cannot read resolution"),
     (["--dtype", "fp8"], "'fp8' is not one of"),
     (["--attn", "flash"], "needs --dtype fp16 or bf16"),
+    (["--mode", "training"], "--mode 'training': unknown"),
+    (["--mode", "infer", "--grad-checkpointing"], "add train to --mode"),
+    (["--scan", "triton", "--mode", "infer,train"], "--scan triton: "),  # forward-only (or triton not installed)
 ])
 def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
     assert main(["memory", *argv]) == 2
@@ -276,3 +279,67 @@ def test_cli_writes_csv(tmp_path, capsys):
     assert df.set_index("impl").loc["sdpa", "kernel"] == "efficient"
     assert df["fits"].all() and (df["card_gib"] == mem.CARDS["rtx4090-24gb"]).all()
     assert (df["mem_pred_reserved_gib"] >= df["mem_pred_peak_gib"]).all()
+
+
+class TinyLinear(torch.nn.Module):
+    """forward_features: one bias-free Linear (K -> M), the smallest model with a train step."""
+
+    def __init__(self, K, M):
+        super().__init__()
+        self.fc = torch.nn.Linear(K, M, bias=False)
+
+    def forward_features(self, x):
+        return self.fc(x)
+
+
+def test_train_step_closed_form_linear():
+    """A train step of y = x W^T, W (M, K), x (b, K), fp32, sizes multiples of 512 B. In the second step the
+    weights, the input, the momentum buffer (made by the first step's optimizer and kept), the gradient of y
+    (the mean's backward, (b, M)) and the weight's gradient (M, K) are live at once, plus at most a few
+    scalars (512 B each). The first step alone peaks lower: no momentum buffer during its backward."""
+    K, M, b = 256, 384, 128
+    W, x, dy = M * K * 4, b * K * 4, b * M * 4
+    steady, first = (mem.trace_train_step(_meta_linear(K, M), (b, K), torch.float32, False, steps=s).peak_live()
+                     for s in (2, 1))
+    want = W + x + W + dy + W                   # weights, input, momentum, dy, dW
+    assert want <= steady <= want + 4 * 512
+    assert first < steady
+
+
+def _meta_linear(K, M):
+    with torch.device("meta"):
+        return TinyLinear(K, M)
+
+
+def test_fake_train_trace_equals_real_cpu_trace():
+    """Two train steps of a tiny DeiT (eager attention) on fake tensors against the same steps run for real on
+    the CPU: same weights, same live peak, same allocator peaks."""
+    shape = (2, 3, 32, 32)
+    real = mem.trace_train_step(create_deit("tiny", 32, "eager"), shape, torch.float32, False)
+    with torch.device("meta"):
+        fake = mem.trace_train_step(create_deit("tiny", 32, "eager"), shape, torch.float32, False)
+    assert fake.n_weights == real.n_weights and fake.peak_live() == real.peak_live()
+    r, f = (mem.CachingAllocatorModel().replay(t.events) for t in (real, fake))
+    assert (f.peak_allocated, f.peak_reserved) == (r.peak_allocated, r.peak_reserved)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_deit_train_peak_holds_what_autograd_saves(attn):
+    """The train step's peak exceeds the inference peak by at least the gradients and momentum buffers
+    (one parameter size each), and eager attention's by the (b, H, L, L) probabilities autograd saves in
+    each of the 12 blocks; checkpointing per block saves one block's at a time and lowers the peak."""
+    b, res, H = 2, 256, 3
+    L = (res // 16) ** 2 + 1
+    infer = mem.predict_memory("deit_tiny", res, b, attn=attn)
+    train = mem.predict_memory("deit_tiny", res, b, attn=attn, mode="train")
+    ckpt = mem.predict_memory("deit_tiny", res, b, attn=attn, mode="train", grad_checkpointing=True)
+    extra = (train["mem_pred_peak_gib"] - infer["mem_pred_peak_gib"]) * mem.GIB
+    probs = 12 * b * H * L * L * 4 if attn == "eager" else 0
+    assert extra >= 2 * train["params"] * 4 + probs
+    assert ckpt["mem_pred_peak_gib"] < train["mem_pred_peak_gib"]
+    assert train["mem_pred_weights_gib"] == infer["mem_pred_weights_gib"]
+
+
+def test_train_prediction_refuses_a_forward_only_scan_backend():
+    with pytest.raises(mem.BackendUnavailable, match="forward-only"):
+        mem.predict_memory("vim_tiny", 64, 1, scan="triton", mode="train")

@@ -474,8 +474,9 @@ def memory_prediction_lines(s: Setting) -> list[str]:
 
 def paper_memory_table(memory: pd.DataFrame) -> list[str]:
     """The rows of a memory CSV that the paper measured too (``paper_gib`` present, or NaN for its OOM)
-    as a Markdown table: predicted peak and reserved + context beside Fig. 1 (c), errors relative to it."""
-    rows = memory[memory["status"] == "ok"].copy()
+    as a Markdown table: predicted peak and reserved + context beside Fig. 1 (c), errors relative to it.
+    Inference rows only: the paper measured inference."""
+    rows = memory[(memory["status"] == "ok") & (memory["mode"] == "infer")].copy()
     in_paper = rows["paper_gib"].notna() | (rows["model"] == "deit_tiny")  # NaN for deit_tiny: the paper's OOM
     rows = rows[rows["model"].isin(["vim_tiny", "deit_tiny"]) & in_paper]
     if rows.empty:
@@ -501,7 +502,7 @@ def paper_memory_lines(memory: pd.DataFrame | None) -> list[str]:
                 "predicted memory of the paper's setting beside Fig. 1 (c)."]
     out = paper_memory_table(memory)
     deit = memory[(memory["model"] == "deit_tiny") & (memory["res"] == 1248) & (memory["impl"] == "eager")
-                  & (memory["status"] == "ok")]
+                  & (memory["status"] == "ok") & (memory["mode"] == "infer")]
     out += ["", "GiB = 2^30 B; the paper's GB read as GiB. The prediction counts tensors only: peak allocated is "
                 "what torch.cuda.max_memory_allocated reports, reserved adds the caching allocator's cached "
                 "segments, and the CUDA context (context_gib) is added for what nvidia-smi would show. The "
