@@ -38,13 +38,17 @@ def current_package() -> str:
 class Plugin:
     """A backend registered by another package: its function, the device types it runs on, its fake (the
     same signature on fake tensors, allocating what ``fn`` allocates on a GPU; None: no memory prediction),
-    and ``package``, the distribution whose entry point registered it ("" for a direct call)."""
+    ``package``, the distribution whose entry point registered it ("" for a direct call), and for a scan
+    backend its backward and the backward's fake (None: forward-only, or no memory prediction of training;
+    see ``register_scan_backend``)."""
     name: str
     fn: Callable
     devices: tuple[str, ...]
     fake: Callable | None
     description: str
     package: str
+    backward: Callable | None = None
+    backward_fake: Callable | None = None
 
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -52,7 +56,8 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 
 def make_plugin(kind: str, name: str, fn: Callable, devices, fake: Callable | None, description: str,
-                taken: dict[str, str]) -> Plugin:
+                taken: dict[str, str], backward: Callable | None = None,
+                backward_fake: Callable | None = None) -> Plugin:
     """A validated ``Plugin`` for a ``kind`` ("scan" or "attention") backend; ``taken`` maps each name in use
     to its owner. ValueError naming the problem: a name that is not a plain identifier (it goes in CSVs and
     pytest -k expressions) or is taken, a callable missing, devices empty or unknown."""
@@ -61,11 +66,14 @@ def make_plugin(kind: str, name: str, fn: Callable, devices, fake: Callable | No
     if name in taken:
         raise ValueError(f"{kind} backend name {name!r} clashes with {taken[name]}")
     devices = (devices,) if isinstance(devices, str) else tuple(devices)
+    optional = (fake, backward, backward_fake)
     if not devices or any(d not in DEVICE_TYPES for d in devices) or not callable(fn) \
-            or (fake is not None and not callable(fake)):
-        raise ValueError(f"{kind} backend {name!r}: fn and fake must be callables, devices a non-empty list of "
-                         f"{', '.join(DEVICE_TYPES)} (got {devices!r})")
-    return Plugin(name, fn, devices, fake, description, current_package())
+            or any(f is not None and not callable(f) for f in optional):
+        raise ValueError(f"{kind} backend {name!r}: fn, fake, backward and backward_fake must be callables, "
+                         f"devices a non-empty list of {', '.join(DEVICE_TYPES)} (got {devices!r})")
+    if backward is None and backward_fake is not None:
+        raise ValueError(f"{kind} backend {name!r}: a backward_fake without a backward")
+    return Plugin(name, fn, devices, fake, description, current_package(), backward, backward_fake)
 
 
 def owners(builtins, plugins: dict[str, Plugin]) -> dict[str, str]:

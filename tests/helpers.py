@@ -69,7 +69,8 @@ def fresh_plugins(monkeypatch):
     from vimbench.kernels import attention, plugins
     from vimbench.kernels.selective_scan import backends
     from vimbench.models import registry
-    saved = [(d, dict(d)) for d in (backends.PLUGINS, backends.IMPLS, attention.ATTENTION_PLUGINS, registry._REGISTRY)]
+    saved = [(d, dict(d)) for d in (backends.PLUGINS, backends.IMPLS, backends.BACKWARDS, attention.ATTENTION_PLUGINS,
+                                         registry._REGISTRY)]
     monkeypatch.setattr(plugins, "_loaded", set())
     monkeypatch.setattr(plugins, "problems", [])
     yield

@@ -28,8 +28,8 @@ import torch
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels.plugins import Plugin, load_group, make_plugin, owners
 from vimbench.kernels.selective_scan import compiled_cpu
-from vimbench.kernels.selective_scan.chunked import selective_scan_cpu
-from vimbench.kernels.selective_scan.ref import selective_scan_ref
+from vimbench.kernels.selective_scan.chunked import selective_scan_cpu, selective_scan_cpu_backward
+from vimbench.kernels.selective_scan.ref import selective_scan_ref, selective_scan_ref_backward
 
 SCAN_BACKENDS = ("ref", "cpu", "cpp", "triton", "triton_pipelined", "mamba_ssm")
 TRITON_DESIGNS = ("triton", "triton_pipelined")
@@ -144,12 +144,52 @@ IMPLS = {"ref": selective_scan_ref, "cpu": selective_scan_cpu, "cpp": _cpp_scan,
 """Backend name -> one-direction scan with ``ref.selective_scan_ref``'s signature."""
 
 
+def _mamba_ssm_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
+    """mamba_ssm's own CUDA backward (its ``selective_scan_cuda`` fwd for the chunk states x, then bwd), with
+    B and C in its (b, G, N, L) form. Untested here (no CUDA on the development machine); ``gpu-check``'s
+    gradient check covers it."""
+    import selective_scan_cuda
+    squeeze = B.dim() == 3
+    B4, C4 = (M.unsqueeze(1) if squeeze else M for M in (B, C))
+    out, x, *rest = selective_scan_cuda.fwd(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus)
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = selective_scan_cuda.bwd(
+        u, delta, A, B4, C4, D, z, delta_bias, dout, x, out, None, delta_softplus, False)
+    dB, dC = (M.squeeze(1) if squeeze else M for M in (dB, dC))
+    return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), None if D is None else dD,
+            rest[0] if z is not None else None, None if delta_bias is None else ddelta_bias)
+
+
+BACKWARDS = {"ref": selective_scan_ref_backward, "cpu": selective_scan_cpu_backward, "mamba_ssm": _mamba_ssm_backward}
+"""Backend name -> the backward of its one-direction scan, with the signature of ``register_scan_backend``'s
+``backward``. ``cpp`` is not here: its compiled ops carry their own autograd (``compiled_cpu``)."""
+
+
+def forward_only(backend: str) -> str:
+    """Why ``backend`` cannot train, in one line ("" when it has a backward: ``has_backward``)."""
+    if has_backward(backend):
+        return ""
+    if backend in TRITON_DESIGNS:
+        return (f"scan backend {backend!r} is forward-only: the Triton kernel has no backward yet, so it cannot "
+                f"train; use cpu, cpp or mamba_ssm")
+    return (f"scan backend {backend!r} (package {PLUGINS[backend].package or '(direct call)'!r}) is forward-only: "
+            f"it registered no backward, so it cannot train")
+
+
+def scan_backward(backend: str) -> Callable:
+    """``backend``'s backward (``BACKWARDS``, or a plug-in's); ``BackendUnavailable`` naming why for a
+    forward-only backend (the Triton designs, a plug-in that registered none) and for ``cpp``, whose compiled
+    ops are not behind the ops that call this."""
+    if backend in BACKWARDS:
+        return BACKWARDS[backend]
+    raise BackendUnavailable(forward_only(backend) or f"scan backend {backend!r} has its own autograd, not "
+                                                      f"through vimbench::selective_scan")
 
 
 PLUGINS: dict[str, Plugin] = {}
 
 
 def register_scan_backend(name: str, fn: Callable, *, devices, fake: Callable | None = None,
+                          backward: Callable | None = None, backward_fake: Callable | None = None,
                           description: str = "") -> None:
     """Adds scan backend ``name``: usable as ``--scan NAME`` / ``scan=NAME`` everywhere, checked against
     ``ref`` before any timing (``check.py``), its FLOPs from ``scan_flops``.
@@ -161,10 +201,23 @@ def register_scan_backend(name: str, fn: Callable, *, devices, fake: Callable | 
              counting, works for every backend)
     fake     the same signature, run on fake tensors: allocates what ``fn`` allocates on a GPU, for memory
              prediction; without it predictions for this backend say they are unavailable
+    backward the gradients of ``fn``'s out, so that the backend can train (without it the backend is
+             forward-only: ``--mode train`` refuses it): (u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+             dout) -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); the inputs as ``fn`` gets them (contiguous,
+             None for an absent one), dout (b, E, L) contiguous in u's dtype; each gradient in its input's
+             shape and dtype, None for an absent input; ddelta is the gradient of the raw delta (before bias
+             and softplus); a grouped B's and C's gradients are summed over each group's channels; the last
+             state gets no gradient (as in mamba_ssm). Checked against float64 autograd of ``ref`` before any
+             train timing (``check.check_backward``)
+    backward_fake  ``backward``'s signature, run on fake tensors: allocates what ``backward`` allocates on a
+             GPU, for memory prediction of training
     ValueError for a name that is not a plain identifier or is taken (a built-in's or already registered).
     """
-    PLUGINS[name] = make_plugin("scan", name, fn, devices, fake, description, owners(SCAN_CHOICES, PLUGINS))
+    PLUGINS[name] = make_plugin("scan", name, fn, devices, fake, description, owners(SCAN_CHOICES, PLUGINS),
+                                backward=backward, backward_fake=backward_fake)
     IMPLS[name] = fn
+    if backward is not None:
+        BACKWARDS[name] = backward
 
 
 def scan_backends() -> tuple[str, ...]:

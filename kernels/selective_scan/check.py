@@ -6,6 +6,12 @@ state) in fp32 and bf16, and compares each output with ``selective_scan_ref`` co
 same inputs, using ``TOLERANCES``. Timing commands (``vimbench kernels``, ``vimbench gate``,
 ``vimbench gpu-check``) run it first and print no time for a backend that fails. The tests use the same
 cases, builder and tolerance table.
+
+``check_backward`` does the same for the gradients, before any train timing: every gradient of the backend's
+one-direction scan and of the bidirectional pair (``selective_scan`` / ``bidirectional_scan`` with
+``backend=name`` on inputs that require grad, a random upstream gradient) against float64 autograd of
+``selective_scan_ref`` / ``bidirectional_scan_ref``, within ``GRAD_TOLERANCES``. A backend without a
+backward (``backends.has_backward``) is forward-only: ``check_named_backend`` says so instead.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vimbench.kernels.selective_scan.ref import selective_scan_ref
+from vimbench.kernels.selective_scan.ref import bidirectional_scan_ref, selective_scan_ref
 
 CASES = {  # id -> (batch, E, L, N, G); G = 0 is the 3-dim (batch, N, L) form of B and C
     "L1": (1, 4, 1, 4, 0), "odd-L": (2, 6, 7, 4, 1), "G2-multi-chunk": (2, 8, 131, 16, 2),
@@ -86,11 +92,104 @@ def check_backend(scan, device="cpu", dtypes=(torch.float32, torch.bfloat16)) ->
     return CheckResult(True, n)
 
 
-def check_named_backend(backend: str, device: str = "cpu") -> dict:
+GRAD_TOLERANCES = {torch.float32: 5e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-9}
+"""Per input dtype of the case: the largest error a gradient may have, relative to the largest magnitude of the
+float64 reference's same gradient (plus ``GRAD_ATOL``). Relative to the tensor's max norm, not elementwise:
+a gradient sums over L (dA, dD, ddelta_bias), over batch and a group's channels (dB, dC) or over N (du,
+ddelta), so single elements can cancel to near zero where an elementwise tolerance would fail a correct
+kernel for its summation order. Measured on ``CASES`` (CPU, float32 math): ref and cpu stay below 1e-6 with
+float32 inputs and 6e-3 with bfloat16 ones (the gradients rounded to bfloat16); a gradient 1% off fails."""
+GRAD_ATOL = 1e-6
+"""For a gradient whose reference is exactly zero (dA at L = 1, where the state before the first step is 0)."""
+_ONE = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+_PAIR = ("u", "delta", "A", "B", "C", "D", "u_b", "delta_b", "A_b", "B_b", "C_b", "D_b", "z", "delta_bias",
+         "delta_bias_b")
+
+
+def _grad_inputs(shape, dtype, extras, pair, device) -> dict:
+    """The named inputs of one gradient case, in argument order (``_ONE`` or ``_PAIR``; absent ones left out):
+    a one-direction case from ``scan_case``, a pair from two, sharing the first's z."""
+    args, kw = scan_case(*shape, dtype=dtype, extras=extras, device=device)
+    named = dict(zip(_ONE, args), **{k: v for k, v in kw.items() if k != "delta_softplus"})
+    if not pair:
+        return named
+    args_b, kw_b = scan_case(*shape, dtype=dtype, extras=extras, device=device)
+    back = dict(zip(("u_b", "delta_b", "A_b", "B_b", "C_b"), args_b), D_b=kw_b.get("D"),
+                delta_bias_b=kw_b.get("delta_bias"))
+    return {k: v for k, v in {**named, **back}.items() if v is not None}
+
+
+def _scan_out(backend, named: dict, pair: bool, softplus: bool):
+    """out of the one-direction scan or of the pair from the named inputs: through the entry point on
+    ``backend``, or the reference called directly (the float64 oracle's autograd) for None."""
+    from vimbench.kernels.selective_scan import bidirectional_scan, selective_scan
+    if pair:
+        positional = [named.get(k) for k in _PAIR[:12]]
+        rest = {k: named.get(k) for k in _PAIR[12:]}
+        if backend is None:
+            return bidirectional_scan_ref(*positional, **rest, delta_softplus=softplus)
+        return bidirectional_scan(*positional, **rest, delta_softplus=softplus, backend=backend)
+    if backend is None:
+        return selective_scan_ref(**named, delta_softplus=softplus)
+    return selective_scan(**named, delta_softplus=softplus, backend=backend)
+
+
+def check_backward(backend: str, device="cpu", dtypes=(torch.float32, torch.bfloat16)) -> CheckResult:
+    """Every gradient of scan backend ``backend`` (by name: through the public entry points, so that a backend
+    whose compiled ops carry their own autograd is checked the same way) against float64 autograd of the
+    sequential reference, on ``CASES`` x ``dtypes`` x with/without extras x {one direction, the bidirectional
+    pair} on ``device``, within ``GRAD_TOLERANCES``. ``cases`` counts the passed (case, dtype, extras,
+    direction) combinations; ``worst`` is the failing gradient's error relative to its reference's max norm.
+    Stops at the first failure."""
+    torch.manual_seed(0)
+    n = 0
+    for name, shape in CASES.items():
+        for dtype in dtypes:
+            for extras in (True, False):
+                for pair in (False, True):
+                    named = _grad_inputs(shape, dtype, extras, pair, device)
+                    label = (f"{name} {tuple(shape)} {str(dtype).removeprefix('torch.')} "
+                             f"{'extras' if extras else 'plain'} {'pair' if pair else 'one direction'}")
+                    ref_in = {k: v.detach().double().requires_grad_() for k, v in named.items()}
+                    ref_out = _scan_out(None, ref_in, pair, extras)
+                    dout = torch.randn(ref_out.shape, device=device).to(dtype)
+                    want = torch.autograd.grad(ref_out, list(ref_in.values()), dout.double())
+                    got_in = {k: v.detach().clone().requires_grad_() for k, v in named.items()}
+                    try:
+                        got = torch.autograd.grad(_scan_out(backend, got_in, pair, extras), list(got_in.values()),
+                                                  dout)
+                    except Exception as e:  # a crash is a failure to report, not to propagate
+                        return CheckResult(False, n, f"{label}: backward raised {type(e).__name__}: {e}",
+                                           float("nan"))
+                    for what, w, g, x in zip(got_in, want, got, got_in.values()):
+                        if g.shape != x.shape or g.dtype != x.dtype:
+                            return CheckResult(False, n, f"{label}: d{what} has shape {tuple(g.shape)} {g.dtype}, "
+                                                         f"expected {tuple(x.shape)} {x.dtype}", float("nan"))
+                        scale = w.abs().max().item()
+                        err = (g.double() - w).abs().max().item()
+                        if not torch.isfinite(g).all() or not err <= GRAD_TOLERANCES[dtype] * scale + GRAD_ATOL:
+                            worst = err / scale if scale > 0 else err
+                            return CheckResult(False, n, f"{label}: d{what} differs from the reference by up to "
+                                                         f"{err:.3g}, {worst:.3g} of its largest value (tolerance "
+                                                         f"{GRAD_TOLERANCES[dtype]:g} of it)", worst)
+                    n += 1
+    return CheckResult(True, n)
+
+
+def check_named_backend(backend: str, device: str = "cpu", grads: bool = False) -> dict:
     """``check_backend`` of the registered backend ``backend`` on ``device``, as a dict for a worker
-    process (``vimbench.measure.isolation.run_isolated``): checked, check_failure, check_worst."""
-    from vimbench.kernels.selective_scan.backends import IMPLS, check_scan_backend
+    process (``vimbench.measure.isolation.run_isolated``): checked, check_ok, check_failure, check_worst.
+    With ``grads`` also ``forward_only`` ("" for a backend with a backward, else why it has none: no gradient
+    check, and it cannot train) and, for a backend with a backward whose forward passed, ``check_backward``'s
+    result: grad_checked, grad_ok, grad_failure, grad_worst."""
+    from vimbench.kernels.selective_scan.backends import IMPLS, check_scan_backend, forward_only
     check_scan_backend(backend, device)
     result = check_backend(IMPLS[backend], device)
-    return {"checked": result.cases, "check_ok": result.ok, "check_failure": result.failure,
-            "check_worst": result.worst}
+    out = {"checked": result.cases, "check_ok": result.ok, "check_failure": result.failure,
+           "check_worst": result.worst}
+    if grads:
+        out["forward_only"] = forward_only(backend)
+        if result.ok and not out["forward_only"]:
+            g = check_backward(backend, device)
+            out.update(grad_checked=g.cases, grad_ok=g.ok, grad_failure=g.failure, grad_worst=g.worst)
+    return out

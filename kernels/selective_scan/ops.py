@@ -3,6 +3,11 @@
 ``torch.ops.vimbench.selective_scan`` and ``torch.ops.vimbench.bidirectional_scan`` take the backend name
 as an argument; their fake implementations allocate what that backend allocates on a GPU (for
 ``vimbench.count.memory``), and their FLOP formulas follow ``scan_flops`` (for ``vimbench.count.flops``).
+Their autograd (``torch.library.register_autograd``) saves the inputs only and calls the backward ops
+``vimbench::selective_scan_bwd`` and ``vimbench::bidirectional_scan_bwd``, which recompute what they need
+through the backend's backward (``backends.scan_backward``; a forward-only backend raises
+``BackendUnavailable`` there); they have fakes per backend too, and FLOP formulas from ``scan_bwd_flops``.
+The last state returned by ``vimbench::selective_scan`` is not differentiable (as in mamba_ssm).
 The ``cpp`` backend is not behind these ops: the entry points call its compiled ops directly, and the end of
 this file registers their fakes and the same FLOP formulas on them.
 """
@@ -16,8 +21,8 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from vimbench.kernels.selective_scan import compiled_cpu
-from vimbench.kernels.selective_scan.backends import IMPLS, PLUGINS, TRITON_DESIGNS
-from vimbench.kernels.selective_scan.chunked import selective_scan_cpu
+from vimbench.kernels.selective_scan.backends import IMPLS, PLUGINS, TRITON_DESIGNS, scan_backward
+from vimbench.kernels.selective_scan.chunked import selective_scan_cpu, selective_scan_cpu_backward
 from vimbench.kernels.selective_scan.ref import (bidirectional_scan_ref, compute_dtype, expand_groups,
                                                  finish_output, prepare_delta)
 
@@ -99,12 +104,6 @@ def _fake(backend: str):
     return _FAKES.get(backend) or PLUGINS[backend].fake or _outputs_fake
 
 
-def has_memory_model(backend: str) -> bool:
-    """Whether fake tensors see what ``backend`` allocates on a GPU: every built-in with a CUDA implementation,
-    and a plug-in with a fake."""
-    return backend in _FAKES or (backend in PLUGINS and PLUGINS[backend].fake is not None)
-
-
 @_scan_op.register_fake
 def selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
     """The fake implementation of ``vimbench::selective_scan``: ``backend``'s allocations (see above)."""
@@ -136,6 +135,160 @@ def bidirectional_scan_fake(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D
         return out
     return bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
                                   delta_bias_b, delta_softplus, scan=_fake(backend))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------
+
+def _present(*tensors) -> list[Tensor]:
+    return [t for t in tensors if t is not None]
+
+
+@torch.library.custom_op("vimbench::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor], dout: Tensor, delta_softplus: bool,
+                 backend: str) -> list[Tensor]:
+    """The gradients of ``vimbench::selective_scan``'s out for ``dout`` (b, E, L, contiguous, u's dtype): those
+    of u, delta, A, B, C and of each of D, z, delta_bias that is given, in that order, each in its input's
+    shape and dtype (see ``register_scan_backend``'s ``backward``)."""
+    return _present(*scan_backward(backend)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout))
+
+
+def _ref_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
+    """autograd through scan_ref's loop, approximately: what the loop saves per step, the state h_t and
+    exp(delta_t*A) (b, E, N) each, so two (L, b, E, N) in the compute dtype; the gradients of the expanded
+    B and C, (b, E, N, L) each; then the gradients."""
+    dt = compute_dtype(u)
+    b, E, L = u.shape
+    saved = u.new_empty(2, L, b, E, A.shape[1], dtype=dt)  # noqa: F841  (held through the backward)
+    expanded = u.new_empty(2, b, E, A.shape[1], L, dtype=dt)  # noqa: F841
+    return tuple(None if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _mamba_ssm_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
+    """mamba_ssm's fwd (its allocations, see ``_mamba_ssm_fake``), then its bwd: du, ddelta and dz like their
+    inputs, float32 dA, dD, ddelta_bias and dB, dC in B's shape (cast to B's dtype after), out_z again when
+    z is given."""
+    held = _mamba_ssm_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)  # noqa: F841
+    f32 = compute_dtype(u)
+    grads = [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A, dtype=f32),
+             torch.empty_like(B, dtype=f32), torch.empty_like(C, dtype=f32),
+             None if D is None else torch.empty_like(D, dtype=f32), None if z is None else torch.empty_like(z),
+             None if delta_bias is None else torch.empty_like(delta_bias, dtype=f32)]
+    out_z = None if z is None else torch.empty_like(z)  # noqa: F841
+    grads[3], grads[4] = grads[3].to(B.dtype), grads[4].to(C.dtype)
+    return tuple(grads)
+
+
+def _grads_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
+    """The gradients alone, for a plug-in that registered no ``backward_fake``: shapes for FLOP counting."""
+    return tuple(None if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+_BWD_FAKES = {"ref": _ref_bwd_fake, "cpu": selective_scan_cpu_backward, "mamba_ssm": _mamba_ssm_bwd_fake}
+"""The backwards' fakes, keyed like ``backends.BACKWARDS`` (``selective_scan_cpu_backward`` allocates on fake
+tensors what it allocates for real, skipping its step loops)."""
+
+
+def _bwd_fake(backend: str):
+    """``backend``'s backward fake; ``BackendUnavailable`` for a forward-only backend, as its backward raises."""
+    scan_backward(backend)
+    return _BWD_FAKES.get(backend) or PLUGINS[backend].backward_fake or _grads_fake
+
+
+def has_memory_model(backend: str, train: bool = False) -> bool:
+    """Whether fake tensors see what ``backend`` allocates on a GPU: every built-in with a CUDA implementation,
+    and a plug-in with a fake; with ``train`` its backward's too (a built-in with a backward, a plug-in with a
+    ``backward_fake``)."""
+    plugin = PLUGINS.get(backend)
+    if plugin is not None:
+        return plugin.fake is not None and (not train or plugin.backward_fake is not None)
+    return backend in _FAKES and (not train or backend in _BWD_FAKES)
+
+
+@_scan_bwd_op.register_fake
+def selective_scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, backend):
+    """The fake implementation of ``vimbench::selective_scan_bwd``: ``backend``'s backward's allocations."""
+    return _present(*_bwd_fake(backend)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout))
+
+
+def _setup_scan(ctx, inputs, output):
+    *tensors, ctx.delta_softplus, ctx.backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _scan_autograd(ctx, dout, dlast):
+    tensors = ctx.saved_tensors
+    grads = iter(_scan_bwd_op(*tensors, dout.contiguous(), ctx.delta_softplus, ctx.backend))
+    return (*(None if t is None else next(grads) for t in tensors), None, None)
+
+
+_scan_op.register_autograd(_scan_autograd, setup_context=_setup_scan)
+
+
+def _flipped(*tensors):
+    return tuple(None if t is None else t.flip(-1) for t in tensors)
+
+
+def _bidir_backward(scan, backward, u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
+                    delta_bias_b, delta_softplus, dout):
+    """The gradients of ``bidirectional_scan_ref(..., scan=scan)`` for ``dout`` from the one-direction
+    ``backward`` (its signature, see ``register_scan_backend``): with the gate, dz needs y_f + y_b, which the
+    two directions' ``scan`` recompute; then each direction's backward on dy = dout * silu(z) (flipped for the
+    backward direction, its gradients flipped back). Returns the gradients of all 15 inputs, None for absent."""
+    dt = compute_dtype(u)
+    dy = dout.to(dt)
+    dz = None
+    if z is not None:
+        y = (scan(u, delta, A, B, C, D, None, delta_bias, delta_softplus).to(dt)
+             + scan(*_flipped(u_b, delta_b), A_b, *_flipped(B_b, C_b), D_b, None, delta_bias_b,
+                    delta_softplus).flip(-1).to(dt))
+        zf = z.to(dt)
+        sig = torch.sigmoid(zf)
+        dz = (dy * y * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        dy = dy * zf * sig
+    dy = dy.to(u.dtype)
+    f = backward(u, delta, A, B, C, D, None, delta_bias, delta_softplus, dy)
+    bk = backward(*_flipped(u_b, delta_b), A_b, *_flipped(B_b, C_b), D_b, None, delta_bias_b, delta_softplus,
+                  dy.flip(-1).contiguous())
+    du_b, ddelta_b, dA_b, dB_b, dC_b, dD_b, _, ddelta_bias_b = bk
+    return (*f[:6], *_flipped(du_b, ddelta_b), dA_b, *_flipped(dB_b, dC_b), dD_b, dz, f[7], ddelta_bias_b)
+
+
+@torch.library.custom_op("vimbench::bidirectional_scan_bwd", mutates_args=())
+def _bidir_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Optional[Tensor],
+                  z: Optional[Tensor], delta_bias: Optional[Tensor], delta_bias_b: Optional[Tensor], dout: Tensor,
+                  delta_softplus: bool, backend: str) -> list[Tensor]:
+    """The gradients of ``vimbench::bidirectional_scan``'s out for ``dout``: those of the 15 inputs that are
+    given, in argument order (``_bidir_backward`` with ``backend``'s scan and backward)."""
+    return _present(*_bidir_backward(IMPLS[backend], scan_backward(backend), u, delta, A, B, C, D, u_b, delta_b,
+                                     A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b, delta_softplus, dout))
+
+
+@_bidir_bwd_op.register_fake
+def bidirectional_scan_bwd_fake(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
+                                delta_bias_b, dout, delta_softplus, backend):
+    """The fake implementation of ``vimbench::bidirectional_scan_bwd``: ``_bidir_backward`` with ``backend``'s
+    forward and backward fakes."""
+    return _present(*_bidir_backward(_fake(backend), _bwd_fake(backend), u, delta, A, B, C, D, u_b, delta_b, A_b,
+                                     B_b, C_b, D_b, z, delta_bias, delta_bias_b, delta_softplus, dout))
+
+
+def _setup_bidir(ctx, inputs, output):
+    *tensors, ctx.delta_softplus, ctx.backend = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _bidir_autograd(ctx, dout):
+    tensors = ctx.saved_tensors
+    grads = iter(_bidir_bwd_op(*tensors, dout.contiguous(), ctx.delta_softplus, ctx.backend))
+    return (*(None if t is None else next(grads) for t in tensors), None, None)
+
+
+_bidir_op.register_autograd(_bidir_autograd, setup_context=_setup_bidir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,8 +349,29 @@ def _bidir_flop_formula(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, 
             + b * E * L * (1 + 3 * (z is not None)))
 
 
+def _scan_bwd_flop_formula(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, backend, out_shape=None,
+                           **kw):
+    """FLOPs of one scan backward call (``scan_bwd_flops``) from its argument shapes."""
+    b, E, L = u
+    return scan_bwd_flops(b, E, L, A[1], has_D=D is not None, has_z=z is not None,
+                          has_delta_bias=delta_bias is not None, delta_softplus=delta_softplus)
+
+
+def _bidir_bwd_flop_formula(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
+                            dout, delta_softplus, backend, out_shape=None, **kw):
+    """FLOPs of one bidirectional backward call: the two directions' backwards without the gate, and the gate's
+    backward (8 per (b, e, t), as in ``scan_bwd_flops``; the sum y_f + y_b passes dy to both for free)."""
+    b, E, L = u
+    one = functools.partial(scan_bwd_flops, b, E, L, A[1], has_z=False, delta_softplus=delta_softplus)
+    return (one(has_D=D is not None, has_delta_bias=delta_bias is not None)
+            + one(has_D=D_b is not None, has_delta_bias=delta_bias_b is not None)
+            + b * E * L * 8 * (z is not None))
+
+
 register_flop_formula(torch.ops.vimbench.selective_scan)(_scan_flop_formula)
 register_flop_formula(torch.ops.vimbench.bidirectional_scan)(_bidir_flop_formula)
+register_flop_formula(torch.ops.vimbench.selective_scan_bwd)(_scan_bwd_flop_formula)
+register_flop_formula(torch.ops.vimbench.bidirectional_scan_bwd)(_bidir_bwd_flop_formula)
 
 
 # ----------------------------------------------------------------------------------------------------

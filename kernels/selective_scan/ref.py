@@ -91,3 +91,22 @@ def bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_
         y = y * torch.nn.functional.silu(z.to(dt))
     return y.to(u.dtype)
 
+
+
+def selective_scan_ref_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
+    """The gradients of ``selective_scan_ref``'s out for the upstream gradient ``dout`` (b, E, L), by autograd
+    through the sequential loop (``torch.func.vjp``, which differentiates inside a custom op's implementation,
+    where autograd is otherwise switched off): (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its
+    input's shape and dtype, None for an absent input. The oracle of every backward (in float64)."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def out(*tensors):
+        args = list(inputs)
+        for i, t in zip(present, tensors):
+            args[i] = t
+        return selective_scan_ref(*args, delta_softplus=delta_softplus)
+
+    _, vjp = torch.func.vjp(out, *(inputs[i] for i in present))
+    grads = iter(vjp(dout.to(u.dtype)))
+    return tuple(None if t is None else next(grads) for t in inputs)

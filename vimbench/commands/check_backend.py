@@ -7,7 +7,7 @@ import torch
 from vimbench.commands import options as o
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.selective_scan import check_scan_backend
-from vimbench.kernels.selective_scan.check import CASES, TOLERANCES, check_named_backend
+from vimbench.kernels.selective_scan.check import CASES, GRAD_TOLERANCES, TOLERANCES, check_named_backend
 
 
 @click.command("check-backend")
@@ -17,16 +17,20 @@ def command(name, device_spec):
     """Check scan backend NAME (a built-in or a plug-in's) against the sequential reference `ref`, computed
     in float64 from the same inputs, on the awkward shapes vimbench checks before any timing: L = 1, odd L,
     several chunks, E not a multiple of 32, groups G = 2 and 4, N not a power of two, with and without D, z,
-    delta_bias and softplus, the last state too; fp32 and bf16, with the project's tolerance table.
+    delta_bias and softplus, the last state too; fp32 and bf16, with the project's tolerance table. Then its
+    gradients (every input's, of one direction and of the bidirectional pair) against float64 autograd of
+    `ref` on the same cases, the check every train timing runs first; a backend without a backward is named
+    forward-only.
 
-    Exit 0 when every case is within tolerance; 1 with the first failing case (shape, dtype, worst error).
+    Exit 0 when every case is within tolerance (or the backend is forward-only and its forward passed); 1 with
+    the first failing case (shape, dtype, worst error).
     """
     device = o.resolve_device(device_spec)
     try:
         check_scan_backend(name, device)
     except (ValueError, BackendUnavailable) as e:
         raise InputError(f"NAME {name}: {e}") from None
-    result = check_named_backend(name, str(device))
+    result = check_named_backend(name, str(device), grads=True)
     if not result["check_ok"]:
         click.echo(f"check-backend: {name} FAILED on {device}: {result['check_failure']}", err=True)
         return 1
@@ -34,4 +38,15 @@ def command(name, device_spec):
                            for d, t in TOLERANCES.items() if d in (torch.float32, torch.bfloat16))
     click.echo(f"check-backend: {name} is correct on {device}: {result['checked']} cases "
                f"({len(CASES)} shapes x fp32, bf16 x with/without extras) within {tolerances}")
+    if result["forward_only"]:
+        click.echo(f"check-backend: {result['forward_only']}")
+        return 0
+    if not result["grad_ok"]:
+        click.echo(f"check-backend: {name} gradients FAILED on {device}: {result['grad_failure']}", err=True)
+        return 1
+    grad_tolerances = ", ".join(f"{str(d).removeprefix('torch.')} {GRAD_TOLERANCES[d]:g}"
+                                for d in (torch.float32, torch.bfloat16))
+    click.echo(f"check-backend: {name}'s gradients are correct on {device}: {result['grad_checked']} cases (the "
+               f"same x one direction, the bidirectional pair) within {grad_tolerances} of each gradient's "
+               f"largest value")
     return 0

@@ -15,7 +15,8 @@ from vimbench.present.tables import format_table
 @click.option("--res", default=224, show_default=True, help="Resolution at which parameters are counted.")
 def command(res):
     """List the registered models: name, family, parameters at RES, options (default first), then the
-    scan and attention backends other packages registered (entry points or vimbench.register_*_backend).
+    scan and attention backends other packages registered (entry points or vimbench.register_*_backend), with
+    whether each can train: a scan backend's registered backward, or forward-only; attention's by autograd.
 
     Any timm model also works by name as timm:<model_name>.
     """
@@ -31,8 +32,11 @@ def command(res):
                          description=entry.description))
     click.echo(format_table(rows, ["model", "family", "params", "options", "description"]))
     plugins = [dict(kind=kind, backend=p.name, package=p.package or "(direct call)", devices=",".join(p.devices),
-                    memory_prediction="yes" if p.fake else "unavailable", description=p.description)
+                    memory_prediction="yes" if p.fake else "unavailable",
+                    backward=("yes" if p.backward else "forward-only") if kind == "scan" else "autograd",
+                    description=p.description)
                for kind, registry in (("scan", PLUGINS), ("attention", ATTENTION_PLUGINS)) for p in registry.values()]
     if plugins:
         click.echo("\nplug-in backends:")
-        click.echo(format_table(plugins, ["kind", "backend", "package", "devices", "memory_prediction", "description"]))
+        click.echo(format_table(plugins, ["kind", "backend", "package", "devices", "memory_prediction", "backward",
+                                          "description"]))

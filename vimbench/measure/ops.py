@@ -305,20 +305,29 @@ def measure_ceilings(cfg: dict) -> dict:
 
 
 
-def check_scans(scans: list[str], device, log) -> dict[str, str]:
+def check_scans(scans: list[str], device, log, grads: bool = False) -> dict[str, str]:
     """Correctness before speed: each scan backend in ``scans`` but the reference checked against it on
-    ``device`` (``check.check_backend``, in a worker) before any timing. Returns {backend: why} for those
+    ``device`` (``check.check_named_backend``, in a worker) before any timing. Returns {backend: why} for those
     that failed (the first failing case: its shape, dtype and worst error), which then get no timing;
-    ``log`` gets one line per backend that passed."""
+    ``log`` gets one line per backend that passed.
+    With ``grads`` (before train timing) the gradients too (``check.check_backward``): a backend also fails
+    when it is forward-only (why: ``backends.forward_only``'s line) or its gradients are wrong (why starts
+    "gradient check failed"); a forward failure's why starts "correctness check failed" either way, so the
+    backends unfit for inference are those."""
     failed = {}
     for impl in scans:
         if impl == "ref":
             continue
-        result = run_isolated(check_named_backend, (impl, str(device)))
+        result = run_isolated(check_named_backend, (impl, str(device), grads))
         if result["status"] != "ok" or not result["check_ok"]:
             failed[impl] = f"correctness check failed: {result.get('check_failure') or result.get('error')}"
+        elif grads and result["forward_only"]:
+            failed[impl] = result["forward_only"]
+        elif grads and not result["grad_ok"]:
+            failed[impl] = f"gradient check failed: {result['grad_failure']}"
         else:
-            log(f"{impl}: correct on {result['checked']} cases against the reference")
+            log(f"{impl}: correct on {result['checked']} cases against the reference"
+                + (f", its gradients on {result['grad_checked']}" if grads else ""))
     return failed
 
 
