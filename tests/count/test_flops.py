@@ -5,6 +5,7 @@ import pytest
 
 from vimbench.count.flops import count_flops
 from vimbench.kernels.selective_scan import compiled_cpu
+from vimbench.kernels.selective_scan.ops import scan_bwd_flops
 
 
 def deit_closed_form(res, D, depth=12, b=1):
@@ -81,3 +82,20 @@ def test_deit_train_flops_closed_form(attn, grad_checkpointing):
     assert got["flops_linear"] == 2 * patch + 3 * blocks + again * blocks * 8 // 12
     assert got["flops_attention"] == (3 + again) * fwd["attention"]
     assert got["flops_scan"] == 0 and got["flops_other"] == 0
+
+
+@pytest.mark.parametrize("scan", ["cpu", "ref"])
+def test_vim_train_flops_closed_form(scan):
+    """A Vim train step: every matmul and convolution (the depthwise conv1d included, whose weight gradient
+    torch's own formula counts E times over) 3x its forward, the patch embedding 2x; the scan part is the
+    forward's plus per layer each direction's ``scan_bwd_flops`` and the shared gate's backward (8 per
+    (b, e, t))."""
+    res, D, b, N = 64, 192, 2, 16
+    L, E = (res // 16) ** 2 + 1, 2 * D
+    fwd = vim_closed_form(res, D, b=b)
+    patch = 2 * b * (res // 16) ** 2 * (3 * 16 * 16) * D
+    one_direction = scan_bwd_flops(b, E, L, N, has_D=True, has_z=False, has_delta_bias=True, delta_softplus=True)
+    got = count_flops("vim_tiny", res, b, scan=scan, mode="train")
+    assert got["flops_linear"] == 2 * patch + 3 * (fwd["linear"] - patch)
+    assert got["flops_scan"] == fwd["scan"] + 24 * (2 * one_direction + 8 * b * E * L)
+    assert got["flops_attention"] == 0 and got["flops_other"] == 0

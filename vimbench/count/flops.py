@@ -29,7 +29,7 @@ Categories (each op counted once):
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
 from vimbench.models.registry import count_params, create_model
 
@@ -49,6 +49,23 @@ def _category(op) -> str:
     return "other"
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape, **kw) -> int:
+    """torch's convolution backward formula (``flop_counter.conv_backward_flop``) with the weight gradient of a
+    grouped convolution divided by its groups: torch counts it as if every input channel met every output
+    channel, which makes a depthwise conv1d's weight gradient E times too large (E = 384 in Vim-Ti). With it, a
+    convolution's backward is 2x its forward (grad input and grad weight), as a matmul's."""
+    torch_formula = conv_backward_flop.__wrapped__  # on shapes, as this one
+    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    grad_input = torch_formula(*args, [output_mask[0], False, False], out_shape)
+    grad_weight = torch_formula(*args, [False, output_mask[1], False], out_shape)
+    return grad_input + grad_weight // groups
+
+
+FLOP_FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+"""Formulas that replace torch's in every count (``FlopCounterMode(custom_mapping=...)``)."""
+
+
 def count_flops(model: str, res: int, batch: int = 1, head: bool = False, mode: str = "infer",
                 grad_checkpointing: bool = False, **options) -> dict:
     """FLOPs of one inference forward (``mode`` infer) or one train step (train: forward, loss, backward;
@@ -64,7 +81,7 @@ def count_flops(model: str, res: int, batch: int = 1, head: bool = False, mode: 
         x = torch.empty(batch, 3, res, res)
     if grad_checkpointing:
         net.set_grad_checkpointing(True)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with counter, torch.set_grad_enabled(mode == "train"):
         out = net(x) if head else net.forward_features(x)
         if mode == "train":

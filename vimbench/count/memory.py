@@ -63,6 +63,7 @@ from vimbench.measure.core import DTYPES, GIB
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels.selective_scan import bidirectional_scan_fake, has_memory_model, selective_scan_fake
 from vimbench.kernels.selective_scan.backends import has_backward
+from vimbench.kernels.selective_scan.ops import bidirectional_scan_bwd_fake, selective_scan_bwd_fake
 from vimbench.models.registry import OWN_IMPL, check_options, count_params, create_model, model_entry
 
 
@@ -166,8 +167,11 @@ class AllocationTracker(TorchDispatchMode):
 
 
 SCAN_FAKES = {torch.ops.vimbench.selective_scan.default: selective_scan_fake,
-              torch.ops.vimbench.bidirectional_scan.default: bidirectional_scan_fake}
-"""The custom ops whose fake implementations run inside the tracker (they allocate scan temporaries)."""
+              torch.ops.vimbench.bidirectional_scan.default: bidirectional_scan_fake,
+              torch.ops.vimbench.selective_scan_bwd.default: selective_scan_bwd_fake,
+              torch.ops.vimbench.bidirectional_scan_bwd.default: bidirectional_scan_bwd_fake}
+"""The custom ops whose fake implementations run inside the tracker (they allocate scan temporaries): the
+scans and their backwards."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,8 +393,9 @@ def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: 
     with torch.device("meta"):
         net = create_model(model, img_size=res, **options).to(torch_dtype).eval()
     scan = resolved_impl(net) if hasattr(net, "scan_backend") else None
-    if scan is not None and not has_memory_model(scan):
-        raise BackendUnavailable(f"memory prediction unavailable: scan backend {scan!r} registered no fake")
+    if scan is not None and not has_memory_model(scan, train=mode == "train"):
+        raise BackendUnavailable(f"memory prediction unavailable: scan backend {scan!r} registered no fake"
+                                 + (" of its backward" if mode == "train" and has_memory_model(scan) else ""))
     with modelled_card(capability):
         if mode == "infer":
             trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES, amp=amp)
