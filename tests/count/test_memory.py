@@ -9,7 +9,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vimbench.count.memory as mem
-from vimbench.kernels.selective_scan.backends import IMPLS
+from vimbench.kernels.selective_scan import ops as ss_ops
+from vimbench.kernels.selective_scan.backends import IMPLS, scan_backward
 from vimbench.baselines.deit import create_deit
 from vimbench.commands import main
 from vimbench.rows.schema import MEMORY
@@ -343,3 +344,22 @@ def test_deit_train_peak_holds_what_autograd_saves(attn):
 def test_train_prediction_refuses_a_forward_only_scan_backend():
     with pytest.raises(mem.BackendUnavailable, match="forward-only"):
         mem.predict_memory("vim_tiny", 64, 1, scan="triton", mode="train")
+
+
+def _real_bidir_bwd(*a):
+    """``vimbench::bidirectional_scan_bwd`` run op by op under the tracker with its real implementation."""
+    *tensors, dout, softplus, backend = a
+    return ss_ops._present(*ss_ops._bidir_backward(IMPLS[backend], scan_backward(backend), *tensors, softplus, dout))
+
+
+def test_fake_vim_train_trace_equals_real_cpu_trace():
+    """Two train steps of a tiny Vim (chunked cpu scan) on fake tensors against the same steps run for real on
+    the CPU, the scan ops and their backwards traced op by op: same live peak, same allocator peaks."""
+    inline = {**REAL_SCANS, torch.ops.vimbench.bidirectional_scan_bwd.default: _real_bidir_bwd}
+    shape = (1, 3, 64, 64)
+    real = mem.trace_train_step(tiny_vim("cpu", 64), shape, torch.float32, False, inline=inline)
+    with torch.device("meta"):
+        fake = mem.trace_train_step(tiny_vim("cpu", 64), shape, torch.float32, False, inline=mem.SCAN_FAKES)
+    assert fake.n_weights == real.n_weights and fake.peak_live() == real.peak_live()
+    r, f = (mem.CachingAllocatorModel().replay(t.events) for t in (real, fake))
+    assert (f.peak_allocated, f.peak_reserved) == (r.peak_allocated, r.peak_reserved)
