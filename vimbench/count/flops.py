@@ -36,7 +36,7 @@ from vimbench.models.registry import count_params, create_model
 _LINEAR_OPS = {"mm", "addmm", "convolution", "_convolution", "conv1d", "conv2d", "convolution_backward"}
 
 
-def _category(op) -> str:
+def flop_category(op) -> str:
     """scan for any op of the scan's (forward or backward: a name with "scan"), attention for batched matmuls
     and SDPA, linear for matmuls and convolutions (the compiled causal conv pair's ops included)."""
     name = str(op).split(".")[-1] if "." in str(op) else str(op)
@@ -88,6 +88,6 @@ def count_flops(model: str, res: int, batch: int = 1, head: bool = False, mode: 
             out.float().mean().backward()
     out = {"flops_scan": 0, "flops_attention": 0, "flops_linear": 0, "flops_other": 0}
     for op, n in counter.get_flop_counts()["Global"].items():
-        out[f"flops_{_category(op)}"] += int(n)
+        out[f"flops_{flop_category(op)}"] += int(n)
     out["flops_total"] = sum(out.values())
     return {**out, "params": count_params(net), "tokens": net.num_tokens}
