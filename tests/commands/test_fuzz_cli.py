@@ -124,7 +124,7 @@ def _fake_run_isolated(fn, args=(), timeout=None):
         return {"status": "error", "error": isolation.one_line(e)}
 
 
-def _fake_op_cost(op, g, dtype):
+def _fake_op_cost(op, g, dtype, mode="infer"):
     return {"flops_total": 10 * g.L * g.batch, "bytes": 100 * g.L * g.batch}
 
 
