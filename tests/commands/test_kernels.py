@@ -232,3 +232,14 @@ def test_bad_input_exits_2_with_one_line(args, msg, capsys, tmp_path):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and msg in err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_matched_times_at_common_lengths():
+    """scan 1e-4 L ms against attention 1e-7 L^2 ms (OOM at the largest L): one row per common ok length."""
+    from helpers_csv import kernel_frame
+    from vimbench.analysis.crossovers import matched_times
+    (s,) = split_settings("kernels", kernel_frame().assign(mode="train"))
+    rows = matched_times(s)
+    assert [r["tokens"] for r in rows] == [256, 1024, 4096]
+    assert rows[0]["vim"] == "scan [triton]" and rows[0]["attention"] == "attention [eager]"
+    assert [r["ratio"] for r in rows] == pytest.approx([1e3 / L for L in (256, 1024, 4096)])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents
+from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents, matched_times
 from vimbench.commands import options as o
 from vimbench.errors import InputError
 from vimbench.kernels.selective_scan.backends import forward_only
@@ -31,6 +31,10 @@ def summary(path) -> str:
         blocks += [f"{title}: crossovers (the length from which the Vim op stays faster / lighter)",
                    format_table(rows, ["vim", "attention", "faster_from", "lighter_from"]) if rows
                    else "no Vim op and attention op measured at common lengths"]
+        matched = matched_times(s)
+        if s.key.get("mode") == "train" and matched:
+            blocks += [f"{title}: forward + backward at matched lengths (ms; ratio below 1: the Vim op is faster)",
+                       format_table(matched, ["vim", "attention", "tokens", "vim_ms", "attention_ms", "ratio"])]
     return "\n".join(blocks)
 
 
