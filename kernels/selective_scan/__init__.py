@@ -8,14 +8,18 @@ Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, 
     run_bidirectional_scan(backend, ...)   the same on a resolved backend, without the input checks
 
 Data flow of this package, each file with one job:
-    ref.py            the sequential loops: ``selective_scan_ref`` and ``bidirectional_scan_ref`` (the oracle)
-    chunked.py        the chunked pure-PyTorch scan (backend ``cpu``)
+    ref.py            the sequential loops: ``selective_scan_ref`` and ``bidirectional_scan_ref`` (the oracle), and
+                      ``selective_scan_ref_backward`` (autograd through the loop)
+    chunked.py        the chunked pure-PyTorch scan and its backward (backend ``cpu``)
     compiled_cpu.py   the compiled C++ scan on ATen's vector types, source in csrc/ (backend ``cpp``)
     triton_kernel.py  the fused Triton kernel (backends ``triton`` and ``triton_pipelined``: two launch designs)
-    backends.py       the backend table, plug-in registration, availability checks and what ``auto`` resolves to
-    ops.py            the torch custom ops the entry points below call, their fakes and FLOP formulas
-    check.py          a backend against ``ref`` on awkward shapes: run before any timing
-No backend ever falls back to another: an unavailable one raises ``BackendUnavailable`` naming why.
+    backends.py       the backend tables (forwards ``IMPLS``, backwards ``BACKWARDS``), plug-in registration,
+                      availability checks, which backends can train and what ``auto`` resolves to
+    ops.py            the torch custom ops the entry points below call, their autograd through backward ops,
+                      and the fakes and FLOP formulas of both
+    check.py          a backend against ``ref`` on awkward shapes, its gradients too: run before any timing
+No backend ever falls back to another: an unavailable one raises ``BackendUnavailable`` naming why; so does
+the backward of a forward-only one (the Triton designs, a plug-in without a backward).
 """
 from __future__ import annotations
 

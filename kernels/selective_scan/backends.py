@@ -92,7 +92,7 @@ def has_backward(backend: str) -> bool:
     """Whether ``backend`` has a backward, so that a train step can run through it: a built-in in
     ``WITH_BACKWARD``, or a plug-in that registered one."""
     plugin = PLUGINS.get(backend)
-    return getattr(plugin, "backward", None) is not None if plugin is not None else backend in WITH_BACKWARD
+    return plugin.backward is not None if plugin is not None else backend in WITH_BACKWARD
 
 
 def runs_on_cuda(backend: str) -> bool:

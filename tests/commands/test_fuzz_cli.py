@@ -117,7 +117,9 @@ def _fake_run_isolated(fn, args=(), timeout=None):
     if fn.__name__ == "measure_ceilings":
         return dict(status="ok", ceiling_gbs=100.0, ceiling_gflops_s=1000.0)
     if fn.__name__ == "check_named_backend":
-        return dict(status="ok", checked=1, check_ok=True, check_failure="", check_worst=0.0)
+        grads = dict(forward_only="", grad_checked=1, grad_ok=True, grad_failure="", grad_worst=0.0)
+        return dict(status="ok", checked=1, check_ok=True, check_failure="", check_worst=0.0,
+                    **(grads if args[2:] and args[2] else {}))
     try:
         return {"status": "ok", **(fn(*args) or {})}
     except Exception as e:  # as the worker reports it
@@ -273,10 +275,11 @@ BY_NAME = {
                                ["timm:nosuchmodel", "timm:", "timm:resnet", "vim_huge", "VIM_TINY", " ", "ü"]),
     "attn_spec": comma_lists(["eager", "sdpa", "math"], ["flash", "efficient", "cudnn", "fast", "EAGER", ""]),
     "scan_spec": comma_lists(["auto", "ref", "cpu"], ["cpp", "triton", "mamba_ssm", "fast", "AUTO", ""]),
+    "mode_spec": comma_lists(["infer", "train"], ["INFER", "fly", " ", ""]),
+    "mem_limit_gib": kinds(["1", "64"], ["0", "-1", "nan", "inf", "-inf", "x"]),
     "device_spec": kinds(["auto", "cpu"], ["cuda", "cuda:0", "cuda:7", "cpu:0", "meta", "tpu", "mps", "cuda:-1",
                                            "cuda:" + "9" * 25, "gpu"]),
     "card": kinds(list(CARDS), ["h100", "H100-80GB"]),
-    "mode_spec": comma_lists(["infer", "train"], ["INFER", "training", "", " "]),
     "partition": kinds(["gpu"], ["", " "]),
     "sbatch": kinds(["account=abc", "qos=high"], ["qos", "=abc", ""]),
     "select": kinds(["scan", "attention"], ["nosuchbench", "not scan", "(", "and", "scan or attention"]),
@@ -345,7 +348,8 @@ def names_in(argv: list[str]) -> list[str]:
 def _sane(cfg: dict) -> list[str]:
     """What is wrong with a configuration handed to the measuring boundary."""
     bad = []
-    for key, low in (("res", 16), ("batch", 1), ("batch_requested", 1), ("repeats", 1), ("warmup", 0),
+    # batch_requested 0: --max-batch (the batch is searched for)
+    for key, low in (("res", 16), ("batch", 1), ("batch_requested", 0), ("repeats", 1), ("warmup", 0),
                      ("threads", 0), ("min_time", 0)):
         value = cfg.get(key, cfg.get("timing", {}).get(key))
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):

@@ -13,6 +13,7 @@ import vimbench
 from helpers import EXAMPLE_PLUGIN, fake_install, fresh_plugins, planted_wrong_scan  # noqa: F401
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import SCAN_BACKENDS, selective_scan_ref
+from vimbench.kernels.selective_scan.ref import selective_scan_ref_backward
 from vimbench.measure import ops
 
 FAST = ["--repeats", "1", "--min-time", "0", "--device", "cpu", "--threads", "1", "--res", "32"]
@@ -31,7 +32,11 @@ def test_models_lists_a_registered_scan_backend(fresh_plugins, capsys):
     built_in = "|".join(SCAN_BACKENDS)
     assert f"scan=auto ({built_in}|mine|auto)" in next(l for l in out.splitlines() if "vim_tiny " in l)
     row = next(l for l in out.split("plug-in backends:")[1].splitlines() if l.startswith("scan "))
-    assert row.split()[:5] == ["scan", "mine", "(direct", "call)", "cpu,cuda"] and "unavailable" in row
+    assert row.split()[:7] == ["scan", "mine", "(direct", "call)", "cpu,cuda", "unavailable", "forward-only"]
+    vimbench.register_scan_backend("trains", selective_scan_ref, devices="cpu", backward=selective_scan_ref_backward)
+    out = run(["models", "--res", "32"], capsys)[1]
+    row = next(l for l in out.split("plug-in backends:")[1].splitlines() if l.startswith("scan ") and "trains" in l)
+    assert row.split()[5:7] == ["unavailable", "yes"]
 
 
 def test_check_backend_passes_a_correct_plugin_and_fails_a_wrong_one(fresh_plugins, capsys):
@@ -39,6 +44,10 @@ def test_check_backend_passes_a_correct_plugin_and_fails_a_wrong_one(fresh_plugi
     vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
     code, out, _ = run(["check-backend", "mine", "--device", "cpu"], capsys)
     assert code == 0 and "mine is correct on cpu: 24 cases" in out
+    assert "check-backend: scan backend 'mine' (package '(direct call)') is forward-only" in out
+    vimbench.register_scan_backend("trains", selective_scan_ref, devices="cpu", backward=selective_scan_ref_backward)
+    code, out, _ = run(["check-backend", "trains", "--device", "cpu"], capsys)
+    assert code == 0 and "trains's gradients are correct on cpu: 48 cases" in out
     code, _, err = run(["check-backend", "wrong", "--device", "cpu"], capsys)
     assert code == 1 and "wrong FAILED on cpu: odd-L (2, 6, 7, 4, 1) float32 extras" in err
     assert "by up to 0.1" in err

@@ -138,6 +138,14 @@ def test_resume_refuses_other_columns(tmp_path, capsys):
     (["--compile", "default,fast"], "--compile 'fast': unknown; choose from none, default, max-autotune"),
     (["--compile", ","], "--compile: no value given"), (["--amp", "fp8"], "--amp 'fp8': unknown"),
     (["--amp", "bf16", "--dtype", "fp16"], "--amp needs --dtype fp32"),
+    (["--mode", "infer,fly"], "--mode 'fly': unknown; choose from infer, train"),
+    (["--mode", ","], "--mode: no value"),
+    (["--grad-checkpointing"], "--grad-checkpointing applies to a train step: add train to --mode"),
+    (["--max-batch", "--batch", "2"], "--max-batch finds the batch itself: drop --batch"),
+    (["--mem-limit-gib", "1", "--device", "cpu"], "--mem-limit-gib bounds the --max-batch search on CPU"),
+    (["--max-batch", "--mem-limit-gib", "0", "--device", "cpu"], "--mem-limit-gib must be a positive number, got 0"),
+    (["--mode", "train", "--grad-checkpointing", "--models", "timm:inception_v3", "--device", "cpu"],
+     "--grad-checkpointing: timm:inception_v3 does not support activation checkpointing"),
 ])
 def test_bad_input_exits_2_before_work(args, msg, capsys, tmp_path):
     argv = ["scaling", *args] if "--out" in args or "--resume" in args else \
@@ -156,6 +164,68 @@ def test_each_regime_gets_its_own_configurations(tmp_path, monkeypatch):
                  "--amp", "none,bf16", "--out", str(tmp_path / "r.csv"), "--device", "cpu"]) == 0
     regimes = [(c["compile"], c["amp"]) for c in seen["configs"]]
     assert regimes == [(m, a) for m in ("none", "default") for a in ("none", "bf16") for _ in (32, 48)]
+
+
+def test_a_forward_only_scan_backend_cannot_train(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton scan runs on CPU tensors, forward only
+    argv = ["scaling", "--models", "vim_tiny", "--scan", "triton", "--res", "32", "--out", str(tmp_path / "x.csv"),
+            *FAST]
+    assert main([*argv, "--mode", "infer,train"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "--mode train (vim_tiny): scan backend 'triton' is forward-only: the Triton kernel has no backward" in err
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_each_mode_gets_its_own_configurations(tmp_path, monkeypatch):
+    seen = {}
+    import vimbench.commands.scaling as scaling
+    monkeypatch.setattr(scaling, "run_sweep", lambda configs, *a, **k: seen.setdefault("configs", configs) and [])
+    assert main(["scaling", "--models", "deit_tiny", "--attn", "eager", "--res", "32,48", "--mode", "train,infer",
+                 "--grad-checkpointing", "--max-batch", "--mem-limit-gib", "2.5", "--out", str(tmp_path / "r.csv"),
+                 "--device", "cpu"]) == 0
+    cfgs = seen["configs"]
+    assert [(c["mode"], c["grad_checkpointing"], c["res"]) for c in cfgs] == \
+        [("train", True, 32), ("train", True, 48), ("infer", False, 32), ("infer", False, 48)]
+    assert {(c["batch_requested"], c["mem_limit_gib"]) for c in cfgs} == {(0, 2.5)}
+
+
+def test_a_scan_that_fails_its_check_gets_train_error_rows_and_no_timing(tmp_path, monkeypatch):
+    import vimbench.commands.scaling as scaling
+    checked = []
+    monkeypatch.setattr(scaling, "check_scans",
+                        lambda scans, device, log, grads: checked.append((scans, grads)) or {"ref": "gradients wrong"})
+    monkeypatch.setattr(scaling, "scaling_row", lambda cfg, fixed, backoff: {**fixed, "status": "ok"})
+    assert main(["scaling", "--models", "vim_tiny,deit_tiny", "--scan", "ref", "--attn", "eager", "--res", "32",
+                 "--mode", "infer,train", "--out", str(tmp_path / "r.csv"), *FAST]) == 0
+    df = pd.read_csv(tmp_path / "r.csv")
+    assert checked == [(["ref"], True)]
+    bad = (df.model == "vim_tiny") & (df["mode"] == "train")
+    assert list(df.status[bad]) == ["error"] and list(df.error[bad]) == ["gradients wrong"]
+    assert (df.status[~bad] == "ok").all() and len(df) == 4
+
+
+def test_train_rows_beside_infer_rows(tmp_path):
+    out = tmp_path / "t.csv"
+    assert main(["scaling", "--models", "vim_tiny,deit_tiny", "--scan", "ref", "--attn", "eager", "--res", "32",
+                 "--mode", "infer,train", "--grad-checkpointing", "--out", str(out), *FAST]) == 0
+    df = pd.read_csv(out)
+    assert list(df.columns) == SCALING.columns and (df.status == "ok").all() and len(df) == 4
+    train, infer = df[df["mode"] == "train"], df[df["mode"] == "infer"]
+    assert set(train.model) == set(infer.model) == {"vim_tiny", "deit_tiny"}
+    assert train.grad_checkpointing.all() and not infer.grad_checkpointing.any()
+    for phase in ("time_fwd_ms", "time_bwd_ms", "time_opt_ms"):
+        assert (train[phase] > 0).all() and infer[phase].isna().all()
+    # one timed step: the phases make up the step
+    phases = train.time_fwd_ms + train.time_bwd_ms + train.time_opt_ms
+    assert ((phases - train.time_ms).abs() < 1e-6 * train.time_ms).all()
+    assert train.mem_peak_gib.notna().all() and train.mem_pred_peak_gib.isna().all()
+    assert infer.mem_pred_peak_gib.notna().all()  # inference rows keep their prediction
+    assert train.flops_total.tolist() == infer.flops_total.tolist()  # the forward's count (train FLOPs: `flops`)
+    from vimbench.rows.reader import load_results, split_settings
+    _, rows = load_results(out)
+    assert sorted(s.slug for s in split_settings("scaling", rows)) == ["cpu-fp32-b1-backbone",
+                                                                        "cpu-fp32-b1-backbone-train-gc"]
 
 
 def test_preset_paper_with_explicit_override(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ def test_entry_point_loads_lazily_and_the_backend_is_the_reference(example):
     assert "example" not in PLUGINS                               # nothing loaded at import
     assert "example" in scan_backends()
     plugin = PLUGINS["example"]
-    assert plugin.package == "vimbench-scan-plugin" and plugin.devices == ("cpu", "cuda")
+    assert plugin.package == "vimbench-scan-plugin" and plugin.devices == ("cpu", "cuda") and plugin.backward
     args, kw = scan_case(2, 6, 7, 4, 1)
     out, last = selective_scan(*args, **kw, return_last_state=True, backend="example")
     ref, ref_last = selective_scan_ref(*args, **kw, return_last_state=True)

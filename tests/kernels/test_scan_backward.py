@@ -13,6 +13,7 @@ from vimbench.kernels.selective_scan import bidirectional_scan, bidirectional_sc
 from vimbench.kernels.selective_scan.backends import has_backward
 from vimbench.kernels.selective_scan.check import CASES, check_backward, check_named_backend
 from vimbench.kernels.selective_scan.ops import scan_bwd_flops, scan_flops
+from vimbench.kernels.selective_scan.chunked import selective_scan_cpu_backward
 from vimbench.kernels.selective_scan.ref import selective_scan_ref_backward
 
 OPTIONAL = ("D", "z", "delta_bias")
@@ -157,3 +158,112 @@ def test_backward_on_meta_tensors_gives_the_gradients_shapes(backend):
                                     torch.empty(2, 8, 300, dtype=torch.bfloat16))
     assert [(g.shape, g.dtype, g.device.type) for g in grads] == \
         [(t.shape, t.dtype, "meta") for t in x.values()]
+
+
+def test_check_scans_with_grads_refuses_forward_only_and_wrong_gradients(fresh_plugins, monkeypatch):
+    """Before train timing: a forward-only backend and one with a wrong backward fail, each with why; before
+    inference timing both pass (their forwards are right)."""
+    from vimbench.measure import ops
+    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+    vimbench.register_scan_backend("fwd", selective_scan_ref, devices="cpu")
+    vimbench.register_scan_backend("wrong", selective_scan_ref, devices="cpu", backward=_dB_one_percent_off)
+    lines = []
+    assert ops.check_scans(["ref", "fwd", "wrong"], "cpu", lines.append) == {} and len(lines) == 2
+    failed = ops.check_scans(["ref", "fwd", "wrong"], "cpu", lines.append, grads=True)
+    assert set(failed) == {"fwd", "wrong"}
+    assert failed["fwd"].startswith("scan backend 'fwd' (package '(direct call)') is forward-only")
+    assert failed["wrong"].startswith("gradient check failed: L1 (1, 4, 1, 4, 0) float32 extras one direction: dB")
+
+
+def test_vim_parameter_gradients_with_the_cpu_scan_match_ref():
+    """A Vim train step's backward through the scan ops: vim_tiny's first 2 layers at 32 px, every parameter's
+    gradient with scan='cpu' against scan='ref'."""
+    torch.manual_seed(4)
+    model = vimbench.create_model("vim_tiny", img_size=32, scan="ref").train()
+    del model.layers[2:]
+    x = torch.randn(2, 3, 32, 32)
+    grads = {}
+    for scan in ("ref", "cpu"):
+        model.set_scan(scan)
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        grads[scan] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, want in grads["ref"].items():
+        assert (grads["cpu"][name] - want).abs().max() <= 1e-5 * want.abs().max() + 1e-9, name
+
+
+@pytest.mark.slow
+def test_compiled_training_through_the_scan_ops_has_no_graph_break():
+    """torch.compile(fullgraph=True) of both ops' forward and backward (the backward ops in the compiled
+    backward graph): the same gradients as eager."""
+    torch.manual_seed(5)
+    x = _inputs((1, 4, 70, 3, 2), torch.float32, True)
+
+    def loss(**t):
+        one = selective_scan(**t, delta_softplus=True, backend="cpu")
+        pair = bidirectional_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["u"], t["delta"], t["A"],
+                                  t["B"], t["C"], t["D"], z=t["z"], delta_bias=t["delta_bias"], backend="cpu")
+        return (one * pair).sum()
+    eager = torch.autograd.grad(loss(**x), list(x.values()))
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(**x), list(x.values()))
+    for e, c in zip(eager, compiled):
+        assert torch.allclose(e, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["ref", "cpu", "mamba_ssm"])
+def test_backward_ops_fakes_give_each_gradient_its_inputs_shape_and_dtype(backend):
+    """The backward ops called on meta tensors run each backend's fake (memory prediction of training relies on
+    them); a forward-only backend's fake refuses as its backward does."""
+    with torch.device("meta"):
+        (u, delta, A, B, C), kw = scan_case(2, 8, 300, 16, 2, dtype=torch.bfloat16)
+        inputs = (u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"])
+        grads = torch.ops.vimbench.selective_scan_bwd(*inputs, torch.empty_like(u), True, backend)
+        pair = torch.ops.vimbench.bidirectional_scan_bwd(u, delta, A, B, C, None, u, delta, A, B, C, kw["D"], None,
+                                                         None, kw["delta_bias"], torch.empty_like(u), True, backend)
+        with pytest.raises(BackendUnavailable, match="forward-only"):
+            torch.ops.vimbench.selective_scan_bwd(*inputs, torch.empty_like(u), True, "triton")
+    assert [(g.shape, g.dtype) for g in grads] == [(t.shape, t.dtype) for t in inputs]
+    assert [(g.shape, g.dtype) for g in pair] == [(t.shape, t.dtype) for t in (u, delta, A, B, C) * 2
+                                                  + (kw["D"], kw["delta_bias"])]
+
+
+def test_memory_model_of_training_needs_a_backward_fake(fresh_plugins):
+    from vimbench.kernels.selective_scan import has_memory_model
+    assert has_memory_model("cpu", train=True) and has_memory_model("mamba_ssm", train=True)
+    assert has_memory_model("triton") and not has_memory_model("triton", train=True)
+    vimbench.register_scan_backend("nobwdfake", selective_scan_ref, devices="cuda", fake=selective_scan_ref,
+                                   backward=selective_scan_ref_backward)
+    vimbench.register_scan_backend("bwdfake", selective_scan_ref, devices="cuda", fake=selective_scan_ref,
+                                   backward=selective_scan_ref_backward, backward_fake=selective_scan_ref_backward)
+    assert has_memory_model("nobwdfake") and not has_memory_model("nobwdfake", train=True)
+    assert has_memory_model("bwdfake", train=True)
+    with pytest.raises(ValueError, match="a backward_fake without a backward"):
+        vimbench.register_scan_backend("odd", selective_scan_ref, devices="cpu", backward_fake=selective_scan_ref)
+    with pytest.raises(ValueError, match="must be callables"):
+        vimbench.register_scan_backend("odd", selective_scan_ref, devices="cpu", backward="not a function")
+
+
+def test_cpu_backward_never_builds_a_tensor_of_the_whole_state_sequence():
+    """At the Vim-Ti 1248 px shape on meta tensors (as memory prediction runs it): the largest tensors of the
+    backward are (b, E, L) ones like du, 1/N of b*E*L*N (the chunk start states are 1/64 of it), and the step
+    loops are skipped."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel, calls = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Largest.calls += 1
+            Largest.numel = max([Largest.numel] + [t.numel() for t in torch.utils._pytree.tree_leaves(out)
+                                                   if isinstance(t, torch.Tensor)])
+            return out
+
+    b, E, L, N = 1, 384, 6085, 16
+    with torch.device("meta"):
+        (u, delta, A, B, C), kw = scan_case(b, E, L, N, 0)
+        with Largest():
+            selective_scan_cpu_backward(u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True,
+                                        torch.empty_like(u))
+    assert Largest.numel == b * E * L
+    assert Largest.calls < 1000                  # three chunks of batched ops; the step loops would be 3 L calls

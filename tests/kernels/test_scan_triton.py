@@ -92,6 +92,24 @@ def test_vim_model_with_triton_scan_matches_ref(design):
     assert_close("forward_features", ref, out)
 
 
+@interpreter_only
+@pytest.mark.parametrize("design", DESIGNS)
+def test_backward_is_refused_as_forward_only(design):
+    """No Triton backward yet: the forward runs, its backward raises BackendUnavailable naming why, and the
+    gradient check reports the backend forward-only instead of failing it."""
+    from vimbench.errors import BackendUnavailable
+    from vimbench.kernels.selective_scan import bidirectional_scan, selective_scan
+    from vimbench.kernels.selective_scan.check import check_named_backend
+    (u, delta, A, B, C), kw = scan_case(1, 32, 5, 16, 0)
+    u.requires_grad_()
+    with pytest.raises(BackendUnavailable, match=f"scan backend '{design}' is forward-only: the Triton kernel"):
+        selective_scan(u, delta, A, B, C, **kw, backend=design).sum().backward()
+    with pytest.raises(BackendUnavailable, match="is forward-only"):
+        bidirectional_scan(u, delta, A, B, C, None, u, delta, A, B, C, None, backend=design).sum().backward()
+    result = check_named_backend(design, "cpu", grads=True)
+    assert result["check_ok"] and result["forward_only"].startswith(f"scan backend '{design}' is forward-only")
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the parent test that starts the interpreter run")
 def test_interpreter_cases():
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -100,8 +100,8 @@ def test_compile_failure_is_an_error_row_and_the_sweep_goes_on(tmp_path, monkeyp
     monkeypatch.setattr(inductor, "compile_fx", broken)
     monkeypatch.setattr(scaling_rows, "run_isolated", _in_process)
     base = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, impl="eager", res=RES,
-                batch_requested=1, dtype="fp32", mode="infer", amp="none", device="cpu", head=False, threads=0, warmup=0,
-                repeats=1, min_time=0)
+                batch_requested=1, dtype="fp32", mode="infer", grad_checkpointing=False, amp="none", device="cpu",
+                head=False, threads=0, warmup=0, repeats=1, min_time=0)
     log = CsvLog(tmp_path / "s.csv", SCALING)
     rows = run_sweep([{**base, "compile": "default"}, {**base, "compile": "none"}], log,
                      lambda cfg: scaling_rows.scaling_row(cfg, {}, backoff=False), lambda cfg: cfg["compile"])

@@ -39,3 +39,21 @@ def test_a_boolean_column_with_garbage_is_one_error(tmp_path):
     scaling_frame().assign(head="maybe").to_csv(tmp_path / "s.csv", index=False)
     with pytest.raises(InputError, match="column head holds 'maybe'"):
         load_results(tmp_path / "s.csv")
+
+
+def test_train_settings_with_checkpointing_are_their_own_and_old_csvs_read_without_it(tmp_path):
+    old = scaling_frame()
+    assert "grad_checkpointing" not in old and "mode" not in old
+    infer = old.assign(batch_requested=old.batch)
+    new = pd.concat([infer, infer.assign(mode="train", grad_checkpointing=False),
+                     infer.assign(mode="train", grad_checkpointing=True),
+                     infer.assign(batch_requested=0, mode="train")])
+    for name, frame in (("old", old), ("new", new)):
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+    kind, df = load_results(tmp_path / "old.csv")
+    assert not df.grad_checkpointing.any() and (df["mode"] == "infer").all()
+    assert [s.slug for s in split_settings(kind, df)] == ["cuda0-fp32-b64-backbone"]
+    kind, df = load_results(tmp_path / "new.csv")
+    assert sorted(s.slug for s in split_settings(kind, df)) == [
+        "cuda0-fp32-b64-backbone", "cuda0-fp32-b64-backbone-train", "cuda0-fp32-b64-backbone-train-gc",
+        "cuda0-fp32-bmax-backbone-train"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 from vimbench.rows import scaling as scaling_rows
 
 CFG = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, impl="eager", res=32, batch_requested=1,
-           dtype="fp32", mode="infer", compile="none", amp="none", device="cpu", head=False, threads=0, warmup=0, repeats=1,
-           min_time=0)
+           dtype="fp32", mode="infer", grad_checkpointing=False, compile="none", amp="none", device="cpu", head=False,
+           threads=0, warmup=0, repeats=1, min_time=0)
 MEASURED = {"status": "ok", "time_ms": 3.0, "throughput_img_s": 333.3}
 
 

@@ -237,8 +237,8 @@ def modes(mode_spec: str, grad_checkpointing: bool) -> list[str]:
 
 
 def regime_label(cfg: dict) -> str:
-    """" mode=train compile=<mode> amp=<dtype>" for the progress bar, the parts that are not the defaults."""
-    return (" mode=train" if cfg.get("mode") == "train" else "") + \
+    """" mode=train gc compile=<mode> amp=<dtype>" for the progress bar, the parts that are not the defaults."""
+    return (" mode=train" if cfg.get("mode") == "train" else "") + (" gc" if cfg.get("grad_checkpointing") else "") + \
         "".join(f" {k}={cfg[k]}" for k in ("compile", "amp") if cfg[k] != "none")
 
 

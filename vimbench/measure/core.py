@@ -31,26 +31,54 @@ def setup_worker(device: torch.device, threads: int = 0) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def time_loop(run, device, warmup: int, repeats: int, min_time: float) -> list[float]:
-    """Per-forward latencies in ms after ``warmup`` untimed forwards."""
+class PhaseClock:
+    """Marks the boundaries of one call's phases: ``mark()`` at its start and after each phase. GPU: a CUDA
+    event recorded on the current stream at each mark; CPU: perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def phases_ms(self) -> list[float]:
+        """The time of each phase in ms (one fewer than the marks); on a GPU it waits for the last mark."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def time_phases(run, device, warmup: int, repeats: int, min_time: float) -> list[list[float]]:
+    """Per-call phase times in ms (``PhaseClock.phases_ms``, one list per timed call) after ``warmup``
+    untimed calls; ``run(clock)`` makes one call and marks its phases on ``clock``. What ``run`` does before
+    its first mark (e.g. zeroing gradients) is outside the timed region."""
     for _ in range(warmup):
-        run()
+        run(PhaseClock(device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     times, start = [], time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start < min_time:
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
+        clock = PhaseClock(device)
+        run(clock)
+        times.append(clock.phases_ms())
     return times
+
+
+def time_loop(run, device, warmup: int, repeats: int, min_time: float) -> list[float]:
+    """Per-call latencies in ms after ``warmup`` untimed calls of ``run()`` (``time_phases`` with one phase)."""
+    def marked(clock):
+        clock.mark()
+        run()
+        clock.mark()
+
+    return [sum(phases) for phases in time_phases(marked, device, warmup, repeats, min_time)]
 
 
 def time_stats(times_ms) -> dict:
@@ -68,6 +96,14 @@ def _rss_bytes(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def memory_available_gib() -> float:
+    """MemAvailable of /proc/meminfo in GiB: what the kernel estimates new work can use without swapping."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 / GIB
+    raise OSError("/proc/meminfo has no MemAvailable")
 
 
 def cpu_forward_peak(run) -> float | None:

@@ -1,13 +1,17 @@
-"""Measuring one model configuration: latency, throughput and memory of an inference forward.
+"""Measuring one model configuration: latency, throughput and memory of an inference forward or of a train
+step (``train.py``: forward + loss, backward, SGD step; per-phase medians beside the step's time).
 
 ``measure_model`` runs inside an isolated worker (see ``isolation.py``); it only measures and returns a
 dict of numbers. Presenting (CSV, tables, plots) happens elsewhere.
 
 Timing: eval() + inference_mode; ``warmup`` untimed forwards, then at least ``repeats`` timed forwards and
 until ``min_time`` seconds have passed. GPU: one pair of CUDA events per forward; CPU: perf_counter.
-Time is per batched forward in ms: median, p10, p90 (``core.time_stats``); throughput = batch / median (img/s).
+Time is per batched forward (train: per step) in ms: median, p10, p90 (``core.time_stats``); throughput =
+batch / median (img/s). Train: ``model.train()`` instead of eval() + inference_mode, ``time_fwd_ms``,
+``time_bwd_ms`` and ``time_opt_ms`` the phase medians, and a NaN/inf loss or gradient raises (an error row).
 Memory (GiB = 2^30 bytes):
-  GPU  mem_peak_gib      torch.cuda.max_memory_allocated over the process (weights, input, activations)
+  GPU  mem_peak_gib      torch.cuda.max_memory_allocated over the process (weights, input, activations;
+                         train: also the gradients and the SGD momentum buffers)
        mem_reserved_gib  torch.cuda.max_memory_reserved (the caching allocator's segments)
        mem_nvml_gib      NVML device used memory, max sampled every ~5 ms during the timed loop, minus the
                          level before this process touched CUDA (so it includes the CUDA context); empty,
@@ -17,8 +21,12 @@ Memory (GiB = 2^30 bytes):
                          serve allocations >= 64 KiB with mmap and to trim its heap, so freed tensors go back
                          to the OS and cannot hide the peak (only for that forward: mmap per allocation
                          slows CPU forwards, so timing runs with the default allocator). Needs Linux
-                         /proc and glibc, else empty.
+                         /proc and glibc, else empty. Train: one extra step, the gradients freed before
+                         the base reading, so the weights, the SGD momentum buffers (allocated by the
+                         first step) and the input are in the base, and the step's activations saved for
+                         the backward, its gradients and temporaries are what it adds.
 Regime (``regime.py``): with compile other than none the forward is compiled once before the warm-up
+(train: the first step through the compiled forward compiles its backward too)
 (``compile_s``, ``graph_breaks``; on a GPU the peak statistics are reset after it, so autotuning buffers
 do not count); with amp other than none every forward runs under torch.autocast, weights in ``dtype``.
 """
@@ -32,6 +40,7 @@ from vimbench.kernels.attention import sdpa_kernel_used
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
 from vimbench.measure.nvml import NvmlWatch
 from vimbench.measure.regime import autocast, compiled
+from vimbench.measure.train import TrainStep, enable_grad_checkpointing
 from vimbench.models import registry
 
 
@@ -46,15 +55,19 @@ def attention_kernel(model, device, dtype) -> str:
 
 def measure_model(cfg: dict) -> dict:
     """Measures one configuration. ``cfg`` keys: model, options (dict), res, batch, dtype (fp32|fp16|bf16),
+    mode (infer | train: ``train.TrainStep``; absent: infer), grad_checkpointing (train; absent: False),
     compile (``regime.COMPILE_MODES``), amp (``regime.AMP_DTYPES``), device ("cpu" | "cuda:N"), head (bool),
     warmup, repeats, min_time, threads (CPU; 0 = torch default)."""
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
+    train = cfg.get("mode", "infer") == "train"
     # NVML's reading before this process touches CUDA; every NVML call is guarded (a failed reading is an
     # empty cell and a note in ``error``, never a lost row)
     watch = NvmlWatch(device.index or 0) if device.type == "cuda" else None
     setup_worker(device, cfg.get("threads", 0))
     model = registry.create_model(cfg["model"], img_size=cfg["res"], **cfg["options"])
     model = model.eval().to(device=device, dtype=dtype)
+    if cfg.get("grad_checkpointing"):
+        enable_grad_checkpointing(model)
     x = torch.randn(cfg["batch"], 3, cfg["res"], cfg["res"], device=device, dtype=dtype)
     forward = model if cfg["head"] else model.forward_features
     compute = dtype if cfg["amp"] == "none" else DTYPES[cfg["amp"]]  # what the matmuls run in
@@ -63,9 +76,12 @@ def measure_model(cfg: dict) -> dict:
            "kernel": model.scan_backend(device) if model.family == "vim" else attention_kernel(model, device, compute),
            "threads": torch.get_num_threads()}
 
-    def call(fn):
-        with torch.inference_mode(), autocast(device, cfg["amp"]):
-            fn(x)
+    if train:
+        call = TrainStep(model, x, cfg["head"], cfg["amp"])  # call(fn): one train step through fn
+    else:
+        def call(fn):
+            with torch.inference_mode(), autocast(device, cfg["amp"]):
+                fn(x)
 
     forward, compile_info = compiled(forward, cfg["compile"], call)  # before the warm-up, never timed
     out.update(compile_info)
@@ -75,19 +91,30 @@ def measure_model(cfg: dict) -> dict:
     def run():
         call(forward)
 
+    def timed() -> list[float]:
+        if not train:
+            return time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
+        result = call.time(forward, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
+        out.update({k: v for k, v in result.items() if k != "step"})
+        return result["step"]
+
     out["load_avg_1m"] = os.getloadavg()[0]  # other work on the host distorts CPU timings: record it
     if device.type == "cuda":
-        run()  # the first forward before the sampler starts: lazy CUDA/cuBLAS initialisation
+        run()  # the first call before the sampler starts: lazy CUDA/cuBLAS initialisation
         watch.start()
-        times = time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
+        times = timed()
         out.update(mem_peak_gib=torch.cuda.max_memory_allocated(device) / GIB,
                    mem_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB)
         out.update(watch.finish(), tf32=False, cudnn_benchmark=False)
     else:
-        times = time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
+        times = timed()
+        if train:  # the gradients go before the base reading: the step's own gradients count in its peak
+            call.zero_grad()
         peak = cpu_forward_peak(run)
         if peak is not None:
             out["mem_peak_gib"] = peak / GIB
+    if train:
+        call.check_finite()  # the extra steps above (first call, memory step) too
     out.update(time_stats(times))
     out["throughput_img_s"] = cfg["batch"] / (out["time_ms"] / 1e3)
     return out

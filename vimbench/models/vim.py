@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import lecun_normal_, trunc_normal_
 
 from vimbench.kernels import (add_rms_norm, causal_conv1d_pair, resolve_scan_backend, run_bidirectional_scan,
@@ -138,6 +139,8 @@ class VisionMamba(nn.Module):
         if img_size < patch_size:
             raise ValueError(f"img_size {img_size} is smaller than the patch size {patch_size}")
         self.num_features = self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, stride, embed_dim)
         self.num_tokens = self.patch_embed.num_patches + 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -171,14 +174,24 @@ class VisionMamba(nn.Module):
         """The concrete scan backend a forward pass on ``device`` runs (raises if it can't run there)."""
         return resolve_scan_backend(self.scan, device)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (as timm's models offer it): in training with gradients on,
+        each block's activations are not kept for the backward but recomputed from its inputs
+        (torch.utils.checkpoint, non-reentrant); the results and gradients are unchanged."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x):
         scan = self.scan_backend(x.device)                                      # once per forward, for every layer
         x = self.patch_embed(x)                                                 # (b, M-1, D)
         mid = x.shape[1] // 2
         x = torch.cat((x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]), dim=1)
         hidden, residual = x + self.pos_embed, None
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, scan)
+            if recompute:
+                hidden, residual = checkpoint(layer, hidden, residual, scan, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual, scan)
         hidden, _ = add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps, impl=fused_impl(scan))
         return hidden[:, mid]
 

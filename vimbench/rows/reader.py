@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from vimbench.errors import InputError
-from vimbench.rows.schema import BOOLEAN, MODE, NUMERIC, REGIME, RENAMED, SCHEMAS, kind_of
+from vimbench.rows.schema import BOOLEAN, GRAD_CHECKPOINTING, MODE, NUMERIC, REGIME, RENAMED, SCHEMAS, kind_of
 
 
 
@@ -32,9 +32,9 @@ def with_regime(kind: str, df: pd.DataFrame) -> pd.DataFrame:
     and ``grad_checkpointing`` where a setting has it: False where absent or empty (no checkpointing)."""
     fill = {MODE: "infer", **({col: "none" for col in REGIME} if kind in ("scaling", "kernels") else {})}
     df = df.assign(**{col: df[col].fillna(v).astype(str) if col in df.columns else v for col, v in fill.items()})
-    if "grad_checkpointing" in SCHEMAS[kind].setting:
-        df = df.assign(grad_checkpointing=df["grad_checkpointing"].fillna(False)
-                       if "grad_checkpointing" in df.columns else False)
+    if GRAD_CHECKPOINTING in SCHEMAS[kind].setting:
+        df = df.assign(**{GRAD_CHECKPOINTING: df[GRAD_CHECKPOINTING].fillna(False) if GRAD_CHECKPOINTING in df.columns
+                          else False})
     return df
 
 
@@ -106,9 +106,9 @@ class Setting:
 
 def regime_slug(key: dict) -> str:
     """The file-name part of a setting's mode and regime: "" for inference, eager, without autocast (the names
-    of CSVs from before these columns stay as they were), else "-train" and/or "-compile_<mode>" and/or
-    "-amp_<dtype>"."""
-    return ("-train" if key.get(MODE, "infer") == "train" else "") + \
+    of CSVs from before these columns stay as they were), else "-train" (with "-gc" for activation
+    checkpointing) and/or "-compile_<mode>" and/or "-amp_<dtype>"."""
+    return ("-train" if key.get(MODE, "infer") == "train" else "") + ("-gc" if key.get(GRAD_CHECKPOINTING) else "") + \
         "".join(f"-{col}_{key[col]}" for col in REGIME if key.get(col, "none") != "none")
 
 
@@ -120,6 +120,6 @@ def split_settings(kind: str, df: pd.DataFrame) -> list[Setting]:
         key = dict(zip(keys, values))
         last = ("head" if key["head"] else "backbone") if kind == "scaling" else f"w{int(key['width'])}"
         batch = key.get("batch_requested", key.get("batch"))
-        slug = f"{str(key['device']).replace(':', '')}-{key['dtype']}-b{int(batch)}-{last}" + regime_slug(key)
+        slug = f"{str(key['device']).replace(':', '')}-{key['dtype']}-b{int(batch) or 'max'}-{last}" + regime_slug(key)
         out.append(Setting(key, slug, rows.reset_index(drop=True)))
     return out

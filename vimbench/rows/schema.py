@@ -35,14 +35,17 @@ COLUMN_DOCS = {
     "d_inner": ("", "kernels: scan channels E = 2D (Vim widths)"),
     "d_state": ("", "kernels: scan state size N (Vim widths)"),
     "batch": ("images", "batch that ran (scaling: smaller than batch_requested after an OOM retry)"),
-    "batch_requested": ("images", "scaling: batch asked for"),
+    "batch_requested": ("images", "scaling: batch asked for; 0 for --max-batch (the largest batch that fits)"),
     "dtype": ("", "fp32, fp16 or bf16 (weights and inputs)"),
     "compile": ("", "none, or the torch.compile mode (default, max-autotune; inductor backend) the call ran in"),
     "amp": ("", "none, or the torch.autocast dtype (fp16, bf16) the call ran in; weights stay in dtype"),
     "mode": ("", "infer (a forward under inference_mode) or train (forward, backward and optimizer step); CSVs "
                  "without the column: infer"),
     "grad_checkpointing": ("", "train rows: True when each block's activations were recomputed in the backward "
-                               "(activation checkpointing per block); False otherwise and in CSVs without it"),
+                               "(activation checkpointing per block, --grad-checkpointing); False for infer rows "
+                               "and in CSVs without it"),
+    "batch_search": ("", "scaling --max-batch: how `batch` was found, e.g. 'doubling+bisection: 37 fits, 38 does "
+                         "not (12 tries)'; empty when the batch was given"),
     "compile_s": ("s", "wall time of the first call of the compiled callable (tracing, compiling, one run); "
                        "before the warm-up, never timed"),
     "graph_breaks": ("", "places where TorchDynamo ended a graph and fell back to Python (0: whole graphs)"),
@@ -51,14 +54,19 @@ COLUMN_DOCS = {
     "status": ("", "ok, oom or error"),
     "error": ("", "one line: why the row is not ok, or notes on a reading that failed"),
     # time
-    "time_ms": ("ms", "median time of one call (scaling: one forward of `batch` images)"),
+    "time_ms": ("ms", "median time of one call (scaling: one forward, or train step, of `batch` images)"),
     "time_ms_p10": ("ms", "10th percentile of the timed calls"),
     "time_ms_p90": ("ms", "90th percentile of the timed calls"),
     "throughput_img_s": ("img/s", "batch / time_ms"),
+    "time_fwd_ms": ("ms", "scaling, train rows: median time of the forward and the loss of a step; empty for infer"),
+    "time_bwd_ms": ("ms", "scaling, train rows: median time of loss.backward(); empty for infer"),
+    "time_opt_ms": ("ms", "scaling, train rows: median time of the SGD optimizer.step(); empty for infer"),
     "repeats": ("", "timed calls"),
     "warmup": ("", "untimed calls before them"),
     # memory
-    "mem_peak_gib": ("GiB", "GPU: torch.cuda.max_memory_allocated; CPU: resident memory one call adds"),
+    "mem_peak_gib": ("GiB", "GPU: torch.cuda.max_memory_allocated; CPU: resident memory one call adds (train: "
+                            "one step, weights and momentum buffers not included)"),
+    "mem_limit_gib": ("GiB", "scaling --max-batch on CPU: a try fit when its mem_peak_gib stayed at or below this"),
     "mem_reserved_gib": ("GiB", "GPU: torch.cuda.max_memory_reserved"),
     "mem_nvml_gib": ("GiB", "GPU: NVML used memory, max during the timed loop, minus the level before"),
     "mem_pred_peak_gib": ("GiB", "predicted torch.cuda.max_memory_allocated (fake CUDA tensors, eager); empty "
@@ -121,6 +129,9 @@ FLOP_COLUMNS = ["flops_total", "flops_scan", "flops_attention", "flops_linear", 
 MODE = "mode"
 """Every kind: what a row measures, counts or predicts, infer or train (``MODES``); each mode is its own setting."""
 MODES = ("infer", "train")
+GRAD_CHECKPOINTING = "grad_checkpointing"
+"""scaling: activation checkpointing per block in the train step; a setting of its own (CSVs without it: False)."""
+TRAIN_PHASES = ["time_fwd_ms", "time_bwd_ms", "time_opt_ms"]
 REGIME = ["compile", "amp"]
 """scaling and kernels: the regime a row ran in; each regime is its own setting (CSVs without them: none)."""
 COMPILE_COLUMNS = ["compile_s", "graph_breaks"]
@@ -142,15 +153,16 @@ class Schema:
 
 SCALING = Schema(
     "scaling",
-    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "batch_requested", "dtype", MODE, *REGIME, "device",
-     "head", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "throughput_img_s", "repeats", "warmup",
-     *COMPILE_COLUMNS, "mem_peak_gib", "mem_reserved_gib", "mem_nvml_gib", "mem_pred_peak_gib", *FLOP_COLUMNS,
-     "params", *ENVIRONMENT, *GPU_TELEMETRY, *PLACEMENT],
-    key=["model", "impl", "res", "batch_requested", "dtype", MODE, *REGIME, "device", "head"],
+    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "batch_requested", "batch_search", "dtype", MODE,
+     GRAD_CHECKPOINTING, *REGIME, "device", "head", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90",
+     "throughput_img_s", *TRAIN_PHASES, "repeats", "warmup", *COMPILE_COLUMNS, "mem_peak_gib", "mem_reserved_gib",
+     "mem_nvml_gib", "mem_pred_peak_gib", "mem_limit_gib", *FLOP_COLUMNS, "params", *ENVIRONMENT, *GPU_TELEMETRY,
+     *PLACEMENT],
+    key=["model", "impl", "res", "batch_requested", "dtype", MODE, GRAD_CHECKPOINTING, *REGIME, "device", "head"],
     required=("model", "family", "impl", "res", "tokens", "batch", "dtype", "device", "head", "status", "time_ms",
               "time_ms_p10", "time_ms_p90", "throughput_img_s", "mem_peak_gib", *FLOP_COLUMNS, "device_name"),
     marker=("throughput_img_s",),
-    setting=("device", "dtype", "batch_requested", "head", MODE, *REGIME),
+    setting=("device", "dtype", "batch_requested", "head", MODE, GRAD_CHECKPOINTING, *REGIME),
 )
 KERNELS = Schema(
     "kernels",
@@ -167,24 +179,24 @@ KERNELS = Schema(
 )
 FLOPS = Schema(
     "flops",
-    ["model", "family", "impl", "res", "tokens", "batch", "head", MODE, "grad_checkpointing", "status", "error",
+    ["model", "family", "impl", "res", "tokens", "batch", "head", MODE, GRAD_CHECKPOINTING, "status", "error",
      "params", *FLOP_COLUMNS, *ENVIRONMENT],
-    key=["model", "impl", "res", "batch", "head", MODE, "grad_checkpointing"],
+    key=["model", "impl", "res", "batch", "head", MODE, GRAD_CHECKPOINTING],
     required=("model", "impl", "res", "tokens", "batch", "head", "status", *FLOP_COLUMNS),
     marker=(),
-    setting=("batch", "head", MODE, "grad_checkpointing"),
+    setting=("batch", "head", MODE, GRAD_CHECKPOINTING),
 )
 MEMORY = Schema(
     "memory",
-    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "dtype", "head", MODE, "grad_checkpointing",
+    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "dtype", "head", MODE, GRAD_CHECKPOINTING,
      "status", "error", "params", "mem_pred_weights_gib", "mem_pred_activations_gib", "mem_pred_peak_gib",
      "mem_pred_reserved_gib", "mem_pred_used_gib", "card", "card_gib", "context_gib", "fits", "paper_gib",
      *ENVIRONMENT],
-    key=["model", "impl", "res", "batch", "dtype", "head", MODE, "grad_checkpointing", "card"],
+    key=["model", "impl", "res", "batch", "dtype", "head", MODE, GRAD_CHECKPOINTING, "card"],
     required=("model", "impl", "res", "tokens", "batch", "dtype", "head", "status", "mem_pred_peak_gib",
               "mem_pred_reserved_gib"),
     marker=("mem_pred_reserved_gib",),
-    setting=("dtype", "batch", "head", MODE, "grad_checkpointing", "card"),
+    setting=("dtype", "batch", "head", MODE, GRAD_CHECKPOINTING, "card"),
 )
 SCHEMAS = {s.kind: s for s in (SCALING, KERNELS, FLOPS, MEMORY)}
 
@@ -196,7 +208,7 @@ NUMERIC = {name for name, (unit, _) in COLUMN_DOCS.items() if unit} | {
     "tokens", "width", "heads", "head_dim", "d_inner", "d_state", "repeats", "warmup", "params", "threads",
     "load_avg_1m", "frac_peak_flops", "frac_peak_bw", "workers", "graph_breaks"}
 """Columns read as numbers (empty cells become NaN)."""
-BOOLEAN = ("head", "fits", "grad_checkpointing")
+BOOLEAN = ("head", "fits", GRAD_CHECKPOINTING)
 
 
 def kind_of(columns) -> str | None:

@@ -23,7 +23,14 @@ def fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=Fals
     return (out, last) if return_last_state else out
 
 
+def backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
+    """The gradients of ``scan``'s out for ``dout`` (b, E, L): (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias),
+    None for an absent input (see ``vimbench.register_scan_backend``); here autograd through the reference."""
+    from vimbench.kernels.selective_scan.ref import selective_scan_ref_backward
+    return selective_scan_ref_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout)
+
+
 def register() -> None:
     import vimbench
-    vimbench.register_scan_backend("example", scan, devices=("cpu", "cuda"), fake=fake,
+    vimbench.register_scan_backend("example", scan, devices=("cpu", "cuda"), fake=fake, backward=backward,
                                    description="the sequential reference scan, as a plug-in")
