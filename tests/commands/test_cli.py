@@ -27,6 +27,7 @@ def run(argv, capsys):
     (["flops", "--mode", "training"], "--mode 'training': unknown"),
     (["flops", "--mode", ","], "--mode: no value given"),
     (["flops", "--grad-checkpointing"], "add train to --mode"),
+    (["flops", "--scan", "triton", "--mode", "train"], "--scan triton: forward-only"),
     (["nope"], "No such command 'nope'"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, msg, capsys):

@@ -6,6 +6,8 @@ import torch
 
 from vimbench.commands import options as o
 from vimbench.count.flops import count_flops
+from vimbench.errors import InputError
+from vimbench.kernels.selective_scan.backends import has_backward
 from vimbench.measure.env import environment
 from vimbench.models.registry import impl_of, model_entry
 from vimbench.present.tables import format_table
@@ -38,6 +40,10 @@ def command(ctx, **opts):
     res_list = o.parse_resolutions(opts["res_spec"])
     modes = o.modes(opts["mode_spec"], opts["grad_checkpointing"])
     pairs = o.variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"])
+    for _, options in pairs:
+        scan = options.get("scan")
+        if "train" in modes and scan not in (None, "auto") and not has_backward(scan):
+            raise InputError(f"--scan {scan}: forward-only (no backward), so no train step: drop train from --mode")
     configs = [dict(model=m, family=model_entry(m).family, options=options, impl=impl_of(options), res=res,
                     batch=batch, head=opts["head"], mode=mode,
                     grad_checkpointing=opts["grad_checkpointing"] and mode == "train")
