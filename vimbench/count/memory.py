@@ -393,6 +393,9 @@ def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: 
     with torch.device("meta"):
         net = create_model(model, img_size=res, **options).to(torch_dtype).eval()
     scan = resolved_impl(net) if hasattr(net, "scan_backend") else None
+    if mode == "train" and scan is not None and not has_backward(scan):
+        raise BackendUnavailable(f"train memory prediction unavailable: scan backend {scan!r} is forward-only "
+                                 "(no backward)")
     if scan is not None and not has_memory_model(scan, train=mode == "train"):
         raise BackendUnavailable(f"memory prediction unavailable: scan backend {scan!r} registered no fake"
                                  + (" of its backward" if mode == "train" and has_memory_model(scan) else ""))
@@ -400,9 +403,6 @@ def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: 
         if mode == "infer":
             trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES, amp=amp)
         else:
-            if scan is not None and not has_backward(scan):
-                raise BackendUnavailable(f"train memory prediction unavailable: scan backend {scan!r} is "
-                                         "forward-only (no backward)")
             if amp != "none":
                 raise BackendUnavailable("train memory prediction under autocast is not modelled")
             if scan is not None:
