@@ -294,17 +294,17 @@ class TinyLinear(torch.nn.Module):
 
 
 def test_train_step_closed_form_linear():
-    """A train step of y = x W^T, W (M, K), x (b, K), fp32, sizes multiples of 512 B. In the second step the
-    weights, the input, the momentum buffer (made by the first step's optimizer and kept), the gradient of y
-    (the mean's backward, (b, M)) and the weight's gradient (M, K) are live at once, plus at most a few
-    scalars (512 B each). The first step alone peaks lower: no momentum buffer during its backward."""
-    K, M, b = 256, 384, 128
+    """A train step of y = x W^T, W (M, K), x (b, K), fp32, sizes multiples of 512 B, the loss mean(y^2). The
+    second step peaks in the backward of the matmul: the weights, the input, the momentum buffer (made by the
+    first step's optimizer and kept), the gradient of y and the weight's gradient, plus two scalars (the loss
+    and its gradient, 512 B each). The first step peaks in its optimizer step: weights, input, gradient and the
+    momentum buffer it makes."""
+    K, M, b = 256, 384, 8
     W, x, dy = M * K * 4, b * K * 4, b * M * 4
     steady, first = (mem.trace_train_step(_meta_linear(K, M), (b, K), torch.float32, False, steps=s).peak_live()
                      for s in (2, 1))
-    want = W + x + W + dy + W                   # weights, input, momentum, dy, dW
-    assert want <= steady <= want + 4 * 512
-    assert first < steady
+    assert steady == W + x + W + dy + W + 2 * 512   # weights, input, momentum, dy, dW, two scalars
+    assert first == W + x + W + W                   # weights, input, dW, the new momentum buffer
 
 
 def _meta_linear(K, M):

@@ -14,9 +14,10 @@ dV and dP: 2x the forward; fused kernels that recompute Q K^T, as FlashAttention
 here: FLOPs do not depend on the backend); the scan's backward by the formula registered on its backward op
 (``scan_bwd_flops``). With ``grad_checkpointing`` each block's forward runs again in the backward, up to
 the last tensor its backward needs (torch.utils.checkpoint stops early: a DeiT block's fc2 is not recomputed),
-and the counter counts it. The loss (a mean of the features, or of the logits with the head) and the SGD step (4
-FLOPs per parameter: momentum, then the update) are elementwise and not counted, like the norms: the step's
-share is params / flops_total, below 0.01% for every built-in model at 224 px.
+and the counter counts it. The loss (``vimbench.measure.train``'s: cross-entropy with the head, the mean of
+the squared features without) and the SGD step (4 FLOPs per parameter: momentum, then the update) are
+elementwise and not counted, like the norms: the step's share is params / flops_total, below 0.01% for every
+built-in model at 224 px.
 
 Categories (each op counted once):
     flops_scan       the selective scan ops (both directions of each Vim layer; the custom ops, or the compiled CPU
@@ -31,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
+from vimbench.measure.train import train_loss
 from vimbench.models.registry import count_params, create_model
 
 _LINEAR_OPS = {"mm", "addmm", "convolution", "_convolution", "conv1d", "conv2d", "convolution_backward"}
@@ -85,7 +87,7 @@ def count_flops(model: str, res: int, batch: int = 1, head: bool = False, mode: 
     with counter, torch.set_grad_enabled(mode == "train"):
         out = net(x) if head else net.forward_features(x)
         if mode == "train":
-            out.float().mean().backward()
+            train_loss(out, torch.zeros(batch, dtype=torch.long) if head else None).backward()
     out = {"flops_scan": 0, "flops_attention": 0, "flops_linear": 0, "flops_other": 0}
     for op, n in counter.get_flop_counts()["Global"].items():
         out[f"flops_{flop_category(op)}"] += int(n)

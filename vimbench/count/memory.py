@@ -26,9 +26,10 @@ What a dispatch-level trace cannot see is modelled where it matters:
 Autocast (``amp``): the forward runs under torch.autocast("cuda") on the fake tensors, so the trace has the
 half-precision copies autocast makes (weights cast once per forward and cached until it ends, activations
 cast at each op); the prediction is of eager execution (a torch.compile'd forward allocates differently).
-Train step (``mode="train"``, ``trace_train_step``). The model in train mode, SGD with momentum 0.9 (timm's
-default optimizer; no weight decay; foreach, as on CUDA); each step is forward, loss (cross-entropy on
-random labels with the head, the mean of the features for the backbone), ``backward()``,
+Train step (``mode="train"``, ``trace_train_step``). The step ``vimbench scaling --mode train`` times
+(``vimbench.measure.train``): the model in train mode, SGD with momentum 0.9 (foreach, as on CUDA); each step
+is forward, loss (cross-entropy on labels with the head, the mean of the squared features for the
+backbone), ``backward()``,
 ``optimizer.step()``, ``zero_grad(set_to_none=True)``. Two steps are traced and the peak is over both: the
 momentum buffers are allocated by the first step and kept, so the second step's peak is the steady state
 (what ``max_memory_allocated`` reports after any number of steps). The trace sees everything autograd
@@ -60,6 +61,7 @@ from torch.utils._pytree import tree_leaves
 
 from vimbench.kernels.attention import fake_cpu_as_cuda, modelled_card, sdpa_fused_kernel
 from vimbench.measure.core import DTYPES, GIB
+from vimbench.measure.train import LR, MOMENTUM, train_loss
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels.selective_scan import bidirectional_scan_fake, has_memory_model, selective_scan_fake
 from vimbench.kernels.selective_scan.backends import has_backward
@@ -308,25 +310,13 @@ def trace_forward(model: torch.nn.Module, input_shape: tuple, dtype: torch.dtype
     return trace
 
 
-MOMENTUM = 0.9
-"""SGD momentum of the predicted train step (timm's default optimizer and ``vimbench scaling --mode train``)."""
-
-
-def train_loss(out: torch.Tensor, head: bool) -> torch.Tensor:
-    """The scalar a predicted train step differentiates: cross-entropy of the logits against labels (all 0:
-    only their shape matters to memory) with the head, the mean of the features (float32) for the backbone."""
-    if head:
-        labels = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
-        return torch.nn.functional.cross_entropy(out, labels)
-    return out.float().mean()
-
-
 def trace_train_step(model: torch.nn.Module, input_shape: tuple, dtype: torch.dtype, head: bool,
                      grad_checkpointing: bool = False, inline: dict | None = None, steps: int = 2) -> AllocationTrace:
     """The allocation trace of ``steps`` train steps of ``model`` (see the module docstring): its weights, an
     input of ``input_shape``/``dtype`` (kept across steps, as a benchmark keeps its batch), then per step the
-    forward (``forward`` when ``head``, else ``forward_features``), ``train_loss``, ``backward()``, an SGD
-    step with momentum ``MOMENTUM`` and ``zero_grad(set_to_none=True)``. A meta ``model`` runs on fake CPU
+    forward (``forward`` when ``head``, else ``forward_features``), the train step's loss (``measure.train``:
+    cross-entropy against labels with the head, the mean of the squared features without), ``backward()``,
+    its SGD step and ``zero_grad(set_to_none=True)``. A meta ``model`` runs on fake CPU
     tensors standing for CUDA ones; a ``model`` with real tensors runs for real (tests check the fake trace
     against it)."""
     trace = AllocationTrace()
@@ -341,14 +331,17 @@ def trace_train_step(model: torch.nn.Module, input_shape: tuple, dtype: torch.dt
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             tracker.track(tensor)
         trace.n_weights = len(trace.events)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=MOMENTUM, foreach=True)
+        # foreach, as torch's default on CUDA (on CPU tensors it would loop per parameter)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, foreach=True)
         with tracker:
-            x = torch.empty(input_shape, dtype=dtype, device=next(model.parameters()).device)
+            device = next(model.parameters()).device
+            x = torch.empty(input_shape, dtype=dtype, device=device)
+            labels = torch.zeros(input_shape[0], dtype=torch.long, device=device) if head else None
             for _ in range(steps):
-                train_loss(model(x) if head else model.forward_features(x), head).backward()
+                train_loss(model(x) if head else model.forward_features(x), labels).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            del x
+            del x, labels
     return trace
 
 
