@@ -57,6 +57,21 @@ def modelled_card(capability: tuple[int, int] | None):
         _CARD.reset(token)
 
 
+_CPU_AS_CUDA = contextvars.ContextVar("vimbench_fake_cpu_as_cuda", default=False)
+
+
+@contextlib.contextmanager
+def fake_cpu_as_cuda():
+    """Within it, ``attention`` treats fake CPU tensors as fake CUDA tensors. A train step's memory is predicted
+    on fake CPU tensors: on a host without a GPU, torch's autograd engine refuses to run a backward through
+    CUDA tensors, fake or not (it queries the CUDA device's streams)."""
+    token = _CPU_AS_CUDA.set(True)
+    try:
+        yield
+    finally:
+        _CPU_AS_CUDA.reset(token)
+
+
 def _version_tuple(version: str) -> tuple[int, int]:
     major, minor = version.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
@@ -108,12 +123,21 @@ def sdpa_fused_kernel(dtype: torch.dtype, capability: tuple[int, int] | None = N
 _FUSED = ("flash", "efficient", "cudnn")
 
 
-def _fused_attention_fake(q, v, kernel: str):
-    """What a fused kernel allocates in an inference forward, on fake tensors (memory prediction): the
+def _fused_attention_fake(q, k, v, kernel: str):
+    """What a fused kernel allocates on fake tensors (memory prediction). In an inference forward: the
     output, written as (b, L, H, d) and returned transposed to (b, H, L, d) by all three, plus flash's
-    logsumexp (b, H, L) float32, dropped by SDPA (efficient and cudnn compute it only for autograd)."""
+    logsumexp (b, H, L) float32, dropped by SDPA (efficient and cudnn compute it only for autograd). When a
+    gradient is wanted: the kernel's own aten op, whose fake allocates what the CUDA kernel does (the output
+    and the logsumexp, which autograd saves with q, k, v; efficient's padded to a multiple of 32 tokens) and
+    whose backward's fake allocates dq, dk, dv."""
     if kernel in ("flash", "cudnn") and q.dtype not in (torch.float16, torch.bfloat16):
         raise BackendUnavailable(f"attention backend {kernel!r} needs float16 or bfloat16 inputs, got {q.dtype}")
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if kernel == "flash":
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+        if kernel == "efficient":
+            return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[0]
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[0]
     b, H, L, _ = q.shape
     out = q.new_empty(b, L, H, v.shape[-1]).transpose(1, 2)
     if kernel == "flash":
@@ -124,16 +148,17 @@ def _fused_attention_fake(q, v, kernel: str):
 def attention(q, k, v, backend: str = "sdpa"):
     """softmax(q k^T / sqrt(d)) v for q, k, v (b, H, L, d) with the named backend (see module docstring).
 
-    On fake CUDA tensors (FakeTensorMode, memory prediction) the fused backends, and ``sdpa`` through
+    On fake CUDA tensors (FakeTensorMode, memory prediction; fake CPU tensors within ``fake_cpu_as_cuda``,
+    a train step's prediction) the fused backends, and ``sdpa`` through
     ``sdpa_fused_kernel``, only allocate what the kernel allocates (``_fused_attention_fake``)."""
     if backend not in ATTENTION_BACKENDS:
         if backend not in attention_backends():
             raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(attention_backends())}")
         return _plugin_attention(ATTENTION_PLUGINS[backend], q, k, v)
-    if isinstance(q, FakeTensor) and q.device.type == "cuda":
+    if isinstance(q, FakeTensor) and (q.device.type == "cuda" or (q.device.type == "cpu" and _CPU_AS_CUDA.get())):
         kernel = sdpa_fused_kernel(q.dtype) if backend == "sdpa" else backend
         if kernel in _FUSED:
-            return _fused_attention_fake(q, v, kernel)
+            return _fused_attention_fake(q, k, v, kernel)
     if backend == "eager":
         return attention_eager(q, k, v)
     if backend == "sdpa":

@@ -24,6 +24,10 @@ def run(argv, capsys):
     (["flops", "--batch", "0"], "--batch must be >= 1"),
     (["flops", "--batch", "x"], "'x' is not a valid integer"),
     (["flops", "--nope"], "No such option '--nope'"),
+    (["flops", "--mode", "training"], "--mode 'training': unknown"),
+    (["flops", "--mode", ","], "--mode: no value given"),
+    (["flops", "--grad-checkpointing"], "add train to --mode"),
+    (["flops", "--scan", "triton", "--mode", "train"], "--scan triton: forward-only"),
     (["nope"], "No such command 'nope'"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
@@ -61,3 +65,13 @@ def test_cli_py_from_checkout_matches_console_script():
     a = subprocess.run([sys.executable, str(root / "cli.py"), "flops", "--res", "abc"], capture_output=True, text=True)
     assert a.returncode == 2 and a.stderr.strip() == "vimbench flops: error: --res: cannot read resolution 'abc': " \
                                                      "use N, A..B or A..B:STEP, comma-separated"
+
+
+def test_flops_train_rows(tmp_path, capsys):
+    out_csv = tmp_path / "flops.csv"
+    code, _, _ = run(["flops", "--models", "deit_tiny", "--attn", "eager", "--res", "32", "--mode", "infer,train",
+                      "--grad-checkpointing", "--out", str(out_csv)], capsys)
+    assert code == 0
+    df = pd.read_csv(out_csv).set_index("mode")
+    assert list(df.index) == ["infer", "train"] and list(df.grad_checkpointing) == [False, True]
+    assert df.loc["train", "flops_attention"] == 4 * df.loc["infer", "flops_attention"]  # fwd, recompute, 2x bwd

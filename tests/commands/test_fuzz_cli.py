@@ -75,7 +75,7 @@ def _build(model: str, options: tuple) -> None:
         create_model(model, img_size=64, **dict(options))
 
 
-def _fake_count_flops(model, res, batch=1, head=False, **options):
+def _fake_count_flops(model, res, batch=1, head=False, mode="infer", grad_checkpointing=False, **options):
     _build(model, tuple(sorted(check_options(model, options).items())))
     SEEN.append(dict(model=model, res=res, batch=batch))
     tokens = (res // 16) ** 2 + 1
@@ -83,7 +83,8 @@ def _fake_count_flops(model, res, batch=1, head=False, **options):
                 flops_linear=6 * tokens * batch, flops_other=0, params=1000, tokens=tokens)
 
 
-def _fake_predict_memory(model, res, batch, dtype="fp32", head=False, capability=None, **options):
+def _fake_predict_memory(model, res, batch, dtype="fp32", head=False, capability=None, mode="infer",
+                         grad_checkpointing=False, **options):
     options = check_options(model, options)
     _build(model, tuple(sorted(options.items())))
     SEEN.append(dict(model=model, res=res, batch=batch))
@@ -125,7 +126,7 @@ def _fake_run_isolated(fn, args=(), timeout=None):
         return {"status": "error", "error": isolation.one_line(e)}
 
 
-def _fake_op_cost(op, g, dtype):
+def _fake_op_cost(op, g, dtype, mode="infer"):
     return {"flops_total": 10 * g.L * g.batch, "bytes": 100 * g.L * g.batch}
 
 

@@ -28,7 +28,8 @@ def test_geometry_is_the_models_own():
     assert model_geometry("vim_tiny", 1248, 1).L == 6085 and model_geometry("deit_small", 224, 1).heads == 6
 
 
-def test_flops_match_closed_forms():
+def closed_form_flops() -> dict:
+    """Forward FLOPs of one call of each op at VIM/DEIT, derived here."""
     D, E, N, H, d = 192, 384, 16, 3, 64
     R, k = math.ceil(D / 16), 4
     # one direction with D, z, delta_bias and softplus: 7 per (b, e, t, n); per (b, e, t) delta*u, bias,
@@ -43,9 +44,44 @@ def test_flops_match_closed_forms():
              + bidir + 2 * b * L * E * D)                 # scans, out_proj
     attention = 4 * b * H * L * L * d
     block = 2 * b * L * D * 3 * D + attention + 2 * b * L * D * D
-    expected = {"scan": scan, "scan_bidir": bidir, "mixer_vim": mixer, "attention": attention, "block_deit": block}
-    for op, flops in expected.items():
+    return {"scan": scan, "scan_bidir": bidir, "mixer_vim": mixer, "attention": attention, "block_deit": block}
+
+
+def test_flops_match_closed_forms():
+    for op, flops in closed_form_flops().items():
         assert op_cost(op, VIM if OPS[op].family == "vim" else DEIT, "fp32")["flops_total"] == flops, op
+
+
+def test_train_flops_and_bytes_add_the_backward():
+    """Train: the backward by convention, matmuls and convolutions 2x their forward, attention 2.5x, each scan
+    direction 20 per (b, e, t, n) plus per (b, e, t) 4 (delta*u), 4 (D), 3 (softplus), 1 (bias), and 8 for a
+    gate; bytes: every input read twice more and its gradient written, the output's gradient read."""
+    E, N = 384, 16
+    fwd = closed_form_flops()
+    one, gated = b * E * L * (20 * N + 12), b * E * L * (20 * N + 20)
+    bidir_bwd = 2 * one + 8 * b * E * L
+    expected = {"scan": fwd["scan"] + gated, "scan_bidir": fwd["scan_bidir"] + bidir_bwd,
+                "mixer_vim": 3 * (fwd["mixer_vim"] - fwd["scan_bidir"]) + fwd["scan_bidir"] + bidir_bwd,
+                "attention": 3.5 * fwd["attention"],
+                "block_deit": 3 * (fwd["block_deit"] - fwd["attention"]) + 3.5 * fwd["attention"]}
+    for op, flops in expected.items():
+        g = VIM if OPS[op].family == "vim" else DEIT
+        cost = op_cost(op, g, "fp32", "train")
+        assert cost["flops_total"] == flops, op
+        prep = OPS[op].build(g, "ref" if g is VIM else "eager", torch.device("meta"), torch.float32)
+        out = prep.run()
+        inputs = sum(t.numel() * t.element_size() for t in prep.inputs)
+        assert cost["bytes"] == 3 * inputs + 2 * out.numel() * out.element_size(), op
+
+
+def test_train_rows_time_forward_and_backward(tmp_path):
+    out = tmp_path / "k.csv"
+    assert main(["kernels", "--res", "32", "--scan", "cpu", "--attn", "eager", "--mode", "infer,train",
+                 "--out", str(out), *FAST]) == 0
+    df = pd.read_csv(out)
+    assert (df.status == "ok").all() and sorted(df["mode"].value_counts()) == [5, 5]
+    infer, train = (df[df["mode"] == m].set_index("op") for m in ("infer", "train"))
+    assert (train.flops_total > 2 * infer.flops_total).all() and (train.bytes > 2 * infer.bytes).all()
 
 
 @pytest.mark.parametrize("dtype,s", [("fp32", 4), ("bf16", 2)])
@@ -183,6 +219,8 @@ def test_a_failed_preamble_job_leaves_no_ceilings_and_the_scans_untimed(tmp_path
     pytest.param(["--device", "cuda"], "no CUDA GPU", marks=needs_no_gpu),
     (["--resume"], "--resume needs --out"),
     (["--compile", "fast"], "--compile 'fast': unknown"), (["--amp", "fp8"], "--amp 'fp8': unknown"),
+    (["--mode", "fit"], "--mode 'fit': unknown"), (["--mode", "train", "--grad-checkpointing"], "not to single ops"),
+    (["--grad-checkpointing"], "add train to --mode"),
     (["--launcher", "slurm"], "sbatch and srun are not on PATH"), (["--launcher", "nope"], "'--launcher'"),
     (["--workers", "2"], "needs --launcher"),
     pytest.param(["--device", "cuda:all"], "cuda:all: no CUDA GPU", marks=needs_no_gpu),
@@ -194,3 +232,14 @@ def test_bad_input_exits_2_with_one_line(args, msg, capsys, tmp_path):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and msg in err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_matched_times_at_common_lengths():
+    """scan 1e-4 L ms against attention 1e-7 L^2 ms (OOM at the largest L): one row per common ok length."""
+    from helpers_csv import kernel_frame
+    from vimbench.analysis.crossovers import matched_times
+    (s,) = split_settings("kernels", kernel_frame().assign(mode="train"))
+    rows = matched_times(s)
+    assert [r["tokens"] for r in rows] == [256, 1024, 4096]
+    assert rows[0]["vim"] == "scan [triton]" and rows[0]["attention"] == "attention [eager]"
+    assert [r["ratio"] for r in rows] == pytest.approx([1e3 / L for L in (256, 1024, 4096)])

@@ -5,6 +5,7 @@ import pytest
 
 from vimbench.count.flops import count_flops
 from vimbench.kernels.selective_scan import compiled_cpu
+from vimbench.kernels.selective_scan.ops import scan_bwd_flops
 
 
 def deit_closed_form(res, D, depth=12, b=1):
@@ -62,3 +63,39 @@ def test_batch_head_and_backend_independence():
 def test_deit_tiny_1248_matches_published_counter_value():
     # tooling-facts.md: FlopCounterMode on timm DeiT-Ti at 1248 counts 407.6 GFLOPs
     assert round(count_flops("deit_tiny", 1248)["flops_total"] / 1e9, 1) == 407.6
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_deit_train_flops_closed_form(attn, grad_checkpointing):
+    """A train step = forward + backward: every matmul's backward is 2x its forward (grad input, grad weight),
+    the patch embedding's 1x (its input needs no gradient), attention's 4 batched matmuls 2x. Checkpointing
+    runs each block's forward once more up to its last saved tensor (torch.utils.checkpoint's early stop):
+    qkv, proj, fc1 and attention (8 D^2 of the block's 12 D^2 of projections), not fc2, whose output the
+    backward does not need."""
+    res, D = 32, 192
+    fwd = deit_closed_form(res, D)
+    patch = 2 * 1 * (res // 16) ** 2 * (3 * 16 * 16) * D
+    blocks = fwd["linear"] - patch
+    got = count_flops("deit_tiny", res, attn=attn, mode="train", grad_checkpointing=grad_checkpointing)
+    again = int(grad_checkpointing)
+    assert got["flops_linear"] == 2 * patch + 3 * blocks + again * blocks * 8 // 12
+    assert got["flops_attention"] == (3 + again) * fwd["attention"]
+    assert got["flops_scan"] == 0 and got["flops_other"] == 0
+
+
+@pytest.mark.parametrize("scan", ["cpu", "ref"])
+def test_vim_train_flops_closed_form(scan):
+    """A Vim train step: every matmul and convolution (the depthwise conv1d included, whose weight gradient
+    torch's own formula counts E times over) 3x its forward, the patch embedding 2x; the scan part is the
+    forward's plus per layer each direction's ``scan_bwd_flops`` and the shared gate's backward (8 per
+    (b, e, t))."""
+    res, D, b, N = 64, 192, 2, 16
+    L, E = (res // 16) ** 2 + 1, 2 * D
+    fwd = vim_closed_form(res, D, b=b)
+    patch = 2 * b * (res // 16) ** 2 * (3 * 16 * 16) * D
+    one_direction = scan_bwd_flops(b, E, L, N, has_D=True, has_z=False, has_delta_bias=True, delta_softplus=True)
+    got = count_flops("vim_tiny", res, b, scan=scan, mode="train")
+    assert got["flops_linear"] == 2 * patch + 3 * (fwd["linear"] - patch)
+    assert got["flops_scan"] == fwd["scan"] + 24 * (2 * one_direction + 8 * b * E * L)
+    assert got["flops_attention"] == 0 and got["flops_other"] == 0

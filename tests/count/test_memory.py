@@ -9,7 +9,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vimbench.count.memory as mem
-from vimbench.kernels.selective_scan.backends import IMPLS
+from vimbench.kernels.selective_scan import ops as ss_ops
+from vimbench.kernels.selective_scan.backends import IMPLS, scan_backward
 from vimbench.baselines.deit import create_deit
 from vimbench.commands import main
 from vimbench.rows.schema import MEMORY
@@ -252,6 +253,9 @@ def test_paper_preset_rows_carry_the_papers_values(tmp_path, capsys):
     (["--res", "abc"], "cannot read resolution"),
     (["--dtype", "fp8"], "'fp8' is not one of"),
     (["--attn", "flash"], "needs --dtype fp16 or bf16"),
+    (["--mode", "training"], "--mode 'training': unknown"),
+    (["--mode", "infer", "--grad-checkpointing"], "add train to --mode"),
+    (["--scan", "triton", "--mode", "infer,train"], "--scan triton: "),  # forward-only (or triton not installed)
 ])
 def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
     assert main(["memory", *argv]) == 2
@@ -276,3 +280,98 @@ def test_cli_writes_csv(tmp_path, capsys):
     assert df.set_index("impl").loc["sdpa", "kernel"] == "efficient"
     assert df["fits"].all() and (df["card_gib"] == mem.CARDS["rtx4090-24gb"]).all()
     assert (df["mem_pred_reserved_gib"] >= df["mem_pred_peak_gib"]).all()
+
+
+class TinyLinear(torch.nn.Module):
+    """forward_features: one bias-free Linear (K -> M), the smallest model with a train step."""
+
+    def __init__(self, K, M):
+        super().__init__()
+        self.fc = torch.nn.Linear(K, M, bias=False)
+
+    def forward_features(self, x):
+        return self.fc(x)
+
+
+def test_train_step_closed_form_linear():
+    """A train step of y = x W^T, W (M, K), x (b, K), fp32, sizes multiples of 512 B, the loss mean(y^2). The
+    second step peaks in the backward of the matmul: the weights, the input, the momentum buffer (made by the
+    first step's optimizer and kept), the gradient of y and the weight's gradient, plus two scalars (the loss
+    and its gradient, 512 B each). The first step peaks in its optimizer step: weights, input, gradient and the
+    momentum buffer it makes."""
+    K, M, b = 256, 384, 8
+    W, x, dy = M * K * 4, b * K * 4, b * M * 4
+    steady, first = (mem.trace_train_step(_meta_linear(K, M), (b, K), torch.float32, False, steps=s).peak_live()
+                     for s in (2, 1))
+    assert steady == W + x + W + dy + W + 2 * 512   # weights, input, momentum, dy, dW, two scalars
+    assert first == W + x + W + W                   # weights, input, dW, the new momentum buffer
+
+
+def _meta_linear(K, M):
+    with torch.device("meta"):
+        return TinyLinear(K, M)
+
+
+def test_fake_train_trace_equals_real_cpu_trace():
+    """Two train steps of a tiny DeiT (eager attention) on fake tensors against the same steps run for real on
+    the CPU: same weights, same live peak, same allocator peaks."""
+    shape = (2, 3, 32, 32)
+    real = mem.trace_train_step(create_deit("tiny", 32, "eager"), shape, torch.float32, False)
+    with torch.device("meta"):
+        fake = mem.trace_train_step(create_deit("tiny", 32, "eager"), shape, torch.float32, False)
+    assert fake.n_weights == real.n_weights and fake.peak_live() == real.peak_live()
+    r, f = (mem.CachingAllocatorModel().replay(t.events) for t in (real, fake))
+    assert (f.peak_allocated, f.peak_reserved) == (r.peak_allocated, r.peak_reserved)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_deit_train_peak_holds_what_autograd_saves(attn):
+    """The train step's peak exceeds the inference peak by at least the gradients and momentum buffers
+    (one parameter size each), and eager attention's by the (b, H, L, L) probabilities autograd saves in
+    each of the 12 blocks; checkpointing per block saves one block's at a time and lowers the peak."""
+    b, res, H = 2, 256, 3
+    L = (res // 16) ** 2 + 1
+    infer = mem.predict_memory("deit_tiny", res, b, attn=attn)
+    train = mem.predict_memory("deit_tiny", res, b, attn=attn, mode="train")
+    ckpt = mem.predict_memory("deit_tiny", res, b, attn=attn, mode="train", grad_checkpointing=True)
+    extra = (train["mem_pred_peak_gib"] - infer["mem_pred_peak_gib"]) * mem.GIB
+    probs = 12 * b * H * L * L * 4 if attn == "eager" else 0
+    assert extra >= 2 * train["params"] * 4 + probs
+    assert ckpt["mem_pred_peak_gib"] < train["mem_pred_peak_gib"]
+    assert train["mem_pred_weights_gib"] == infer["mem_pred_weights_gib"]
+
+
+def test_train_prediction_refuses_a_forward_only_scan_backend():
+    with pytest.raises(mem.BackendUnavailable, match="forward-only"):
+        mem.predict_memory("vim_tiny", 64, 1, scan="triton", mode="train")
+
+
+def _real_bidir_bwd(*a):
+    """``vimbench::bidirectional_scan_bwd`` run op by op under the tracker with its real implementation."""
+    *tensors, dout, softplus, backend = a
+    return ss_ops._present(*ss_ops._bidir_backward(IMPLS[backend], scan_backward(backend), *tensors, softplus, dout))
+
+
+def test_fake_vim_train_trace_equals_real_cpu_trace():
+    """Two train steps of a tiny Vim (chunked cpu scan) on fake tensors against the same steps run for real on
+    the CPU, the scan ops and their backwards traced op by op: same live peak, same allocator peaks."""
+    inline = {**REAL_SCANS, torch.ops.vimbench.bidirectional_scan_bwd.default: _real_bidir_bwd}
+    shape = (1, 3, 64, 64)
+    real = mem.trace_train_step(tiny_vim("cpu", 64), shape, torch.float32, False, inline=inline)
+    with torch.device("meta"):
+        fake = mem.trace_train_step(tiny_vim("cpu", 64), shape, torch.float32, False, inline=mem.SCAN_FAKES)
+    assert fake.n_weights == real.n_weights and fake.peak_live() == real.peak_live()
+    r, f = (mem.CachingAllocatorModel().replay(t.events) for t in (real, fake))
+    assert (f.peak_allocated, f.peak_reserved) == (r.peak_allocated, r.peak_reserved)
+
+
+def test_vim_checkpointing_lowers_the_train_peak():
+    """Activation checkpointing per block (Vim's set_grad_checkpointing) keeps one block's saved tensors at a
+    time: a tiny Vim whose activations outweigh its weights peaks lower with it."""
+    peaks = []
+    for ckpt in (False, True):
+        with torch.device("meta"):
+            model = VisionMamba(128, embed_dim=32, depth=4, scan="cpu")
+        peaks.append(mem.trace_train_step(model, (4, 3, 128, 128), torch.float32, False, ckpt,
+                                          inline=mem.SCAN_FAKES, steps=1).peak_live())
+    assert peaks[1] < 0.8 * peaks[0]

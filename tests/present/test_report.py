@@ -194,3 +194,25 @@ def test_concurrent_cpu_workers_are_flagged_as_no_measurement(tmp_path, monkeypa
     text = (tmp_path / "rep" / "report.md").read_text()
     assert ("**Concurrent CPU workers:** up to 2 configurations ran at once" in text) == noted
     assert ("they are not measurements" in text) == noted
+
+
+def test_train_rows_are_their_own_setting_with_ratios_against_inference(tmp_path, monkeypatch):
+    """Train rows: 3x the latency of inference for Vim, 1.25x for DeiT, twice the memory. They are fitted on
+    their own (Vim's exponent stays 1.00 over 7 points, not 14), get no claim check, and the training section
+    gives the ratios at each common resolution."""
+    monkeypatch.setattr(plotting, "save", lambda fig, out_dir, stem: [])
+    infer = scaling_frame()
+    train = infer.assign(mode="train")
+    slow = train["model"].map({"vim_tiny": 3.0, "deit_tiny": 1.25})
+    train = train.assign(time_ms=train["time_ms"] * slow, time_ms_p10=train["time_ms_p10"] * slow,
+                         time_ms_p90=train["time_ms_p90"] * slow, throughput_img_s=train["throughput_img_s"] / slow,
+                         mem_peak_gib=train["mem_peak_gib"] * 2)
+    pd.concat([infer, train]).to_csv(tmp_path / "s.csv", index=False)
+    assert main(["report", str(tmp_path / "s.csv"), "--out-dir", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert text.count("| vim_tiny | triton | time | 1.00 [1.00, 1.00] (n=7) |") == 2
+    assert text.count("Claim check: Vim-Ti vs DeiT-Ti") == 1 and "Not applicable: the paper's claims" in text
+    section = text.split("## Training against inference")[1].split("\n## ")[0]
+    assert "| vim_tiny | triton | 512 | 0.33 | 2.00 |" in section
+    assert "| deit_tiny | eager | 1024 | 0.80 | 2.00 |" in section and "| deit_tiny | eager | 1248 |" not in section
+    assert "VMamba-T keeps 0.34" in section and "train step" in section

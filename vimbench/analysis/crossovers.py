@@ -54,3 +54,19 @@ def kernel_crossovers(s: Setting) -> list[dict]:
                                 "faster_from": crossover_cell(a["time_ms"], b["time_ms"], True, " tokens"),
                                 "lighter_from": crossover_cell(a["mem_peak_gib"], b["mem_peak_gib"], True, " tokens")})
     return out
+
+
+def matched_times(s: Setting) -> list[dict]:
+    """For each (Vim op, attention op) pair of ``PAIRS``, each pair of their backends and each length both
+    measured ok: vim, attention, tokens, vim_ms, attention_ms and ratio (vim_ms / attention_ms; below 1 the
+    Vim op is faster). In a train setting the times are forward + backward."""
+    curves, out = _kernel_curves(s), []
+    for vim_op, attn_op in PAIRS:
+        for (op_a, impl_a), a in curves.items():
+            for (op_b, impl_b), b in curves.items():
+                if (op_a, op_b) == (vim_op, attn_op):
+                    out += [{"vim": f"{op_a} [{impl_a}]", "attention": f"{op_b} [{impl_b}]", "tokens": int(x),
+                             "vim_ms": a.at[x, "time_ms"], "attention_ms": b.at[x, "time_ms"],
+                             "ratio": a.at[x, "time_ms"] / b.at[x, "time_ms"]}
+                            for x in a.index.intersection(b.index)]
+    return out

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import click
 
-from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents
+from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents, matched_times
 from vimbench.commands import options as o
 from vimbench.errors import InputError
+from vimbench.kernels.selective_scan.backends import forward_only
 from vimbench.measure.ops import CPU_TIMING, kernel_row, op_configs, preamble, preamble_result
 from vimbench.models.registry import model_entry
 from vimbench.present.figures import plot_results
@@ -30,6 +31,10 @@ def summary(path) -> str:
         blocks += [f"{title}: crossovers (the length from which the Vim op stays faster / lighter)",
                    format_table(rows, ["vim", "attention", "faster_from", "lighter_from"]) if rows
                    else "no Vim op and attention op measured at common lengths"]
+        matched = matched_times(s)
+        if s.key.get("mode") == "train" and matched:
+            blocks += [f"{title}: forward + backward at matched lengths (ms; ratio below 1: the Vim op is faster)",
+                       format_table(matched, ["vim", "attention", "tokens", "vim_ms", "attention_ms", "ratio"])]
     return "\n".join(blocks)
 
 
@@ -39,6 +44,7 @@ def summary(path) -> str:
 @o.dtype_option
 @o.compile_option
 @o.amp_option
+@o.mode_option
 @o.device_option
 @click.option("--repeats", type=int, default=CPU_TIMING["repeats"], show_default=True,
               help="CPU: at least this many timed calls (GPU: do_bench decides).")
@@ -53,6 +59,10 @@ def command(ctx, **opts):
     """Time the token mixers alone at each resolution's sequence length: the selective scan (one
     direction and Vim's pair) against attention, and Vim's mixer layer against DeiT's attention block,
     for the widths of the --models given (Vim models run the scan ops, DeiT models the attention ops).
+    --mode train times forward + backward of each op (gradients for every input, and for the layers' weights):
+    its FLOPs add the backward (the scan's by its formula, attention's 2.5x its forward), and the scan
+    backends' gradients are checked against float64 autograd of ref first (a forward-only backend or one with
+    wrong gradients gets error rows for train and no timing).
 
     One CSV row per (op, backend, model, resolution), each measured in its own worker; prints a table,
     the fitted exponents in tokens and the crossovers. The scan backends' correctness checks and the
@@ -77,11 +87,16 @@ def command(ctx, **opts):
              "attn": list(dict.fromkeys(p["attn"] for _, p in pairs if "attn" in p))}
     timing = {**CPU_TIMING, "repeats": opts["repeats"], "min_time": opts["min_time"]}
     regimes = o.regimes(opts["compile_spec"], opts["amp_spec"], opts["dtype"])
-    configs = op_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing, regimes)
+    modes = o.modes(opts["mode_spec"], opts["grad_checkpointing"])
+    if opts["grad_checkpointing"]:
+        raise InputError("--grad-checkpointing applies to a model's train step (vimbench scaling), not to single ops")
+    configs = op_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing, regimes,
+                         modes)
     log = CsvLog.open(opts["out"] or o.default_out("kernels", device), KERNELS, resume=opts["resume"],
                       given=opts["out"] is not None)
     click.echo(f"{launcher.name}: checking the scan backends and measuring the device's ceilings first", err=True)
-    job = dict(scans=impls["scan"], device=str(device), dtype=opts["dtype"], threads=opts["threads"], timing=timing)
+    job = dict(scans=impls["scan"], device=str(device), dtype=opts["dtype"], threads=opts["threads"], timing=timing,
+               grads="train" in modes)
     pre = preamble_result(launcher.run_job(preamble, job, jobs_dir(log)), impls["scan"])
     for line in pre["passed"]:
         click.echo(line, err=True)
@@ -90,14 +105,18 @@ def command(ctx, **opts):
     failed, fixed = pre["failed"], {**pre["ceilings"], "command": o.command_line(ctx)}
 
     def row(cfg):
-        if cfg["impl"] in failed:  # correctness gates speed: no timing for a backend that failed its check
-            return {**{k: cfg[k] for k in KERNELS.key}, **fixed, "status": "error", "error": failed[cfg["impl"]]}
+        # correctness gates speed: no timing for a backend that failed its check (a forward-only backend or
+        # wrong gradients fail its train rows only)
+        why = failed.get(cfg["impl"])
+        if why and (cfg["mode"] == "train" or not (why.startswith("gradient check failed")
+                                                   or why == forward_only(cfg["impl"]))):
+            return {**{k: cfg[k] for k in KERNELS.key}, **fixed, "status": "error", "error": why}
         return kernel_row(cfg, fixed)
 
     rows = run_sweep(configs, log, row,
                      lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}"
                                  f"{o.regime_label(cfg)}", launcher)
-    click.echo(format_table(rows, ["op", "impl", "kernel", "compile", "amp", "model", "tokens", "status", "time_ms",
+    click.echo(format_table(rows, ["op", "impl", "kernel", "mode", "compile", "amp", "model", "tokens", "status", "time_ms",
                                    "compile_s", "graph_breaks", "mem_peak_gib", "gflops_s", "gbs", "frac_peak_flops",
                                    "frac_peak_bw"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")

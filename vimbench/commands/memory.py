@@ -1,4 +1,4 @@
-"""`vimbench memory`: predicted peak GPU memory of an inference forward, computed without a GPU."""
+"""`vimbench memory`: predicted peak GPU memory of an inference forward or a train step, computed without a GPU."""
 from __future__ import annotations
 
 import click
@@ -9,6 +9,7 @@ from vimbench.commands import options as o
 from vimbench.count.memory import CARDS, memory_row
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.selective_scan import check_scan_backend
+from vimbench.kernels.selective_scan.backends import has_backward
 from vimbench.measure.env import environment
 from vimbench.models.registry import impl_of, model_entry
 from vimbench.present.report import paper_memory_table
@@ -19,22 +20,28 @@ from vimbench.rows.sweep import computed_row, run_sweep
 from vimbench.rows.writer import CsvLog
 
 
-def _check_variant(options: dict, dtype: str) -> None:
-    """InputError for a scan backend that cannot run on CUDA here, or flash/cudnn attention in fp32."""
+def _check_variant(options: dict, dtype: str, modes: list[str]) -> None:
+    """InputError for a scan backend that cannot run on CUDA here, or that has no backward with train in
+    ``modes``, or flash/cudnn attention in fp32."""
     scan, attn = options.get("scan"), options.get("attn")
     if scan and scan != "auto":
         try:
             check_scan_backend(scan, "cuda")
         except BackendUnavailable as e:
             raise InputError(f"--scan {scan}: cannot predict it: {e}") from None
+        if "train" in modes and not has_backward(scan):
+            raise InputError(f"--scan {scan}: forward-only (no backward), so no train step: drop train from --mode")
     if attn in ("flash", "cudnn") and dtype == "fp32":
         raise InputError(f"--attn {attn} needs --dtype fp16 or bf16 (use efficient or sdpa for fp32)")
 
 
 def predicted(cfg: dict) -> dict:
-    """``memory_row`` of a configuration, with the paper's Fig. 1 (c) value where the paper has one."""
-    row = memory_row(cfg["model"], cfg["options"], cfg["res"], cfg["batch"], cfg["dtype"], cfg["head"], cfg["card"])
-    paper = paper_gib(row["model"], row["res"], row["batch"], row["dtype"], row["head"], row["impl"])
+    """``memory_row`` of a configuration, with the paper's Fig. 1 (c) value where the paper has one (inference
+    rows: the paper measured no training)."""
+    row = memory_row(cfg["model"], cfg["options"], cfg["res"], cfg["batch"], cfg["dtype"], cfg["head"], cfg["card"],
+                     cfg["mode"], cfg["grad_checkpointing"])
+    paper = paper_gib(row["model"], row["res"], row["batch"], row["dtype"], row["head"], row["impl"]) \
+        if cfg["mode"] == "infer" else None
     return {**row, "paper_gib": "" if paper is None else paper}
 
 
@@ -43,6 +50,7 @@ def predicted(cfg: dict) -> dict:
 @o.batch_option
 @o.dtype_option
 @o.head_option
+@o.mode_option
 @click.option("--card", default="h100-80gb", show_default=True, help=f"Card for the fits column: {', '.join(CARDS)}.")
 @o.out_options
 @o.preset_option
@@ -53,24 +61,28 @@ def command(ctx, preset, **opts):
     and the trace is replayed through a model of PyTorch's caching allocator. Columns (GiB = 2^30 B):
     weights; activations (input included); peak = torch.cuda.max_memory_allocated; reserved =
     max_memory_reserved; used = reserved + a CUDA context of 0.5 GiB; fits: used <= the card's memory.
-    Rows of the paper's setting carry its Fig. 1 (c) value (--preset paper gives exactly those)."""
+    Rows of the paper's setting carry its Fig. 1 (c) value (--preset paper gives exactly those).
+    --mode train predicts a train step in steady state (its second): weights, gradients, SGD momentum
+    buffers and what autograd saves, per block recomputed with --grad-checkpointing (vimbench.count.memory)."""
     opts = o.apply_preset(ctx, preset, opts)
     if opts["card"] not in CARDS:
         raise InputError(f"--card {opts['card']!r}: unknown; known: {', '.join(CARDS)}")
     batch = o.batch_for(opts["batch"], torch.device("cuda"))
     res_list = o.parse_resolutions(opts["res_spec"])
+    modes = o.modes(opts["mode_spec"], opts["grad_checkpointing"])
     pairs = o.variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"])
     for _, options in pairs:
-        _check_variant(options, opts["dtype"])
+        _check_variant(options, opts["dtype"], modes)
     configs = [dict(model=m, family=model_entry(m).family, options=options, impl=impl_of(options), res=res,
-                    batch=batch, dtype=opts["dtype"], head=opts["head"], mode="infer", card=opts["card"])
-               for m, options in pairs for res in res_list]
+                    batch=batch, dtype=opts["dtype"], head=opts["head"], mode=mode,
+                    grad_checkpointing=opts["grad_checkpointing"] and mode == "train", card=opts["card"])
+               for mode in modes for m, options in pairs for res in res_list]
     log = CsvLog.open(opts["out"] or o.default_out("memory", "cuda"), MEMORY, resume=opts["resume"],
                       given=opts["out"] is not None)
     fixed = {**environment(torch.device("cpu")), "command": o.command_line(ctx)}
     rows = run_sweep(configs, log, lambda cfg: computed_row(MEMORY, cfg, fixed, lambda: predicted(cfg)),
-                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch']}")
-    click.echo(format_table(rows, ["model", "impl", "kernel", "res", "tokens", "batch", "dtype", "status",
+                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch']} {cfg['mode']}")
+    click.echo(format_table(rows, ["model", "impl", "kernel", "res", "tokens", "batch", "dtype", "mode", "status",
                                    "mem_pred_weights_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
                                    "mem_pred_used_gib", "fits", "paper_gib"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")

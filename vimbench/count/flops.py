@@ -1,10 +1,23 @@
 """FLOPs of any registered model at any resolution and batch, without allocating real tensors.
 
-The model is built on the meta device and run once under ``torch.utils.flop_counter.FlopCounterMode``.
+The model is built on the meta device and run once under ``torch.utils.flop_counter.FlopCounterMode``: an
+inference forward (mode infer), or a train step's forward, loss and ``backward()`` (mode train).
 Convention: 2 FLOPs per multiply-add for matmuls and convolutions (FlopCounterMode's own), and for the
 selective scan the formula registered in ``kernels/selective_scan/ops.py`` (1 FLOP per add, mul or
 elementwise function, ``SCAN_FLOPS_PER_STATE`` = 7 per (b, e, t, n)). Elementwise work outside the scan
 (norms, activations, softmax, residual adds) is not counted, as in every common counter.
+
+Train mode. The counter sees the backward through each op's registered formula: a matmul's backward is two
+matmuls of the forward's size (grad input and grad weight: 2x the forward), less for the patch embedding
+(its input needs no gradient: the weight's only, 1x); attention's backward is four batched matmuls (dQ, dK,
+dV and dP: 2x the forward; fused kernels that recompute Q K^T, as FlashAttention's, do 2.5x, not counted
+here: FLOPs do not depend on the backend); the scan's backward by the formula registered on its backward op
+(``scan_bwd_flops``). With ``grad_checkpointing`` each block's forward runs again in the backward, up to
+the last tensor its backward needs (torch.utils.checkpoint stops early: a DeiT block's fc2 is not recomputed),
+and the counter counts it. The loss (``vimbench.measure.train``'s: cross-entropy with the head, the mean of
+the squared features without) and the SGD step (4 FLOPs per parameter: momentum, then the update) are
+elementwise and not counted, like the norms: the step's share is params / flops_total, below 0.01% for every
+built-in model at 224 px.
 
 Categories (each op counted once):
     flops_scan       the selective scan ops (both directions of each Vim layer; the custom ops, or the compiled CPU
@@ -17,40 +30,66 @@ Categories (each op counted once):
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
+from vimbench.measure.train import train_loss
 from vimbench.models.registry import count_params, create_model
 
-_SCAN_OPS = {"selective_scan", "bidirectional_scan", "selective_scan_fwd", "bidirectional_scan_fwd"}
-_LINEAR_OPS = {"mm", "addmm", "convolution", "_convolution", "conv1d", "conv2d", "causal_conv1d_pair_fwd"}
+_LINEAR_OPS = {"mm", "addmm", "convolution", "_convolution", "conv1d", "conv2d", "convolution_backward"}
 
 
-def _category(op) -> str:
+def flop_category(op) -> str:
+    """scan for any op of the scan's (forward or backward: a name with "scan"), attention for batched matmuls
+    and SDPA, linear for matmuls and convolutions (the compiled causal conv pair's ops included)."""
     name = str(op).split(".")[-1] if "." in str(op) else str(op)
-    if name in _SCAN_OPS:
+    if "scan" in name:
         return "scan"
     if name in ("bmm", "baddbmm") or "scaled_dot_product" in name:
         return "attention"
-    if name in _LINEAR_OPS:
+    if name in _LINEAR_OPS or name.startswith("causal_conv1d"):
         return "linear"
     return "other"
 
 
-def count_flops(model: str, res: int, batch: int = 1, head: bool = False, **options) -> dict:
-    """FLOPs of one inference forward of ``model`` built for res x res, batch ``batch``.
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape, **kw) -> int:
+    """torch's convolution backward formula (``flop_counter.conv_backward_flop``) with the weight gradient of a
+    grouped convolution divided by its groups: torch counts it as if every input channel met every output
+    channel, which makes a depthwise conv1d's weight gradient E times too large (E = 384 in Vim-Ti). With it, a
+    convolution's backward is 2x its forward (grad input and grad weight), as a matmul's."""
+    torch_formula = conv_backward_flop.__wrapped__  # on shapes, as this one
+    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    grad_input = torch_formula(*args, [output_mask[0], False, False], out_shape)
+    grad_weight = torch_formula(*args, [False, output_mask[1], False], out_shape)
+    return grad_input + grad_weight // groups
+
+
+FLOP_FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+"""Formulas that replace torch's in every count (``FlopCounterMode(custom_mapping=...)``)."""
+
+
+def count_flops(model: str, res: int, batch: int = 1, head: bool = False, mode: str = "infer",
+                grad_checkpointing: bool = False, **options) -> dict:
+    """FLOPs of one inference forward (``mode`` infer) or one train step (train: forward, loss, backward;
+    see the module docstring) of ``model`` built for res x res, batch ``batch``.
 
     ``head=False`` counts ``forward_features`` (the backbone, what the Vim paper timed); ``head=True`` the
-    full classifier. Returns flops_total, flops_scan, flops_attention, flops_linear, flops_other (FLOPs),
-    params and tokens (sequence length incl. cls).
+    full classifier. ``grad_checkpointing`` (train only) recomputes each block in the backward. Returns
+    flops_total, flops_scan, flops_attention, flops_linear, flops_other (FLOPs), params and tokens
+    (sequence length incl. cls).
     """
     with torch.device("meta"):
-        net = create_model(model, img_size=res, **options).eval()
+        net = create_model(model, img_size=res, **options).train(mode == "train")
         x = torch.empty(batch, 3, res, res)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net(x) if head else net.forward_features(x)
+    if grad_checkpointing:
+        net.set_grad_checkpointing(True)
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    with counter, torch.set_grad_enabled(mode == "train"):
+        out = net(x) if head else net.forward_features(x)
+        if mode == "train":
+            train_loss(out, torch.zeros(batch, dtype=torch.long) if head else None).backward()
     out = {"flops_scan": 0, "flops_attention": 0, "flops_linear": 0, "flops_other": 0}
     for op, n in counter.get_flop_counts()["Global"].items():
-        out[f"flops_{_category(op)}"] += int(n)
+        out[f"flops_{flop_category(op)}"] += int(n)
     out["flops_total"] = sum(out.values())
     return {**out, "params": count_params(net), "tokens": net.num_tokens}

@@ -1,4 +1,4 @@
-"""Predicted peak GPU memory of an inference forward pass, without a GPU.
+"""Predicted peak GPU memory of an inference forward pass or of a train step, without a GPU.
 
     predict_memory("deit_tiny", res=1248, batch=64, attn="eager")
     -> {"impl": "eager", "params": 5717416, "mem_pred_weights_gib": 0.021, "mem_pred_activations_gib": ...,
@@ -26,6 +26,21 @@ What a dispatch-level trace cannot see is modelled where it matters:
 Autocast (``amp``): the forward runs under torch.autocast("cuda") on the fake tensors, so the trace has the
 half-precision copies autocast makes (weights cast once per forward and cached until it ends, activations
 cast at each op); the prediction is of eager execution (a torch.compile'd forward allocates differently).
+Train step (``mode="train"``, ``trace_train_step``). The step ``vimbench scaling --mode train`` times
+(``vimbench.measure.train``): the model in train mode, SGD with momentum 0.9 (foreach, as on CUDA); each step
+is forward, loss (cross-entropy on labels with the head, the mean of the squared features for the
+backbone), ``backward()``,
+``optimizer.step()``, ``zero_grad(set_to_none=True)``. Two steps are traced and the peak is over both: the
+momentum buffers are allocated by the first step and kept, so the second step's peak is the steady state
+(what ``max_memory_allocated`` reports after any number of steps). The trace sees everything autograd
+saves (eager attention's (b, H, L, L) probabilities; a fused kernel's output and logsumexp through its aten
+op's fake; each scan backend's saved tensors through its custom op's autograd and the fakes of its forward
+and backward), the gradients as the backward accumulates them, the momentum buffers, and with
+``grad_checkpointing`` the blocks' recomputation (torch.utils.checkpoint, per block). It runs on fake
+*CPU* tensors standing for CUDA ones (``fake_cpu_as_cuda``): on a host without a GPU torch's autograd engine
+refuses a backward through CUDA tensors, fake or not. The ops of these models allocate the same outputs on
+both devices; what differs by device is modelled (fused attention as on CUDA; the scan backend resolved as
+on CUDA). Not modelled: a train step under autocast (refused).
 Not counted: workspaces a library allocates inside a kernel (cuBLAS keeps ~32 MiB per handle on Hopper,
 cuDNN convolution workspaces), and the CUDA context (~0.5 GiB, outside the allocator: see
 ``vimbench.commands.memory``). Units: bytes internally, GiB = 2**30 bytes in every ``*_gib`` value.
@@ -44,10 +59,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vimbench.kernels.attention import modelled_card, sdpa_fused_kernel
+from vimbench.kernels.attention import fake_cpu_as_cuda, modelled_card, sdpa_fused_kernel
 from vimbench.measure.core import DTYPES, GIB
+from vimbench.measure.train import LR, MOMENTUM, train_loss
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels.selective_scan import bidirectional_scan_fake, has_memory_model, selective_scan_fake
+from vimbench.kernels.selective_scan.backends import has_backward
+from vimbench.kernels.selective_scan.ops import bidirectional_scan_bwd_fake, selective_scan_bwd_fake
 from vimbench.models.registry import OWN_IMPL, check_options, count_params, create_model, model_entry
 
 
@@ -151,8 +169,11 @@ class AllocationTracker(TorchDispatchMode):
 
 
 SCAN_FAKES = {torch.ops.vimbench.selective_scan.default: selective_scan_fake,
-              torch.ops.vimbench.bidirectional_scan.default: bidirectional_scan_fake}
-"""The custom ops whose fake implementations run inside the tracker (they allocate scan temporaries)."""
+              torch.ops.vimbench.bidirectional_scan.default: bidirectional_scan_fake,
+              torch.ops.vimbench.selective_scan_bwd.default: selective_scan_bwd_fake,
+              torch.ops.vimbench.bidirectional_scan_bwd.default: bidirectional_scan_bwd_fake}
+"""The custom ops whose fake implementations run inside the tracker (they allocate scan temporaries): the
+scans and their backwards."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,6 +310,41 @@ def trace_forward(model: torch.nn.Module, input_shape: tuple, dtype: torch.dtype
     return trace
 
 
+def trace_train_step(model: torch.nn.Module, input_shape: tuple, dtype: torch.dtype, head: bool,
+                     grad_checkpointing: bool = False, inline: dict | None = None, steps: int = 2) -> AllocationTrace:
+    """The allocation trace of ``steps`` train steps of ``model`` (see the module docstring): its weights, an
+    input of ``input_shape``/``dtype`` (kept across steps, as a benchmark keeps its batch), then per step the
+    forward (``forward`` when ``head``, else ``forward_features``), the train step's loss (``measure.train``:
+    cross-entropy against labels with the head, the mean of the squared features without), ``backward()``,
+    its SGD step and ``zero_grad(set_to_none=True)``. A meta ``model`` runs on fake CPU
+    tensors standing for CUDA ones; a ``model`` with real tensors runs for real (tests check the fake trace
+    against it)."""
+    trace = AllocationTrace()
+    fake = next(model.parameters()).device.type == "meta"
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), fake_cpu_as_cuda():
+        if fake:
+            model.to_empty(device="cpu")
+        model.train()
+        if grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        tracker = AllocationTracker(trace, inline)
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            tracker.track(tensor)
+        trace.n_weights = len(trace.events)
+        # foreach, as torch's default on CUDA (on CPU tensors it would loop per parameter)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, foreach=True)
+        with tracker:
+            device = next(model.parameters()).device
+            x = torch.empty(input_shape, dtype=dtype, device=device)
+            labels = torch.zeros(input_shape[0], dtype=torch.long, device=device) if head else None
+            for _ in range(steps):
+                train_loss(model(x) if head else model.forward_features(x), labels).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            del x, labels
+    return trace
+
+
 def resolved_impl(model: torch.nn.Module) -> str:
     """The token-mixer backend a forward on a GPU runs: the concrete scan backend for Vim models (``auto``
     resolved as on a CUDA machine with this environment), the attention backend for ViT-style ones,
@@ -306,30 +362,46 @@ def resolved_kernel(model: torch.nn.Module, dtype: torch.dtype, capability: tupl
 
 
 def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: bool = False,
-                   capability: tuple[int, int] | None = None, amp: str = "none", **options) -> dict:
-    """Predicted CUDA memory of one inference forward of registry model ``model`` (built for ``res`` x
-    ``res`` images, options such as ``scan=`` / ``attn=``) on a ``batch``-image input of ``dtype``, backbone
-    only (``forward_features``) unless ``head``, under autocast in ``amp``'s dtype unless none, on a card of
-    compute ``capability`` (what ``sdpa`` runs there: ``sdpa_fused_kernel``; None: the GPU here, else an H100).
+                   capability: tuple[int, int] | None = None, amp: str = "none", mode: str = "infer",
+                   grad_checkpointing: bool = False, **options) -> dict:
+    """Predicted CUDA memory of one inference forward (``mode`` infer) or of a train step in steady state
+    (train: ``trace_train_step``, with ``grad_checkpointing`` per block) of registry model ``model`` (built
+    for ``res`` x ``res`` images, options such as ``scan=`` / ``attn=``) on a ``batch``-image input of
+    ``dtype``, backbone only (``forward_features``) unless ``head``, under autocast in ``amp``'s dtype unless
+    none (infer only), on a card of compute ``capability`` (what ``sdpa`` runs there: ``sdpa_fused_kernel``;
+    None: the GPU here, else an H100).
 
     Returns impl and kernel (what the prediction is for: ``resolved_impl``, ``resolved_kernel``), tokens,
     params and, in GiB (2**30 B):
       mem_pred_weights_gib      parameters and buffers as allocated (each rounded to 512 B)
-      mem_pred_activations_gib  peak minus weights: input, activations, output and scan workspaces
+      mem_pred_activations_gib  peak minus weights: input, activations, output and scan workspaces; in a
+                                train step also the gradients and the momentum buffers
       mem_pred_peak_gib         torch.cuda.max_memory_allocated after the forward (weights + input included)
       mem_pred_reserved_gib     torch.cuda.max_memory_reserved: the caching allocator's segments
     The CUDA context is not included. ``BackendUnavailable`` ("memory prediction unavailable") for a plug-in
-    backend that registered no fake.
+    backend that registered no fake, and in train mode for a forward-only scan backend or under autocast.
     """
     options = check_options(model, options)
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
         net = create_model(model, img_size=res, **options).to(torch_dtype).eval()
-    if hasattr(net, "scan_backend") and not has_memory_model(resolved_impl(net)):
-        raise BackendUnavailable(f"memory prediction unavailable: scan backend {resolved_impl(net)!r} "
-                                 "registered no fake")
+    scan = resolved_impl(net) if hasattr(net, "scan_backend") else None
+    if mode == "train" and scan is not None and not has_backward(scan):
+        raise BackendUnavailable(f"train memory prediction unavailable: scan backend {scan!r} is forward-only "
+                                 "(no backward)")
+    if scan is not None and not has_memory_model(scan, train=mode == "train"):
+        raise BackendUnavailable(f"memory prediction unavailable: scan backend {scan!r} registered no fake"
+                                 + (" of its backward" if mode == "train" and has_memory_model(scan) else ""))
     with modelled_card(capability):
-        trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES, amp=amp)
+        if mode == "infer":
+            trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES, amp=amp)
+        else:
+            if amp != "none":
+                raise BackendUnavailable("train memory prediction under autocast is not modelled")
+            if scan is not None:
+                net.set_scan(scan)  # resolved as on CUDA: the step runs on fake CPU tensors
+            trace = trace_train_step(net, (batch, 3, res, res), torch_dtype, head, grad_checkpointing,
+                                     inline=SCAN_FAKES)
     sim = CachingAllocatorModel().replay(trace.events[:trace.n_weights])
     weights = sim.allocated
     sim.replay(trace.events[trace.n_weights:])
@@ -373,9 +445,11 @@ def fits(reserved_gib: float, card: str) -> bool:
 # One row of a memory CSV
 # ----------------------------------------------------------------------------------------------------
 
-def memory_row(model: str, options: dict, res: int, batch: int, dtype: str, head: bool, card: str) -> dict:
-    """One row of a memory CSV: ``predict_memory`` of the configuration, what nvidia-smi would show
-    (reserved + ``CONTEXT_GIB``) and whether that fits ``card``."""
-    pred = predict_memory(model, res, batch, dtype, head, CARD_CAPABILITY[card], **options)
+def memory_row(model: str, options: dict, res: int, batch: int, dtype: str, head: bool, card: str,
+               mode: str = "infer", grad_checkpointing: bool = False) -> dict:
+    """One row of a memory CSV: ``predict_memory`` of the configuration (an inference forward, or a train
+    step: ``mode``), what nvidia-smi would show (reserved + ``CONTEXT_GIB``) and whether that fits ``card``."""
+    pred = predict_memory(model, res, batch, dtype, head, CARD_CAPABILITY[card], mode=mode,
+                          grad_checkpointing=grad_checkpointing, **options)
     return {**pred, "mem_pred_used_gib": pred["mem_pred_reserved_gib"] + CONTEXT_GIB, "card": card,
             "card_gib": CARDS[card], "context_gib": CONTEXT_GIB, "fits": fits(pred["mem_pred_reserved_gib"], card)}

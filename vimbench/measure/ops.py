@@ -26,6 +26,17 @@ with the reference backends (``FLOP_IMPL``).
 Bytes: the minimal traffic, every input read once and every output written once (``OpSpec.traffic``);
 what a kernel moves beyond it (the scan's (b, E, L, N) state, eager attention's (b, H, L, L) scores,
 re-reads) is its excess over this ideal.
+Mode train (``mode`` column): one call is the op's forward and the backward of its output for a fixed random
+output gradient (``torch.autograd.grad``, not accumulated into ``.grad``), with gradients for every input
+tensor (the scan's u, delta, A, B, C, D, z and delta_bias; q, k, v; the tokens) and, for mixer_vim and
+block_deit, every weight. FLOPs: the forward's (as above) plus the backward by convention per kind: a
+matmul's or convolution's 2x its forward (grad input and grad weight), attention's 2.5x (FlashAttention's
+convention, its backward recomputing Q K^T: ``ATTENTION_BWD_FACTOR``), the scan's ``scan_bwd_flops`` per
+direction (and the shared gate's 8 per (b, e, t) for Vim's pair). Bytes: the forward's minimal traffic
+(inputs + output) plus the backward's, which reads every input once more and the output's gradient and
+writes every input's gradient (2 x inputs + output): 3 x inputs + 2 x output in all. What a backward moves
+beyond it (the output and logsumexp fused attention re-reads, the probabilities eager attention saved, the
+scan's recomputed states) is its excess.
 
 ``measure_op`` runs one configuration in an isolated worker (see ``isolation.py``):
   time (ms)  GPU: triton.testing.do_bench (CUDA events, L2 flushed, 25 ms warm-up, 100 ms of runs),
@@ -55,10 +66,12 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vimbench.count.flops import flop_category
 from vimbench.kernels.attention import attention, sdpa_kernel_used
 from vimbench.measure.isolation import run_isolated
 from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, selective_scan
 from vimbench.kernels.selective_scan.check import check_named_backend
+from vimbench.kernels.selective_scan.ops import scan_bwd_flops
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
 from vimbench.measure.regime import autocast, compiled
 from vimbench.models.registry import count_params, create_model
@@ -211,16 +224,41 @@ OPS = {spec.name: spec for spec in (
 )}
 FLOP_IMPL = {"scan": "ref", "attn": "eager"}
 """The backends FLOPs are counted with on the meta device (the count is the same for every backend)."""
+ATTENTION_BWD_FACTOR = 2.5
+"""Attention's backward FLOPs per forward FLOP (FlashAttention's convention: dV, dP, dQ, dK and the recomputed
+Q K^T, five matmuls of the forward's two's size)."""
 
 
-def op_cost(op: str, g: Geometry, dtype: str) -> dict:
-    """{"flops_total": FLOPs of one call (FlopCounterMode on meta), "bytes": the minimal traffic model}."""
+def _scan_bwd_cost(op: str, g: Geometry) -> int:
+    """Backward FLOPs of the scans in one call of ``op`` (``scan_bwd_flops``, as Vim calls them: D, delta_bias,
+    softplus): one direction with the gate for ``scan``, two directions and the shared gate's 8 per (b, e, t)
+    for the pair (``scan_bidir``, and the pair inside ``mixer_vim``), none for attention ops."""
+    if OPS[op].family != "vim":
+        return 0
+    one = functools.partial(scan_bwd_flops, g.batch, g.d_inner, g.L, g.d_state, has_D=True, has_delta_bias=True,
+                            delta_softplus=True)
+    if op == "scan":
+        return one(has_z=True)
+    return 2 * one(has_z=False) + 8 * g.batch * g.d_inner * g.L
+
+
+def op_cost(op: str, g: Geometry, dtype: str, mode: str = "infer") -> dict:
+    """{"flops_total": FLOPs of one call (the forward by FlopCounterMode on meta; in train mode plus the
+    backward by convention, see the module docstring), "bytes": the minimal traffic model}."""
     spec, torch_dtype = OPS[op], DTYPES[dtype]
     prep = spec.build(g, FLOP_IMPL[spec.backend], torch.device("meta"), torch_dtype)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        prep.run()
-    return {"flops_total": counter.get_total_flops(), "bytes": spec.traffic(g, torch_dtype.itemsize, prep.params)}
+        out = prep.run()
+    flops, nbytes = counter.get_total_flops(), spec.traffic(g, torch_dtype.itemsize, prep.params)
+    if mode == "infer":
+        return {"flops_total": flops, "bytes": nbytes}
+    by_kind = {"scan": 0, "attention": 0, "linear": 0, "other": 0}
+    for name, n in counter.get_flop_counts()["Global"].items():
+        by_kind[flop_category(name)] += n
+    backward = 2 * by_kind["linear"] + ATTENTION_BWD_FACTOR * by_kind["attention"] + _scan_bwd_cost(op, g)
+    out_bytes = out.numel() * out.element_size()
+    return {"flops_total": int(flops + backward), "bytes": 3 * nbytes - out_bytes}
 
 
 def kernel_name(op: str, impl: str, g: Geometry, device, dtype: torch.dtype) -> str:
@@ -241,9 +279,19 @@ def _time(run, device, timing: dict) -> dict:
     return time_stats(time_loop(run, device, timing["warmup"], timing["repeats"], timing["min_time"]))
 
 
+def _forward_backward(prep: Prepared, forward: Callable) -> Callable[[], tuple]:
+    """One train call of a prepared op: ``forward()`` then the gradients of every input tensor (its weights
+    included) for a fixed random output gradient (made here, outside the timed region), returned by
+    ``torch.autograd.grad`` rather than accumulated."""
+    wrt = [t.requires_grad_() for t in prep.inputs]
+    grad_out = torch.randn_like(prep.run())
+    return lambda: torch.autograd.grad(forward(), wrt, grad_out)
+
+
 def measure_op(cfg: dict) -> dict:
     """Times one configuration (run it through ``run_isolated``). ``cfg``: op, impl (a concrete backend),
-    geometry (``Geometry`` as a dict), device ("cpu" | "cuda:N"), dtype (fp32 | fp16 | bf16), compile and
+    geometry (``Geometry`` as a dict), device ("cpu" | "cuda:N"), dtype (fp32 | fp16 | bf16), mode (infer: one
+    forward under inference_mode; train: forward and backward, ``_forward_backward``), compile and
     amp (the regime, see the module docstring), threads (CPU threads, 0 = torch's default), timing (CPU:
     warmup, repeats, min_time). Returns kernel, time_ms, time_ms_p10, time_ms_p90, repeats (CPU),
     mem_peak_gib, threads, load_avg_1m, and for a compiled op compile_s and graph_breaks."""
@@ -259,11 +307,12 @@ def measure_op(cfg: dict) -> dict:
         with autocast(device, cfg["amp"]):
             return fn()
 
-    with torch.inference_mode():
+    train = cfg.get("mode") == "train"
+    with torch.inference_mode(not train):
         prep = OPS[cfg["op"]].build(g, cfg["impl"], device, dtype)
         op, compile_info = compiled(prep.run, cfg["compile"], call)  # before anything is timed
         out.update(compile_info)
-        run = functools.partial(call, op)
+        run = functools.partial(call, op) if not train else _forward_backward(prep, functools.partial(call, op))
         run()  # first call outside everything: compilation, autotuning, library handles
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -334,11 +383,12 @@ def check_scans(scans: list[str], device, log, grads: bool = False) -> dict[str,
 def preamble(cfg: dict) -> dict:
     """What a kernels sweep needs before any timing, run once where its configurations run (a launcher's
     ``run_job``): the correctness of each scan backend in ``cfg["scans"]`` (``check_scans``) and the device's
-    ceilings (``measure_ceilings``), each in its own worker. ``cfg``: scans, device, dtype, threads, timing.
+    ceilings (``measure_ceilings``), each in its own worker. ``cfg``: scans, device, dtype, threads, timing, and
+    grads (a sweep with train rows: the gradients are checked too, ``check_scans(grads=True)``).
     Returns plain data: passed (one line per backend that passed), failed ({backend: why}), ceilings
     ({ceiling_gbs, ceiling_gflops_s}; {} when measuring them failed) and warning ("" or why they are missing)."""
     passed = []
-    failed = check_scans(cfg["scans"], cfg["device"], passed.append)
+    failed = check_scans(cfg["scans"], cfg["device"], passed.append, grads=cfg.get("grads", False))
     ceilings = run_isolated(measure_ceilings, (cfg,))
     if ceilings.pop("status") != "ok":
         return {"passed": passed, "failed": failed, "ceilings": {},
@@ -380,7 +430,7 @@ def kernel_row(cfg: dict, fixed: dict) -> dict:
     g = cfg["geometry"]
     row = {k: cfg[k] for k in ("op", "impl", "model", "res", "batch", "dtype", "mode", "compile", "amp", "device")}
     row.update({k: g[k] or "" for k in ("width", "heads", "head_dim", "d_inner", "d_state")}, tokens=g["L"],
-               kernel=cfg["impl"], **fixed, **op_cost(cfg["op"], Geometry(**g), cfg["dtype"]),
+               kernel=cfg["impl"], **fixed, **op_cost(cfg["op"], Geometry(**g), cfg["dtype"], cfg["mode"]),
                timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     row.update(run_isolated(measure_op, (cfg,), timeout=CONFIG_TIMEOUT_S))
     if row["status"] == "ok":
@@ -389,10 +439,11 @@ def kernel_row(cfg: dict, fixed: dict) -> dict:
 
 
 def op_configs(models: list[str], res_list: list[int], impls: dict, batch: int, dtype: str, device, threads: int,
-               timing: dict, regimes: list[tuple[str, str]] = (("none", "none"),)) -> list[dict]:
-    """Every (resolution, model, op, backend, regime) configuration, in that order: each model runs the ops
-    of its family (``OpSpec.family``) with each backend of the op's kind in ``impls`` ({"scan": [...],
-    "attn": [...]}), in each (compile, amp) of ``regimes``."""
+               timing: dict, regimes: list[tuple[str, str]] = (("none", "none"),),
+               modes: list[str] = ("infer",)) -> list[dict]:
+    """Every (resolution, model, op, backend, mode, regime) configuration, in that order: each model runs the
+    ops of its family (``OpSpec.family``) with each backend of the op's kind in ``impls`` ({"scan": [...],
+    "attn": [...]}), in each of ``modes`` (infer, train) and each (compile, amp) of ``regimes``."""
     configs = []
     for res in res_list:
         for model in models:
@@ -401,7 +452,7 @@ def op_configs(models: list[str], res_list: list[int], impls: dict, batch: int, 
             for spec in OPS.values():
                 if spec.family == family:
                     configs += [dict(op=spec.name, impl=impl, model=model, res=res, batch=batch, dtype=dtype,
-                                     mode="infer", compile=compile_mode, amp=amp, device=str(device),
+                                     mode=mode, compile=compile_mode, amp=amp, device=str(device),
                                      geometry=dataclasses.asdict(geometry), threads=threads, timing=timing)
-                                for impl in impls[spec.backend] for compile_mode, amp in regimes]
+                                for impl in impls[spec.backend] for mode in modes for compile_mode, amp in regimes]
     return configs

@@ -92,6 +92,8 @@ def setting_title(s: Setting) -> str:
         parts.append("with classifier head" if s.key["head"] else "backbone only")
     if "width" in s.key:
         parts.append(f"width {int(s.key['width'])}")
+    if s.key.get("mode", "infer") == "train":
+        parts.append("train step" + (", activation checkpointing" if s.key.get("grad_checkpointing") else ""))
     if s.key.get("compile", "none") != "none" or s.key.get("amp", "none") != "none":
         parts.append(regime_title(s.key))
     return " | ".join(parts)

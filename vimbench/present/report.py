@@ -20,6 +20,12 @@ Regimes. Each (compile, amp) regime of the CSV is its own setting, with its own 
 claim check. "Does compiling both contenders change the verdict?" pairs each compiled setting with its
 eager twin (``vimbench.analysis.regimes``): the crossovers and the Vim/DeiT ratio at the top of the sweep
 in both, the claim verdicts that differ, and what compiling did to each model's speed.
+
+Training. Train-step rows (mode train) are their own settings, with their own exponents and crossovers
+(never fitted with inference rows); the claim check applies to inference settings only (the paper's claims
+are about inference). "Training against inference" pairs each train setting with its inference twin
+(``vimbench.analysis.training``): per model and backend the train/infer throughput and memory ratios at
+each resolution both measured, beside VMamba's published train/infer throughput ratios.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from vimbench.analysis import paper
-from vimbench.analysis import regimes
+from vimbench.analysis import regimes, training
 from vimbench.analysis.crossovers import crossover_cell
 from vimbench.analysis.fit import describe_fit, fit_sweep
 from vimbench.present.figures import plot_results, setting_title
@@ -390,6 +396,13 @@ def build_report(df: pd.DataFrame, source: str, figures: dict[str, list[str]],
         lines += [f"{h} Scaling exponents in tokens", ""] + exponent_table(s) + [""]
         lines += [f"{h} Share of DeiT FLOPs in attention", ""] + attention_share_table(s) + [""]
         lines += [f"{h} Crossovers", ""] + crossover_lines(s) + [""]
+        if s.key.get("mode", "infer") == "train":
+            lines += [f"{h} Claim check", "", "Not applicable: the paper's claims (Fig. 1 and the abstract) are "
+                      "about inference, and this setting measured train steps; see \"Training against "
+                      "inference\" below.", ""]
+            if not s.is_cpu:
+                lines += [f"{h} Predicted vs measured GPU memory", ""] + memory_prediction_lines(s) + [""]
+            continue
         lines += [f"{h} Claim check: Vim-Ti vs DeiT-Ti (paper Fig. 1 and abstract)", ""]
         missing = [m for m in ("vim_tiny", "deit_tiny") if not (s.rows["model"] == m).any()]
         if missing:
@@ -408,6 +421,8 @@ def build_report(df: pd.DataFrame, source: str, figures: dict[str, list[str]],
     pairs = regimes.compile_pairs(settings)
     if pairs:
         lines += ["## Does compiling both contenders change the verdict?", ""] + compile_lines(pairs) + [""]
+    if any(s.key.get("mode", "infer") == "train" for s in settings):
+        lines += ["## Training against inference", ""] + training_lines(training.train_pairs(settings)) + [""]
     lines += ["## Predicted GPU memory in the paper's setting vs Fig. 1(c)", ""] + paper_memory_lines(memory) + [""]
     lines += ["## Failed runs", ""] + failures(df) + [""]
     lines += ["## Environment", ""] + environment_lines(df) + [""]
@@ -446,6 +461,29 @@ def compile_lines(pairs: list[tuple[Setting, Setting]]) -> list[str]:
                   "one forward), never timed; graph_breaks: places where TorchDynamo fell back to Python."]
 
 
+def training_lines(pairs: list[tuple[Setting, Setting]]) -> list[str]:
+    """Per (inference, train) pair of settings: the train/infer throughput and memory ratio of each model and
+    backend at each resolution both measured, with VMamba's published ratios as context."""
+    context = ", ".join(f"{m} keeps {r:g}" for m, r in training.PUBLISHED_TRAIN_INFER.items())
+    out = [f"Train/infer ratios: a train step (forward, loss, backward, SGD step) against one inference forward, "
+           f"images per second and peak memory (rows at the setting's batch). Published context (VMamba's "
+           f"README, 224 px, A100): {context} of its inference throughput when training.", ""]
+    if not pairs:
+        return out + ["No train setting has an inference twin (same device, dtype, batch, head and regime)."]
+    for infer, train in pairs:
+        ckpt = " with activation checkpointing" if train.key.get("grad_checkpointing") else ""
+        out += [f"### {setting_title(train)}{ckpt}", ""]
+        rows = training.train_infer_ratios(infer, train)
+        if not rows:
+            out += ["No model and backend measured ok in both modes at a common resolution.", ""]
+            continue
+        out += ["| model | impl | res | train/infer throughput | train/infer memory |", "|---|---|---|---|---|"]
+        out += [f"| {r['model']} | {r['impl']} | {r['res']:g} | {r['throughput_ratio']:.2f} | "
+                f"{'' if r['memory_ratio'] is None else format(r['memory_ratio'], '.2f')} |" for r in rows]
+        out += [""]
+    return out
+
+
 def memory_prediction_lines(s: Setting) -> list[str]:
     """mem_pred_peak_gib (vimbench.count.memory's prediction, made without a GPU) beside torch's measured peak
     allocated, reserved and NVML memory for each ok row of a GPU setting; the goal is within 10% of peak."""
@@ -474,8 +512,9 @@ def memory_prediction_lines(s: Setting) -> list[str]:
 
 def paper_memory_table(memory: pd.DataFrame) -> list[str]:
     """The rows of a memory CSV that the paper measured too (``paper_gib`` present, or NaN for its OOM)
-    as a Markdown table: predicted peak and reserved + context beside Fig. 1 (c), errors relative to it."""
-    rows = memory[memory["status"] == "ok"].copy()
+    as a Markdown table: predicted peak and reserved + context beside Fig. 1 (c), errors relative to it.
+    Inference rows only: the paper measured inference."""
+    rows = memory[(memory["status"] == "ok") & (memory["mode"] == "infer")].copy()
     in_paper = rows["paper_gib"].notna() | (rows["model"] == "deit_tiny")  # NaN for deit_tiny: the paper's OOM
     rows = rows[rows["model"].isin(["vim_tiny", "deit_tiny"]) & in_paper]
     if rows.empty:
@@ -501,7 +540,7 @@ def paper_memory_lines(memory: pd.DataFrame | None) -> list[str]:
                 "predicted memory of the paper's setting beside Fig. 1 (c)."]
     out = paper_memory_table(memory)
     deit = memory[(memory["model"] == "deit_tiny") & (memory["res"] == 1248) & (memory["impl"] == "eager")
-                  & (memory["status"] == "ok")]
+                  & (memory["status"] == "ok") & (memory["mode"] == "infer")]
     out += ["", "GiB = 2^30 B; the paper's GB read as GiB. The prediction counts tensors only: peak allocated is "
                 "what torch.cuda.max_memory_allocated reports, reserved adds the caching allocator's cached "
                 "segments, and the CUDA context (context_gib) is added for what nvidia-smi would show. The "

@@ -28,14 +28,14 @@ def with_current_names(df: pd.DataFrame) -> pd.DataFrame:
 
 def with_regime(kind: str, df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with its ``mode`` filled (infer where absent or empty: every CSV from before training mode measured
-    inference) and the regime columns (``REGIME``) of a scaling or kernel CSV filled: none where absent or empty;
-    a scaling CSV's ``grad_checkpointing``: False where absent or empty."""
+    inference), the regime columns (``REGIME``) of a scaling or kernel CSV filled: none where absent or empty,
+    and ``grad_checkpointing`` where a setting has it: False where absent or empty (no checkpointing)."""
     fill = {MODE: "infer", **({col: "none" for col in REGIME} if kind in ("scaling", "kernels") else {})}
     df = df.assign(**{col: df[col].fillna(v).astype(str) if col in df.columns else v for col, v in fill.items()})
-    if kind != "scaling":
-        return df
-    return df.assign(**{GRAD_CHECKPOINTING: df[GRAD_CHECKPOINTING].fillna(False) if GRAD_CHECKPOINTING in df.columns
-                        else False})
+    if GRAD_CHECKPOINTING in SCHEMAS[kind].setting:
+        df = df.assign(**{GRAD_CHECKPOINTING: df[GRAD_CHECKPOINTING].fillna(False) if GRAD_CHECKPOINTING in df.columns
+                          else False})
+    return df
 
 
 def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]:

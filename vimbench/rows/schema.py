@@ -41,8 +41,9 @@ COLUMN_DOCS = {
     "amp": ("", "none, or the torch.autocast dtype (fp16, bf16) the call ran in; weights stay in dtype"),
     "mode": ("", "infer (a forward under inference_mode) or train (forward, backward and optimizer step); CSVs "
                  "without the column: infer"),
-    "grad_checkpointing": ("", "scaling: True when each block's activations were recomputed in the backward "
-                               "(activation checkpointing per block, --grad-checkpointing); False for infer rows"),
+    "grad_checkpointing": ("", "train rows: True when each block's activations were recomputed in the backward "
+                               "(activation checkpointing per block, --grad-checkpointing); False for infer rows "
+                               "and in CSVs without it"),
     "batch_search": ("", "scaling --max-batch: how `batch` was found, e.g. 'doubling+bisection: 37 fits, 38 does "
                          "not (12 tries)'; empty when the batch was given"),
     "compile_s": ("s", "wall time of the first call of the compiled callable (tracing, compiling, one run); "
@@ -178,23 +179,24 @@ KERNELS = Schema(
 )
 FLOPS = Schema(
     "flops",
-    ["model", "family", "impl", "res", "tokens", "batch", "head", MODE, "status", "error", "params", *FLOP_COLUMNS,
-     *ENVIRONMENT],
-    key=["model", "impl", "res", "batch", "head", MODE],
+    ["model", "family", "impl", "res", "tokens", "batch", "head", MODE, GRAD_CHECKPOINTING, "status", "error",
+     "params", *FLOP_COLUMNS, *ENVIRONMENT],
+    key=["model", "impl", "res", "batch", "head", MODE, GRAD_CHECKPOINTING],
     required=("model", "impl", "res", "tokens", "batch", "head", "status", *FLOP_COLUMNS),
     marker=(),
-    setting=("batch", "head", MODE),
+    setting=("batch", "head", MODE, GRAD_CHECKPOINTING),
 )
 MEMORY = Schema(
     "memory",
-    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "dtype", "head", MODE, "status", "error", "params",
-     "mem_pred_weights_gib", "mem_pred_activations_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
-     "mem_pred_used_gib", "card", "card_gib", "context_gib", "fits", "paper_gib", *ENVIRONMENT],
-    key=["model", "impl", "res", "batch", "dtype", "head", MODE, "card"],
+    ["model", "family", "impl", "kernel", "res", "tokens", "batch", "dtype", "head", MODE, GRAD_CHECKPOINTING,
+     "status", "error", "params", "mem_pred_weights_gib", "mem_pred_activations_gib", "mem_pred_peak_gib",
+     "mem_pred_reserved_gib", "mem_pred_used_gib", "card", "card_gib", "context_gib", "fits", "paper_gib",
+     *ENVIRONMENT],
+    key=["model", "impl", "res", "batch", "dtype", "head", MODE, GRAD_CHECKPOINTING, "card"],
     required=("model", "impl", "res", "tokens", "batch", "dtype", "head", "status", "mem_pred_peak_gib",
               "mem_pred_reserved_gib"),
     marker=("mem_pred_reserved_gib",),
-    setting=("dtype", "batch", "head", MODE, "card"),
+    setting=("dtype", "batch", "head", MODE, GRAD_CHECKPOINTING, "card"),
 )
 SCHEMAS = {s.kind: s for s in (SCALING, KERNELS, FLOPS, MEMORY)}
 
