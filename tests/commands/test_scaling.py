@@ -219,9 +219,17 @@ def test_train_rows_beside_infer_rows(tmp_path):
     # one timed step: the phases make up the step
     phases = train.time_fwd_ms + train.time_bwd_ms + train.time_opt_ms
     assert ((phases - train.time_ms).abs() < 1e-6 * train.time_ms).all()
-    assert train.mem_peak_gib.notna().all() and train.mem_pred_peak_gib.isna().all()
-    assert infer.mem_pred_peak_gib.notna().all()  # inference rows keep their prediction
-    assert train.flops_total.tolist() == infer.flops_total.tolist()  # the forward's count (train FLOPs: `flops`)
+    assert train.mem_peak_gib.notna().all() and df.mem_pred_peak_gib.notna().all()
+    # a train row counts and predicts its step (forward, backward, with checkpointing), not the forward
+    from vimbench.count.flops import count_flops
+    from vimbench.count.memory import predict_memory
+    for _, r in train.iterrows():
+        options = {"scan": "ref"} if r.model == "vim_tiny" else {"attn": "eager"}
+        assert r.flops_total == count_flops(r.model, 32, 1, mode="train", grad_checkpointing=True,
+                                            **options)["flops_total"]
+        assert r.mem_pred_peak_gib == pytest.approx(predict_memory(r.model, 32, 1, mode="train", grad_checkpointing=True,
+                                                                   **options)["mem_pred_peak_gib"])
+    assert (train.flops_total.values > 2 * infer.flops_total.values).all()
     from vimbench.rows.reader import load_results, split_settings
     _, rows = load_results(out)
     assert sorted(s.slug for s in split_settings("scaling", rows)) == ["cpu-fp32-b1-backbone",

@@ -1,6 +1,6 @@
 """A row of a scaling CSV: the measured forward or train step (``measure.model.measure_model`` in its own
-worker), the configuration's FLOPs counted on the meta device (``count.flops``), and for inference its
-predicted GPU memory (``count.memory``); see ``rows/schema.py`` (SCALING) for the columns.
+worker), the configuration's FLOPs counted on the meta device (``count.flops``: a forward, or for train a
+forward and backward), and its predicted GPU memory (``count.memory``: eager, not under autocast for train); see ``rows/schema.py`` (SCALING) for the columns.
 
 --max-batch (``batch_requested`` 0): the batch is the largest that fits (``largest_batch``: doubling from 1,
 then bisection between the last batch that fit and the first that did not), each try a short run (``PROBE``:
@@ -24,7 +24,8 @@ from vimbench.measure.model import measure_model
 
 def config_flops(cfg: dict) -> dict:
     """FLOPs, params and tokens of a configuration (counted on the meta device, no worker needed)."""
-    return count_flops(cfg["model"], cfg["res"], cfg["batch"], cfg["head"], **cfg["options"])
+    return count_flops(cfg["model"], cfg["res"], cfg["batch"], cfg["head"], mode=cfg["mode"],
+                       grad_checkpointing=cfg["grad_checkpointing"], **cfg["options"])
 
 
 CONFIG_TIMEOUT_S = 3600
@@ -113,7 +114,7 @@ def max_batch(cfg: dict) -> dict:
 
 def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
     """One row of a scaling CSV: ``measure_model`` in its own worker (on OOM retried at ``decay_batch``
-    sizes when ``backoff``), the configuration's FLOPs, for inference its predicted GPU memory, and
+    sizes when ``backoff``), the configuration's FLOPs, its predicted GPU memory, and
     ``fixed`` (the environment and command). ``cfg``: as ``measure_model`` takes it, with
     ``batch_requested`` for the batch (0: --max-batch, ``max_batch``; then ``mem_limit_gib`` on CPU), plus
     family and impl."""
@@ -143,11 +144,12 @@ def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
         return row  # a CPU-only scan backend (cpp): no GPU run to predict, mem_pred_peak_gib stays empty
     if cfg["compile"] != "none":  # the prediction replays eager execution; inductor's fused kernels allocate less
         return row
-    if cfg["mode"] != "infer":  # the prediction covers an inference forward
+    if cfg["mode"] == "train" and cfg["amp"] != "none":  # a train step under autocast is not modelled
         return row
     try:  # the GPU memory this configuration is predicted to need, on any device (vimbench.count.memory)
-        row["mem_pred_peak_gib"] = predict_memory(cfg["model"], cfg["res"], batch, cfg["dtype"], cfg["head"],
-                                                  amp=cfg["amp"], **cfg["options"])["mem_pred_peak_gib"]
+        row["mem_pred_peak_gib"] = predict_memory(
+            cfg["model"], cfg["res"], batch, cfg["dtype"], cfg["head"], amp=cfg["amp"], mode=cfg["mode"],
+            grad_checkpointing=cfg["grad_checkpointing"], **cfg["options"])["mem_pred_peak_gib"]
     except Exception as e:  # a failed prediction must not cost the measured row
         row["error"] = "; ".join(filter(None, [row.get("error"), f"mem_pred failed: {type(e).__name__}: {e}"]))
     return row

@@ -69,8 +69,9 @@ COLUMN_DOCS = {
     "mem_limit_gib": ("GiB", "scaling --max-batch on CPU: a try fit when its mem_peak_gib stayed at or below this"),
     "mem_reserved_gib": ("GiB", "GPU: torch.cuda.max_memory_reserved"),
     "mem_nvml_gib": ("GiB", "GPU: NVML used memory, max during the timed loop, minus the level before"),
-    "mem_pred_peak_gib": ("GiB", "predicted torch.cuda.max_memory_allocated (fake CUDA tensors, eager); empty "
-                                 "for compiled rows and for a backend with no GPU path (cpp)"),
+    "mem_pred_peak_gib": ("GiB", "predicted torch.cuda.max_memory_allocated (fake CUDA tensors, eager; train: the "
+                                 "steady-state step); empty for compiled rows, train rows under autocast and a "
+                                 "backend with no GPU path (cpp)"),
     "mem_pred_reserved_gib": ("GiB", "predicted torch.cuda.max_memory_reserved (caching-allocator model)"),
     "mem_pred_weights_gib": ("GiB", "predicted parameters and buffers"),
     "mem_pred_activations_gib": ("GiB", "predicted peak minus weights"),
