@@ -360,9 +360,10 @@ def _scan_bwd_flop_formula(u, delta, A, B, C, D, z, delta_bias, dout, delta_soft
 
 
 def _bidir_bwd_flop_formula(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
-                            dout, delta_softplus, backend, out_shape=None, **kw):
-    """FLOPs of one bidirectional backward call: the two directions' backwards without the gate, and the gate's
-    backward (8 per (b, e, t), as in ``scan_bwd_flops``; the sum y_f + y_b passes dy to both for free)."""
+                            dout, delta_softplus, backend=None, out_shape=None, **kw):
+    """FLOPs of one bidirectional backward call (the custom op's, and the compiled one's, which has no
+    ``backend``): the two directions' backwards without the gate, and the gate's backward (8 per (b, e, t), as in
+    ``scan_bwd_flops``; the sum y_f + y_b passes dy to both for free)."""
     b, E, L = u
     one = functools.partial(scan_bwd_flops, b, E, L, A[1], has_z=False, delta_softplus=delta_softplus)
     return (one(has_D=D is not None, has_delta_bias=delta_bias is not None)
@@ -376,23 +377,11 @@ register_flop_formula(torch.ops.vimbench.selective_scan_bwd)(_scan_bwd_flop_form
 register_flop_formula(torch.ops.vimbench.bidirectional_scan_bwd)(_bidir_bwd_flop_formula)
 
 
-def _scan_bwd_flop_formula(u, delta, A, B, C, D, z, delta_bias, dout, dlast, delta_softplus, out_shape=None, **kw):
-    """FLOPs of one compiled scan backward (``vimbench_cpu::selective_scan_bwd``) from its argument shapes."""
-    b, E, L = u
-    return scan_bwd_flops(b, E, L, A[1], has_D=D is not None, has_z=z is not None,
-                          has_delta_bias=delta_bias is not None, delta_softplus=delta_softplus)
-
-
-def _bidir_bwd_flop_formula(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
-                            dout, delta_softplus, out_shape=None, **kw):
-    """FLOPs of one compiled bidirectional backward (``vimbench_cpu::bidirectional_scan_bwd``): the two
-    directions' backwards without their gates, then per (b, e, t) the shared gate's dy and dz (8, as in
-    ``scan_bwd_flops``) and the sum y_f + y_b that dz needs (1)."""
-    b, E, L = u
-    one = functools.partial(scan_bwd_flops, b, E, L, A[1], has_z=False, delta_softplus=delta_softplus)
-    return (one(has_D=D is not None, has_delta_bias=delta_bias is not None)
-            + one(has_D=D_b is not None, has_delta_bias=delta_bias_b is not None)
-            + b * E * L * 9 * (z is not None))
+def _compiled_scan_bwd_flop_formula(u, delta, A, B, C, D, z, delta_bias, dout, dlast, delta_softplus,
+                                    out_shape=None, **kw):
+    """``_scan_bwd_flop_formula`` for the compiled scan backward (``vimbench_cpu::selective_scan_bwd``), whose
+    arguments hold the last state's gradient and no backend."""
+    return _scan_bwd_flop_formula(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -459,7 +448,7 @@ def _describe_compiled_scan() -> None:
         dz = _grad_like(z) if z is not None else u.new_empty(0, dtype=torch.float32)
         return f[:6] + r[:6] + [dz, f[6], r[6]]
 
-    register_flop_formula(torch.ops.vimbench_cpu.selective_scan_bwd)(_scan_bwd_flop_formula)
+    register_flop_formula(torch.ops.vimbench_cpu.selective_scan_bwd)(_compiled_scan_bwd_flop_formula)
     register_flop_formula(torch.ops.vimbench_cpu.bidirectional_scan_bwd)(_bidir_bwd_flop_formula)
 
     # autograd: the backward ops recompute the forward states from the saved inputs (nothing else is saved)

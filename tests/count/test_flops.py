@@ -84,12 +84,14 @@ def test_deit_train_flops_closed_form(attn, grad_checkpointing):
     assert got["flops_scan"] == 0 and got["flops_other"] == 0
 
 
-@pytest.mark.parametrize("scan", ["cpu", "ref"])
+@pytest.mark.parametrize("scan", ["cpu", "ref", "cpp"])
 def test_vim_train_flops_closed_form(scan):
     """A Vim train step: every matmul and convolution (the depthwise conv1d included, whose weight gradient
     torch's own formula counts E times over) 3x its forward, the patch embedding 2x; the scan part is the
     forward's plus per layer each direction's ``scan_bwd_flops`` and the shared gate's backward (8 per
     (b, e, t))."""
+    if scan == "cpp" and not compiled_cpu.available()[0]:
+        pytest.skip(compiled_cpu.available()[1])
     res, D, b, N = 64, 192, 2, 16
     L, E = (res // 16) ** 2 + 1, 2 * D
     fwd = vim_closed_form(res, D, b=b)
