@@ -103,13 +103,15 @@ def command(ctx, **opts):
     if pre["warning"]:
         click.echo(f"warning: {pre['warning']}", err=True)
     failed, fixed = pre["failed"], {**pre["ceilings"], "command": o.command_line(ctx)}
+    # decided here, not in the jobs (a job's process may not have a plug-in's registration)
+    train_only = {impl for impl, why in failed.items()
+                  if why.startswith("gradient check failed") or why == forward_only(impl)}
 
     def row(cfg):
         # correctness gates speed: no timing for a backend that failed its check (a forward-only backend or
         # wrong gradients fail its train rows only)
         why = failed.get(cfg["impl"])
-        if why and (cfg["mode"] == "train" or not (why.startswith("gradient check failed")
-                                                   or why == forward_only(cfg["impl"]))):
+        if why and (cfg["mode"] == "train" or cfg["impl"] not in train_only):
             return {**{k: cfg[k] for k in KERNELS.key}, **fixed, "status": "error", "error": why}
         return kernel_row(cfg, fixed)
 
