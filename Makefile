@@ -1,5 +1,5 @@
 # Quick start: `make run` (set up, then the main job: the resolution sweep on whatever device is present)
-#              `make test` (set up, then the test suite).
+#              `make test` (set up, then the test suite but its slow tests, which `make test-slow` runs).
 #              `make gate` (regression gates: FLOPs and kernel resources exactly, then CPU kernel timings).
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,12 +10,15 @@ $(BIN)/vimbench: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: run test gate
+.PHONY: run test test-slow gate
 run: $(BIN)/vimbench
 	$(BIN)/vimbench scaling
 
 test: $(BIN)/vimbench
-	$(BIN)/pytest -q -m "not noisy"
+	$(BIN)/pytest -q -m "not noisy and not slow"
+
+test-slow: $(BIN)/vimbench
+	$(BIN)/pytest -q -m "slow and not noisy"
 
 gate: $(BIN)/vimbench
 	$(BIN)/vimbench gate --deterministic

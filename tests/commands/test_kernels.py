@@ -74,6 +74,7 @@ def test_train_flops_and_bytes_add_the_backward():
         assert cost["bytes"] == 3 * inputs + 2 * out.numel() * out.element_size(), op
 
 
+@pytest.mark.slow
 def test_train_rows_time_forward_and_backward(tmp_path):
     out = tmp_path / "k.csv"
     assert main(["kernels", "--res", "32", "--scan", "cpu", "--attn", "eager", "--mode", "infer,train",

@@ -39,6 +39,7 @@ def test_models_lists_a_registered_scan_backend(fresh_plugins, capsys):
     assert row.split()[5:7] == ["unavailable", "yes"]
 
 
+@pytest.mark.slow
 def test_check_backend_passes_a_correct_plugin_and_fails_a_wrong_one(fresh_plugins, capsys):
     vimbench.register_scan_backend("mine", selective_scan_ref, devices="cpu")
     vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")

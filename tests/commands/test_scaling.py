@@ -205,6 +205,7 @@ def test_a_scan_that_fails_its_check_gets_train_error_rows_and_no_timing(tmp_pat
     assert (df.status[~bad] == "ok").all() and len(df) == 4
 
 
+@pytest.mark.slow
 def test_train_rows_beside_infer_rows(tmp_path):
     out = tmp_path / "t.csv"
     assert main(["scaling", "--models", "vim_tiny,deit_tiny", "--scan", "ref", "--attn", "eager", "--res", "32",

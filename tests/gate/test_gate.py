@@ -139,12 +139,14 @@ def test_timing_gate_bad_input_is_one_line_exit_2(tmp_path, capsys):
 # The deterministic gate (committed benchmarks/baselines/deterministic.json)
 # ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_deterministic_gate_passes_on_the_unchanged_tree(capsys):
     code, out, err = run(["gate", "--deterministic"], capsys)
     assert code == 0, out + err
     assert "deterministic gate: ok" in out
 
 
+@pytest.mark.slow
 def test_deterministic_gate_fails_when_the_scan_flop_formula_changes(monkeypatch, capsys):
     monkeypatch.setattr(scan_module, "SCAN_FLOPS_PER_STATE", scan_module.SCAN_FLOPS_PER_STATE + 1)
     code, out, err = run(["gate", "--deterministic"], capsys)
@@ -154,6 +156,7 @@ def test_deterministic_gate_fails_when_the_scan_flop_formula_changes(monkeypatch
     assert not any("deit" in line for line in diff)          # attention models have no scan
 
 
+@pytest.mark.slow
 def test_deterministic_gate_fails_when_kernel_registers_change(monkeypatch, capsys):
     real = kernel_compile.compile_report
 

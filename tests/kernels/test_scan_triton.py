@@ -110,6 +110,7 @@ def test_backward_is_refused_as_forward_only(design):
     assert result["check_ok"] and result["forward_only"].startswith(f"scan backend '{design}' is forward-only")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="this is the parent test that starts the interpreter run")
 def test_interpreter_cases():
     env = dict(os.environ, TRITON_INTERPRET="1")

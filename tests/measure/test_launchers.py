@@ -64,6 +64,7 @@ def test_a_single_job_runs_on_the_first_slot(tmp_path):
     assert row["launcher"] == "plain" and row["workers"] == 1 and row["job_id"] == ""
 
 
+@pytest.mark.slow
 def test_local_jobs_give_the_keys_of_a_plain_run_and_a_killed_job_an_error_row(tmp_path):
     def run_one(cfg):  # pickled by value into each job
         if cfg["name"] == "c":
