@@ -41,7 +41,7 @@ bidirectional_scan_fwd (it saves the inputs, nothing else), whose backward is th
 gradients of autograd through ``ref.selective_scan_ref`` (mamba_ssm's backward) for u, delta (the raw delta,
 before bias and softplus), A, B, C (summed over the channels of a group), D, z and delta_bias, and for the
 last state's gradient (dlast, which starts the reverse recurrence). The backward recomputes the forward states
-from checkpoints it keeps every 32 steps, never forms a (b, E, L, N) tensor, and reduces dB, dC over channels
+from checkpoints it keeps every 16 steps, never forms a (b, E, L, N) tensor, and reduces dB, dC over channels
 and dA, dD, ddelta_bias over batch without atomics (deterministic for a given thread count); design in the
 header of csrc/selective_scan_bwd_cpu.cpp. du, ddelta and dz come back in their input's dtype and memory
 layout (time-major in, time-major out, so the Vim mixer copies nothing); dA, dB, dC, dD and ddelta_bias in
