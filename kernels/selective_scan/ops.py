@@ -413,7 +413,7 @@ def _grad_like(x: Tensor) -> Tensor:
     return _compiled_out(x, compiled_cpu.is_time_major(x))
 
 
-def _grads_fake(u, delta, A, B, C, D, delta_bias) -> list[Tensor]:
+def _compiled_grads_fake(u, delta, A, B, C, D, delta_bias) -> list[Tensor]:
     """One direction's gradients as the compiled backward allocates them: du, ddelta, dA, dB, dC, dD,
     ddelta_bias; dB and dC with stride 1 along N; an absent input's gradient empty (0,) float32."""
     def bc(M):
@@ -425,7 +425,7 @@ def _grads_fake(u, delta, A, B, C, D, delta_bias) -> list[Tensor]:
     return [_grad_like(u), _grad_like(delta), torch.empty_like(A), bc(B), bc(C), opt(D), opt(delta_bias)]
 
 
-def _present(grads, inputs) -> tuple:
+def _given(grads, inputs) -> tuple:
     """The gradients of the inputs that were given (None for an absent optional input, whose gradient the
     compiled backward returns empty)."""
     return tuple(None if x is None else g for g, x in zip(grads, inputs))
@@ -448,14 +448,14 @@ def _describe_compiled_scan() -> None:
 
     @torch.library.register_fake("vimbench_cpu::selective_scan_bwd")
     def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, delta_softplus):
-        du, ddelta, dA, dB, dC, dD, dbias = _grads_fake(u, delta, A, B, C, D, delta_bias)
+        du, ddelta, dA, dB, dC, dD, dbias = _compiled_grads_fake(u, delta, A, B, C, D, delta_bias)
         dz = _grad_like(z) if z is not None else u.new_empty(0, dtype=torch.float32)
         return [du, ddelta, dA, dB, dC, dD, dz, dbias]
 
     @torch.library.register_fake("vimbench_cpu::bidirectional_scan_bwd")
     def _(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b, dout, delta_softplus):
-        f = _grads_fake(u, delta, A, B, C, D, delta_bias)
-        r = _grads_fake(u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b)
+        f = _compiled_grads_fake(u, delta, A, B, C, D, delta_bias)
+        r = _compiled_grads_fake(u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b)
         dz = _grad_like(z) if z is not None else u.new_empty(0, dtype=torch.float32)
         return f[:6] + r[:6] + [dz, f[6], r[6]]
 
@@ -472,12 +472,12 @@ def _describe_compiled_scan() -> None:
         grads = torch.ops.vimbench_cpu.selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, dlast,
                                                           ctx.delta_softplus)
         du, ddelta, dA, dB, dC, dD, dz, dbias = grads
-        return _present((du, ddelta, dA, dB, dC, dD, dz, dbias), ctx.saved_tensors) + (None, None)
+        return _given((du, ddelta, dA, dB, dC, dD, dz, dbias), ctx.saved_tensors) + (None, None)
 
     def _bidir_backward(ctx, dout):
         inputs = ctx.saved_tensors
         grads = torch.ops.vimbench_cpu.bidirectional_scan_bwd(*inputs, dout, ctx.delta_softplus)
-        return _present(grads, inputs) + (None, None)
+        return _given(grads, inputs) + (None, None)
 
     torch.library.register_autograd("vimbench_cpu::selective_scan_fwd", _scan_backward, setup_context=_setup)
     torch.library.register_autograd("vimbench_cpu::bidirectional_scan_fwd", _bidir_backward, setup_context=_setup)
