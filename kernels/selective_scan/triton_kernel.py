@@ -263,8 +263,9 @@ def kernel_configs(N: int = 16):
     specialises on these values (``vimbench.count.kernel_compile.specialisation``), and every Vim shape
     gives the same variant: G = 1, E = 2 D divisible by 16, L = (res/16)^2 + 1 neither 1 nor divisible by
     16. Cases: the one-direction scan (D, z, delta_bias, softplus, last state) and the bidirectional scan
-    (both D, both biases, z), each for float32 and bfloat16 activations; A, D and the biases are float32
-    as in Vim.
+    (both D, both biases, z), and the backward of the one-direction scan (D, z, delta_bias, softplus) and as
+    the bidirectional backward launches it per direction (without z), each for float32 and bfloat16
+    activations; A, D and the biases are float32 as in Vim.
     """
     b, E, L = 2, 384, 6085
     configs = []
@@ -283,6 +284,14 @@ def kernel_configs(N: int = 16):
                 _, args, constexprs, num_warps = _kernel_launch(out, last_, direction(), bwd, z, True, design)
                 label = label if design == "triton" else f"{label} {design}"
                 configs.append((label, _selective_scan_fwd_kernel, args, constexprs, num_warps))
+            # the backward: of the one-direction scan (with z), and as the bidirectional pair launches it for
+            # each direction (the gate's gradient taken outside, so without z)
+            for label, z_ in ((f"scan backward {name}", z), (f"bidirectional backward {name}", None)):
+                fwd = direction()
+                buf = _bwd_buffers(fwd[0], fwd[2], fwd[3], z_, design)
+                _, args, constexprs, num_warps = _bwd_launch(buf, fwd, z_, torch.empty_like(z), True, design)
+                label = label if design == "triton" else f"{label} {design}"
+                configs.append((label, _selective_scan_bwd_kernel, args, constexprs, num_warps))
     return configs
 
 
@@ -495,6 +504,26 @@ def _bwd_buffers(u, A, B, z, design):
                 states=u.new_empty(programs * (BWD_CHUNK + 1) * tile, **f32))
 
 
+def _bwd_launch(buf, fwd, z, dout, delta_softplus, design):
+    """Grid, arguments (by name, in kernel order), constexprs and num_warps of the backward's launch in
+    ``design`` (shared by the launcher and ``kernel_configs``). ``buf``: ``_bwd_buffers``; ``fwd``: a
+    ``_direction_inputs`` list; z None or (b, E, L); dout (b, E, L) contiguous."""
+    u, delta, A, B, C, D, bias = fwd
+    b, E, L = u.shape
+    N, G = A.shape[0], B.shape[1]
+    cfg = _launch_config(N, design)
+    args = dict(du_ptr=buf["du"], ddelta_ptr=buf["ddelta"], dz_ptr=buf["dz"] if z is not None else buf["du"],
+                dA_ptr=buf["dA"], dB_ptr=buf["dB"], dC_ptr=buf["dC"], dD_ptr=buf["dD"], dbias_ptr=buf["dbias"],
+                ckpt_ptr=buf["ckpt"], states_ptr=buf["states"], u_ptr=u, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
+                D_ptr=D if D is not None else A, bias_ptr=bias if bias is not None else A,
+                z_ptr=z if z is not None else u, dout_ptr=dout, E=E, L=L, G=G, n_chunks=triton.cdiv(L, BWD_CHUNK))
+    constexprs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=bias is not None,
+                      DELTA_SOFTPLUS=bool(delta_softplus), N=N, BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"],
+                      CHUNK=BWD_CHUNK)
+    grid = (G * triton.cdiv(E // G, cfg["BLOCK_E"]), b)
+    return grid, args, constexprs, cfg["num_warps"]
+
+
 def selective_scan_triton_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, design="triton",
                                    launch=True):
     """The gradients of ``selective_scan_triton``'s out for ``dout`` (b, E, L): (du, ddelta, dA, dB, dC, dD, dz,
@@ -505,30 +534,18 @@ def selective_scan_triton_backward(u, delta, A, B, C, D, z, delta_bias, delta_so
     memory prediction)."""
     if compute_dtype(u) != torch.float32:
         raise ValueError(f"the triton scan computes in float32; got u of dtype {u.dtype}")
-    fwd = _direction_inputs(u, delta, A, B, C, D, delta_bias)
-    u, delta, A_t, B4, C4 = fwd[:5]
-    z = None if z is None else z.contiguous()
-    dout = dout.contiguous()
-    b, E, L = u.shape
-    N, G = A_t.shape[0], B4.shape[1]
     if dout.shape != u.shape:
         raise ValueError(f"dout has shape {tuple(dout.shape)}, expected {tuple(u.shape)}")
-    buf = _bwd_buffers(u, A_t, B4, z, design)
-    if L == 0 or b == 0 or E == 0:
+    fwd = _direction_inputs(u, delta, A, B, C, D, delta_bias)
+    z = None if z is None else z.contiguous()
+    buf = _bwd_buffers(fwd[0], fwd[2], fwd[3], z, design)
+    if 0 in u.shape:
         for name in ("du", "ddelta", "dz", "dA", "dD", "dbias", "dB", "dC"):
             if buf[name] is not None:
                 buf[name].zero_()
     elif launch:
-        cfg = _launch_config(N, design)
-        grid = (G * triton.cdiv(E // G, cfg["BLOCK_E"]), b)
-        _selective_scan_bwd_kernel[grid](
-            buf["du"], buf["ddelta"], buf["dz"] if z is not None else buf["du"], buf["dA"], buf["dB"], buf["dC"],
-            buf["dD"], buf["dbias"], buf["ckpt"], buf["states"],
-            u, delta, A_t, B4, C4, D if D is not None else A_t, delta_bias if delta_bias is not None else A_t,
-            z if z is not None else u, dout, E, L, G, triton.cdiv(L, BWD_CHUNK),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-            DELTA_SOFTPLUS=bool(delta_softplus), N=N, BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"],
-            CHUNK=BWD_CHUNK, num_warps=cfg["num_warps"])
+        grid, args, constexprs, num_warps = _bwd_launch(buf, fwd, z, dout.contiguous(), delta_softplus, design)
+        _selective_scan_bwd_kernel[grid](**args, **constexprs, num_warps=num_warps)
     dB, dC = buf["dB"].sum(2), buf["dC"].sum(2)
     if B.dim() == 3:
         dB, dC = dB.squeeze(1), dC.squeeze(1)
