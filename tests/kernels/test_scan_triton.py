@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_close, poison_empty, scan_case
+from helpers import assert_close, assert_grads_close, poison_empty, scan_case
 from vimbench.kernels.selective_scan.ref import selective_scan_ref
 from vimbench.kernels.selective_scan import bidirectional_scan_ref
 
@@ -96,22 +96,6 @@ def test_vim_model_with_triton_scan_matches_ref(design):
 # The backward checkpoints the state every BWD_CHUNK = 32 tokens: L = 70 is three chunks, the last one partial.
 BWD_SHAPES = [(1, 32, 1, 16, 0), (2, 40, 37, 16, 2), (1, 37, 70, 17, 0), (2, 8, 19, 3, 2)]
 BWD_IDS = ["L1", "odd-L-G2-20-channel-groups", "3-chunks-E37-tail-N17-padded", "N3-padded-G2"]
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def assert_grads_close(want, got, dtype):
-    """Each gradient within ``check.GRAD_TOLERANCES`` of its float64 reference (relative to the reference's
-    largest magnitude, the gradient check's rule), in its input's dtype; None where the reference is None."""
-    from vimbench.kernels.selective_scan.check import GRAD_ATOL, GRAD_TOLERANCES
-    for name, w, g in zip(GRAD_NAMES, want, got):
-        if w is None:
-            assert g is None, name
-            continue
-        assert g.shape == w.shape and torch.isfinite(g).all(), name
-        err, scale = (g.double() - w).abs().max().item(), w.abs().max().item()
-        assert err <= GRAD_TOLERANCES[dtype] * scale + GRAD_ATOL, f"d{name}: error {err:.3g}, max {scale:.3g}"
-
-
 @interpreter_only
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("shape", BWD_SHAPES, ids=BWD_IDS)
