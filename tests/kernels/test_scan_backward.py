@@ -13,7 +13,6 @@ from vimbench.kernels.selective_scan import bidirectional_scan, bidirectional_sc
 from vimbench.kernels.selective_scan.backends import has_backward
 from vimbench.kernels.selective_scan.check import CASES, check_backward, check_named_backend
 from vimbench.kernels.selective_scan.ops import scan_bwd_flops, scan_flops
-from vimbench.kernels.selective_scan.chunked import selective_scan_cpu_backward
 from vimbench.kernels.selective_scan.ref import selective_scan_ref_backward
 
 OPTIONAL = ("D", "z", "delta_bias")
@@ -244,10 +243,13 @@ def test_memory_model_of_training_needs_a_backward_fake(fresh_plugins):
         vimbench.register_scan_backend("odd", selective_scan_ref, devices="cpu", backward="not a function")
 
 
-def test_cpu_backward_never_builds_a_tensor_of_the_whole_state_sequence():
+@pytest.mark.parametrize("backend", ["cpu", "triton", "triton_pipelined"])
+def test_backward_fake_never_builds_a_tensor_of_the_whole_state_sequence(backend):
     """At the Vim-Ti 1248 px shape on meta tensors (as memory prediction runs it): the largest tensors of the
-    backward are (b, E, L) ones like du, 1/N of b*E*L*N (the chunk start states are 1/64 of it), and the step
-    loops are skipped."""
+    backward's fake are (b, E, L) ones like du, 1/N of b*E*L*N (the cpu scan's chunk start states are 1/64 of
+    it; the Triton kernel's checkpoints 1/32 and its per-program dB, dC partials E/BLOCK_E x (b, N, L)), and
+    the step loops are skipped."""
+    from vimbench.kernels.selective_scan.ops import _bwd_fake
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -264,7 +266,6 @@ def test_cpu_backward_never_builds_a_tensor_of_the_whole_state_sequence():
     with torch.device("meta"):
         (u, delta, A, B, C), kw = scan_case(b, E, L, N, 0)
         with Largest():
-            selective_scan_cpu_backward(u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True,
-                                        torch.empty_like(u))
+            _bwd_fake(backend)(u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True, torch.empty_like(u))
     assert Largest.numel == b * E * L
     assert Largest.calls < 1000                  # three chunks of batched ops; the step loops would be 3 L calls
