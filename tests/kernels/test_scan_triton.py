@@ -142,6 +142,26 @@ def test_training_through_the_entry_points_matches_ref(design):
 
 
 @interpreter_only
+def test_compiled_training_through_the_triton_scan_has_no_graph_break():
+    """torch.compile(fullgraph=True) of both ops' forward and backward with backend 'triton' (the backward
+    ops in the compiled backward graph, the kernels interpreted on CPU): the same gradients as eager."""
+    from vimbench.kernels.selective_scan import bidirectional_scan, selective_scan
+    (u, delta, A, B, C), kw = scan_case(1, 8, 40, 3, 2)
+    x = {k: v.requires_grad_() for k, v in dict(u=u, delta=delta, A=A, B=B, C=C, D=kw["D"], z=kw["z"],
+                                                 delta_bias=kw["delta_bias"]).items()}
+
+    def loss(**t):
+        one = selective_scan(**t, delta_softplus=True, backend="triton")
+        pair = bidirectional_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["u"], t["delta"], t["A"],
+                                  t["B"], t["C"], t["D"], z=t["z"], delta_bias=t["delta_bias"], backend="triton")
+        return (one * pair).sum()
+    eager = torch.autograd.grad(loss(**x), list(x.values()))
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(**x), list(x.values()))
+    for e, c in zip(eager, compiled):
+        assert torch.allclose(e, c, rtol=1e-5, atol=1e-6)
+
+
+@interpreter_only
 @pytest.mark.parametrize("design", DESIGNS)
 def test_vim_train_step_with_triton_scan_matches_ref(design):
     """vim_tiny's backward (5 tokens, its first 2 of 24 layers) with each Triton design as its scan backend:
