@@ -5,7 +5,8 @@ Backends (``SCAN_BACKENDS``):
     cpu        chunked pure PyTorch (chunked.py); any device
     cpp        compiled C++ on ATen's vectorised types (compiled_cpu.py, csrc/); CPU tensors, fp32/bf16/fp16;
                built on first use with the machine's C++ compiler and cached
-    triton     our fused Triton kernel (triton_kernel.py); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    triton     our fused Triton kernel and its backward (triton_kernel.py); CUDA tensors, or CPU tensors under
+               TRITON_INTERPRET=1
     triton_pipelined
                the same kernel in its second launch design (4 warps per program, pipelined token loop;
                ``triton_kernel.DESIGNS``); same devices

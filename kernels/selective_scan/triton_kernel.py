@@ -1,4 +1,4 @@
-"""Fused selective scan in Triton: backend "triton" of ``vimbench.kernels.selective_scan``.
+"""Fused selective scan in Triton, forward and backward: backend "triton" of ``vimbench.kernels.selective_scan``.
 
 Same signatures, shapes and semantics as ``scan_ref.selective_scan_ref`` and
 ``selective_scan.bidirectional_scan_ref`` (legend: b batch, E channels, L length, N state, G groups).
@@ -34,6 +34,17 @@ Bidirectional: one launch, one program per (channel block, batch row) runs the f
 stores y_f into the output, then the backward direction, reading its inputs (all in original token order)
 at offsets L-1-i, adding y_f back and applying the shared silu(z) gate. y_f is therefore rounded once
 to the output dtype before the sum (exact for float32 outputs; at most one extra rounding for bf16/fp16).
+
+Backward (``selective_scan_triton_backward``, backends.BACKWARDS for both designs; the bidirectional pair's
+backward runs it once per direction through ``ops._bidir_backward``, flipping the backward direction's inputs):
+one program per (channel block, batch row) as in the forward, in the same design's tile and warps. It saves
+the state every ``BWD_CHUNK`` tokens in a first forward pass (the forward itself saves nothing: the custom
+op's autograd keeps the inputs only), then per chunk from last to first recomputes the chunk's states from
+its checkpoint into a per-program scratch and walks them in reverse with the state's gradient in registers.
+No (b, E, L, N) tensor: the checkpoints are 1/32 of one, the scratch (BWD_CHUNK + 1) tiles per program. dA,
+dD and the bias gradient are per-program partials over the batch row, dB and dC per channel block, summed by
+torch afterwards: deterministic, no atomics. Three exp2 per (b, e, t, n) (the checkpoint pass, the
+recompute, the reverse step).
 
 Not autotuned: the tile is fixed by the design (one channel per thread; 1 warp per program, for the most
 programs and so the most warps in flight), and the compile report (``vimbench check-kernels``) checks
