@@ -1,5 +1,5 @@
 """Test helpers: one closeness check against the project's tolerance table (``check.TOLERANCES``), the
-scan input builder (``check.scan_case``), a thread count for a block (``num_threads``), NaN-poisoned
+scan input builder (``check.scan_case``), a gradient closeness check (``assert_grads_close``), a thread count for a block (``num_threads``), NaN-poisoned
 allocations, and for plug-ins: a planted wrong scan, isolated registries (``fresh_plugins``) and an
 installed-looking distribution without pip (``fake_install``); a Slurm login node without a cluster
 (``fake_slurm``)."""
@@ -28,6 +28,22 @@ def assert_close(name, ref, out, dtype=None):
     rel = (err / ref.abs().clamp_min(1e-6)).max().item()
     assert torch.allclose(out, ref, **tol), \
         f"{name}: max abs err {err.max().item():.3g}, max rel err {rel:.3g}, tol {tol}"
+
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def assert_grads_close(want, got, dtype):
+    """Each gradient within ``check.GRAD_TOLERANCES`` of its float64 reference (relative to the reference's
+    largest magnitude, the gradient check's rule), in its input's dtype; None where the reference is None."""
+    from vimbench.kernels.selective_scan.check import GRAD_ATOL, GRAD_TOLERANCES
+    for name, w, g in zip(GRAD_NAMES, want, got):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.shape == w.shape and torch.isfinite(g).all(), name
+        err, scale = (g.double() - w).abs().max().item(), w.abs().max().item()
+        assert err <= GRAD_TOLERANCES[dtype] * scale + GRAD_ATOL, f"d{name}: error {err:.3g}, max {scale:.3g}"
 
 
 @contextmanager

@@ -6,6 +6,8 @@ its unpacking in ``gpucheck_archive.py``. Everything is written under one output
     check.json   every scan backend present against the sequential reference on CUDA (``run_checks``)
     tests.json   the CUDA tests of the Triton scan, gpu-tests.txt their output (``run_tests``)
     facts.json   the card's exp2 rate and CUDA context size (``record_facts``)
+    backward.json  the Triton scan's backward at the floor shape: gradients checked, times, floor
+                 (``run_backward``)
     *.csv        the sweeps, report/ the paper-preset report, figures/ the kernel figures
     steps.jsonl  each step's estimate, actual seconds and status, one line per step and run
     summary.md   plain language first: the card, whether the kernels are correct, Vim-Ti/DeiT-Ti at 1248,
@@ -101,6 +103,79 @@ def record_facts(out: Path) -> list[str]:
         return [f"device facts: {facts['error']}"]
     (out / "facts.json").write_text(json.dumps(facts))
     return []
+
+
+BACKWARD_GOALS = dict(forward=2.5, mamba_ssm=1.5)
+"""The Triton backward's targets at the ``FLOOR`` shape: within 2.5x of the same design's forward time and within
+1.5x of mamba_ssm's backward."""
+
+
+def backward_at_floor(dtype: str, mamba: bool) -> dict:
+    """Run in a worker on CUDA: the Triton scan's backward at the ``FLOOR`` shape (vim_tiny's mixer at 1248 px,
+    batch 64; one direction with D, z, delta_bias and softplus; activations in ``dtype``, fp32 or bf16), in
+    both designs. Each design's gradients against the chunked ``cpu`` backend's backward on the same card, and
+    against mamba_ssm's when ``mamba``, by the gradient check's rule (``check.GRAD_TOLERANCES`` of each
+    reference gradient's largest magnitude); then times in ms (``triton.testing.do_bench``, median) of each
+    design's forward and backward and of mamba_ssm's backward, and the backward's floor in ms: the larger of
+    bytes / copy rate (u, delta, z, dout, B, C read, du, ddelta, dz written, once each; the copy rate of a
+    1 GiB device copy) and exp2 count / exp2 rate (one exp2 per (b, e, t, n): the states recomputed once).
+    Returns {"shape", "floor_ms", "<design>": {"fwd_ms", "bwd_ms", "bwd_over_fwd", "bwd_over_floor",
+    "grad_failures"}, "mamba_ssm_bwd_ms" (when ``mamba``)}."""
+    import torch
+    from triton.testing import do_bench
+
+    from vimbench.kernels.exp_rate import measure_exp2_rate
+    from vimbench.kernels.selective_scan.backends import BACKWARDS
+    from vimbench.kernels.selective_scan.check import GRAD_ATOL, GRAD_TOLERANCES, scan_case
+    from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton
+    from vimbench.measure.ops import model_geometry
+    g = model_geometry(FLOOR["model"], FLOOR["res"], FLOOR["batch"])
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    torch.manual_seed(0)
+    (u, delta, A, B, C), kw = scan_case(g.batch, g.d_inner, g.L, g.d_state, 0, dtype=torch_dtype, device="cuda")
+    inputs = (u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True)
+    dout = torch.randn_like(u)
+    references = {"cpu": BACKWARDS["cpu"](*inputs, dout)}
+    result = {"shape": dict(b=g.batch, E=g.d_inner, L=g.L, N=g.d_state, dtype=dtype)}
+    if mamba:
+        references["mamba_ssm"] = BACKWARDS["mamba_ssm"](*inputs, dout)
+        result["mamba_ssm_bwd_ms"] = do_bench(lambda: BACKWARDS["mamba_ssm"](*inputs, dout), quantiles=None,
+                                              return_mode="median")
+    src = torch.empty(2 ** 28, device="cuda")
+    copy_ms = do_bench(lambda: torch.empty_like(src).copy_(src), quantiles=None, return_mode="median")
+    moved = sum(t.numel() * t.element_size() for t in (u, delta, kw["z"], dout, B, C, u, delta, kw["z"]))
+    exps = g.batch * g.d_inner * g.L * g.d_state
+    result["floor_ms"] = max(moved / (2 * src.numel() * 4 / copy_ms), exps / measure_exp2_rate("cuda") * 1e3)
+    del src
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    for design in TRITON_DESIGNS:
+        got = BACKWARDS[design](*inputs, dout)
+        failures = [f"d{n} differs from {ref}'s by {(x.double() - w.double()).abs().max().item():.3g}"
+                    for ref, want in references.items() for n, x, w in zip(names, got, want)
+                    if not (x.double() - w.double()).abs().max().item()
+                    <= GRAD_TOLERANCES[torch_dtype] * w.double().abs().max().item() + GRAD_ATOL]
+        fwd_ms = do_bench(lambda: selective_scan_triton(*inputs, design=design), quantiles=None, return_mode="median")
+        bwd_ms = do_bench(lambda: BACKWARDS[design](*inputs, dout), quantiles=None, return_mode="median")
+        result[design] = dict(fwd_ms=fwd_ms, bwd_ms=bwd_ms, bwd_over_fwd=bwd_ms / fwd_ms,
+                              bwd_over_floor=bwd_ms / result["floor_ms"], grad_failures=failures)
+        if mamba:
+            result[design]["bwd_over_mamba_ssm"] = bwd_ms / result["mamba_ssm_bwd_ms"]
+    return result
+
+
+def run_backward(out: Path, present: list[str]) -> list[str]:
+    """``backward_at_floor`` for fp32 and bf16, each in a worker (mamba_ssm's backward when it is ``present``);
+    the results go to ``out/backward.json`` ({dtype: result}). Returns the failures: a worker that failed, a
+    gradient beyond tolerance (timings of a design whose gradients failed are still recorded, for diagnosis)."""
+    results = {dtype: run_isolated(backward_at_floor, (dtype, "mamba_ssm" in present)) for dtype in ("fp32", "bf16")}
+    (out / "backward.json").write_text(json.dumps(results, indent=1))
+    failures = []
+    for dtype, r in results.items():
+        if r["status"] != "ok":
+            failures.append(f"backward {dtype}: {r.get('error')}")
+            continue
+        failures += [f"backward {dtype} {design}: {f}" for design in TRITON_DESIGNS for f in r[design]["grad_failures"]]
+    return failures
 
 
 def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:

@@ -12,6 +12,9 @@ Steps (``build_steps``), highest priority first; each writes under one output fo
     designs  the same for the second Triton scan design (``triton_pipelined``), so that the summary can say
              which design is faster at that shape (the tests step covers both designs' correctness)
                                                                         -> kernels-b64-fp32.csv
+    backward the Triton scan's backward at that shape, batch 64, fp32 and bf16, both designs: its gradients
+             against the chunked cpu backend's (and mamba_ssm's when it imports) on the card, its time against the
+             forward's, its floor and mamba_ssm's backward (``gpucheck.run_backward``)   -> backward.json
     kernels  the wider kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248 (5 points), batch 1 fp32 and
              batch 64 fp32/bf16, every scan and attention backend (the floor step's rows are resumed)
                                                                         -> kernels-*.csv
@@ -31,6 +34,10 @@ compiled once is loaded, not compiled, by every later process):
                            FLOPs / fp32_flops_s, plus for eager attention the (b, H, L, L) score matrix
                            written, read and written by the softmax and read by AV (4 x 4 bytes per element
                            in fp32, i.e. flops_attention / 16 bytes at head_dim 64) / hbm_bytes_s
+    backward               step_s + per dtype (fp32, bf16) worker_s, the exp2 rate (exp2_s), the cpu
+                           reference's backward (check_other_s), the compiles of both designs' forward and
+                           backward (4 x compile_s), and op_s per timing (2 designs x (forward, backward), plus
+                           mamba_ssm's backward and its reference call when present)
     kernels run            step_s + check_other_s per scan checked (its kernels are compiled by then)
                            + per configuration worker_s + op_s (do_bench runs ~0.1 s of calls, then a memory pass)
     each step              + step_s (imports, the sweep's worker server, the device ceilings)
@@ -112,6 +119,13 @@ def check_estimate(backend: str) -> float:
         return COST["check_other_s"]
     from vimbench.kernels.selective_scan.check import CASES
     return COST["worker_s"] + len(CASES) * 2 * 2 * COST["compile_s"]  # x 2 dtypes x with/without extras
+
+
+def backward_estimate(present: list[str]) -> float:
+    """Seconds of the backward step (``gpucheck.run_backward``; see COST)."""
+    per_dtype = (COST["worker_s"] + COST["exp2_s"] + COST["check_other_s"] + 2 * len(TRITON_DESIGNS) * COST["compile_s"]
+                 + (2 * len(TRITON_DESIGNS) + 2 * ("mamba_ssm" in present)) * COST["op_s"])
+    return COST["step_s"] + 2 * per_dtype
 
 
 def fastest_scan(present: list[str]) -> str:
@@ -208,6 +222,9 @@ def build_steps(out: Path, present: list[str] | None = None) -> list[Step]:
                  before=lambda: gpucheck.record_facts(out)),
         cli_step("designs", "the second Triton scan design (triton_pipelined) at the same shape, to compare",
                  kernels_estimate(n_floor, 1), at_floor_shape("triton_pipelined")),
+        Step("backward", "the Triton scan's backward at vim_tiny 1248 px, batch 64, fp32 and bf16: gradients, "
+             "time against the forward, its floor and mamba_ssm's backward", backward_estimate(present),
+             lambda cli: gpucheck.run_backward(out, present)),
         cli_step("kernels", "kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248, batch 1 and 64, fp32 and "
                  "bf16", wide_estimate, *wide),
         Step("figures", "figures of the kernel sweeps (vimbench plot)", 4 * COST["plot_s"], figures),

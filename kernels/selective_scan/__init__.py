@@ -19,7 +19,7 @@ Data flow of this package, each file with one job:
                       and the fakes and FLOP formulas of both
     check.py          a backend against ``ref`` on awkward shapes, its gradients too: run before any timing
 No backend ever falls back to another: an unavailable one raises ``BackendUnavailable`` naming why; so does
-the backward of a forward-only one (the Triton designs, a plug-in without a backward).
+the backward of a forward-only one (a plug-in without a backward).
 """
 from __future__ import annotations
 

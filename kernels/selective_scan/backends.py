@@ -5,7 +5,8 @@ Backends (``SCAN_BACKENDS``):
     cpu        chunked pure PyTorch (chunked.py); any device
     cpp        compiled C++ on ATen's vectorised types (compiled_cpu.py, csrc/); CPU tensors, fp32/bf16/fp16;
                built on first use with the machine's C++ compiler and cached
-    triton     our fused Triton kernel (triton_kernel.py); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    triton     our fused Triton kernel and its backward (triton_kernel.py); CUDA tensors, or CPU tensors under
+               TRITON_INTERPRET=1
     triton_pipelined
                the same kernel in its second launch design (4 warps per program, pipelined token loop;
                ``triton_kernel.DESIGNS``); same devices
@@ -84,8 +85,8 @@ def check_scan_backend(backend: str, device: torch.device | str) -> None:
             raise BackendUnavailable(f"scan backend 'mamba_ssm' needs CUDA tensors, got {device.type}")
 
 
-WITH_BACKWARD = ("ref", "cpu", "cpp", "mamba_ssm")
-"""Built-in backends with a backward (``--mode train``); the Triton designs are forward-only."""
+WITH_BACKWARD = ("ref", "cpu", "cpp", "triton", "triton_pipelined", "mamba_ssm")
+"""Built-in backends with a backward (``--mode train``): all of them."""
 
 
 def has_backward(backend: str) -> bool:
@@ -135,6 +136,15 @@ def _triton_pipelined_scan(*args, **kwargs):
     return _triton_scan(*args, **kwargs, design="triton_pipelined")
 
 
+def _triton_backward(*args, **kwargs):
+    from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton_backward
+    return selective_scan_triton_backward(*args, **kwargs)
+
+
+def _triton_pipelined_backward(*args, **kwargs):
+    return _triton_backward(*args, **kwargs, design="triton_pipelined")
+
+
 def _cpp_scan(*args, **kwargs):
     return compiled_cpu.selective_scan_compiled(*args, **kwargs)
 
@@ -159,7 +169,8 @@ def _mamba_ssm_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dou
             rest[0] if z is not None else None, None if delta_bias is None else ddelta_bias)
 
 
-BACKWARDS = {"ref": selective_scan_ref_backward, "cpu": selective_scan_cpu_backward, "mamba_ssm": _mamba_ssm_backward}
+BACKWARDS = {"ref": selective_scan_ref_backward, "cpu": selective_scan_cpu_backward, "triton": _triton_backward,
+             "triton_pipelined": _triton_pipelined_backward, "mamba_ssm": _mamba_ssm_backward}
 """Backend name -> the backward of its one-direction scan, with the signature of ``register_scan_backend``'s
 ``backward``. ``cpp`` is not here: its compiled ops carry their own autograd (``compiled_cpu``)."""
 
@@ -168,16 +179,13 @@ def forward_only(backend: str) -> str:
     """Why ``backend`` cannot train, in one line ("" when it has a backward: ``has_backward``)."""
     if has_backward(backend):
         return ""
-    if backend in TRITON_DESIGNS:
-        return (f"scan backend {backend!r} is forward-only: the Triton kernel has no backward yet, so it cannot "
-                f"train; use cpu, cpp or mamba_ssm")
     return (f"scan backend {backend!r} (package {PLUGINS[backend].package or '(direct call)'!r}) is forward-only: "
             f"it registered no backward, so it cannot train")
 
 
 def scan_backward(backend: str) -> Callable:
     """``backend``'s backward (``BACKWARDS``, or a plug-in's); ``BackendUnavailable`` naming why for a
-    forward-only backend (the Triton designs, a plug-in that registered none) and for ``cpp``, whose compiled
+    forward-only backend (a plug-in that registered none) and for ``cpp``, whose compiled
     ops are not behind the ops that call this."""
     if backend in BACKWARDS:
         return BACKWARDS[backend]

@@ -188,9 +188,20 @@ def _mamba_ssm_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dou
     return tuple(grads)
 
 
-_BWD_FAKES = {"ref": _ref_bwd_fake, "cpu": selective_scan_cpu_backward, "mamba_ssm": _mamba_ssm_bwd_fake}
+def _triton_bwd_fake(design):
+    """The Triton backward of ``design`` with its kernel skipped: its allocations (the (N, E) copy of A, the
+    gradients, the float32 partials, checkpoints and chunk states; ``triton_kernel._bwd_buffers``) and the sums."""
+    def fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
+        from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton_backward
+        return selective_scan_triton_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout,
+                                              design=design, launch=False)
+    return fake
+
+
+_BWD_FAKES = {"ref": _ref_bwd_fake, "cpu": selective_scan_cpu_backward, "mamba_ssm": _mamba_ssm_bwd_fake,
+              **{design: _triton_bwd_fake(design) for design in TRITON_DESIGNS}}
 """The backwards' fakes, keyed like ``backends.BACKWARDS`` (``selective_scan_cpu_backward`` allocates on fake
-tensors what it allocates for real, skipping its step loops)."""
+tensors what it allocates for real, skipping its step loops; so does the Triton backward with ``launch=False``)."""
 
 
 def _bwd_fake(backend: str):

@@ -1,4 +1,4 @@
-"""Fused selective scan in Triton: backend "triton" of ``vimbench.kernels.selective_scan``.
+"""Fused selective scan in Triton, forward and backward: backend "triton" of ``vimbench.kernels.selective_scan``.
 
 Same signatures, shapes and semantics as ``scan_ref.selective_scan_ref`` and
 ``selective_scan.bidirectional_scan_ref`` (legend: b batch, E channels, L length, N state, G groups).
@@ -34,6 +34,17 @@ Bidirectional: one launch, one program per (channel block, batch row) runs the f
 stores y_f into the output, then the backward direction, reading its inputs (all in original token order)
 at offsets L-1-i, adding y_f back and applying the shared silu(z) gate. y_f is therefore rounded once
 to the output dtype before the sum (exact for float32 outputs; at most one extra rounding for bf16/fp16).
+
+Backward (``selective_scan_triton_backward``, backends.BACKWARDS for both designs; the bidirectional pair's
+backward runs it once per direction through ``ops._bidir_backward``, flipping the backward direction's inputs):
+one program per (channel block, batch row) as in the forward, in the same design's tile and warps. It saves
+the state every ``BWD_CHUNK`` tokens in a first forward pass (the forward itself saves nothing: the custom
+op's autograd keeps the inputs only), then per chunk from last to first recomputes the chunk's states from
+its checkpoint into a per-program scratch and walks them in reverse with the state's gradient in registers.
+No (b, E, L, N) tensor: the checkpoints are 1/32 of one, the scratch (BWD_CHUNK + 1) tiles per program. dA,
+dD and the bias gradient are per-program partials over the batch row, dB and dC per channel block, summed by
+torch afterwards: deterministic, no atomics. Three exp2 per (b, e, t, n) (the checkpoint pass, the
+recompute, the reverse step).
 
 Not autotuned: the tile is fixed by the design (one channel per thread; 1 warp per program, for the most
 programs and so the most warps in flight), and the compile report (``vimbench check-kernels``) checks
@@ -263,8 +274,9 @@ def kernel_configs(N: int = 16):
     specialises on these values (``vimbench.count.kernel_compile.specialisation``), and every Vim shape
     gives the same variant: G = 1, E = 2 D divisible by 16, L = (res/16)^2 + 1 neither 1 nor divisible by
     16. Cases: the one-direction scan (D, z, delta_bias, softplus, last state) and the bidirectional scan
-    (both D, both biases, z), each for float32 and bfloat16 activations; A, D and the biases are float32
-    as in Vim.
+    (both D, both biases, z), and the backward of the one-direction scan (D, z, delta_bias, softplus) and as
+    the bidirectional backward launches it per direction (without z), each for float32 and bfloat16
+    activations; A, D and the biases are float32 as in Vim.
     """
     b, E, L = 2, 384, 6085
     configs = []
@@ -283,6 +295,14 @@ def kernel_configs(N: int = 16):
                 _, args, constexprs, num_warps = _kernel_launch(out, last_, direction(), bwd, z, True, design)
                 label = label if design == "triton" else f"{label} {design}"
                 configs.append((label, _selective_scan_fwd_kernel, args, constexprs, num_warps))
+            # the backward: of the one-direction scan (with z), and as the bidirectional pair launches it for
+            # each direction (the gate's gradient taken outside, so without z)
+            for label, z_ in ((f"scan backward {name}", z), (f"bidirectional backward {name}", None)):
+                fwd = direction()
+                buf = _bwd_buffers(fwd[0], fwd[2], fwd[3], z_, design)
+                _, args, constexprs, num_warps = _bwd_launch(buf, fwd, z_, torch.empty_like(z), True, design)
+                label = label if design == "triton" else f"{label} {design}"
+                configs.append((label, _selective_scan_bwd_kernel, args, constexprs, num_warps))
     return configs
 
 
@@ -328,3 +348,218 @@ def bidirectional_scan_triton(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b,
                                  _direction_inputs(u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b),
                                  None if z is None else z.contiguous(), delta_softplus, False, design)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------
+
+BWD_CHUNK = 32
+"""Tokens per checkpoint of the backward: the state is saved every BWD_CHUNK tokens, and each chunk's states are
+recomputed from its checkpoint before the chunk is walked in reverse."""
+
+
+@triton.jit
+def _bwd_token(u_ptr, delta_ptr, B_ptr, C_ptr, bias, offs_u, offs_bc, mask_e, mask_n, t, L,
+               HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
+    """Token t's inputs for the program's channels: u, the raw delta + bias x, delta (softplus(x) or x; 0
+    past the end or in a masked channel, so that the state is unchanged), all (BLOCK_E,) float32, and B_t,
+    C_t (BLOCK_N,) float32 (read at the last token past the end)."""
+    valid = mask_e & (t < L)
+    u = tl.load(u_ptr + offs_u + t, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(delta_ptr + offs_u + t, mask=valid, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        x = x + bias
+    delta = x
+    if DELTA_SOFTPLUS:
+        delta = _softplus(x)
+    delta = tl.where(valid, delta, 0.0)
+    tc = tl.minimum(t, L - 1)
+    Bt = tl.load(B_ptr + offs_bc + tc, mask=mask_n, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + offs_bc + tc, mask=mask_n, other=0.0).to(tl.float32)
+    return u, x, delta, Bt, Ct
+
+
+@triton.jit
+def _selective_scan_bwd_kernel(
+        du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, ckpt_ptr, states_ptr,
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, dout_ptr,
+        E, L, G, n_chunks,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """One direction's gradients for the channel block and batch row of this program (grid as the forward's).
+
+    Phase 1 walks the tokens forward and saves the state before every chunk of CHUNK tokens into this
+    program's slice of ``ckpt`` (n_chunks tiles of BLOCK_N x BLOCK_E float32). Phase 2 takes the chunks from
+    last to first: it recomputes the chunk's states from its checkpoint into this program's slice of
+    ``states`` (CHUNK + 1 tiles: slot 0 the state before the chunk, slot i + 1 the state after its token i),
+    then walks them in reverse with dh (the gradient of the state, BLOCK_N x BLOCK_E) in registers:
+        dy_t = dout_t * silu(z_t)        dz_t = dout_t * y_t * silu'(z_t)       (y_t recomputed)
+        dh  += C_t dy_t                  dC_t = sum_e h_t dy_t      dB_t = sum_e dh (delta_t u_t)
+        g    = dh * h_{t-1} * exp(delta_t A)  (the gradient of delta_t A)
+        dA  += g delta_t                 ddelta_t = u_t sum_n dh B_t + sum_n g A  (then softplus')
+        du_t = D dy_t + delta_t sum_n dh B_t                 dh <- dh * exp(delta_t A)
+    Outputs: du, ddelta, dz (b, E, L) in their inputs' dtypes; per-program partials, summed by the host
+    without atomics: dA (b, E, N), dD and dbias (b, E), and dB, dC (b, G, blocks per group, N, L), all float32.
+    """
+    pid_b = tl.program_id(1).to(tl.int64)
+    channels_per_group = E // G
+    blocks_per_group = tl.cdiv(channels_per_group, BLOCK_E)
+    group = tl.program_id(0) // blocks_per_group
+    block = tl.program_id(0) % blocks_per_group
+    offs_in_group = block * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_in_group < channels_per_group
+    offs_e = group * channels_per_group + offs_in_group
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask_ne = mask_n[:, None] & mask_e[None, :]
+    row = pid_b * E * L
+    u_ptr, delta_ptr, z_ptr, dout_ptr = u_ptr + row, delta_ptr + row, z_ptr + row, dout_ptr + row
+    du_ptr, ddelta_ptr, dz_ptr = du_ptr + row, ddelta_ptr + row, dz_ptr + row
+    B_ptr, C_ptr = B_ptr + pid_b * G * N * L, C_ptr + pid_b * G * N * L
+    # this program's rows of the dB, dC partials: (N, L) at (pid_b, group, block)
+    part = ((pid_b * G + group) * blocks_per_group + block) * N * L
+    dB_ptr, dC_ptr = dB_ptr + part, dC_ptr + part
+    offs_u = offs_e * L
+    offs_bc = (group * N + offs_n) * L
+    A = tl.load(A_ptr + offs_n[:, None] * E + offs_e[None, :], mask=mask_ne, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32) if HAS_DELTA_BIAS else 0.0
+    tile = BLOCK_N * BLOCK_E
+    offs_tile = offs_n[:, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
+    prog = pid_b * tl.num_programs(0) + tl.program_id(0)
+    ckpt_ptr = ckpt_ptr + prog * n_chunks * tile + offs_tile
+    states_ptr = states_ptr + prog * (CHUNK + 1) * tile + offs_tile
+
+    # phase 1: the state before each chunk
+    h = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for k in range(0, n_chunks):
+        tl.store(ckpt_ptr + k * tile, h)
+        for i in range(0, CHUNK):
+            u, x, delta, Bt, Ct = _bwd_token(u_ptr, delta_ptr, B_ptr, C_ptr, bias, offs_u, offs_bc, mask_e, mask_n,
+                                             k * CHUNK + i, L, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+            h = tl.exp2(delta[None, :] * A2) * h + (delta * u)[None, :] * Bt[:, None]
+
+    # phase 2: the chunks in reverse
+    dh = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    dA = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    dD = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for kk in range(0, n_chunks):
+        k = n_chunks - 1 - kk
+        tl.debug_barrier()  # the previous chunk's reads of ``states`` are done before it is overwritten
+        h = tl.load(ckpt_ptr + k * tile)
+        tl.store(states_ptr, h)
+        for i in range(0, CHUNK):
+            u, x, delta, Bt, Ct = _bwd_token(u_ptr, delta_ptr, B_ptr, C_ptr, bias, offs_u, offs_bc, mask_e, mask_n,
+                                             k * CHUNK + i, L, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+            h = tl.exp2(delta[None, :] * A2) * h + (delta * u)[None, :] * Bt[:, None]
+            tl.store(states_ptr + (i + 1) * tile, h)
+        tl.debug_barrier()  # the recomputed states are visible to every thread of the program
+        for ii in range(0, CHUNK):
+            i = CHUNK - 1 - ii
+            t = k * CHUNK + i
+            valid = mask_e & (t < L)
+            u, x, delta, Bt, Ct = _bwd_token(u_ptr, delta_ptr, B_ptr, C_ptr, bias, offs_u, offs_bc, mask_e, mask_n,
+                                             t, L, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+            h = tl.load(states_ptr + (i + 1) * tile)
+            h_prev = tl.load(states_ptr + i * tile)
+            dy = tl.load(dout_ptr + offs_u + t, mask=valid, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + offs_u + t, mask=valid, other=0.0).to(tl.float32)
+                y = tl.sum(h * Ct[:, None], axis=0) + D * u
+                sig = tl.sigmoid(z)
+                dz = dy * y * sig * (1.0 + z * (1.0 - sig))
+                tl.store(dz_ptr + offs_u + t, dz.to(dz_ptr.dtype.element_ty), mask=valid)
+                dy = dy * z * sig
+            dD += dy * u
+            dh += Ct[:, None] * dy[None, :]
+            mask_t = mask_n & (t < L)
+            tl.store(dC_ptr + offs_n * L + t, tl.sum(h * dy[None, :], axis=1), mask=mask_t)
+            tl.store(dB_ptr + offs_n * L + t, tl.sum(dh * (delta * u)[None, :], axis=1), mask=mask_t)
+            dv = tl.sum(dh * Bt[:, None], axis=0)                                # d(delta_t u_t), (BLOCK_E,)
+            decay = tl.exp2(delta[None, :] * A2)
+            g = dh * h_prev * decay
+            dA += g * delta[None, :]
+            ddelta = dv * u + tl.sum(g * A, axis=0)
+            if DELTA_SOFTPLUS:
+                ddelta = ddelta * tl.where(x <= 20.0, tl.sigmoid(x), 1.0)
+            ddelta = tl.where(valid, ddelta, 0.0)
+            dbias += ddelta
+            tl.store(du_ptr + offs_u + t, (D * dy + delta * dv).to(du_ptr.dtype.element_ty), mask=valid)
+            tl.store(ddelta_ptr + offs_u + t, ddelta.to(ddelta_ptr.dtype.element_ty), mask=valid)
+            dh = dh * decay
+    tl.store(dA_ptr + (pid_b * E + offs_e[None, :]) * N + offs_n[:, None], dA, mask=mask_ne)
+    if HAS_D:
+        tl.store(dD_ptr + pid_b * E + offs_e, dD, mask=mask_e)
+    if HAS_DELTA_BIAS:
+        tl.store(dbias_ptr + pid_b * E + offs_e, dbias, mask=mask_e)
+
+
+def _bwd_buffers(u, A, B, z, design):
+    """What the backward of ``design`` allocates, by name: du, ddelta, dz (None without z) like their inputs;
+    float32 per-program partials dA (b, E, N), dD and dbias (b, E), dB and dC (b, G, blocks per group, N, L);
+    the checkpoints (programs, n_chunks, BLOCK_N, BLOCK_E) and the chunk's states (programs, BWD_CHUNK + 1,
+    BLOCK_N, BLOCK_E) float32 scratch; ``A`` is the (N, E) copy, B (b, G, N, L)."""
+    b, E, L = u.shape
+    N, G = A.shape[0], B.shape[1]
+    cfg = _launch_config(N, design)
+    blocks = triton.cdiv(E // G, cfg["BLOCK_E"])
+    programs, tile = b * G * blocks, cfg["BLOCK_N"] * cfg["BLOCK_E"]
+    f32 = dict(dtype=torch.float32)
+    return dict(du=torch.empty_like(u), ddelta=torch.empty_like(u), dz=None if z is None else torch.empty_like(z),
+                dA=u.new_empty(b, E, N, **f32), dD=u.new_empty(b, E, **f32), dbias=u.new_empty(b, E, **f32),
+                dB=u.new_empty(b, G, blocks, N, L, **f32), dC=u.new_empty(b, G, blocks, N, L, **f32),
+                ckpt=u.new_empty(programs * max(1, triton.cdiv(L, BWD_CHUNK)) * tile, **f32),
+                states=u.new_empty(programs * (BWD_CHUNK + 1) * tile, **f32))
+
+
+def _bwd_launch(buf, fwd, z, dout, delta_softplus, design):
+    """Grid, arguments (by name, in kernel order), constexprs and num_warps of the backward's launch in
+    ``design`` (shared by the launcher and ``kernel_configs``). ``buf``: ``_bwd_buffers``; ``fwd``: a
+    ``_direction_inputs`` list; z None or (b, E, L); dout (b, E, L) contiguous."""
+    u, delta, A, B, C, D, bias = fwd
+    b, E, L = u.shape
+    N, G = A.shape[0], B.shape[1]
+    cfg = _launch_config(N, design)
+    args = dict(du_ptr=buf["du"], ddelta_ptr=buf["ddelta"], dz_ptr=buf["dz"] if z is not None else buf["du"],
+                dA_ptr=buf["dA"], dB_ptr=buf["dB"], dC_ptr=buf["dC"], dD_ptr=buf["dD"], dbias_ptr=buf["dbias"],
+                ckpt_ptr=buf["ckpt"], states_ptr=buf["states"], u_ptr=u, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C,
+                D_ptr=D if D is not None else A, bias_ptr=bias if bias is not None else A,
+                z_ptr=z if z is not None else u, dout_ptr=dout, E=E, L=L, G=G, n_chunks=triton.cdiv(L, BWD_CHUNK))
+    constexprs = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=bias is not None,
+                      DELTA_SOFTPLUS=bool(delta_softplus), N=N, BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"],
+                      CHUNK=BWD_CHUNK)
+    grid = (G * triton.cdiv(E // G, cfg["BLOCK_E"]), b)
+    return grid, args, constexprs, cfg["num_warps"]
+
+
+def selective_scan_triton_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, design="triton",
+                                   launch=True):
+    """The gradients of ``selective_scan_triton``'s out for ``dout`` (b, E, L): (du, ddelta, dA, dB, dC, dD, dz,
+    ddelta_bias), each in its input's shape and dtype, None for an absent input (the signature of
+    ``register_scan_backend``'s ``backward``); ddelta is the gradient of the raw delta. One launch of
+    ``_selective_scan_bwd_kernel`` in ``design``'s tile and warps, then the partials summed with torch
+    (deterministic: no atomics). ``launch`` False allocates everything and skips the kernel (the fake, for
+    memory prediction)."""
+    if compute_dtype(u) != torch.float32:
+        raise ValueError(f"the triton scan computes in float32; got u of dtype {u.dtype}")
+    if dout.shape != u.shape:
+        raise ValueError(f"dout has shape {tuple(dout.shape)}, expected {tuple(u.shape)}")
+    fwd = _direction_inputs(u, delta, A, B, C, D, delta_bias)
+    z = None if z is None else z.contiguous()
+    buf = _bwd_buffers(fwd[0], fwd[2], fwd[3], z, design)
+    if 0 in u.shape:
+        for name in ("du", "ddelta", "dz", "dA", "dD", "dbias", "dB", "dC"):
+            if buf[name] is not None:
+                buf[name].zero_()
+    elif launch:
+        grid, args, constexprs, num_warps = _bwd_launch(buf, fwd, z, dout.contiguous(), delta_softplus, design)
+        _selective_scan_bwd_kernel[grid](**args, **constexprs, num_warps=num_warps)
+    dB, dC = buf["dB"].sum(2), buf["dC"].sum(2)
+    if B.dim() == 3:
+        dB, dC = dB.squeeze(1), dC.squeeze(1)
+    return (buf["du"], buf["ddelta"], buf["dA"].sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            None if D is None else buf["dD"].sum(0).to(D.dtype), buf["dz"],
+            None if delta_bias is None else buf["dbias"].sum(0).to(delta_bias.dtype))

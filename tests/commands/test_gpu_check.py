@@ -51,13 +51,13 @@ def test_every_planned_command_line_parses(real_steps):
 @pytest.mark.parametrize("budget, expected", [
     (60, ["check"]),
     (420, ["check", "tests", "paper", "floor", "designs"]),
-    (3600, ["check", "tests", "paper", "floor", "designs", "kernels", "figures"]),
-    (None, ["check", "tests", "paper", "floor", "designs", "kernels", "figures"])])
+    (3600, ["check", "tests", "paper", "floor", "designs", "backward", "kernels", "figures"]),
+    (None, ["check", "tests", "paper", "floor", "designs", "backward", "kernels", "figures"])])
 def test_plan_under_budget_in_priority_order(real_steps, budget, expected):
     chosen, left_out = gpucheck_steps.plan(real_steps, budget)
     assert [s.name for s in chosen] == expected
-    assert [s.name for s in chosen + left_out] == ["check", "tests", "paper", "floor", "designs", "kernels",
-                                                   "figures"]
+    assert [s.name for s in chosen + left_out] == ["check", "tests", "paper", "floor", "designs", "backward",
+                                                   "kernels", "figures"]
     assert sum(s.estimate_s for s in chosen) + gpucheck_steps.WRAP_UP_S <= (budget or float("inf"))
 
 
@@ -116,7 +116,7 @@ def test_scaled_down_plan_delivers_steps_1_to_3_in_420_s(real_steps, tmp_path):
                                            echo=lambda _: None, clock=clock)
         delivered = 5 if overrun == 1.0 else 4
         assert ran == ["check", "tests", "paper", "floor", "designs"][:delivered]
-        assert [r["status"] for r in records] == ["ok"] * delivered + ["no budget"] * (7 - delivered)
+        assert [r["status"] for r in records] == ["ok"] * delivered + ["no budget"] * (len(real_steps) - delivered)
         assert [r["actual_s"] for r in records[:4]] == [round(s.estimate_s * overrun, 1) for s in real_steps[:4]]
         logged = [json.loads(line) for line in (tmp_path / f"steps{overrun}.jsonl").read_text().splitlines()]
         assert [r["name"] for r in logged] == [s.name for s in real_steps] and logged[0]["budget_s"] == 420
@@ -375,6 +375,37 @@ def test_run_checks_records_every_backend_and_names_failures(tmp_path, monkeypat
     failures = gpucheck.run_checks(tmp_path, ["cpu", "triton", "mamba_ssm"])
     assert failures == ["triton: odd-L: out differs", "mamba_ssm: RuntimeError: no kernel image"]
     assert json.loads((tmp_path / "check.json").read_text()) == results
+
+
+def test_backward_step_estimate_and_placement(tmp_path):
+    """The backward step comes after the current priorities (check .. designs), so a 420 s budget still
+    delivers those; its estimate per dtype: a worker, the exp2 rate, the cpu reference, 2 designs x (forward,
+    backward) compiled and timed, and with mamba_ssm its backward and reference call timed too."""
+    cost = gpucheck_steps.COST
+    for present, mamba_ops in ((["cpu", "triton"], 0), (["cpu", "triton", "mamba_ssm"], 2)):
+        steps = gpucheck_steps.build_steps(tmp_path, present)
+        names = [s.name for s in steps]
+        assert names.index("backward") == names.index("designs") + 1
+        per_dtype = (cost["worker_s"] + cost["exp2_s"] + cost["check_other_s"] + 4 * cost["compile_s"]
+                     + (4 + mamba_ops) * cost["op_s"])
+        assert steps[names.index("backward")].estimate_s == cost["step_s"] + 2 * per_dtype
+        assert "backward" not in [s.name for s in gpucheck_steps.plan(steps, 420)[0]]
+
+
+def test_run_backward_records_both_dtypes_and_names_failures(tmp_path, monkeypatch):
+    """The backward step's bookkeeping, with the worker's result stubbed (the timing itself needs CUDA): a
+    gradient failure and a failed worker are named; mamba_ssm's backward is asked for only when present."""
+    design = dict(fwd_ms=1.0, bwd_ms=2.0, bwd_over_fwd=2.0, bwd_over_floor=3.0, grad_failures=[])
+    fp32 = {"status": "ok", "floor_ms": 0.7, "triton": dict(design, grad_failures=["dA differs from cpu's by 0.1"]),
+            "triton_pipelined": design}
+    results = {"fp32": fp32, "bf16": {"status": "error", "error": "OutOfMemoryError: CUDA out of memory"}}
+    asked = []
+    monkeypatch.setattr(gpucheck, "run_isolated", lambda fn, args: asked.append(args) or results[args[0]])
+    failures = gpucheck.run_backward(tmp_path, ["cpu", "triton"])
+    assert failures == ["backward fp32 triton: dA differs from cpu's by 0.1",
+                        "backward bf16: OutOfMemoryError: CUDA out of memory"]
+    assert asked == [("fp32", False), ("bf16", False)]
+    assert json.loads((tmp_path / "backward.json").read_text()) == results
 
 
 def test_exp2_chain_kernel_under_interpreter():

@@ -5,7 +5,7 @@ import time
 import pandas as pd
 import pytest
 
-from helpers import needs_no_gpu
+from helpers import fresh_plugins, needs_no_gpu  # noqa: F401
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import resolve_scan_backend
 from vimbench.rows.scaling import decay_batch
@@ -166,14 +166,17 @@ def test_each_regime_gets_its_own_configurations(tmp_path, monkeypatch):
     assert regimes == [(m, a) for m in ("none", "default") for a in ("none", "bf16") for _ in (32, 48)]
 
 
-def test_a_forward_only_scan_backend_cannot_train(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton scan runs on CPU tensors, forward only
-    argv = ["scaling", "--models", "vim_tiny", "--scan", "triton", "--res", "32", "--out", str(tmp_path / "x.csv"),
+def test_a_forward_only_scan_backend_cannot_train(tmp_path, capsys, fresh_plugins):
+    import vimbench
+    from vimbench.kernels.selective_scan import selective_scan_ref
+    vimbench.register_scan_backend("fwdonly", selective_scan_ref, devices="cpu")  # planted: no backward
+    argv = ["scaling", "--models", "vim_tiny", "--scan", "fwdonly", "--res", "32", "--out", str(tmp_path / "x.csv"),
             *FAST]
     assert main([*argv, "--mode", "infer,train"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
-    assert "--mode train (vim_tiny): scan backend 'triton' is forward-only: the Triton kernel has no backward" in err
+    assert ("--mode train (vim_tiny): scan backend 'fwdonly' (package '(direct call)') is forward-only: it registered "
+            "no backward" in err)
     assert not (tmp_path / "x.csv").exists()
 
 

@@ -13,7 +13,6 @@ from vimbench.kernels.selective_scan import bidirectional_scan, bidirectional_sc
 from vimbench.kernels.selective_scan.backends import has_backward
 from vimbench.kernels.selective_scan.check import CASES, check_backward, check_named_backend
 from vimbench.kernels.selective_scan.ops import scan_bwd_flops, scan_flops
-from vimbench.kernels.selective_scan.chunked import selective_scan_cpu_backward
 from vimbench.kernels.selective_scan.ref import selective_scan_ref_backward
 
 OPTIONAL = ("D", "z", "delta_bias")
@@ -210,10 +209,11 @@ def test_compiled_training_through_the_scan_ops_has_no_graph_break():
         assert torch.allclose(e, c, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["ref", "cpu", "mamba_ssm"])
-def test_backward_ops_fakes_give_each_gradient_its_inputs_shape_and_dtype(backend):
+@pytest.mark.parametrize("backend", ["ref", "cpu", "triton", "triton_pipelined", "mamba_ssm"])
+def test_backward_ops_fakes_give_each_gradient_its_inputs_shape_and_dtype(backend, fresh_plugins):
     """The backward ops called on meta tensors run each backend's fake (memory prediction of training relies on
     them); a forward-only backend's fake refuses as its backward does."""
+    vimbench.register_scan_backend("fwd", selective_scan_ref, devices="cpu")
     with torch.device("meta"):
         (u, delta, A, B, C), kw = scan_case(2, 8, 300, 16, 2, dtype=torch.bfloat16)
         inputs = (u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"])
@@ -221,7 +221,7 @@ def test_backward_ops_fakes_give_each_gradient_its_inputs_shape_and_dtype(backen
         pair = torch.ops.vimbench.bidirectional_scan_bwd(u, delta, A, B, C, None, u, delta, A, B, C, kw["D"], None,
                                                          None, kw["delta_bias"], torch.empty_like(u), True, backend)
         with pytest.raises(BackendUnavailable, match="forward-only"):
-            torch.ops.vimbench.selective_scan_bwd(*inputs, torch.empty_like(u), True, "triton")
+            torch.ops.vimbench.selective_scan_bwd(*inputs, torch.empty_like(u), True, "fwd")
     assert [(g.shape, g.dtype) for g in grads] == [(t.shape, t.dtype) for t in inputs]
     assert [(g.shape, g.dtype) for g in pair] == [(t.shape, t.dtype) for t in (u, delta, A, B, C) * 2
                                                   + (kw["D"], kw["delta_bias"])]
@@ -230,7 +230,7 @@ def test_backward_ops_fakes_give_each_gradient_its_inputs_shape_and_dtype(backen
 def test_memory_model_of_training_needs_a_backward_fake(fresh_plugins):
     from vimbench.kernels.selective_scan import has_memory_model
     assert has_memory_model("cpu", train=True) and has_memory_model("mamba_ssm", train=True)
-    assert has_memory_model("triton") and not has_memory_model("triton", train=True)
+    assert has_memory_model("triton", train=True) and has_memory_model("triton_pipelined", train=True)
     vimbench.register_scan_backend("nobwdfake", selective_scan_ref, devices="cuda", fake=selective_scan_ref,
                                    backward=selective_scan_ref_backward)
     vimbench.register_scan_backend("bwdfake", selective_scan_ref, devices="cuda", fake=selective_scan_ref,
@@ -243,10 +243,13 @@ def test_memory_model_of_training_needs_a_backward_fake(fresh_plugins):
         vimbench.register_scan_backend("odd", selective_scan_ref, devices="cpu", backward="not a function")
 
 
-def test_cpu_backward_never_builds_a_tensor_of_the_whole_state_sequence():
+@pytest.mark.parametrize("backend", ["cpu", "triton", "triton_pipelined"])
+def test_backward_fake_never_builds_a_tensor_of_the_whole_state_sequence(backend):
     """At the Vim-Ti 1248 px shape on meta tensors (as memory prediction runs it): the largest tensors of the
-    backward are (b, E, L) ones like du, 1/N of b*E*L*N (the chunk start states are 1/64 of it), and the step
-    loops are skipped."""
+    backward's fake are (b, E, L) ones like du, 1/N of b*E*L*N (the cpu scan's chunk start states are 1/64 of
+    it; the Triton kernel's checkpoints 1/32 and its per-program dB, dC partials E/BLOCK_E x (b, N, L)), and
+    the step loops are skipped."""
+    from vimbench.kernels.selective_scan.ops import _bwd_fake
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -263,7 +266,6 @@ def test_cpu_backward_never_builds_a_tensor_of_the_whole_state_sequence():
     with torch.device("meta"):
         (u, delta, A, B, C), kw = scan_case(b, E, L, N, 0)
         with Largest():
-            selective_scan_cpu_backward(u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True,
-                                        torch.empty_like(u))
+            _bwd_fake(backend)(u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True, torch.empty_like(u))
     assert Largest.numel == b * E * L
     assert Largest.calls < 1000                  # three chunks of batched ops; the step loops would be 3 L calls

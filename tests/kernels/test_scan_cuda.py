@@ -2,15 +2,17 @@
 
 Run by `vimbench gpu-check` on a GPU. Every case draws fresh random inputs (the seed is in the test
 output on failure) and poisons the output buffers with NaN before the kernel runs, so unwritten elements
-fail. Shapes include the Vim-Ti/S/B widths at 224 and 1248 px. Also: the memory model's SDPA kernel
+fail. Shapes include the Vim-Ti/S/B widths at 224 and 1248 px. The backward: every gradient against float64
+autograd of the reference, and against mamba_ssm's backward when it imports. Also: the memory model's SDPA kernel
 choice against the kernel SDPA runs on this card.
 """
+import importlib.util
 import os
 
 import pytest
 import torch
 
-from helpers import assert_close, scan_case
+from helpers import assert_close, assert_grads_close, scan_case
 from vimbench.kernels.selective_scan.ref import selective_scan_ref
 from vimbench.kernels.selective_scan import bidirectional_scan_ref
 
@@ -79,3 +81,37 @@ def test_sdpa_kernel_model_matches_the_dispatcher(dtype):
     dispatcher runs on this card at DeiT's head_dim 64 (``sdpa_kernel_used``)."""
     from vimbench.kernels.attention import sdpa_fused_kernel, sdpa_kernel_used
     assert sdpa_fused_kernel(dtype) == sdpa_kernel_used("cuda", dtype, 197, 64, 3)
+
+
+# The backward: Vim-Ti at 224 and 1248 px, and awkward shapes (groups, N padded, E tails, L = 1)
+BWD_SHAPES = [(2, 384, 197, 16, 0), (1, 384, 6085, 16, 0), (3, 100, 1000, 16, 2), (1, 40, 2049, 5, 4),
+              (2, 64, 1, 16, 0)]
+BWD_IDS = ["vimTi-224-b2", "vimTi-1248", "E100-G2", "N5-G4", "L1"]
+
+
+def _backward_inputs(shape, dtype):
+    args, kw = _cuda(*scan_case(*shape, dtype=dtype, extras=True))
+    return (*args, kw["D"], kw["z"], kw["delta_bias"], True), torch.randn(args[0].shape, device="cuda").to(dtype)
+
+
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=BWD_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("design", DESIGNS)
+def test_backward_cuda_matches_float64_autograd_of_ref(shape, dtype, design, fresh_seed):
+    from vimbench.kernels.selective_scan.ref import selective_scan_ref_backward
+    from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton_backward
+    inputs, dout = _backward_inputs(shape, dtype)
+    want = selective_scan_ref_backward(*(t.double() if torch.is_tensor(t) else t for t in inputs), dout.double())
+    got = selective_scan_triton_backward(*inputs, dout, design=design)
+    assert_grads_close(want, got, dtype)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba_ssm")
+@pytest.mark.parametrize("shape", BWD_SHAPES[:2], ids=BWD_IDS[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("design", DESIGNS)
+def test_backward_cuda_matches_mamba_ssm(shape, dtype, design, fresh_seed):
+    """Against mamba_ssm's own CUDA backward (float32 math in both), by the gradient check's rule."""
+    from vimbench.kernels.selective_scan.backends import BACKWARDS
+    inputs, dout = _backward_inputs(shape, dtype)
+    assert_grads_close(BACKWARDS["mamba_ssm"](*inputs, dout), BACKWARDS[design](*inputs, dout), dtype)
