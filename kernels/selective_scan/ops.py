@@ -467,17 +467,17 @@ def _describe_compiled_scan() -> None:
         *tensors, ctx.delta_softplus, _ = inputs
         ctx.save_for_backward(*tensors)
 
-    def _scan_backward(ctx, dout, dlast):
+    def _compiled_scan_backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         grads = torch.ops.vimbench_cpu.selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, dlast,
                                                           ctx.delta_softplus)
         du, ddelta, dA, dB, dC, dD, dz, dbias = grads
         return _given_grads((du, ddelta, dA, dB, dC, dD, dz, dbias), ctx.saved_tensors) + (None, None)
 
-    def _bidir_backward(ctx, dout):
+    def _compiled_bidir_backward(ctx, dout):
         inputs = ctx.saved_tensors
         grads = torch.ops.vimbench_cpu.bidirectional_scan_bwd(*inputs, dout, ctx.delta_softplus)
         return _given_grads(grads, inputs) + (None, None)
 
-    torch.library.register_autograd("vimbench_cpu::selective_scan_fwd", _scan_backward, setup_context=_setup)
-    torch.library.register_autograd("vimbench_cpu::bidirectional_scan_fwd", _bidir_backward, setup_context=_setup)
+    torch.library.register_autograd("vimbench_cpu::selective_scan_fwd", _compiled_scan_backward, setup_context=_setup)
+    torch.library.register_autograd("vimbench_cpu::bidirectional_scan_fwd", _compiled_bidir_backward, setup_context=_setup)
