@@ -479,5 +479,7 @@ def _describe_compiled_scan() -> None:
         grads = torch.ops.vimbench_cpu.bidirectional_scan_bwd(*inputs, dout, ctx.delta_softplus)
         return _given_grads(grads, inputs) + (None, None)
 
-    torch.library.register_autograd("vimbench_cpu::selective_scan_fwd", _compiled_scan_backward, setup_context=_setup)
-    torch.library.register_autograd("vimbench_cpu::bidirectional_scan_fwd", _compiled_bidir_backward, setup_context=_setup)
+    torch.library.register_autograd("vimbench_cpu::selective_scan_fwd", _compiled_scan_backward,
+                                    setup_context=_setup)
+    torch.library.register_autograd("vimbench_cpu::bidirectional_scan_fwd", _compiled_bidir_backward,
+                                    setup_context=_setup)
