@@ -385,6 +385,14 @@ def make_timing_baseline(device: str, runs: list[dict[str, dict]], env: dict, ol
             "benchmarks": dict(sorted(benchmarks.items()))}
 
 
+def _not_run(name: str, complete: bool, exclude: list[str]) -> str:
+    """The status of a compared benchmark that did not run now: 'INCORRECT (not timed)' when a term of
+    ``exclude`` names it, else 'MISSING' when the whole suite ran (``complete``), else '' (not compared)."""
+    if any(term in name for term in exclude):
+        return "INCORRECT (not timed)"
+    return "MISSING" if complete else ""
+
+
 @dataclasses.dataclass
 class TimingComparison:
     rows: list[dict]
@@ -407,11 +415,8 @@ def compare_timing(baseline: dict, now: dict[str, dict], complete: bool, exclude
             row["status"] = "new (no baseline)"
             notes.append(f"{name} has no baseline entry: record one with `vimbench gate --update -k '{name}'`")
         elif cur is None:
-            if any(term in name for term in exclude):
-                row["status"] = "INCORRECT (not timed)"
-            elif complete:
-                row["status"] = "MISSING"
-            else:
+            row["status"] = _not_run(name, complete, exclude)
+            if not row["status"]:
                 continue
             regressions.append(name)
         else:
@@ -537,11 +542,8 @@ def compare_with_base(base_runs: list[dict], current_runs: list[dict], complete:
         if not base:
             row["status"] = "new (not in base)"
         elif not cur:
-            if any(term in name for term in exclude):
-                row["status"] = "INCORRECT (not timed)"
-            elif complete:
-                row["status"] = "MISSING"
-            else:
+            row["status"] = _not_run(name, complete, exclude)
+            if not row["status"]:
                 continue
             regressions.append(name)
         else:

@@ -117,12 +117,17 @@ def _check_timing(device: str, select: str | None, path: Path, baseline: dict, s
                "(now: the fastest of its attempts); change = now / baseline - 1")
     for line in result.notes + gate.environment_notes(baseline["environment"], env):
         click.echo(f"note: {line}")
+    return _verdict(result, "the baseline")
+
+
+def _verdict(result: gate.TimingComparison, against: str) -> int:
+    """Prints the verdict's line; 1 on a regression, else 0."""
     if result.regressions:
-        click.echo(f"timing gate: FAILED: {len(result.regressions)} benchmark(s) slower than their threshold "
-                   f"or missing: {', '.join(result.regressions)}", err=True)
+        click.echo(f"timing gate: FAILED: {len(result.regressions)} benchmark(s) slower than {against} by more "
+                   f"than their threshold, or missing: {', '.join(result.regressions)}", err=True)
         return 1
     click.echo(f"timing gate: ok ({sum(r['status'] in ('ok', 'faster') for r in result.rows)} benchmarks "
-               f"within their thresholds)")
+               f"within their thresholds of {against})")
     return 0
 
 
@@ -138,13 +143,7 @@ def _check_base(device: str, select: str | None, rev: str, exclude: list[str]) -
     click.echo(f"base, current: seconds per call / seconds of the reference calibration, median over each side's "
                f"runs ({', '.join(gate.BASE_ORDER)}); ratio = current / base; threshold from the spread of "
                f"these runs; {time.monotonic() - start:.0f} s")
-    if result.regressions:
-        click.echo(f"timing gate: FAILED: {len(result.regressions)} benchmark(s) slower than base {rev} by more "
-                   f"than their threshold, or missing: {', '.join(result.regressions)}", err=True)
-        return 1
-    click.echo(f"timing gate: ok ({sum(r['status'] in ('ok', 'faster') for r in result.rows)} benchmarks "
-               f"within their thresholds of base {rev})")
-    return 0
+    return _verdict(result, f"base {rev}")
 
 
 def _update_timing(device: str, select: str | None, runs: int, path: Path, scan: str | None) -> int:
