@@ -274,7 +274,8 @@ def run_ratios(bench_json: dict) -> dict[str, dict]:
 
 
 def run_suite(device: str, select: str | None, log=print, tests: list[str] | None = None, scan: str | None = None,
-              exclude: list[str] = (), base: Path | None = None, env: dict | None = None) -> tuple[dict[str, dict], dict]:
+              exclude: list[str] = (), base: Path | None = None,
+              env: dict | None = None) -> tuple[dict[str, dict], dict]:
     """Runs the benchmark suite once in a subprocess on ``device`` ('cpu' | 'cuda'), restricted to the
     pytest ``-k`` expression ``select``, to the benchmarks named in ``tests`` ('<file>::<test>') if
     given, and without those matching a -k term in ``exclude``; with ``scan``, the ``SCAN_SUITE`` of that

@@ -168,9 +168,9 @@ def test_base_gate_passes_an_unchanged_tree_and_fails_a_planted_2x_slowdown(monk
     assert "timing gate: ok (1 benchmarks within their thresholds of base HEAD)" in out
     run_suite = gate.run_suite
 
-    def slow_current(*args, base=None, env=None, **kw):  # the current tree only: base is the slower side's reference
-        return run_suite(*args, base=base, env={**env, **({} if base else {"VIMBENCH_BENCH_SLOWDOWN": "test_scan[cpu]=2"})},
-                         **kw)
+    def slow_current(*args, base=None, env=None, **kw):  # the planted slowdown in the current tree's runs only
+        plant = {} if base else {"VIMBENCH_BENCH_SLOWDOWN": "test_scan[cpu]=2"}
+        return run_suite(*args, base=base, env={**env, **plant}, **kw)
     monkeypatch.setattr(gate, "run_suite", slow_current)
     code, out, err = run(["gate", "--device", "cpu", "--base", "HEAD", "-k", SMALL_SELECTION], capsys)
     row = next(line for line in out.splitlines() if "test_scan[cpu]" in line)

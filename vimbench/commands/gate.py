@@ -69,7 +69,8 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
     if baseline_path is not None and baseline_path.is_dir():
         raise InputError(f"--baseline {str(baseline_path)!r} is a directory; name a .json file")
     if base_rev is not None and (update or baseline_path or scan or deterministic):
-        raise InputError("--base compares with a revision: it excludes --update, --baseline, --scan and --deterministic")
+        raise InputError("--base compares with a revision: it excludes --update, --baseline, --scan and "
+                         "--deterministic")
     if deterministic:
         explicit_device = ctx.get_parameter_source("device_spec") != click.core.ParameterSource.DEFAULT
         if explicit_device or select or runs is not None or scan:
