@@ -29,7 +29,12 @@ Timing gate
     benchmarks (``SMALL`` and Vim-Ti 1248 shapes) and the whole Vim-Ti forward with that backend
     (``SCAN_SUITE``, the suite run with ``--scan NAME``), against a baseline file the package keeps.
 
-    A baseline (``benchmarks/baselines/<device class>.json``) holds, per benchmark, the reference, the
+    Same-run comparison (``--base REV``, and the default on a machine without a stored baseline): revision
+    REV is installed beside this tree (``install_base``) and both suites run in one session, interleaved
+    (``BASE_ORDER``), each at half the rounds (``BASE_ENV``); each benchmark's threshold comes from the
+    spread of those runs (``compare_with_base``). No stored baseline is read or written.
+
+    A baseline (``benchmarks/baselines/<device class>.json``, ``device_class``) holds, per benchmark, the reference, the
     median ratio over ``--runs`` runs (at least ``MIN_BASELINE_RUNS``), the spread of those runs and the
     threshold derived from it (``threshold_from_runs``). Every other run of ``record_runs`` has a synthetic
     co-tenant process beside it (``cotenant``), so that the spread includes the contention a shared CI
