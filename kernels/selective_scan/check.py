@@ -135,6 +135,41 @@ def check_entry_points(backend: str, device="cpu", dtypes=(torch.float32, torch.
     return CheckResult(True, n)
 
 
+MIXER_CASES = {"mixer-L7": (2, 7), "mixer-L33": (1, 33)}
+"""id -> (batch, tokens M) of ``check_mixer``'s layer (d_model 16, d_state 4, E = 32)."""
+MIXER_TOLERANCE = 1e-4
+"""``check_mixer``'s largest error, relative to the largest magnitude of the float64 reference's output: a
+float32 layer stays below 1e-6 of it with ``cpu`` and ``cpp`` (measured), a layer 1% off fails."""
+
+
+def check_mixer(backend: str, device="cpu") -> CheckResult:
+    """A Vim mixer layer (``BiMambaMixer``: the projections, the causal conv pair and the scan pair as the model
+    runs them with ``backend``, which picks the conv implementation too) in float32 against the same layer in
+    float64 with ``ref``, on ``MIXER_CASES``, within ``MIXER_TOLERANCE``. Stops at the first failure."""
+    import copy
+    from vimbench.models.vim import BiMambaMixer
+    torch.manual_seed(0)
+    n = 0
+    for name, (b, M) in MIXER_CASES.items():
+        mixer = BiMambaMixer(16, depth=2, d_state=4).to(device)
+        h = torch.randn(b, M, 16, device=device)
+        label = f"{name} mixer (b={b}, M={M}, D=16, N=4) float32"
+        with torch.no_grad():
+            want = copy.deepcopy(mixer).double()(h.double(), scan="ref")
+            try:
+                got = mixer(h, scan=backend)
+            except Exception as e:  # a crash is a failure to report, not to propagate
+                return CheckResult(False, n, f"{label}: raised {type(e).__name__}: {e}", float("nan"))
+        scale = want.abs().max().item()
+        err = (got.double() - want).abs().max().item() if got.shape == want.shape else float("nan")
+        if not err <= MIXER_TOLERANCE * scale:
+            return CheckResult(False, n, f"{label}: out differs from the ref mixer in float64 by up to {err:.3g}, "
+                                         f"{err / scale:.3g} of its largest value (tolerance {MIXER_TOLERANCE:g} "
+                                         f"of it)", err)
+        n += 1
+    return CheckResult(True, n)
+
+
 GRAD_TOLERANCES = {torch.float32: 5e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-9}
 """Per input dtype of the case: the largest error a gradient may have, relative to the largest magnitude of the
 float64 reference's same gradient (plus ``GRAD_ATOL``). Relative to the tensor's max norm, not elementwise:
@@ -221,7 +256,7 @@ def check_backward(backend: str, device="cpu", dtypes=(torch.float32, torch.bflo
 
 def check_named_backend(backend: str, device: str = "cpu", grads: bool = False) -> dict:
     """``check_backend`` of the registered backend ``backend`` on ``device``, then ``check_entry_points``
-    (the pair, the timed layouts), as a dict for a worker
+    (the pair, the timed layouts) and ``check_mixer`` (the Vim mixer layer), as a dict for a worker
     process (``vimbench.measure.isolation.run_isolated``): checked, check_ok, check_failure, check_worst.
     With ``grads`` also ``forward_only`` ("" for a backend with a backward, else why it has none: no gradient
     check, and it cannot train) and, for a backend with a backward whose forward passed, ``check_backward``'s
@@ -229,9 +264,10 @@ def check_named_backend(backend: str, device: str = "cpu", grads: bool = False) 
     from vimbench.kernels.selective_scan.backends import IMPLS, check_scan_backend, forward_only
     check_scan_backend(backend, device)
     result = check_backend(IMPLS[backend], device)
-    if result.ok:  # then as it is timed: the pair, and the layouts it reads
-        timed = check_entry_points(backend, device)
-        result = CheckResult(timed.ok, result.cases + timed.cases, timed.failure, timed.worst)
+    for then in (check_entry_points, check_mixer):  # then as it is timed: the pair, its layouts, the layer
+        if result.ok:
+            more = then(backend, device)
+            result = CheckResult(more.ok, result.cases + more.cases, more.failure, more.worst)
     out = {"checked": result.cases, "check_ok": result.ok, "check_failure": result.failure,
            "check_worst": result.worst}
     if grads:

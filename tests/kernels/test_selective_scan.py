@@ -225,3 +225,22 @@ def test_a_cpp_scan_wrong_only_in_the_pair_or_only_on_time_major_inputs_is_not_t
     assert list(failed) == ["cpp"]
     assert failed["cpp"].startswith(f"correctness check failed: {first} float32 {where}: out differs from the "
                                     f"reference by up to 0.1")
+
+
+def test_a_backend_whose_vim_mixer_is_wrong_is_not_timed(monkeypatch):
+    """The cpp scan right everywhere, but the compiled causal conv pair the Vim mixer runs with it 1% off:
+    check_mixer (run by check_named_backend, so by check_scans before any timing) refuses the backend."""
+    from vimbench.kernels.selective_scan import compiled_cpu
+    from vimbench.kernels.selective_scan.check import check_mixer, check_named_backend
+    try:
+        compiled_cpu.build()
+    except Exception as e:  # no compiler here
+        pytest.skip(f"the cpp scan does not build here: {e}")
+    assert check_mixer("cpp").ok and check_mixer("cpp").cases == 2
+    real = compiled_cpu.causal_conv1d_pair_compiled
+    monkeypatch.setattr(compiled_cpu, "causal_conv1d_pair_compiled",
+                        lambda *args: tuple(x * 1.01 for x in real(*args)))
+    result = check_named_backend("cpp")
+    assert not result["check_ok"]
+    assert result["check_failure"].startswith("mixer-L7 mixer (b=2, M=7, D=16, N=4) float32: out differs from the "
+                                              "ref mixer in float64")
