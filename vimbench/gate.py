@@ -487,8 +487,13 @@ def _git(*args: str) -> str:
 def default_base() -> tuple[str, str]:
     """(revision, how it was chosen): the merge-base of HEAD with the default branch (origin/main, else
     main), else HEAD~1. On a clone of main itself the merge-base is HEAD: the run then compares HEAD's
-    committed tree with the working tree (on a clean checkout, a tree with itself: the gate's noise)."""
-    head = _git("rev-parse", "HEAD")
+    committed tree with the working tree (on a clean checkout, a tree with itself: the gate's noise).
+    InputError outside a git checkout with a commit."""
+    try:
+        head = _git("rev-parse", "HEAD")
+    except RuntimeError as e:
+        raise InputError(f"no revision to compare with: {REPO_ROOT} is not a git checkout with a commit ({e}); "
+                         f"record a baseline for this machine with `vimbench gate --update`") from None
     for branch in ("origin/main", "main"):
         try:
             rev = _git("merge-base", "HEAD", branch)

@@ -12,6 +12,7 @@ import torch
 from vimbench import gate
 from vimbench.count import kernel_compile
 from vimbench.commands import main
+from vimbench.errors import InputError
 from vimbench.measure.env import cpu_model, slug
 
 # the module itself (vimbench.kernels re-exports a function of the same name)
@@ -152,6 +153,12 @@ def test_gate_without_a_stored_baseline_says_so_and_compares_with_the_default_ba
     rev, why = gate.default_base()
     assert calls == [rev] and f"no stored baseline for this machine ({tmp_path / gate.device_class('cpu')}.json)" in out
     assert why in out and code == 1 and "slower than base" in err
+
+
+def test_without_git_the_default_base_is_bad_input(monkeypatch, tmp_path):
+    monkeypatch.setattr(gate, "REPO_ROOT", tmp_path)       # not a git checkout
+    with pytest.raises(InputError, match="not a git checkout"):
+        gate.default_base()
 
 
 def test_base_bad_input_is_one_line_exit_2(capsys):
