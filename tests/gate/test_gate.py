@@ -1,5 +1,6 @@
-"""`vimbench gate`: the comparison logic on made-up numbers, the real timing gate end to end on a small
-selection (an unchanged tree passes three times in a row; a planted 2x slowdown fails), and the
+"""`vimbench gate`: the comparison logic on made-up numbers (stored baseline and same-run base), the machine key,
+the fallback without a stored baseline, the real timing gate end to end on a small selection (an unchanged
+tree passes three times in a row; a planted 2x slowdown fails; the same with --base HEAD), and the
 deterministic gate (unchanged passes; a changed scan FLOP formula or kernel resources fail with a diff)."""
 import dataclasses
 import importlib
