@@ -1,6 +1,7 @@
 # Quick start: `make run` (set up, then the main job: the resolution sweep on whatever device is present)
 #              `make test` (set up, then the test suite but its slow tests, which `make test-slow` runs).
-#              `make gate` (regression gates: FLOPs and kernel resources exactly, then CPU kernel timings).
+#              `make gate` (regression gates: FLOPs and kernel resources exactly, then CPU kernel timings
+#              against this machine's stored baseline, or without one against the merge-base with main).
 VENV ?= .venv
 BIN := $(VENV)/bin
 

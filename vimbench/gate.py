@@ -29,7 +29,12 @@ Timing gate
     benchmarks (``SMALL`` and Vim-Ti 1248 shapes) and the whole Vim-Ti forward with that backend
     (``SCAN_SUITE``, the suite run with ``--scan NAME``), against a baseline file the package keeps.
 
-    A baseline (``benchmarks/baselines/<device class>.json``) holds, per benchmark, the reference, the
+    Same-run comparison (``--base REV``, and the default on a machine without a stored baseline): revision
+    REV is installed beside this tree (``install_base``) and both suites run in one session, interleaved
+    (``BASE_ORDER``), each at half the rounds (``BASE_ENV``); each benchmark's threshold comes from the
+    spread of those runs (``compare_with_base``). No stored baseline is read or written.
+
+    A baseline (``benchmarks/baselines/<device class>.json``, ``device_class``) holds, per benchmark, the reference, the
     median ratio over ``--runs`` runs (at least ``MIN_BASELINE_RUNS``), the spread of those runs and the
     threshold derived from it (``threshold_from_runs``). Every other run of ``record_runs`` has a synthetic
     co-tenant process beside it (``cotenant``), so that the spread includes the contention a shared CI
@@ -89,7 +94,10 @@ MIN_ROUND_S = {"cpu": 5e-3, "cuda": 1e-3}
 """A round repeats the workload until it lasts at least this long (seconds), so clock resolution and,
 on CUDA, the launch-and-synchronize overhead stay small against it."""
 ROUND_BUDGET_S = 1.0
-"""Target workload time per benchmark (seconds): rounds = budget / round time, within [MIN_ROUNDS, MAX_ROUNDS]."""
+"""Target workload time per benchmark (seconds): rounds = budget / round time, within [MIN_ROUNDS, MAX_ROUNDS].
+The suite's process reads it from ``ROUND_BUDGET_ENV`` when set (``gate --base`` halves it: it runs the suite
+four times)."""
+ROUND_BUDGET_ENV = "VIMBENCH_ROUND_BUDGET_S"
 MIN_ROUNDS, MAX_ROUNDS = 5, 25
 
 MIN_BASELINE_RUNS = 4
@@ -178,7 +186,8 @@ def measure_calibrated(benchmark, fn, device: torch.device, calibration: Calibra
     sync()
     probe = max(clock() - t0, 1e-7)
     inner = max(1, math.ceil(MIN_ROUND_S[device.type] / probe))
-    rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, round(ROUND_BUDGET_S / (probe * inner))))
+    budget = float(os.environ.get(ROUND_BUDGET_ENV, ROUND_BUDGET_S))
+    rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, round(budget / (probe * inner))))
     calibration_s = []
 
     def workload():
@@ -201,14 +210,21 @@ def default_device() -> str:
 
 
 def device_class(device: str) -> str:
-    """The machine a timing baseline holds for, as a file-name slug: 'cpu-' and the CPU model
-    ('cpu-amd-epyc'), or the GPU's name ('nvidia-h100-80gb-hbm3'). Timings on one CPU model say nothing
-    about another: the same suite ran 28-90% slower on an Intel Xeon than on the AMD EPYC it was recorded on."""
+    """The machine a timing baseline holds for, as a file-name slug of what decides the speed: on CPU the
+    model, the ATen capability the kernels dispatch to, the core count and the torch version
+    ('cpu-intel-r-xeon-r-processor-avx512-2c-torch2-14-1'); on CUDA the GPU's name, compute capability and
+    the torch version ('nvidia-h100-80gb-hbm3-sm90-torch2-14-1'). The model alone is not enough: "AMD EPYC"
+    names both AVX-512 and AVX2-only machines, and on a 2-core AVX2 EPYC the unchanged tree failed 4
+    benchmarks of a baseline recorded on another EPYC; the same suite ran 28-90% slower on an Intel Xeon
+    than on the AMD EPYC."""
+    torch_version = torch.__version__.split("+")[0]
     if device == "cpu":
-        return f"cpu-{slug(cpu_model())}"
+        return slug(f"cpu {cpu_model()} {torch.backends.cpu.get_cpu_capability()} {os.cpu_count()}c "
+                    f"torch{torch_version}")
     if not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device here")
-    return slug(torch.cuda.get_device_name())
+    major, minor = torch.cuda.get_device_capability()
+    return slug(f"{torch.cuda.get_device_name()} sm{major}{minor} torch{torch_version}")
 
 
 def timing_baseline_path(device: str) -> Path:
@@ -263,17 +279,23 @@ def run_ratios(bench_json: dict) -> dict[str, dict]:
 
 
 def run_suite(device: str, select: str | None, log=print, tests: list[str] | None = None, scan: str | None = None,
-              exclude: list[str] = ()) -> tuple[dict[str, dict], dict]:
+              exclude: list[str] = (), base: Path | None = None,
+              env: dict | None = None) -> tuple[dict[str, dict], dict]:
     """Runs the benchmark suite once in a subprocess on ``device`` ('cpu' | 'cuda'), restricted to the
     pytest ``-k`` expression ``select``, to the benchmarks named in ``tests`` ('<file>::<test>') if
     given, and without those matching a -k term in ``exclude``; with ``scan``, the ``SCAN_SUITE`` of that
-    backend. Returns (``run_ratios`` of it, the run's environment). InputError when nothing matches
-    ``select``; RuntimeError (with pytest's output) when a benchmark fails."""
+    backend. With ``base`` (an ``install_base`` folder) the suite and the package of that revision run
+    instead of this checkout's. ``env``: extra environment variables of the suite's process. Returns
+    (``run_ratios`` of it, the run's environment). InputError when nothing matches ``select``; RuntimeError
+    (with pytest's output) when a benchmark fails."""
     if not SUITE_DIR.is_dir():
         raise InputError(f"benchmark suite not found at {SUITE_DIR}: run vimbench gate from a vimbench checkout")
+    suite_dir, cwd, env = (SUITE_DIR, REPO_ROOT, {**SUITE_ENV, **(env or {})})
+    if base is not None:  # its folder holds no vimbench/, so `python -m` finds the installed base first
+        suite_dir, cwd, env["PYTHONPATH"] = base / "benchmarks", base, str(base / "site")
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "bench.json"
-        paths = [str(SUITE_DIR / t) for t in tests or (SCAN_SUITE if scan else [""])]
+        paths = [str(suite_dir / t) for t in tests or (SCAN_SUITE if scan else [""])]
         cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider",
                f"--device={device}", f"--benchmark-timer={CLOCKS[device]}", "--benchmark-disable-gc",
                f"--benchmark-json={out_json}", "--benchmark-columns=median,iqr,rounds"]
@@ -283,8 +305,7 @@ def run_suite(device: str, select: str | None, log=print, tests: list[str] | Non
         if terms:
             cmd += ["-k", " and ".join(terms)]
         start = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT,
-                              env={**os.environ, **SUITE_ENV})
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**os.environ, **env})
         if proc.returncode == 5:
             raise InputError(f"no benchmark matches -k {select!r}" if select else "the benchmark suite is empty")
         if proc.returncode != 0:
@@ -338,10 +359,15 @@ def threshold_from_runs(ratios: dict[str, list[float]]) -> dict:
     of every reference."""
     spreads = {ref: _spread(values) for ref, values in ratios.items()}
     ref = min(spreads, key=spreads.get)
-    raw = max(THRESHOLD_FLOOR, math.exp(THRESHOLD_SPREADS * spreads[ref]) - 1)
     return {"reference": ref, "ratio": statistics.median(ratios[ref]), "spread": spreads[ref],
-            "threshold": min(raw, THRESHOLD_CEILING), "noisy": raw > THRESHOLD_CEILING, "runs": ratios[ref],
-            "spreads": spreads}
+            "threshold": _threshold(spreads[ref]), "noisy": _threshold(spreads[ref], cap=False) > THRESHOLD_CEILING,
+            "runs": ratios[ref], "spreads": spreads}
+
+
+def _threshold(spread: float, cap: bool = True) -> float:
+    """max(floor, exp(THRESHOLD_SPREADS * spread) - 1), at most THRESHOLD_CEILING when ``cap``."""
+    raw = max(THRESHOLD_FLOOR, math.exp(THRESHOLD_SPREADS * spread) - 1)
+    return min(raw, THRESHOLD_CEILING) if cap else raw
 
 
 def make_timing_baseline(device: str, runs: list[dict[str, dict]], env: dict, old: dict | None,
@@ -363,6 +389,14 @@ def make_timing_baseline(device: str, runs: list[dict[str, dict]], env: dict, ol
             "cpu_threads": CPU_THREADS if device == "cpu" else None, "calibration": CALIBRATION_SIZES[device],
             "suite_env": SUITE_ENV, "recorded": recorded, "environment": env,
             "benchmarks": dict(sorted(benchmarks.items()))}
+
+
+def _not_run(name: str, complete: bool, exclude: list[str]) -> str:
+    """The status of a compared benchmark that did not run now: 'INCORRECT (not timed)' when a term of
+    ``exclude`` names it, else 'MISSING' when the whole suite ran (``complete``), else '' (not compared)."""
+    if any(term in name for term in exclude):
+        return "INCORRECT (not timed)"
+    return "MISSING" if complete else ""
 
 
 @dataclasses.dataclass
@@ -387,11 +421,8 @@ def compare_timing(baseline: dict, now: dict[str, dict], complete: bool, exclude
             row["status"] = "new (no baseline)"
             notes.append(f"{name} has no baseline entry: record one with `vimbench gate --update -k '{name}'`")
         elif cur is None:
-            if any(term in name for term in exclude):
-                row["status"] = "INCORRECT (not timed)"
-            elif complete:
-                row["status"] = "MISSING"
-            else:
+            row["status"] = _not_run(name, complete, exclude)
+            if not row["status"]:
                 continue
             regressions.append(name)
         else:
@@ -431,6 +462,132 @@ def check_timing(baseline: dict, device: str, select: str | None, log=print, sca
     for row in result.rows:
         row["attempts"] = attempts.get(row["benchmark"], 0)
     return result, env
+
+
+# ----------------------------------------------------------------------------------------------------
+# Same-run comparison against a base revision (``gate --base REV``)
+# ----------------------------------------------------------------------------------------------------
+
+BASE_ORDER = ("base", "current", "current", "base")
+"""The suite runs of ``gate --base``, in order (ABBA): a load that rises or falls steadily through the run
+weighs on both sides alike."""
+BASE_ENV = {ROUND_BUDGET_ENV: str(ROUND_BUDGET_S / 2)}
+"""Four runs at half the rounds each: the comparison takes about twice one stored-baseline run."""
+BASE_COLUMNS = ["benchmark", "reference", "base", "current", "ratio", "threshold", "ms_base", "ms_now", "status"]
+
+
+def _git(*args: str) -> str:
+    """stdout of ``git -C REPO_ROOT *args``; RuntimeError with git's message when it fails."""
+    proc = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip() or f"git {' '.join(args)} failed")
+    return proc.stdout.strip()
+
+
+def default_base() -> tuple[str, str]:
+    """(revision, how it was chosen): the merge-base of HEAD with the default branch (origin/main, else
+    main), else HEAD~1. On a clone of main itself the merge-base is HEAD: the run then compares HEAD's
+    committed tree with the working tree (on a clean checkout, a tree with itself: the gate's noise).
+    InputError outside a git checkout with a commit."""
+    try:
+        head = _git("rev-parse", "HEAD")
+    except RuntimeError as e:
+        raise InputError(f"no revision to compare with: {REPO_ROOT} is not a git checkout with a commit ({e}); "
+                         f"record a baseline for this machine with `vimbench gate --update`") from None
+    for branch in ("origin/main", "main"):
+        try:
+            rev = _git("merge-base", "HEAD", branch)
+        except RuntimeError:
+            continue
+        same = " (HEAD itself: this compares the committed HEAD with the working tree)" if rev == head else ""
+        return rev, f"the merge-base of HEAD with {branch}{same}"
+    return _git("rev-parse", "HEAD~1"), "HEAD~1 (no main or origin/main branch here)"
+
+
+def install_base(rev: str, log=print) -> Path:
+    """A folder with revision ``rev`` of this repository installed: ``site/`` (the vimbench package, for
+    PYTHONPATH) and ``benchmarks/`` (its suite). Extracted from git into a temporary folder and installed
+    with pip (no dependencies: those of this environment), under ``<cache>/gate-base/<commit>`` (the
+    compiled kernels' cache root), so that its compiled CPU kernels, keyed by their source folder, build
+    once per commit. InputError when ``rev`` is not a commit of this repository."""
+    from vimbench.kernels.selective_scan.compiled_cpu import cache_root
+    try:
+        sha = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except RuntimeError:
+        raise InputError(f"--base {rev}: not a commit of {REPO_ROOT}") from None
+    out = cache_root() / "gate-base" / sha
+    if (out / "site").is_dir() and (out / "benchmarks").is_dir():
+        return out
+    log(f"  installing {rev} ({sha[:10]}) into {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, staged = Path(tmp) / "src", Path(tmp) / "staged"
+        src.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", sha], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                              "--target", str(staged / "site"), str(src)], capture_output=True, text=True)
+        if pip.returncode != 0:
+            raise RuntimeError(f"installing {rev} failed:\n{(pip.stdout + pip.stderr)[-3000:]}")
+        os.replace(src / "benchmarks", staged / "benchmarks")
+        try:
+            os.replace(staged, out)
+        except OSError:  # another gate installed the same commit meanwhile: use that one
+            if not (out / "site").is_dir():
+                raise
+    return out
+
+
+def compare_with_base(base_runs: list[dict], current_runs: list[dict], complete: bool,
+                      exclude: list[str] = ()) -> TimingComparison:
+    """Compares ``run_ratios`` of the base's runs with those of the current tree's, all from one session. Per
+    benchmark, the reference is the one with the smallest spread s = largest |ln(ratio / median of its
+    side)| over both sides' runs; base and current are the medians of each side's ratios; the threshold
+    is ``threshold_from_runs``'s (floor, twice the spread in log space, cap). A benchmark regresses when
+    current / base - 1 exceeds it. Missing, excluded and new benchmarks as in ``compare_timing``, a new
+    one being one the base's suite lacks."""
+    rows, regressions, notes = [], [], []
+    for name in sorted(set().union(*base_runs, *current_runs)):
+        base = [r[name]["ratios"] for r in base_runs if name in r]
+        cur = [r[name]["ratios"] for r in current_runs if name in r]
+        row = {"benchmark": name, "reference": "", "base": None, "current": None, "ratio": None, "threshold": "",
+               "ms_base": statistics.median(r[name]["seconds"] for r in base_runs) * 1e3 if base else None,
+               "ms_now": statistics.median(r[name]["seconds"] for r in current_runs) * 1e3 if cur else None,
+               "status": ""}
+        if not base:
+            row["status"] = "new (not in base)"
+        elif not cur:
+            row["status"] = _not_run(name, complete, exclude)
+            if not row["status"]:
+                continue
+            regressions.append(name)
+        else:
+            spreads = {ref: max(_spread([r[ref] for r in base]), _spread([r[ref] for r in cur])) for ref in REFERENCES}
+            ref = min(spreads, key=spreads.get)
+            threshold = _threshold(spreads[ref])
+            b, c = statistics.median(r[ref] for r in base), statistics.median(r[ref] for r in cur)
+            row.update(reference=ref, base=b, current=c, ratio=c / b, threshold=f"+{threshold:.0%}")
+            if c / b - 1 > threshold:
+                row["status"] = "SLOWER"
+                regressions.append(name)
+            else:
+                row["status"] = "faster" if 1 - c / b > threshold else "ok"
+        rows.append(row)
+    return TimingComparison(rows, regressions, notes)
+
+
+def check_against_base(base: Path, device: str, select: str | None, log=print,
+                       exclude: list[str] = ()) -> TimingComparison:
+    """Runs the suite of the installed ``base`` (``install_base``) and of this tree in ``BASE_ORDER``, each
+    with ``BASE_ENV``, on ``device``, restricted to ``select``; this tree's without ``exclude``. Returns
+    ``compare_with_base`` of the runs."""
+    runs = {"base": [], "current": []}
+    for side in BASE_ORDER:
+        log(f"  {side} suite")
+        ratios, _ = run_suite(device, select, log, env=BASE_ENV, base=base if side == "base" else None,
+                              exclude=() if side == "base" else exclude)
+        runs[side].append(ratios)
+    return compare_with_base(runs["base"], runs["current"], complete=select is None, exclude=exclude)
 
 
 def environment_notes(baseline_env: dict, env: dict) -> list[str]:

@@ -64,8 +64,8 @@ class CheckResult:
 
 def check_backend(scan, device="cpu", dtypes=(torch.float32, torch.bfloat16)) -> CheckResult:
     """Runs ``scan`` (a function with ``selective_scan_ref``'s signature) on every case of ``CASES`` x
-    ``dtypes`` x with/without extras on ``device``, and compares out and the last state with the float64
-    reference. Stops at the first failure."""
+    ``dtypes`` x with/without extras on ``device``, and compares out (in the case's dtype) and the last state
+    (float32) with the float64 reference. Stops at the first failure."""
     torch.manual_seed(0)
     n = 0
     for name, shape in CASES.items():
@@ -80,15 +80,93 @@ def check_backend(scan, device="cpu", dtypes=(torch.float32, torch.bfloat16)) ->
                 except Exception as e:  # a crash is a failure to report, not to propagate
                     return CheckResult(False, n, f"{label}: raised {type(e).__name__}: {e}", float("nan"))
                 for what, want, got, tol_dtype in (("out", ref, out, dtype), ("last state", ref_h, h, torch.float32)):
-                    if got.shape != want.shape or got.dtype != (dtype if what == "out" else got.dtype):
+                    if got.shape != want.shape or got.dtype != tol_dtype:
                         return CheckResult(False, n, f"{label}: {what} has shape {tuple(got.shape)} {got.dtype}, "
-                                                     f"expected {tuple(want.shape)}", float("nan"))
+                                                     f"expected {tuple(want.shape)} {tol_dtype}", float("nan"))
                     err = (got.double() - want).abs()
                     if not torch.isfinite(got).all() or not torch.allclose(got.double(), want, **TOLERANCES[tol_dtype]):
                         worst = err.max().item() if torch.isfinite(got).all() else float("nan")
                         return CheckResult(False, n, f"{label}: {what} differs from the reference by up to "
                                                      f"{worst:.3g} (tolerance {TOLERANCES[tol_dtype]})", worst)
                 n += 1
+    return CheckResult(True, n)
+
+
+def time_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (..., L) with the same values in time-major memory (L outermost after the batch), as the Vim
+    mixer hands its projections to a backend in ``STRIDED``."""
+    return t.movedim(-1, 1).contiguous().movedim(1, -1)
+
+
+def check_entry_points(backend: str, device="cpu", dtypes=(torch.float32, torch.bfloat16)) -> CheckResult:
+    """The outputs of scan backend ``backend`` (by name) as it is timed: through the public entry points, the
+    one-direction scan and the bidirectional pair (a backend may compile its own pair op), on contiguous
+    inputs and, for a backend in ``STRIDED`` (which reads the strides it is given), on ``time_major`` ones;
+    ``CASES`` x ``dtypes`` x with/without extras against float64 ``selective_scan_ref`` /
+    ``bidirectional_scan_ref``, within ``TOLERANCES``. Stops at the first failure."""
+    from vimbench.kernels.selective_scan.backends import STRIDED
+    torch.manual_seed(0)
+    n = 0
+    layouts = ("contiguous", "time-major") if backend in STRIDED else ("contiguous",)
+    for name, shape in CASES.items():
+        for dtype in dtypes:
+            for extras in (True, False):
+                for pair in (False, True):
+                    named = _grad_inputs(shape, dtype, extras, pair, device)
+                    want = _scan_out(None, {k: v.double() for k, v in named.items()}, pair, extras)
+                    for layout in layouts:
+                        label = (f"{name} {tuple(shape)} {str(dtype).removeprefix('torch.')} "
+                                 f"{'extras' if extras else 'plain'} {'pair' if pair else 'one direction'} {layout}")
+                        given = {k: time_major(v) if layout == "time-major" and v.dim() > 2 else v
+                                 for k, v in named.items()}
+                        try:
+                            got = _scan_out(backend, given, pair, extras)
+                        except Exception as e:  # a crash is a failure to report, not to propagate
+                            return CheckResult(False, n, f"{label}: raised {type(e).__name__}: {e}", float("nan"))
+                        if got.shape != want.shape or got.dtype != dtype:
+                            return CheckResult(False, n, f"{label}: out has shape {tuple(got.shape)} {got.dtype}, "
+                                                         f"expected {tuple(want.shape)} {dtype}", float("nan"))
+                        finite = bool(torch.isfinite(got).all())
+                        if not finite or not torch.allclose(got.double(), want, **TOLERANCES[dtype]):
+                            worst = (got.double() - want).abs().max().item() if finite else float("nan")
+                            return CheckResult(False, n, f"{label}: out differs from the reference by up to "
+                                                         f"{worst:.3g} (tolerance {TOLERANCES[dtype]})", worst)
+                        n += 1
+    return CheckResult(True, n)
+
+
+MIXER_CASES = {"mixer-L7": (2, 7), "mixer-L33": (1, 33)}
+"""id -> (batch, tokens M) of ``check_mixer``'s layer (d_model 16, d_state 4, E = 32)."""
+MIXER_TOLERANCE = 1e-4
+"""``check_mixer``'s largest error, relative to the largest magnitude of the float64 reference's output: a
+float32 layer stays below 1e-6 of it with ``cpu`` and ``cpp`` (measured), a layer 1% off fails."""
+
+
+def check_mixer(backend: str, device="cpu") -> CheckResult:
+    """A Vim mixer layer (``BiMambaMixer``: the projections, the causal conv pair and the scan pair as the model
+    runs them with ``backend``, which picks the conv implementation too) in float32 against the same layer in
+    float64 with ``ref``, on ``MIXER_CASES``, within ``MIXER_TOLERANCE``. Stops at the first failure."""
+    import copy
+    from vimbench.models.vim import BiMambaMixer
+    torch.manual_seed(0)
+    n = 0
+    for name, (b, M) in MIXER_CASES.items():
+        mixer = BiMambaMixer(16, depth=2, d_state=4).to(device)
+        h = torch.randn(b, M, 16, device=device)
+        label = f"{name} mixer (b={b}, M={M}, D=16, N=4) float32"
+        with torch.no_grad():
+            want = copy.deepcopy(mixer).double()(h.double(), scan="ref")
+            try:
+                got = mixer(h, scan=backend)
+            except Exception as e:  # a crash is a failure to report, not to propagate
+                return CheckResult(False, n, f"{label}: raised {type(e).__name__}: {e}", float("nan"))
+        scale = want.abs().max().item()
+        err = (got.double() - want).abs().max().item() if got.shape == want.shape else float("nan")
+        if not err <= MIXER_TOLERANCE * scale:
+            return CheckResult(False, n, f"{label}: out differs from the ref mixer in float64 by up to {err:.3g}, "
+                                         f"{err / scale:.3g} of its largest value (tolerance {MIXER_TOLERANCE:g} "
+                                         f"of it)", err)
+        n += 1
     return CheckResult(True, n)
 
 
@@ -177,7 +255,8 @@ def check_backward(backend: str, device="cpu", dtypes=(torch.float32, torch.bflo
 
 
 def check_named_backend(backend: str, device: str = "cpu", grads: bool = False) -> dict:
-    """``check_backend`` of the registered backend ``backend`` on ``device``, as a dict for a worker
+    """``check_backend`` of the registered backend ``backend`` on ``device``, then ``check_entry_points``
+    (the pair, the timed layouts) and ``check_mixer`` (the Vim mixer layer), as a dict for a worker
     process (``vimbench.measure.isolation.run_isolated``): checked, check_ok, check_failure, check_worst.
     With ``grads`` also ``forward_only`` ("" for a backend with a backward, else why it has none: no gradient
     check, and it cannot train) and, for a backend with a backward whose forward passed, ``check_backward``'s
@@ -185,6 +264,10 @@ def check_named_backend(backend: str, device: str = "cpu", grads: bool = False) 
     from vimbench.kernels.selective_scan.backends import IMPLS, check_scan_backend, forward_only
     check_scan_backend(backend, device)
     result = check_backend(IMPLS[backend], device)
+    for then in (check_entry_points, check_mixer):  # then as it is timed: the pair, its layouts, the layer
+        if result.ok:
+            more = then(backend, device)
+            result = CheckResult(more.ok, result.cases + more.cases, more.failure, more.worst)
     out = {"checked": result.cases, "check_ok": result.ok, "check_failure": result.failure,
            "check_worst": result.worst}
     if grads:

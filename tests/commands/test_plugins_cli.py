@@ -44,7 +44,7 @@ def test_check_backend_passes_a_correct_plugin_and_fails_a_wrong_one(fresh_plugi
     vimbench.register_scan_backend("mine", selective_scan_ref, devices="cpu")
     vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
     code, out, _ = run(["check-backend", "mine", "--device", "cpu"], capsys)
-    assert code == 0 and "mine is correct on cpu: 24 cases" in out
+    assert code == 0 and "mine is correct on cpu: 74 cases" in out   # its scan 24, entry points 48, mixer 2
     assert "check-backend: scan backend 'mine' (package '(direct call)') is forward-only" in out
     vimbench.register_scan_backend("trains", selective_scan_ref, devices="cpu", backward=selective_scan_ref_backward)
     code, out, _ = run(["check-backend", "trains", "--device", "cpu"], capsys)
@@ -104,7 +104,7 @@ def test_installed_example_is_benchmarked_beside_a_broken_plugin(tmp_path):
                            "--out", str(out), *FAST], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "example: correct on 24 cases against the reference" in proc.stderr
+    assert "example: correct on 74 cases against the reference" in proc.stderr
     assert proc.stderr.count("skipped plug-in 'fast' of package 'broken-plugin'") == 1
     df = pd.read_csv(out)
     assert set(df.op) == {"scan", "scan_bidir", "mixer_vim"} and (df.impl == "example").all()

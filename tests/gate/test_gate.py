@@ -1,15 +1,20 @@
-"""`vimbench gate`: the comparison logic on made-up numbers, the real timing gate end to end on a small
-selection (an unchanged tree passes three times in a row; a planted 2x slowdown fails), and the
+"""`vimbench gate`: the comparison logic on made-up numbers (stored baseline and same-run base), the machine key,
+the fallback without a stored baseline, the real timing gate end to end on a small selection (an unchanged
+tree passes three times in a row; a planted 2x slowdown fails; the same with --base HEAD), and the
 deterministic gate (unchanged passes; a changed scan FLOP formula or kernel resources fail with a diff)."""
 import dataclasses
 import importlib
 import math
+import os
 
 import pytest
+import torch
 
 from vimbench import gate
 from vimbench.count import kernel_compile
 from vimbench.commands import main
+from vimbench.errors import InputError
+from vimbench.measure.env import cpu_model, slug
 
 # the module itself (vimbench.kernels re-exports a function of the same name)
 scan_module = importlib.import_module("vimbench.kernels.selective_scan.ops")
@@ -107,6 +112,78 @@ def test_update_of_a_selection_keeps_the_other_entries():
 # ----------------------------------------------------------------------------------------------------
 # The real timing gate (subprocess running benchmarks/, committed CPU baseline)
 # ----------------------------------------------------------------------------------------------------
+
+def _run(**ratios):
+    """One ``run_ratios`` result: each benchmark's ratio, the same against every reference."""
+    return {name: {"ratios": dict.fromkeys(gate.REFERENCES, r), "seconds": r * 1e-3, "rounds": 5}
+            for name, r in ratios.items()}
+
+
+def test_base_comparison_fails_a_2x_slowdown_with_a_threshold_from_the_runs_spread():
+    base = [_run(a=1.0, b=1.0, gone=1.0), _run(a=1.02, b=1.0, gone=1.0)]
+    cur = [_run(a=2.0, b=1.1, new=1.0), _run(a=2.02, b=1.5, new=1.0)]
+    result = gate.compare_with_base(base, cur, complete=True)
+    rows = {r["benchmark"]: r for r in result.rows}
+    assert result.regressions == ["a", "gone"] and rows["gone"]["status"] == "MISSING"
+    assert rows["a"]["ratio"] == pytest.approx(2.01 / 1.01) and rows["a"]["status"] == "SLOWER"
+    # b: current runs 1.1 and 1.5, median 1.3: spread ln(1.3 / 1.1), threshold twice that in log space
+    assert rows["b"]["threshold"] == f"+{(1.3 / 1.1) ** gate.THRESHOLD_SPREADS - 1:.0%}"
+    assert rows["b"]["status"] == "ok" and rows["new"]["status"] == "new (not in base)"
+    assert gate.compare_with_base(base, base, complete=True).regressions == []
+    assert gate.compare_with_base(base, cur, complete=False).regressions == ["a"]
+
+
+def test_baseline_key_separates_cpu_capabilities_cores_and_torch_versions(monkeypatch):
+    key = gate.device_class("cpu")
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert key.startswith(f"cpu-{slug(cpu_model())}-") and capability.lower() in key
+    assert f"-{os.cpu_count()}c-torch{torch.__version__.split('+')[0].replace('.', '-')}" in key
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2" if capability != "AVX2" else "AVX512")
+    assert gate.device_class("cpu") != key
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert "-64c-" in gate.device_class("cpu")
+
+
+def test_gate_without_a_stored_baseline_says_so_and_compares_with_the_default_base(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(gate, "BASELINE_DIR", tmp_path)
+    monkeypatch.setattr(gate, "install_base", lambda rev, log: calls.append(rev) or tmp_path)
+    monkeypatch.setattr(gate, "check_against_base", lambda base, device, select, log, exclude:
+                        gate.compare_with_base([_run(a=1.0)], [_run(a=2.5)], complete=True))
+    code, out, err = run(["gate", "--device", "cpu", "-k", SMALL_SELECTION], capsys)
+    rev, why = gate.default_base()
+    assert calls == [rev] and f"no stored baseline for this machine ({tmp_path / gate.device_class('cpu')}.json)" in out
+    assert why in out and code == 1 and "slower than base" in err
+
+
+def test_without_git_the_default_base_is_bad_input(monkeypatch, tmp_path):
+    monkeypatch.setattr(gate, "REPO_ROOT", tmp_path)       # not a git checkout
+    with pytest.raises(InputError, match="not a git checkout"):
+        gate.default_base()
+
+
+def test_base_bad_input_is_one_line_exit_2(capsys):
+    for argv in (["gate", "--base", "no-such-revision-xyz", "-k", SMALL_SELECTION],
+                 ["gate", "--base", "HEAD", "--update"], ["gate", "--base", "HEAD", "--scan", "cpu"]):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, argv
+
+
+@pytest.mark.noisy
+def test_base_gate_passes_an_unchanged_tree_and_fails_a_planted_2x_slowdown(monkeypatch, capsys):
+    code, out, err = run(["gate", "--device", "cpu", "--base", "HEAD", "-k", SMALL_SELECTION], capsys)
+    assert code == 0, out + err
+    assert "timing gate: ok (1 benchmarks within their thresholds of base HEAD)" in out
+    run_suite = gate.run_suite
+
+    def slow_current(*args, base=None, env=None, **kw):  # the planted slowdown in the current tree's runs only
+        plant = {} if base else {"VIMBENCH_BENCH_SLOWDOWN": "test_scan[cpu]=2"}
+        return run_suite(*args, base=base, env={**env, **plant}, **kw)
+    monkeypatch.setattr(gate, "run_suite", slow_current)
+    code, out, err = run(["gate", "--device", "cpu", "--base", "HEAD", "-k", SMALL_SELECTION], capsys)
+    row = next(line for line in out.splitlines() if "test_scan[cpu]" in line)
+    assert code == 1 and "SLOWER" in row and "test_scan[cpu]" in err
+
 
 @pytest.mark.noisy
 def test_timing_gate_unchanged_tree_passes_three_times_in_a_row(capsys):

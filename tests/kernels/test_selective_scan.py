@@ -174,3 +174,73 @@ def test_the_correctness_check_passes_a_right_backend_and_names_a_wrong_one():
     assert off.worst > 0
     crash = check_backend(crashes)
     assert not crash.ok and "raised RuntimeError: boom" in crash.failure
+
+
+def test_the_correctness_check_requires_a_float32_last_state():
+    def bf16_state(*args, **kw):
+        out, h = selective_scan_ref(*args, **kw)
+        return out, h.to(torch.bfloat16)
+
+    result = check_backend(bf16_state, dtypes=(torch.bfloat16,))
+    assert not result.ok and result.cases == 0
+    assert "last state has shape (1, 4, 4) torch.bfloat16, expected (1, 4, 4) torch.float32" in result.failure
+
+
+def _wrong_on_time_major(real):
+    """``real`` (the compiled one-direction scan) with 0.1 added to its output when u is not contiguous."""
+    def scan(u, *args, **kw):
+        result = real(u, *args, **kw)
+        if u.is_contiguous():
+            return result
+        return (result[0] + 0.1, result[1]) if isinstance(result, tuple) else result + 0.1
+    return scan
+
+
+def _wrong_pair(real):
+    """``real`` (the compiled bidirectional pair) with 0.1 added to its output."""
+    return lambda *args, **kw: real(*args, **kw) + 0.1
+
+
+@pytest.mark.parametrize("plant, attr, first, where", [
+    (_wrong_pair, "bidirectional_scan_compiled", "L1 (1, 4, 1, 4, 0)", "extras pair contiguous"),
+    # at L = 1 time-major memory is contiguous memory: the first case it differs in is odd-L
+    (_wrong_on_time_major, "selective_scan_compiled", "odd-L (2, 6, 7, 4, 1)", "extras one direction time-major")],
+    ids=["pair", "time-major"])
+def test_a_cpp_scan_wrong_only_in_the_pair_or_only_on_time_major_inputs_is_not_timed(plant, attr, first, where,
+                                                                                    monkeypatch):
+    """The contiguous one-direction scan stays right (check_backend passes), but the backend is checked as it is
+    timed too: check_scans, which gate, kernels and gpu-check run before any timing, refuses it, naming the
+    first case (of ``check_entry_points``) that is 0.1 off."""
+    from vimbench.kernels.selective_scan import compiled_cpu
+    from vimbench.kernels.selective_scan.backends import IMPLS
+    from vimbench.measure import ops
+    try:
+        compiled_cpu.build()
+    except Exception as e:  # no compiler here
+        pytest.skip(f"the cpp scan does not build here: {e}")
+    monkeypatch.setattr(compiled_cpu, attr, plant(getattr(compiled_cpu, attr)))
+    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+    assert check_backend(IMPLS["cpp"]).ok
+    failed = ops.check_scans(["cpp"], "cpu", log=lambda line: None)
+    assert list(failed) == ["cpp"]
+    assert failed["cpp"].startswith(f"correctness check failed: {first} float32 {where}: out differs from the "
+                                    f"reference by up to 0.1")
+
+
+def test_a_backend_whose_vim_mixer_is_wrong_is_not_timed(monkeypatch):
+    """The cpp scan right everywhere, but the compiled causal conv pair the Vim mixer runs with it 1% off:
+    check_mixer (run by check_named_backend, so by check_scans before any timing) refuses the backend."""
+    from vimbench.kernels.selective_scan import compiled_cpu
+    from vimbench.kernels.selective_scan.check import check_mixer, check_named_backend
+    try:
+        compiled_cpu.build()
+    except Exception as e:  # no compiler here
+        pytest.skip(f"the cpp scan does not build here: {e}")
+    assert check_mixer("cpp").ok and check_mixer("cpp").cases == 2
+    real = compiled_cpu.causal_conv1d_pair_compiled
+    monkeypatch.setattr(compiled_cpu, "causal_conv1d_pair_compiled",
+                        lambda *args: tuple(x * 1.01 for x in real(*args)))
+    result = check_named_backend("cpp")
+    assert not result["check_ok"]
+    assert result["check_failure"].startswith("mixer-L7 mixer (b=2, M=7, D=16, N=4) float32: out differs from the "
+                                              "ref mixer in float64")

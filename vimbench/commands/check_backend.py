@@ -37,7 +37,8 @@ def command(name, device_spec):
     tolerances = ", ".join(f"{str(d).removeprefix('torch.')} rtol {t['rtol']:g} atol {t['atol']:g}"
                            for d, t in TOLERANCES.items() if d in (torch.float32, torch.bfloat16))
     click.echo(f"check-backend: {name} is correct on {device}: {result['checked']} cases "
-               f"({len(CASES)} shapes x fp32, bf16 x with/without extras) within {tolerances}")
+               f"({len(CASES)} shapes x fp32, bf16 x with/without extras: its scan, then the one direction, the "
+               f"bidirectional pair and each layout it is timed with through the entry points) within {tolerances}")
     if result["forward_only"]:
         click.echo(f"check-backend: {result['forward_only']}")
         return 0

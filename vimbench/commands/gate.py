@@ -3,6 +3,7 @@ Triton kernels' resources changed (``--deterministic``). See vimbench/gate.py fo
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import click
@@ -37,8 +38,12 @@ DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Baseline file (default: benchmarks/baselines/<cpu-model or gpu name>.json, or "
                    "deterministic.json).")
+@click.option("--base", "base_rev", default=None,
+              help="Compare with revision BASE of this repository, both timed in this run, instead of a stored "
+                   "baseline (default when none is stored for this machine: the merge-base of HEAD with "
+                   "origin/main or main, else HEAD~1).")
 @click.pass_context
-def command(ctx, deterministic, update, device_spec, select, runs, scan, baseline_path):
+def command(ctx, deterministic, update, device_spec, select, runs, scan, baseline_path, base_rev):
     """Regression gate for CI. Exits 1 on a regression, with a table of what moved, 0 otherwise.
 
     Timing gate (default): runs the pytest-benchmark suite in benchmarks/ once, every round timed against a
@@ -51,6 +56,11 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
 
     --update records a new baseline (the timing one from --runs runs, every other one beside a synthetic
     co-tenant process; with -k, only the selected entries are replaced).
+
+    --base REV: installs REV of this repository into a cache folder (its own compiled kernels) and runs its
+    suite and this tree's interleaved (base, current, current, base) on this machine, each benchmark's
+    threshold from the spread of those runs; no stored baseline is read or written. This is also what the
+    timing gate does, saying so, on a machine without a stored baseline.
     """
     if runs is not None and not update:
         raise InputError("--runs applies to --update only")
@@ -58,6 +68,9 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
         raise InputError(f"--runs must be >= {gate.MIN_BASELINE_RUNS} to measure the noise, got {runs}")
     if baseline_path is not None and baseline_path.is_dir():
         raise InputError(f"--baseline {str(baseline_path)!r} is a directory; name a .json file")
+    if base_rev is not None and (update or baseline_path or scan or deterministic):
+        raise InputError("--base compares with a revision: it excludes --update, --baseline, --scan and "
+                         "--deterministic")
     if deterministic:
         explicit_device = ctx.get_parameter_source("device_spec") != click.core.ParameterSource.DEFAULT
         if explicit_device or select or runs is not None or scan:
@@ -71,7 +84,11 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
             raise InputError(f"--scan {scan}: {e}") from None
     path = baseline_path or (Path(f"vimbench-gate-{scan}-{gate.device_class(device)}.json") if scan
                              else gate.timing_baseline_path(device))
-    baseline = None if update else gate.load_baseline(path, "timing")
+    if base_rev is None and not (update or baseline_path or scan or path.exists()):
+        base_rev, why = gate.default_base()
+        click.echo(f"timing gate: no stored baseline for this machine ({path}): comparing with {why}, "
+                   f"{base_rev[:10]}, timed in this run instead")
+    baseline = None if update or base_rev else gate.load_baseline(path, "timing")
     if baseline is not None and baseline.get("scan") != scan:
         raise InputError(f"--baseline {path} is the baseline of {baseline.get('scan') or 'the whole suite'}, "
                          f"not of --scan {scan}")
@@ -81,6 +98,8 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
     if failed and (update or scan):
         click.echo("timing gate: FAILED: correctness before speed; nothing timed", err=True)
         return 1
+    if base_rev:
+        return _check_base(device, select, base_rev, gate.excluded_terms(list(failed), device))
     if update:
         return _update_timing(device, select, gate.DEFAULT_BASELINE_RUNS if runs is None else runs, path, scan)
     return _check_timing(device, select, path, baseline, scan, gate.excluded_terms(list(failed), device))
@@ -99,13 +118,33 @@ def _check_timing(device: str, select: str | None, path: Path, baseline: dict, s
                "(now: the fastest of its attempts); change = now / baseline - 1")
     for line in result.notes + gate.environment_notes(baseline["environment"], env):
         click.echo(f"note: {line}")
+    return _verdict(result, "the baseline")
+
+
+def _verdict(result: gate.TimingComparison, against: str) -> int:
+    """Prints the verdict's line; 1 on a regression, else 0."""
     if result.regressions:
-        click.echo(f"timing gate: FAILED: {len(result.regressions)} benchmark(s) slower than their threshold "
-                   f"or missing: {', '.join(result.regressions)}", err=True)
+        click.echo(f"timing gate: FAILED: {len(result.regressions)} benchmark(s) slower than {against} by more "
+                   f"than their threshold, or missing: {', '.join(result.regressions)}", err=True)
         return 1
     click.echo(f"timing gate: ok ({sum(r['status'] in ('ok', 'faster') for r in result.rows)} benchmarks "
-               f"within their thresholds)")
+               f"within their thresholds of {against})")
     return 0
+
+
+def _check_base(device: str, select: str | None, rev: str, exclude: list[str]) -> int:
+    click.echo(f"timing gate on {device}: base {rev} against this tree, timed in one run")
+    start = time.monotonic()
+    try:
+        result = gate.check_against_base(gate.install_base(rev, click.echo), device, select, click.echo, exclude)
+    except RuntimeError as e:
+        click.echo(f"timing gate: FAILED: {e}", err=True)
+        return 1
+    click.echo(format_table(result.rows, gate.BASE_COLUMNS))
+    click.echo(f"base, current: seconds per call / seconds of the reference calibration, median over each side's "
+               f"runs ({', '.join(gate.BASE_ORDER)}); ratio = current / base; threshold from the spread of "
+               f"these runs; {time.monotonic() - start:.0f} s")
+    return _verdict(result, f"base {rev}")
 
 
 def _update_timing(device: str, select: str | None, runs: int, path: Path, scan: str | None) -> int:

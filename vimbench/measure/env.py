@@ -62,3 +62,12 @@ def environment(device: torch.device) -> dict:
         gpu = GpuReadings(device.index or 0)
         env["driver_version"] = gpu.read("driver version", lambda: gpu.nv.nvmlSystemGetDriverVersion()) or ""
     return env
+
+
+def precision() -> dict:
+    """torch's settings that change what float32 computes, read now (``vimbench.rows.schema.PRECISION``): tf32
+    and cudnn_tf32 (TF32 allowed in cuBLAS matmuls, cuDNN convolutions), cudnn_benchmark, matmul_precision
+    (``torch.get_float32_matmul_precision()``)."""
+    return {"tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "matmul_precision": torch.get_float32_matmul_precision()}

@@ -38,6 +38,7 @@ import torch
 
 from vimbench.kernels.attention import sdpa_kernel_used
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
+from vimbench.measure.env import precision
 from vimbench.measure.nvml import NvmlWatch
 from vimbench.measure.regime import autocast, compiled
 from vimbench.measure.train import TrainStep, enable_grad_checkpointing
@@ -99,13 +100,14 @@ def measure_model(cfg: dict) -> dict:
         return result["step"]
 
     out["load_avg_1m"] = os.getloadavg()[0]  # other work on the host distorts CPU timings: record it
+    out.update(precision())  # what the timed calls ran under
     if device.type == "cuda":
         run()  # the first call before the sampler starts: lazy CUDA/cuBLAS initialisation
         watch.start()
         times = timed()
         out.update(mem_peak_gib=torch.cuda.max_memory_allocated(device) / GIB,
                    mem_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB)
-        out.update(watch.finish(), tf32=False, cudnn_benchmark=False)
+        out.update(watch.finish())
     else:
         times = timed()
         if train:  # the gradients go before the base reading: the step's own gradients count in its peak

@@ -68,6 +68,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vimbench.count.flops import flop_category
 from vimbench.kernels.attention import attention, sdpa_kernel_used
+from vimbench.measure.env import precision
 from vimbench.measure.isolation import run_isolated
 from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, selective_scan
 from vimbench.kernels.selective_scan.check import check_named_backend
@@ -294,14 +295,15 @@ def measure_op(cfg: dict) -> dict:
     forward under inference_mode; train: forward and backward, ``_forward_backward``), compile and
     amp (the regime, see the module docstring), threads (CPU threads, 0 = torch's default), timing (CPU:
     warmup, repeats, min_time). Returns kernel, time_ms, time_ms_p10, time_ms_p90, repeats (CPU),
-    mem_peak_gib, threads, load_avg_1m, and for a compiled op compile_s and graph_breaks."""
+    mem_peak_gib, threads, load_avg_1m, the ``precision()`` settings read before timing, and for a compiled op
+    compile_s and graph_breaks."""
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
     g = Geometry(**cfg["geometry"])
     setup_worker(device, cfg["threads"])
     compute = dtype if cfg["amp"] == "none" else DTYPES[cfg["amp"]]  # what the matmuls run in
     # outside inference_mode: under it the dispatcher shows SDPA's composite op, not the kernel it picks
     out = {"kernel": kernel_name(cfg["op"], cfg["impl"], g, device, compute), "threads": torch.get_num_threads(),
-           "load_avg_1m": os.getloadavg()[0]}
+           "load_avg_1m": os.getloadavg()[0], **precision()}
 
     def call(fn):
         with autocast(device, cfg["amp"]):

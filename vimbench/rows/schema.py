@@ -106,8 +106,10 @@ COLUMN_DOCS = {
     "host": ("", "host name"),
     "threads": ("", "torch CPU threads"),
     "load_avg_1m": ("", "host load average while measuring (CPU timings are distorted by other work)"),
-    "tf32": ("", "GPU: TF32 matmuls allowed (always False: fp32 means fp32)"),
-    "cudnn_benchmark": ("", "GPU: cudnn.benchmark"),
+    "tf32": ("", "torch.backends.cuda.matmul.allow_tf32 while measuring: cuBLAS may run float32 matmuls in TF32"),
+    "cudnn_tf32": ("", "torch.backends.cudnn.allow_tf32 while measuring: cuDNN may run float32 convolutions in TF32"),
+    "cudnn_benchmark": ("", "torch.backends.cudnn.benchmark while measuring"),
+    "matmul_precision": ("", "torch.get_float32_matmul_precision() while measuring: highest, high or medium"),
     "sm_clock_mhz": ("MHz", "GPU SM clock after the timed loop"),
     "temperature_c": ("C", "GPU temperature after the timed loop"),
     "power_w": ("W", "GPU power draw after the timed loop"),
@@ -123,7 +125,9 @@ COLUMN_DOCS = {
 ENVIRONMENT = ["device_name", "driver_version", "cuda_version", "torch_version", "triton_version", "timm_version",
                "vimbench_version", "git_commit", "cpu_model", "host", "threads", "load_avg_1m", "timestamp",
                "command"]
-GPU_TELEMETRY = ["tf32", "cudnn_benchmark", "sm_clock_mhz", "temperature_c", "power_w"]
+PRECISION = ["tf32", "cudnn_tf32", "cudnn_benchmark", "matmul_precision"]
+"""torch's settings that change what float32 computes, read at measurement time (``vimbench.measure.env.precision``)."""
+GPU_TELEMETRY = ["sm_clock_mhz", "temperature_c", "power_w"]
 PLACEMENT = ["launcher", "job_id", "workers", "cuda_visible_devices"]
 """Measured rows (scaling, kernels) end with where they ran, after the environment (``host``)."""
 FLOP_COLUMNS = ["flops_total", "flops_scan", "flops_attention", "flops_linear", "flops_other"]
@@ -157,7 +161,8 @@ SCALING = Schema(
     ["model", "family", "impl", "kernel", "res", "tokens", "batch", "batch_requested", "batch_search", "dtype", MODE,
      GRAD_CHECKPOINTING, *REGIME, "device", "head", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90",
      "throughput_img_s", *TRAIN_PHASES, "repeats", "warmup", *COMPILE_COLUMNS, "mem_peak_gib", "mem_reserved_gib",
-     "mem_nvml_gib", "mem_pred_peak_gib", "mem_limit_gib", *FLOP_COLUMNS, "params", *ENVIRONMENT, *GPU_TELEMETRY,
+     "mem_nvml_gib", "mem_pred_peak_gib", "mem_limit_gib", *FLOP_COLUMNS, "params", *ENVIRONMENT, *PRECISION,
+     *GPU_TELEMETRY,
      *PLACEMENT],
     key=["model", "impl", "res", "batch_requested", "dtype", MODE, GRAD_CHECKPOINTING, *REGIME, "device", "head"],
     required=("model", "family", "impl", "res", "tokens", "batch", "dtype", "device", "head", "status", "time_ms",
@@ -171,7 +176,7 @@ KERNELS = Schema(
      "dtype", MODE, *REGIME, "device", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "repeats",
      *COMPILE_COLUMNS, "mem_peak_gib",
      "flops_total", "bytes", "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw", "ceiling_gflops_s",
-     "ceiling_gbs", *ENVIRONMENT, *PLACEMENT],
+     "ceiling_gbs", *ENVIRONMENT, *PRECISION, *PLACEMENT],
     key=["op", "impl", "model", "res", "batch", "dtype", MODE, *REGIME, "device"],
     required=("op", "impl", "tokens", "width", "batch", "dtype", "device", "status", "time_ms", "time_ms_p10",
               "time_ms_p90", "mem_peak_gib"),

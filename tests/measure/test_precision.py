@@ -1,0 +1,36 @@
+"""Rows record the float32 precision settings torch held while measuring, read then, not written as literals:
+changing one changes the row (measure_model and measure_op, in-process on CPU at tiny shapes)."""
+import pytest
+import torch
+
+from vimbench.measure.model import measure_model
+from vimbench.measure.ops import Geometry, measure_op
+
+MODEL_CFG = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, impl="eager", res=32, batch=1,
+                 batch_requested=1, dtype="fp32", mode="infer", grad_checkpointing=False, compile="none", amp="none",
+                 device="cpu", head=False, threads=1, warmup=0, repeats=1, min_time=0)
+OP_CFG = dict(op="attention", impl="eager", geometry=vars(Geometry("deit_tiny", 32, 1, 5, 192, 0, 0, 3, 64)),
+              device="cpu", dtype="fp32", compile="none", amp="none", threads=1,
+              timing=dict(warmup=0, repeats=1, min_time=0))
+
+
+@pytest.fixture
+def changed_settings():
+    """matmul precision 'medium', cudnn.benchmark and both TF32 flags flipped for the test, restored after."""
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("medium")   # also allows TF32 in cuBLAS matmuls
+    torch.backends.cudnn.benchmark = not saved[1]
+    torch.backends.cudnn.allow_tf32 = not saved[3]
+    yield dict(tf32=True, cudnn_tf32=not saved[3], cudnn_benchmark=not saved[1], matmul_precision="medium")
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
+
+
+@pytest.mark.parametrize("measure, cfg", [(measure_model, MODEL_CFG), (measure_op, OP_CFG)],
+                         ids=["measure_model", "measure_op"])
+def test_rows_read_the_precision_settings_at_measurement_time(measure, cfg, changed_settings):
+    row = measure(cfg)
+    assert {k: row[k] for k in changed_settings} == changed_settings
+    torch.set_float32_matmul_precision("highest")
+    assert measure(cfg)["matmul_precision"] == "highest" and measure(cfg)["tf32"] is False
