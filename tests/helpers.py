@@ -91,6 +91,15 @@ def register_planted_wrong_scan() -> None:
     vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
 
 
+def register_forward_only_scan() -> str:
+    """Registers the reference scan as "fwdonly", a plug-in with a fake and no backward, on every device (as a
+    forward-only GPU backend would be); returns its name."""
+    import vimbench
+    from vimbench.kernels.selective_scan import selective_scan_ref
+    vimbench.register_scan_backend("fwdonly", selective_scan_ref, devices=("cpu", "cuda"), fake=selective_scan_ref)
+    return "fwdonly"
+
+
 @pytest.fixture
 def fresh_plugins(monkeypatch):
     """A test with its own plug-in registries: entry points load afresh in it, and every backend or model it

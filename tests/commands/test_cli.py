@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from vimbench.commands import main
+from helpers import fresh_plugins, register_forward_only_scan  # noqa: F401  (fresh_plugins: a fixture)
 
 
 def run(argv, capsys):
@@ -27,13 +28,18 @@ def run(argv, capsys):
     (["flops", "--mode", "training"], "--mode 'training': unknown"),
     (["flops", "--mode", ","], "--mode: no value given"),
     (["flops", "--grad-checkpointing"], "add train to --mode"),
-    (["flops", "--scan", "triton", "--mode", "train"], "--scan triton: forward-only"),
     (["nope"], "No such command 'nope'"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
     code, out, err = run(argv, capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and msg in err and "Traceback" not in err
+
+
+def test_flops_of_a_train_step_refuses_a_forward_only_scan(fresh_plugins, capsys):
+    name = register_forward_only_scan()
+    code, _, err = run(["flops", "--scan", name, "--mode", "train"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"--scan {name}: forward-only" in err
 
 
 def test_models_lists_registry(capsys):

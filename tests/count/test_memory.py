@@ -16,6 +16,7 @@ from vimbench.commands import main
 from vimbench.rows.schema import MEMORY
 from vimbench.kernels.attention import attention, modelled_card, prefers_cudnn, sdpa_fused_kernel
 from vimbench.models.vim import VisionMamba
+from helpers import fresh_plugins, register_forward_only_scan  # noqa: F401  (fresh_plugins: a fixture)
 
 ss = importlib.import_module("vimbench.kernels.selective_scan")
 MiB = 1 << 20
@@ -255,7 +256,6 @@ def test_paper_preset_rows_carry_the_papers_values(tmp_path, capsys):
     (["--attn", "flash"], "needs --dtype fp16 or bf16"),
     (["--mode", "training"], "--mode 'training': unknown"),
     (["--mode", "infer", "--grad-checkpointing"], "add train to --mode"),
-    (["--scan", "triton", "--mode", "infer,train"], "--scan triton: "),  # forward-only (or triton not installed)
 ])
 def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
     assert main(["memory", *argv]) == 2
@@ -341,9 +341,13 @@ def test_deit_train_peak_holds_what_autograd_saves(attn):
     assert train["mem_pred_weights_gib"] == infer["mem_pred_weights_gib"]
 
 
-def test_train_prediction_refuses_a_forward_only_scan_backend():
+def test_train_prediction_refuses_a_forward_only_scan_backend(fresh_plugins, capsys):
+    name = register_forward_only_scan()
     with pytest.raises(mem.BackendUnavailable, match="forward-only"):
-        mem.predict_memory("vim_tiny", 64, 1, scan="triton", mode="train")
+        mem.predict_memory("vim_tiny", 64, 1, scan=name, mode="train")
+    assert main(["memory", "--scan", name, "--mode", "infer,train", "--res", "64"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--scan {name}: " in err and "forward-only" in err
 
 
 def _real_bidir_bwd(*a):
