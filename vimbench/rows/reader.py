@@ -31,10 +31,11 @@ def with_regime(kind: str, df: pd.DataFrame) -> pd.DataFrame:
     inference), the regime columns (``REGIME``) of a scaling or kernel CSV filled: none where absent or empty,
     and ``grad_checkpointing`` where a setting has it: False where absent or empty (no checkpointing)."""
     fill = {MODE: "infer", **({col: "none" for col in REGIME} if kind in ("scaling", "kernels") else {})}
-    df = df.assign(**{col: df[col].fillna(v).astype(str) if col in df.columns else v for col, v in fill.items()})
+    df = df.assign(**{col: df[col].astype(object).fillna(v).astype(str) if col in df.columns else v
+                      for col, v in fill.items()})
     if GRAD_CHECKPOINTING in SCHEMAS[kind].setting:
-        df = df.assign(**{GRAD_CHECKPOINTING: df[GRAD_CHECKPOINTING].fillna(False) if GRAD_CHECKPOINTING in df.columns
-                          else False})
+        df = df.assign(**{GRAD_CHECKPOINTING: df[GRAD_CHECKPOINTING].astype(object).fillna(False)
+                          if GRAD_CHECKPOINTING in df.columns else False})
     return df
 
 
