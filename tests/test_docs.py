@@ -14,7 +14,9 @@ from vimbench.kernels.plugins import GROUPS
 from vimbench.rows.schema import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACKED = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+TRACKED = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+"""The checkout's files, committed or not (ignored ones left out)."""
 MARKDOWN = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md", ROOT / "results" / "README.md"]
 SOURCES = [ROOT / p for p in TRACKED if p.endswith(".py") and p.split("/")[0] in
            ("vimbench", "kernels", "baselines", "benchmarks")]
