@@ -1,6 +1,6 @@
 """Selective-scan backends at a fixed small shape, and at Vim-Ti's 1248 shape (the cpu-vs-ref claim).
 
-Shapes (b, E, L, N) follow kernels/selective_scan.py; inputs are float32 with D, z, delta_bias and
+Shapes (b, E, L, N) follow kernels/selective_scan/ref.py; inputs are float32 with D, z, delta_bias and
 softplus, as a Vim layer calls the scan. ``scan_backend``: every built-in, or the one given by --scan
 (conftest.py).
 """

@@ -599,7 +599,7 @@ def environment_notes(baseline_env: dict, env: dict) -> list[str]:
 
 
 def suite_environment(device: torch.device) -> dict:
-    """What a baseline records about the run: ``vimbench.env.environment`` plus the Python version."""
+    """What a baseline records about the run: ``vimbench.measure.env.environment`` plus the Python version."""
     return {**environment(device), "python_version": sys.version.split()[0]}
 
 

@@ -28,6 +28,7 @@ from vimbench.analysis.designs import describe, design_comparison
 from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
 from vimbench.measure.env import slug
 from vimbench.measure.isolation import run_isolated
+from vimbench.present.tables import markdown_table
 from vimbench.rows.reader import with_current_names
 
 PERF_GOAL = 1.4  # the Triton scan's target: within 1.4x of its floor at the Vim-Ti 1248 shape, batch 64
@@ -197,8 +198,7 @@ def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
 def _md_table(df: pd.DataFrame) -> list[str]:
     cols = list(df.columns)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
-           ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return markdown_table(cols, ([fmt(v) for v in row] for row in df.itertuples(index=False)))
 
 
 def _json(path: Path):

@@ -108,7 +108,7 @@ class _Scan:
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
-    """Same signature, shapes and semantics as ``scan_ref.selective_scan_ref``."""
+    """Same signature, shapes and semantics as ``ref.selective_scan_ref``."""
     s = _Scan.of(u, delta, A, B, C, delta_bias, delta_softplus)
     dt = s.dt
     out = torch.empty_like(u)

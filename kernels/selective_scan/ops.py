@@ -36,7 +36,7 @@ def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 
 
 # Fake implementations allocate what each backend allocates on a GPU, so that a storage tracker sees it
-# (vimbench.memory runs them inside its tracker): the outputs, plus temporaries allocated and freed at the
+# (vimbench.count.memory runs them inside its tracker): the outputs, plus temporaries allocated and freed at the
 # backend's peak. Shapes: b, E, L from u, N from A, T = min(scan_cpu.CHUNK, L).
 
 def _ref_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):

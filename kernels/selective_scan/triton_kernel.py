@@ -1,6 +1,6 @@
 """Fused selective scan in Triton, forward and backward: backend "triton" of ``vimbench.kernels.selective_scan``.
 
-Same signatures, shapes and semantics as ``scan_ref.selective_scan_ref`` and
+Same signatures, shapes and semantics as ``ref.selective_scan_ref`` and
 ``selective_scan.bidirectional_scan_ref`` (legend: b batch, E channels, L length, N state, G groups).
 
 Design (kernel-facts.md section 2, design (a)): one program per (block of BLOCK_E channels of one B/C
@@ -316,7 +316,7 @@ def _both_or_none(v, v_b):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, design="triton"):
-    """Fused selective scan; same signature, shapes and semantics as ``scan_ref.selective_scan_ref``, launched
+    """Fused selective scan; same signature, shapes and semantics as ``ref.selective_scan_ref``, launched
     in ``design`` (``DESIGNS``).
 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,). Inputs

@@ -12,6 +12,25 @@ def test_t_quantile_matches_tables(df, expected):
     assert t_quantile_975(df) == pytest.approx(expected, abs=1e-3)
 
 
+def test_t_quantile_matches_closed_forms():
+    # df=1 is Cauchy: t = tan(pi (p - 1/2)); df=2: t = (2p - 1) / sqrt(2 p (1 - p)); p = 0.975.
+    assert t_quantile_975(1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-12)
+    assert t_quantile_975(2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-12)
+
+
+def test_fit_matches_the_least_squares_closed_form():
+    # slope = Sxy / Sxx, se = sqrt(SSres / (n - 2) / Sxx) in log-log space, CI = slope +- t(0.975, n-2) se.
+    x, y = np.array([197.0, 577, 1297, 2305, 6085]), np.array([3.1, 8.2, 21.0, 33.5, 97.0])
+    lx, ly = np.log(x), np.log(y)
+    sxx = ((lx - lx.mean()) ** 2).sum()
+    k = ((lx - lx.mean()) * (ly - ly.mean())).sum() / sxx
+    logc = ly.mean() - k * lx.mean()
+    se = math.sqrt(((ly - logc - k * lx) ** 2).sum() / 3 / sxx)
+    f = fit_power_law(x, y)
+    assert (f.k, f.c) == (pytest.approx(k, rel=1e-12), pytest.approx(math.exp(logc), rel=1e-12))
+    assert (f.k_lo, f.k_hi) == (pytest.approx(k - 3.182446 * se, rel=1e-6), pytest.approx(k + 3.182446 * se, rel=1e-6))
+
+
 @pytest.mark.parametrize("k", [1.0, 1.5, 2.0])
 def test_recovers_exponent_under_multiplicative_noise(k):
     rng = np.random.default_rng(1)

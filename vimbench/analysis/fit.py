@@ -1,8 +1,8 @@
-"""Scaling exponents and crossovers from measured sweeps (numpy only).
+"""Scaling exponents and crossovers from measured sweeps.
 
-Power law: ``metric ~ c * x**k``, fitted by ordinary least squares of ``log y`` on ``log x``. The 95%
-confidence interval of ``k`` is ``k +- t(0.975, n - 2) * se(k)``, with the Student-t quantile computed
-exactly here (closed-form t CDF for integer degrees of freedom, inverted by bisection), so no scipy.
+Power law: ``metric ~ c * x**k``, fitted by ordinary least squares of ``log y`` on ``log x``
+(``scipy.stats.linregress``). The 95% confidence interval of ``k`` is ``k +- t(0.975, n - 2) * se(k)``, with
+the Student-t quantile from ``scipy.stats.t``.
 
 Crossover: the x where curve A becomes better than curve B *and stays better* through the end of the
 measured range. Between the two measured points that bracket it, ``log(a / b)`` is interpolated linearly
@@ -23,28 +23,8 @@ def t_quantile_975(df: int) -> float:
     2.228 for df=10, -> 1.960 as df grows)."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    lo, hi = 0.0, 20.0  # t(0.975, 1) = 12.706 is the largest
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_central_prob(mid, df) < 0.95 else (lo, mid)
-    return (lo + hi) / 2
-
-
-def _t_central_prob(t: float, df: int) -> float:
-    """P(|T| < t) for Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-26.7.4)."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    if df % 2:  # odd: (2/pi) * (theta + sin*cos*(1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), (df-1)/2 terms in the sum
-        total, term = 0.0, 1.0
-        for j in range(1, (df - 1) // 2 + 1):
-            total += term
-            term *= (2 * j) / (2 * j + 1) * c * c
-        return 2 / math.pi * (theta + s * c * total)
-    total, term = 0.0, 1.0  # even: sin * (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...), df/2 terms
-    for j in range(1, df // 2 + 1):
-        total += term
-        term *= (2 * j - 1) / (2 * j) * c * c
-    return s * total
+    from scipy import stats  # here, not at the top: scipy.stats takes seconds to import and most commands never fit
+    return float(stats.t.ppf(0.975, df))
 
 
 @dataclass(frozen=True)
@@ -71,16 +51,12 @@ def fit_power_law(x, y) -> PowerLawFit:
         raise ValueError("a power-law fit needs finite, positive x and y")
     if np.unique(x).size < 2:
         raise ValueError("a power-law fit needs at least two distinct x values")
-    lx, ly = np.log(x), np.log(y)
-    n = lx.size
-    sxx = ((lx - lx.mean()) ** 2).sum()
-    k = ((lx - lx.mean()) * (ly - ly.mean())).sum() / sxx
-    logc = ly.mean() - k * lx.mean()
+    from scipy import stats
+    fit = stats.linregress(np.log(x), np.log(y))
+    k, logc, n = fit.slope, fit.intercept, x.size
     if n < 3:
         return PowerLawFit(float(k), math.nan, math.nan, float(math.exp(logc)), n)
-    resid = ly - (logc + k * lx)
-    se = math.sqrt((resid ** 2).sum() / (n - 2) / sxx)
-    half = t_quantile_975(n - 2) * se
+    half = t_quantile_975(n - 2) * fit.stderr
     return PowerLawFit(float(k), float(k - half), float(k + half), float(math.exp(logc)), n)
 
 

@@ -30,7 +30,7 @@ def counted(cfg: dict) -> dict:
 @o.out_options
 @click.pass_context
 def command(ctx, **opts):
-    """Count FLOPs (2 per multiply-add; scan formula in the README) of each model at each resolution,
+    """Count FLOPs (2 per multiply-add; scan formula in docs/conventions.md) of each model at each resolution,
     on the meta device: no real tensors are allocated, six models x 17 resolutions take seconds. FLOPs do
     not depend on the backend; --attn and --scan only name the rows. --mode train counts a train step's
     forward and backward (with --grad-checkpointing, the blocks' recomputed forwards too); the loss and the

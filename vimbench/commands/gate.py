@@ -36,7 +36,7 @@ DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
                    "shapes and the whole Vim-Ti forward with it (default baseline: "
                    "vimbench-gate-<NAME>-<cpu-model or gpu name>.json in the current folder).")
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Baseline file (default: benchmarks/baselines/<cpu-model or gpu name>.json, or "
+              help="Baseline file (default: benchmarks/baselines/<machine key>.json, or "
                    "deterministic.json).")
 @click.option("--base", "base_rev", default=None,
               help="Compare with revision BASE of this repository, both timed in this run, instead of a stored "

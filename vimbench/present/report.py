@@ -3,18 +3,8 @@
 Everything is computed from the CSV (see ``vimbench.rows.reader``); the figures it embeds are written next to
 it by ``vimbench.present.figures`` and referenced by relative path.
 
-Claim check. The paper's Fig. 1 numbers (``vimbench.analysis.paper``) are compared as Vim/DeiT *ratios* (FPS ratio,
-memory ratio) at the same patch grid (res // 16, so a sweep point at 736 px stands for the paper's 738 px),
-once against eager DeiT and once against fused-attention DeiT (the fastest of sdpa/flash/efficient/cudnn at
-each resolution). A claim is *reproduced* when the measured ratio is within a factor ``1 + TOLERANCE`` of
-the paper's ratio, either way. TOLERANCE = 0.25 because (1) the paper's FPS are read back from a log10
-plot, about +-0.02 decade per value, i.e. about +-10% on a ratio of two values; (2) the paper does not
-state its GPU, batch, dtype or memory definition, and a different GPU and software stack shift the
-relative speed of a scan kernel and of GEMM-bound attention by 10-20%; (3) run-to-run spread (p10-p90)
-adds a few percent. Memory ratios use the column closest to what the paper most likely read (nvidia-smi):
-``mem_nvml_gib``, else ``mem_reserved_gib``, else ``mem_peak_gib``, the first that both rows have.
-Not measurable: a CPU run (the claim is about GPU batch inference), a resolution outside the sweep, or a
-side that failed (OOM/error) at that resolution.
+Claim check: ``vimbench.analysis.claims`` decides the exponents' readings, the crossovers and the verdicts on
+the paper's Fig. 1 numbers (its docstring gives the tolerance and why); this module only renders them.
 
 Regimes. Each (compile, amp) regime of the CSV is its own setting, with its own exponents, crossovers and
 claim check. "Does compiling both contenders change the verdict?" pairs each compiled setting with its
@@ -29,7 +19,6 @@ each resolution both measured, beside VMamba's published train/infer throughput 
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -37,75 +26,24 @@ import pandas as pd
 
 from vimbench.analysis import paper
 from vimbench.analysis import regimes, training
-from vimbench.analysis.crossovers import crossover_cell
-from vimbench.analysis.fit import describe_fit, fit_sweep
+from vimbench.analysis.claims import (FUSED_ATTENTION, TOLERANCE, claim_check, crossover_rows, exponent_rows,
+                                      vim_impl)
+from vimbench.analysis.fit import describe_fit
 from vimbench.present.figures import plot_results, setting_title
+from vimbench.present.tables import markdown_table
 from vimbench.rows.reader import Setting, split_settings
 
-TOLERANCE = 0.25
-EXPONENT_SLACK = 0.05  # |k - expected| this small reads as "consistent" even outside a narrow CI
-FUSED_ATTENTION = ("sdpa", "flash", "efficient", "cudnn")  # "math" materialises softmax(QK^T) like eager
-VIM_IMPL_PREFERENCE = ("mamba_ssm", "triton", "cpp", "cpu", "ref")  # the official kernel first, then ours
-METRICS = (("time", "time_ms"), ("memory", "mem_peak_gib"), ("FLOPs", "flops_total"))
-CLAIM_MEMORY_COLUMNS = ("mem_nvml_gib", "mem_reserved_gib", "mem_peak_gib")
 ENV_COLUMNS = ("device_name", "driver_version", "cuda_version", "torch_version", "triton_version", "timm_version",
                "vimbench_version", "git_commit", "cpu_model", "threads", "tf32", "cudnn_benchmark")
 ENV_RANGES = (("sm_clock_mhz", "MHz"), ("temperature_c", "°C"), ("power_w", "W"))
 
 
-def expected_exponent(family: str, impl: str, metric: str) -> float | None:
-    """The asymptotic exponent in tokens that theory predicts: Vim is linear in everything; DeiT's FLOPs
-    and latency go to 2 (attention's L^2 work); its memory goes to 2 with eager (or math) attention,
-    which materialises the L x L matrix, and stays 1 with fused attention. None for other families."""
-    if family == "vim":
-        return 1.0
-    if family == "deit":
-        return 1.0 if (metric == "memory" and impl in FUSED_ATTENTION) else 2.0
-    return None
-
-
-def reading(expected: float | None, whole, upper) -> str:
-    """A phrase comparing fitted exponents with the expected one, from the data. It judges the upper-half
-    fit when that has a CI (n >= 3), else the whole-sweep fit: "consistent with E" (E inside the 95% CI,
-    or k within ``EXPONENT_SLACK`` of E: noise-free FLOP counts have a CI of width ~0),
-    "heading toward 2" (between 1 and 2 and steeper in the upper half than over the whole sweep), above or
-    below E, or "too noisy"/"too few points" when the CI is wider than 1 or missing."""
-    if expected is None or whole is None:
-        return ""
-    use_upper = upper is not None and upper.n >= 3
-    f, part = (upper, "upper half") if use_upper else (whole, "whole sweep")
-    if math.isnan(f.k_lo):
-        return f"too few points to judge (n={f.n})"
-    if f.k_hi - f.k_lo > 1:
-        return f"too noisy to judge ({part} CI [{f.k_lo:.2f}, {f.k_hi:.2f}])"
-    if f.contains(expected) or abs(f.k - expected) <= EXPONENT_SLACK:
-        return f"consistent with {expected:g} ({part})"
-    if expected == 2 and use_upper and 1 < upper.k < 2 and upper.k > whole.k:
-        return f"heading toward 2 (steepens from {whole.k:.2f} to {upper.k:.2f}), not there yet"
-    return f"{'below' if f.k < expected else 'above'} the expected {expected:g} ({part} k={f.k:.2f})"
-
-
 def exponent_table(s: Setting) -> list[str]:
     """Exponents of latency and memory (runs at the setting's batch) and of FLOPs per image (all rows)."""
-    rows = s.rows
-    ok = rows[(rows["status"] == "ok") & (rows["batch"] == s.batch)]
-    out = ["| model | impl | metric | k, whole sweep [95% CI] | k, upper half [95% CI] | expected | reading |",
-           "|---|---|---|---|---|---|---|"]
-    for (model, impl), g in sorted(ok.groupby(["model", "impl"]), key=lambda kv: _model_order(kv[0][0]) + kv[0]):
-        family = str(g["family"].iloc[0])
-        for name, col in METRICS:
-            src = rows[(rows["model"] == model) & (rows["impl"] == impl)] if name == "FLOPs" else g
-            src = src.drop_duplicates("tokens")
-            y = src[col] / src["batch"] if name == "FLOPs" else src[col]
-            whole, upper = fit_sweep(src["tokens"], y)
-            exp = expected_exponent(family, impl, name)
-            out.append(f"| {model} | {impl} | {name} | {describe_fit(whole)} | {describe_fit(upper)} | "
-                       f"{'' if exp is None else f'{exp:g}'} | {reading(exp, whole, upper)} |")
-    return out
-
-
-def _model_order(model: str) -> tuple:
-    return (not str(model).startswith("vim"),)
+    return markdown_table(
+        ["model", "impl", "metric", "k, whole sweep [95% CI]", "k, upper half [95% CI]", "expected", "reading"],
+        ([r["model"], r["impl"], r["metric"], describe_fit(r["whole"]), describe_fit(r["upper"]),
+          "" if r["expected"] is None else f"{r['expected']:g}", r["reading"]] for r in exponent_rows(s)))
 
 
 def attention_share_table(s: Setting) -> list[str]:
@@ -114,190 +52,54 @@ def attention_share_table(s: Setting) -> list[str]:
     if deit.empty:
         return ["No DeiT rows in this setting."]
     models = sorted(deit["model"].unique())
-    out = ["| res (px) | tokens | " + " | ".join(f"{m} attention share" for m in models) + " |",
-           "|---|---|" + "---|" * len(models)]
+    body = []
     for res, g in deit.groupby("res"):
         cells = []
         for m in models:
             r = g[g["model"] == m]
             cells.append(f"{100 * r['flops_attention'].iloc[0] / r['flops_total'].iloc[0]:.1f}%" if len(r) else "")
-        out.append(f"| {int(res)} | {int(g['tokens'].iloc[0])} | " + " | ".join(cells) + " |")
-    return out
-
-
-def vim_impl(rows: pd.DataFrame, model: str) -> str | None:
-    """The Vim backend the comparisons use: the first of ``VIM_IMPL_PREFERENCE`` with an ok row, else
-    the alphabetically first one."""
-    impls = set(rows[(rows["model"] == model) & (rows["status"] == "ok")]["impl"])
-    ranked = [i for i in VIM_IMPL_PREFERENCE if i in impls] + sorted(impls - set(VIM_IMPL_PREFERENCE))
-    return ranked[0] if ranked else None
-
-
-def _ok(rows, model, impl, batch=None) -> pd.DataFrame:
-    """Ok rows of (model, impl) indexed by res; only those that ran at ``batch`` if given."""
-    r = rows[(rows["model"] == model) & (rows["impl"] == impl) & (rows["status"] == "ok")]
-    if batch is not None:
-        r = r[r["batch"] == batch]
-    return r.drop_duplicates("res").set_index("res").sort_index()
+        body.append([int(res), int(g["tokens"].iloc[0]), *cells])
+    return markdown_table(["res (px)", "tokens", *(f"{m} attention share" for m in models)], body)
 
 
 def crossover_lines(s: Setting) -> list[str]:
-    """Where each Vim model becomes faster (throughput) and lighter (peak memory) than each backend of
-    the DeiT model of the same size. Throughput is per image, so runs retried at a smaller batch after an
-    OOM count; memory compares only runs at the setting's batch."""
-    rows = s.rows
-    out = ["| Vim | DeiT | faster from | lighter from | DeiT failed at |", "|---|---|---|---|---|"]
-    for vim_model in sorted(m for m in rows["model"].unique() if str(m).startswith("vim_")):
-        deit_model = "deit_" + vim_model[len("vim_"):]
-        if deit_model not in set(rows["model"]):
-            continue
-        ok_impls = set(rows[(rows["model"] == vim_model) & (rows["status"] == "ok")]["impl"])
-        pairs = [(v, d) for v in VIM_IMPL_PREFERENCE + tuple(sorted(ok_impls - set(VIM_IMPL_PREFERENCE)))
-                 if v in ok_impls for d in sorted(rows[rows["model"] == deit_model]["impl"].unique())]
-        for v_impl, d_impl in pairs:  # every Vim backend: a slower scan moves the crossover, and that shows
-            failed = rows[(rows["model"] == deit_model) & (rows["impl"] == d_impl) & (rows["status"] != "ok")]
-            fail = ", ".join(f"{int(r)} ({st})" for r, st in zip(failed["res"], failed["status"])) or "-"
-            cells = []
-            for col, lower, batch in (("throughput_img_s", False, None), ("mem_peak_gib", True, s.batch)):
-                v, d = _ok(rows, vim_model, v_impl, batch), _ok(rows, deit_model, d_impl, batch)
-                cells.append(crossover_cell(v[col], d[col], lower, " px"))
-            out.append(f"| {vim_model} ({v_impl}) | {deit_model} ({d_impl}) | {cells[0]} | {cells[1]} | {fail} |")
-    if len(out) == 2:
+    """Where each Vim model becomes faster and lighter than each backend of the DeiT model of the same size."""
+    rows = crossover_rows(s)
+    if not rows:
         return ["No Vim/DeiT pair of the same size in this setting."]
+    out = markdown_table(["Vim", "DeiT", "faster from", "lighter from", "DeiT failed at"],
+                         ([r["vim"], r["deit"], r["faster"], r["lighter"], r["failed"]] for r in rows))
     return out + ["", "Crossover: the resolution from which Vim stays better through the end of the sweep, with "
                   "log(Vim/DeiT) interpolated linearly in log(resolution) between the two bracketing points; "
                   "\"at or below\" means Vim is already better at the first common point. Only resolutions "
                   "where both ran are compared."]
 
 
-def verdict(paper_ratio: float, measured: float) -> str:
-    """"reproduced" when ``measured`` is within a factor 1 + TOLERANCE of ``paper_ratio`` (either way),
-    else "not reproduced", saying whether the measured ratio at least lies on the same side of 1."""
-    if abs(math.log(measured / paper_ratio)) <= math.log1p(TOLERANCE):
-        return "reproduced"
-    if paper_ratio == 1:
-        return "not reproduced (not on par)"
-    same = (measured > 1) == (paper_ratio > 1)
-    return "not reproduced (" + ("same direction, different size" if same else "opposite direction") + ")"
-
-
-def _at_grid(rows: pd.DataFrame, res: int) -> pd.DataFrame:
-    return rows[rows["res"] // paper.PATCH == res // paper.PATCH]
-
-
-def _claim_memory(v: pd.Series, d: pd.Series) -> tuple[float, str] | tuple[None, None]:
-    for col in CLAIM_MEMORY_COLUMNS:
-        if col in v.index and pd.notna(v.get(col)) and pd.notna(d.get(col)) and v[col] > 0 and d[col] > 0:
-            return v[col] / d[col], col
-    return None, None
-
-
-def _fused_best(rows: pd.DataFrame) -> pd.Series | None:
-    ok = rows[(rows["status"] == "ok") & rows["impl"].isin(FUSED_ATTENTION)]
-    return ok.loc[ok["throughput_img_s"].idxmax()] if len(ok) else None
-
-
-def claim_check(s: Setting, vim_model="vim_tiny", deit_model="deit_tiny") -> dict[str, list[dict]]:
-    """Rows of the claim check, {"eager": [...], "fused": [...]}. Each row: claim, source, res (the
-    measured resolution or ""), paper (Vim/DeiT ratio, or "OOM"), measured (ratio text), verdict."""
-    rows = s.rows
-    v_impl = vim_impl(rows, vim_model)
-    out = {}
-    for baseline in ("eager", "fused"):
-        table = []
-        for p in paper.FIG1:
-            vr = _at_grid(rows[(rows["model"] == vim_model) & (rows["impl"] == v_impl)], p.res)
-            deit = _at_grid(rows[rows["model"] == deit_model], p.res)
-            deit = deit[deit["impl"] == "eager"] if baseline == "eager" else deit[deit["impl"].isin(FUSED_ATTENTION)]
-            v = vr[vr["status"] == "ok"].iloc[0] if (vr["status"] == "ok").any() else None
-            d = (deit[deit["status"] == "ok"].iloc[0] if (deit["status"] == "ok").any() else None) \
-                if baseline == "eager" else _fused_best(deit)
-            headline = p.res == paper.HEADLINE_RES
-            claims = [("speed", "Vim/DeiT FPS", "abstract: 2.8x faster" if headline else "Fig. 1b",
-                       paper.HEADLINE_SPEEDUP if headline else p.vim_fps / p.deit_fps)]
-            if p.deit_gb is None:
-                claims += [("oom", "DeiT OOM", "Fig. 1c", None),
-                           ("memory", "Vim/DeiT memory", "abstract: 86.8% less", 1 - paper.HEADLINE_MEMORY_SAVING)]
-            else:
-                claims.append(("memory", "Vim/DeiT memory", "Fig. 1c", p.vim_gb / p.deit_gb))
-            for what, label, source, ratio in claims:
-                table.append(_claim_row(s, p.res, what, label, source, ratio, v, d, vr, deit))
-        out[baseline] = table
-    return out
-
-
-def _claim_row(s: Setting, res, what, label, source, ratio, v, d, vr, deit) -> dict:
-    row = dict(claim=f"{label} at {res}", source=source, res="", paper="OOM" if ratio is None else f"{ratio:.3g}",
-               measured="", verdict="")
-    if d is not None:
-        row["res"] = f"{int(d['res'])} ({d['impl']}" + (f", batch {int(d['batch'])})" if d["batch"] != s.batch else ")")
-    if vr.empty and deit.empty:
-        row["verdict"] = "not measurable here (resolution not in the sweep)"
-        return row
-    if what == "oom":
-        if deit.empty:
-            row["verdict"] = "not measurable here (DeiT not run at this resolution)"
-        elif d is None and (deit["status"] == "oom").any():
-            row["measured"] = "OOM"
-            row["verdict"] = "not measurable here (CPU run)" if s.is_cpu else "reproduced"
-        elif d is None:
-            row["measured"] = "error"
-            row["verdict"] = "not measurable here (DeiT failed with an error, not OOM)"
-        elif d["batch"] < s.batch:  # OOM at the requested batch, then a retry at a smaller one ran
-            row["measured"] = f"OOM at batch {s.batch}, ran at {int(d['batch'])}"
-            row["verdict"] = "not measurable here (CPU run)" if s.is_cpu else "reproduced"
-        else:
-            row["measured"] = f"ran ({d['mem_peak_gib']:.1f} GiB peak)" if pd.notna(d["mem_peak_gib"]) else "ran"
-            row["verdict"] = "not measurable here (CPU run)" if s.is_cpu else "not reproduced (DeiT fits)"
-        return row
-    if v is None or d is None:
-        failed = [f"{side} {st}" for side, frame in (("Vim", vr), ("DeiT", deit))
-                  for st in sorted(set(frame["status"]) - {"ok"})]
-        reason = ", ".join(failed) if failed else "a side was not run here"
-        row["verdict"] = f"not measurable here ({reason})"
-        return row
-    if what == "speed":
-        measured, note = v["throughput_img_s"] / d["throughput_img_s"], ""
-    elif v["batch"] != d["batch"]:
-        row["verdict"] = f"not measurable here (Vim ran at batch {int(v['batch'])}, DeiT at {int(d['batch'])})"
-        return row
-    else:
-        measured, col = _claim_memory(v, d)
-        note = f" ({col})" if col else ""
-    if measured is None:
-        row["verdict"] = "not measurable here (no memory column with values on both sides)"
-        return row
-    row["measured"] = f"{measured:.3g}{note}"
-    row["verdict"] = "not measurable here (CPU run)" if s.is_cpu else verdict(ratio, measured)
-    return row
-
-
 def _claim_table(rows: list[dict]) -> list[str]:
-    out = ["| claim | source | measured at (DeiT impl) | paper Vim/DeiT | measured Vim/DeiT | verdict |",
-           "|---|---|---|---|---|---|"]
-    return out + [f"| {r['claim']} | {r['source']} | {r['res']} | {r['paper']} | {r['measured']} | {r['verdict']} |"
-                  for r in rows]
+    cols = ["claim", "source", "res", "paper", "measured", "verdict"]
+    return markdown_table(["claim", "source", "measured at (DeiT impl)", "paper Vim/DeiT", "measured Vim/DeiT",
+                           "verdict"], ([r[c] for c in cols] for r in rows))
 
 
 def absolute_tables(s: Setting, vim_model="vim_tiny", deit_model="deit_tiny") -> list[str]:
     """Absolute FPS and memory, each beside the device it came from: the paper's, then this run's."""
-    out = ["Paper, Fig. 1 (GPU not stated; FPS read off a log plot):", "",
-           "| res | tokens | DeiT-Ti FPS | Vim-Ti FPS | DeiT-Ti GB | Vim-Ti GB |", "|---|---|---|---|---|---|"]
-    out += [f"| {p.res} | {p.tokens} | {p.deit_fps:g} | {p.vim_fps:g} | "
-            f"{'OOM' if p.deit_gb is None else p.deit_gb} | {p.vim_gb} |" for p in paper.FIG1]
+    out = ["Paper, Fig. 1 (GPU not stated; FPS read off a log plot):", ""] + markdown_table(
+        ["res", "tokens", "DeiT-Ti FPS", "Vim-Ti FPS", "DeiT-Ti GB", "Vim-Ti GB"],
+        ([p.res, p.tokens, f"{p.deit_fps:g}", f"{p.vim_fps:g}", "OOM" if p.deit_gb is None else p.deit_gb, p.vim_gb]
+         for p in paper.FIG1))
     rows = s.rows
     grids = [p.res // paper.PATCH for p in paper.FIG1]
     keep = rows[rows["model"].isin([vim_model, deit_model]) & (rows["res"] // paper.PATCH).isin(grids)]
     if keep.empty:
         return out
-    out += ["", f"This run ({setting_title(s)}), img/s and GiB (peak allocated | reserved | NVML):", "",
-            "| res | model | impl | status | throughput (img/s) | memory (GiB) |", "|---|---|---|---|---|---|"]
+    out += ["", f"This run ({setting_title(s)}), img/s and GiB (peak allocated | reserved | NVML):", ""]
+    body = []
     for _, r in keep.sort_values(["res", "model", "impl"]).iterrows():
         mem = " / ".join("-" if pd.isna(r.get(c)) else f"{r[c]:.2f}" for c in ("mem_peak_gib", "mem_reserved_gib",
                                                                                "mem_nvml_gib") if c in r.index)
         thr = "" if pd.isna(r["throughput_img_s"]) else f"{r['throughput_img_s']:.1f}"
-        out.append(f"| {int(r['res'])} | {r['model']} | {r['impl']} | {r['status']} | {thr} | {mem} |")
-    return out
+        body.append([int(r["res"]), r["model"], r["impl"], r["status"], thr, mem])
+    return out + markdown_table(["res", "model", "impl", "status", "throughput (img/s)", "memory (GiB)"], body)
 
 
 def setting_notes(s: Setting) -> list[str]:
@@ -336,18 +138,19 @@ def placement_notes(s: Setting) -> list[str]:
 
 
 def environment_lines(df: pd.DataFrame) -> list[str]:
-    out = ["| field | value(s) |", "|---|---|"]
+    body = []
     for col in ENV_COLUMNS:
         if col in df.columns:
             vals = [str(v) for v in df[col].dropna().unique()]
-            out.append(f"| {col} | {', '.join(vals) if vals else '(empty)'} |")
+            body.append([col, ", ".join(vals) if vals else "(empty)"])
     for col, unit in ENV_RANGES:
         if col in df.columns and df[col].notna().any():
             lo, hi = pd.to_numeric(df[col], errors="coerce").agg(["min", "max"])
-            out.append(f"| {col} | {lo:g} {unit} |" if lo == hi else f"| {col} | {lo:g}-{hi:g} {unit} |")
+            body.append([col, f"{lo:g} {unit}" if lo == hi else f"{lo:g}-{hi:g} {unit}"])
     if "timestamp" in df.columns and df["timestamp"].notna().any():
         ts = df["timestamp"].dropna().astype(str)
-        out.append(f"| timestamp | {ts.min()} .. {ts.max()} |")
+        body.append(["timestamp", f"{ts.min()} .. {ts.max()}"])
+    out = markdown_table(["field", "value(s)"], body)
     if "command" in df.columns and df["command"].notna().any():
         out += ["", "Produced by:", "", "```"] + [str(c) for c in df["command"].dropna().unique()] + ["```"]
     return out
@@ -357,14 +160,13 @@ def failures(df: pd.DataFrame) -> list[str]:
     bad = df[df["status"] != "ok"]
     if bad.empty:
         return ["None: every configuration ran."]
-    out = ["| model | impl | res | batch | dtype | device | status | error |", "|---|---|---|---|---|---|---|---|"]
+    body = []
     for _, r in bad.iterrows():
         err = str(r.get("error", "")) if pd.notna(r.get("error", None)) else ""
         err = err.splitlines()[0][:120].replace("|", "/") if err else ""
         batch = "" if pd.isna(r["batch"]) else int(r["batch"])
-        out.append(f"| {r['model']} | {r['impl']} | {int(r['res'])} | {batch} | {r['dtype']} | "
-                   f"{r['device']} | {r['status']} | {err} |")
-    return out
+        body.append([r["model"], r["impl"], int(r["res"]), batch, r["dtype"], r["device"], r["status"], err])
+    return markdown_table(["model", "impl", "res", "batch", "dtype", "device", "status", "error"], body)
 
 
 def build_report(df: pd.DataFrame, source: str, figures: dict[str, list[str]],
@@ -441,10 +243,11 @@ def compile_lines(pairs: list[tuple[Setting, Setting]]) -> list[str]:
         for r in rows:
             out += [f"- {r['answer']}"]
         if rows:
-            out += ["", "| Vim | DeiT | faster from, eager | faster from, compiled | Vim/DeiT at top res, eager | "
-                        "compiled |", "|---|---|---|---|---|---|"]
-            out += [f"| {r['vim']} | {r['deit']} | {r['faster_eager']} | {r['faster_compiled']} | "
-                    f"{r['ratio_eager']:.2f} ({r['top_res']:g} px) | {r['ratio_compiled']:.2f} |" for r in rows]
+            out += [""] + markdown_table(
+                ["Vim", "DeiT", "faster from, eager", "faster from, compiled", "Vim/DeiT at top res, eager",
+                 "compiled"],
+                ([r["vim"], r["deit"], r["faster_eager"], r["faster_compiled"],
+                  f"{r['ratio_eager']:.2f} ({r['top_res']:g} px)", f"{r['ratio_compiled']:.2f}"] for r in rows))
         if {"vim_tiny", "deit_tiny"} <= set(eager.rows["model"]) & set(compiled.rows["model"]):
             before, after = claim_check(eager), claim_check(compiled)
             changed = [f"{b['claim']} ({baseline}): {b['verdict']} -> {a['verdict']}"
@@ -452,10 +255,10 @@ def compile_lines(pairs: list[tuple[Setting, Setting]]) -> list[str]:
                        if b["verdict"] != a["verdict"]]
             out += ["", "Claim check verdicts that compiling changes: " + ("; ".join(changed) if changed else
                     "none" + (" (CPU run: the claims are not measurable here)" if compiled.is_cpu else "")) + "."]
-        out += ["", "| model | impl | res | compiled/eager throughput | compile_s | graph_breaks |",
-                "|---|---|---|---|---|---|"]
-        out += [f"| {r['model']} | {r['impl']} | {r['res']:g} | {r['speedup']:.2f} | {r['compile_s']:.1f} | "
-                f"{r['graph_breaks']:.0f} |" for r in regimes.speedups(eager, compiled)]
+        out += [""] + markdown_table(
+            ["model", "impl", "res", "compiled/eager throughput", "compile_s", "graph_breaks"],
+            ([r["model"], r["impl"], f"{r['res']:g}", f"{r['speedup']:.2f}", f"{r['compile_s']:.1f}",
+              f"{r['graph_breaks']:.0f}"] for r in regimes.speedups(eager, compiled)))
         out += [""]
     return out + ["compile_s: wall time of the first call of the compiled model (tracing, inductor compilation, "
                   "one forward), never timed; graph_breaks: places where TorchDynamo fell back to Python."]
@@ -477,9 +280,10 @@ def training_lines(pairs: list[tuple[Setting, Setting]]) -> list[str]:
         if not rows:
             out += ["No model and backend measured ok in both modes at a common resolution.", ""]
             continue
-        out += ["| model | impl | res | train/infer throughput | train/infer memory |", "|---|---|---|---|---|"]
-        out += [f"| {r['model']} | {r['impl']} | {r['res']:g} | {r['throughput_ratio']:.2f} | "
-                f"{'' if r['memory_ratio'] is None else format(r['memory_ratio'], '.2f')} |" for r in rows]
+        out += markdown_table(
+            ["model", "impl", "res", "train/infer throughput", "train/infer memory"],
+            ([r["model"], r["impl"], f"{r['res']:g}", f"{r['throughput_ratio']:.2f}",
+              "" if r["memory_ratio"] is None else format(r["memory_ratio"], ".2f")] for r in rows))
         out += [""]
     return out
 
@@ -493,15 +297,15 @@ def memory_prediction_lines(s: Setting) -> list[str]:
     rows = s.rows[(s.rows["status"] == "ok") & s.rows["mem_pred_peak_gib"].notna()]
     if rows.empty:
         return ["No ok row carries a prediction."]
-    out = ["| model | impl | res | batch | predicted peak | measured peak | error | reserved | NVML |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    errors = []
+    body, errors = [], []
     for r in rows.sort_values(["model", "impl", "res"]).itertuples():
         err = r.mem_pred_peak_gib / r.mem_peak_gib - 1
         errors.append(abs(err))
-        out.append(f"| {r.model} | {r.impl} | {int(r.res)} | {int(r.batch)} | {r.mem_pred_peak_gib:.3f} | "
-                   f"{r.mem_peak_gib:.3f} | {100 * err:+.1f}% | {r.mem_reserved_gib:.3f} | "
-                   f"{'' if pd.isna(r.mem_nvml_gib) else f'{r.mem_nvml_gib:.3f}'} |")
+        body.append([r.model, r.impl, int(r.res), int(r.batch), f"{r.mem_pred_peak_gib:.3f}",
+                     f"{r.mem_peak_gib:.3f}", f"{100 * err:+.1f}%", f"{r.mem_reserved_gib:.3f}",
+                     "" if pd.isna(r.mem_nvml_gib) else f"{r.mem_nvml_gib:.3f}"])
+    out = markdown_table(["model", "impl", "res", "batch", "predicted peak", "measured peak", "error", "reserved",
+                          "NVML"], body)
     within = sum(e <= 0.10 for e in errors)
     amp = "" if s.key.get("amp", "none") == "none" else f" under autocast {s.key['amp']}"
     out += ["", f"GiB. Predicted = peak allocated (torch.cuda.max_memory_allocated) of the same configuration, "
@@ -520,16 +324,15 @@ def paper_memory_table(memory: pd.DataFrame) -> list[str]:
     if rows.empty:
         return ["No row of the paper's setting in the memory CSV."]
     card = rows["card"].iloc[0]
-    out = [f"| model | impl | kernel | res | tokens | paper (GiB) | pred peak | err peak | pred reserved + context | "
-           f"err used | fits {card} |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    body = []
     pct = lambda v: "" if pd.isna(v) else f"{100 * v:+.0f}%"  # noqa: E731
     for r in rows.sort_values(["model", "res"]).itertuples():
         paper = "OOM" if pd.isna(r.paper_gib) else f"{r.paper_gib:.2f}"
-        out.append(f"| {r.model} | {r.impl} | {r.kernel} | {int(r.res)} | {int(r.tokens)} | {paper} | "
-                   f"{r.mem_pred_peak_gib:.2f} | {pct(r.mem_pred_peak_gib / r.paper_gib - 1)} | "
-                   f"{r.mem_pred_used_gib:.2f} | {pct(r.mem_pred_used_gib / r.paper_gib - 1)} | "
-                   f"{'yes' if r.fits else 'no'} |")
-    return out
+        body.append([r.model, r.impl, r.kernel, int(r.res), int(r.tokens), paper, f"{r.mem_pred_peak_gib:.2f}",
+                     pct(r.mem_pred_peak_gib / r.paper_gib - 1), f"{r.mem_pred_used_gib:.2f}",
+                     pct(r.mem_pred_used_gib / r.paper_gib - 1), "yes" if r.fits else "no"])
+    return markdown_table(["model", "impl", "kernel", "res", "tokens", "paper (GiB)", "pred peak", "err peak",
+                           "pred reserved + context", "err used", f"fits {card}"], body)
 
 
 def paper_memory_lines(memory: pd.DataFrame | None) -> list[str]:

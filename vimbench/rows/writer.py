@@ -72,7 +72,7 @@ class CsvLog:
                 csv.writer(f).writerow(self.columns)
 
     def key(self, row: dict) -> tuple:
-        """The configuration key of a row (or configuration dict): its values of ``schema.key``, as strings."""
+        """The configuration key of a row (or configuration dict): its values of ``Schema.key``, as strings."""
         return tuple(str(row[c]) for c in self.schema.key)
 
     def done(self) -> set[tuple]:
