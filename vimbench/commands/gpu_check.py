@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import torch
 
-from vimbench import gpucheck, gpucheck_archive, gpucheck_steps
+from vimbench.gpucheck import archive as gpucheck_archive, steps as gpucheck_steps, summary as gpucheck
 from vimbench.commands.options import command_line
 from vimbench.errors import InputError
 from vimbench.measure import preflight

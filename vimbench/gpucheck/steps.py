@@ -68,9 +68,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vimbench import gpucheck
+from vimbench.gpucheck import summary as gpucheck
 from vimbench.analysis.paper import PAPER_SETTING_OPTIONS
-from vimbench.gpucheck import FLOOR, with_resume
+from vimbench.gpucheck.summary import FLOOR, with_resume
 from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
 from vimbench.measure.model import DEFAULT_TIMING
 
