@@ -1,181 +1,18 @@
-"""The GPU check's work and its summary: correctness on the device, device facts, the scan's floor.
-
-The steps, their priorities, time estimates and the budget are in ``gpucheck_steps.py``; the archive and
-its unpacking in ``gpucheck_archive.py``. Everything is written under one output folder
-(``results/gpu/<card>-<date>/`` by default):
-    check.json   every scan backend present against the sequential reference on CUDA (``run_checks``)
-    tests.json   the CUDA tests of the Triton scan, gpu-tests.txt their output (``run_tests``)
-    facts.json   the card's exp2 rate and CUDA context size (``record_facts``)
-    backward.json  the Triton scan's backward at the floor shape: gradients checked, times, floor
-                 (``run_backward``)
-    *.csv        the sweeps, report/ the paper-preset report, figures/ the kernel figures
-    steps.jsonl  each step's estimate, actual seconds and status, one line per step and run
-    summary.md   plain language first: the card, whether the kernels are correct, Vim-Ti/DeiT-Ti at 1248,
-                 the Triton scan against its floor (both Triton designs, and which is faster), what did not run for lack of budget (``write_summary``)
-"""
+"""The GPU check's summary.md, from what the steps left in the output folder (see ``vimbench.gpucheck``)."""
 from __future__ import annotations
 
-import datetime
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 from vimbench.analysis.designs import describe, design_comparison
+from vimbench.errors import InputError
+from vimbench.gpucheck.checks import FLOOR, cuda_tests
 from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
-from vimbench.measure.env import slug
-from vimbench.measure.isolation import run_isolated
-from vimbench.rows.reader import with_current_names
+from vimbench.rows.reader import load_results
 
 PERF_GOAL = 1.4  # the Triton scan's target: within 1.4x of its floor at the Vim-Ti 1248 shape, batch 64
-FLOOR = dict(model="vim_tiny", res=1248, batch=64, dtype="fp32")
-"""Where the goal is judged: the Triton scan at Vim-Ti's 1248 px shape (L = 6085), batch 64, fp32."""
-
-
-def default_out(card: str, today: datetime.date | None = None) -> Path:
-    """results/gpu/<card slug>-<YYYY-MM-DD>, e.g. results/gpu/nvidia-h100-80gb-hbm3-2026-11-25."""
-    return Path("results") / "gpu" / f"{slug(card)}-{(today or datetime.date.today()).isoformat()}"
-
-
-def with_resume(argv: list[str]) -> list[str]:
-    """Adds --resume to a sweep whose --out CSV already has rows, so a part cut short continues."""
-    if argv[0] in ("kernels", "scaling") and "--out" in argv:
-        csv = Path(argv[argv.index("--out") + 1])
-        if csv.exists() and csv.stat().st_size > 0:
-            return [*argv, "--resume"]
-    return argv
-
-
-def run_checks(out: Path, backends: list[str]) -> list[str]:
-    """``check_named_backend`` of each of ``backends`` on CUDA, each in a worker; the results go to
-    ``out/check.json`` ({backend: result}). Returns the failures, one line per backend that failed."""
-    from vimbench.kernels.selective_scan.check import check_named_backend
-    results = {b: run_isolated(check_named_backend, (b, "cuda")) for b in backends}
-    (out / "check.json").write_text(json.dumps(results, indent=1))
-    return [f"{b}: {r.get('check_failure') or r.get('error')}" for b, r in results.items()
-            if r["status"] != "ok" or not r["check_ok"]]
-
-
-def run_tests(out: Path) -> list[str]:
-    """pytest tests/kernels/test_scan_cuda.py; its output goes to ``out/gpu-tests.txt``, the passed/failed
-    counts and exit code to ``out/tests.json``. Returns the failure (none when every test ran and passed)."""
-    root = Path(__file__).resolve().parent.parent
-    test_file = root / "tests" / "kernels" / "test_scan_cuda.py"
-    if not test_file.is_file():
-        return [f"CUDA tests: {test_file} not found; run gpu-check from a vimbench checkout (pip install -e)"]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", str(test_file)],
-                          cwd=root, capture_output=True, text=True)
-    (out / "gpu-tests.txt").write_text(proc.stdout + proc.stderr)
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout)}
-    (out / "tests.json").write_text(json.dumps({"returncode": proc.returncode, **counts}))
-    if proc.returncode or not counts.get("passed"):  # all skipped (no CUDA in pytest's process) is no pass
-        return [f"CUDA tests: exit code {proc.returncode}, {counts} (gpu-tests.txt)"]
-    return []
-
-
-def device_facts(device: str = "cuda") -> dict:
-    """The card's exp2 rate (exp2/s) and the CUDA context size (GiB, NVML used memory after initialising
-    CUDA minus before). Run it in a fresh process (``run_isolated``) so the context is this one's alone."""
-    import torch
-
-    from vimbench.measure.nvml import GpuReadings
-    from vimbench.kernels.exp_rate import measure_exp2_rate
-    gpu = GpuReadings(torch.device(device).index or 0)  # guarded, found by PCI bus id
-    before = gpu.used_bytes()
-    torch.zeros(1, device=device)
-    torch.cuda.synchronize()
-    after = gpu.used_bytes() if before is not None else None
-    context = None if after is None else (after - before) / 2 ** 30
-    return {"card": torch.cuda.get_device_name(device), "exp2_per_s": measure_exp2_rate(device),
-            "cuda_context_gib": context}
-
-
-def record_facts(out: Path) -> list[str]:
-    """``device_facts`` in a fresh worker, written to ``out/facts.json`` unless it is there already.
-    Returns the failure, if any."""
-    if (out / "facts.json").exists():
-        return []
-    facts = run_isolated(device_facts, ())
-    if facts.pop("status") != "ok":
-        return [f"device facts: {facts['error']}"]
-    (out / "facts.json").write_text(json.dumps(facts))
-    return []
-
-
-BACKWARD_GOALS = dict(forward=2.5, mamba_ssm=1.5)
-"""The Triton backward's targets at the ``FLOOR`` shape: within 2.5x of the same design's forward time and within
-1.5x of mamba_ssm's backward."""
-
-
-def backward_at_floor(dtype: str, mamba: bool) -> dict:
-    """Run in a worker on CUDA: the Triton scan's backward at the ``FLOOR`` shape (vim_tiny's mixer at 1248 px,
-    batch 64; one direction with D, z, delta_bias and softplus; activations in ``dtype``, fp32 or bf16), in
-    both designs. Each design's gradients against the chunked ``cpu`` backend's backward on the same card, and
-    against mamba_ssm's when ``mamba``, by the gradient check's rule (``check.GRAD_TOLERANCES`` of each
-    reference gradient's largest magnitude); then times in ms (``triton.testing.do_bench``, median) of each
-    design's forward and backward and of mamba_ssm's backward, and the backward's floor in ms: the larger of
-    bytes / copy rate (u, delta, z, dout, B, C read, du, ddelta, dz written, once each; the copy rate of a
-    1 GiB device copy) and exp2 count / exp2 rate (one exp2 per (b, e, t, n): the states recomputed once).
-    Returns {"shape", "floor_ms", "<design>": {"fwd_ms", "bwd_ms", "bwd_over_fwd", "bwd_over_floor",
-    "grad_failures"}, "mamba_ssm_bwd_ms" (when ``mamba``)}."""
-    import torch
-    from triton.testing import do_bench
-
-    from vimbench.kernels.exp_rate import measure_exp2_rate
-    from vimbench.kernels.selective_scan.backends import BACKWARDS
-    from vimbench.kernels.selective_scan.check import GRAD_ATOL, GRAD_TOLERANCES, scan_case
-    from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton
-    from vimbench.measure.ops import model_geometry
-    g = model_geometry(FLOOR["model"], FLOOR["res"], FLOOR["batch"])
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    torch.manual_seed(0)
-    (u, delta, A, B, C), kw = scan_case(g.batch, g.d_inner, g.L, g.d_state, 0, dtype=torch_dtype, device="cuda")
-    inputs = (u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True)
-    dout = torch.randn_like(u)
-    references = {"cpu": BACKWARDS["cpu"](*inputs, dout)}
-    result = {"shape": dict(b=g.batch, E=g.d_inner, L=g.L, N=g.d_state, dtype=dtype)}
-    if mamba:
-        references["mamba_ssm"] = BACKWARDS["mamba_ssm"](*inputs, dout)
-        result["mamba_ssm_bwd_ms"] = do_bench(lambda: BACKWARDS["mamba_ssm"](*inputs, dout), quantiles=None,
-                                              return_mode="median")
-    src = torch.empty(2 ** 28, device="cuda")
-    copy_ms = do_bench(lambda: torch.empty_like(src).copy_(src), quantiles=None, return_mode="median")
-    moved = sum(t.numel() * t.element_size() for t in (u, delta, kw["z"], dout, B, C, u, delta, kw["z"]))
-    exps = g.batch * g.d_inner * g.L * g.d_state
-    result["floor_ms"] = max(moved / (2 * src.numel() * 4 / copy_ms), exps / measure_exp2_rate("cuda") * 1e3)
-    del src
-    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-    for design in TRITON_DESIGNS:
-        got = BACKWARDS[design](*inputs, dout)
-        failures = [f"d{n} differs from {ref}'s by {(x.double() - w.double()).abs().max().item():.3g}"
-                    for ref, want in references.items() for n, x, w in zip(names, got, want)
-                    if not (x.double() - w.double()).abs().max().item()
-                    <= GRAD_TOLERANCES[torch_dtype] * w.double().abs().max().item() + GRAD_ATOL]
-        fwd_ms = do_bench(lambda: selective_scan_triton(*inputs, design=design), quantiles=None, return_mode="median")
-        bwd_ms = do_bench(lambda: BACKWARDS[design](*inputs, dout), quantiles=None, return_mode="median")
-        result[design] = dict(fwd_ms=fwd_ms, bwd_ms=bwd_ms, bwd_over_fwd=bwd_ms / fwd_ms,
-                              bwd_over_floor=bwd_ms / result["floor_ms"], grad_failures=failures)
-        if mamba:
-            result[design]["bwd_over_mamba_ssm"] = bwd_ms / result["mamba_ssm_bwd_ms"]
-    return result
-
-
-def run_backward(out: Path, present: list[str]) -> list[str]:
-    """``backward_at_floor`` for fp32 and bf16, each in a worker (mamba_ssm's backward when it is ``present``);
-    the results go to ``out/backward.json`` ({dtype: result}). Returns the failures: a worker that failed, a
-    gradient beyond tolerance (timings of a design whose gradients failed are still recorded, for diagnosis)."""
-    results = {dtype: run_isolated(backward_at_floor, (dtype, "mamba_ssm" in present)) for dtype in ("fp32", "bf16")}
-    (out / "backward.json").write_text(json.dumps(results, indent=1))
-    failures = []
-    for dtype, r in results.items():
-        if r["status"] != "ok":
-            failures.append(f"backward {dtype}: {r.get('error')}")
-            continue
-        failures += [f"backward {dtype} {design}: {f}" for design in TRITON_DESIGNS for f in r[design]["grad_failures"]]
-    return failures
 
 
 def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
@@ -206,7 +43,7 @@ def _json(path: Path):
 
 
 def latest_steps(out: Path) -> list[dict]:
-    """The step records of the latest run in ``out/steps.jsonl`` (``gpucheck_steps.run_steps``), in order."""
+    """The step records of the latest run in ``out/steps.jsonl`` (``run.run_steps``), in order."""
     path = out / "steps.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     last = records[-1]["run"] if records else None
@@ -229,7 +66,9 @@ def correctness(out: Path) -> tuple[str, str]:
         parts.append(f"CUDA tests of the Triton scan: {tests.get('passed', 0)} passed, {tests.get('failed', 0)} "
                      f"failed, {tests.get('error', 0)} errors")
     verdict = "INCORRECT" if failed else "correct" if check is not None and tests is not None else "not checked"
-    missing = [name for name, x in (("the backend checks", check), ("the CUDA tests", tests)) if x is None]
+    no_tests = "the CUDA tests" + ("" if cuda_tests() else
+                                   " (a vimbench checkout's tests/; this ran from an installed package)")
+    missing = [name for name, x in (("the backend checks", check), (no_tests, tests)) if x is None]
     return verdict, "; ".join(parts + [f"{m} did not run" for m in missing])
 
 
@@ -238,7 +77,10 @@ def paper_1248(out: Path) -> str:
     path = out / "scaling-paper.csv"
     if not path.exists():
         return "not measured"
-    df = with_current_names(pd.read_csv(path))
+    try:
+        _, df = load_results(path, kinds=("scaling",))
+    except InputError as e:  # e.g. no ok row at all
+        return f"not measured: {e}"
     df = df[(df["res"] == 1248) & (df["status"] == "ok")]
     cell = {}
     for model, impl, label in (("vim_tiny", None, "Vim-Ti"), ("deit_tiny", "eager", "DeiT-Ti eager"),
@@ -259,9 +101,15 @@ def paper_1248(out: Path) -> str:
 
 
 def _kernels(out: Path) -> pd.DataFrame | None:
-    """Every kernels CSV in ``out`` as one table; None when there is none."""
-    csvs = sorted(out.glob("kernels-*.csv"))
-    return pd.concat([with_current_names(pd.read_csv(c)) for c in csvs], ignore_index=True) if csvs else None
+    """Every kernels CSV in ``out`` that the reader accepts (``load_results``: one without an ok row is left
+    out), as one table; None when there is none."""
+    tables = []
+    for csv in sorted(out.glob("kernels-*.csv")):
+        try:
+            tables.append(load_results(csv, kinds=("kernels",))[1])
+        except InputError:
+            continue
+    return pd.concat(tables, ignore_index=True) if tables else None
 
 
 def floor_line(floors: pd.DataFrame | None) -> str:
