@@ -199,7 +199,7 @@ def test_timing_gate_unchanged_tree_passes_three_times_in_a_row(capsys):
 
 @pytest.mark.noisy
 def test_timing_gate_fails_on_a_planted_2x_slowdown(monkeypatch, capsys):
-    monkeypatch.setenv("VIMBENCH_BENCH_SLOWDOWN", "test_scan[cpu]=2")   # read by benchmarks/conftest.py
+    monkeypatch.setenv("VIMBENCH_BENCH_SLOWDOWN", "test_scan[cpu]=2")   # read by vimbench/gate/bench/conftest.py
     code, out, err = run(["gate", "--device", "cpu", "-k", SMALL_SELECTION], capsys)
     assert code == 1
     row = next(line for line in out.splitlines() if "test_scan[cpu]" in line)

@@ -13,18 +13,11 @@ from pathlib import Path
 import torch
 
 from vimbench.errors import InputError
+from vimbench.layout import checkout_root
 from vimbench.measure.env import cpu_model, slug
 
-
-
-def checkout_root() -> Path | None:
-    """The vimbench checkout this package runs from (its pyproject.toml beside vimbench/), else None
-    (installed from a wheel)."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir() else None
-
-
 REPO_ROOT = checkout_root()
+"""The vimbench checkout this package runs from (``vimbench.layout.checkout_root``); None installed from a wheel."""
 BASELINE_DIR = None if REPO_ROOT is None else REPO_ROOT / "benchmarks" / "baselines"
 
 

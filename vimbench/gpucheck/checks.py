@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
+from vimbench.layout import checkout_root
 from vimbench.measure.isolation import run_isolated
 
 FLOOR = dict(model="vim_tiny", res=1248, batch=64, dtype="fp32")
@@ -32,8 +33,9 @@ def cuda_tests() -> Path | None:
     """tests/kernels/test_scan_cuda.py of the vimbench checkout this package runs from; None when it runs from
     an installed wheel (the tests are not part of the package: gpu-check then plans no tests step, and its
     summary says the CUDA tests did not run)."""
-    path = Path(__file__).resolve().parents[2] / "tests" / "kernels" / "test_scan_cuda.py"
-    return path if path.is_file() else None
+    root = checkout_root()
+    path = None if root is None else root / "tests" / "kernels" / "test_scan_cuda.py"
+    return path if path is not None and path.is_file() else None
 
 
 def run_tests(out: Path, test_file: Path) -> list[str]:
