@@ -3,6 +3,7 @@ checking one run against a baseline with confirming re-runs."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -94,8 +95,10 @@ def run_suite(device: str, select: str | None, log=print, tests: list[str] | Non
     given, and without those matching a -k term in ``exclude``; with ``scan``, the ``SCAN_SUITE`` of that
     backend. With ``base`` (an ``install_base`` folder) the suite and the package of that revision run
     instead of this checkout's. ``env``: extra environment variables of the suite's process. Returns
-    (``run_ratios`` of it, the run's environment). InputError when nothing matches ``select``; RuntimeError
-    (with pytest's output) when a benchmark fails."""
+    (``run_ratios`` of it, the run's environment). InputError when nothing matches ``select`` or
+    pytest-benchmark is not installed; RuntimeError (with pytest's output) when a benchmark fails."""
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        raise InputError("the timing gate runs its suite with pytest-benchmark: pip install 'vimbench[gate]'")
     suite_dir, env = SUITE_DIR, {**SUITE_ENV, **(env or {})}
     if base is not None:  # the base's package first on the path; the suite's process runs in a temporary folder
         suite_dir, env["PYTHONPATH"] = base / "benchmarks", str(base / "site")
