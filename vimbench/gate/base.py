@@ -82,7 +82,7 @@ def install_base(rev: str, log=print) -> Path:
         suite = src / "benchmarks"
         if not (suite / "conftest.py").is_file():
             suite = staged / "site" / "vimbench" / "gate" / "bench"
-        shutil.copytree(suite, staged / "benchmarks")
+        shutil.copytree(suite, staged / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
         try:
             os.replace(staged, out)
         except OSError:  # another gate installed the same commit meanwhile: use that one
