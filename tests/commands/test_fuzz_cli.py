@@ -39,7 +39,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vimbench
-from vimbench import gate
+from vimbench.gate import (deterministic as gate_exact, store as gate_store, suite as gate_suite,
+                           thresholds as gate_thresholds)
 from vimbench.commands import cli, main
 from vimbench.count import flops as count_flops_module, memory as count_memory_module
 from vimbench.count.kernel_compile import CompileRow
@@ -152,9 +153,10 @@ def _fake_compile_report(archs):
 
 def _fake_run_suite(device, select, log=print, tests=None, **selection):
     """Every benchmark of this machine's baseline (``-k`` as a substring) at exactly its baseline ratio."""
-    path = gate.timing_baseline_path(device)
-    benchmarks = gate.load_baseline(path, "timing")["benchmarks"] if path.exists() else {"test_scan": {"ratio": 1}}
-    ratios = {n: {"ratios": dict.fromkeys(gate.REFERENCES, b["ratio"]), "seconds": 1e-3, "rounds": 5}
+    path = gate_store.timing_baseline_path(device)
+    benchmarks = (gate_store.load_baseline(path, "timing")["benchmarks"] if path.exists()
+                  else {"test_scan": {"ratio": 1}})
+    ratios = {n: {"ratios": dict.fromkeys(gate_thresholds.REFERENCES, b["ratio"]), "seconds": 1e-3, "rounds": 5}
               for n, b in benchmarks.items() if not select or select in n}
     if not ratios:
         raise InputError(f"no benchmark matches -k {select!r}")
@@ -163,7 +165,7 @@ def _fake_run_suite(device, select, log=print, tests=None, **selection):
 
 def _fake_deterministic_snapshot():
     """The baseline's own numbers (kernels under its first Triton release, where it keeps them per release)."""
-    base = gate.load_baseline(gate.DETERMINISTIC_BASELINE, "deterministic")
+    base = gate_store.load_baseline(gate_store.deterministic_baseline_path(), "deterministic")
     triton = next(iter(base.get("kernels_by_triton", {})), "")
     return {"flops": base["flops"], "kernels": base.get("kernels") or base["kernels_by_triton"][triton],
             "triton": triton}
@@ -176,12 +178,12 @@ def _fake_submitit_run(self, run_one, todo, jobs_dir):
         yield cfg, {**launchers.placed(run_one(cfg), cfg, self.name, 1), "job_id": str(i)}
 
 
-REAL_RUN_SUITE = gate.run_suite
+REAL_RUN_SUITE = gate_suite.run_suite
 STUBS = {measure_ops.run_isolated: _fake_run_isolated, count_flops_module.count_flops: _fake_count_flops,
          count_memory_module.predict_memory: _fake_predict_memory, measure_ops.model_geometry: _fake_model_geometry,
          measure_ops.op_cost: _fake_op_cost,
-         vimbench.count.kernel_compile.compile_report: _fake_compile_report, gate.run_suite: _fake_run_suite,
-         gate.deterministic_snapshot: _fake_deterministic_snapshot, figures.plot_results: _fake_plot_results,
+         vimbench.count.kernel_compile.compile_report: _fake_compile_report, gate_suite.run_suite: _fake_run_suite,
+         gate_exact.deterministic_snapshot: _fake_deterministic_snapshot, figures.plot_results: _fake_plot_results,
          report.write_report: _fake_write_report}
 """Real function -> fake. Every reference to the real function in a loaded vimbench module is replaced,
 so a command module added later that imports one of them gets the fake too."""
@@ -194,15 +196,14 @@ def stub_measuring(monkeypatch, tmp_path):
             if callable(value) and value in STUBS:
                 monkeypatch.setattr(module, attr, STUBS[value])
     monkeypatch.setattr(launchers.Submitit, "run", _fake_submitit_run)
-    monkeypatch.setattr(gate, "cotenant", contextlib.nullcontext)
+    monkeypatch.setattr(gate_suite, "cotenant", contextlib.nullcontext)
     monkeypatch.setattr(writer.os, "fsync", lambda fd: None)  # durability is not under test; fsync is slow
     # baselines are written next to the benchmark suite by default: work on copies
     baselines = tmp_path / "baselines"
     baselines.mkdir()
-    for p in gate.BASELINE_DIR.glob("*.json"):
+    for p in gate_store.BASELINE_DIR.glob("*.json"):
         (baselines / p.name).write_bytes(p.read_bytes())
-    monkeypatch.setattr(gate, "BASELINE_DIR", baselines)
-    monkeypatch.setattr(gate, "DETERMINISTIC_BASELINE", baselines / "deterministic.json")
+    monkeypatch.setattr(gate_store, "BASELINE_DIR", baselines)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -485,9 +486,9 @@ def test_regression(argv, message, stub_measuring):
 
 def test_gate_k_that_selects_nothing_says_so(stub_measuring, monkeypatch):
     """The real ``run_suite``, with pytest answering "no tests ran" (exit 5) as it does for such a -k."""
-    monkeypatch.setattr(gate, "run_suite", REAL_RUN_SUITE)
-    monkeypatch.setattr(gate.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 5))
-    baseline = next(gate.BASELINE_DIR.glob("cpu-*.json"))  # any CPU's: this one's may not be recorded
+    monkeypatch.setattr(gate_suite, "run_suite", REAL_RUN_SUITE)
+    monkeypatch.setattr(gate_suite.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 5))
+    baseline = next(gate_store.BASELINE_DIR.glob("cpu-*.json"))  # any CPU's: this one's may not be recorded
     code, err = check_call(["gate", "--device=cpu", "-knosuchbench", f"--baseline={baseline}"])
     assert code == 2 and "no benchmark matches -k 'nosuchbench'" in err
 

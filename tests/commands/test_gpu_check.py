@@ -9,16 +9,19 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from helpers import needs_no_gpu
-from vimbench import gpucheck, gpucheck_steps
+from vimbench.analysis.paper import PAPER_SETTING_OPTIONS
 from vimbench.commands import cli, main
-from vimbench.gpucheck_steps import Step
+from vimbench.gpucheck import checks, run as gpu_run, steps as gpu_steps, summary
+from vimbench.gpucheck.steps import Step
 from vimbench.measure import preflight
+from vimbench.rows.schema import KERNELS, SCALING
 
 
 @needs_no_gpu
@@ -28,24 +31,30 @@ def test_needs_a_gpu(capsys):
 
 
 def test_default_out_names_card_and_date():
-    out = gpucheck.default_out("NVIDIA H100 80GB HBM3", datetime.date(2026, 11, 25))
+    out = gpu_run.default_out("NVIDIA H100 80GB HBM3", datetime.date(2026, 11, 25))
     assert str(out) == "results/gpu/nvidia-h100-80gb-hbm3-2026-11-25"
 
 
 @pytest.fixture(scope="module")
 def real_steps(tmp_path_factory):
     """The real plan on an H100/H200 with the triton and cpu scans (estimates count FLOPs on meta)."""
-    return gpucheck_steps.build_steps(tmp_path_factory.mktemp("out"), ["cpu", "triton"])
+    return gpu_steps.build_steps(tmp_path_factory.mktemp("out"), ["cpu", "triton"])
 
 
-def test_every_planned_command_line_parses(real_steps):
-    """Every command line of the plan is accepted by the real CLI parser (nothing is run)."""
-    argvs = [a for step in real_steps for a in step.argvs]
-    assert {a[0] for a in argvs} == {"scaling", "report", "kernels"}
-    for argv in argvs:
-        command = cli.commands[argv[0]]
-        with command.make_context(argv[0], list(argv[1:])) as ctx:
-            assert ctx.params
+def test_every_planned_call_names_options_of_its_command(real_steps):
+    """Every vimbench command the plan calls takes the options the plan gives it (nothing is run), and its
+    sweeps write under the output folder."""
+    calls = [c for step in real_steps for c in step.calls]
+    assert {name for name, _ in calls} == {"scaling", "report", "kernels"}
+    for name, options in calls:
+        assert set(options) <= {p.name for p in cli.commands[name].params}, name
+    assert all(Path(o["out"]).name.startswith(("kernels-", "scaling-")) for n, o in calls if n != "report")
+
+
+def test_paper_step_calls_scaling_with_the_paper_preset(real_steps):
+    name, options = real_steps[2].calls[0]
+    assert name == "scaling" and options == {**PAPER_SETTING_OPTIONS, "scan_spec": "triton",
+                                             "out": str(Path(options["out"]).parent / "scaling-paper.csv")}
 
 
 @pytest.mark.parametrize("budget, expected", [
@@ -54,21 +63,21 @@ def test_every_planned_command_line_parses(real_steps):
     (3600, ["check", "tests", "paper", "floor", "designs", "backward", "kernels", "figures"]),
     (None, ["check", "tests", "paper", "floor", "designs", "backward", "kernels", "figures"])])
 def test_plan_under_budget_in_priority_order(real_steps, budget, expected):
-    chosen, left_out = gpucheck_steps.plan(real_steps, budget)
+    chosen, left_out = gpu_run.plan(real_steps, budget)
     assert [s.name for s in chosen] == expected
     assert [s.name for s in chosen + left_out] == ["check", "tests", "paper", "floor", "designs", "backward",
                                                    "kernels", "figures"]
-    assert sum(s.estimate_s for s in chosen) + gpucheck_steps.WRAP_UP_S <= (budget or float("inf"))
+    assert sum(s.estimate_s for s in chosen) + gpu_run.WRAP_UP_S <= (budget or float("inf"))
 
 
 def test_plan_with_mamba_ssm_present(tmp_path):
     """mamba_ssm adds a backend check and becomes the paper step's scan; 420 s still delivers steps 1-3."""
-    steps = gpucheck_steps.build_steps(tmp_path, ["cpu", "triton", "mamba_ssm"])
-    assert [s.name for s in gpucheck_steps.plan(steps, 420)[0]][:4] == ["check", "tests", "paper", "floor"]
-    assert steps[2].argvs[0][:5] == ["scaling", "--preset", "paper", "--scan", "mamba_ssm"]
-    cost = gpucheck_steps.COST  # triton compiles 6 shapes x 2 dtypes x 2 (with/without extras) specialisations
+    steps = gpu_steps.build_steps(tmp_path, ["cpu", "triton", "mamba_ssm"])
+    assert [s.name for s in gpu_run.plan(steps, 420)[0]][:4] == ["check", "tests", "paper", "floor"]
+    assert steps[2].calls[0][1]["scan_spec"] == "mamba_ssm"
+    cost = gpu_steps.COST  # triton compiles 6 shapes x 2 dtypes x 2 (with/without extras) specialisations
     assert steps[0].estimate_s == 2 * cost["check_other_s"] + cost["worker_s"] + 24 * cost["compile_s"]
-    assert gpucheck_steps.plan(steps, 60)[0] == []
+    assert gpu_run.plan(steps, 60)[0] == []
 
 
 def test_forward_estimate_closed_form():
@@ -76,14 +85,14 @@ def test_forward_estimate_closed_form():
     plus the score matrix's 16 bytes per element = flops_attention / 16 bytes at 2.5 TB/s."""
     flops, attention = 407_640_572_928 * 64, 341_242_905_600 * 64
     expected = flops / 40e12 + attention / 16 / 2.5e12
-    assert gpucheck_steps.forward_s("deit_tiny", 1248, 64, True) == pytest.approx(expected)
-    assert gpucheck_steps.forward_s("deit_tiny", 1248, 64, False) == pytest.approx(flops / 40e12)
+    assert gpu_steps.forward_s("deit_tiny", 1248, 64, True) == pytest.approx(expected)
+    assert gpu_steps.forward_s("deit_tiny", 1248, 64, False) == pytest.approx(flops / 40e12)
 
 
 def test_kernel_configuration_counts():
     """3 Vim ops (scan, scan_bidir, mixer) per scan backend, 2 DeiT ops (attention, block) per attention backend."""
-    assert gpucheck_steps.op_configs_count(5, vim=(3, 2), deit=(1, 4)) == 5 * (3 * 2 * 3 + 4 * 2)
-    assert gpucheck_steps.op_configs_count(1, vim=(1, 1)) == 3
+    assert gpu_steps.op_configs_count(5, vim=(3, 2), deit=(1, 4)) == 5 * (3 * 2 * 3 + 4 * 2)
+    assert gpu_steps.op_configs_count(1, vim=(1, 1)) == 3
 
 
 class FakeClock:
@@ -96,7 +105,7 @@ class FakeClock:
 
 def fake_step(name, estimate, clock, took=None, failures=(), correctness=False, ran=None):
     """A step that 'takes' ``took`` seconds (default: its estimate) of the fake clock."""
-    def run(cli):
+    def run():
         clock.now += estimate if took is None else took
         if ran is not None:
             ran.append(name)
@@ -112,7 +121,7 @@ def test_scaled_down_plan_delivers_steps_1_to_3_in_420_s(real_steps, tmp_path):
         clock, ran = FakeClock(), []
         steps = [fake_step(s.name, s.estimate_s, clock, took=s.estimate_s * overrun, ran=ran,
                            correctness=s.correctness) for s in real_steps]
-        records = gpucheck_steps.run_steps(steps, 420, lambda argv: 0, tmp_path / f"steps{overrun}.jsonl",
+        records = gpu_run.run_steps(steps, 420, tmp_path / f"steps{overrun}.jsonl",
                                            echo=lambda _: None, clock=clock)
         delivered = 5 if overrun == 1.0 else 4
         assert ran == ["check", "tests", "paper", "floor", "designs"][:delivered]
@@ -127,7 +136,7 @@ def test_run_stops_starting_steps_that_would_overrun(tmp_path):
     steps = [fake_step("a", 10, clock, took=25, ran=ran), fake_step("b", 20, clock, ran=ran),
              fake_step("c", 6, clock, ran=ran)]
     # budget 60 less 10 for the wrap-up: a takes 25 s (estimated 10), b fits the 25 s left, then 5 s < c's 6
-    records = gpucheck_steps.run_steps(steps, 60, lambda argv: 0, tmp_path / "s.jsonl", echo=lambda _: None,
+    records = gpu_run.run_steps(steps, 60, tmp_path / "s.jsonl", echo=lambda _: None,
                                        clock=clock)
     assert ran == ["a", "b"] and [r["status"] for r in records] == ["ok", "ok", "no budget"]
 
@@ -137,7 +146,7 @@ def test_failed_correctness_skips_every_later_timing(tmp_path):
     steps = [fake_step("check", 1, clock, failures=["triton: out differs"], correctness=True, ran=ran),
              fake_step("tests", 1, clock, correctness=True, ran=ran), fake_step("paper", 1, clock, ran=ran),
              fake_step("kernels", 1000, clock, ran=ran)]
-    records = gpucheck_steps.run_steps(steps, 100, lambda argv: 0, tmp_path / "s.jsonl", echo=lambda _: None,
+    records = gpu_run.run_steps(steps, 100, tmp_path / "s.jsonl", echo=lambda _: None,
                                        clock=clock)
     assert ran == ["check", "tests"]
     assert [r["status"] for r in records] == ["failed", "ok", "skipped", "skipped"]
@@ -147,12 +156,12 @@ def test_budget_spent_mid_step_cuts_it_short(tmp_path):
     """A step still running when the budget is spent is stopped by the alarm; later steps do not start."""
     ran, old_alarm = [], signal.getsignal(signal.SIGALRM)
 
-    def slow(cli):
+    def slow():
         ran.append("slow")
         time.sleep(30)
         return []
-    steps = [Step("slow", "sleeps", 0.0, slow), Step("next", "never", 0.0, lambda cli: ran.append("next") or [])]
-    records = gpucheck_steps.run_steps(steps, gpucheck_steps.WRAP_UP_S + 0.2, lambda argv: 0, tmp_path / "s.jsonl",
+    steps = [Step("slow", "sleeps", 0.0, slow), Step("next", "never", 0.0, lambda: ran.append("next") or [])]
+    records = gpu_run.run_steps(steps, gpu_run.WRAP_UP_S + 0.2, tmp_path / "s.jsonl",
                                        echo=lambda _: None)
     assert ran == ["slow"] and records[0]["status"] == "cut short: budget spent" and records[0]["actual_s"] < 30
     assert records[1]["status"] == "no budget" and signal.getsignal(signal.SIGALRM) == old_alarm
@@ -173,12 +182,12 @@ def fake_gpu(monkeypatch, tmp_path):
         "| gpu/ | — | nothing yet | |\n\nText after.\n")
 
     def use(steps):
-        monkeypatch.setattr(gpucheck_steps, "build_steps", lambda out, present=None: steps(out))
+        monkeypatch.setattr(gpu_steps, "build_steps", lambda out, present=None, command="": steps(out))
     return use
 
 
 def writes(name, text="x"):
-    def run(cli, out):
+    def run(out):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
         return []
@@ -186,12 +195,12 @@ def writes(name, text="x"):
 
 
 def step_in(out, name, run, estimate=1.0, correctness=False):
-    return Step(name, f"fake {name}", estimate, lambda cli: run(cli, out), correctness=correctness)
+    return Step(name, f"fake {name}", estimate, lambda: run(out), correctness=correctness)
 
 
 @pytest.mark.parametrize("stop, code", [(KeyboardInterrupt, 130), ("SIGTERM", 143)])
 def test_interrupted_run_still_writes_its_archive(fake_gpu, tmp_path, stop, code, capsys):
-    def interrupt(cli, out):
+    def interrupt(out):
         (out / "kernels-b1-fp32.csv").write_text("op\nscan\n")
         if stop == "SIGTERM":
             os.kill(os.getpid(), signal.SIGTERM)
@@ -272,13 +281,19 @@ def test_bad_values_one_line_exit_2(args, message, tmp_path, monkeypatch, capsys
     assert err.count("\n") == 1 and message in err and err.startswith("vimbench gpu-check: error:")
 
 
-def test_with_resume_only_for_existing_csv(tmp_path):
-    argv = ["scaling", "--out", str(tmp_path / "s.csv")]
-    assert gpucheck.with_resume(argv) == argv
-    (tmp_path / "s.csv").write_text("model\n")
-    assert gpucheck.with_resume(argv) == [*argv, "--resume"]
-    report = ["report", "x.csv", "--out-dir", str(tmp_path)]
-    assert gpucheck.with_resume(report) == report
+def test_a_sweep_resumes_only_a_csv_with_rows(tmp_path):
+    csv = tmp_path / "s.csv"
+    assert not gpu_steps.started(str(csv))
+    csv.write_text("")
+    assert not gpu_steps.started(str(csv))
+    csv.write_text("model\n")
+    assert gpu_steps.started(str(csv))
+
+
+def readable(df, schema):
+    """``df`` with every column the reader requires of ``schema``'s CSVs (those it lacks set to a neutral value)."""
+    neutral = {"head": False, "device": "cuda", "family": "vim", "device_name": "NVIDIA H100 80GB HBM3"}
+    return df.assign(**{c: neutral.get(c, 1.0) for c in schema.required if c not in df.columns})
 
 
 def fake_kernels_csv():
@@ -294,7 +309,7 @@ def fake_kernels_csv():
 
 
 def test_scan_floors_closed_form():
-    floors = gpucheck.scan_floors(fake_kernels_csv(), exp2_per_s=4e12)
+    floors = summary.scan_floors(fake_kernels_csv(), exp2_per_s=4e12)
     assert list(floors.op) == ["scan", "scan_bidir"] and set(floors.impl) == {"triton"}  # Triton scan rows only
     exps = 64 * 384 * 6085 * 16
     one = floors.iloc[0]
@@ -321,13 +336,14 @@ def test_summary_from_fake_results(tmp_path):
                                                      for b in ("cpu", "triton")}))
     (tmp_path / "tests.json").write_text(json.dumps({"returncode": 0, "passed": 84}))
     pipelined = dict(fake_kernels_csv().iloc[0], impl="triton_pipelined", time_ms=0.8)  # the second Triton design
-    pd.concat([fake_kernels_csv(), pd.DataFrame([pipelined])]).to_csv(tmp_path / "kernels-b64-fp32.csv", index=False)
-    fake_paper_csv().to_csv(tmp_path / "scaling-paper.csv", index=False)
+    kernels = pd.concat([fake_kernels_csv(), pd.DataFrame([pipelined])])
+    readable(kernels, KERNELS).to_csv(tmp_path / "kernels-b64-fp32.csv", index=False)
+    readable(fake_paper_csv(), SCALING).to_csv(tmp_path / "scaling-paper.csv", index=False)
     steps = [dict(run="r1", name="check", what="w", estimate_s=30, actual_s=12.5, status="ok"),
              dict(run="r2", name="check", what="w", estimate_s=30, actual_s=20.0, status="ok"),
              dict(run="r2", name="kernels", what="w", estimate_s=1100, actual_s=None, status="no budget")]
     (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
-    lines = gpucheck.write_summary(tmp_path).read_text().splitlines()
+    lines = summary.write_summary(tmp_path).read_text().splitlines()
     assert lines[0] == "# GPU check: NVIDIA H100 80GB HBM3: kernels correct"
     assert lines[3] == ("- **Kernels correct?** correct: cpu correct on 24 cases; triton correct on 24 cases; "
                         "CUDA tests of the Triton scan: 84 passed, 0 failed, 0 errors")
@@ -350,8 +366,8 @@ def test_summary_from_fake_results(tmp_path):
 
 
 def test_summary_first_line_says_when_timings_are_untrusted(tmp_path):
-    fake_paper_csv().to_csv(tmp_path / "scaling-paper.csv", index=False)
-    first = lambda: gpucheck.write_summary(tmp_path).read_text().splitlines()[0]  # noqa: E731
+    readable(fake_paper_csv(), SCALING).to_csv(tmp_path / "scaling-paper.csv", index=False)
+    first = lambda: summary.write_summary(tmp_path).read_text().splitlines()[0]  # noqa: E731
     assert first() == "# GPU check: card unknown: kernel correctness not checked: the timings below are untrusted"
     (tmp_path / "check.json").write_text(json.dumps({"triton": {"status": "ok", "check_ok": False, "checked": 3,
                                                                 "check_failure": "odd-L: out differs"}}))
@@ -361,7 +377,7 @@ def test_summary_first_line_says_when_timings_are_untrusted(tmp_path):
     assert "img/s" not in text and text.count("withheld: the kernels failed their correctness checks") == 4
     empty = tmp_path / "empty"
     empty.mkdir()
-    text = gpucheck.write_summary(empty).read_text()
+    text = summary.write_summary(empty).read_text()
     assert text.splitlines()[0] == "# GPU check: card unknown: kernel correctness not checked"
     assert text.count("not measured") >= 2 and text.count("not run") >= 2
 
@@ -371,8 +387,8 @@ def test_run_checks_records_every_backend_and_names_failures(tmp_path, monkeypat
     results = {"cpu": {"status": "ok", "check_ok": True, "checked": 24, "check_failure": ""},
                "triton": {"status": "ok", "check_ok": False, "checked": 5, "check_failure": "odd-L: out differs"},
                "mamba_ssm": {"status": "error", "error": "RuntimeError: no kernel image"}}
-    monkeypatch.setattr(gpucheck, "run_isolated", lambda fn, args: results[args[0]])
-    failures = gpucheck.run_checks(tmp_path, ["cpu", "triton", "mamba_ssm"])
+    monkeypatch.setattr(checks, "run_isolated", lambda fn, args: results[args[0]])
+    failures = checks.run_checks(tmp_path, ["cpu", "triton", "mamba_ssm"])
     assert failures == ["triton: odd-L: out differs", "mamba_ssm: RuntimeError: no kernel image"]
     assert json.loads((tmp_path / "check.json").read_text()) == results
 
@@ -381,15 +397,15 @@ def test_backward_step_estimate_and_placement(tmp_path):
     """The backward step comes after the current priorities (check .. designs), so a 420 s budget still
     delivers those; its estimate per dtype: a worker, the exp2 rate, the cpu reference, 2 designs x (forward,
     backward) compiled and timed, and with mamba_ssm its backward and reference call timed too."""
-    cost = gpucheck_steps.COST
+    cost = gpu_steps.COST
     for present, mamba_ops in ((["cpu", "triton"], 0), (["cpu", "triton", "mamba_ssm"], 2)):
-        steps = gpucheck_steps.build_steps(tmp_path, present)
+        steps = gpu_steps.build_steps(tmp_path, present)
         names = [s.name for s in steps]
         assert names.index("backward") == names.index("designs") + 1
         per_dtype = (cost["worker_s"] + cost["exp2_s"] + cost["check_other_s"] + 4 * cost["compile_s"]
                      + (4 + mamba_ops) * cost["op_s"])
         assert steps[names.index("backward")].estimate_s == cost["step_s"] + 2 * per_dtype
-        assert "backward" not in [s.name for s in gpucheck_steps.plan(steps, 420)[0]]
+        assert "backward" not in [s.name for s in gpu_run.plan(steps, 420)[0]]
 
 
 def test_run_backward_records_both_dtypes_and_names_failures(tmp_path, monkeypatch):
@@ -400,8 +416,8 @@ def test_run_backward_records_both_dtypes_and_names_failures(tmp_path, monkeypat
             "triton_pipelined": design}
     results = {"fp32": fp32, "bf16": {"status": "error", "error": "OutOfMemoryError: CUDA out of memory"}}
     asked = []
-    monkeypatch.setattr(gpucheck, "run_isolated", lambda fn, args: asked.append(args) or results[args[0]])
-    failures = gpucheck.run_backward(tmp_path, ["cpu", "triton"])
+    monkeypatch.setattr(checks, "run_isolated", lambda fn, args: asked.append(args) or results[args[0]])
+    failures = checks.run_backward(tmp_path, ["cpu", "triton"])
     assert failures == ["backward fp32 triton: dA differs from cpu's by 0.1",
                         "backward bf16: OutOfMemoryError: CUDA out of memory"]
     assert asked == [("fp32", False), ("bf16", False)]
@@ -415,3 +431,23 @@ def test_exp2_chain_kernel_under_interpreter():
     proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_a_sweep_call_starts_from_the_commands_defaults_and_records_the_command(tmp_path, monkeypatch):
+    """``call`` passes the command's defaults overridden by the step's options, resume only for a CSV with rows."""
+    from vimbench.commands import options, scaling
+    seen = []
+    monkeypatch.setattr(scaling, "sweep", lambda command, **opts: seen.append((command, opts)) or [])
+    csv = tmp_path / "scaling-paper.csv"
+    assert gpu_steps.call("scaling", {"scan_spec": "triton", "out": str(csv)}, "vimbench gpu-check --budget 9") == 0
+    csv.write_text("model\n")
+    assert gpu_steps.call("scaling", {"scan_spec": "triton", "out": str(csv)}, "vimbench gpu-check") == 0
+    expected = {**options.defaults(scaling.command), "scan_spec": "triton", "out": str(csv)}
+    assert seen == [("vimbench gpu-check --budget 9", {**expected, "resume": False}),
+                    ("vimbench gpu-check", {**expected, "resume": True})]
+
+
+def test_a_call_with_bad_input_gives_exit_code_2_and_one_line(tmp_path, capsys):
+    missing = str(tmp_path / "none.csv")
+    assert gpu_steps.call("report", {"results": [missing], "out_dir": str(tmp_path / "r")}, "vimbench gpu-check") == 2
+    assert capsys.readouterr().err == f"vimbench report: error: {missing}: no such file\n"

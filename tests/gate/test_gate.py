@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from vimbench import gate
+from vimbench.gate import (base as gate_base, calibration as gate_calibration, deterministic as gate_exact,
+                           store as gate_store, suite as gate_suite, thresholds as gate_thresholds)
 from vimbench.count import kernel_compile
 from vimbench.commands import main
 from vimbench.errors import InputError
@@ -35,7 +36,7 @@ def run(argv, capsys):
 
 def _bench(name, seconds, calibration, inner=2):
     """A pytest-benchmark JSON entry as the suite writes it: seconds per round, calibration per round."""
-    return {"fullname": f"benchmarks/{name}", "stats": {"data": [s * inner for s in seconds]},
+    return {"fullname": name, "stats": {"data": [s * inner for s in seconds]},
             "extra_info": {"inner": inner, "calibration_matmul_s": [c for c, _ in calibration],
                            "calibration_memory_s": [m for _, m in calibration]}}
 
@@ -43,20 +44,22 @@ def _bench(name, seconds, calibration, inner=2):
 def test_ratios_are_medians_of_per_round_calibrated_ratios():
     # round 2 ran while the machine was twice as slow: workload and both calibrations doubled
     bench = _bench("test_x.py::test_a", [1.0, 2.0, 1.1], [(0.5, 2.0), (1.0, 4.0), (0.5, 2.0)])
-    got = gate.run_ratios({"benchmarks": [bench]})["test_x.py::test_a"]
+    got = gate_suite.run_ratios({"benchmarks": [bench]})["test_x.py::test_a"]
     assert got["ratios"] == pytest.approx({"matmul": 2.0, "memory": 0.5, "geomean": 1.0})
     assert got["seconds"] == pytest.approx(1.1) and got["rounds"] == 3
 
 
 def test_threshold_uses_the_quietest_reference_has_a_floor_scales_with_spread_and_is_capped():
-    quiet = gate.threshold_from_runs({"matmul": [1.0, 1.01, 0.99, 1.0, 1.0], "memory": [1.0, 1.2, 0.9, 1.0, 1.0]})
+    quiet = gate_thresholds.threshold_from_runs({"matmul": [1.0, 1.01, 0.99, 1.0, 1.0],
+                                                 "memory": [1.0, 1.2, 0.9, 1.0, 1.0]})
     assert quiet["reference"] == "matmul" and quiet["ratio"] == 1.0 and not quiet["noisy"]
-    assert quiet["threshold"] == gate.THRESHOLD_FLOOR and quiet["spreads"]["memory"] == pytest.approx(math.log(1.2))
-    mid = gate.threshold_from_runs({"memory": [1.0, 1.2, 1.0, 1.0, 1.0]})
+    assert quiet["threshold"] == gate_thresholds.THRESHOLD_FLOOR
+    assert quiet["spreads"]["memory"] == pytest.approx(math.log(1.2))
+    mid = gate_thresholds.threshold_from_runs({"memory": [1.0, 1.2, 1.0, 1.0, 1.0]})
     assert mid["spread"] == pytest.approx(math.log(1.2))
-    assert mid["threshold"] == pytest.approx(1.2 ** gate.THRESHOLD_SPREADS - 1)
-    loud = gate.threshold_from_runs({"geomean": [1.0, 1.5, 1.0, 1.0, 1.0]})
-    assert loud["threshold"] == gate.THRESHOLD_CEILING and loud["noisy"]
+    assert mid["threshold"] == pytest.approx(1.2 ** gate_thresholds.THRESHOLD_SPREADS - 1)
+    loud = gate_thresholds.threshold_from_runs({"geomean": [1.0, 1.5, 1.0, 1.0, 1.0]})
+    assert loud["threshold"] == gate_thresholds.THRESHOLD_CEILING and loud["noisy"]
 
 
 def _baseline(**ratios):
@@ -68,7 +71,7 @@ def _now(**ratios):
 
 
 def test_compare_fails_only_on_slowdowns_beyond_threshold():
-    result = gate.compare_timing(_baseline(a=1.0, b=1.0, c=1.0), _now(a=1.3, b=1.15, c=0.5), complete=True)
+    result = gate_thresholds.compare_timing(_baseline(a=1.0, b=1.0, c=1.0), _now(a=1.3, b=1.15, c=0.5), complete=True)
     status = {r["benchmark"]: r["status"] for r in result.rows}
     assert status == {"a": "SLOWER", "b": "ok", "c": "faster"} and result.regressions == ["a"]
     assert next(r for r in result.rows if r["benchmark"] == "a")["change"] == "+30.0%"
@@ -76,9 +79,9 @@ def test_compare_fails_only_on_slowdowns_beyond_threshold():
 
 def test_compare_missing_fails_only_for_the_whole_suite_and_new_is_a_note():
     base, now = _baseline(a=1.0, gone=1.0), _now(a=1.0, fresh=1.0)
-    full = gate.compare_timing(base, now, complete=True)
+    full = gate_thresholds.compare_timing(base, now, complete=True)
     assert full.regressions == ["gone"] and any("fresh" in n for n in full.notes)
-    selected = gate.compare_timing(base, now, complete=False)
+    selected = gate_thresholds.compare_timing(base, now, complete=False)
     assert selected.regressions == [] and "gone" not in {r["benchmark"] for r in selected.rows}
 
 
@@ -91,8 +94,8 @@ def test_over_threshold_is_confirmed_by_reruns_keeping_the_fastest(monkeypatch, 
         calls.append(tests)
         return next(results), {}
 
-    monkeypatch.setattr(gate, "run_suite", fake_run_suite)
-    result, _ = gate.check_timing(_baseline(a=1.0, b=1.0), "cpu", None, log=lambda msg: None)
+    monkeypatch.setattr(gate_suite, "run_suite", fake_run_suite)
+    result, _ = gate_suite.check_timing(_baseline(a=1.0, b=1.0), "cpu", None, log=lambda msg: None)
     row = next(r for r in result.rows if r["benchmark"] == "a")
     assert row["status"] == expected and row["attempts"] == 1 + len(reruns)
     assert calls == [None] + [["a"]] * len(reruns)
@@ -102,11 +105,11 @@ def test_update_of_a_selection_keeps_the_other_entries():
     old = {"benchmarks": {"kept": {"ratio": 2.0}, "redone": {"ratio": 9.0}}}
     runs = [{"redone": {"ratios": {"matmul": r, "memory": 3 * r, "geomean": 2 * r}, "seconds": 0.01}}
             for r in (1.0, 1.05, 0.98)]
-    new = gate.make_timing_baseline("cpu", runs, {"git_commit": "abc"}, old)
+    new = gate_thresholds.make_timing_baseline("cpu", runs, {"git_commit": "abc"}, old)
     assert new["benchmarks"]["kept"] == {"ratio": 2.0}
     redone = new["benchmarks"]["redone"]
     assert redone["ratio"] == 1.0 and redone["runs"] == [1.0, 1.05, 0.98] and redone["git_commit"] == "abc"
-    assert new["clock"] == "time.thread_time" and new["cpu_threads"] == gate.CPU_THREADS
+    assert new["clock"] == "time.thread_time" and new["cpu_threads"] == gate_calibration.CPU_THREADS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,51 +118,52 @@ def test_update_of_a_selection_keeps_the_other_entries():
 
 def _run(**ratios):
     """One ``run_ratios`` result: each benchmark's ratio, the same against every reference."""
-    return {name: {"ratios": dict.fromkeys(gate.REFERENCES, r), "seconds": r * 1e-3, "rounds": 5}
+    return {name: {"ratios": dict.fromkeys(gate_thresholds.REFERENCES, r), "seconds": r * 1e-3, "rounds": 5}
             for name, r in ratios.items()}
 
 
 def test_base_comparison_fails_a_2x_slowdown_with_a_threshold_from_the_runs_spread():
     base = [_run(a=1.0, b=1.0, gone=1.0), _run(a=1.02, b=1.0, gone=1.0)]
     cur = [_run(a=2.0, b=1.1, new=1.0), _run(a=2.02, b=1.5, new=1.0)]
-    result = gate.compare_with_base(base, cur, complete=True)
+    result = gate_thresholds.compare_with_base(base, cur, complete=True)
     rows = {r["benchmark"]: r for r in result.rows}
     assert result.regressions == ["a", "gone"] and rows["gone"]["status"] == "MISSING"
     assert rows["a"]["ratio"] == pytest.approx(2.01 / 1.01) and rows["a"]["status"] == "SLOWER"
     # b: current runs 1.1 and 1.5, median 1.3: spread ln(1.3 / 1.1), threshold twice that in log space
-    assert rows["b"]["threshold"] == f"+{(1.3 / 1.1) ** gate.THRESHOLD_SPREADS - 1:.0%}"
+    assert rows["b"]["threshold"] == f"+{(1.3 / 1.1) ** gate_thresholds.THRESHOLD_SPREADS - 1:.0%}"
     assert rows["b"]["status"] == "ok" and rows["new"]["status"] == "new (not in base)"
-    assert gate.compare_with_base(base, base, complete=True).regressions == []
-    assert gate.compare_with_base(base, cur, complete=False).regressions == ["a"]
+    assert gate_thresholds.compare_with_base(base, base, complete=True).regressions == []
+    assert gate_thresholds.compare_with_base(base, cur, complete=False).regressions == ["a"]
 
 
 def test_baseline_key_separates_cpu_capabilities_cores_and_torch_versions(monkeypatch):
-    key = gate.device_class("cpu")
+    key = gate_store.device_class("cpu")
     capability = torch.backends.cpu.get_cpu_capability()
     assert key.startswith(f"cpu-{slug(cpu_model())}-") and capability.lower() in key
     assert f"-{os.cpu_count()}c-torch{torch.__version__.split('+')[0].replace('.', '-')}" in key
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2" if capability != "AVX2" else "AVX512")
-    assert gate.device_class("cpu") != key
+    assert gate_store.device_class("cpu") != key
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert "-64c-" in gate.device_class("cpu")
+    assert "-64c-" in gate_store.device_class("cpu")
 
 
 def test_gate_without_a_stored_baseline_says_so_and_compares_with_the_default_base(monkeypatch, tmp_path, capsys):
     calls = []
-    monkeypatch.setattr(gate, "BASELINE_DIR", tmp_path)
-    monkeypatch.setattr(gate, "install_base", lambda rev, log: calls.append(rev) or tmp_path)
-    monkeypatch.setattr(gate, "check_against_base", lambda base, device, select, log, exclude:
-                        gate.compare_with_base([_run(a=1.0)], [_run(a=2.5)], complete=True))
+    monkeypatch.setattr(gate_store, "BASELINE_DIR", tmp_path)
+    monkeypatch.setattr(gate_base, "install_base", lambda rev, log: calls.append(rev) or tmp_path)
+    monkeypatch.setattr(gate_base, "check_against_base", lambda base, device, select, log, exclude:
+                        gate_thresholds.compare_with_base([_run(a=1.0)], [_run(a=2.5)], complete=True))
     code, out, err = run(["gate", "--device", "cpu", "-k", SMALL_SELECTION], capsys)
-    rev, why = gate.default_base()
-    assert calls == [rev] and f"no stored baseline for this machine ({tmp_path / gate.device_class('cpu')}.json)" in out
+    rev, why = gate_base.default_base()
+    assert calls == [rev]
+    assert f"no stored baseline for this machine ({tmp_path / gate_store.device_class('cpu')}.json)" in out
     assert why in out and code == 1 and "slower than base" in err
 
 
 def test_without_git_the_default_base_is_bad_input(monkeypatch, tmp_path):
-    monkeypatch.setattr(gate, "REPO_ROOT", tmp_path)       # not a git checkout
+    monkeypatch.setattr(gate_store, "REPO_ROOT", tmp_path)       # not a git checkout
     with pytest.raises(InputError, match="not a git checkout"):
-        gate.default_base()
+        gate_base.default_base()
 
 
 def test_base_bad_input_is_one_line_exit_2(capsys):
@@ -174,12 +178,12 @@ def test_base_gate_passes_an_unchanged_tree_and_fails_a_planted_2x_slowdown(monk
     code, out, err = run(["gate", "--device", "cpu", "--base", "HEAD", "-k", SMALL_SELECTION], capsys)
     assert code == 0, out + err
     assert "timing gate: ok (1 benchmarks within their thresholds of base HEAD)" in out
-    run_suite = gate.run_suite
+    run_suite = gate_suite.run_suite
 
     def slow_current(*args, base=None, env=None, **kw):  # the planted slowdown in the current tree's runs only
         plant = {} if base else {"VIMBENCH_BENCH_SLOWDOWN": "test_scan[cpu]=2"}
         return run_suite(*args, base=base, env={**env, **plant}, **kw)
-    monkeypatch.setattr(gate, "run_suite", slow_current)
+    monkeypatch.setattr(gate_suite, "run_suite", slow_current)
     code, out, err = run(["gate", "--device", "cpu", "--base", "HEAD", "-k", SMALL_SELECTION], capsys)
     row = next(line for line in out.splitlines() if "test_scan[cpu]" in line)
     assert code == 1 and "SLOWER" in row and "test_scan[cpu]" in err
@@ -195,7 +199,7 @@ def test_timing_gate_unchanged_tree_passes_three_times_in_a_row(capsys):
 
 @pytest.mark.noisy
 def test_timing_gate_fails_on_a_planted_2x_slowdown(monkeypatch, capsys):
-    monkeypatch.setenv("VIMBENCH_BENCH_SLOWDOWN", "test_scan[cpu]=2")   # read by benchmarks/conftest.py
+    monkeypatch.setenv("VIMBENCH_BENCH_SLOWDOWN", "test_scan[cpu]=2")   # read by vimbench/gate/bench/conftest.py
     code, out, err = run(["gate", "--device", "cpu", "-k", SMALL_SELECTION], capsys)
     assert code == 1
     row = next(line for line in out.splitlines() if "test_scan[cpu]" in line)
@@ -257,36 +261,36 @@ def snapshot(triton, registers):
 
 
 def test_triton_key_is_major_minor():
-    assert gate.triton_key("3.6.0") == "3.6" and gate.triton_key("3.8.1+git1234") == "3.8"
+    assert gate_exact.triton_key("3.6.0") == "3.6" and gate_exact.triton_key("3.8.1+git1234") == "3.8"
 
 
 def test_kernel_baselines_are_kept_per_triton_release(monkeypatch, tmp_path, capsys):
     """Triton 3.6 and 3.8 each gate against their own numbers; --update adds a release beside the others."""
     path = tmp_path / "det.json"
-    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.8", 168))
+    monkeypatch.setattr(gate_exact, "deterministic_snapshot", lambda: snapshot("3.8", 168))
     assert run(["gate", "--deterministic", "--update", "--baseline", str(path)], capsys)[0] == 0
-    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.6", 128))
+    monkeypatch.setattr(gate_exact, "deterministic_snapshot", lambda: snapshot("3.6", 128))
     assert run(["gate", "--deterministic", "--update", "--baseline", str(path)], capsys)[0] == 0
-    assert {v: k[KERNEL]["registers"] for v, k in gate.load_baseline(path, "deterministic")["kernels_by_triton"].items()} \
-        == {"3.6": 128, "3.8": 168}
+    by_triton = gate_store.load_baseline(path, "deterministic")["kernels_by_triton"]
+    assert {v: k[KERNEL]["registers"] for v, k in by_triton.items()} == {"3.6": 128, "3.8": 168}
     for triton, registers in (("3.6", 128), ("3.8", 168)):
-        monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot(triton, registers))
+        monkeypatch.setattr(gate_exact, "deterministic_snapshot", lambda: snapshot(triton, registers))
         code, out, err = run(["gate", "--deterministic", "--baseline", str(path)], capsys)
         assert code == 0 and "deterministic gate: ok" in out, out + err
-    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.6", 168))  # 3.8's numbers on 3.6
+    monkeypatch.setattr(gate_exact, "deterministic_snapshot", lambda: snapshot("3.6", 168))  # 3.8's numbers on 3.6
     code, out, err = run(["gate", "--deterministic", "--baseline", str(path)], capsys)
     assert code == 1 and "registers" in out
 
 
 def test_a_triton_release_without_baseline_is_named_not_failed(monkeypatch, tmp_path, capsys):
     path = tmp_path / "det.json"
-    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.8", 168))
+    monkeypatch.setattr(gate_exact, "deterministic_snapshot", lambda: snapshot("3.8", 168))
     run(["gate", "--deterministic", "--update", "--baseline", str(path)], capsys)
-    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: snapshot("3.9", 99))
+    monkeypatch.setattr(gate_exact, "deterministic_snapshot", lambda: snapshot("3.9", 99))
     code, out, err = run(["gate", "--deterministic", "--baseline", str(path)], capsys)
     assert code == 0 and "no kernel baseline for Triton 3.9 (the baseline has: 3.8)" in err
     assert "1 FLOP counts equal" in out
     broken = snapshot("3.9", 99)
     broken["flops"]["m res=224 batch=1"]["flops_total"] = 11  # the FLOPs are still gated
-    monkeypatch.setattr(gate, "deterministic_snapshot", lambda: broken)
+    monkeypatch.setattr(gate_exact, "deterministic_snapshot", lambda: broken)
     assert run(["gate", "--deterministic", "--baseline", str(path)], capsys)[0] == 1

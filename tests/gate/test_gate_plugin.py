@@ -1,12 +1,12 @@
 """`vimbench gate --scan NAME` and correctness before timing in the timing gate, deterministically: the suite's
-measured ratios are injected at its boundary (``gate.run_suite``), so a planted 2x slowdown is exactly 2x."""
+measured ratios are injected at its boundary (``gate_suite.run_suite``), so a planted 2x slowdown is exactly 2x."""
 import json
 
 import pytest
 
 import vimbench
 from helpers import fresh_plugins, planted_wrong_scan  # noqa: F401
-from vimbench import gate
+from vimbench.gate import (suite as gate_suite, thresholds as gate_thresholds)
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import selective_scan_ref
 from vimbench.kernels.selective_scan.backends import IMPLS
@@ -38,10 +38,11 @@ def suite(fresh_plugins, monkeypatch):
         Suite.calls.append(dict(tests=tests, scan=scan, exclude=list(exclude)))
         names = tests or [n.format(scan) for n in SCAN_BENCHMARKS]
         wobble = 1 + 0.01 * (len(Suite.calls) % 2)
-        return ({n: {"ratios": dict.fromkeys(gate.REFERENCES, Suite.slowdown.get(n, 1.0) * wobble), "seconds": 0.01}
+        return ({n: {"ratios": dict.fromkeys(gate_thresholds.REFERENCES, Suite.slowdown.get(n, 1.0) * wobble),
+                     "seconds": 0.01}
                  for n in names}, {"git_commit": "abc"})
 
-    monkeypatch.setattr(gate, "run_suite", fake_run_suite)
+    monkeypatch.setattr(gate_suite, "run_suite", fake_run_suite)
     return Suite
 
 
@@ -52,8 +53,8 @@ def test_scan_gate_records_in_the_users_file_passes_unchanged_and_fails_a_2x_slo
     baseline = json.loads(path.read_text())
     assert baseline["scan"] == "mine" and sorted(baseline["benchmarks"]) == sorted(
         n.format("mine") for n in SCAN_BENCHMARKS)
-    assert all(b["threshold"] == gate.THRESHOLD_FLOOR for b in baseline["benchmarks"].values())
-    assert len(suite.calls) == gate.DEFAULT_BASELINE_RUNS and {c["scan"] for c in suite.calls} == {"mine"}
+    assert all(b["threshold"] == gate_thresholds.THRESHOLD_FLOOR for b in baseline["benchmarks"].values())
+    assert len(suite.calls) == gate_suite.DEFAULT_BASELINE_RUNS and {c["scan"] for c in suite.calls} == {"mine"}
 
     code, out, err = run(["gate", "--scan", "mine", "--device", "cpu", "--baseline", str(path)], capsys)
     assert code == 0 and "timing gate: ok (3 benchmarks" in out, out + err
@@ -66,7 +67,7 @@ def test_scan_gate_records_in_the_users_file_passes_unchanged_and_fails_a_2x_slo
     row = next(line for line in out.splitlines() if line.startswith(slow))
     # baseline: the median of ratios 1.0 and 1.01 over the runs; now: the fastest attempt, 2.0
     assert "SLOWER" in row and f"{2.0 / 1.005 - 1:+.1%}" in row
-    assert [c["tests"] for c in suite.calls] == [None] + [[slow]] * gate.CONFIRM_ATTEMPTS
+    assert [c["tests"] for c in suite.calls] == [None] + [[slow]] * gate_suite.CONFIRM_ATTEMPTS
 
 
 def test_scan_gate_refuses_a_wrong_backend_before_any_timing(suite, tmp_path, capsys):
@@ -82,13 +83,13 @@ def test_scan_gate_refuses_a_wrong_backend_before_any_timing(suite, tmp_path, ca
 
 def test_timing_gate_does_not_time_a_builtin_that_fails_its_check(suite, monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(IMPLS, "cpu", planted_wrong_scan)
-    monkeypatch.setattr(gate, "timed_scans", lambda device, scan: ["ref", "cpu"])
+    monkeypatch.setattr(gate_suite, "timed_scans", lambda device, scan: ["ref", "cpu"])
     names = ["test_bench_scan.py::test_scan[cpu]", "test_bench_scan.py::test_scan[ref]"]
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"kind": "timing", "scan": None, "recorded": "x", "environment": {}, "benchmarks": {
         n: {"reference": "matmul", "ratio": 1.0, "threshold": 0.2} for n in names}}))
     suite.calls.clear()
-    monkeypatch.setattr(gate, "run_suite", lambda device, select, log, tests=None, scan=None, exclude=(): (
+    monkeypatch.setattr(gate_suite, "run_suite", lambda device, select, log, tests=None, scan=None, exclude=(): (
         suite.calls.append(list(exclude)) or ({names[1]: {"ratios": {"matmul": 1.0}, "seconds": 0.01}}, {})))
     code, out, err = run(["gate", "--device", "cpu", "--baseline", str(path)], capsys)
     assert code == 1 and "[cpu]" in suite.calls[0]

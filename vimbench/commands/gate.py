@@ -1,5 +1,5 @@
 """`vimbench gate`: fail CI when a kernel or model got slower (timing gate) or when FLOP counts or the compiled
-Triton kernels' resources changed (``--deterministic``). See vimbench/gate.py for the method."""
+Triton kernels' resources changed (``--deterministic``). See ``vimbench.gate`` for the method."""
 from __future__ import annotations
 
 import statistics
@@ -10,7 +10,9 @@ import click
 import torch
 
 from vimbench.commands import options as o
-from vimbench import gate
+from vimbench.gate import base, store, suite, thresholds
+from vimbench.gate import deterministic as exact
+from vimbench.gate.calibration import suite_environment
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.selective_scan import check_scan_backend
 from vimbench.measure.ops import check_scans
@@ -29,14 +31,14 @@ DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
 @click.option("-k", "select", default=None, help="Only the benchmarks matching this pytest -k expression.")
 @click.option("--runs", type=int, default=None,
               help=f"With --update: suite runs whose spread sets the thresholds, every other one beside a "
-                   f"synthetic co-tenant process (default {gate.DEFAULT_BASELINE_RUNS}, at least "
-                   f"{gate.MIN_BASELINE_RUNS}).")
+                   f"synthetic co-tenant process (default {suite.DEFAULT_BASELINE_RUNS}, at least "
+                   f"{suite.MIN_BASELINE_RUNS}).")
 @click.option("--scan", default=None,
               help="Gate one scan backend (a plug-in's, in its own CI): the scan at the small and Vim-Ti 1248 "
                    "shapes and the whole Vim-Ti forward with it (default baseline: "
                    "vimbench-gate-<NAME>-<cpu-model or gpu name>.json in the current folder).")
 @click.option("--baseline", "baseline_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Baseline file (default: benchmarks/baselines/<machine key>.json, or "
+              help="Baseline file (default, in a checkout: benchmarks/baselines/<machine key>.json, or "
                    "deterministic.json).")
 @click.option("--base", "base_rev", default=None,
               help="Compare with revision BASE of this repository, both timed in this run, instead of a stored "
@@ -46,8 +48,8 @@ DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
 def command(ctx, deterministic, update, device_spec, select, runs, scan, baseline_path, base_rev):
     """Regression gate for CI. Exits 1 on a regression, with a table of what moved, 0 otherwise.
 
-    Timing gate (default): runs the pytest-benchmark suite in benchmarks/ once, every round timed against a
-    fixed matmul and a fixed memory-bound op measured just before it, and fails when a benchmark's
+    Timing gate (default): runs the pytest-benchmark suite (vimbench/gate/bench/) once, every round timed
+    against a fixed matmul and a fixed memory-bound op measured just before it, and fails when a benchmark's
     median ratio grew by more than the threshold its baseline derived from measured run-to-run noise,
     in its first run and in two confirming re-runs.
 
@@ -64,8 +66,8 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
     """
     if runs is not None and not update:
         raise InputError("--runs applies to --update only")
-    if runs is not None and runs < gate.MIN_BASELINE_RUNS:
-        raise InputError(f"--runs must be >= {gate.MIN_BASELINE_RUNS} to measure the noise, got {runs}")
+    if runs is not None and runs < suite.MIN_BASELINE_RUNS:
+        raise InputError(f"--runs must be >= {suite.MIN_BASELINE_RUNS} to measure the noise, got {runs}")
     if baseline_path is not None and baseline_path.is_dir():
         raise InputError(f"--baseline {str(baseline_path)!r} is a directory; name a .json file")
     if base_rev is not None and (update or baseline_path or scan or deterministic):
@@ -75,53 +77,53 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
         explicit_device = ctx.get_parameter_source("device_spec") != click.core.ParameterSource.DEFAULT
         if explicit_device or select or runs is not None or scan:
             raise InputError("--device, -k, --runs and --scan apply to the timing gate, not --deterministic")
-        return _deterministic(update, baseline_path or gate.DETERMINISTIC_BASELINE)
+        return _deterministic(update, baseline_path or store.deterministic_baseline_path())
     device = o.resolve_device(device_spec).type
     if scan:
         try:
             check_scan_backend(scan, device)
         except (ValueError, BackendUnavailable) as e:
             raise InputError(f"--scan {scan}: {e}") from None
-    path = baseline_path or (Path(f"vimbench-gate-{scan}-{gate.device_class(device)}.json") if scan
-                             else gate.timing_baseline_path(device))
+    path = baseline_path or (Path(f"vimbench-gate-{scan}-{store.device_class(device)}.json") if scan
+                             else store.timing_baseline_path(device))
     if base_rev is None and not (update or baseline_path or scan or path.exists()):
-        base_rev, why = gate.default_base()
+        base_rev, why = base.default_base()
         click.echo(f"timing gate: no stored baseline for this machine ({path}): comparing with {why}, "
                    f"{base_rev[:10]}, timed in this run instead")
-    baseline = None if update or base_rev else gate.load_baseline(path, "timing")
+    baseline = None if update or base_rev else store.load_baseline(path, "timing")
     if baseline is not None and baseline.get("scan") != scan:
         raise InputError(f"--baseline {path} is the baseline of {baseline.get('scan') or 'the whole suite'}, "
                          f"not of --scan {scan}")
-    failed = check_scans(gate.timed_scans(device, scan), device, click.echo)
+    failed = check_scans(suite.timed_scans(device, scan), device, click.echo)
     for name, why in failed.items():
         click.echo(f"timing gate: scan backend {name} is not timed: {why}", err=True)
     if failed and (update or scan):
         click.echo("timing gate: FAILED: correctness before speed; nothing timed", err=True)
         return 1
     if base_rev:
-        return _check_base(device, select, base_rev, gate.excluded_terms(list(failed), device))
+        return _check_base(device, select, base_rev, suite.excluded_terms(list(failed), device))
     if update:
-        return _update_timing(device, select, gate.DEFAULT_BASELINE_RUNS if runs is None else runs, path, scan)
-    return _check_timing(device, select, path, baseline, scan, gate.excluded_terms(list(failed), device))
+        return _update_timing(device, select, suite.DEFAULT_BASELINE_RUNS if runs is None else runs, path, scan)
+    return _check_timing(device, select, path, baseline, scan, suite.excluded_terms(list(failed), device))
 
 
 def _check_timing(device: str, select: str | None, path: Path, baseline: dict, scan: str | None,
                   exclude: list[str]) -> int:
     click.echo(f"timing gate on {device}: baseline {path} (recorded {baseline['recorded']})")
     try:
-        result, env = gate.check_timing(baseline, device, select, log=click.echo, scan=scan, exclude=exclude)
+        result, env = suite.check_timing(baseline, device, select, log=click.echo, scan=scan, exclude=exclude)
     except RuntimeError as e:
         click.echo(f"timing gate: FAILED: {e}", err=True)
         return 1
     click.echo(format_table(result.rows, TIMING_COLUMNS))
     click.echo("baseline, now: seconds per call / seconds of the reference calibration, median over rounds "
                "(now: the fastest of its attempts); change = now / baseline - 1")
-    for line in result.notes + gate.environment_notes(baseline["environment"], env):
+    for line in result.notes + thresholds.environment_notes(baseline["environment"], env):
         click.echo(f"note: {line}")
     return _verdict(result, "the baseline")
 
 
-def _verdict(result: gate.TimingComparison, against: str) -> int:
+def _verdict(result: thresholds.TimingComparison, against: str) -> int:
     """Prints the verdict's line; 1 on a regression, else 0."""
     if result.regressions:
         click.echo(f"timing gate: FAILED: {len(result.regressions)} benchmark(s) slower than {against} by more "
@@ -136,28 +138,28 @@ def _check_base(device: str, select: str | None, rev: str, exclude: list[str]) -
     click.echo(f"timing gate on {device}: base {rev} against this tree, timed in one run")
     start = time.monotonic()
     try:
-        result = gate.check_against_base(gate.install_base(rev, click.echo), device, select, click.echo, exclude)
+        result = base.check_against_base(base.install_base(rev, click.echo), device, select, click.echo, exclude)
     except RuntimeError as e:
         click.echo(f"timing gate: FAILED: {e}", err=True)
         return 1
-    click.echo(format_table(result.rows, gate.BASE_COLUMNS))
+    click.echo(format_table(result.rows, base.BASE_COLUMNS))
     click.echo(f"base, current: seconds per call / seconds of the reference calibration, median over each side's "
-               f"runs ({', '.join(gate.BASE_ORDER)}); ratio = current / base; threshold from the spread of "
+               f"runs ({', '.join(base.BASE_ORDER)}); ratio = current / base; threshold from the spread of "
                f"these runs; {time.monotonic() - start:.0f} s")
     return _verdict(result, f"base {rev}")
 
 
 def _update_timing(device: str, select: str | None, runs: int, path: Path, scan: str | None) -> int:
     if path.exists():  # only a baseline is ever replaced, never another file
-        gate.load_baseline(path, "timing")
-    old = gate.load_baseline(path, "timing") if select and path.exists() else None
+        store.load_baseline(path, "timing")
+    old = store.load_baseline(path, "timing") if select and path.exists() else None
     try:
-        results = gate.record_runs(device, select, runs, log=click.echo, scan=scan)
+        results = suite.record_runs(device, select, runs, log=click.echo, scan=scan)
     except RuntimeError as e:
         click.echo(f"timing gate --update: FAILED: {e}", err=True)
         return 1
-    baseline = gate.make_timing_baseline(device, [r for r, _ in results], results[-1][1], old, scan)
-    gate.save_baseline(path, baseline)
+    baseline = thresholds.make_timing_baseline(device, [r for r, _ in results], results[-1][1], old, scan)
+    store.save_baseline(path, baseline)
     measured = results[0][0]
     rows = [{"benchmark": name, "reference": b["reference"], "ratio": b["ratio"], "spread": f"{b['spread']:.1%}",
              "threshold": f"+{b['threshold']:.0%}", "ms": b["seconds"] * 1e3, "noisy": "NOISY" if b["noisy"] else ""}
@@ -171,17 +173,17 @@ def _update_timing(device: str, select: str | None, runs: int, path: Path, scan:
 
 def _deterministic(update: bool, path: Path) -> int:
     if update and path.exists():  # only a baseline is ever replaced, never another file
-        gate.load_baseline(path, "deterministic")
-    snapshot = gate.deterministic_snapshot()
+        store.load_baseline(path, "deterministic")
+    snapshot = exact.deterministic_snapshot()
     counts = f"{len(snapshot['flops'])} FLOP counts, {len(snapshot['kernels'])} kernel compilations"
     if update:
-        previous = gate.load_baseline(path, "deterministic") if path.exists() else None
-        gate.save_baseline(path, gate.make_deterministic_baseline(snapshot, previous))
+        previous = store.load_baseline(path, "deterministic") if path.exists() else None
+        store.save_baseline(path, exact.make_deterministic_baseline(snapshot, previous))
         click.echo(f"wrote {path} ({counts}, Triton {snapshot['triton']})")
         return 0
-    baseline = gate.load_baseline(path, "deterministic")
-    diff = gate.compare_deterministic(baseline, snapshot)
-    missing = gate.missing_triton_baseline(baseline, snapshot)
+    baseline = store.load_baseline(path, "deterministic")
+    diff = exact.compare_deterministic(baseline, snapshot)
+    missing = exact.missing_triton_baseline(baseline, snapshot)
     if missing:
         click.echo(f"deterministic gate: {missing}", err=True)
         counts = f"{len(snapshot['flops'])} FLOP counts"
@@ -189,8 +191,8 @@ def _deterministic(update: bool, path: Path) -> int:
         click.echo(f"deterministic gate: ok ({counts} equal to {path})")
         return 0
     click.echo(format_table(diff, DIFF_COLUMNS))
-    env = gate.suite_environment(torch.device("cpu"))
-    for line in gate.environment_notes(baseline["environment"], env):
+    env = suite_environment(torch.device("cpu"))
+    for line in thresholds.environment_notes(baseline["environment"], env):
         click.echo(f"note: {line}")
     click.echo(f"deterministic gate: FAILED: {len(diff)} difference(s) from {path}; if intended, record them "
                f"with `vimbench gate --deterministic --update`", err=True)

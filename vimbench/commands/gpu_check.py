@@ -1,7 +1,7 @@
-"""`vimbench gpu-check`: the GPU checks by priority within a time budget, packed into one archive."""
+"""`vimbench gpu-check`: the GPU checks by priority within a time budget, packed into one archive (the work is
+``vimbench.gpucheck.run.check_gpu``)."""
 from __future__ import annotations
 
-import datetime
 import math
 import time
 from pathlib import Path
@@ -9,11 +9,10 @@ from pathlib import Path
 import click
 import torch
 
-from vimbench import gpucheck, gpucheck_archive, gpucheck_steps
 from vimbench.commands.options import command_line
 from vimbench.errors import InputError
+from vimbench.gpucheck import archive as gpu_archive, run
 from vimbench.measure import preflight
-from vimbench.measure.env import environment
 
 
 def _finite(budget):
@@ -39,7 +38,7 @@ def command(ctx, budget, archive, unpack_archive, out_dir):
     paper's Vim-Ti vs DeiT-Ti setting with its claim check, the Triton scan against its floor, the wider
     kernel sweeps, figures. With --budget, a step starts only if its time estimate fits what is left; the
     summary records each step's estimate and actual time. If a correctness check fails, no timing follows.
-    Steps cut short are resumed when run again into the same folder (see vimbench/gpucheck_steps.py).
+    Steps cut short are resumed when run again into the same folder (see vimbench/gpucheck/steps.py).
 
     \b
     On a rented GPU, 7 minutes:  vimbench gpu-check --budget 420 --archive gpu.tar.gz
@@ -48,10 +47,10 @@ def command(ctx, budget, archive, unpack_archive, out_dir):
     if unpack_archive:
         if budget is not None or archive or out_dir:
             raise click.UsageError("--unpack takes no other option")
-        click.echo(f"unpacked into {gpucheck_archive.unpack(unpack_archive)}; indexed in results/README.md")
+        click.echo(f"unpacked into {gpu_archive.unpack(unpack_archive)}; indexed in results/README.md")
         return 0
     started = time.monotonic()  # the budget counts from here: planning and the summary spend it too
-    archive_path = gpucheck_archive.check_archive_path(archive) if archive else None
+    archive_path = gpu_archive.check_archive_path(archive) if archive else None
     if not torch.cuda.is_available():
         raise InputError("gpu-check needs a CUDA GPU; none is available on this machine")
     checks = preflight.run_preflight(torch.device("cuda"))  # within seconds, what is missing, before measuring
@@ -60,40 +59,6 @@ def command(ctx, budget, archive, unpack_archive, out_dir):
         click.echo(f"gpu-check: preflight failed ({', '.join(c.name for c in preflight.failed(checks))}); "
                    "nothing measured", err=True)
         return 1
-    card, today = torch.cuda.get_device_name(0), datetime.date.today()
-    out = Path(out_dir) if out_dir else gpucheck.default_out(card, today)
-    out.mkdir(parents=True, exist_ok=True)
-    from vimbench.commands import main  # each step's command line runs through the CLI entry point
-    code = 1
-    try:
-        with gpucheck_steps.sigterm_raises():
-            gpucheck_archive.write_environment(out, {**environment(torch.device("cuda:0")),
-                                                     "command": command_line(ctx), "budget_s": budget}, "start")
-            steps = gpucheck_steps.build_steps(out)
-            chosen, left_out = gpucheck_steps.plan(steps, budget)
-            click.echo(f"plan: {', '.join(f'{s.name} ~{s.estimate_s:.0f} s' for s in chosen) or 'nothing fits'}"
-                       + (f"; no budget for: {', '.join(s.name for s in left_out)}" if left_out else ""))
-            records = gpucheck_steps.run_steps(steps, budget, main, out / "steps.jsonl", echo=click.echo,
-                                               start=started)
-        code = 1 if any(r["status"] in ("failed", "skipped") for r in records) else 0
-    except KeyboardInterrupt:
-        code = 130
-    except gpucheck_steps.Terminated:
-        code = 143
-    finally:
-        _wrap_up(out, archive_path, gpucheck_archive.archive_name(card, today))
-    if code in (130, 143):
-        click.echo(f"gpu-check: interrupted; summary{' and archive' if archive_path else ''} written", err=True)
-    return code
-
-
-def _wrap_up(out: Path, archive_path: Path | None, top: str) -> None:
-    """The summary, then the archive: a summary that fails to write is reported and the archive still made."""
-    try:
-        gpucheck_archive.write_environment(out, {}, "end")
-        click.echo(f"wrote {gpucheck.write_summary(out)}")
-    except Exception as e:  # the archive of the results matters more than their summary
-        click.echo(f"gpu-check: the summary failed: {type(e).__name__}: {e}", err=True)
-    if archive_path:
-        click.echo(f"wrote {gpucheck_archive.write_archive(out, archive_path, top)}; bring it home and run "
-                   f"`vimbench gpu-check --unpack {archive_path.name}` in your checkout")
+    card = torch.cuda.get_device_name(0)
+    out = Path(out_dir) if out_dir else run.default_out(card)
+    return run.check_gpu(out, budget, archive_path, command_line(ctx), echo=click.echo, start=started)

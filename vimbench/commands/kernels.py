@@ -69,6 +69,15 @@ def command(ctx, **opts):
     device's ceilings run first, as one job where the configurations run (--device and --launcher as for
     `vimbench scaling`).
     """
+    return sweep(o.command_line(ctx), **opts)
+
+
+def sweep(command: str, **opts) -> int:
+    """The sweep of ``vimbench kernels``: ``opts`` are the command's options by parameter name (e.g.
+    ``{**options.defaults(command), "models_spec": ...}``), ``command`` the command line recorded in every
+    row. Writes the CSV (``opts["out"]``, resumed with ``opts["resume"]``), prints the rows, exponents and
+    crossovers. Returns 1 when a scan backend failed its check (its rows are errors), else 0. InputError,
+    before any row is written, for options that cannot run."""
     device, launcher = o.sweep_target(opts)
     batch = o.batch_for(opts["batch"], device)
     o.at_least("--repeats", opts["repeats"], 1)
@@ -102,7 +111,7 @@ def command(ctx, **opts):
         click.echo(line, err=True)
     if pre["warning"]:
         click.echo(f"warning: {pre['warning']}", err=True)
-    failed, fixed = pre["failed"], {**pre["ceilings"], "command": o.command_line(ctx)}
+    failed, fixed = pre["failed"], {**pre["ceilings"], "command": command}
     # decided here, not in the jobs (a job's process may not have a plug-in's registration)
     train_only = {impl for impl, why in failed.items()
                   if why.startswith("gradient check failed") or why == forward_only(impl)}

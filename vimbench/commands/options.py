@@ -242,6 +242,13 @@ def regime_label(cfg: dict) -> str:
         "".join(f" {k}={cfg[k]}" for k in ("compile", "amp") if cfg[k] != "none")
 
 
+def defaults(command: click.Command) -> dict:
+    """Every option of ``command`` at its default value, by parameter name, as Click would pass it: what a
+    Python caller (``vimbench.gpucheck``) starts from before setting its own values."""
+    ctx = click.Context(command)
+    return {p.name: p.process_value(ctx, p.get_default(ctx)) for p in command.params}
+
+
 def command_line(ctx: click.Context) -> str:
     """The command line that invoked this command, as recorded in result rows ("vimbench scaling ...")."""
     obj = ctx.find_root().obj or {}

@@ -18,8 +18,14 @@ def command(results, out_dir):
     throughput_memory (Fig. 1 style), flops and loglog; a kernel CSV (vimbench kernels) gives kernels.
     A CSV with several settings (device, dtype, batch, head or width) gets one set per setting, named
     <figure>-<setting>."""
+    for p in draw(results, out_dir):
+        click.echo(f"wrote {p}")
+
+
+def draw(results: str, out_dir: str | None = None) -> list[Path]:
+    """Draws the figures of the scaling or kernel CSV ``results`` into ``out_dir`` (default: beside the CSV)
+    and returns their paths. InputError for a CSV that cannot be read or an unusable folder."""
     kind, df = load_results(results, kinds=("scaling", "kernels"))
     out_dir = out_dir or str(Path(results).parent)
     check_out_dir(out_dir)
-    for p in plot_results(kind, df, out_dir):
-        click.echo(f"wrote {p}")
+    return plot_results(kind, df, out_dir)

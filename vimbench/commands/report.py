@@ -22,6 +22,13 @@ def command(results, out_dir):
     DeiT's attention share of FLOPs, Vim/DeiT crossovers, and the paper's Fig. 1 claims checked against
     eager and fused-attention DeiT. A memory CSV among them (`vimbench memory --preset paper`) adds the
     predicted memory of the paper's setting beside Fig. 1 (c)."""
+    click.echo(f"wrote {write(results, out_dir)}")
+
+
+def write(results: list[str], out_dir: str | None = None) -> Path:
+    """Writes the report of the CSVs ``results`` (scaling, and optionally memory) into ``out_dir`` (default:
+    <first CSV without suffix>-report) and returns the path of its report.md. InputError for a CSV that
+    cannot be read or no scaling CSV."""
     scaling, memory = [], []
     for path in results:
         kind, df = load_results(path, kinds=("scaling", "memory"))
@@ -32,4 +39,4 @@ def command(results, out_dir):
     check_out_dir(out_dir)
     df = pd.concat(scaling, ignore_index=True)
     mem = pd.concat(memory, ignore_index=True) if memory else None
-    click.echo(f"wrote {write_report(df, ', '.join(Path(p).name for p in results), out_dir, mem)}")
+    return write_report(df, ', '.join(Path(p).name for p in results), out_dir, mem)

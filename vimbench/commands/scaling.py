@@ -54,7 +54,14 @@ def command(ctx, preset, **opts):
     """
     if opts["max_batch"] and opts["batch"] is not None:
         raise InputError("--max-batch finds the batch itself: drop --batch")
-    opts = o.apply_preset(ctx, preset, opts)
+    sweep(o.command_line(ctx), **o.apply_preset(ctx, preset, opts))
+
+
+def sweep(command: str, **opts) -> list[dict]:
+    """The sweep of ``vimbench scaling``: ``opts`` are the command's options by parameter name (a preset
+    applied, e.g. ``{**options.defaults(command), **PAPER_SETTING_OPTIONS}``), ``command`` the command line
+    recorded in every row. Writes the CSV (``opts["out"]``, resumed with ``opts["resume"]``) and returns the
+    rows of this run. InputError, before any row is written, for options that cannot run."""
     device, launcher = o.sweep_target(opts)
     batch = 0 if opts["max_batch"] else o.batch_for(opts["batch"], device)
     mem_limit = mem_limit_gib(opts["max_batch"], opts["mem_limit_gib"], device)
@@ -75,7 +82,7 @@ def command(ctx, preset, **opts):
                for mode in modes for compile_mode, amp in regimes for model, options in pairs for res in res_list]
     log = CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],
                       given=opts["out"] is not None)
-    fixed, backoff = {"command": o.command_line(ctx)}, opts["backoff"]
+    fixed, backoff = {"command": command}, opts["backoff"]
     # correctness gates training speed: each scan backend a Vim train row runs has its forward and its gradients
     # checked against float64 autograd of ref first (each in a worker); one that fails gets error rows, no timing
     trained_scans = sorted({c["impl"] for c in configs if c["mode"] == "train" and c["family"] == "vim"})
@@ -92,6 +99,7 @@ def command(ctx, preset, **opts):
                                    "throughput_img_s", "time_ms", "compile_s", "graph_breaks", "mem_peak_gib",
                                    "flops_total"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")
+    return rows
 
 
 def mem_limit_gib(max_batch: bool, given: float | None, device: torch.device) -> float | None:

@@ -1,12 +1,12 @@
 """The benchmark suite's protocol: device, thread count, calibrated timing, and the test-only slowdown hook.
 
-Run through ``vimbench gate``, which picks the clock (``vimbench.gate.CLOCKS``), sets the malloc thresholds
-(``vimbench.gate.SUITE_ENV``), compares with a baseline and prints milliseconds per call; or directly:
+Run through ``vimbench gate``, which picks the clock (``vimbench.gate.calibration.CLOCKS``), sets the malloc thresholds
+(``vimbench.gate.calibration.SUITE_ENV``), compares with a baseline and prints milliseconds per call; or directly:
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 \
-        pytest benchmarks --device cpu --benchmark-timer time.thread_time
+        pytest vimbench/gate/bench --rootdir vimbench/gate/bench --device cpu --benchmark-timer time.thread_time
 With ``--scan NAME`` the scan benchmarks, and ``test_vim_tiny_scan`` (the whole Vim-Ti forward), run with
 that backend alone (``vimbench gate --scan NAME``); without it the scan benchmarks run every built-in.
-Every benchmark times its workload with the ``calibrated`` fixture (``vimbench.gate.measure_calibrated``);
+Every benchmark times its workload with the ``calibrated`` fixture (``vimbench.gate.calibration.measure_calibrated``);
 pytest-benchmark's own table is per round, a round being ``extra_info['inner']`` calls (1 for workloads of
 5 ms or more on CPU, so the Vim-Ti 1248 pair compares directly there).
 """
@@ -17,11 +17,11 @@ import torch
 from pytest_benchmark.utils import load_timer
 
 from vimbench.kernels.selective_scan import SCAN_BACKENDS
-from vimbench.gate import CPU_THREADS, Calibration, default_device, measure_calibrated, suite_environment
+from vimbench.gate.calibration import CPU_THREADS, Calibration, default_device, measure_calibrated, suite_environment
 
 SLOWDOWN_ENV = "VIMBENCH_BENCH_SLOWDOWN"
 """Test-only hook: ``SUBSTRING=FACTOR`` makes every benchmark whose test name contains SUBSTRING call its
-workload FACTOR (an integer) times per call, i.e. FACTOR x slower. tests/test_gate.py sets it to plant a
+workload FACTOR (an integer) times per call, i.e. FACTOR x slower. tests/gate/test_gate.py sets it to plant a
 regression and check that the gate fails; nothing else should."""
 
 

@@ -3,7 +3,7 @@
 Steps (``build_steps``), highest priority first; each writes under one output folder:
     check    every scan backend present on CUDA (cpu, triton, mamba_ssm when it imports) against the
              sequential reference (``kernels/selective_scan/check.py``), one worker each      -> check.json
-    tests    the CUDA tests of the Triton scan (tests/kernels/test_scan_cuda.py)              -> tests.json
+    tests    the CUDA tests of the Triton scan (tests/kernels/test_scan_cuda.py; a checkout's only) -> tests.json
     paper    ``vimbench scaling --preset paper`` with the fastest scan present, and ``vimbench report``
              (the claim check)                                         -> scaling-paper.csv, report/
     floor    the card's exp2 rate and CUDA context, and ``vimbench kernels`` for the Triton scan at the
@@ -14,7 +14,7 @@ Steps (``build_steps``), highest priority first; each writes under one output fo
                                                                         -> kernels-b64-fp32.csv
     backward the Triton scan's backward at that shape, batch 64, fp32 and bf16, both designs: its gradients
              against the chunked cpu backend's (and mamba_ssm's when it imports) on the card, its time against the
-             forward's, its floor and mamba_ssm's backward (``gpucheck.run_backward``)   -> backward.json
+             forward's, its floor and mamba_ssm's backward (``checks.run_backward``)   -> backward.json
     kernels  the wider kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248 (5 points), batch 1 fp32 and
              batch 64 fp32/bf16, every scan and attention backend (the floor step's rows are resumed)
                                                                         -> kernels-*.csv
@@ -49,28 +49,28 @@ WHY 420 s DELIVERS STEPS 1-3 on an H100/H200 (triton and cpu present; ``estimate
     the vim_tiny forward); paper 171 s (15 configurations: 45 s of workers and 91 s of forwards, DeiT-Ti
     eager 52 s of them, 30 s at 1248 alone, DeiT-Ti sdpa 29 s, Vim-Ti 9 s; 10 s start, 25 s for the report
     with its figures); floor 35 s (the exp2 rate 5 s, start 10 s, the triton check 8 s, 3 ops at 4 s).
-    Total 368 s + ``WRAP_UP_S`` 10 s for the summary and the archive = 378 s, leaving 42 s (10%) for what
-    the model leaves out (the designs step, ~25 s, runs when a budget leaves room for it): Vim's elementwise passes (~0.2 s per forward at 1248, batch 64: ~13 s over the
-    paper's resolutions) and planning in the parent (the FLOP counts, a few seconds). With mamba_ssm
-    present its check adds 8 s (and 60 s no longer fits the check step). The tests check the plans for 60,
-    420 and 3600 s (check only; steps 1-3; everything). Each run records every step's actual seconds beside
+    Total 368 s + ``run.WRAP_UP_S`` 10 s for the summary and the archive = 378 s, leaving 42 s (10%) for what
+    the model leaves out (the designs step, ~25 s, runs when a budget leaves room for it): Vim's elementwise
+    passes (~0.2 s per forward at 1248, batch 64: ~13 s over the paper's resolutions) and planning in the
+    parent (the FLOP counts, a few seconds). With mamba_ssm present its check adds 8 s (and 60 s no longer
+    fits the check step). The tests check the plans for 60, 420 and 3600 s (check only; steps 1-3;
+    everything). Each run records every step's actual seconds beside
     its estimate (steps.jsonl and the summary), so the constants can be corrected from data.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
-import json
-import signal
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vimbench import gpucheck
+import click
+
 from vimbench.analysis.paper import PAPER_SETTING_OPTIONS
-from vimbench.gpucheck import FLOOR, with_resume
+from vimbench.errors import InputError
+from vimbench.gpucheck import checks
+from vimbench.gpucheck.checks import FLOOR
 from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
 from vimbench.measure.model import DEFAULT_TIMING
 
@@ -79,33 +79,66 @@ COST = dict(worker_s=3.0, op_s=1.0, step_s=10.0, compile_s=1.5, check_other_s=8.
 """The cost model's constants: seconds, FLOP/s (2 FLOPs per multiply-add) and bytes/s; see the docstring."""
 FORWARDS = DEFAULT_TIMING["cuda"]["warmup"] + DEFAULT_TIMING["cuda"]["repeats"]
 """Forwards per scaling configuration on a GPU: warmup + timed (25)."""
-WRAP_UP_S = 10.0
-"""Budget kept back for writing the summary and the archive."""
 RES = "224,512,738,1024,1248"
+
+
+Call = tuple[str, dict]
+"""A vimbench command a step calls: (its name, its options by parameter name)."""
 
 
 @dataclass
 class Step:
-    """One step: ``run(cli)`` does the work (``cli(argv) -> exit code`` runs a vimbench command line) and
-    returns the failures (empty: all went well). ``argvs``: the vimbench command lines it runs, if any.
-    A ``correctness`` step's failure stops every later timing."""
+    """One step: ``run()`` does the work and returns the failures (empty: all went well). ``calls``: the
+    vimbench commands it calls, if any (``call``). A ``correctness`` step's failure stops every later timing."""
     name: str
     what: str
     estimate_s: float
-    run: Callable[[Callable[[list[str]], int]], list[str]]
+    run: Callable[[], list[str]]
     correctness: bool = False
-    argvs: tuple[list[str], ...] = ()
+    calls: tuple[Call, ...] = ()
 
 
-def cli_step(name: str, what: str, estimate_s: float, *argvs: list[str],
-             before: Callable[[], list[str]] = list) -> Step:
-    """A step that runs ``before()`` and then the vimbench command lines ``argvs`` (sweeps resumed when their
-    CSV has rows); its failures are before's and each command line with a non-zero exit code."""
-    def run(cli):
+def started(csv: str) -> bool:
+    """Whether the sweep CSV ``csv`` has rows already: a step cut short is then resumed, not restarted."""
+    path = Path(csv)
+    return path.exists() and path.stat().st_size > 0
+
+
+def call(name: str, options: dict, command: str) -> int:
+    """Runs the vimbench command ``name`` (scaling, kernels, report or plot) through the function under it, with
+    ``options`` by parameter name. A sweep starts from the command's defaults, resumes its CSV when it has
+    rows (``started``) and records ``command`` in its rows. Returns the exit code the command would give; 2,
+    with the reason on stderr, for bad input."""
+    from vimbench.commands import kernels, options as o, plot, report, scaling
+    sweeps = {"scaling": scaling, "kernels": kernels}
+    try:
+        if name in sweeps:
+            module = sweeps[name]
+            opts = {**o.defaults(module.command), **options, "resume": started(options["out"])}
+            code = module.sweep(command, **opts)
+            return code if name == "kernels" else 0  # scaling returns its rows; kernels 1 after a failed check
+        {"report": report.write, "plot": plot.draw}[name](**options)
+        return 0
+    except InputError as e:
+        click.echo(f"vimbench {name}: error: {e}", err=True)
+        return 2
+
+
+def _label(options: dict) -> str:
+    """The file a call writes (a sweep) or reads (report, plot), by name."""
+    target = options.get("out") or options["results"]
+    return Path(target if isinstance(target, str) else target[0]).name
+
+
+def command_step(name: str, what: str, estimate_s: float, *calls: Call, command: str,
+                 before: Callable[[], list[str]] = list) -> Step:
+    """A step that runs ``before()`` and then the vimbench commands ``calls`` (``call``); its failures are
+    before's and each call with a non-zero exit code."""
+    def run():
         failures = before()
-        codes = [(a, cli(with_resume(a))) for a in argvs]
-        return failures + [f"vimbench {' '.join(a)}: exit code {code}" for a, code in codes if code != 0]
-    return Step(name, what, estimate_s, run, argvs=argvs)
+        codes = [(n, opts, call(n, opts, command)) for n, opts in calls]
+        return failures + [f"vimbench {n} ({_label(opts)}): exit code {code}" for n, opts, code in codes if code != 0]
+    return Step(name, what, estimate_s, run, calls=calls)
 
 
 def scan_backends_present() -> list[str]:
@@ -122,7 +155,7 @@ def check_estimate(backend: str) -> float:
 
 
 def backward_estimate(present: list[str]) -> float:
-    """Seconds of the backward step (``gpucheck.run_backward``; see COST)."""
+    """Seconds of the backward step (``checks.run_backward``; see COST)."""
     per_dtype = (COST["worker_s"] + COST["exp2_s"] + COST["check_other_s"] + 2 * len(TRITON_DESIGNS) * COST["compile_s"]
                  + (2 * len(TRITON_DESIGNS) + 2 * ("mamba_ssm" in present)) * COST["op_s"])
     return COST["step_s"] + 2 * per_dtype
@@ -174,27 +207,28 @@ def op_configs_count(n_res: int, vim: tuple[int, int] = (0, 0), deit: tuple[int,
     return n_res * (vim[0] * vim[1] * ops["vim"] + deit[0] * deit[1] * ops["deit"])
 
 
-def build_steps(out: Path, present: list[str] | None = None) -> list[Step]:
-    """Every step of the check, highest priority first, writing under ``out``."""
+def build_steps(out: Path, present: list[str] | None = None, command: str = "vimbench gpu-check") -> list[Step]:
+    """Every step of the check, highest priority first, writing under ``out``; ``command`` (the gpu-check
+    command line) is recorded in the rows of its sweeps."""
     present = scan_backends_present() if present is None else present
     fast = fastest_scan(present)
     attn = "eager,sdpa,efficient,cudnn"
 
-    def kernels_argv(csv, *args):
-        return ["kernels", *args, "--out", str(out / csv)]
+    def kernels_call(csv, **options):
+        return "kernels", {**options, "out": str(out / csv)}
 
     designs = ",".join(TRITON_DESIGNS)   # both Triton scan designs, compared in the summary
 
     def at_floor_shape(scan):  # the Vim-Ti 1248 shape, batch 64, fp32
-        return kernels_argv("kernels-b64-fp32.csv", "--models", FLOOR["model"], "--scan", scan,
-                            "--res", str(FLOOR["res"]), "--batch", str(FLOOR["batch"]), "--dtype", FLOOR["dtype"])
-    paper_csv = out / "scaling-paper.csv"
-    wide = [kernels_argv("kernels-b1-fp32.csv", "--models", "vim_tiny,vim_small,vim_base,deit_tiny",
-                         "--scan", ",".join(present), "--attn", attn, "--res", RES, "--batch", "1", "--dtype", "fp32"),
-            kernels_argv("kernels-ref.csv", "--models", "vim_tiny", "--scan", "ref", "--res", "224", "--batch", "1"),
-            *(kernels_argv(f"kernels-b64-{dtype}.csv", "--models", "vim_tiny,deit_tiny", "--scan", designs,
-                           "--attn", attn + (",flash" if dtype != "fp32" else ""), "--res", RES, "--batch", "64",
-                           "--dtype", dtype) for dtype in ("fp32", "bf16"))]
+        return kernels_call("kernels-b64-fp32.csv", models_spec=FLOOR["model"], scan_spec=scan,
+                            res_spec=str(FLOOR["res"]), batch=FLOOR["batch"], dtype=FLOOR["dtype"])
+    paper_csv = str(out / "scaling-paper.csv")
+    wide = [kernels_call("kernels-b1-fp32.csv", models_spec="vim_tiny,vim_small,vim_base,deit_tiny",
+                         scan_spec=",".join(present), attn_spec=attn, res_spec=RES, batch=1, dtype="fp32"),
+            kernels_call("kernels-ref.csv", models_spec="vim_tiny", scan_spec="ref", res_spec="224", batch=1),
+            *(kernels_call(f"kernels-b64-{dtype}.csv", models_spec="vim_tiny,deit_tiny", scan_spec=designs,
+                           attn_spec=attn + (",flash" if dtype != "fp32" else ""), res_spec=RES, batch=64,
+                           dtype=dtype) for dtype in ("fp32", "bf16"))]
     n_res, n_floor = len(RES.split(",")), op_configs_count(1, vim=(1, 1))
     wide_estimate = (kernels_estimate(op_configs_count(n_res, vim=(3, len(present)), deit=(1, 4)), len(present))
                      + kernels_estimate(op_configs_count(1, vim=(1, 1)), 0)
@@ -202,135 +236,30 @@ def build_steps(out: Path, present: list[str] | None = None) -> list[Step]:
                                         - len(TRITON_DESIGNS) * n_floor, 1)
                      + kernels_estimate(op_configs_count(n_res, vim=(1, len(TRITON_DESIGNS)), deit=(1, 5)), 1))
 
-    def figures(cli):
+    def figures():
         return [f"vimbench plot {csv.name}: failed" for csv in sorted(out.glob("kernels-*.csv"))
-                if cli(["plot", str(csv), "--out-dir", str(out / "figures")]) != 0]
+                if call("plot", dict(results=str(csv), out_dir=str(out / "figures")), command) != 0]
 
+    tests = checks.cuda_tests()
     return [
         # the preflight (vimbench.measure.preflight: does the card work at all?) runs before these, in the command
         Step("check", f"scan backends {', '.join(present)} against the reference on CUDA",
-             sum(map(check_estimate, present)), lambda cli: gpucheck.run_checks(out, present), correctness=True),
-        Step("tests", "CUDA tests of the Triton scan (tests/kernels/test_scan_cuda.py)",
-             COST["tests_s"], lambda cli: gpucheck.run_tests(out), correctness=True),
-        cli_step("paper", f"scaling --preset paper --scan {fast}, and its report (claim check)",
-                 COST["step_s"] + COST["report_s"]
-                 + scaling_estimate(paper_pairs(fast), *paper_res_batch()),
-                 ["scaling", "--preset", "paper", "--scan", fast, "--out", str(paper_csv)],
-                 ["report", str(paper_csv), "--out-dir", str(out / "report")]),
-        cli_step("floor", "Triton scan against its floor at vim_tiny 1248 px (L = 6085), batch 64, fp32",
-                 COST["exp2_s"] + kernels_estimate(n_floor, 1), at_floor_shape("triton"),
-                 before=lambda: gpucheck.record_facts(out)),
-        cli_step("designs", "the second Triton scan design (triton_pipelined) at the same shape, to compare",
-                 kernels_estimate(n_floor, 1), at_floor_shape("triton_pipelined")),
+             sum(map(check_estimate, present)), lambda: checks.run_checks(out, present), correctness=True),
+        *([Step("tests", "CUDA tests of the Triton scan (tests/kernels/test_scan_cuda.py)",
+                COST["tests_s"], lambda: checks.run_tests(out, tests), correctness=True)] if tests else []),
+        command_step("paper", f"scaling --preset paper --scan {fast}, and its report (claim check)",
+                     COST["step_s"] + COST["report_s"] + scaling_estimate(paper_pairs(fast), *paper_res_batch()),
+                     ("scaling", {**PAPER_SETTING_OPTIONS, "scan_spec": fast, "out": paper_csv}),
+                     ("report", {"results": [paper_csv], "out_dir": str(out / "report")}), command=command),
+        command_step("floor", "Triton scan against its floor at vim_tiny 1248 px (L = 6085), batch 64, fp32",
+                     COST["exp2_s"] + kernels_estimate(n_floor, 1), at_floor_shape("triton"), command=command,
+                     before=lambda: checks.record_facts(out)),
+        command_step("designs", "the second Triton scan design (triton_pipelined) at the same shape, to compare",
+                     kernels_estimate(n_floor, 1), at_floor_shape("triton_pipelined"), command=command),
         Step("backward", "the Triton scan's backward at vim_tiny 1248 px, batch 64, fp32 and bf16: gradients, "
              "time against the forward, its floor and mamba_ssm's backward", backward_estimate(present),
-             lambda cli: gpucheck.run_backward(out, present)),
-        cli_step("kernels", "kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248, batch 1 and 64, fp32 and "
-                 "bf16", wide_estimate, *wide),
+             lambda: checks.run_backward(out, present)),
+        command_step("kernels", "kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248, batch 1 and 64, fp32 "
+                     "and bf16", wide_estimate, *wide, command=command),
         Step("figures", "figures of the kernel sweeps (vimbench plot)", 4 * COST["plot_s"], figures),
     ]
-
-
-def plan(steps: list[Step], budget_s: float | None) -> tuple[list[Step], list[Step]]:
-    """(steps to run, steps left out): the longest prefix of ``steps`` (priority order) whose estimates,
-    plus ``WRAP_UP_S``, fit ``budget_s`` (None: no budget, all of them)."""
-    total = WRAP_UP_S
-    for i, step in enumerate(steps):
-        total += step.estimate_s
-        if budget_s is not None and total > budget_s:
-            return steps[:i], steps[i:]
-    return list(steps), []
-
-
-class BudgetSpent(BaseException):
-    """The budget ran out while a step was running (raised by the SIGALRM handler of ``deadline``)."""
-
-
-class Terminated(BaseException):
-    """The process got SIGTERM (raised by the handler ``sigterm_raises`` installs)."""
-
-
-@contextmanager
-def deadline(seconds: float | None):
-    """Raises ``BudgetSpent`` in the main thread after ``seconds`` (None: never); restores the old handler."""
-    def on_alarm(signum, frame):
-        raise BudgetSpent()
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    if seconds is not None:
-        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-@contextmanager
-def sigterm_raises():
-    """Within the block SIGTERM raises ``Terminated``, so that clean-up in ``finally`` (summary, archive) runs."""
-    def on_term(signum, frame):
-        raise Terminated()
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def run_steps(steps: list[Step], budget_s: float | None, cli: Callable[[list[str]], int], log: Path,
-              echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-              start: float | None = None) -> list[dict]:
-    """Runs ``steps`` in order within ``budget_s`` seconds (None: no limit) and returns one record per step:
-    name, what, estimate_s, actual_s (None if it did not start), status (ok, failed, skipped, no budget,
-    cut short: budget spent, interrupted) and failures. Appends each record to ``log`` (JSON lines, with
-    the run's start time) as the step ends. The budget counts from ``start`` (a ``clock()`` reading;
-    default: now).
-
-    After a failed correctness step, every later step that is not one is ``skipped``. Otherwise a step
-    starts only while its estimate fits the time left (less ``WRAP_UP_S``); the first that does not fit and
-    every one after it get status ``no budget``. When the budget runs out mid-step, the step is stopped
-    (``cut short``; its CSV is resumed by the next run); KeyboardInterrupt or SIGTERM stop the run
-    (``interrupted``) and re-raise after the record is written."""
-    start, run_id = clock() if start is None else start, time.strftime("%Y-%m-%dT%H:%M:%S")
-    records = [dict(name=s.name, what=s.what, estimate_s=round(s.estimate_s, 1), actual_s=None, status="no budget",
-                    failures=[]) for s in steps]
-    correct = True
-
-    def write(rec):
-        with open(log, "a") as f:
-            f.write(json.dumps({"run": run_id, "budget_s": budget_s, **rec}) + "\n")
-
-    for step, rec in zip(steps, records):
-        if not correct and not step.correctness:
-            rec["status"] = "skipped"
-            rec["failures"] = ["kernels failed their correctness checks: no timing taken"]
-            write(rec)
-            continue
-        left = None if budget_s is None else budget_s - (clock() - start) - WRAP_UP_S
-        if left is not None and step.estimate_s > left:
-            echo(f"== {step.name}: not started, estimate {step.estimate_s:.0f} s > {max(left, 0):.0f} s left")
-            break
-        echo(f"== {step.name} (estimate {step.estimate_s:.0f} s): {step.what}")
-        began = clock()
-        try:
-            with deadline(left):
-                rec["failures"] = step.run(cli)
-            rec["status"] = "failed" if rec["failures"] else "ok"
-        except BudgetSpent:
-            rec["status"] = "cut short: budget spent"
-        except (KeyboardInterrupt, Terminated):
-            rec["status"] = "interrupted"
-            raise
-        finally:
-            rec["actual_s"] = round(clock() - began, 1)
-            write(rec)
-        if step.correctness and rec["status"] != "ok":
-            correct = False
-        if rec["status"].startswith("cut short"):
-            break
-    for rec in records:
-        if rec["status"] == "no budget":
-            write(rec)
-    return records

@@ -1,0 +1,180 @@
+"""Running the benchmark suite (``bench/``) in a subprocess and reading its ratios; recording several runs;
+checking one run against a baseline with confirming re-runs."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vimbench.errors import BackendUnavailable, InputError
+from vimbench.gate.calibration import CLOCKS, SUITE_ENV
+from vimbench.gate.store import REPO_ROOT
+from vimbench.gate.thresholds import TimingComparison, compare_timing
+
+SUITE_DIR = Path(__file__).resolve().parent / "bench"
+"""The pytest-benchmark suite, shipped inside the package: an installed vimbench and a plug-in are all that
+``vimbench gate --scan NAME`` needs."""
+MIN_BASELINE_RUNS = 4
+DEFAULT_BASELINE_RUNS = 10
+COTENANT_SOURCE = """
+import torch
+torch.set_num_threads(1)
+a, x = torch.randn(1024, 1024), torch.randn(32 * 2**20)
+y = torch.empty_like(x)
+while True:
+    for _ in range(5):
+        a @ a
+    torch.add(x, 1.0, out=y)
+"""
+"""The synthetic co-tenant: one thread alternating five 1024^2 float32 matmuls and an add over 128 MiB, like
+another engineer's tests on the same machine."""
+CONFIRM_ATTEMPTS = 2
+"""Benchmarks over their threshold are run again, alone, up to this many times; each keeps its fastest
+attempt, so it fails only when every attempt is over. A real slowdown persists; a neighbour's burst rarely
+lasts through all attempts."""
+
+SCAN_SUITE = ("test_bench_scan.py", "test_bench_models.py::test_vim_tiny_scan")
+"""The benchmarks of one scan backend's gate (the suite run with ``--scan NAME``)."""
+
+
+def timed_scans(device: str, scan: str | None) -> list[str]:
+    """The scan backends the suite times on ``device``: ``scan`` alone for one backend's gate; else every
+    built-in that can run there (triton on CUDA only: the interpreter is not a benchmark)."""
+    from vimbench.kernels.selective_scan import SCAN_BACKENDS, check_scan_backend
+    if scan:
+        return [scan]
+    out = []
+    for name in SCAN_BACKENDS:
+        try:
+            check_scan_backend(name, device)
+        except BackendUnavailable:
+            continue
+        if name != "triton" or device == "cuda":
+            out.append(name)
+    return out
+
+
+def excluded_terms(failed: list[str], device: str) -> list[str]:
+    """pytest -k terms naming the benchmarks of the scan backends in ``failed``: their scan benchmarks
+    ('[name]'), and the default Vim-Ti forward when ``auto`` runs one of them on ``device``."""
+    from vimbench.kernels.selective_scan import resolve_scan_backend
+    terms = [f"[{name}]" for name in failed]
+    if resolve_scan_backend("auto", device) in failed:
+        terms.append("test_model[vim_tiny]")
+    return terms
+
+
+def run_ratios(bench_json: dict) -> dict[str, dict]:
+    """{'<file>::<test>': {'ratios': {reference: ratio}, 'seconds', 'rounds'}} from one pytest-benchmark
+    JSON of the suite: each ratio is the median over rounds of (seconds per call) / (that round's
+    reference seconds); 'seconds' is the median seconds per call."""
+    out = {}
+    for bench in bench_json["benchmarks"]:
+        info = bench["extra_info"]
+        per_call = [t / info["inner"] for t in bench["stats"]["data"]]
+        refs = {"matmul": info["calibration_matmul_s"], "memory": info["calibration_memory_s"]}
+        refs["geomean"] = [math.sqrt(m * s) for m, s in zip(refs["matmul"], refs["memory"])]
+        ratios = {name: statistics.median(t / c for t, c in zip(per_call, ref)) for name, ref in refs.items()}
+        out[bench["fullname"]] = {"ratios": ratios, "seconds": statistics.median(per_call), "rounds": len(per_call)}
+    return out
+
+
+def run_suite(device: str, select: str | None, log=print, tests: list[str] | None = None, scan: str | None = None,
+              exclude: list[str] = (), base: Path | None = None,
+              env: dict | None = None) -> tuple[dict[str, dict], dict]:
+    """Runs the benchmark suite once in a subprocess on ``device`` ('cpu' | 'cuda'), restricted to the
+    pytest ``-k`` expression ``select``, to the benchmarks named in ``tests`` ('<file>::<test>') if
+    given, and without those matching a -k term in ``exclude``; with ``scan``, the ``SCAN_SUITE`` of that
+    backend. With ``base`` (an ``install_base`` folder) the suite and the package of that revision run
+    instead of this checkout's. ``env``: extra environment variables of the suite's process. Returns
+    (``run_ratios`` of it, the run's environment). InputError when nothing matches ``select`` or
+    pytest-benchmark is not installed; RuntimeError (with pytest's output) when a benchmark fails."""
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        raise InputError("the timing gate runs its suite with pytest-benchmark: pip install 'vimbench[gate]'")
+    suite_dir, env = SUITE_DIR, {**SUITE_ENV, **(env or {})}
+    if base is not None:  # the base's package first on the path; the suite's process runs in a temporary folder
+        suite_dir, env["PYTHONPATH"] = base / "benchmarks", str(base / "site")
+    elif REPO_ROOT is not None:  # this checkout's package, installed or not
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        out_json = Path(tmp) / "bench.json"
+        paths = [str(suite_dir / t) for t in tests or (SCAN_SUITE if scan else [""])]
+        cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider", f"--rootdir={suite_dir}",
+               f"--device={device}", f"--benchmark-timer={CLOCKS[device]}", "--benchmark-disable-gc",
+               f"--benchmark-json={out_json}", "--benchmark-columns=median,iqr,rounds"]
+        if scan:
+            cmd += [f"--scan={scan}"]
+        terms = ([f"({select})"] if select else []) + [f"not {t}" for t in exclude]
+        if terms:
+            cmd += ["-k", " and ".join(terms)]
+        start = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, **env})
+        if proc.returncode == 5:
+            raise InputError(f"no benchmark matches -k {select!r}" if select else "the benchmark suite is empty")
+        if proc.returncode != 0:
+            raise RuntimeError(f"the benchmark suite failed (pytest exit {proc.returncode}):\n"
+                               f"{(proc.stdout + proc.stderr)[-6000:]}")
+        bench_json = json.loads(out_json.read_text())
+    ratios = run_ratios(bench_json)
+    log(f"  ran {len(ratios)} benchmarks in {time.monotonic() - start:.0f} s")
+    return ratios, bench_json["vimbench_environment"]
+
+
+@contextlib.contextmanager
+def cotenant():
+    """Runs ``COTENANT_SOURCE`` in a separate process for the duration of the block."""
+    proc = subprocess.Popen([sys.executable, "-c", COTENANT_SOURCE], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def record_runs(device: str, select: str | None, runs: int, log=print,
+                scan: str | None = None) -> list[tuple[dict[str, dict], dict]]:
+    """``runs`` results of ``run_suite`` (``scan`` as there); the odd-numbered runs (2nd, 4th, ...) beside
+    ``cotenant()``."""
+    results = []
+    for i in range(runs):
+        beside = i % 2 == 1
+        log(f"run {i + 1}/{runs} on {device}{' beside a co-tenant process' if beside else ''}")
+        with cotenant() if beside else contextlib.nullcontext():
+            results.append(run_suite(device, select, log, scan=scan))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing baselines and comparison
+def check_timing(baseline: dict, device: str, select: str | None, log=print, scan: str | None = None,
+                 exclude: list[str] = ()) -> tuple[TimingComparison, dict]:
+    """Runs the suite (``select``, ``scan`` and ``exclude`` as in ``run_suite``), compares with ``baseline``
+    (``compare_timing``), re-runs what is over its threshold (``CONFIRM_ATTEMPTS``). Returns the comparison,
+    each row with 'attempts', and the environment of the first run."""
+    now, env = run_suite(device, select, log, scan=scan, exclude=exclude)
+    attempts = dict.fromkeys(now, 1)
+    result = compare_timing(baseline, now, complete=select is None, exclude=exclude)
+    for i in range(CONFIRM_ATTEMPTS):
+        slower = [row["benchmark"] for row in result.rows if row["status"] == "SLOWER"]
+        if not slower:
+            break
+        log(f"  confirming {len(slower)} benchmark(s) over their threshold (attempt {i + 2})")
+        again, _ = run_suite(device, None, log, tests=slower, scan=scan)
+        for name in slower:
+            attempts[name] += 1
+            ref = baseline["benchmarks"][name]["reference"]
+            if again[name]["ratios"][ref] < now[name]["ratios"][ref]:
+                now[name] = again[name]
+        result = compare_timing(baseline, now, complete=select is None, exclude=exclude)
+    for row in result.rows:
+        row["attempts"] = attempts.get(row["benchmark"], 0)
+    return result, env
