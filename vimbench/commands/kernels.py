@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents, matched_times
+from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents, kernel_floors, matched_times
 from vimbench.commands import options as o
 from vimbench.errors import InputError
 from vimbench.kernels.selective_scan.backends import forward_only
@@ -20,7 +20,7 @@ from vimbench.rows.writer import CsvLog
 
 
 def summary(path) -> str:
-    """Exponents and crossovers of every setting in the kernel CSV at ``path``."""
+    """Exponents, crossovers and distances from the floor of every setting in the kernel CSV at ``path``."""
     _, df = load_results(path, kinds=("kernels",))
     blocks = []
     for s in split_settings("kernels", df):
@@ -31,6 +31,13 @@ def summary(path) -> str:
         blocks += [f"{title}: crossovers (the length from which the Vim op stays faster / lighter)",
                    format_table(rows, ["vim", "attention", "faster_from", "lighter_from"]) if rows
                    else "no Vim op and attention op measured at common lengths"]
+        floors = kernel_floors(s)
+        if floors:
+            capability = s.rows["cpu_capability"].dropna().unique() if "cpu_capability" in s.rows else []
+            blocks += [f"{title}: each backend against its floor at its longest sequence (the largest lower bound "
+                       f"from the measured matmul rate, copy bandwidth and exp rate"
+                       + (f"; CPU capability {'/'.join(map(str, capability))}" if len(capability) else "") + ")",
+                       format_table(floors, ["op", "impl", "tokens", "time_ms", "floor_ms", "floor_kind", "x_floor"])]
         matched = matched_times(s)
         if s.key.get("mode") == "train" and matched:
             blocks += [f"{title}: forward + backward at matched lengths (ms; ratio below 1: the Vim op is faster)",
@@ -120,7 +127,7 @@ def command(ctx, **opts):
                                  f"{o.regime_label(cfg)}", launcher)
     click.echo(format_table(rows, ["op", "impl", "kernel", "mode", "compile", "amp", "model", "tokens", "status", "time_ms",
                                    "compile_s", "graph_breaks", "mem_peak_gib", "gflops_s", "gbs", "frac_peak_flops",
-                                   "frac_peak_bw"]))
+                                   "frac_peak_bw", "frac_floor"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")
     if failed:
         click.echo(f"kernels: no timing for {', '.join(failed)}: {'; '.join(failed.values())}", err=True)
