@@ -14,7 +14,7 @@ from vimbench.commands.kernels import summary
 from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.rows.schema import KERNELS
 from vimbench.measure.launchers import Plain, Submitit
-from vimbench.measure.ops import OPS, Geometry, floor, model_geometry, op_cost, op_exps
+from vimbench.measure.ops import OPS, Geometry, exp_ceiling, floor, model_geometry, op_cost, op_exps
 from vimbench.rows.reader import load_results, split_settings
 
 AUTO = resolve_scan_backend("auto", "cpu")  # cpp where it builds, else the chunked cpu scan
@@ -157,8 +157,8 @@ def test_cli_records_each_rows_floor(tiny_csv):
     assert df.ceiling_exp_s.nunique() == 1 and (df.ceiling_exp_s > 1e6).all()
     directions = df.op.map({"scan": 1, "scan_bidir": 2, "mixer_vim": 2}).fillna(0)
     assert (df.exps == directions * df.batch * df.d_inner.fillna(0) * df.tokens * df.d_state.fillna(0)).all()
-    bounds = pd.DataFrame({"flops": df.flops_total / df.ceiling_gflops_s / 1e6, "bytes": df.bytes / df.ceiling_gbs / 1e6,
-                           "exp": df.exps / df.ceiling_exp_s * 1e3})
+    bounds = pd.DataFrame({"flops": df.flops_total / df.ceiling_gflops_s / 1e6,
+                           "bytes": df.bytes / df.ceiling_gbs / 1e6, "exp": df.exps / df.ceiling_exp_s * 1e3})
     assert ((df.floor_ms - bounds.max(axis=1)).abs() <= 1e-9 * df.floor_ms).all()
     assert (df.floor_kind == bounds.idxmax(axis=1)).all()
     assert ((df.frac_floor - df.floor_ms / df.time_ms).abs() <= 1e-9 * df.frac_floor).all()
@@ -172,6 +172,11 @@ def test_floor_is_the_largest_bound_and_needs_a_ceiling():
                                                                      "frac_floor": 0.25}  # flops not under amp
     assert floor({**row, "ceiling_gflops_s": None, "ceiling_gbs": None, "ceiling_exp_s": None}) == {}
     assert op_exps("scan_bidir", VIM, "train") == 4 * b * 384 * L * 16 and op_exps("attention", DEIT, "infer") == 0
+
+
+def test_without_the_compiled_kernels_the_exp_rate_is_missing_with_why(monkeypatch):
+    monkeypatch.setattr(compiled_cpu, "available", lambda: (False, "no C++ compiler"))
+    assert exp_ceiling() == {"cpu_capability": compiled_cpu.cpu_capability(), "exp_missing": "no C++ compiler"}
 
 
 def test_csv_without_floors_loads_and_summarises(tiny_csv, tmp_path):

@@ -72,9 +72,12 @@ def command(ctx, **opts):
     wrong gradients gets error rows for train and no timing).
 
     One CSV row per (op, backend, model, resolution), each measured in its own worker; prints a table,
-    the fitted exponents in tokens and the crossovers. The scan backends' correctness checks and the
-    device's ceilings run first, as one job where the configurations run (--device and --launcher as for
-    `vimbench scaling`).
+    the fitted exponents in tokens, the crossovers and each backend against its floor (the largest lower
+    bound on its time from the measured matmul rate, copy bandwidth and, on CPU, the compiled scan's exp
+    rate; frac_floor in the CSV). The scan backends' correctness checks and the device's ceilings (on CPU with
+    its capability and exp rate) run first, as one job where the configurations run (--device and --launcher
+    as for `vimbench scaling`). Peers (mambapy's scans, `pip install 'vimbench[peers]'`) are scan backends
+    like ours: --scan cpp,mambapy_seq,mambapy_pscan.
     """
     device, launcher = o.sweep_target(opts)
     batch = o.batch_for(opts["batch"], device)

@@ -54,8 +54,9 @@ built, in ``dtype`` (inside a model they receive the half-precision outputs of t
 scan's state exp (exp/s, ``compiled_cpu.exp_floor_rate``) over the run's threads.
 Floor (``floor``): the largest lower bound on a row's time that its measured ceilings give: flops_total at the
 matmul rate (not under amp: that rate is measured in dtype), bytes at the copy bandwidth, and for the ops that
-run selective scans the exps they need (``op_exps``) at the exp rate; frac_floor = floor_ms / time_ms. ``preamble`` runs it and the scan backends' correctness checks
-(``check_scans``) as one job where the configurations run (on Slurm a node, not the login node).
+run selective scans the exps they need (``op_exps``) at the exp rate; frac_floor = floor_ms / time_ms.
+``preamble`` runs the ceilings and the scan backends' correctness checks (``check_scans``) as one job where
+the configurations run (on Slurm a node, not the login node).
 """
 from __future__ import annotations
 
@@ -344,7 +345,8 @@ def measure_ceilings(cfg: dict) -> dict:
     ceiling_gbs = 2 * nbytes / time of copying a ``copy_bytes`` tensor (one read, one write);
     ceiling_gflops_s = 2 n^3 / time of an n x n matmul in the run's dtype (``CEILING_SIZES``).
     Both from the p10 time, not the median: other work on the host only ever slows a run down, and a
-    ceiling is the best rate the device sustains."""
+    ceiling is the best rate the device sustains. On CPU also ``exp_ceiling``'s cpu_capability and
+    ceiling_exp_s (or exp_missing)."""
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
     setup_worker(device, cfg["threads"])
     size = CEILING_SIZES[device.type]
