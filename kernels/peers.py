@@ -14,9 +14,9 @@ What mambapy does not do is done here in torch around its call (``_mambapy_scan`
 before it (``ref.prepare_delta``), the silu(z) gate after it, D = 0 when absent, groups G > 1 by one call per
 group of E/G channels with that group's B and C; inputs in float32 (mambapy's loop keeps its state in
 float32), the output cast to u's dtype. mambapy reads (b, L, channels) inputs; ours, (b, E, L) and (b, N, L),
-go in as transposed views, not copies. mambapy returns no state: with ``return_last_state`` the last state
-comes from one more call at N times the batch, with C the n-th unit vector in batch block n and D = 0
-(y_{L-1} is then h_{L-1}[..., n]); no timed call asks for it.
+go in as transposed views, not copies. mambapy returns no state, and vimbench's scan op asks every backend
+for the last state (timed calls included): it is computed here in closed form (``_last_state``: one more
+(b, L, E, N) exp and a contraction over L), which adds to the peers' times (measured: see the report of #28).
 Backward (``_mambapy_backward``): autograd through mambapy's own code (the loop; ``PScan.backward`` for
 pscan), the forward recomputed with grad enabled, in a fresh thread (see there). mambapy's pscan is an old-style
 ``autograd.Function``, which ``torch.func`` transforms refuse, so this uses ``torch.autograd.grad`` rather than
@@ -82,15 +82,19 @@ def _mambapy_scan(method: str, u, delta, A, B, C, D=None, z=None, delta_bias=Non
         Bt, Ct = Bg[:, g].transpose(1, 2), Cg[:, g].transpose(1, 2)                # (b, L, N)
         ys.append(scan(block, x[..., ch], dt[..., ch], Af[ch], Bt, Ct, Df[ch]))    # (b, L, E/G)
         if return_last_state:
-            unit = torch.eye(N, dtype=f32, device=u.device).repeat_interleave(b, 0)  # (N b, N)
-            y = scan(block, x[..., ch].repeat(N, 1, 1), dt[..., ch].repeat(N, 1, 1), Af[ch], Bt.repeat(N, 1, 1),
-                     unit[:, None].expand(N * b, L, N), torch.zeros_like(Df[ch]))
-            lasts.append(y[:, -1].reshape(N, b, width).permute(1, 2, 0))          # (b, E/G, N)
+            lasts.append(_last_state(x[..., ch], dt[..., ch], Af[ch], Bt))
     y = torch.cat(ys, dim=-1).transpose(1, 2)                                      # (b, E, L)
     if z is not None:
         y = y * F.silu(z.to(f32))
     out = y.to(u.dtype)
     return (out, torch.cat(lasts, dim=1)) if return_last_state else out
+
+
+def _last_state(x, dt, A, B):
+    """h_{L-1} (b, E, N) of the recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t in closed form:
+    sum_t exp(A * (dt_{t+1} + ... + dt_{L-1})) dt_t x_t B_t. x, dt (b, L, E); A (E, N); B (b, L, N); float32."""
+    later = dt.flip(1).cumsum(1).flip(1) - dt                                      # (b, L, E)
+    return torch.einsum("blen,ble,bln->ben", torch.exp(later[..., None] * A), dt * x, B)
 
 
 def _mambapy_grads(method: str, inputs: tuple, delta_softplus: bool, dout) -> tuple:
