@@ -2,10 +2,10 @@
 own ``vimbench.scan_backends`` entry point (``register``), so that they are checked against ``ref`` and timed
 beside ours in ``kernels`` and ``scaling`` like any plug-in.
 
-    mambapy_seq    mambapy's ``MambaBlock.selective_scan_seq``: exp(delta A) and delta B u built as (b, L, E, N)
+    mambapy_seq    mambapy's MambaBlock.selective_scan_seq: exp(delta A) and delta B u built as (b, L, E, N)
                    tensors, a Python loop over L of h = exp(delta_t A) h + delta_t B_t u_t, the states stacked
                    (b, L, E, N) and contracted with C, plus D u
-    mambapy_pscan  mambapy's ``MambaBlock.selective_scan``: the same tensors with its Blelloch parallel scan
+    mambapy_pscan  mambapy's MambaBlock.selective_scan: the same tensors with its Blelloch parallel scan
                    ``pscan`` (padded to the next power of two of L) in place of the loop
 
 Both come with ``pip install 'vimbench[peers]'`` (mambapy >= 1.2, pure PyTorch); without mambapy ``register``
@@ -19,9 +19,9 @@ for the last state (timed calls included): it is computed here in closed form (`
 (b, L, E, N) exp, two products and a sum over L), which adds to the peers' times: at the Vim-Ti 1248 shape,
 1 thread, about 0.7-0.8 s to mambapy_seq's 1.2 s and 1.3 s to mambapy_pscan's 3.0 s (CPU time on a loaded
 2-core AVX-512 Xeon VM).
-Backward (``_mambapy_backward``): autograd through mambapy's own code (the loop; ``PScan.backward`` for
+Backward (``_mambapy_backward``): autograd through mambapy's own code (the loop; PScan.backward for
 pscan), the forward recomputed with grad enabled, in a fresh thread (see there). mambapy's pscan is an old-style
-``autograd.Function``, which ``torch.func`` transforms refuse, so this uses ``torch.autograd.grad`` rather than
+autograd.Function, which ``torch.func`` transforms refuse, so this uses ``torch.autograd.grad`` rather than
 ``ref``'s ``torch.func.vjp``.
 
 Intel's extension for PyTorch ships a CPU selective scan too, but each release pins one torch release; it is
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from vimbench.kernels.selective_scan.ref import prepare_delta
 
 MAMBAPY = {"mambapy_seq": "selective_scan_seq", "mambapy_pscan": "selective_scan"}
-"""Backend name -> the ``mambapy.mamba.MambaBlock`` method it calls."""
+"""Backend name -> the mambapy.mamba.MambaBlock method it calls."""
 INSTALL = "pip install 'vimbench[peers]'"
 
 
@@ -63,7 +63,7 @@ def why_absent(name: str) -> str:
 
 def _mambapy_scan(method: str, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                   return_last_state=False):
-    """``ref.selective_scan_ref``'s signature and semantics through mambapy's ``MambaBlock.<method>`` (see the
+    """``ref.selective_scan_ref``'s signature and semantics through mambapy's MambaBlock.<method> (see the
     module docstring). u, delta, z (b, E, L); A (E, N); B, C (b, N, L) or (b, G, N, L); D, delta_bias (E,)."""
     from mambapy.mamba import MambaBlock
     scan = getattr(MambaBlock, method)
