@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from vimbench.errors import BackendUnavailable
+from vimbench.kernels import peers
 from vimbench.kernels.plugins import Plugin, load_group, make_plugin, owners
 from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.kernels.selective_scan.chunked import selective_scan_cpu, selective_scan_cpu_backward
@@ -61,6 +62,8 @@ def check_scan_backend(backend: str, device: torch.device | str) -> None:
     """Raises ``BackendUnavailable`` (or ValueError for an unknown name) if ``backend`` can't run on ``device``."""
     device = torch.device(device)
     if backend not in scan_backends():
+        if peers.why_absent(backend):
+            raise BackendUnavailable(peers.why_absent(backend))
         raise ValueError(f"unknown scan backend {backend!r}; choose from {', '.join(scan_choices())}")
     plugin = PLUGINS.get(backend)
     if plugin is not None and device.type not in plugin.devices + ("meta",):

@@ -9,11 +9,13 @@ import torch
 from helpers import fake_slurm, needs_no_gpu, submitted  # noqa: F401 (a fixture)
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import resolve_scan_backend
-from vimbench.analysis.crossovers import kernel_crossovers
+from vimbench.analysis.crossovers import kernel_crossovers, kernel_floors
+from vimbench.commands.kernels import summary
+from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.rows.schema import KERNELS
 from vimbench.measure.launchers import Plain, Submitit
-from vimbench.measure.ops import OPS, Geometry, model_geometry, op_cost
-from vimbench.rows.reader import split_settings
+from vimbench.measure.ops import OPS, Geometry, exp_ceiling, floor, model_geometry, op_cost, op_exps
+from vimbench.rows.reader import load_results, split_settings
 
 AUTO = resolve_scan_backend("auto", "cpu")  # cpp where it builds, else the chunked cpu scan
 FAST = ["--repeats", "1", "--min-time", "0", "--device", "cpu", "--threads", "1"]
@@ -145,6 +147,45 @@ def test_cli_writes_the_documented_columns(tiny_csv):
     assert df.command.iloc[0].startswith("vimbench kernels --res 32")
     vim, deit = df[df.model == "vim_tiny"], df[df.model == "deit_tiny"]
     assert (vim.d_state == 16).all() and vim.heads.isna().all() and (deit.heads == 3).all()
+
+
+def test_cli_records_each_rows_floor(tiny_csv):
+    """The CPU capability and exp rate are in every row (cpp builds here), each row's exps are its closed form,
+    and its floor is the largest of its three bounds, recomputed here from the row's own columns."""
+    df = pd.read_csv(tiny_csv).query("res == 32")
+    assert AUTO == "cpp" and (df.cpu_capability == compiled_cpu.cpu_capability()).all()
+    assert df.ceiling_exp_s.nunique() == 1 and (df.ceiling_exp_s > 1e6).all()
+    directions = df.op.map({"scan": 1, "scan_bidir": 2, "mixer_vim": 2}).fillna(0)
+    assert (df.exps == directions * df.batch * df.d_inner.fillna(0) * df.tokens * df.d_state.fillna(0)).all()
+    bounds = pd.DataFrame({"flops": df.flops_total / df.ceiling_gflops_s / 1e6,
+                           "bytes": df.bytes / df.ceiling_gbs / 1e6, "exp": df.exps / df.ceiling_exp_s * 1e3})
+    assert ((df.floor_ms - bounds.max(axis=1)).abs() <= 1e-9 * df.floor_ms).all()
+    assert (df.floor_kind == bounds.idxmax(axis=1)).all()
+    assert ((df.frac_floor - df.floor_ms / df.time_ms).abs() <= 1e-9 * df.frac_floor).all()
+
+
+def test_floor_is_the_largest_bound_and_needs_a_ceiling():
+    row = dict(amp="none", time_ms=4.0, flops_total=2e9, bytes=1e9, exps=3e8,
+               ceiling_gflops_s=1000.0, ceiling_gbs=500.0, ceiling_exp_s=1e11)
+    assert floor(row) == {"floor_ms": 3.0, "floor_kind": "exp", "frac_floor": 0.75}  # 2, 2 and 3 ms
+    assert floor({**row, "amp": "bf16", "exps": 0, "bytes": 5e8}) == {"floor_ms": 1.0, "floor_kind": "bytes",
+                                                                     "frac_floor": 0.25}  # flops not under amp
+    assert floor({**row, "ceiling_gflops_s": None, "ceiling_gbs": None, "ceiling_exp_s": None}) == {}
+    assert op_exps("scan_bidir", VIM, "train") == 4 * b * 384 * L * 16 and op_exps("attention", DEIT, "infer") == 0
+
+
+def test_without_the_compiled_kernels_the_exp_rate_is_missing_with_why(monkeypatch):
+    monkeypatch.setattr(compiled_cpu, "available", lambda: (False, "no C++ compiler"))
+    assert exp_ceiling() == {"cpu_capability": compiled_cpu.cpu_capability(), "exp_missing": "no C++ compiler"}
+
+
+def test_csv_without_floors_loads_and_summarises(tiny_csv, tmp_path):
+    old = tmp_path / "old.csv"
+    added = ["exps", "frac_floor", "floor_ms", "floor_kind", "ceiling_exp_s", "cpu_capability"]
+    pd.read_csv(tiny_csv).drop(columns=added).to_csv(old, index=False)
+    _, df = load_results(old, kinds=("kernels",))
+    assert kernel_floors(split_settings("kernels", df)[0]) == [] and "crossovers" in summary(old)
+    assert "against its floor" in summary(tiny_csv)
 
 
 def test_resume_runs_only_what_is_missing(tiny_csv):

@@ -1,5 +1,6 @@
 """Exponents and crossovers of measured curves, as rows for tables: the kernel sweep's ops against each
-other in tokens, and (through ``crossover_cell``) the report's Vim/DeiT pairs in resolution."""
+other in tokens, and (through ``crossover_cell``) the report's Vim/DeiT pairs in resolution; and how far
+each backend of a kernel sweep ran from its floor (``kernel_floors``)."""
 from __future__ import annotations
 
 import pandas as pd
@@ -69,4 +70,22 @@ def matched_times(s: Setting) -> list[dict]:
                              "vim_ms": a.at[x, "time_ms"], "attention_ms": b.at[x, "time_ms"],
                              "ratio": a.at[x, "time_ms"] / b.at[x, "time_ms"]}
                             for x in a.index.intersection(b.index)]
+    return out
+
+
+def kernel_floors(s: Setting) -> list[dict]:
+    """Per (op, impl) of a kernel sweep, at the longest sequence it ran ok with a floor (``measure.ops.floor``):
+    op, impl, tokens, time_ms, floor_ms, floor_kind (flops, bytes or exp) and x_floor = time_ms / floor_ms
+    (1 = at the floor; the backends of one op at one length share a floor, so their x_floor compare as
+    their times do). Empty for a CSV written before the floors were recorded."""
+    if "floor_ms" not in s.rows.columns:
+        return []
+    out = []
+    for (op, impl), c in _kernel_curves(s).items():
+        c = c[c["floor_ms"] > 0]
+        if len(c):
+            x = c.index[-1]
+            out.append({"op": op, "impl": impl, "tokens": int(x), "time_ms": c.at[x, "time_ms"],
+                        "floor_ms": c.at[x, "floor_ms"], "floor_kind": c.at[x, "floor_kind"],
+                        "x_floor": c.at[x, "time_ms"] / c.at[x, "floor_ms"]})
     return out

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents, matched_times
+from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents, kernel_floors, matched_times
 from vimbench.commands import options as o
 from vimbench.errors import InputError
 from vimbench.kernels.selective_scan.backends import forward_only
@@ -20,7 +20,7 @@ from vimbench.rows.writer import CsvLog
 
 
 def summary(path) -> str:
-    """Exponents and crossovers of every setting in the kernel CSV at ``path``."""
+    """Exponents, crossovers and distances from the floor of every setting in the kernel CSV at ``path``."""
     _, df = load_results(path, kinds=("kernels",))
     blocks = []
     for s in split_settings("kernels", df):
@@ -31,6 +31,13 @@ def summary(path) -> str:
         blocks += [f"{title}: crossovers (the length from which the Vim op stays faster / lighter)",
                    format_table(rows, ["vim", "attention", "faster_from", "lighter_from"]) if rows
                    else "no Vim op and attention op measured at common lengths"]
+        floors = kernel_floors(s)
+        if floors:
+            capability = s.rows["cpu_capability"].dropna().unique() if "cpu_capability" in s.rows else []
+            blocks += [f"{title}: each backend against its floor at its longest sequence (the largest lower bound "
+                       f"from the measured matmul rate, copy bandwidth and exp rate"
+                       + (f"; CPU capability {'/'.join(map(str, capability))}" if len(capability) else "") + ")",
+                       format_table(floors, ["op", "impl", "tokens", "time_ms", "floor_ms", "floor_kind", "x_floor"])]
         matched = matched_times(s)
         if s.key.get("mode") == "train" and matched:
             blocks += [f"{title}: forward + backward at matched lengths (ms; ratio below 1: the Vim op is faster)",
@@ -65,9 +72,12 @@ def command(ctx, **opts):
     wrong gradients gets error rows for train and no timing).
 
     One CSV row per (op, backend, model, resolution), each measured in its own worker; prints a table,
-    the fitted exponents in tokens and the crossovers. The scan backends' correctness checks and the
-    device's ceilings run first, as one job where the configurations run (--device and --launcher as for
-    `vimbench scaling`).
+    the fitted exponents in tokens, the crossovers and each backend against its floor (the largest lower
+    bound on its time from the measured matmul rate, copy bandwidth and, on CPU, the compiled scan's exp
+    rate; frac_floor in the CSV). The scan backends' correctness checks and the device's ceilings (on CPU with
+    its capability and exp rate) run first, as one job where the configurations run (--device and --launcher
+    as for `vimbench scaling`). Peers (mambapy's scans, `pip install 'vimbench[peers]'`) are scan backends
+    like ours: --scan cpp,mambapy_seq,mambapy_pscan.
     """
     return sweep(o.command_line(ctx), **opts)
 
@@ -129,7 +139,7 @@ def sweep(command: str, **opts) -> int:
                                  f"{o.regime_label(cfg)}", launcher)
     click.echo(format_table(rows, ["op", "impl", "kernel", "mode", "compile", "amp", "model", "tokens", "status", "time_ms",
                                    "compile_s", "graph_breaks", "mem_peak_gib", "gflops_s", "gbs", "frac_peak_flops",
-                                   "frac_peak_bw"]))
+                                   "frac_peak_bw", "frac_floor"]))
     click.echo(f"wrote {len(rows)} rows to {log.path}")
     if failed:
         click.echo(f"kernels: no timing for {', '.join(failed)}: {'; '.join(failed.values())}", err=True)

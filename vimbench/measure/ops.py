@@ -50,8 +50,13 @@ Autocast casts what goes into matmuls (attention, and the projections of mixer_v
 scan ops are custom ops without an autocast rule, so ``scan`` and ``scan_bidir`` run on their inputs as
 built, in ``dtype`` (inside a model they receive the half-precision outputs of the projections before them).
 ``measure_ceilings`` measures the device's ceilings once per run: a large copy (GB/s) and a large matmul
-(GFLOP/s) in the run's dtype, TF32 off. ``preamble`` runs it and the scan backends' correctness checks
-(``check_scans``) as one job where the configurations run (on Slurm a node, not the login node).
+(GFLOP/s) in the run's dtype, TF32 off; on CPU also the ATen CPU capability and the exp rate of the compiled
+scan's state exp (exp/s, ``compiled_cpu.exp_floor_rate``) over the run's threads.
+Floor (``floor``): the largest lower bound on a row's time that its measured ceilings give: flops_total at the
+matmul rate (not under amp: that rate is measured in dtype), bytes at the copy bandwidth, and for the ops that
+run selective scans the exps they need (``op_exps``) at the exp rate; frac_floor = floor_ms / time_ms.
+``preamble`` runs the ceilings and the scan backends' correctness checks (``check_scans``) as one job where
+the configurations run (on Slurm a node, not the login node).
 """
 from __future__ import annotations
 
@@ -70,7 +75,7 @@ from vimbench.count.flops import flop_category
 from vimbench.kernels.attention import attention, sdpa_kernel_used
 from vimbench.measure.env import precision
 from vimbench.measure.isolation import run_isolated
-from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, selective_scan
+from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, compiled_cpu, selective_scan
 from vimbench.kernels.selective_scan.check import check_named_backend
 from vimbench.kernels.selective_scan.ops import scan_bwd_flops
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
@@ -340,7 +345,8 @@ def measure_ceilings(cfg: dict) -> dict:
     ceiling_gbs = 2 * nbytes / time of copying a ``copy_bytes`` tensor (one read, one write);
     ceiling_gflops_s = 2 n^3 / time of an n x n matmul in the run's dtype (``CEILING_SIZES``).
     Both from the p10 time, not the median: other work on the host only ever slows a run down, and a
-    ceiling is the best rate the device sustains."""
+    ceiling is the best rate the device sustains. On CPU also ``exp_ceiling``'s cpu_capability and
+    ceiling_exp_s (or exp_missing)."""
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
     setup_worker(device, cfg["threads"])
     size = CEILING_SIZES[device.type]
@@ -351,8 +357,23 @@ def measure_ceilings(cfg: dict) -> dict:
     timing = {**cfg["timing"], "repeats": max(cfg["timing"]["repeats"], 10)}
     copy_ms = _time(lambda: dst.copy_(src), device, timing)["time_ms_p10"]
     matmul_ms = _time(lambda: a @ b, device, timing)["time_ms_p10"]
-    return {"ceiling_gbs": 2 * src.numel() * dtype.itemsize / (copy_ms * 1e-3) / 1e9,
-            "ceiling_gflops_s": 2 * n ** 3 / (matmul_ms * 1e-3) / 1e9}
+    out = {"ceiling_gbs": 2 * src.numel() * dtype.itemsize / (copy_ms * 1e-3) / 1e9,
+           "ceiling_gflops_s": 2 * n ** 3 / (matmul_ms * 1e-3) / 1e9}
+    return out | (exp_ceiling() if device.type == "cpu" else {})
+
+
+EXP_TRIALS = 5
+
+
+def exp_ceiling() -> dict:
+    """On CPU: cpu_capability (the ATen capability the compiled kernels target, ``compiled_cpu.cpu_capability``)
+    and ceiling_exp_s, the best of ``EXP_TRIALS`` measurements of ``compiled_cpu.exp_floor_rate`` (exp/s over the
+    threads torch uses); without the compiled kernels, exp_missing (why) instead of the rate."""
+    ok, why = compiled_cpu.available()
+    if not ok:
+        return {"cpu_capability": compiled_cpu.cpu_capability(), "exp_missing": why}
+    return {"cpu_capability": compiled_cpu.cpu_capability(),
+            "ceiling_exp_s": max(compiled_cpu.exp_floor_rate() for _ in range(EXP_TRIALS))}
 
 
 
@@ -394,8 +415,11 @@ def preamble(cfg: dict) -> dict:
     ceilings = run_isolated(measure_ceilings, (cfg,))
     if ceilings.pop("status") != "ok":
         return {"passed": passed, "failed": failed, "ceilings": {},
-                "warning": f"measuring the device ceilings failed ({ceilings['error']}); frac_peak_* left empty"}
-    return {"passed": passed, "failed": failed, "ceilings": ceilings, "warning": ""}
+                "warning": f"measuring the device ceilings failed ({ceilings['error']}); frac_peak_* and "
+                           f"the floors left empty"}
+    missing = ceilings.pop("exp_missing", "")
+    warning = f"no exp rate ({missing}): the scan rows' floors leave out their exps" if missing else ""
+    return {"passed": passed, "failed": failed, "ceilings": ceilings, "warning": warning}
 
 
 def preamble_result(row: dict, scans: list[str]) -> dict:
@@ -406,7 +430,7 @@ def preamble_result(row: dict, scans: list[str]) -> dict:
         return row
     why = f"the preamble job failed ({row['error']})"
     return {"passed": [], "failed": {s: f"correctness not checked: {why}" for s in scans if s != "ref"},
-            "ceilings": {}, "warning": f"{why}; frac_peak_* left empty"}
+            "ceilings": {}, "warning": f"{why}; frac_peak_* and the floors left empty"}
 
 
 CONFIG_TIMEOUT_S = 1800
@@ -415,15 +439,44 @@ CPU_TIMING = dict(warmup=0, repeats=3, min_time=0.5)
 sweep then takes a few minutes on 2 cores). GPUs use do_bench's own warm-up and repetitions."""
 
 
+SCAN_DIRECTIONS = {"scan": 1, "scan_bidir": 2, "mixer_vim": 2}
+"""Selective-scan directions in one call of each op that runs scans."""
+
+
+def op_exps(op: str, g: Geometry, mode: str) -> int:
+    """exp(delta * A) evaluations one call of ``op`` needs: one per (b, e, t, n) and scan direction
+    (``SCAN_DIRECTIONS``), twice that in train mode (the backward needs each again: the compiled and the
+    Triton backwards recompute them); 0 for the attention ops, whose floor is their matmuls' and bytes'."""
+    once = SCAN_DIRECTIONS.get(op, 0) * g.batch * g.d_inner * g.L * g.d_state
+    return once * (2 if mode == "train" else 1)
+
+
+def floor(row: dict) -> dict:
+    """The floor of an ok row: floor_ms, the largest of the lower bounds its measured ceilings give
+    (flops_total / ceiling_gflops_s, not under amp; bytes / ceiling_gbs; exps / ceiling_exp_s), floor_kind
+    naming it (flops, bytes or exp) and frac_floor = floor_ms / time_ms; {} without any ceiling."""
+    bounds = {}
+    if row.get("ceiling_gflops_s") and row["amp"] == "none":  # the matmul ceiling is measured in dtype
+        bounds["flops"] = row["flops_total"] / (row["ceiling_gflops_s"] * 1e9)
+    if row.get("ceiling_gbs"):
+        bounds["bytes"] = row["bytes"] / (row["ceiling_gbs"] * 1e9)
+    if row.get("ceiling_exp_s") and row.get("exps"):
+        bounds["exp"] = row["exps"] / row["ceiling_exp_s"]
+    if not bounds:
+        return {}
+    kind = max(bounds, key=bounds.get)
+    return {"floor_ms": bounds[kind] * 1e3, "floor_kind": kind, "frac_floor": bounds[kind] * 1e3 / row["time_ms"]}
+
+
 def _rates(row: dict) -> dict:
-    """Achieved GFLOP/s and GB/s of an ok row, and their fractions of the measured ceilings."""
+    """Achieved GFLOP/s and GB/s of an ok row, their fractions of the measured ceilings, and its ``floor``."""
     seconds = row["time_ms"] * 1e-3
     out = {"gflops_s": row["flops_total"] / seconds / 1e9, "gbs": row["bytes"] / seconds / 1e9}
     if row.get("ceiling_gbs"):
         out["frac_peak_bw"] = out["gbs"] / row["ceiling_gbs"]
     if row.get("ceiling_gflops_s") and row["amp"] == "none":  # the matmul ceiling is measured in dtype
         out["frac_peak_flops"] = out["gflops_s"] / row["ceiling_gflops_s"]
-    return out
+    return out | floor(row)
 
 
 def kernel_row(cfg: dict, fixed: dict) -> dict:
@@ -433,6 +486,7 @@ def kernel_row(cfg: dict, fixed: dict) -> dict:
     row = {k: cfg[k] for k in ("op", "impl", "model", "res", "batch", "dtype", "mode", "compile", "amp", "device")}
     row.update({k: g[k] or "" for k in ("width", "heads", "head_dim", "d_inner", "d_state")}, tokens=g["L"],
                kernel=cfg["impl"], **fixed, **op_cost(cfg["op"], Geometry(**g), cfg["dtype"], cfg["mode"]),
+               exps=op_exps(cfg["op"], Geometry(**g), cfg["mode"]),
                timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     row.update(run_isolated(measure_op, (cfg,), timeout=CONFIG_TIMEOUT_S))
     if row["status"] == "ok":

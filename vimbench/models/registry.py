@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from vimbench.errors import InputError
 from vimbench.kernels.attention import attention_backends
+from vimbench.kernels import peers
 from vimbench.kernels.plugins import load_group
 from vimbench.kernels.selective_scan import scan_choices
 
@@ -108,7 +109,8 @@ def check_backends(option: str, values: list[str]) -> None:
     known = allowed()
     for v in values:
         if v not in known:
-            raise InputError(f"unknown {what} {v!r}; choose from {', '.join(known)}")
+            raise InputError(peers.why_absent(v) if option == "scan" and peers.why_absent(v)
+                             else f"unknown {what} {v!r}; choose from {', '.join(known)}")
 
 
 def model_variants(models: list[str], attn: list[str], scan: list[str]) -> list[tuple[str, dict]]:

@@ -95,6 +95,16 @@ COLUMN_DOCS = {
     "ceiling_gbs": ("GB/s", "kernels: measured copy bandwidth of the device"),
     "frac_peak_flops": ("", "kernels: gflops_s / ceiling_gflops_s"),
     "frac_peak_bw": ("", "kernels: gbs / ceiling_gbs"),
+    "exps": ("", "kernels: exp(delta A) evaluations one call needs: b*E*L*N per scan direction (scan 1, scan_bidir "
+                 "and mixer_vim 2), twice in train mode (the backward needs them again); 0 for attention ops"),
+    "ceiling_exp_s": ("exp/s", "kernels on CPU: measured exp rate of the compiled scan's state exp over the run's "
+                               "threads (best of 5, compiled_cpu.exp_floor_rate); empty where cpp does not build"),
+    "cpu_capability": ("", "kernels on CPU: the ATen CPU capability the compiled kernels target (AVX512, AVX2, "
+                           "DEFAULT; ATEN_CPU_CAPABILITY honoured)"),
+    "floor_ms": ("ms", "kernels: the largest lower bound on time_ms from the measured ceilings: flops_total / "
+                       "ceiling_gflops_s (not under amp), bytes / ceiling_gbs, exps / ceiling_exp_s"),
+    "floor_kind": ("", "kernels: which bound floor_ms is: flops, bytes or exp"),
+    "frac_floor": ("", "kernels: floor_ms / time_ms (1 = at the floor)"),
     # environment
     "device_name": ("", "GPU name, or the CPU model on CPU"),
     "driver_version": ("", "NVIDIA driver"),
@@ -175,8 +185,9 @@ KERNELS = Schema(
     ["op", "impl", "kernel", "model", "width", "heads", "head_dim", "d_inner", "d_state", "tokens", "res", "batch",
      "dtype", MODE, *REGIME, "device", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "repeats",
      *COMPILE_COLUMNS, "mem_peak_gib",
-     "flops_total", "bytes", "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw", "ceiling_gflops_s",
-     "ceiling_gbs", *ENVIRONMENT, *PRECISION, *PLACEMENT],
+     "flops_total", "bytes", "exps", "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw", "frac_floor", "floor_ms",
+     "floor_kind", "ceiling_gflops_s", "ceiling_gbs", "ceiling_exp_s", "cpu_capability", *ENVIRONMENT, *PRECISION,
+     *PLACEMENT],
     key=["op", "impl", "model", "res", "batch", "dtype", MODE, *REGIME, "device"],
     required=("op", "impl", "tokens", "width", "batch", "dtype", "device", "status", "time_ms", "time_ms_p10",
               "time_ms_p90", "mem_peak_gib"),
@@ -212,7 +223,7 @@ RENAMED = {"L": "tokens", "latency_ms": "time_ms", "latency_ms_p10": "time_ms_p1
 
 NUMERIC = {name for name, (unit, _) in COLUMN_DOCS.items() if unit} | {
     "tokens", "width", "heads", "head_dim", "d_inner", "d_state", "repeats", "warmup", "params", "threads",
-    "load_avg_1m", "frac_peak_flops", "frac_peak_bw", "workers", "graph_breaks"}
+    "load_avg_1m", "frac_peak_flops", "frac_peak_bw", "exps", "frac_floor", "workers", "graph_breaks"}
 """Columns read as numbers (empty cells become NaN)."""
 BOOLEAN = ("head", "fits", GRAD_CHECKPOINTING)
 
