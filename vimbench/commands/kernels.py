@@ -92,8 +92,8 @@ def command(ctx, **opts):
         raise InputError("--grad-checkpointing applies to a model's train step (vimbench scaling), not to single ops")
     configs = op_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing, regimes,
                          modes)
-    log = CsvLog.open(opts["out"] or o.default_out("kernels", device), KERNELS, resume=opts["resume"],
-                      given=opts["out"] is not None)
+    log = ctx.with_resource(CsvLog.open(opts["out"] or o.default_out("kernels", device), KERNELS,
+                                        resume=opts["resume"], given=opts["out"] is not None))
     click.echo(f"{launcher.name}: checking the scan backends and measuring the device's ceilings first", err=True)
     job = dict(scans=impls["scan"], device=str(device), dtype=opts["dtype"], threads=opts["threads"], timing=timing,
                grads="train" in modes)

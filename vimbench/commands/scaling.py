@@ -73,8 +73,8 @@ def command(ctx, preset, **opts):
                     grad_checkpointing=opts["grad_checkpointing"] and mode == "train", compile=compile_mode, amp=amp,
                     device=str(device), head=opts["head"], threads=opts["threads"], mem_limit_gib=mem_limit, **timing)
                for mode in modes for compile_mode, amp in regimes for model, options in pairs for res in res_list]
-    log = CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],
-                      given=opts["out"] is not None)
+    log = ctx.with_resource(CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING,
+                                        resume=opts["resume"], given=opts["out"] is not None))
     fixed, backoff = {"command": o.command_line(ctx)}, opts["backoff"]
     # correctness gates training speed: each scan backend a Vim train row runs has its forward and its gradients
     # checked against float64 autograd of ref first (each in a worker); one that fails gets error rows, no timing
