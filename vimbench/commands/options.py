@@ -46,7 +46,7 @@ from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.attention import ATTENTION_BACKENDS, check_attention_backend
 from vimbench.kernels.selective_scan import SCAN_CHOICES, resolve_scan_backend
 from vimbench.measure.core import DTYPES
-from vimbench.measure.launchers import Plain, Submitit, check_settings
+from vimbench.measure.launchers import Plain, Submitit, check_settings, check_text
 from vimbench.measure.regime import AMP_DTYPES, COMPILE_MODES
 from vimbench.models.registry import check_backends, model_variants
 from vimbench.rows.schema import MODES
@@ -377,6 +377,8 @@ def _slurm_file(path: str | None) -> dict:
         raise InputError(f"--slurm-config {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
                          f"it may hold {', '.join(SLURM_KEYS)}")
     try:
+        for key in (k for k, v in values.items() if v is None):  # JSON null: a setting is given a value or left out
+            raise InputError(f"--{key.replace('_', '-')} is null; give it a value or leave it out")
         check_settings(values)
     except InputError as e:
         raise InputError(f"--slurm-config {path}: {e}") from None
@@ -412,6 +414,8 @@ def sweep_target(opts: dict):
             raise InputError("--launcher slurm: sbatch and srun are not on PATH (not a Slurm login node)")
         if spec not in ("auto", "cpu", "cuda", "cuda:0"):
             raise InputError(f"--launcher slurm --device {spec}: use cpu or cuda (each task's first GPU)")
+        if opts["out"]:  # its jobs folder lands in the sbatch script
+            check_text("--out", opts["out"])
         device = torch.device("cpu" if spec == "cpu" else "cuda:0")
     else:
         extra = sorted({"partition", "sbatch"} & set(settings))
@@ -430,7 +434,7 @@ def _key_value(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise InputError(f"--sbatch {item!r}: use KEY=VALUE, e.g. --sbatch account=abc")
-    return key.strip(), value.strip()
+    return key.strip(" "), value.strip(" ")  # spaces only: any control character is refused (check_settings)
 
 
 launcher_options = _decorator(

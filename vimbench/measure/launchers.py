@@ -122,17 +122,18 @@ def check_settings(settings: dict) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise InputError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
     if settings.get("partition") is not None:
-        _check_text("--partition", settings["partition"])
+        check_text("--partition", settings["partition"])
     for key, value in settings.get("sbatch", {}).items():
         if not (isinstance(key, str) and SBATCH_KEY.fullmatch(key)):
             raise InputError(f"--sbatch {key!r}: not an sbatch option name (a letter, then letters, digits, - or _)")
         if isinstance(value, str):
-            _check_text(f"--sbatch {key}", value)
+            check_text(f"--sbatch {key}", value)
         elif not (value is True or type(value) is int or isinstance(value, float) and math.isfinite(value)):
             raise InputError(f"--sbatch {key}={value!r}: a value is text, a number or true (a bare flag)")
 
 
-def _check_text(what: str, value) -> None:
+def check_text(what: str, value) -> None:
+    """InputError naming ``what`` unless ``value`` is non-empty printable text (no newline, NUL, escape, ...)."""
     if not isinstance(value, str):
         raise InputError(f"{what} must be text, got {value!r}")
     bad = next((c for c in value if not c.isprintable()), None)
@@ -170,7 +171,7 @@ class Submitit:
         """The submitit executor with this launcher's parameters (``%j`` in the folder: one per job)."""
         import submitit
         if self.cluster == "slurm":  # submitit writes the folder into the script's #SBATCH --output line
-            _check_text("--out: its jobs folder", str(jobs_dir))
+            check_text("--out: its jobs folder", str(jobs_dir))
         ex = submitit.AutoExecutor(folder=Path(jobs_dir) / "%j", cluster=self.cluster)
         params = dict(name="vimbench", timeout_min=self.time_limit, gpus_per_node=self.gpus_per_task or None)
         if self.cluster == "slurm":

@@ -174,6 +174,7 @@ class CsvLog:
                 records.append((start, first, fields))
             if isinstance(fields, str):
                 break
+        torn = None  # (start, first line, why) of a torn last record
         if records:
             start, first, fields = records[-1]
             why = (fields if isinstance(fields, str) else
@@ -181,8 +182,8 @@ class CsvLog:
                    f"{len(fields)} fields, not {len(self.columns)}" if len(records) > 1
                    and len(fields) != len(self.columns) else "")
             if why and ends[-1] == len(text):
+                torn = (start, first, why)
                 records.pop()
-                self._set_aside(text, start, first, why)
         header, *rows = records or [(0, 1, self.columns)]
         if header[2] != self.columns:
             found = header[2] if isinstance(header[2], list) else []
@@ -194,6 +195,8 @@ class CsvLog:
                 why = fields if isinstance(fields, str) else f"{len(fields)} fields, not {len(self.columns)}"
                 raise InputError(f"cannot --resume {self.path}: line {first} is malformed ({why}); only a torn last "
                                  f"row is set aside: mend or remove line {first}")
+        if torn:
+            self._set_aside(text, *torn)
         return [dict(zip(self.columns, fields)) for _, _, fields in rows]
 
     def _set_aside(self, text: str, start: int, first: int, why: str) -> None:
