@@ -27,8 +27,8 @@ KEYS = {res: dict(model="deit_tiny", impl="eager", res=str(res), batch="1", head
 """The key columns of each configuration of ``ARGV``, as a row of ``vimbench flops`` writes them."""
 HUGE = 140_000
 """Characters in a huge cell: above the csv module's field limit (131072)."""
-BAD = ("ragged", "huge")
-"""Kinds of row that are malformed wherever they stand."""
+BAD = ("ragged",)
+"""Kinds of row that are malformed wherever they stand (a huge cell is data)."""
 
 cells = st.one_of(st.sampled_from(["", "nan", "NaN", "inf", "-inf", "1e308", "-0", "0x1p3", "True", "None", '"',
                                    ",", "\r\n", "=1+1", "ok"]), st.text(max_size=10))

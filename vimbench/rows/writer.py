@@ -88,6 +88,35 @@ def _line(values: list) -> bytes:
     return buf.getvalue().encode("utf-8", "backslashreplace")
 
 
+def _records(text: str) -> tuple[list[tuple[int, int, list[str] | str]], int]:
+    """The non-blank CSV records of ``text`` as (start char, first line number, fields), read strictly up to the
+    first that cannot be read, which ends the list with why in place of its fields; and the char where reading
+    stopped (``len(text)`` unless a record before the end could not be read)."""
+    ends = [0]  # where each line the reader took ends
+
+    def lines():
+        for m in _LINE.finditer(text):
+            ends.append(m.end())
+            yield m.group()
+
+    reader, records = csv.reader(lines(), strict=True), []
+    limit = csv.field_size_limit(len(text) + 1)  # a huge cell is data, not a malformed record
+    try:
+        while ends[-1] < len(text):
+            start, first = ends[-1], reader.line_num + 1
+            try:
+                fields = next(reader)
+            except csv.Error as e:
+                fields = str(e)
+            if fields != []:  # blank lines are skipped, as csv.DictReader does
+                records.append((start, first, fields))
+            if isinstance(fields, str):
+                break
+    finally:
+        csv.field_size_limit(limit)
+    return records, ends[-1]
+
+
 class CsvLog:
     """Rows of one ``Schema`` appended to ``path``, which stays locked until ``close`` (or the end of a
     ``with`` block, or of the process).
@@ -156,24 +185,7 @@ class CsvLog:
         """The rows of the existing file; a torn last record (see the module docstring) moved to the side file
         and cut off; InputError for other columns or a malformed record before the last."""
         text = self.path.read_bytes().decode("utf-8", "surrogateescape")
-        ends = [0]  # where each line the reader takes ends (chars)
-
-        def lines():
-            for m in _LINE.finditer(text):
-                ends.append(m.end())
-                yield m.group()
-
-        reader, records = csv.reader(lines(), strict=True), []  # (start char, first line, fields or why)
-        while ends[-1] < len(text):
-            start, first = ends[-1], reader.line_num + 1
-            try:
-                fields = next(reader)
-            except csv.Error as e:
-                fields = str(e)
-            if fields != []:  # blank lines are skipped, as csv.DictReader does
-                records.append((start, first, fields))
-            if isinstance(fields, str):
-                break
+        records, end = _records(text)
         torn = None  # (start, first line, why) of a torn last record
         if records:
             start, first, fields = records[-1]
@@ -181,7 +193,7 @@ class CsvLog:
                    "no line end" if not text.endswith("\n") else
                    f"{len(fields)} fields, not {len(self.columns)}" if len(records) > 1
                    and len(fields) != len(self.columns) else "")
-            if why and ends[-1] == len(text):
+            if why and end == len(text):
                 torn = (start, first, why)
                 records.pop()
         header, *rows = records or [(0, 1, self.columns)]
