@@ -1,7 +1,7 @@
 """Values with control characters, and values of the wrong type, on their way to an sbatch script: hypothesis puts
 them in --partition, an --sbatch key or value, an --out path (its jobs folder lands in the script), or the
 partition, counts and [sbatch] table of a --slurm-config file (TOML or JSON), and runs ``vimbench scaling
---launcher slurm`` against a fake Slurm (``helpers.SBATCH``: sbatch keeps every script it is given). The rule:
+--launcher slurm`` against a fake Slurm (``helpers.fake_slurm``: sbatch keeps every script it is given). The rule:
 exit 2, one line naming the option, no script submitted, no CSV written. Legal values pass unchanged."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import SACCT, SBATCH, submitted
+from helpers import slurm_commands, submitted
 from run_cli import run_cli, the_one_line
 from vimbench.measure import launchers
 
@@ -36,15 +36,8 @@ WRONG_TYPES = [("time_limit", True), ("workers", False), ("gpus_per_task", True)
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    """A Slurm login node without a cluster, for the module: sbatch, srun and sacct on PATH; yields the folder
-    of the scripts sbatch was given."""
-    root = tmp_path_factory.mktemp("slurm")
-    bin_dir, scripts = root / "bin", root / "submitted"
-    bin_dir.mkdir()
-    scripts.mkdir()
-    for name, text in {"sbatch": SBATCH.format(scripts=scripts), "srun": "#!/bin/sh\n", "sacct": SACCT}.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    """``helpers.fake_slurm`` for the module: yields the folder of the scripts sbatch was given."""
+    bin_dir, scripts = slurm_commands(tmp_path_factory.mktemp("slurm"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
         mp.setattr(launchers.Submitit, "poll_s", 0.05)
@@ -60,7 +53,8 @@ def _config(folder: Path, settings: dict, as_toml: bool) -> str:
     """A --slurm-config file holding ``settings`` (strings and a table of strings only, if ``as_toml``)."""
     if as_toml:
         lines = [f"{_toml_string(k)} = {_toml_string(v)}" for k, v in settings.items() if k != "sbatch"]
-        lines += ["[sbatch]", *(f"{_toml_string(k)} = {_toml_string(v)}" for k, v in settings.get("sbatch", {}).items())]
+        table = settings.get("sbatch", {})
+        lines += ["[sbatch]", *(f"{_toml_string(k)} = {_toml_string(v)}" for k, v in table.items())]
         path = folder / "slurm.toml"
         path.write_text("\n".join(lines) + "\n")
     else:

@@ -268,7 +268,8 @@ def check_out_dir(out_dir: str) -> None:
     try:  # a probe, not os.access: root passes access() on read-only folders (/sys, /proc/...) it cannot write
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
-        raise InputError(f"--out-dir {out_dir}: cannot write in it ({e.strerror or e}); pass another --out-dir") from None
+        raise InputError(f"--out-dir {out_dir}: cannot write in it ({e.strerror or e}); "
+                         "pass another --out-dir") from None
 
 
 def _decorator(*options):
