@@ -377,9 +377,10 @@ def _slurm_file(path: str | None) -> dict:
     if unknown:
         raise InputError(f"--slurm-config {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
                          f"it may hold {', '.join(SLURM_KEYS)}")
+    nulls = [k for k, v in values.items() if v is None]  # JSON null: a setting is given a value or left out
+    if nulls:
+        raise InputError(f"--slurm-config {path}: {nulls[0]} is null; give it a value or leave it out")
     try:
-        for key in (k for k, v in values.items() if v is None):  # JSON null: a setting is given a value or left out
-            raise InputError(f"--{key.replace('_', '-')} is null; give it a value or leave it out")
         check_settings(values)
     except InputError as e:
         raise InputError(f"--slurm-config {path}: {e}") from None
