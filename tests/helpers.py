@@ -109,6 +109,10 @@ def fresh_plugins(monkeypatch):
     from vimbench.models import registry
     saved = [(d, dict(d)) for d in (backends.PLUGINS, backends.IMPLS, backends.BACKWARDS, attention.ATTENTION_PLUGINS,
                                          registry._REGISTRY)]
+    for name in list(backends.PLUGINS):  # entry points already loaded in this process (the peers) load again
+        for d in (backends.PLUGINS, backends.IMPLS, backends.BACKWARDS):
+            d.pop(name, None)
+    attention.ATTENTION_PLUGINS.clear()
     monkeypatch.setattr(plugins, "_loaded", set())
     monkeypatch.setattr(plugins, "problems", [])
     yield
@@ -145,17 +149,24 @@ printf 'JobID|State|NodeList\\n4242_0|PREEMPTED|n1\\n4242_1|FAILED|n2\\n4242|TIM
 """
 
 
-@pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """A Slurm login node without a cluster: sbatch (keeps each script it is given as <n>.sh in the folder
-    returned, n counting from 0; every submission is job 4242), srun, and sacct (array task 0 pre-empted,
-    task 1 failed; the single job 4242 timed out) on PATH."""
-    bin_dir, scripts = tmp_path / "bin", tmp_path / "submitted"
+def slurm_commands(root: Path) -> tuple[Path, Path]:
+    """(a folder holding ``fake_slurm``'s sbatch, srun and sacct, the folder sbatch keeps its scripts in), both
+    made under ``root``."""
+    bin_dir, scripts = root / "bin", root / "submitted"
     bin_dir.mkdir()
     scripts.mkdir()
     for name, text in {"sbatch": SBATCH.format(scripts=scripts), "srun": "#!/bin/sh\n", "sacct": SACCT}.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    return bin_dir, scripts
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """A Slurm login node without a cluster: sbatch (keeps each script it is given as <n>.sh in the folder
+    returned, n counting from 0; every submission is job 4242), srun, and sacct (array task 0 pre-empted,
+    task 1 failed; the single job 4242 timed out) on PATH."""
+    bin_dir, scripts = slurm_commands(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return scripts
 

@@ -1,4 +1,4 @@
-"""vimbench's two exception types: bad user input, and a backend that cannot run here."""
+"""vimbench's exception types: bad user input, a backend that cannot run here, and a sweep stopped by Ctrl-C."""
 
 
 class InputError(ValueError):
@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class BackendUnavailable(RuntimeError):
     """A requested scan or attention backend cannot run here; the message says why."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep; the message says where the rows written so far are kept."""

@@ -106,8 +106,8 @@ def test_slurm_array_script_and_failed_tasks_become_error_rows(tmp_path, fake_sl
     assert "(state PREEMPTED)" in df.error.iloc[0] and "(state FAILED)" in df.error.iloc[1]
     assert list(df.host) == ["n1", "n2"]  # the nodes sacct names
     # --resume submits only what is missing: here res 48 (res 32 has an ok row now), as a single job
-    log = CsvLog(out, SCALING, resume=True)
-    log.append({**df.iloc[0].to_dict(), "status": "ok", "error": ""})
+    with CsvLog(out, SCALING, resume=True) as log:  # closed: the next run locks the file
+        log.append({**df.iloc[0].to_dict(), "status": "ok", "error": ""})
     assert main(["scaling", "--models", "deit_tiny", "--attn", "eager", "--res", "32,48", "--device", "cuda",
                  "--launcher", "slurm", "--out", str(out), "--resume"]) == 0
     [_, single] = submitted(fake_slurm)

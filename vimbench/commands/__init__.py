@@ -1,7 +1,7 @@
 """The ``vimbench`` command line: a thin Click group; each command lives in its own module here.
 
 Bad input anywhere (an ``InputError`` or a Click usage error) is reported on one line on stderr with
-exit code 2, never as a traceback.
+exit code 2, never as a traceback; Ctrl-C on one line with exit code 130.
 """
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def main(argv=None) -> int:
         return e.exit_code
     except click.exceptions.Abort:
         click.echo(f"{prefix}: aborted", err=True)
+        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; a sweep's ``Interrupted`` says where its rows are
+        click.echo(f"{prefix}: {e or 'interrupted'}", err=True)
         return 130
     except (click.UsageError, click.BadParameter, InputError) as e:
         message = e.format_message() if isinstance(e, click.ClickException) else str(e)

@@ -8,7 +8,7 @@ import json
 import click
 import pandas as pd
 
-from vimbench.rows.writer import check_new_file
+from vimbench.rows.writer import check_new_file, write_new_file
 from vimbench.errors import InputError
 from vimbench.count.kernel_compile import ARCHS, CompileRow, compile_report
 from vimbench.present.tables import format_table
@@ -35,7 +35,7 @@ def command(out, as_json):
     else:
         click.echo(format_table(rows, COLUMNS))
     if out:
-        pd.DataFrame(rows, columns=COLUMNS).to_csv(out, index=False)
+        write_new_file(out, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
         click.echo(f"wrote {len(rows)} rows to {out}", err=as_json)
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:

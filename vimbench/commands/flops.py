@@ -48,8 +48,8 @@ def command(ctx, **opts):
                     batch=batch, head=opts["head"], mode=mode,
                     grad_checkpointing=opts["grad_checkpointing"] and mode == "train")
                for mode in modes for m, options in pairs for res in res_list]
-    log = CsvLog.open(opts["out"] or o.default_out("flops", device), FLOPS, resume=opts["resume"],
-                      given=opts["out"] is not None)
+    log = ctx.with_resource(CsvLog.open(opts["out"] or o.default_out("flops", device), FLOPS,
+                                        resume=opts["resume"], given=opts["out"] is not None))
     fixed = {**environment(torch.device("cpu")), "command": o.command_line(ctx)}
     rows = run_sweep(configs, log, lambda cfg: computed_row(FLOPS, cfg, fixed, lambda: counted(cfg)),
                      lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px {cfg['mode']}")

@@ -111,44 +111,44 @@ def sweep(command: str, **opts) -> int:
         raise InputError("--grad-checkpointing applies to a model's train step (vimbench scaling), not to single ops")
     configs = op_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing, regimes,
                          modes)
-    log = CsvLog.open(opts["out"] or o.default_out("kernels", device), KERNELS, resume=opts["resume"],
-                      given=opts["out"] is not None)
-    click.echo(f"{launcher.name}: checking the scan backends and measuring the device's ceilings first", err=True)
-    job = dict(scans=impls["scan"], device=str(device), dtype=opts["dtype"], threads=opts["threads"], timing=timing,
-               grads="train" in modes)
-    pre = preamble_result(launcher.run_job(preamble, job, jobs_dir(log)), impls["scan"])
-    for line in pre["passed"]:
-        click.echo(line, err=True)
-    if pre["warning"]:
-        click.echo(f"warning: {pre['warning']}", err=True)
-    failed, fixed = pre["failed"], {**pre["ceilings"], "command": command}
-    # decided here, not in the jobs (a job's process may not have a plug-in's registration)
-    train_only = {impl for impl, why in failed.items()
-                  if why.startswith("gradient check failed") or why == forward_only(impl)}
+    with CsvLog.open(opts["out"] or o.default_out("kernels", device), KERNELS, resume=opts["resume"],
+                     given=opts["out"] is not None) as log:
+        click.echo(f"{launcher.name}: checking the scan backends and measuring the device's ceilings first", err=True)
+        job = dict(scans=impls["scan"], device=str(device), dtype=opts["dtype"], threads=opts["threads"], timing=timing,
+                   grads="train" in modes)
+        pre = preamble_result(launcher.run_job(preamble, job, jobs_dir(log)), impls["scan"])
+        for line in pre["passed"]:
+            click.echo(line, err=True)
+        if pre["warning"]:
+            click.echo(f"warning: {pre['warning']}", err=True)
+        failed, fixed = pre["failed"], {**pre["ceilings"], "command": command}
+        # decided here, not in the jobs (a job's process may not have a plug-in's registration)
+        train_only = {impl for impl, why in failed.items()
+                      if why.startswith("gradient check failed") or why == forward_only(impl)}
 
-    def row(cfg):
-        # correctness gates speed: no timing for a backend that failed its check (a forward-only backend or
-        # wrong gradients fail its train rows only)
-        why = failed.get(cfg["impl"])
-        if why and (cfg["mode"] == "train" or cfg["impl"] not in train_only):
-            return {**{k: cfg[k] for k in KERNELS.key}, **fixed, "status": "error", "error": why}
-        return kernel_row(cfg, fixed)
+        def row(cfg):
+            # correctness gates speed: no timing for a backend that failed its check (a forward-only backend or
+            # wrong gradients fail its train rows only)
+            why = failed.get(cfg["impl"])
+            if why and (cfg["mode"] == "train" or cfg["impl"] not in train_only):
+                return {**{k: cfg[k] for k in KERNELS.key}, **fixed, "status": "error", "error": why}
+            return kernel_row(cfg, fixed)
 
-    rows = run_sweep(configs, log, row,
-                     lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}"
-                                 f"{o.regime_label(cfg)}", launcher)
-    click.echo(format_table(rows, ["op", "impl", "kernel", "mode", "compile", "amp", "model", "tokens", "status", "time_ms",
-                                   "compile_s", "graph_breaks", "mem_peak_gib", "gflops_s", "gbs", "frac_peak_flops",
-                                   "frac_peak_bw", "frac_floor"]))
-    click.echo(f"wrote {len(rows)} rows to {log.path}")
-    if failed:
-        click.echo(f"kernels: no timing for {', '.join(failed)}: {'; '.join(failed.values())}", err=True)
-    if not any(r.get("status") == "ok" for r in log.rows):
-        click.echo("no ok rows: no exponents, crossovers or figure", err=True)
+        rows = run_sweep(configs, log, row,
+                         lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}"
+                                     f"{o.regime_label(cfg)}", launcher)
+        click.echo(format_table(rows, ["op", "impl", "kernel", "mode", "compile", "amp", "model", "tokens", "status",
+                                       "time_ms", "compile_s", "graph_breaks", "mem_peak_gib", "gflops_s", "gbs",
+                                       "frac_peak_flops", "frac_peak_bw", "frac_floor"]))
+        click.echo(f"wrote {len(rows)} rows to {log.path}")
+        if failed:
+            click.echo(f"kernels: no timing for {', '.join(failed)}: {'; '.join(failed.values())}", err=True)
+        if not any(r.get("status") == "ok" for r in log.rows):
+            click.echo("no ok rows: no exponents, crossovers or figure", err=True)
+            return 1 if failed else 0
+        click.echo(summary(log.path))
+        if opts["plot"]:
+            _, df = load_results(log.path, kinds=("kernels",))
+            for path in plot_results("kernels", df, Path(log.path).parent):
+                click.echo(f"wrote {path}")
         return 1 if failed else 0
-    click.echo(summary(log.path))
-    if opts["plot"]:
-        _, df = load_results(log.path, kinds=("kernels",))
-        for path in plot_results("kernels", df, Path(log.path).parent):
-            click.echo(f"wrote {path}")
-    return 1 if failed else 0

@@ -77,8 +77,8 @@ def command(ctx, preset, **opts):
                     batch=batch, dtype=opts["dtype"], head=opts["head"], mode=mode,
                     grad_checkpointing=opts["grad_checkpointing"] and mode == "train", card=opts["card"])
                for mode in modes for m, options in pairs for res in res_list]
-    log = CsvLog.open(opts["out"] or o.default_out("memory", "cuda"), MEMORY, resume=opts["resume"],
-                      given=opts["out"] is not None)
+    log = ctx.with_resource(CsvLog.open(opts["out"] or o.default_out("memory", "cuda"), MEMORY,
+                                        resume=opts["resume"], given=opts["out"] is not None))
     fixed = {**environment(torch.device("cpu")), "command": o.command_line(ctx)}
     rows = run_sweep(configs, log, lambda cfg: computed_row(MEMORY, cfg, fixed, lambda: predicted(cfg)),
                      lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch']} {cfg['mode']}")

@@ -35,6 +35,7 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -45,7 +46,7 @@ from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.attention import ATTENTION_BACKENDS, check_attention_backend
 from vimbench.kernels.selective_scan import SCAN_CHOICES, resolve_scan_backend
 from vimbench.measure.core import DTYPES
-from vimbench.measure.launchers import Plain, Submitit
+from vimbench.measure.launchers import Plain, Submitit, check_settings, check_text
 from vimbench.measure.regime import AMP_DTYPES, COMPILE_MODES
 from vimbench.models.registry import check_backends, model_variants
 from vimbench.rows.schema import MODES
@@ -264,13 +265,18 @@ def default_out(command: str, device: torch.device | str) -> str:
 
 def check_out_dir(out_dir: str) -> None:
     """Creates ``out_dir`` (an --out-dir, given or the command's default) with its parents; InputError
-    naming --out-dir if it is not a directory or cannot be created."""
+    naming --out-dir if it is not a directory, cannot be created or cannot be written in."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise InputError(f"--out-dir {out_dir} exists and is not a directory")
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"--out-dir {out_dir}: cannot create it ({e.strerror or e}); pass another --out-dir") from None
+    try:  # a probe, not os.access: root passes access() on read-only folders (/sys, /proc/...) it cannot write
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise InputError(f"--out-dir {out_dir}: cannot write in it ({e.strerror or e}); "
+                         "pass another --out-dir") from None
 
 
 def _decorator(*options):
@@ -376,8 +382,15 @@ def _slurm_file(path: str | None) -> dict:
         raise InputError(f"--slurm-config {path}: expected a table of settings with sbatch a table of KEY = VALUE")
     unknown = sorted(set(values) - set(SLURM_KEYS))
     if unknown:
-        raise InputError(f"--slurm-config {path}: unknown key(s) {', '.join(unknown)}; "
+        raise InputError(f"--slurm-config {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
                          f"it may hold {', '.join(SLURM_KEYS)}")
+    nulls = [k for k, v in values.items() if v is None]  # JSON null: a setting is given a value or left out
+    if nulls:
+        raise InputError(f"--slurm-config {path}: {nulls[0]} is null; give it a value or leave it out")
+    try:
+        check_settings(values)
+    except InputError as e:
+        raise InputError(f"--slurm-config {path}: {e}") from None
     return values
 
 
@@ -392,6 +405,7 @@ def sweep_target(opts: dict):
     sbatch = {**settings.pop("sbatch", {}), **dict(_key_value(item) for item in opts["sbatch"])}
     if sbatch:
         settings["sbatch"] = sbatch
+    check_settings(settings)
     if launcher == "plain":
         if settings:
             raise InputError(f"--{sorted(settings)[0].replace('_', '-')} needs --launcher local or slurm")
@@ -403,14 +417,14 @@ def sweep_target(opts: dict):
                          f"--launcher {launcher} takes one device")
     for name, low in (("workers", 1), ("time_limit", 1), ("gpus_per_task", 0)):
         if name in settings:
-            if not isinstance(settings[name], int):
-                raise InputError(f"--{name.replace('_', '-')} must be an integer, got {settings[name]!r}")
             at_least(f"--{name.replace('_', '-')}", settings[name], low)
     if launcher == "slurm":
         if not (shutil.which("sbatch") and shutil.which("srun")):
             raise InputError("--launcher slurm: sbatch and srun are not on PATH (not a Slurm login node)")
         if spec not in ("auto", "cpu", "cuda", "cuda:0"):
             raise InputError(f"--launcher slurm --device {spec}: use cpu or cuda (each task's first GPU)")
+        if opts["out"]:  # its jobs folder lands in the sbatch script
+            check_text("--out", opts["out"])
         device = torch.device("cpu" if spec == "cpu" else "cuda:0")
     else:
         extra = sorted({"partition", "sbatch"} & set(settings))
@@ -429,7 +443,7 @@ def _key_value(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise InputError(f"--sbatch {item!r}: use KEY=VALUE, e.g. --sbatch account=abc")
-    return key.strip(), value.strip()
+    return key.strip(" "), value.strip(" ")  # spaces only: any control character is refused (check_settings)
 
 
 launcher_options = _decorator(

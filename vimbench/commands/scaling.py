@@ -80,26 +80,26 @@ def sweep(command: str, **opts) -> list[dict]:
                     grad_checkpointing=opts["grad_checkpointing"] and mode == "train", compile=compile_mode, amp=amp,
                     device=str(device), head=opts["head"], threads=opts["threads"], mem_limit_gib=mem_limit, **timing)
                for mode in modes for compile_mode, amp in regimes for model, options in pairs for res in res_list]
-    log = CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],
-                      given=opts["out"] is not None)
-    fixed, backoff = {"command": command}, opts["backoff"]
-    # correctness gates training speed: each scan backend a Vim train row runs has its forward and its gradients
-    # checked against float64 autograd of ref first (each in a worker); one that fails gets error rows, no timing
-    trained_scans = sorted({c["impl"] for c in configs if c["mode"] == "train" and c["family"] == "vim"})
-    failed = check_scans(trained_scans, device, click.echo, grads=True)
+    with CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],
+                     given=opts["out"] is not None) as log:
+        fixed, backoff = {"command": command}, opts["backoff"]
+        # correctness gates training speed: each scan backend a Vim train row runs has its forward and its gradients
+        # checked against float64 autograd of ref first (each in a worker); one that fails gets error rows, no timing
+        trained_scans = sorted({c["impl"] for c in configs if c["mode"] == "train" and c["family"] == "vim"})
+        failed = check_scans(trained_scans, device, click.echo, grads=True)
 
-    def run_one(cfg: dict) -> dict:
-        why = failed.get(cfg["impl"]) if cfg["mode"] == "train" and cfg["family"] == "vim" else None
-        return {**fixed, "status": "error", "error": why} if why else scaling_row(cfg, fixed, backoff)
+        def run_one(cfg: dict) -> dict:
+            why = failed.get(cfg["impl"]) if cfg["mode"] == "train" and cfg["family"] == "vim" else None
+            return {**fixed, "status": "error", "error": why} if why else scaling_row(cfg, fixed, backoff)
 
-    rows = run_sweep(configs, log, run_one,
-                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested'] or 'max'}"
-                                 f"{o.regime_label(cfg)}", launcher)
-    click.echo(format_table(rows, ["model", "impl", "mode", "compile", "amp", "res", "batch", "status",
-                                   "throughput_img_s", "time_ms", "compile_s", "graph_breaks", "mem_peak_gib",
-                                   "flops_total"]))
-    click.echo(f"wrote {len(rows)} rows to {log.path}")
-    return rows
+        rows = run_sweep(configs, log, run_one,
+                         lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested'] or 'max'}"
+                                     f"{o.regime_label(cfg)}", launcher)
+        click.echo(format_table(rows, ["model", "impl", "mode", "compile", "amp", "res", "batch", "status",
+                                       "throughput_img_s", "time_ms", "compile_s", "graph_breaks", "mem_peak_gib",
+                                       "flops_total"]))
+        click.echo(f"wrote {len(rows)} rows to {log.path}")
+        return rows
 
 
 def mem_limit_gib(max_batch: bool, given: float | None, device: torch.device) -> float | None:

@@ -21,8 +21,10 @@ machine that ran it. submitit is an optional dependency: only ``Submitit`` impor
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from vimbench.errors import InputError
 from vimbench.measure.env import environment
 from vimbench.measure.isolation import one_line, pinned
 
@@ -104,6 +107,41 @@ def run_task(run_one: RunOne, cfg: dict, launcher: str, workers: int) -> dict:
     return placed(run_one(cfg), cfg, launcher, workers)
 
 
+SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+"""An sbatch option's long name as --sbatch and [sbatch] take it (submitit writes ``_`` as ``-``)."""
+
+
+def check_settings(settings: dict) -> None:
+    """InputError naming the option for a ``Submitit`` setting that would not reach the sbatch script or the
+    submitit parameters as given: ``workers``, ``time_limit`` or ``gpus_per_task`` not an int (a bool is not
+    one), a ``partition`` that is not printable text (a newline would start a shell line of the script), an
+    ``sbatch`` key that is not an option name, or an ``sbatch`` value that is not printable text, an int, a
+    finite float or true (a bare flag: ``#SBATCH --KEY``). Other keys of ``settings`` are not looked at."""
+    for name in ("workers", "time_limit", "gpus_per_task"):
+        value = settings.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InputError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+    if settings.get("partition") is not None:
+        check_text("--partition", settings["partition"])
+    for key, value in settings.get("sbatch", {}).items():
+        if not (isinstance(key, str) and SBATCH_KEY.fullmatch(key)):
+            raise InputError(f"--sbatch {key!r}: not an sbatch option name (a letter, then letters, digits, - or _)")
+        if isinstance(value, str):
+            check_text(f"--sbatch {key}", value)
+        elif not (value is True or type(value) is int or isinstance(value, float) and math.isfinite(value)):
+            raise InputError(f"--sbatch {key}={value!r}: a value is text, a number or true (a bare flag)")
+
+
+def check_text(what: str, value) -> None:
+    """InputError naming ``what`` unless ``value`` is non-empty printable text (no newline, NUL, escape, ...)."""
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be text, got {value!r}")
+    bad = next((c for c in value if not c.isprintable()), None)
+    if not value or bad:
+        why = f"holds the control character {bad!r}" if bad else "is empty"
+        raise InputError(f"{what} {value!r} {why}; the sbatch script would not read it as one value")
+
+
 FINAL_STATES = ("PREEMPTED",)
 """Slurm states taken as final although submitit waits on them (a pre-empted task that is not requeued)."""
 
@@ -112,7 +150,8 @@ FINAL_STATES = ("PREEMPTED",)
 class Submitit:
     """Configurations as submitit jobs. ``cluster``: local or slurm; ``workers``: jobs at once (None: all
     at once on Slurm); ``time_limit``: minutes per job; ``gpus_per_task``; Slurm only: ``partition`` and
-    ``sbatch`` (extra sbatch parameters, e.g. {"account": "abc"}). Job files and logs go to ``jobs_dir``."""
+    ``sbatch`` (extra sbatch parameters, e.g. {"account": "abc"}), all checked (``check_settings``). Job files
+    and logs go to ``jobs_dir``."""
     cluster: str
     workers: int | None = None
     time_limit: int = 60
@@ -121,6 +160,9 @@ class Submitit:
     sbatch: dict = field(default_factory=dict)
     poll_s: float = 1.0
 
+    def __post_init__(self):
+        check_settings(vars(self))
+
     @property
     def name(self) -> str:
         return self.cluster
@@ -128,6 +170,8 @@ class Submitit:
     def executor(self, jobs_dir: Path):
         """The submitit executor with this launcher's parameters (``%j`` in the folder: one per job)."""
         import submitit
+        if self.cluster == "slurm":  # submitit writes the folder into the script's #SBATCH --output line
+            check_text("--out: its jobs folder", str(jobs_dir))
         ex = submitit.AutoExecutor(folder=Path(jobs_dir) / "%j", cluster=self.cluster)
         params = dict(name="vimbench", timeout_min=self.time_limit, gpus_per_node=self.gpus_per_task or None)
         if self.cluster == "slurm":

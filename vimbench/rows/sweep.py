@@ -12,6 +12,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from vimbench.errors import Interrupted
 from vimbench.measure.isolation import one_line
 from vimbench.measure.launchers import Plain
 from vimbench.rows.schema import ENVIRONMENT, PLACEMENT, Schema
@@ -32,22 +33,27 @@ def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
     """Runs ``run_one(cfg) -> row`` for every configuration not yet done in ``log`` where ``launcher``
     (``vimbench.measure.launchers``) puts it, and appends each row as it comes back, with the columns of
     its configuration and of where it ran. A config's key is its values of the log schema's key columns
-    (``CsvLog.key``). Returns the rows written by this call."""
+    (``CsvLog.key``). Returns the rows written by this call. Ctrl-C raises ``Interrupted`` saying how many
+    rows were written and where (each row is whole on disk before the next configuration's)."""
     done = log.done()
     todo = [c for c in configs if log.key(c) not in done]
     if len(todo) < len(configs):
         print(f"resuming {log.path}: {len(configs) - len(todo)} configurations already ok, {len(todo)} to run",
               file=sys.stderr)
     written, columns = [], set(log.schema.columns)
-    with tqdm(total=len(todo), unit="config", file=sys.stderr, dynamic_ncols=True) as bar:
-        bar.set_description(f"{launcher.name} x{launcher.workers or len(todo)}" if todo else "")
-        for cfg, row in launcher.run(run_one, todo, jobs_dir(log)):
-            row = {**{k: v for k, v in cfg.items() if k in columns},  # all a job that died returns is its key
-                   **{k: v for k, v in row.items() if k in columns or k not in WHERE}}
-            log.append(row)
-            written.append(row)
-            bar.set_postfix_str(f"last: {describe(cfg)} {row.get('status', '?')}")
-            bar.update()
+    try:
+        with tqdm(total=len(todo), unit="config", file=sys.stderr, dynamic_ncols=True) as bar:
+            bar.set_description(f"{launcher.name} x{launcher.workers or len(todo)}" if todo else "")
+            for cfg, row in launcher.run(run_one, todo, jobs_dir(log)):
+                row = {**{k: v for k, v in cfg.items() if k in columns},  # all a job that died returns is its key
+                       **{k: v for k, v in row.items() if k in columns or k not in WHERE}}
+                log.append(row)
+                written.append(row)
+                bar.set_postfix_str(f"last: {describe(cfg)} {row.get('status', '?')}")
+                bar.update()
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {len(written)} of {len(todo)} configurations; every row written is "
+                          f"kept in {log.path}: add --resume to continue it") from None
     return written
 
 
