@@ -32,7 +32,7 @@ def test_models_lists_a_registered_scan_backend(fresh_plugins, capsys):
     built_in = "|".join(SCAN_BACKENDS)
     listed = next(l for l in out.splitlines() if "vim_tiny " in l)  # installed plug-ins (the peers) may follow
     assert f"scan=auto ({built_in}|mine|" in listed and listed.split()[4].endswith("|auto)")
-    row = next(l for l in out.split("plug-in backends:")[1].splitlines() if l.startswith("scan mine "))
+    row = next(l for l in out.split("plug-in backends:")[1].splitlines() if l.split()[:2] == ["scan", "mine"])
     assert row.split()[:7] == ["scan", "mine", "(direct", "call)", "cpu,cuda", "unavailable", "forward-only"]
     vimbench.register_scan_backend("trains", selective_scan_ref, devices="cpu", backward=selective_scan_ref_backward)
     out = run(["models", "--res", "32"], capsys)[1]
