@@ -111,6 +111,7 @@ def fresh_plugins(monkeypatch):
                                          registry._REGISTRY)]
     monkeypatch.setattr(plugins, "_loaded", set())
     monkeypatch.setattr(plugins, "problems", [])
+    monkeypatch.delenv(plugins.SKIPPED_ENV, raising=False)
     yield
     for d, old in saved:
         d.clear()

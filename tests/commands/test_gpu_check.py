@@ -371,7 +371,7 @@ def test_run_checks_records_every_backend_and_names_failures(tmp_path, monkeypat
     results = {"cpu": {"status": "ok", "check_ok": True, "checked": 24, "check_failure": ""},
                "triton": {"status": "ok", "check_ok": False, "checked": 5, "check_failure": "odd-L: out differs"},
                "mamba_ssm": {"status": "error", "error": "RuntimeError: no kernel image"}}
-    monkeypatch.setattr(gpucheck, "run_isolated", lambda fn, args: results[args[0]])
+    monkeypatch.setattr(gpucheck, "run_isolated", lambda fn, args, timeout: results[args[0]])
     failures = gpucheck.run_checks(tmp_path, ["cpu", "triton", "mamba_ssm"])
     assert failures == ["triton: odd-L: out differs", "mamba_ssm: RuntimeError: no kernel image"]
     assert json.loads((tmp_path / "check.json").read_text()) == results
