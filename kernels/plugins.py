@@ -183,16 +183,17 @@ def load_group(group: str) -> None:
     """Loads every entry point of ``group`` (one of ``GROUPS``) once per process; see the module docstring."""
     if group in _loaded:
         return
-    _loaded.add(group)
     from vimbench.measure.isolation import run_isolated
     worker = multiprocessing.parent_process() is not None
+    limit = None if worker else time_limit("load")
+    _loaded.add(group)
     skipped = os.environ.get(SKIPPED_ENV, "").splitlines()
     for ep in importlib.metadata.entry_points(group=group):
         package = ep.dist.name if ep.dist is not None else ep.value.split(":")[0]
         if f"{group}:{ep.name}" in skipped:
             continue
         if not worker:
-            trial = run_isolated(try_entry_point, (group, ep.name), timeout=time_limit("load"))
+            trial = run_isolated(try_entry_point, (group, ep.name), timeout=limit)
             if trial["status"] != "ok":
                 _skip(group, ep.name, package, f"in a trial run: {worker_failure('load', trial['error'])}")
                 continue

@@ -177,6 +177,8 @@ BACKWARDS = {"ref": selective_scan_ref_backward, "cpu": selective_scan_cpu_backw
 
 def describe(backend: str) -> str:
     """"scan backend 'NAME'", and for a plug-in the package that registered it: for messages."""
+    if backend not in SCAN_CHOICES:
+        load_group("vimbench.scan_backends")
     plugin = PLUGINS.get(backend)
     return f"scan backend {backend!r}" + ("" if plugin is None else f" (package {plugin.package or '(direct call)'!r})")
 

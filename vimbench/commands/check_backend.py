@@ -33,6 +33,8 @@ def command(name, device_spec):
     device = o.resolve_device(device_spec)
     try:
         check_scan_backend(name, device)
+    except InputError:  # not the name's fault (a time limit's variable)
+        raise
     except (ValueError, BackendUnavailable) as e:
         raise InputError(f"NAME {name}: {e}") from None
     result = run_check(name, device, grads=True)
