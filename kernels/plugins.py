@@ -39,7 +39,7 @@ TIME_LIMITS_S = {"load": ("VIMBENCH_LOAD_TIMEOUT_S", 120.0), "check": ("VIMBENCH
 """Kind of plug-in run -> (the environment variable that overrides its limit, the default limit in seconds);
 see the module docstring."""
 SKIPPED_ENV = "VIMBENCH_SKIPPED_PLUGINS"
-"""Entry points a command skipped ("<group>:<name>" per line), for its workers (``isolation.run_isolated``
+"""Entry points a command skipped ("<group>:<package>:<name>" per line), for its workers (``isolation.run_isolated``
 passes it on) to skip without trying them again."""
 NAME_RULE = r"[A-Za-z][A-Za-z0-9_]*"
 """Every name a plug-in registers (backends, models): it goes in CSV cells, file names and pytest -k
@@ -176,7 +176,7 @@ def _skip(group: str, ep_name: str, package: str, why: str) -> None:
     if multiprocessing.parent_process() is None:  # said once, by the command, not by each worker
         print(line, file=sys.stderr)
         skipped = os.environ.get(SKIPPED_ENV, "")
-        os.environ[SKIPPED_ENV] = skipped + f"{group}:{ep_name}\n"
+        os.environ[SKIPPED_ENV] = skipped + f"{group}:{package}:{ep_name}\n"
 
 
 def load_group(group: str) -> None:
@@ -190,7 +190,7 @@ def load_group(group: str) -> None:
     skipped = os.environ.get(SKIPPED_ENV, "").splitlines()
     for ep in importlib.metadata.entry_points(group=group):
         package = ep.dist.name if ep.dist is not None else ep.value.split(":")[0]
-        if f"{group}:{ep.name}" in skipped:
+        if f"{group}:{package}:{ep.name}" in skipped:
             continue
         if not worker:
             trial = run_isolated(try_entry_point, (group, ep.name), timeout=limit)
