@@ -155,16 +155,19 @@ def returned(value) -> str:
 def check_returned(kind: str, plugin: Plugin, what: str, got, want: list) -> None:
     """TypeError naming ``plugin`` (a ``kind`` backend) and what its ``what`` ("scan", "backward") returned
     unless ``got`` matches ``want``: a list of expected items, each (shape, dtype, device type) of the tensor
-    that must be returned there, or None where None must be; a one-item ``want`` means one tensor, not a
-    sequence."""
+    that must be returned there (dtype None: any), or None where None must be; a one-item ``want`` means one
+    tensor, not a sequence."""
     import torch
     items = [got] if len(want) == 1 else list(got) if isinstance(got, (tuple, list)) else []
-    if len(items) == len(want) and all(g is None if w is None else isinstance(g, torch.Tensor) and
-                                       (tuple(g.shape), g.dtype, g.device.type) == w for g, w in zip(items, want)):
+    if len(items) == len(want) and all(
+            g is None if w is None else isinstance(g, torch.Tensor) and (tuple(g.shape), g.device.type) == w[::2]
+            and w[1] in (None, g.dtype) for g, w in zip(items, want)):
         return
 
     def spec(w):
-        return "None" if w is None else f"Tensor {w[0]} {str(w[1]).removeprefix('torch.')} on {w[2]}"
+        if w is None:
+            return "None"
+        return f"Tensor {w[0]}{'' if w[1] is None else ' ' + str(w[1]).removeprefix('torch.')} on {w[2]}"
     expected = spec(want[0]) if len(want) == 1 else f"({', '.join(map(spec, want))})"
     raise TypeError(f"{kind} backend {plugin.name!r} (package {plugin.package or '(direct call)'!r}): its {what} "
                     f"returned {returned(got)}, expected {expected}")

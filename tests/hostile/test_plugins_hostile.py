@@ -26,6 +26,7 @@ import vimbench
 from helpers import fake_install, fresh_plugins, scan_case  # noqa: F401
 from vimbench.commands import main
 from vimbench.kernels import plugins
+from vimbench.kernels.attention import attention, attention_eager
 from vimbench.kernels.selective_scan import bidirectional_scan, selective_scan
 from vimbench.kernels.selective_scan.check import check_named_backend
 from vimbench.measure import isolation, ops
@@ -198,6 +199,20 @@ def test_a_backend_returning_the_wrong_type_fails_every_path_in_one_line(install
     for call in calls:
         with pytest.raises(TypeError, match=f"scan backend 'bad' \\(package '{DIST}'\\): its scan returned"):
             call()
+
+
+def test_an_attention_backend_returning_the_wrong_type_is_named_with_what_it_returned(fresh_plugins):
+    vimbench.register_attention_backend("pair", lambda q, k, v: (attention_eager(q, k, v), None), devices="cpu")
+    vimbench.register_attention_backend("wide", lambda q, k, v: attention_eager(q, k, v).double(), devices="cpu")
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(TypeError, match=r"^attention backend 'pair' \(package '\(direct call\)'\): its attention "
+                                        r"returned tuple \(Tensor \(1, 2, 5, 8\) float32 on cpu, None\), expected "
+                                        r"Tensor \(1, 2, 5, 8\) float32 on cpu$"):
+        attention(q, q, q, "pair")
+    with pytest.raises(TypeError, match="its attention returned Tensor \\(1, 2, 5, 8\\) float64 on cpu"):
+        attention(q, q, q, "wide")
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # under autocast the dtype is the matmuls' to pick
+        assert attention(q, q, q, "wide").dtype == torch.float64
 
 
 def test_a_hanging_backend_gets_error_rows_from_kernels_and_no_timing(install, monkeypatch, tmp_path, capsys):
