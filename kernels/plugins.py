@@ -18,11 +18,15 @@ on stderr naming the package and why (from the main process only, not from each 
 other backends and every command keep working. ``problems`` keeps those lines. Measuring workers load
 entry points without the trial, skipping those their command skipped (``SKIPPED_ENV``).
 
-Time limits (``TIME_LIMITS_S``, seconds; each overridable by its environment variable):
+The trials cost a command with plug-ins installed one start of the workers' fork server (an import of
+torch, 2-4 s on an idle machine) and a fork per entry point.
+
+Time limits (``TIME_LIMITS_S``, seconds from when the worker starts the call; each overridable by its
+environment variable, a positive number of seconds):
     load   trying one entry point (its import and its function), VIMBENCH_LOAD_TIMEOUT_S, default 120
-    check  one backend's correctness check in its worker (``measure.ops.run_check``: check-backend, kernels,
-           gate, scaling, gpu-check), VIMBENCH_CHECK_TIMEOUT_S, default 1800 (the first call of a backend may
-           build or compile it: the cpp extension, Triton kernels)
+    check  one backend's correctness check in its worker (check-backend, kernels, gate and scaling through
+           ``measure.ops.run_check``; gpu-check), VIMBENCH_CHECK_TIMEOUT_S, default 1800 (the first call of a
+           backend may build or compile it: the cpp extension, Triton kernels)
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ TIME_LIMITS_S = {"load": ("VIMBENCH_LOAD_TIMEOUT_S", 120.0), "check": ("VIMBENCH
 """Kind of plug-in run -> (the environment variable that overrides its limit, the default limit in seconds);
 see the module docstring."""
 SKIPPED_ENV = "VIMBENCH_SKIPPED_PLUGINS"
-"""Entry points a command skipped ("<group>:<package>:<name>" per line), for its workers (``isolation.run_isolated``
+"""Entry points a command skipped ("<group>:<package>:<name>" per line), for its workers (``run_isolated``
 passes it on) to skip without trying them again."""
 NAME_RULE = r"[A-Za-z][A-Za-z0-9_]*"
 """Every name a plug-in registers (backends, models): it goes in CSV cells, file names and pytest -k
