@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vimbench.errors import BackendUnavailable
-from vimbench.kernels.plugins import Plugin, load_group, make_plugin, owners
+from vimbench.kernels.plugins import Plugin, check_returned, load_group, make_plugin, owners
 
 _FORCED = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
            "math": SDPBackend.MATH}
@@ -247,10 +247,14 @@ def attention_backends() -> tuple[str, ...]:
 
 
 def _plugin_attention(plugin: Plugin, q, k, v):
-    """A plug-in's attention; on fake tensors (memory prediction) its fake, or BackendUnavailable without one."""
+    """A plug-in's attention, its result checked (``plugins.check_returned``: q's shape and device, and outside
+    autocast its dtype); on fake tensors (memory prediction) its fake, or BackendUnavailable without one."""
     if isinstance(q, FakeTensor):
         if plugin.fake is None:
             raise BackendUnavailable(f"memory prediction unavailable: attention backend {plugin.name!r} "
                                      f"(package {plugin.package!r}) registered no fake")
         return plugin.fake(q, k, v)
-    return plugin.fn(q, k, v)
+    out = plugin.fn(q, k, v)
+    dtype = None if torch.is_autocast_enabled(q.device.type) else q.dtype  # autocast may pick the matmuls' dtype
+    check_returned("attention", plugin, "attention", out, [(tuple(q.shape), dtype, q.device.type)])
+    return out

@@ -115,6 +115,8 @@ def fresh_plugins(monkeypatch):
     attention.ATTENTION_PLUGINS.clear()
     monkeypatch.setattr(plugins, "_loaded", set())
     monkeypatch.setattr(plugins, "problems", [])
+    monkeypatch.setenv(plugins.SKIPPED_ENV, "")  # recorded, so that what the test's commands skip is undone
+    monkeypatch.delenv(plugins.SKIPPED_ENV)
     yield
     for d, old in saved:
         d.clear()

@@ -28,7 +28,7 @@ import torch
 
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels import peers
-from vimbench.kernels.plugins import Plugin, load_group, make_plugin, owners
+from vimbench.kernels.plugins import Plugin, check_returned, load_group, make_plugin, owners
 from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.kernels.selective_scan.chunked import selective_scan_cpu, selective_scan_cpu_backward
 from vimbench.kernels.selective_scan.ref import selective_scan_ref, selective_scan_ref_backward
@@ -178,12 +178,19 @@ BACKWARDS = {"ref": selective_scan_ref_backward, "cpu": selective_scan_cpu_backw
 ``backward``. ``cpp`` is not here: its compiled ops carry their own autograd (``compiled_cpu``)."""
 
 
+def describe(backend: str) -> str:
+    """"scan backend 'NAME'", and for a plug-in the package that registered it: for messages."""
+    if backend not in SCAN_CHOICES:
+        load_group("vimbench.scan_backends")
+    plugin = PLUGINS.get(backend)
+    return f"scan backend {backend!r}" + ("" if plugin is None else f" (package {plugin.package or '(direct call)'!r})")
+
+
 def forward_only(backend: str) -> str:
     """Why ``backend`` cannot train, in one line ("" when it has a backward: ``has_backward``)."""
     if has_backward(backend):
         return ""
-    return (f"scan backend {backend!r} (package {PLUGINS[backend].package or '(direct call)'!r}) is forward-only: "
-            f"it registered no backward, so it cannot train")
+    return f"{describe(backend)} is forward-only: it registered no backward, so it cannot train"
 
 
 def scan_backward(backend: str) -> Callable:
@@ -224,11 +231,41 @@ def register_scan_backend(name: str, fn: Callable, *, devices, fake: Callable | 
              GPU, for memory prediction of training
     ValueError for a name that is not a plain identifier or is taken (a built-in's or already registered).
     """
-    PLUGINS[name] = make_plugin("scan", name, fn, devices, fake, description, owners(SCAN_CHOICES, PLUGINS),
-                                backward=backward, backward_fake=backward_fake)
-    IMPLS[name] = fn
+    plugin = make_plugin("scan", name, fn, devices, fake, description, owners(SCAN_CHOICES, PLUGINS),
+                         backward=backward, backward_fake=backward_fake)
+    PLUGINS[name] = plugin
+    IMPLS[name] = _checked_scan(plugin)
     if backward is not None:
-        BACKWARDS[name] = backward
+        BACKWARDS[name] = _checked_backward(plugin)
+
+
+def _tensor(x: torch.Tensor | None) -> tuple | None:
+    """(shape, dtype, device type) of ``x`` (None for None): an item of ``plugins.check_returned``'s want."""
+    return None if x is None else (tuple(x.shape), x.dtype, x.device.type)
+
+
+def _checked_scan(plugin: Plugin) -> Callable:
+    """``plugin.fn``, its result checked on every call (``plugins.check_returned``; a TypeError naming the
+    plug-in and what it returned): out (b, E, L) in u's dtype on u's device, and with ``return_last_state`` the
+    last state (b, E, N) float32 beside it."""
+    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+        got = plugin.fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=return_last_state)
+        want = [_tensor(u)]
+        if return_last_state:
+            want.append(((u.shape[0], u.shape[1], A.shape[1]), torch.float32, u.device.type))
+        check_returned("scan", plugin, "scan", got, want)
+        return got
+    return scan
+
+
+def _checked_backward(plugin: Plugin) -> Callable:
+    """``plugin.backward``, its result checked on every call: the 8 gradients, each in its input's shape,
+    dtype and device, None for an absent input (``register_scan_backend``)."""
+    def backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
+        got = plugin.backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout)
+        check_returned("scan", plugin, "backward", got, [_tensor(x) for x in (u, delta, A, B, C, D, z, delta_bias)])
+        return got
+    return backward
 
 
 def scan_backends() -> tuple[str, ...]:

@@ -62,6 +62,11 @@ class CheckResult:
     worst: float = 0.0
 
 
+def _crashed(n: int, label: str, what: str, e: Exception) -> CheckResult:
+    """The failure of case ``label`` whose call raised ``e``, its message on one line."""
+    return CheckResult(False, n, f"{label}: {what} {type(e).__name__}: {' '.join(str(e).split())}", float("nan"))
+
+
 def check_backend(scan, device="cpu", dtypes=(torch.float32, torch.bfloat16)) -> CheckResult:
     """Runs ``scan`` (a function with ``selective_scan_ref``'s signature) on every case of ``CASES`` x
     ``dtypes`` x with/without extras on ``device``, and compares out (in the case's dtype) and the last state
@@ -78,7 +83,7 @@ def check_backend(scan, device="cpu", dtypes=(torch.float32, torch.bfloat16)) ->
                 try:
                     out, h = scan(*args, **kw, return_last_state=True)
                 except Exception as e:  # a crash is a failure to report, not to propagate
-                    return CheckResult(False, n, f"{label}: raised {type(e).__name__}: {e}", float("nan"))
+                    return _crashed(n, label, "raised", e)
                 for what, want, got, tol_dtype in (("out", ref, out, dtype), ("last state", ref_h, h, torch.float32)):
                     if got.shape != want.shape or got.dtype != tol_dtype:
                         return CheckResult(False, n, f"{label}: {what} has shape {tuple(got.shape)} {got.dtype}, "
@@ -122,7 +127,7 @@ def check_entry_points(backend: str, device="cpu", dtypes=(torch.float32, torch.
                         try:
                             got = _scan_out(backend, given, pair, extras)
                         except Exception as e:  # a crash is a failure to report, not to propagate
-                            return CheckResult(False, n, f"{label}: raised {type(e).__name__}: {e}", float("nan"))
+                            return _crashed(n, label, "raised", e)
                         if got.shape != want.shape or got.dtype != dtype:
                             return CheckResult(False, n, f"{label}: out has shape {tuple(got.shape)} {got.dtype}, "
                                                          f"expected {tuple(want.shape)} {dtype}", float("nan"))
@@ -159,7 +164,7 @@ def check_mixer(backend: str, device="cpu") -> CheckResult:
             try:
                 got = mixer(h, scan=backend)
             except Exception as e:  # a crash is a failure to report, not to propagate
-                return CheckResult(False, n, f"{label}: raised {type(e).__name__}: {e}", float("nan"))
+                return _crashed(n, label, "raised", e)
         scale = want.abs().max().item()
         err = (got.double() - want).abs().max().item() if got.shape == want.shape else float("nan")
         if not err <= MIXER_TOLERANCE * scale:
@@ -237,8 +242,7 @@ def check_backward(backend: str, device="cpu", dtypes=(torch.float32, torch.bflo
                         got = torch.autograd.grad(_scan_out(backend, got_in, pair, extras), list(got_in.values()),
                                                   dout)
                     except Exception as e:  # a crash is a failure to report, not to propagate
-                        return CheckResult(False, n, f"{label}: backward raised {type(e).__name__}: {e}",
-                                           float("nan"))
+                        return _crashed(n, label, "backward raised", e)
                     for what, w, g, x in zip(got_in, want, got, got_in.values()):
                         if g.shape != x.shape or g.dtype != x.dtype:
                             return CheckResult(False, n, f"{label}: d{what} has shape {tuple(g.shape)} {g.dtype}, "

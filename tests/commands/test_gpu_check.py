@@ -387,7 +387,7 @@ def test_run_checks_records_every_backend_and_names_failures(tmp_path, monkeypat
     results = {"cpu": {"status": "ok", "check_ok": True, "checked": 24, "check_failure": ""},
                "triton": {"status": "ok", "check_ok": False, "checked": 5, "check_failure": "odd-L: out differs"},
                "mamba_ssm": {"status": "error", "error": "RuntimeError: no kernel image"}}
-    monkeypatch.setattr(checks, "run_isolated", lambda fn, args: results[args[0]])
+    monkeypatch.setattr(checks, "run_isolated", lambda fn, args, timeout: results[args[0]])
     failures = checks.run_checks(tmp_path, ["cpu", "triton", "mamba_ssm"])
     assert failures == ["triton: odd-L: out differs", "mamba_ssm: RuntimeError: no kernel image"]
     assert json.loads((tmp_path / "check.json").read_text()) == results
@@ -416,7 +416,7 @@ def test_run_backward_records_both_dtypes_and_names_failures(tmp_path, monkeypat
             "triton_pipelined": design}
     results = {"fp32": fp32, "bf16": {"status": "error", "error": "OutOfMemoryError: CUDA out of memory"}}
     asked = []
-    monkeypatch.setattr(checks, "run_isolated", lambda fn, args: asked.append(args) or results[args[0]])
+    monkeypatch.setattr(checks, "run_isolated", lambda fn, args, timeout: asked.append(args) or results[args[0]])
     failures = checks.run_backward(tmp_path, ["cpu", "triton"])
     assert failures == ["backward fp32 triton: dA differs from cpu's by 0.1",
                         "backward bf16: OutOfMemoryError: CUDA out of memory"]

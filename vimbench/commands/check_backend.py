@@ -7,7 +7,8 @@ import torch
 from vimbench.commands import options as o
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.selective_scan import check_scan_backend
-from vimbench.kernels.selective_scan.check import CASES, GRAD_TOLERANCES, TOLERANCES, check_named_backend
+from vimbench.kernels.selective_scan.check import CASES, GRAD_TOLERANCES, TOLERANCES
+from vimbench.measure.ops import run_check
 
 
 @click.command("check-backend")
@@ -22,15 +23,21 @@ def command(name, device_spec):
     `ref` on the same cases, the check every train timing runs first; a backend without a backward is named
     forward-only.
 
+    The check runs in a worker process, bounded by VIMBENCH_CHECK_TIMEOUT_S seconds (default 1800): a backend
+    that hangs, exits, or crashes the interpreter fails the check with one line naming it and its package.
+
     Exit 0 when every case is within tolerance (or the backend is forward-only and its forward passed); 1 with
-    the first failing case (shape, dtype, worst error).
+    the first failing case (shape, dtype, worst error) or what stopped the check (a wrong return type, a
+    hang, an exit, a crash); 2 for an unknown or unavailable NAME.
     """
     device = o.resolve_device(device_spec)
     try:
         check_scan_backend(name, device)
+    except InputError:  # not the name's fault (a time limit's variable)
+        raise
     except (ValueError, BackendUnavailable) as e:
         raise InputError(f"NAME {name}: {e}") from None
-    result = check_named_backend(name, str(device), grads=True)
+    result = run_check(name, device, grads=True)
     if not result["check_ok"]:
         click.echo(f"check-backend: {name} FAILED on {device}: {result['check_failure']}", err=True)
         return 1

@@ -82,6 +82,8 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
     if scan:
         try:
             check_scan_backend(scan, device)
+        except InputError:  # not the name's fault (a time limit's variable)
+            raise
         except (ValueError, BackendUnavailable) as e:
             raise InputError(f"--scan {scan}: {e}") from None
     path = baseline_path or (Path(f"vimbench-gate-{scan}-{store.device_class(device)}.json") if scan

@@ -20,10 +20,12 @@ FLOOR = dict(model="vim_tiny", res=1248, batch=64, dtype="fp32")
 
 
 def run_checks(out: Path, backends: list[str]) -> list[str]:
-    """``check_named_backend`` of each of ``backends`` on CUDA, each in a worker; the results go to
-    ``out/check.json`` ({backend: result}). Returns the failures, one line per backend that failed."""
+    """``check_named_backend`` of each of ``backends`` on CUDA, each in a worker bounded by
+    ``plugins.time_limit("check")``; the results go to ``out/check.json`` ({backend: result}). Returns the
+    failures, one line per backend that failed."""
+    from vimbench.kernels.plugins import time_limit
     from vimbench.kernels.selective_scan.check import check_named_backend
-    results = {b: run_isolated(check_named_backend, (b, "cuda")) for b in backends}
+    results = {b: run_isolated(check_named_backend, (b, "cuda"), timeout=time_limit("check")) for b in backends}
     (out / "check.json").write_text(json.dumps(results, indent=1))
     return [f"{b}: {r.get('check_failure') or r.get('error')}" for b, r in results.items()
             if r["status"] != "ok" or not r["check_ok"]]

@@ -51,6 +51,7 @@ def pinned(env: dict):
 
 def _child(fn, args, conn, env):
     os.environ.update(env)
+    conn.send(None)  # running: the time limit counts from here, not from the fork server's start
     try:
         result = {"status": "ok", **(fn(*args) or {})}
     except BaseException as e:  # everything is reported to the parent, nothing escapes the worker
@@ -63,14 +64,25 @@ def run_isolated(fn, args: tuple = (), timeout: float | None = None) -> dict:
     """``fn(*args)`` (a dict of results) in a fresh worker process.
 
     Returns the dict with ``status`` "ok"; or {"status": "oom" | "error", "error": one line, ...} when it
-    raised, died (signal or exit code) or ran past ``timeout`` seconds (then it is killed).
-    ``fn`` must be importable by name (a module-level function).
+    raised, died (signal or exit code) or ran past ``timeout`` seconds, counted from when the worker
+    starts ``fn`` (then it is killed; the wait for the fork server to start, which imports torch, is not
+    counted).
+    ``fn`` must be importable by name (a module-level function). The worker gets the entry points this
+    process skipped (``plugins.SKIPPED_ENV``) in its environment, to skip them too.
     """
+    from vimbench.kernels.plugins import SKIPPED_ENV
+    env = dict(getattr(_PINNED, "env", {}))
+    if SKIPPED_ENV in os.environ:  # the fork server's environment is the one it started with
+        env[SKIPPED_ENV] = os.environ[SKIPPED_ENV]
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(fn, args, send, getattr(_PINNED, "env", {})), daemon=True)
+    proc = ctx.Process(target=_child, args=(fn, args, send, env), daemon=True)
     proc.start()
     send.close()
+    try:
+        recv.recv()
+    except EOFError:  # the worker died before running fn
+        pass
     if not recv.poll(timeout):
         proc.kill()
         proc.join()

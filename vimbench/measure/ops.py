@@ -76,6 +76,8 @@ from vimbench.kernels.attention import attention, sdpa_kernel_used
 from vimbench.measure.env import precision
 from vimbench.measure.isolation import run_isolated
 from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, compiled_cpu, selective_scan
+from vimbench.kernels.plugins import time_limit, worker_failure
+from vimbench.kernels.selective_scan.backends import describe
 from vimbench.kernels.selective_scan.check import check_named_backend
 from vimbench.kernels.selective_scan.ops import scan_bwd_flops
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
@@ -377,9 +379,21 @@ def exp_ceiling() -> dict:
 
 
 
+def run_check(impl: str, device, grads: bool = False) -> dict:
+    """``check.check_named_backend`` of scan backend ``impl`` on ``device`` in a worker, bounded by
+    ``plugins.time_limit("check")``. A worker that raised (``SystemExit`` and ``KeyboardInterrupt`` too), died
+    (``os.abort``, a segfault) or ran past the limit (then killed) gives check_ok False and a check_failure
+    naming the backend, its package and what happened, in one line."""
+    result = run_isolated(check_named_backend, (impl, str(device), grads), timeout=time_limit("check"))
+    if result.pop("status") == "ok":
+        return result
+    return {"checked": 0, "check_ok": False, "check_worst": float("nan"),
+            "check_failure": f"{describe(impl)}: {worker_failure('check', result['error'])}"}
+
+
 def check_scans(scans: list[str], device, log, grads: bool = False) -> dict[str, str]:
     """Correctness before speed: each scan backend in ``scans`` but the reference checked against it on
-    ``device`` (``check.check_named_backend``, in a worker) before any timing. Returns {backend: why} for those
+    ``device`` (``run_check``: in a worker, with a time limit) before any timing. Returns {backend: why} for those
     that failed (the first failing case: its shape, dtype and worst error), which then get no timing;
     ``log`` gets one line per backend that passed.
     With ``grads`` (before train timing) the gradients too (``check.check_backward``): a backend also fails
@@ -390,9 +404,9 @@ def check_scans(scans: list[str], device, log, grads: bool = False) -> dict[str,
     for impl in scans:
         if impl == "ref":
             continue
-        result = run_isolated(check_named_backend, (impl, str(device), grads))
-        if result["status"] != "ok" or not result["check_ok"]:
-            failed[impl] = f"correctness check failed: {result.get('check_failure') or result.get('error')}"
+        result = run_check(impl, device, grads)
+        if not result["check_ok"]:
+            failed[impl] = f"correctness check failed: {result['check_failure']}"
         elif grads and result["forward_only"]:
             failed[impl] = result["forward_only"]
         elif grads and not result["grad_ok"]:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from vimbench.errors import InputError
 from vimbench.kernels.attention import attention_backends
 from vimbench.kernels import peers
-from vimbench.kernels.plugins import load_group
+from vimbench.kernels.plugins import check_name, load_group
 from vimbench.kernels.selective_scan import scan_choices
 
 FAMILY_OPTIONS = {"vim": {"scan": scan_choices}, "deit": {"attn": attention_backends},
@@ -46,10 +46,15 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, family: str, description: str):
-    """Decorator for a builder ``fn(img_size, **options) -> nn.Module``; ValueError for a name taken."""
+    """Decorator for a builder ``fn(img_size, **options) -> nn.Module``. ValueError for a name that is taken or
+    breaks the plug-ins' name rule (``plugins.NAME_RULE``: ``timm:<name>`` is timm's model, never a plug-in's),
+    or a family not in ``FAMILY_OPTIONS``."""
     def deco(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"model name {name!r} clashes with a registered model")
+        if isinstance(name, str) and name.startswith("timm:"):
+            raise ValueError(f"model name {name!r}: the timm: prefix is reserved for timm's own models")
+        check_name("model", name, dict.fromkeys(_REGISTRY, "a registered model"))
+        if family not in FAMILY_OPTIONS:
+            raise ValueError(f"model {name!r}: family {family!r} is not one of {', '.join(FAMILY_OPTIONS)}")
         _REGISTRY[name] = ModelEntry(name, family, fn, description, FAMILY_OPTIONS[family])
         return fn
     return deco
