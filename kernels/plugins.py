@@ -51,6 +51,7 @@ NAME_RULE = r"[A-Za-z][A-Za-z0-9_]*"
 expressions, so no ``:`` (``timm:`` names timm's models), ``/``, whitespace or spreadsheet-formula start."""
 
 _loaded: set[str] = set()
+_tried: set[str] = set()  # "group:package:name" of every entry point loaded (or skipped) in this process
 _loading: list[str] = []
 problems: list[str] = []
 
@@ -198,8 +199,10 @@ def load_group(group: str) -> None:
     skipped = os.environ.get(SKIPPED_ENV, "").splitlines()
     for ep in importlib.metadata.entry_points(group=group):
         package = ep.dist.name if ep.dist is not None else ep.value.split(":")[0]
-        if f"{group}:{package}:{ep.name}" in skipped:
+        key = f"{group}:{package}:{ep.name}"
+        if key in skipped or key in _tried:
             continue
+        _tried.add(key)
         if not worker and package != "vimbench":  # vimbench's own entry points (the peers) need no trial
             trial = run_isolated(try_entry_point, (group, ep.name), timeout=limit)
             if trial["status"] != "ok":

@@ -114,6 +114,7 @@ def fresh_plugins(monkeypatch):
             d.pop(name, None)
     attention.ATTENTION_PLUGINS.clear()
     monkeypatch.setattr(plugins, "_loaded", set())
+    monkeypatch.setattr(plugins, "_tried", set())
     monkeypatch.setattr(plugins, "problems", [])
     monkeypatch.setenv(plugins.SKIPPED_ENV, "")  # recorded, so that what the test's commands skip is undone
     monkeypatch.delenv(plugins.SKIPPED_ENV)

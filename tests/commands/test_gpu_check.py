@@ -416,7 +416,7 @@ def test_run_backward_records_both_dtypes_and_names_failures(tmp_path, monkeypat
             "triton_pipelined": design}
     results = {"fp32": fp32, "bf16": {"status": "error", "error": "OutOfMemoryError: CUDA out of memory"}}
     asked = []
-    monkeypatch.setattr(checks, "run_isolated", lambda fn, args, timeout: asked.append(args) or results[args[0]])
+    monkeypatch.setattr(checks, "run_isolated", lambda fn, args: asked.append(args) or results[args[0]])
     failures = checks.run_backward(tmp_path, ["cpu", "triton"])
     assert failures == ["backward fp32 triton: dA differs from cpu's by 0.1",
                         "backward bf16: OutOfMemoryError: CUDA out of memory"]
