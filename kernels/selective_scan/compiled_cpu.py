@@ -12,10 +12,10 @@ Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, 
                             return_last_state=False, *, time_major_out=None)
     bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z=None,
                                 delta_bias=None, delta_bias_b=None, delta_softplus=True, *, time_major_out=None)
-    torch.ops.vimbench_cpu.selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, dlast, delta_softplus)
-        -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
+    torch.ops.vimbench_cpu.selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, dlast, states,
+                                              delta_softplus) -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]
     torch.ops.vimbench_cpu.bidirectional_scan_bwd(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
-                                                  delta_bias, delta_bias_b, dout, delta_softplus)
+                                                  delta_bias, delta_bias_b, dout, states, states_b, delta_softplus)
         -> [du, ddelta, dA, dB, dC, dD, du_b, ddelta_b, dA_b, dB_b, dC_b, dD_b, dz, ddelta_bias, ddelta_bias_b]
                                      the backward ops, which autograd calls (see Training below)
     causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b) -> (x_f, x_b)   see ``kernels/causal_conv.py``
@@ -37,11 +37,15 @@ False. The default (None) follows u: time-major iff u's stride along E is smalle
 that feeds time-major views gets ``out.transpose(1, 2)`` contiguous, ready for out_proj without a copy.
 
 Training: the two scans are differentiable. ``ops.py`` registers autograd on vimbench_cpu::selective_scan_fwd and
-bidirectional_scan_fwd (it saves the inputs, nothing else), whose backward is the compiled backward op: the
+bidirectional_scan_fwd (it saves the inputs and the kept states, below), whose backward is the compiled backward
+op: the
 gradients of autograd through ``ref.selective_scan_ref`` (mamba_ssm's backward) for u, delta (the raw delta,
 before bias and softplus), A, B, C (summed over the channels of a group), D, z and delta_bias, and for the
-last state's gradient (dlast, which starts the reverse recurrence). The backward recomputes the forward states
-from checkpoints it keeps every 16 steps, never forms a (b, E, L, N) tensor, and reduces dB, dC over channels
+last state's gradient (dlast, which starts the reverse recurrence). When autograd records the call (grad mode on
+and an input requiring grad), the forward op is called with keep_states and also returns the state entering every
+16 steps, (b, ceil(L / 16), N, E) float32 per direction (for Vim-Ti at 1248 px, 9.4 MB per direction and layer),
+which autograd saves; the backward recomputes each 16-step tile's states from there (one exp per state entry and
+step, as the forward), never forms a (b, E, L, N) tensor, and reduces dB, dC over channels
 and dA, dD, ddelta_bias over batch without atomics (deterministic for a given thread count); design in the
 header of csrc/selective_scan_bwd_cpu.cpp. du, ddelta and dz come back in their input's dtype and memory
 layout (time-major in, time-major out, so the Vim mixer copies nothing); dA, dB, dC, dD and ddelta_bias in
@@ -233,6 +237,12 @@ def is_time_major(u: torch.Tensor) -> bool:
     return u.shape[1] > 1 and u.shape[2] > 1 and u.stride(1) < u.stride(2)
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd records a call on ``tensors`` (grad mode on and one of them requires grad): then the
+    forward keeps the states its backward starts from."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             return_last_state=False, *, time_major_out=None):
     """Selective scan, semantics of ``ref.selective_scan_ref``, with the compiled CPU kernel.
@@ -244,8 +254,8 @@ def selective_scan_compiled(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     """
     if time_major_out is None:
         time_major_out = is_time_major(u)
-    out, last = _ops().selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                          bool(time_major_out))
+    out, last, _ = _ops().selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                             bool(time_major_out), _needs_grad(u, delta, A, B, C, D, z, delta_bias))
     return (out, last) if return_last_state else out
 
 
@@ -261,8 +271,9 @@ def bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_
     """
     if time_major_out is None:
         time_major_out = is_time_major(u)
+    keep = _needs_grad(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b)
     return _ops().bidirectional_scan_fwd(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
-                                         delta_bias_b, bool(delta_softplus), bool(time_major_out))
+                                         delta_bias_b, bool(delta_softplus), bool(time_major_out), keep)[0]
 
 
 def causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b):

@@ -344,15 +344,16 @@ def scan_bwd_flops(b: int, E: int, L: int, N: int, *, has_D: bool, has_z: bool, 
     return b * E * L * (SCAN_BWD_FLOPS_PER_STATE * N + per_step)
 
 
-def _scan_flop_formula(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend, out_shape=None, **kw):
-    """FLOPs of one scan call from its argument shapes (registered below, on this op and on the compiled scan's)."""
+def _scan_flop_formula(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *_, out_shape=None, **kw):
+    """FLOPs of one scan call from its argument shapes (registered below, on this op and on the compiled scan's,
+    whose further arguments, the backend or the layout flags, do not count)."""
     b, E, L = u
     return scan_flops(b, E, L, A[1], has_D=D is not None, has_z=z is not None,
                       has_delta_bias=delta_bias is not None, delta_softplus=delta_softplus)
 
 
 def _bidir_flop_formula(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
-                        delta_softplus, backend, out_shape=None, **kw):
+                        delta_softplus, *_, out_shape=None, **kw):
     """FLOPs of one bidirectional call from its argument shapes (registered as the one-direction formula)."""
     b, E, L = u
     one = functools.partial(scan_flops, b, E, L, A[1], has_z=False, delta_softplus=delta_softplus)
@@ -388,24 +389,43 @@ register_flop_formula(torch.ops.vimbench.selective_scan_bwd)(_scan_bwd_flop_form
 register_flop_formula(torch.ops.vimbench.bidirectional_scan_bwd)(_bidir_bwd_flop_formula)
 
 
-def _compiled_scan_bwd_flop_formula(u, delta, A, B, C, D, z, delta_bias, dout, dlast, delta_softplus,
+def _compiled_scan_bwd_flop_formula(u, delta, A, B, C, D, z, delta_bias, dout, dlast, states, delta_softplus,
                                     out_shape=None, **kw):
     """``_scan_bwd_flop_formula`` for the compiled scan backward (``vimbench_cpu::selective_scan_bwd``), whose
-    arguments hold the last state's gradient and no backend."""
+    arguments hold the last state's gradient and the forward's kept states, and no backend."""
     return _scan_bwd_flop_formula(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, None)
+
+
+def _compiled_bidir_bwd_flop_formula(*args, out_shape=None, **kw):
+    """``_bidir_bwd_flop_formula`` for ``vimbench_cpu::bidirectional_scan_bwd``, whose arguments hold the two
+    directions' kept states between dout and delta_softplus."""
+    return _bidir_bwd_flop_formula(*args[:16], args[18])
 
 
 # ----------------------------------------------------------------------------------------------------
 # The compiled CPU scan's own ops (backend ``cpp``), which the entry points call directly: their fakes
-# (compiled_cpu's allocations: out in the requested layout, the last state float32, the gradients; its
-# per-thread tile buffers and checkpoints are not tensors), the FLOP formulas above, and their autograd (the
-# forward ops' backward is the compiled backward op), registered once the library is loaded.
+# (compiled_cpu's allocations: out in the requested layout, the last state float32, the states a forward keeps
+# for its backward, the gradients; the per-thread tile buffers are not tensors), the FLOP formulas above, and
+# their autograd (the forward ops' backward is the compiled backward op), registered once the library is loaded.
 # ----------------------------------------------------------------------------------------------------
 
 def _compiled_out(u: Tensor, time_major_out: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
     b, E, L = u.shape
     dtype = dtype or u.dtype
     return u.new_empty(b, L, E, dtype=dtype).transpose(1, 2) if time_major_out else u.new_empty(b, E, L, dtype=dtype)
+
+
+STATE_TILE = 16
+"""Steps between the states a compiled forward keeps for its backward (kStateTile in csrc/scan_common.h)."""
+
+
+def _kept_states(u: Tensor, A: Tensor, keep_states: bool) -> Tensor:
+    """The states a compiled forward keeps with ``keep_states``: (b, ceil(L / STATE_TILE), N, E) float32, the state
+    entering every STATE_TILE steps; without, an empty (0,) float32 tensor."""
+    b, E, L = u.shape
+    if not keep_states:
+        return u.new_empty(0, dtype=torch.float32)
+    return u.new_empty(b, -(-L // STATE_TILE), A.shape[1], E, dtype=torch.float32)
 
 
 def _grad_like(x: Tensor) -> Tensor:
@@ -434,52 +454,59 @@ def _given_grads(grads, inputs) -> tuple:
 @compiled_cpu.describe_ops
 def _describe_compiled_scan() -> None:
     @torch.library.register_fake("vimbench_cpu::selective_scan_fwd")
-    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, time_major_out):
-        return _compiled_out(u, time_major_out), u.new_empty(u.shape[0], u.shape[1], A.shape[1],
-                                                            dtype=compute_dtype(u))
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, time_major_out, keep_states):
+        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=compute_dtype(u))
+        return _compiled_out(u, time_major_out), last, _kept_states(u, A, keep_states)
 
     @torch.library.register_fake("vimbench_cpu::bidirectional_scan_fwd")
     def _(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b, delta_softplus,
-          time_major_out):
-        return _compiled_out(u, time_major_out)
+          time_major_out, keep_states):
+        return _compiled_out(u, time_major_out), _kept_states(u, A, keep_states), _kept_states(u_b, A_b, keep_states)
 
     register_flop_formula(torch.ops.vimbench_cpu.selective_scan_fwd)(_scan_flop_formula)
     register_flop_formula(torch.ops.vimbench_cpu.bidirectional_scan_fwd)(_bidir_flop_formula)
 
     @torch.library.register_fake("vimbench_cpu::selective_scan_bwd")
-    def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, delta_softplus):
+    def _(u, delta, A, B, C, D, z, delta_bias, dout, dlast, states, delta_softplus):
         du, ddelta, dA, dB, dC, dD, dbias = _compiled_grads_fake(u, delta, A, B, C, D, delta_bias)
         dz = _grad_like(z) if z is not None else u.new_empty(0, dtype=torch.float32)
         return [du, ddelta, dA, dB, dC, dD, dz, dbias]
 
     @torch.library.register_fake("vimbench_cpu::bidirectional_scan_bwd")
-    def _(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b, dout, delta_softplus):
+    def _(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b, dout, states, states_b,
+          delta_softplus):
         f = _compiled_grads_fake(u, delta, A, B, C, D, delta_bias)
         r = _compiled_grads_fake(u_b, delta_b, A_b, B_b, C_b, D_b, delta_bias_b)
         dz = _grad_like(z) if z is not None else u.new_empty(0, dtype=torch.float32)
         return f[:6] + r[:6] + [dz, f[6], r[6]]
 
     register_flop_formula(torch.ops.vimbench_cpu.selective_scan_bwd)(_compiled_scan_bwd_flop_formula)
-    register_flop_formula(torch.ops.vimbench_cpu.bidirectional_scan_bwd)(_bidir_bwd_flop_formula)
+    register_flop_formula(torch.ops.vimbench_cpu.bidirectional_scan_bwd)(_compiled_bidir_bwd_flop_formula)
 
-    # autograd: the backward ops recompute the forward states from the saved inputs (nothing else is saved)
-    def _setup(ctx, inputs, output):
-        *tensors, ctx.delta_softplus, _ = inputs
-        ctx.save_for_backward(*tensors)
+    # autograd: the forward is called with keep_states when a gradient is needed (compiled_cpu); the backward ops
+    # recompute the states of each tile from the kept states and the saved inputs
+    def _setup_scan(ctx, inputs, output):
+        *tensors, ctx.delta_softplus, _, _ = inputs
+        ctx.save_for_backward(*tensors, output[2])
+        ctx.mark_non_differentiable(output[2])
 
-    def _compiled_scan_backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        grads = torch.ops.vimbench_cpu.selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, dlast,
-                                                          ctx.delta_softplus)
+    def _compiled_scan_backward(ctx, dout, dlast, _):
+        *inputs, states = ctx.saved_tensors
+        grads = torch.ops.vimbench_cpu.selective_scan_bwd(*inputs, dout, dlast, states, ctx.delta_softplus)
         du, ddelta, dA, dB, dC, dD, dz, dbias = grads
-        return _given_grads((du, ddelta, dA, dB, dC, dD, dz, dbias), ctx.saved_tensors) + (None, None)
+        return _given_grads((du, ddelta, dA, dB, dC, dD, dz, dbias), inputs) + (None, None, None)
 
-    def _compiled_bidir_backward(ctx, dout):
-        inputs = ctx.saved_tensors
-        grads = torch.ops.vimbench_cpu.bidirectional_scan_bwd(*inputs, dout, ctx.delta_softplus)
-        return _given_grads(grads, inputs) + (None, None)
+    def _setup_bidir(ctx, inputs, output):
+        *tensors, ctx.delta_softplus, _, _ = inputs
+        ctx.save_for_backward(*tensors, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def _compiled_bidir_backward(ctx, dout, *_):
+        *inputs, states, states_b = ctx.saved_tensors
+        grads = torch.ops.vimbench_cpu.bidirectional_scan_bwd(*inputs, dout, states, states_b, ctx.delta_softplus)
+        return _given_grads(grads, inputs) + (None, None, None)
 
     torch.library.register_autograd("vimbench_cpu::selective_scan_fwd", _compiled_scan_backward,
-                                    setup_context=_setup)
+                                    setup_context=_setup_scan)
     torch.library.register_autograd("vimbench_cpu::bidirectional_scan_fwd", _compiled_bidir_backward,
-                                    setup_context=_setup)
+                                    setup_context=_setup_bidir)

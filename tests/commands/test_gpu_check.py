@@ -395,16 +395,19 @@ def test_run_checks_records_every_backend_and_names_failures(tmp_path, monkeypat
 
 def test_backward_step_estimate_and_placement(tmp_path):
     """The backward step comes after the current priorities (check .. designs), so a 420 s budget still
-    delivers those; its estimate per dtype: a worker, the exp2 rate, the cpu reference, 2 designs x (forward,
-    backward) compiled and timed, and with mamba_ssm its backward and reference call timed too."""
+    delivers those; its estimate: the gradient checks (cpu and mamba_ssm twice check_other_s, triton a worker and
+    its forward and backward specialisations of 24 cases), then per dtype: a worker, the exp2 rate, the cpu
+    reference, 2 designs x (forward, backward) compiled and timed, and with mamba_ssm its backward and reference
+    call timed too."""
     cost = gpu_steps.COST
     for present, mamba_ops in ((["cpu", "triton"], 0), (["cpu", "triton", "mamba_ssm"], 2)):
         steps = gpu_steps.build_steps(tmp_path, present)
         names = [s.name for s in steps]
         assert names.index("backward") == names.index("designs") + 1
+        grads = (len(present) - 1) * 2 * cost["check_other_s"] + cost["worker_s"] + 2 * 24 * cost["compile_s"]
         per_dtype = (cost["worker_s"] + cost["exp2_s"] + cost["check_other_s"] + 4 * cost["compile_s"]
                      + (4 + mamba_ops) * cost["op_s"])
-        assert steps[names.index("backward")].estimate_s == cost["step_s"] + 2 * per_dtype
+        assert steps[names.index("backward")].estimate_s == cost["step_s"] + grads + 2 * per_dtype
         assert "backward" not in [s.name for s in gpu_run.plan(steps, 420)[0]]
 
 
@@ -414,14 +417,37 @@ def test_run_backward_records_both_dtypes_and_names_failures(tmp_path, monkeypat
     design = dict(fwd_ms=1.0, bwd_ms=2.0, bwd_over_fwd=2.0, bwd_over_floor=3.0, grad_failures=[])
     fp32 = {"status": "ok", "floor_ms": 0.7, "triton": dict(design, grad_failures=["dA differs from cpu's by 0.1"]),
             "triton_pipelined": design}
-    results = {"fp32": fp32, "bf16": {"status": "error", "error": "OutOfMemoryError: CUDA out of memory"}}
+    results = {"fp32": fp32, "bf16": {"status": "error", "error": "OutOfMemoryError: CUDA out of memory"},
+               **{b: {**CHECKED, "grad_ok": True} for b in ("cpu", "triton")}}
     asked = []
-    monkeypatch.setattr(checks, "run_isolated", lambda fn, args: asked.append(args) or results[args[0]])
+    monkeypatch.setattr(checks, "run_isolated",
+                        lambda fn, args, timeout=None: asked.append(args) or results[args[0]])
     failures = checks.run_backward(tmp_path, ["cpu", "triton"])
     assert failures == ["backward fp32 triton: dA differs from cpu's by 0.1",
                         "backward bf16: OutOfMemoryError: CUDA out of memory"]
-    assert asked == [("fp32", False), ("bf16", False)]
-    assert json.loads((tmp_path / "backward.json").read_text()) == results
+    assert asked == [("cpu", "cuda", True), ("triton", "cuda", True), ("fp32", False), ("bf16", False)]
+    assert json.loads((tmp_path / "backward.json").read_text()) == {k: results[k] for k in ("fp32", "bf16")}
+
+
+CHECKED = {"status": "ok", "check_ok": True, "checked": 24, "check_failure": "", "forward_only": ""}
+"""A worker's ``check_named_backend`` result with grads whose forward check passed (grad_* to add)."""
+
+
+def test_backward_step_checks_gradients_before_any_timing(tmp_path, monkeypatch):
+    """The backward step (the only one that times a backward) first checks the gradients of every scan backend
+    present, each in a worker (check_named_backend with grads); a wrong gradient is named and nothing is timed."""
+    from vimbench.kernels.selective_scan.check import check_named_backend
+    results = {"cpu": {**CHECKED, "grad_ok": True, "grad_checked": 48},
+               "triton": {**CHECKED, "grad_ok": False, "grad_checked": 3, "grad_failure": "odd-L: dB differs"}}
+    calls = []
+    monkeypatch.setattr(checks, "run_isolated",
+                        lambda fn, args, timeout=None: calls.append((fn, args)) or results[args[0]])
+    backward = next(s for s in gpu_steps.build_steps(tmp_path, ["cpu", "triton"]) if s.name == "backward")
+    assert backward.run() == ["triton: gradient check failed: odd-L: dB differs",
+                                      "backward: not timed (a scan backend failed its gradient check)"]
+    assert calls == [(check_named_backend, ("cpu", "cuda", True)), (check_named_backend, ("triton", "cuda", True))]
+    assert json.loads((tmp_path / "grad-check.json").read_text()) == results
+    assert not (tmp_path / "backward.json").exists()
 
 
 def test_exp2_chain_kernel_under_interpreter():

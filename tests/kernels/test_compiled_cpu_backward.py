@@ -142,13 +142,53 @@ def test_flops_count_forward_and_backward():
 @pytest.mark.parametrize("op", ["selective_scan_bwd", "bidirectional_scan_bwd"])
 def test_backward_fakes(op):
     """The backward ops' fakes give the real gradients' shapes, dtypes and strides."""
+    ops = torch.ops.vimbench_cpu
     if op == "selective_scan_bwd":
         xs, softplus = inputs("G4-L129", torch.bfloat16, True, "time-major")
-        args = (*xs, torch.randn(xs[0].shape).to(torch.bfloat16), None, softplus)
+        states = ops.selective_scan_fwd(*xs, softplus, True, True)[2]
+        args = (*xs, torch.randn(xs[0].shape).to(torch.bfloat16), None, states, softplus)
     else:
         xs, softplus = pair_inputs("odd-L", torch.float32, False, "time-major")
-        args = (*xs, torch.randn(xs[0].shape), softplus)
-    torch.library.opcheck(getattr(torch.ops.vimbench_cpu, op), args, test_utils=("test_schema", "test_faketensor"))
+        _, states, states_b = ops.bidirectional_scan_fwd(*xs, softplus, True, True)
+        args = (*xs, torch.randn(xs[0].shape), states, states_b, softplus)
+    torch.library.opcheck(getattr(ops, op), args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("op", ["selective_scan_fwd", "bidirectional_scan_fwd"])
+def test_forward_fakes_count_the_kept_states(op, keep):
+    """The forward ops' fakes give the real outputs' shapes, dtypes and strides, the kept states included (so that
+    fake-tensor memory tracking counts what autograd saves)."""
+    if op == "selective_scan_fwd":
+        xs, softplus = inputs("G2-multi-chunk", torch.float32, True, "time-major")
+    else:
+        xs, softplus = pair_inputs("E37-N17", torch.bfloat16, True, "channel-major")
+    torch.library.opcheck(getattr(torch.ops.vimbench_cpu, op), (*xs, softplus, False, keep),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_kept_states_are_the_states_entering_each_tile():
+    """keep_states returns (b, ceil(L / 16), N, E) float32: tile k's entry is the state after the first 16 k steps,
+    the last state of the reference on that prefix (zero for k = 0); the reverse direction of the pair enters tile
+    k from above: the reference's last state on the flipped suffix from 16 (k + 1)."""
+    xs, softplus = pair_inputs("G2-multi-chunk", torch.float32, True, "time-major")
+    _, states, states_b = torch.ops.vimbench_cpu.bidirectional_scan_fwd(*xs, softplus, True, True)
+    b, E, L = xs[0].shape
+    T, N = -(-L // 16), xs[2].shape[1]
+    assert states.shape == states_b.shape == (b, T, N, E) and states.dtype == torch.float32
+
+    def prefix_state(u, delta, A, B, C, D, bias, t, flip):
+        cut = (lambda x: x.flip(-1)[..., :L - t]) if flip else (lambda x: x[..., :t])
+        _, last = selective_scan_ref(cut(u), cut(delta), A, cut(B), cut(C), D, delta_bias=bias,
+                                     delta_softplus=softplus, return_last_state=True)
+        return last.transpose(1, 2)
+    f = dict(zip(("u", "delta", "A", "B", "C", "D"), xs[:6]), bias=xs[13])
+    r = dict(zip(("u", "delta", "A", "B", "C", "D"), xs[6:12]), bias=xs[14])
+    for k in range(T):
+        want_f = prefix_state(**f, t=16 * k, flip=False) if k else torch.zeros(b, N, E)
+        want_b = prefix_state(**r, t=min(16 * (k + 1), L), flip=True) if k < T - 1 else torch.zeros(b, N, E)
+        torch.testing.assert_close(states[:, k], want_f.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(states_b[:, k], want_b.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_compile_training_has_no_graph_break():

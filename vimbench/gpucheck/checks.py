@@ -19,16 +19,28 @@ FLOOR = dict(model="vim_tiny", res=1248, batch=64, dtype="fp32")
 
 
 
-def run_checks(out: Path, backends: list[str]) -> list[str]:
+def run_checks(out: Path, backends: list[str], grads: bool = False) -> list[str]:
     """``check_named_backend`` of each of ``backends`` on CUDA, each in a worker bounded by
-    ``plugins.time_limit("check")``; the results go to ``out/check.json`` ({backend: result}). Returns the
-    failures, one line per backend that failed."""
+    ``plugins.time_limit("check")``; the results go to ``out/check.json`` ({backend: result}). With ``grads``
+    (before the backward step times anything) the gradients of each backend with a backward too
+    (``check.check_backward``, against float64 autograd of the reference), into ``out/grad-check.json``.
+    Returns the failures, one line per backend that failed."""
     from vimbench.kernels.plugins import time_limit
     from vimbench.kernels.selective_scan.check import check_named_backend
-    results = {b: run_isolated(check_named_backend, (b, "cuda"), timeout=time_limit("check")) for b in backends}
-    (out / "check.json").write_text(json.dumps(results, indent=1))
-    return [f"{b}: {r.get('check_failure') or r.get('error')}" for b, r in results.items()
-            if r["status"] != "ok" or not r["check_ok"]]
+    results = {b: run_isolated(check_named_backend, (b, "cuda", grads), timeout=time_limit("check"))
+               for b in backends}
+    (out / ("grad-check.json" if grads else "check.json")).write_text(json.dumps(results, indent=1))
+    return [f"{b}: {why}" for b, r in results.items() if (why := _check_failure(r))]
+
+
+def _check_failure(result: dict) -> str:
+    """Why a worker's ``check_named_backend`` result failed ("" when it passed; a forward-only backend passes
+    a gradient check, having nothing to check)."""
+    if result["status"] != "ok" or not result["check_ok"]:
+        return result.get("check_failure") or result.get("error")
+    if not result.get("forward_only", True) and not result["grad_ok"]:
+        return f"gradient check failed: {result['grad_failure']}"
+    return ""
 
 
 def cuda_tests() -> Path | None:
@@ -142,12 +154,16 @@ def backward_at_floor(dtype: str, mamba: bool) -> dict:
 
 
 def run_backward(out: Path, present: list[str]) -> list[str]:
-    """``backward_at_floor`` for fp32 and bf16, each in a worker (mamba_ssm's backward when it is ``present``);
-    the results go to ``out/backward.json`` ({dtype: result}). Returns the failures: a worker that failed, a
-    gradient beyond tolerance (timings of a design whose gradients failed are still recorded, for diagnosis)."""
+    """First the gradients of every ``present`` scan backend on the awkward shapes (``run_checks`` with
+    ``grads``): when one fails, its failure and nothing timed. Then ``backward_at_floor`` for fp32 and bf16,
+    each in a worker (mamba_ssm's backward when it is ``present``); the results go to ``out/backward.json``
+    ({dtype: result}). Returns the failures: a gradient check, a worker that failed, a gradient beyond tolerance
+    at that shape (timings of a design whose gradients failed there are still recorded, for diagnosis)."""
+    failures = run_checks(out, present, grads=True)
+    if failures:
+        return [*failures, "backward: not timed (a scan backend failed its gradient check)"]
     results = {dtype: run_isolated(backward_at_floor, (dtype, "mamba_ssm" in present)) for dtype in ("fp32", "bf16")}
     (out / "backward.json").write_text(json.dumps(results, indent=1))
-    failures = []
     for dtype, r in results.items():
         if r["status"] != "ok":
             failures.append(f"backward {dtype}: {r.get('error')}")

@@ -12,7 +12,10 @@ Steps (``build_steps``), highest priority first; each writes under one output fo
     designs  the same for the second Triton scan design (``triton_pipelined``), so that the summary can say
              which design is faster at that shape (the tests step covers both designs' correctness)
                                                                         -> kernels-b64-fp32.csv
-    backward the Triton scan's backward at that shape, batch 64, fp32 and bf16, both designs: its gradients
+    backward first the gradients of every scan backend present against float64 autograd of the reference on
+             the awkward shapes (``check.check_backward``; a failure stops the step before any timing)
+                                                                        -> grad-check.json
+             then the Triton scan's backward at that shape, batch 64, fp32 and bf16, both designs: its gradients
              against the chunked cpu backend's (and mamba_ssm's when it imports) on the card, its time against the
              forward's, its floor and mamba_ssm's backward (``checks.run_backward``)   -> backward.json
     kernels  the wider kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248 (5 points), batch 1 fp32 and
@@ -34,10 +37,12 @@ compiled once is loaded, not compiled, by every later process):
                            FLOPs / fp32_flops_s, plus for eager attention the (b, H, L, L) score matrix
                            written, read and written by the softmax and read by AV (4 x 4 bytes per element
                            in fp32, i.e. flops_attention / 16 bytes at head_dim 64) / hbm_bytes_s
-    backward               step_s + per dtype (fp32, bf16) worker_s, the exp2 rate (exp2_s), the cpu
-                           reference's backward (check_other_s), the compiles of both designs' forward and
-                           backward (4 x compile_s), and op_s per timing (2 designs x (forward, backward), plus
-                           mamba_ssm's backward and its reference call when present)
+    backward               step_s + the gradient checks (``grad_check_estimate``: per backend its forward check
+                           again, and triton's backward specialisations for the same 24 cases at compile_s,
+                           check_other_s for the others) + per dtype (fp32, bf16) worker_s, the exp2 rate
+                           (exp2_s), the cpu reference's backward (check_other_s), the compiles of both designs'
+                           forward and backward (4 x compile_s), and op_s per timing (2 designs x (forward,
+                           backward), plus mamba_ssm's backward and its reference call when present)
     kernels run            step_s + check_other_s per scan checked (its kernels are compiled by then)
                            + per configuration worker_s + op_s (do_bench runs ~0.1 s of calls, then a memory pass)
     each step              + step_s (imports, the sweep's worker server, the device ceilings)
@@ -154,11 +159,17 @@ def check_estimate(backend: str) -> float:
     return COST["worker_s"] + len(CASES) * 2 * 2 * COST["compile_s"]  # x 2 dtypes x with/without extras
 
 
+def grad_check_estimate(backend: str) -> float:
+    """Seconds of ``check_named_backend`` with grads of ``backend`` on CUDA in a worker: its forward check
+    (``check_estimate``) and its backward's (triton compiles as many backward specialisations as forward ones)."""
+    return 2 * check_estimate(backend) - (COST["worker_s"] if backend == "triton" else 0)
+
+
 def backward_estimate(present: list[str]) -> float:
     """Seconds of the backward step (``checks.run_backward``; see COST)."""
     per_dtype = (COST["worker_s"] + COST["exp2_s"] + COST["check_other_s"] + 2 * len(TRITON_DESIGNS) * COST["compile_s"]
                  + (2 * len(TRITON_DESIGNS) + 2 * ("mamba_ssm" in present)) * COST["op_s"])
-    return COST["step_s"] + 2 * per_dtype
+    return COST["step_s"] + sum(map(grad_check_estimate, present)) + 2 * per_dtype
 
 
 def fastest_scan(present: list[str]) -> str:
@@ -256,8 +267,9 @@ def build_steps(out: Path, present: list[str] | None = None, command: str = "vim
                      before=lambda: checks.record_facts(out)),
         command_step("designs", "the second Triton scan design (triton_pipelined) at the same shape, to compare",
                      kernels_estimate(n_floor, 1), at_floor_shape("triton_pipelined"), command=command),
-        Step("backward", "the Triton scan's backward at vim_tiny 1248 px, batch 64, fp32 and bf16: gradients, "
-             "time against the forward, its floor and mamba_ssm's backward", backward_estimate(present),
+        Step("backward", f"gradients of {', '.join(present)} against the reference on CUDA, then the Triton scan's "
+             "backward at vim_tiny 1248 px, batch 64, fp32 and bf16: gradients, time against the forward, its floor "
+             "and mamba_ssm's backward", backward_estimate(present),
              lambda: checks.run_backward(out, present)),
         command_step("kernels", "kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248, batch 1 and 64, fp32 "
                      "and bf16", wide_estimate, *wide, command=command),

@@ -111,6 +111,51 @@ inline void load_bc(const ViewBC<T>& M, int64_t bi, int64_t g, int64_t N, int64_
 }
 
 // ------------------------------------------------------------------------------------------------------
+// The states a forward keeps for its backward: the state entering every tile of kStateTile steps (the
+// backward's tile), so that the backward recomputes a tile's states from there instead of scanning forward
+// again. A (b, T, N, E) float32 tensor, T = ceil(L / kStateTile): states[bi, k, n, e] is h[e, n] before the
+// steps [k * kStateTile, (k + 1) * kStateTile) in scan order (the reverse direction enters tile k from above).
+// ------------------------------------------------------------------------------------------------------
+
+constexpr int kStateTile = 16;             // 16 keeps a tile's recomputed a and a*h (and dB, dC partials) in L1
+
+inline int64_t state_tiles(int64_t L) { return (L + kStateTile - 1) / kStateTile; }
+
+struct States {
+  float* data = nullptr;                   // null: the forward keeps none
+  int64_t T = 0, N = 0, E = 0;
+  float* at(int64_t bi, int64_t k, int64_t e0) const { return data + (bi * T + k) * N * E + e0; }
+};
+
+inline States states_of(const at::Tensor& s) {   // s: (b, T, N, E) float32 contiguous
+  return {s.data_ptr<float>(), s.size(1), s.size(2), s.size(3)};
+}
+
+// Copies a lane's state h ((ld, W): h[n * W + i] for channel e0 + i) into states tile k.
+inline void store_state(const States& st, int64_t bi, int64_t k, int64_t e0, int cnt, const float* h) {
+  float* p = st.at(bi, k, e0);
+  for (int64_t n = 0; n < st.N; ++n, p += st.E) {
+    if (cnt == W) Vec::loadu(h + n * W).store(p); else std::copy(h + n * W, h + n * W + cnt, p);
+  }
+}
+
+// Prefetches for writing the lines that store_state writes at tile k (if 0 <= k < T): the forward stores a
+// lane's state every kStateTile steps into lines that are not in cache, and would wait for each to be read.
+inline void prefetch_state(const States& st, int64_t bi, int64_t k, int64_t e0) {
+  if (k < 0 || k >= st.T) return;
+  const float* p = st.at(bi, k, e0);
+  for (int64_t n = 0; n < st.N; ++n) __builtin_prefetch(p + n * st.E, 1, 2);
+}
+
+// The inverse: states tile k into h ((ld, W); lanes past cnt and rows past N are left as they are).
+inline void load_state(const States& st, int64_t bi, int64_t k, int64_t e0, int cnt, float* h) {
+  const float* p = st.at(bi, k, e0);
+  for (int64_t n = 0; n < st.N; ++n, p += st.E) {
+    if (cnt == W) Vec::loadu(p).store(h + n * W); else std::copy(p, p + cnt, h + n * W);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
 // One direction's inputs, typed: T for u / delta (and z, out), TBC for B / C.
 // ------------------------------------------------------------------------------------------------------
 

@@ -15,15 +15,16 @@
 // Design: no (b, E, L, N) tensor. As in the forward, one lane = (batch, block of W channels), channels across
 // the SIMD lanes, the state entries in registers. Each thread takes a contiguous range of lanes and works on
 // them in groups of up to kGroup lanes that share a batch and a group of B/C:
-//   1. checkpoint pass: scan forward (states only, no output) and keep the state entering every tile of kTile
-//      steps, per lane ((L / kTile) x N x W float32);
-//   2. reverse pass, tile by tile from the last (in scan order) to the first, lane by lane: stage the tile's
-//      inputs, recompute its states from the checkpoint into a per-thread buffer (storing a_t and a_t h_{t-1}
-//      per step, so the reverse recurrence has no exp; y_t and dC are formed here, where h_t is in registers),
-//      then run g backwards through the tile; dB and dC accumulate per (step, n) as vectors over the group's
-//      lanes and are reduced across the SIMD lanes once per tile into the thread's own float32 partial sums;
-//      the partial sums of the threads are added in a fixed order at the end (no atomics, deterministic for
-//      a given thread count). dA, dD, ddelta_bias: per (batch, channel) float32, summed over batch at the end.
+//   the forward kept the state entering every tile of kTile steps (``states``, see scan_common.h; it is called
+//   with keep_states when autograd records it), so the backward goes tile by tile from the last (in scan
+//   order) to the first, lane by lane: stage the tile's inputs (the next tile's rows are prefetched meanwhile:
+//   a forward direction's backward walks time backwards, which the hardware prefetcher does not follow),
+//   recompute its states from the kept state into a per-thread buffer (storing a_t and a_t h_{t-1}
+//   per step, so the reverse recurrence has no exp; y_t and dC are formed here, where h_t is in registers),
+//   then run g backwards through the tile; dB and dC accumulate per (step, n) as vectors over the group's
+//   lanes and are reduced across the SIMD lanes once per tile into the thread's own float32 partial sums;
+//   the partial sums of the threads are added in a fixed order at the end (no atomics, deterministic for
+//   a given thread count). dA, dD, ddelta_bias: per (batch, channel) float32, summed over batch at the end.
 //   The pair: per group of lanes, the backward direction (scanned t = L-1 .. 0 by reversed offsets) is
 //   differentiated first, keeping its y_b + D_b u_b in a (lanes, L, W) float32 buffer; then the forward
 //   direction, whose epilogue forms dz from y_f + y_b. Both directions get dy = dout * silu(z).
@@ -50,9 +51,9 @@
 namespace vimbench_scan {
 namespace {
 
-constexpr int kTile = 16;                  // steps per tile: the checkpoint interval and the recompute span; 16
-                                           // keeps a tile's a, a*h, dB and dC partial sums (48 KiB with N = 16)
-                                           // near L1 (32 steps: 1.3-1.4x slower at the Vim-Ti 1248 shape)
+constexpr int kTile = kStateTile;          // steps per tile: the forward's checkpoint interval and the recompute
+                                           // span; 16 keeps a tile's a, a*h, dB and dC partial sums (48 KiB with
+                                           // N = 16) near L1 (32 steps: 1.3-1.4x slower at the Vim-Ti 1248 shape)
 constexpr int kGroup = 32;                 // lanes per group (their dB / dC partial sums are shared per tile)
 constexpr int kChunk = 8;                  // state entries per chunk: the reverse pass holds g and dA of each in
                                            // registers (2 x 8 vectors), and a chunk's a, a*h stay small
@@ -68,20 +69,6 @@ inline float hsum(const Vec& v) {          // the W lanes' sum, in a fixed order
 // (nt, NT, W); dBp, dCp: (nt, ld, W) with the chunk's first column at offset 0. ``reverse``: the direction
 // scans t = L-1 .. 0, so its steps within a tile run s = nt-1 .. 0.
 // ------------------------------------------------------------------------------------------------------
-
-// h <- the state after the tile's nt steps (the checkpoint pass).
-template <int... J>
-inline void advance_impl(int nt, bool reverse, const float* d, const float* du, const float* Bt, int ld,
-                         const float* A2, float* h_io, std::integer_sequence<int, J...>) {
-  Vec h[sizeof...(J)] = {Vec::loadu(h_io + J * W)...};
-  for (int k = 0; k < nt; ++k) {
-    const int s = reverse ? nt - 1 - k : k;
-    const Vec dv = Vec::loadu(d + s * W), duv = Vec::loadu(du + s * W);
-    const float* b = Bt + s * ld;
-    ((h[J] = at::vec::fmadd(exp_state(dv * Vec::loadu(A2 + J * W)), h[J], duv * Vec(b[J]))), ...);
-  }
-  ((h[J].store(h_io + J * W)), ...);
-}
 
 // From the state h0 entering the tile: a[s] = exp(d_s A), ah[s] = a[s] * h_{s-1}; y[s] += <C_s, h_s>,
 // dCp[s] += h_s * dy_s.
@@ -154,10 +141,6 @@ inline void reverse_impl(int nt, bool reverse, const float* d, const float* du, 
 
 template <int NT>
 struct TileFns {
-  static void advance(int nt, bool rev, const float* d, const float* du, const float* Bt, int ld, const float* A2,
-                      float* h) {
-    advance_impl(nt, rev, d, du, Bt, ld, A2, h, std::make_integer_sequence<int, NT>{});
-  }
   static void recompute(int nt, bool rev, const float* d, const float* du, const float* dy, const float* Bt,
                         const float* Ct, int ld, const float* A2, const float* h0, float* a, float* ah, float* y,
                         float* dCp) {
@@ -173,13 +156,12 @@ struct TileFns {
 
 struct Chunk {                              // NT state entries from n0, and their loops
   int n0, nt;
-  decltype(&TileFns<4>::advance) advance;
   decltype(&TileFns<4>::recompute) recompute;
   decltype(&TileFns<4>::reverse) reverse;
 };
 
 template <int NT>
-Chunk chunk_of(int n0) { return {n0, NT, &TileFns<NT>::advance, &TileFns<NT>::recompute, &TileFns<NT>::reverse}; }
+Chunk chunk_of(int n0) { return {n0, NT, &TileFns<NT>::recompute, &TileFns<NT>::reverse}; }
 
 std::vector<Chunk> make_chunks(int64_t N) {
   std::vector<Chunk> chunks;
@@ -195,21 +177,20 @@ std::vector<Chunk> make_chunks(int64_t N) {
 // Lanes and scratch
 // ------------------------------------------------------------------------------------------------------
 
-// One block of <= W channels [e0, e0 + cnt) of batch bi for one direction: its parameters, checkpoints and
-// the gradients it accumulates.
+// One block of <= W channels [e0, e0 + cnt) of batch bi for one direction: its parameters and the gradients
+// it accumulates.
 struct Lane {
   int64_t bi = 0, e0 = 0, g = 0;
   int cnt = 0;
   std::vector<float> A, A2;    // (ld, W): A[e0 + i, n] and A * kExpScale (0 past N or cnt)
-  std::vector<float> ckpt;     // (ntiles, ld, W): the state entering each tile (indexed by the tile's position)
-  std::vector<float> h, dh;    // (ld, W): the state of the checkpoint pass; the carried a_{t+1} g_{t+1}
+  std::vector<float> dh;       // (ld, W): the carried a_{t+1} g_{t+1}
   std::vector<float> dA;       // (ld, W)
   Vec Dv, biasv, dD, dbias;
 
   template <typename T, typename TBC>
-  Lane(const Direction<T, TBC>& dir, int64_t N, int ld, int64_t ntiles, int64_t bi_, int64_t e0_, int cnt_)
-      : bi(bi_), e0(e0_), g(e0_ / dir.Eg), cnt(cnt_), A(ld * W, 0.f), A2(ld * W, 0.f), ckpt(ntiles * ld * W),
-        h(ld * W, 0.f), dh(ld * W, 0.f), dA(ld * W, 0.f), dD(0.f), dbias(0.f) {
+  Lane(const Direction<T, TBC>& dir, int64_t N, int ld, int64_t bi_, int64_t e0_, int cnt_)
+      : bi(bi_), e0(e0_), g(e0_ / dir.Eg), cnt(cnt_), A(ld * W, 0.f), A2(ld * W, 0.f), dh(ld * W, 0.f),
+        dA(ld * W, 0.f), dD(0.f), dbias(0.f) {
     for (int i = 0; i < cnt; ++i)
       for (int64_t n = 0; n < N; ++n) {
         A[n * W + i] = dir.A[(e0 + i) * N + n];
@@ -220,17 +201,19 @@ struct Lane {
 };
 
 // Per-thread buffers of one tile: the rows of the group's lanes read and written (g_*: (kGroup, kTile, W)
-// each), one lane's staged values ((kTile, W) each), B and C of the tile ((kTile, ld)), the recomputed a and a*h
-// of one chunk ((kTile, kChunk, W) each), and the dB / dC partial sums of the group ((kTile, ld, W) each).
+// each), one lane's staged values ((kTile, W) each), B and C of the tile ((kTile, ld)), the state entering the
+// tile (h0: (ld, W)), the recomputed a and a*h of one chunk ((kTile, kChunk, W) each), and the dB / dC partial
+// sums of the group ((kTile, ld, W) each).
 struct Scratch {
   std::vector<float> g_delta, g_u, g_dout, g_z, g_du, g_ddelta, g_dz;
-  std::vector<float> sz, x, d, du, dy, y, dd, ddu, Bt, Ct, a, ah, dBp, dCp;
+  std::vector<float> sz, x, d, du, dy, y, dd, ddu, Bt, Ct, h0, a, ah, dBp, dCp;
   explicit Scratch(int ld)
       : g_delta(kGroup * kTile * W), g_u(kGroup * kTile * W), g_dout(kGroup * kTile * W), g_z(kGroup * kTile * W),
         g_du(kGroup * kTile * W), g_ddelta(kGroup * kTile * W), g_dz(kGroup * kTile * W), sz(kTile * W),
         x(kTile * W), d(kTile * W), du(kTile * W),
         dy(kTile * W), y(kTile * W), dd(kTile * W), ddu(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f),
-        a(kTile * kChunk * W), ah(kTile * kChunk * W), dBp(kTile * ld * W, 0.f), dCp(kTile * ld * W, 0.f) {}
+        h0(ld * W, 0.f), a(kTile * kChunk * W), ah(kTile * kChunk * W), dBp(kTile * ld * W, 0.f),
+        dCp(kTile * ld * W, 0.f) {}
 };
 
 // Where a direction's gradients go. du, ddelta, dz: (b, E, L) views in T; dA: (b, E, N), dD, dbias: (b, E)
@@ -271,6 +254,15 @@ void store_group_rows(const View3<T>& x, const Lane* lanes, int n, int64_t t0, i
   for (int j = 0; j < n; ++j) store_rows<T>(x, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, src + j * kTile * W);
 }
 
+// Prefetches lane's rows [t0, t0 + nt) of a time-major x into L2 (nothing for other layouts), for reading or
+// (kWrite) writing: the backward walks a forward direction's time backwards, which the hardware prefetcher does
+// not follow from tile to tile, so it fetches the next tile's rows of each lane while it computes this one.
+template <bool kWrite, typename T>
+inline void prefetch_rows(const View3<T>* x, const Lane& lane, int64_t t0, int nt) {
+  if (x == nullptr || x->se != 1) return;
+  for (int s = 0; s < nt; ++s) __builtin_prefetch(x->data + lane.bi * x->sb + lane.e0 + (t0 + s) * x->sl, kWrite, 2);
+}
+
 // Stages delta (+ bias, softplus) and delta * u of the tile's steps for one lane, from its rows of delta and
 // u, into sc.x, sc.d, sc.du.
 template <typename T, typename TBC>
@@ -291,35 +283,16 @@ void stage_delta(const Direction<T, TBC>& dir, const Lane& lane, bool softplus_o
 //   acc_out:  null, or (n, L, W) float32 receiving y + D u (the pair's first direction; no dz then)
 //   acc_in:   null, or (n, L, W) float32 holding the other direction's y + D u, added before dz is formed
 //   dz:       null, or where dz goes (with z and without acc_out)
+//   states:   the states the forward kept (scan_common.h)
 template <typename T, typename TBC>
 void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N, int64_t L,
-                    int64_t E, Lane* lanes, int n, bool softplus_on, const View3<const T>& dout,
+                    int64_t E, Lane* lanes, int n, bool softplus_on, const States& states, const View3<const T>& dout,
                     const View3<const T>* z, float* acc_out, const float* acc_in, const View3<T>* dz,
                     const Grads<T>& gr, Scratch& sc) {
   const int64_t ntiles = (L + kTile - 1) / kTile;
   const int64_t bi = lanes[0].bi, g = lanes[0].g, G = dir.B.G;
 
-  // 1. checkpoints
-  for (int64_t pos = 0; pos < ntiles; ++pos) {
-    const int64_t t0 = tile_at(pos, ntiles, dir.reverse) * kTile;
-    const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0));
-    const int64_t tile = t0 / kTile;
-    for (int j = 0; j < n; ++j)
-      std::copy(lanes[j].h.begin(), lanes[j].h.end(), lanes[j].ckpt.begin() + tile * ld * W);
-    if (pos + 1 == ntiles) break;                       // the state after the last tile is not needed
-    load_bc<TBC>(dir.B, bi, g, N, t0, nt, ld, sc.Bt.data());
-    load_group_rows<T>(dir.delta, lanes, n, t0, nt, sc.g_delta.data());
-    load_group_rows<T>(dir.u, lanes, n, t0, nt, sc.g_u.data());
-    for (int j = 0; j < n; ++j) {
-      Lane& lane = lanes[j];
-      stage_delta(dir, lane, softplus_on, nt, sc.g_delta.data() + j * kTile * W, sc.g_u.data() + j * kTile * W, sc);
-      for (const Chunk& ch : chunks)
-        ch.advance(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.Bt.data() + ch.n0, ld, lane.A2.data() + ch.n0 * W,
-                   lane.h.data() + ch.n0 * W);
-    }
-  }
-
-  // 2. the reverse pass
+  // tile by tile, from the last in scan order to the first
   for (int64_t pos = ntiles - 1; pos >= 0; --pos) {
     const int64_t tile = tile_at(pos, ntiles, dir.reverse);
     const int64_t t0 = tile * kTile;
@@ -330,17 +303,27 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
     load_group_rows<T>(dir.u, lanes, n, t0, nt, sc.g_u.data());
     load_group_rows<T>(dout, lanes, n, t0, nt, sc.g_dout.data());
     if (z) load_group_rows<T>(*z, lanes, n, t0, nt, sc.g_z.data());
+    const int64_t t0_next = pos > 0 ? tile_at(pos - 1, ntiles, dir.reverse) * kTile : 0;
+    const int nt_next = pos > 0 ? static_cast<int>(std::min<int64_t>(kTile, L - t0_next)) : 0;
     for (int j = 0; j < n; ++j) {
       Lane& lane = lanes[j];
+      prefetch_rows<false>(&dir.delta, lane, t0_next, nt_next);
+      prefetch_rows<false>(&dir.u, lane, t0_next, nt_next);
+      prefetch_rows<false>(&dout, lane, t0_next, nt_next);
+      prefetch_rows<false>(z, lane, t0_next, nt_next);
+      prefetch_rows<true>(&gr.du, lane, t0_next, nt_next);
+      prefetch_rows<true>(&gr.ddelta, lane, t0_next, nt_next);
+      prefetch_rows<true>(dz, lane, t0_next, nt_next);
       const float* u = sc.g_u.data() + j * kTile * W;
       const float* dout_j = sc.g_dout.data() + j * kTile * W;
       const float* z_j = sc.g_z.data() + j * kTile * W;
       float* du_out = sc.g_du.data() + j * kTile * W;
       float* ddelta_out = sc.g_ddelta.data() + j * kTile * W;
       float* dz_out = sc.g_dz.data() + j * kTile * W;
-      if (j + 1 < n)                                    // the next lane's checkpoint (out of cache by now)
-        for (int k = 0; k < ld * W; k += 16)            // 16 floats: one cache line
-          __builtin_prefetch(lanes[j + 1].ckpt.data() + tile * ld * W + k);
+      if (j + 1 < n)                                    // the next lane's state entering the tile
+        for (int64_t m = 0; m < N; ++m)
+          __builtin_prefetch(states.at(lanes[j + 1].bi, tile, lanes[j + 1].e0) + m * E);
+      load_state(states, lane.bi, tile, lane.e0, lane.cnt, sc.h0.data());
       stage_delta(dir, lane, softplus_on, nt, sc.g_delta.data() + j * kTile * W, u, sc);
       for (int s = 0; s < nt; ++s) {                    // dy = dout * silu(z), keeping sigmoid(z) for dz
         const Vec dov = Vec::loadu(dout_j + s * W);
@@ -357,7 +340,7 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
       std::fill(sc.ddu.begin(), sc.ddu.begin() + nt * W, 0.f);
       for (const Chunk& ch : chunks) {
         ch.recompute(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.dy.data(), sc.Bt.data() + ch.n0,
-                     sc.Ct.data() + ch.n0, ld, lane.A2.data() + ch.n0 * W, lane.ckpt.data() + (tile * ld + ch.n0) * W,
+                     sc.Ct.data() + ch.n0, ld, lane.A2.data() + ch.n0 * W, sc.h0.data() + ch.n0 * W,
                      sc.a.data(), sc.ah.data(), sc.y.data(), sc.dCp.data() + ch.n0 * W);
         ch.reverse(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.dy.data(), sc.Bt.data() + ch.n0,
                    sc.Ct.data() + ch.n0, ld, lane.A.data() + ch.n0 * W, sc.a.data(), sc.ah.data(),
@@ -477,15 +460,15 @@ struct DirData {
 };
 
 template <typename T, typename TBC>
-std::vector<Lane> make_lanes(const Direction<T, TBC>& dir, const Blocks& blocks, int64_t N, int ld, int64_t ntiles,
-                             int64_t begin, int64_t end) {
+std::vector<Lane> make_lanes(const Direction<T, TBC>& dir, const Blocks& blocks, int64_t N, int ld, int64_t begin,
+                             int64_t end) {
   std::vector<Lane> lanes;
   lanes.reserve(end - begin);
   for (int64_t task = begin; task < end; ++task) {
     int64_t bi, e0;
     int cnt;
     blocks.at(task, bi, e0, cnt);
-    lanes.emplace_back(dir, N, ld, ntiles, bi, e0, cnt);
+    lanes.emplace_back(dir, N, ld, bi, e0, cnt);
   }
   return lanes;
 }
@@ -528,13 +511,23 @@ void check_dout(const at::Tensor& dout, const at::Tensor& u) {
   TORCH_CHECK(is_kernel_dtype(dout.scalar_type()), "dout must be float32, bfloat16 or float16");
 }
 
+// The states the forward kept for u and A ((b, T, N, E) float32 contiguous; see scan_common.h).
+States check_states(const at::Tensor& states, const at::Tensor& u, const at::Tensor& A) {
+  const int64_t b = u.size(0), E = u.size(1), L = u.size(2), N = A.size(1);
+  TORCH_CHECK(states.sizes() == at::IntArrayRef({b, state_tiles(L), N, E}) && states.scalar_type() == at::kFloat &&
+              states.is_contiguous(), "states must be the forward's kept states, (b, ceil(L / ", kStateTile,
+              "), N, E) float32 contiguous (a forward with keep_states); got ", states.sizes());
+  return states_of(states);
+}
+
 std::vector<at::Tensor> selective_scan_bwd(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
     const at::Tensor& C_in, const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& z_in,
     const std::optional<at::Tensor>& bias_in, const at::Tensor& dout_in, const std::optional<at::Tensor>& dlast_in,
-    bool delta_softplus) {
+    const at::Tensor& states_in, bool delta_softplus) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
   check_dout(dout_in, u_in);
+  const States states = check_states(states_in, u_in, A_in);
   check_gate(z_in, u_in);
   const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
   if (dlast_in)
@@ -554,7 +547,6 @@ std::vector<at::Tensor> selective_scan_bwd(
   if (tasks > 0 && L > 0) {
     const auto chunks = make_chunks(N);
     const int ld = chunks.back().n0 + chunks.back().nt;
-    const int64_t ntiles = (L + kTile - 1) / kTile;
     dispatch_types(st, st_bc, [&](auto t_tag, auto bc_tag) {
       using T = decltype(t_tag);
       using TBC = decltype(bc_tag);
@@ -567,14 +559,15 @@ std::vector<at::Tensor> selective_scan_bwd(
         const Grads<T> gr = dd.grads<T>(part);
         for_groups(begin, end, [&](int64_t task) { return group_key(blocks, task, Eg, Eg); },
                    [&](int64_t first, int64_t last) {
-          std::vector<Lane> lanes = make_lanes(dir, blocks, N, ld, ntiles, first, last);
+          std::vector<Lane> lanes = make_lanes(dir, blocks, N, ld, first, last);
           if (dlast.defined())   // the gradient of the last state starts the reverse recurrence
             for (Lane& lane : lanes)
               for (int i = 0; i < lane.cnt; ++i)
                 for (int64_t m = 0; m < N; ++m)
                   lane.dh[m * W + i] = dlast.const_data_ptr<float>()[(lane.bi * E + lane.e0 + i) * N + m];
           backward_group<T, TBC>(dir, chunks, ld, N, L, E, lanes.data(), static_cast<int>(last - first),
-                                 delta_softplus, dov, z ? &zv : nullptr, nullptr, nullptr, z ? &dzv : nullptr, gr, sc);
+                                 delta_softplus, states, dov, z ? &zv : nullptr, nullptr, nullptr,
+                                 z ? &dzv : nullptr, gr, sc);
         });
       });
     });
@@ -590,11 +583,12 @@ std::vector<at::Tensor> bidirectional_scan_bwd(
     const at::Tensor& deltab_in, const at::Tensor& Ab_in, const at::Tensor& Bb_in, const at::Tensor& Cb_in,
     const std::optional<at::Tensor>& Db_in, const std::optional<at::Tensor>& z_in,
     const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& biasb_in, const at::Tensor& dout_in,
-    bool delta_softplus) {
+    const at::Tensor& states_in, const at::Tensor& statesb_in, bool delta_softplus) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
   check_direction(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in);
   check_same_shapes(u_in, A_in, ub_in, Ab_in);
   check_dout(dout_in, u_in);
+  const States states_f = check_states(states_in, u_in, A_in), states_b = check_states(statesb_in, ub_in, Ab_in);
   check_gate(z_in, u_in);
   const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
   const at::ScalarType st =
@@ -613,7 +607,6 @@ std::vector<at::Tensor> bidirectional_scan_bwd(
   if (tasks > 0 && L > 0) {
     const auto chunks = make_chunks(N);
     const int ld = chunks.back().n0 + chunks.back().nt;
-    const int64_t ntiles = (L + kTile - 1) / kTile;
     dispatch_types(st, st_bc, [&](auto t_tag, auto bc_tag) {
       using T = decltype(t_tag);
       using TBC = decltype(bc_tag);
@@ -630,12 +623,14 @@ std::vector<at::Tensor> bidirectional_scan_bwd(
         for_groups(begin, end, [&](int64_t task) { return group_key(blocks, task, Eg_f, Eg_b); },
                    [&](int64_t first, int64_t last) {
           const int n = static_cast<int>(last - first);
-          std::vector<Lane> back = make_lanes(bwd, blocks, N, ld, ntiles, first, last);
-          backward_group<T, TBC>(bwd, chunks, ld, N, L, E, back.data(), n, delta_softplus, dov, z ? &zv : nullptr,
+          std::vector<Lane> back = make_lanes(bwd, blocks, N, ld, first, last);
+          backward_group<T, TBC>(bwd, chunks, ld, N, L, E, back.data(), n, delta_softplus, states_b, dov,
+                                 z ? &zv : nullptr,
                                  z ? acc.data() : nullptr, nullptr, nullptr, gr_b, sc);
           back.clear();
-          std::vector<Lane> fore = make_lanes(fwd, blocks, N, ld, ntiles, first, last);
-          backward_group<T, TBC>(fwd, chunks, ld, N, L, E, fore.data(), n, delta_softplus, dov, z ? &zv : nullptr,
+          std::vector<Lane> fore = make_lanes(fwd, blocks, N, ld, first, last);
+          backward_group<T, TBC>(fwd, chunks, ld, N, L, E, fore.data(), n, delta_softplus, states_f, dov,
+                                 z ? &zv : nullptr,
                                  nullptr, z ? acc.data() : nullptr, z ? &dzv : nullptr, gr_f, sc);
         });
       });
@@ -653,10 +648,10 @@ std::vector<at::Tensor> bidirectional_scan_bwd(
 
 TORCH_LIBRARY_FRAGMENT(vimbench_cpu, m) {
   m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, Tensor dout, Tensor? dlast, bool delta_softplus) -> Tensor[]");
+        "Tensor? delta_bias, Tensor dout, Tensor? dlast, Tensor states, bool delta_softplus) -> Tensor[]");
   m.def("bidirectional_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor u_b, "
         "Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? z, Tensor? delta_bias, "
-        "Tensor? delta_bias_b, Tensor dout, bool delta_softplus) -> Tensor[]");
+        "Tensor? delta_bias_b, Tensor dout, Tensor states, Tensor states_b, bool delta_softplus) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(vimbench_cpu, CPU, m) {

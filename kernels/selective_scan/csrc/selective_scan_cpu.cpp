@@ -28,6 +28,10 @@
 //   * The bidirectional op scans the backward direction first (t = L-1 .. 0, reading original-order memory at
 //     reversed offsets; no flipped copies), keeps y_b + D_b*u_b in a float32 buffer (lanes x L x W, at most
 //     64 MiB per pass), then scans forward and writes (y_f + D_f*u_f + y_b + D_b*u_b) * silu(z).
+//   * keep_states (when autograd records the call): each lane's tile is scanned in spans of kStateTile steps
+//     and the state entering each span is stored into ``states`` (b, ceil(L / kStateTile), N, E) float32
+//     (scan_common.h), from which the backward (selective_scan_bwd_cpu.cpp) recomputes a tile's states; without
+//     it the op returns an empty (0,) tensor there.
 //
 // Build: compiled by compiled_cpu.py with -DCPU_CAPABILITY=<AVX512|AVX2|DEFAULT> -DCPU_CAPABILITY_<...> and
 // the matching -m flags, so that at::vec::Vectorized<float> has the width of the running CPU.
@@ -53,6 +57,7 @@ namespace vimbench_scan {
 namespace {
 
 constexpr int kTile = 64;                  // time steps staged per tile
+static_assert(kTile % kStateTile == 0, "a forward tile holds whole tiles of the kept states");
 constexpr int kGroup = 32;                 // lanes staged together per tile (their buffers: 384 KiB, in L2)
 
 
@@ -179,10 +184,12 @@ inline void prefetch_rows(const View3<T>& x, const Lane& lane, int64_t t0, int n
 //            its rows are the scan's accumulator, so nothing is copied
 //   acc_in:  null, or (n, L, W) float32 added to y + D*u before the gate (second pass of the pair)
 //   last:    null, or (b, E, N) float32 contiguous, receives h at the end of the scan of every lane
+//   states:  states.data null, or where the state entering every kStateTile steps goes (scan_common.h); the
+//            tile is then scanned in spans of kStateTile steps
 template <typename T, typename TBC>
 void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N, int64_t L,
                 int64_t E, Lane* lanes, int n, bool softplus_on, const View3<const T>* z, const View3<T>* out,
-                float* acc_out, const float* acc_in, float* last, Scratch& sc) {
+                float* acc_out, const float* acc_in, float* last, const States& states, Scratch& sc) {
   const int64_t ntiles = (L + kTile - 1) / kTile;
   const bool rows_du = in_place(dir.delta, lanes, n) && in_place(dir.u, lanes, n);
   const bool rows_out = acc_out == nullptr && in_place(*out, lanes, n) && (z == nullptr || in_place(*z, lanes, n));
@@ -228,9 +235,19 @@ void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, 
         load_bc<TBC>(dir.C, lanes[j].bi, lanes[j].g, N, t0, nt, ld, sc.Ct.data());
         sc.bc_key = key;
       }
-      for (const Chunk& ch : chunks)
-        ch.fn(nt, dir.reverse, sc.d_of(j), sc.du_of(j), y_of(j), sc.Bt.data() + ch.n0, sc.Ct.data() + ch.n0, ld,
-              lanes[j].A.data() + ch.n0 * W, lanes[j].h.data() + ch.n0 * W);
+      const int span = states.data ? kStateTile : nt, spans = (nt + span - 1) / span;
+      for (int q = 0; q < spans; ++q) {
+        const int o = (dir.reverse ? spans - 1 - q : q) * span, len = std::min(span, nt - o);
+        if (states.data) {
+          const int64_t k = (t0 + o) / kStateTile;
+          store_state(states, lanes[j].bi, k, lanes[j].e0, lanes[j].cnt, lanes[j].h.data());
+          prefetch_state(states, lanes[j].bi, dir.reverse ? k - 1 : k + 1, lanes[j].e0);   // the next span's
+        }
+        for (const Chunk& ch : chunks)
+          ch.fn(len, dir.reverse, sc.d_of(j) + o * W, sc.du_of(j) + o * W, y_of(j) + o * W,
+                sc.Bt.data() + o * ld + ch.n0, sc.Ct.data() + o * ld + ch.n0, ld, lanes[j].A.data() + ch.n0 * W,
+                lanes[j].h.data() + ch.n0 * W);
+      }
     }
 
     // epilogue
@@ -264,14 +281,16 @@ void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, 
 template <typename T, typename TBC>
 void scan_direction(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, int ld, int64_t N, int64_t L,
                     int64_t E, std::vector<Lane>& lanes, bool softplus_on, const View3<const T>* z,
-                    const View3<T>* out, float* acc_out, const float* acc_in, float* last, Scratch& sc) {
+                    const View3<T>* out, float* acc_out, const float* acc_in, float* last, const States& states,
+                    Scratch& sc) {
   // Groups pay off where rows are read across lanes (time-major inputs); for other layouts a lane is staged
   // alone, so its buffers stay in L1.
   const size_t group = dir.delta.se == 1 && dir.u.se == 1 ? kGroup : 1;
   for (size_t first = 0; first < lanes.size(); first += group) {
     const int n = static_cast<int>(std::min<size_t>(group, lanes.size() - first));
     scan_group(dir, chunks, ld, N, L, E, lanes.data() + first, n, softplus_on, z, out,
-               acc_out ? acc_out + first * L * W : nullptr, acc_in ? acc_in + first * L * W : nullptr, last, sc);
+               acc_out ? acc_out + first * L * W : nullptr, acc_in ? acc_in + first * L * W : nullptr, last, states,
+               sc);
   }
 }
 
@@ -299,10 +318,18 @@ int64_t lanes_per_pass(int64_t L) {
 // Entry points
 // ------------------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
+// The (b, T, N, E) float32 states a forward keeps for its backward (scan_common.h), or an empty (0,) tensor.
+at::Tensor new_states(const at::Tensor& u, int64_t N, bool keep) {
+  auto f32 = u.options().dtype(at::kFloat);
+  return keep ? at::empty({u.size(0), state_tiles(u.size(2)), N, u.size(1)}, f32) : at::empty({0}, f32);
+}
+
+States states_or_none(const at::Tensor& s) { return s.numel() > 0 ? states_of(s) : States{}; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
     const at::Tensor& C_in, const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& z_in,
-    const std::optional<at::Tensor>& bias_in, bool delta_softplus, bool time_major_out) {
+    const std::optional<at::Tensor>& bias_in, bool delta_softplus, bool time_major_out, bool keep_states) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
   check_gate(z_in, u_in);
   const int64_t b = u_in.size(0), E = u_in.size(1), L = u_in.size(2), N = A_in.size(1);
@@ -317,7 +344,8 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
 
   at::Tensor out = new_output(u, st, time_major_out);
   at::Tensor last = at::zeros({b, E, N}, u.options().dtype(at::kFloat));
-  if (b == 0 || E == 0 || L == 0) return {out.to(out_st), last};
+  at::Tensor states = new_states(u, N, keep_states);
+  if (b == 0 || E == 0 || L == 0) return {out.to(out_st), last, states};
 
   const auto chunks = make_chunks(N);
   const int ld = chunks.back().n0 + chunks.back().nt;
@@ -335,19 +363,19 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd(
       Scratch sc(ld);
       std::vector<Lane> lanes = make_lanes(dir, blocks, N, ld, begin, end);
       scan_direction<T, TBC>(dir, chunks, ld, N, L, E, lanes, delta_softplus, z ? &zv : nullptr, &ov, nullptr,
-                             nullptr, lastp, sc);
+                             nullptr, lastp, states_or_none(states), sc);
     });
   });
-  return {out.scalar_type() == out_st ? out : out.to(out_st), last};
+  return {out.scalar_type() == out_st ? out : out.to(out_st), last, states};
 }
 
-at::Tensor bidirectional_scan_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bidirectional_scan_fwd(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in,
     const at::Tensor& C_in, const std::optional<at::Tensor>& D_in, const at::Tensor& ub_in,
     const at::Tensor& deltab_in, const at::Tensor& Ab_in, const at::Tensor& Bb_in, const at::Tensor& Cb_in,
     const std::optional<at::Tensor>& Db_in, const std::optional<at::Tensor>& z_in,
     const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& biasb_in, bool delta_softplus,
-    bool time_major_out) {
+    bool time_major_out, bool keep_states) {
   check_direction(u_in, delta_in, A_in, B_in, C_in, D_in, bias_in);
   check_direction(ub_in, deltab_in, Ab_in, Bb_in, Cb_in, Db_in, biasb_in);
   check_same_shapes(u_in, A_in, ub_in, Ab_in);
@@ -369,7 +397,8 @@ at::Tensor bidirectional_scan_fwd(
               "B_b and C_b must have the same groups");
 
   at::Tensor out = new_output(u, st, time_major_out);
-  if (b == 0 || E == 0 || L == 0) return out.to(out_st);
+  at::Tensor states_f = new_states(u, N, keep_states), states_b = new_states(u, N, keep_states);
+  if (b == 0 || E == 0 || L == 0) return {out.to(out_st), states_f, states_b};
 
   const auto chunks = make_chunks(N);
   const int ld = chunks.back().n0 + chunks.back().nt;
@@ -393,14 +422,14 @@ at::Tensor bidirectional_scan_fwd(
         const int64_t last_task = std::min(end, first + per_pass);
         std::vector<Lane> back = make_lanes(bwd, blocks, N, ld, first, last_task);
         scan_direction<T, TBC>(bwd, chunks, ld, N, L, E, back, delta_softplus, nullptr, nullptr, acc.get(),
-                               nullptr, nullptr, sc);
+                               nullptr, nullptr, states_or_none(states_b), sc);
         std::vector<Lane> fore = make_lanes(fwd, blocks, N, ld, first, last_task);
         scan_direction<T, TBC>(fwd, chunks, ld, N, L, E, fore, delta_softplus, z ? &zv : nullptr, &ov, nullptr,
-                               acc.get(), nullptr, sc);
+                               acc.get(), nullptr, states_or_none(states_f), sc);
       }
     });
   });
-  return out.scalar_type() == out_st ? out : out.to(out_st);
+  return {out.scalar_type() == out_st ? out : out.to(out_st), states_f, states_b};
 }
 
 // Microbenchmark for the floor: applies x <- exp(x * c), c = -1/2, with the kernel's state exp (exp_state)
@@ -436,10 +465,12 @@ int64_t vector_width() { return W; }
 // custom ops of torch.ops.vimbench.
 TORCH_LIBRARY(vimbench_cpu, m) {
   m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool delta_softplus, bool time_major_out) -> (Tensor, Tensor)");
+        "Tensor? delta_bias, bool delta_softplus, bool time_major_out, bool keep_states) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("bidirectional_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor u_b, "
         "Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? z, Tensor? delta_bias, "
-        "Tensor? delta_bias_b, bool delta_softplus, bool time_major_out) -> Tensor");
+        "Tensor? delta_bias_b, bool delta_softplus, bool time_major_out, bool keep_states) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("exp_chain(Tensor(a!) x, int iters) -> float");
   m.def("vector_width() -> int", &vimbench_scan::vector_width);   // SIMD lanes of float32 (16: AVX-512)
 }
