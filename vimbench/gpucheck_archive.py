@@ -9,8 +9,10 @@ overwritten.
 """
 from __future__ import annotations
 
+import bz2
 import contextlib
 import datetime
+import gzip
 import json
 import lzma
 import os
@@ -92,6 +94,7 @@ MAX_MEMBERS = 10_000
 MAX_BYTES = 2 * 2**30
 """``unpack`` refuses an archive whose files add up to more bytes (uncompressed): a run writes well under 1 GiB."""
 _ODD = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")  # control characters and line breaks
+_COMPRESSIONS = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 _LINKS = (("issym", "a symbolic link"), ("islnk", "a hard link"), ("ischr", "a character device"),
           ("isblk", "a block device"), ("isfifo", "a FIFO"))
@@ -139,7 +142,7 @@ class _Members:
         if m.isreg():
             self.bytes += m.size
             if self.bytes > MAX_BYTES:
-                self.refuse(f"its files add up to more than {MAX_BYTES / 2**30:g} GiB")
+                self.refuse(f"its files add up to more than {MAX_BYTES:,} bytes")
             self.files.add(rel)
         self.folders.update(rel[:i] for i in range(1, len(rel) + m.isdir()))
         return rel
@@ -154,11 +157,12 @@ class _Members:
 
 def _extract(archive: str, into: Path, members: _Members) -> str:
     """Streams ``archive`` once, checking each member (``_Members``) before writing it under ``into``, a new
-    empty folder (no link is ever made in it, so nothing written there can land elsewhere). Member by member,
-    without ``TarFile.extractall``: its ``filter`` argument is missing before Python 3.10.12 / 3.11.4. Returns
-    the archive's top folder name."""
+    empty folder (no link is ever made in it, so nothing written there can land elsewhere), and reads it to
+    its end, where a corrupt gzip or xz stream fails its checksum. Member by member, without
+    ``TarFile.extractall``: its ``filter`` argument is missing before Python 3.10.12 / 3.11.4. Returns the
+    archive's top folder name."""
     try:
-        with tarfile.open(archive, "r|*") as tar:
+        with _decompressed(archive) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for m in tar:
                 rel = members.check(m)
                 target = into.joinpath(*rel)
@@ -170,6 +174,11 @@ def _extract(archive: str, into: Path, members: _Members) -> str:
                 with os.fdopen(fd, "wb") as out, tar.extractfile(m) as data:
                     while chunk := data.read(1 << 20):
                         _write(out.write, archive, rel, chunk)
+            trailing = 0  # read to the end: a gzip or xz stream's checksum is verified only there
+            while chunk := raw.read(1 << 20):
+                trailing += len(chunk)
+                if trailing > MAX_BYTES:
+                    members.refuse(f"more than {MAX_BYTES:,} bytes after the end of the archive")
     except _READ_ERRORS as e:
         raise InputError(f"--unpack {archive}: cannot read it as a tar archive "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated'}); "
@@ -179,6 +188,13 @@ def _extract(archive: str, into: Path, members: _Members) -> str:
     if not (into / "summary.md").is_file():
         members.refuse(f"not a gpu-check archive (no {members.top}/summary.md)")
     return members.top
+
+
+def _decompressed(archive: str):
+    """``archive`` opened for reading, decompressed as its first bytes say (gzip, bzip2, xz, else none)."""
+    with open(archive, "rb") as f:
+        magic = f.read(6)
+    return next((fn for m, fn in _COMPRESSIONS if magic.startswith(m)), open)(archive, "rb")
 
 
 def _write(fn, archive, rel, *args, **kwargs):
