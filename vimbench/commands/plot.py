@@ -8,6 +8,7 @@ import click
 from vimbench.commands.options import check_out_dir
 from vimbench.present.figures import plot_results
 from vimbench.rows.reader import load_results
+from vimbench.rows.validate import plottable
 
 
 @click.command("plot")
@@ -17,9 +18,13 @@ def command(results, out_dir):
     """Draw the figures of RESULTS.csv into DIR. A scaling CSV (vimbench scaling) gives
     throughput_memory (Fig. 1 style), flops and loglog; a kernel CSV (vimbench kernels) gives kernels.
     A CSV with several settings (device, dtype, batch, head or width) gets one set per setting, named
-    <figure>-<setting>."""
+    <figure>-<setting>. Rows that cannot be drawn (an infinite, zero or negative time, a setting value that is
+    not a plain name, ...) are left out with a note (see vimbench/rows/validate.py)."""
     kind, df = load_results(results, kinds=("scaling", "kernels"))
+    df, notes = plottable(kind, df, results)
     out_dir = out_dir or str(Path(results).parent)
     check_out_dir(out_dir)
     for p in plot_results(kind, df, out_dir):
         click.echo(f"wrote {p}")
+    for note in notes:
+        click.echo(f"note: {note}")
