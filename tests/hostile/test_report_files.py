@@ -44,9 +44,16 @@ PLAIN_FILE = re.compile(r"[A-Za-z0-9_.+-]+")
 
 @pytest.fixture(autouse=True)
 def fast_figures(monkeypatch):
-    """Figures drawn for real but at 10 dpi: the drawing (log axes, limits, text) is what can fail."""
+    """Figures drawn for real, the PNG at 10 dpi (the drawing of log axes, limits and text is what can
+    fail); the PDF, a second drawing of the same figure, written empty."""
     real = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda self, fname, **kw: real(self, fname, **{**kw, "dpi": 10}))
+
+    def savefig(self, fname, **kw):
+        if str(fname).endswith(".pdf"):
+            Path(fname).write_bytes(b"")
+        else:
+            real(self, fname, **{**kw, "dpi": 10})
+    monkeypatch.setattr(Figure, "savefig", savefig)
 
 
 def base_rows(kind: str) -> list[dict]:
@@ -151,8 +158,13 @@ CRAFTED = {**{f"time-{v}": [("cell", 0, "time_ms", v)] for v in BAD_NUMBERS},
 """Crafted damage: name -> edits (see ``csv_text``)."""
 
 
+FAST = ("time-inf", "slash-in-device", "all-times-nan")
+"""The crafted cases of the default run; the others, and the generated ones, are slow (2 to 5 s of CPU a
+call: the figures are drawn)."""
+
+
 @pytest.mark.parametrize("command, kind", [("report", "scaling"), ("plot", "scaling"), ("plot", "kernels")])
-@pytest.mark.parametrize("case", CRAFTED)
+@pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CRAFTED])
 def test_crafted_damage(command, kind, case, tmp_path, capsys):
     edits = [e for e in CRAFTED[case] if e[0] != "cell" or e[2] in NUMERIC[kind] + SETTING_NAMES]
     rows = base_rows(kind)
@@ -160,7 +172,8 @@ def test_crafted_damage(command, kind, case, tmp_path, capsys):
 
 
 def _generated(command: str, kind: str):
-    @settings(max_examples=25, derandomize=True, deadline=None, database=None,
+    @pytest.mark.slow
+    @settings(max_examples=20, derandomize=True, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(edits(kind))
     def test(tmp_path_factory, capsys, drawn):

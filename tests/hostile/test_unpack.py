@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import signal
 import stat
 import tarfile
 from pathlib import Path
@@ -92,11 +93,25 @@ def snapshot(root: Path) -> dict:
     return out
 
 
+class Hung(Exception):
+    pass
+
+
+def _hung(signum, frame):
+    raise Hung()
+
+
 def run_unpack(path, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``--unpack path``; fails the case on an exception or after 60 s (a hang)."""
+    old = signal.signal(signal.SIGALRM, _hung)
+    signal.alarm(60)
     try:
         code = main(["gpu-check", "--unpack", str(path)])
     except BaseException as e:  # noqa: BLE001 (the rule: never a traceback; report it as a failed case)
         pytest.fail(f"--unpack raised {type(e).__name__}: {e}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
     return code, capsys.readouterr().err
 
 
