@@ -4,8 +4,8 @@ The kind of a CSV is told from its header (``schema.kind_of``). Columns renamed 
 are mapped to their current names (``schema.RENAMED``), so old results keep working. A CSV can hold several
 *settings* (``Schema.setting``: device, dtype, batch, ...): curves are only drawn or fitted within one. A
 scaling setting is keyed by the batch asked for (``batch_requested``): ``vimbench scaling`` retries an OOM
-at smaller batches and records the batch that ran in ``batch``. A CSV without ``batch_requested`` gets it
-equal to ``batch``; a CSV without ``mode`` gets infer (it measured inference); a scaling or kernel CSV without
+at smaller batches and records the batch that ran in ``batch``. A CSV without ``batch_requested`` (or a row
+with it empty) gets it equal to ``batch``; a CSV without ``mode`` gets infer (it measured inference); a scaling or kernel CSV without
 the regime columns (``schema.REGIME``: compile, amp) gets none for both, the eager full-precision regime it was
 measured in.
 """
@@ -70,6 +70,8 @@ def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]
     df = with_regime(kind, df)
     for col in sorted(NUMERIC & set(df.columns)):
         df[col] = _as_number(df[col], col, path)
+    if kind == "scaling":  # an empty batch_requested reads as the batch that ran, as a missing column does
+        df["batch_requested"] = df["batch_requested"].fillna(df["batch"])
     for col in BOOLEAN:
         if col in df.columns:
             df[col] = _as_bool(df[col], col, path)

@@ -99,7 +99,8 @@ def plottable(kind: str, df: pd.DataFrame, source) -> tuple[pd.DataFrame, list[s
         if col not in out.columns:
             continue
         values = out[col]
-        good = values.isna() | (_positive(values) if col in blanked["positive"] else np.isfinite(values) & (values >= 0))
+        usable = _positive(values) if col in blanked["positive"] else np.isfinite(values) & (values >= 0)
+        good = values.isna() | usable
         if not good.all():
             reasons.append(f"blanked {col} in row(s) {_rows(~good)}: infinite or "
                            f"{'not positive' if col in blanked['positive'] else 'negative'}, "
