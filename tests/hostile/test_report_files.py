@@ -154,7 +154,9 @@ CRAFTED = {**{f"time-{v}": [("cell", 0, "time_ms", v)] for v in BAD_NUMBERS},
            "batch-inf": [("cell", 0, "batch", "inf")], "time-text": [("cell", 0, "time_ms", "abc")],
            "slash-in-device": [("cell", 0, "device", "cuda/../../x")],
            "newline-in-dtype": [("cell", 0, "dtype", "fp32\nx")], "pipe-in-dtype": [("cell", 0, "dtype", "fp|32")],
-           "ragged": [("ragged", 3)], "extra-field": [("extra", 3)], "torn": [("torn", 0.5)]}
+           "ragged": [("ragged", 3)], "extra-field": [("extra", 3)], "torn": [("torn", 0.5)],
+           "batch-huge": [("cell", 1, "batch", "1e300")], "batch-fraction": [("cell", 1, "batch", "1.5")],
+           "time-huge-torn": [("torn", 0.52), ("cell", 1, "time_ms", "1e300")]}
 """Crafted damage: name -> edits (see ``csv_text``)."""
 
 

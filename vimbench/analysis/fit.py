@@ -77,11 +77,16 @@ def fit_power_law(x, y) -> PowerLawFit:
     k = ((lx - lx.mean()) * (ly - ly.mean())).sum() / sxx
     logc = ly.mean() - k * lx.mean()
     if n < 3:
-        return PowerLawFit(float(k), math.nan, math.nan, float(math.exp(logc)), n)
+        return PowerLawFit(float(k), math.nan, math.nan, _exp(logc), n)
     resid = ly - (logc + k * lx)
     se = math.sqrt((resid ** 2).sum() / (n - 2) / sxx)
     half = t_quantile_975(n - 2) * se
-    return PowerLawFit(float(k), float(k - half), float(k + half), float(math.exp(logc)), n)
+    return PowerLawFit(float(k), float(k - half), float(k + half), _exp(logc), n)
+
+
+def _exp(logc: float) -> float:
+    """e**logc, inf where that overflows a float (a prefactor of values near the float range)."""
+    return math.exp(logc) if logc < 709.0 else math.inf
 
 
 def upper_half(x, y):

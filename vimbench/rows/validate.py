@@ -5,9 +5,9 @@ values of a setting's columns (``reader.split_settings``). So, per kind of CSV:
 
   * a row is left out when a setting cell (device, dtype, batch, ...) is empty, or text that is not a plain
     name (letters, digits, ``_ . : + -``, at most ``NAME_MAX`` characters: no ``/``, space or line break),
-    or a number that is not finite (negative for a batch or width); when a position on the x axis (res,
-    tokens) or the batch it ran at is not a finite positive number; and, for an ok row, when its time or
-    throughput is not a finite positive number (``POSITIVE``);
+    or a number that is not a whole number from 0 to 2**31 - 1 (1 up for a batch or width); when a position
+    on the x axis (res, tokens) or the batch it ran at is not a finite positive number; and, for an ok row,
+    when its time or throughput is not a finite positive number (``POSITIVE``);
   * a value that is only drawn or fitted where present (``BLANKED``: percentiles, memory, FLOPs) is blanked
     when it is infinite or not positive (FLOP parts: negative), so the rest of its row is kept.
 
@@ -61,7 +61,8 @@ def _setting_ok(kind: str, df: pd.DataFrame) -> dict[str, pd.Series]:
         if pd.api.types.is_bool_dtype(values):
             continue
         if pd.api.types.is_numeric_dtype(values):
-            out[col] = np.isfinite(values) & ((values > 0) if col in _POSITIVE_KEYS else (values >= 0))
+            whole = np.isfinite(values) & (values == np.floor(values)) & (values < 2**31)
+            out[col] = whole & ((values > 0) if col in _POSITIVE_KEYS else (values >= 0))
         else:
             out[col] = values.map(lambda v: isinstance(v, str) and _NAME.fullmatch(v) is not None)
     return out
@@ -71,6 +72,11 @@ def _rows(mask: pd.Series) -> str:
     """The row numbers (1: the first after the header) where ``mask`` holds, the first five."""
     where = [int(i) + 1 for i in mask.index[mask]]
     return ", ".join(map(str, where[:5])) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+
+
+def _example(values: pd.Series) -> str:
+    first = values.iloc[0]
+    return repr(first.item() if isinstance(first, np.generic) else first)
 
 
 def plottable(kind: str, df: pd.DataFrame, source) -> tuple[pd.DataFrame, list[str]]:
@@ -89,9 +95,9 @@ def plottable(kind: str, df: pd.DataFrame, source) -> tuple[pd.DataFrame, list[s
     for col, good in checks.items():
         bad = keep & ~good
         if bad.any():
-            what = ("not a plain name (letters, digits, _ . : + -)" if df[col].dtype == object
-                    else "not a finite number in range")
-            reasons.append(f"left out row(s) {_rows(bad)}: {col} empty or {what}, e.g. {df.loc[bad, col].iloc[0]!r}")
+            what = ("not a number in range" if pd.api.types.is_numeric_dtype(df[col])
+                    else "not a plain name (letters, digits, _ . : + -)")
+            reasons.append(f"left out row(s) {_rows(bad)}: {col} empty or {what}, e.g. {_example(df.loc[bad, col])}")
         keep &= good
     out = df[keep].copy()
     blanked = BLANKED[kind]
@@ -104,7 +110,7 @@ def plottable(kind: str, df: pd.DataFrame, source) -> tuple[pd.DataFrame, list[s
         if not good.all():
             reasons.append(f"blanked {col} in row(s) {_rows(~good)}: infinite or "
                            f"{'not positive' if col in blanked['positive'] else 'negative'}, "
-                           f"e.g. {values[~good].iloc[0]!r}; not drawn or fitted")
+                           f"e.g. {_example(values[~good])}; not drawn or fitted")
             out.loc[~good, col] = np.nan
     if not (out["status"] == "ok").any():
         raise InputError(f"{source}: no ok row can be drawn or fitted" + (f" ({reasons[0]})" if reasons else ""))
