@@ -110,7 +110,7 @@ def unusable(kind: str, col: str, value: str) -> bool:
         x = float(value) if value.strip() else math.nan
     except ValueError:
         return False
-    return col in NEEDED[kind] if math.isnan(x) else not math.isfinite(x) or x <= 0
+    return col in NEEDED[kind] if math.isnan(x) else not 1e-30 <= x <= 1e30
 
 
 def run(command: str, kind: str, text: str, cells, tmp_path: Path, capsys) -> None:
@@ -156,7 +156,8 @@ CRAFTED = {**{f"time-{v}": [("cell", 0, "time_ms", v)] for v in BAD_NUMBERS},
            "newline-in-dtype": [("cell", 0, "dtype", "fp32\nx")], "pipe-in-dtype": [("cell", 0, "dtype", "fp|32")],
            "ragged": [("ragged", 3)], "extra-field": [("extra", 3)], "torn": [("torn", 0.5)],
            "batch-huge": [("cell", 1, "batch", "1e300")], "batch-fraction": [("cell", 1, "batch", "1.5")],
-           "time-huge-torn": [("torn", 0.52), ("cell", 1, "time_ms", "1e300")]}
+           "time-huge-torn": [("torn", 0.52), ("cell", 1, "time_ms", "1e300")],
+           "time-tiny": [("cell", 0, "time_ms", "1e-300")], "tokens-huge": [("cell", 0, "tokens", "1e300")]}
 """Crafted damage: name -> edits (see ``csv_text``)."""
 
 

@@ -6,10 +6,10 @@ values of a setting's columns (``reader.split_settings``). So, per kind of CSV:
   * a row is left out when a setting cell (device, dtype, batch, ...) is empty, or text that is not a plain
     name (letters, digits, ``_ . : + -``, at most ``NAME_MAX`` characters: no ``/``, space or line break),
     or a number that is not a whole number from 0 to 2**31 - 1 (1 up for a batch or width); when a position
-    on the x axis (res, tokens) or the batch it ran at is not a finite positive number; and, for an ok row,
-    when its time or throughput is not a finite positive number (``POSITIVE``);
+    on the x axis (res, tokens) or the batch it ran at is not a positive number within ``RANGE``; and, for
+    an ok row, when its time or throughput is not (``POSITIVE``);
   * a value that is only drawn or fitted where present (``BLANKED``: percentiles, memory, FLOPs) is blanked
-    when it is infinite or not positive (FLOP parts: negative), so the rest of its row is kept.
+    when it is not within ``RANGE`` (FLOP parts: infinite or negative), so the rest of its row is kept.
 
 Each left-out row and blanked value is counted in a note (rows numbered from 1, the first after the
 header); a CSV with no ok row left is refused with one line.
@@ -34,7 +34,7 @@ POSITIVE = {
     "memory": {"every": ("res",), "present": ("tokens", "batch"), "ok": ("tokens", "mem_pred_peak_gib",
                                                                           "mem_pred_used_gib")},
 }
-"""Columns whose cell must be a finite positive number, or the row is left out: in ``every`` row, where
+"""Columns whose cell must be a positive number within ``RANGE``, or the row is left out: in ``every`` row, where
 ``present`` (not empty), and in ``ok`` rows."""
 BLANKED = {
     "scaling": {"positive": ("time_ms_p10", "time_ms_p90", "mem_peak_gib", "mem_reserved_gib", "mem_nvml_gib",
@@ -43,11 +43,16 @@ BLANKED = {
     "kernels": {"positive": ("time_ms_p10", "time_ms_p90", "mem_peak_gib"), "nonnegative": ()},
     "memory": {"positive": ("paper_gib",), "nonnegative": ()},
 }
-"""Columns whose value is blanked (the row kept) when it is not finite and positive (non-negative)."""
+"""Columns whose value is blanked (the row kept) when it is not positive within ``RANGE`` (finite, non-negative)."""
+
+
+RANGE = (1e-30, 1e30)
+"""A drawn value lies in this range: log axes spanning more decades overflow matplotlib's limits and guides."""
 
 
 def _positive(col: pd.Series) -> pd.Series:
-    return np.isfinite(col) & (col > 0)
+    """Where ``col`` is a positive number within ``RANGE`` (never NaN or infinite)."""
+    return (col >= RANGE[0]) & (col <= RANGE[1])
 
 
 def _setting_ok(kind: str, df: pd.DataFrame) -> dict[str, pd.Series]:
@@ -108,8 +113,8 @@ def plottable(kind: str, df: pd.DataFrame, source) -> tuple[pd.DataFrame, list[s
         usable = _positive(values) if col in blanked["positive"] else np.isfinite(values) & (values >= 0)
         good = values.isna() | usable
         if not good.all():
-            reasons.append(f"blanked {col} in row(s) {_rows(~good)}: infinite or "
-                           f"{'not positive' if col in blanked['positive'] else 'negative'}, "
+            reasons.append(f"blanked {col} in row(s) {_rows(~good)}: "
+                           f"{'not within 1e-30..1e30' if col in blanked['positive'] else 'infinite or negative'}, "
                            f"e.g. {_example(values[~good])}; not drawn or fitted")
             out.loc[~good, col] = np.nan
     if not (out["status"] == "ok").any():
