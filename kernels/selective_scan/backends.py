@@ -245,8 +245,8 @@ def _tensor(x: torch.Tensor | None) -> tuple | None:
 
 
 def _checked_scan(plugin: Plugin) -> Callable:
-    """``plugin.fn``, its result checked on every call (``plugins.check_returned``; a TypeError naming the
-    plug-in and what it returned): out (b, E, L) in u's dtype on u's device, and with ``return_last_state`` the
+    """The plug-in's forward ``fn``, its result checked on every call (``plugins.check_returned``; a TypeError
+    naming the plug-in and what it returned): out (b, E, L) in u's dtype on u's device, and with ``return_last_state`` the
     last state (b, E, N) float32 beside it."""
     def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
         got = plugin.fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=return_last_state)
@@ -259,7 +259,7 @@ def _checked_scan(plugin: Plugin) -> Callable:
 
 
 def _checked_backward(plugin: Plugin) -> Callable:
-    """``plugin.backward``, its result checked on every call: the 8 gradients, each in its input's shape,
+    """The plug-in's ``backward``, its result checked on every call: the 8 gradients, each in its input's shape,
     dtype and device, None for an absent input (``register_scan_backend``)."""
     def backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
         got = plugin.backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout)

@@ -139,7 +139,7 @@ def _fake_plot_results(kind, df, out_dir):
     return [path]
 
 
-def _fake_write_report(df, source, out_dir, memory=None):
+def _fake_write_report(df, source, out_dir, memory=None, left_out=()):
     """report.md naming the sources, in ``out_dir`` made as ``write_report`` makes it."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / "report.md"

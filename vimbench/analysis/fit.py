@@ -55,9 +55,14 @@ def fit_power_law(x, y) -> PowerLawFit:
     fit = stats.linregress(np.log(x), np.log(y))
     k, logc, n = fit.slope, fit.intercept, x.size
     if n < 3:
-        return PowerLawFit(float(k), math.nan, math.nan, float(math.exp(logc)), n)
+        return PowerLawFit(float(k), math.nan, math.nan, _exp(logc), n)
     half = t_quantile_975(n - 2) * fit.stderr
-    return PowerLawFit(float(k), float(k - half), float(k + half), float(math.exp(logc)), n)
+    return PowerLawFit(float(k), float(k - half), float(k + half), _exp(logc), n)
+
+
+def _exp(logc: float) -> float:
+    """e**logc, inf where that overflows a float (a prefactor of values near the float range)."""
+    return math.exp(logc) if logc < 709.0 else math.inf
 
 
 def upper_half(x, y):

@@ -170,9 +170,10 @@ def failures(df: pd.DataFrame) -> list[str]:
 
 
 def build_report(df: pd.DataFrame, source: str, figures: dict[str, list[str]],
-                 memory: pd.DataFrame | None = None) -> str:
+                 memory: pd.DataFrame | None = None, left_out: list[str] = ()) -> str:
     """The report text for checked scaling rows (``source`` names their CSVs), with the rows of a memory
-    CSV when one was given. ``figures`` maps a setting slug to the relative paths of its PNG figures."""
+    CSV when one was given. ``figures`` maps a setting slug to the relative paths of its PNG figures;
+    ``left_out`` notes the rows and values ``rows.validate.plottable`` set aside."""
     settings = [s for s in split_settings("scaling", df) if (s.rows["status"] == "ok").any()]
     lines = [f"# vimbench report: {source}", ""]
     if any(s.is_cpu for s in settings):
@@ -227,6 +228,9 @@ def build_report(df: pd.DataFrame, source: str, figures: dict[str, list[str]],
         lines += ["## Training against inference", ""] + training_lines(training.train_pairs(settings)) + [""]
     lines += ["## Predicted GPU memory in the paper's setting vs Fig. 1(c)", ""] + paper_memory_lines(memory) + [""]
     lines += ["## Failed runs", ""] + failures(df) + [""]
+    if left_out:
+        lines += ["## Rows left out", "", "Rows or values that cannot be drawn or fitted (rows numbered from 1, the "
+                  "first after the header):", ""] + [f"- {note}" for note in left_out] + [""]
     lines += ["## Environment", ""] + environment_lines(df) + [""]
     return "\n".join(lines)
 
@@ -368,8 +372,10 @@ def claim_intro(s: Setting) -> list[str]:
             f"reserved, else peak allocated (the paper most likely read nvidia-smi)."]
 
 
-def write_report(df: pd.DataFrame, source: str, out_dir, memory: pd.DataFrame | None = None) -> Path:
-    """Write the figures and ``report.md`` under ``out_dir``; returns the report's path."""
+def write_report(df: pd.DataFrame, source: str, out_dir, memory: pd.DataFrame | None = None,
+                 left_out: list[str] = ()) -> Path:
+    """Write the figures and ``report.md`` under ``out_dir`` (``left_out``: see ``build_report``); returns the
+    report's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = plot_results("scaling", df, out)
@@ -379,5 +385,5 @@ def write_report(df: pd.DataFrame, source: str, out_dir, memory: pd.DataFrame | 
         figures[s.slug] = [os.path.relpath(p, out) for p in paths if p.suffix == ".png"
                            and (len(settings) == 1 or p.stem.endswith(s.slug))]
     report = out / "report.md"
-    report.write_text(build_report(df, source, figures, memory))
+    report.write_text(build_report(df, source, figures, memory, left_out))
     return report

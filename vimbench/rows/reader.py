@@ -4,13 +4,14 @@ The kind of a CSV is told from its header (``schema.kind_of``). Columns renamed 
 are mapped to their current names (``schema.RENAMED``), so old results keep working. A CSV can hold several
 *settings* (``Schema.setting``: device, dtype, batch, ...): curves are only drawn or fitted within one. A
 scaling setting is keyed by the batch asked for (``batch_requested``): ``vimbench scaling`` retries an OOM
-at smaller batches and records the batch that ran in ``batch``. A CSV without ``batch_requested`` gets it
-equal to ``batch``; a CSV without ``mode`` gets infer (it measured inference); a scaling or kernel CSV without
+at smaller batches and records the batch that ran in ``batch``. A CSV without ``batch_requested`` (or a row
+with it empty) gets it equal to ``batch``; a CSV without ``mode`` gets infer (it measured inference); a scaling or kernel CSV without
 the regime columns (``schema.REGIME``: compile, amp) gets none for both, the eager full-precision regime it was
 measured in.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,10 @@ def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]
     if kind == "scaling" and "batch_requested" not in df.columns:
         df["batch_requested"] = df["batch"]
     df = with_regime(kind, df)
-    for col in NUMERIC & set(df.columns):
-        df[col] = pd.to_numeric(df[col], errors="coerce")
+    for col in sorted(NUMERIC & set(df.columns)):
+        df[col] = _as_number(df[col], col, path)
+    if kind == "scaling":  # an empty batch_requested reads as the batch that ran, as a missing column does
+        df["batch_requested"] = df["batch_requested"].fillna(df["batch"])
     for col in BOOLEAN:
         if col in df.columns:
             df[col] = _as_bool(df[col], col, path)
@@ -77,6 +80,16 @@ def load_results(path, kinds=("scaling", "kernels")) -> tuple[str, pd.DataFrame]
         counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
         raise InputError(f"{path}: no rows with status ok ({counts})")
     return kind, df
+
+
+def _as_number(col: pd.Series, name: str, path) -> pd.Series:
+    """``col`` as numbers, empty cells NaN; InputError naming the first cell that holds other text."""
+    numbers = pd.to_numeric(col, errors="coerce")
+    text = numbers.isna() & col.notna() & (col.astype(str).str.strip() != "")
+    if text.any():
+        row = text.idxmax()
+        raise InputError(f"{path}: column {name} holds {str(col[row])[:40]!r} in row {row + 1}; expected a number")
+    return numbers
 
 
 def _as_bool(col: pd.Series, name: str, path) -> pd.Series:
@@ -110,7 +123,13 @@ def regime_slug(key: dict) -> str:
     of CSVs from before these columns stay as they were), else "-train" (with "-gc" for activation
     checkpointing) and/or "-compile_<mode>" and/or "-amp_<dtype>"."""
     return ("-train" if key.get(MODE, "infer") == "train" else "") + ("-gc" if key.get(GRAD_CHECKPOINTING) else "") + \
-        "".join(f"-{col}_{key[col]}" for col in REGIME if key.get(col, "none") != "none")
+        "".join(f"-{col}_{file_part(key[col])}" for col in REGIME if key.get(col, "none") != "none")
+
+
+def file_part(value) -> str:
+    """A setting's value as part of a file name: only letters, digits and ``_ . + -`` kept ("cuda:0" ->
+    "cuda0"); ``validate.plottable`` leaves out rows whose values are not plain names."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "", str(value))
 
 
 def split_settings(kind: str, df: pd.DataFrame) -> list[Setting]:
@@ -121,6 +140,6 @@ def split_settings(kind: str, df: pd.DataFrame) -> list[Setting]:
         key = dict(zip(keys, values))
         last = ("head" if key["head"] else "backbone") if kind == "scaling" else f"w{int(key['width'])}"
         batch = key.get("batch_requested", key.get("batch"))
-        slug = f"{str(key['device']).replace(':', '')}-{key['dtype']}-b{int(batch) or 'max'}-{last}" + regime_slug(key)
+        slug = f"{file_part(key['device'])}-{file_part(key['dtype'])}-b{int(batch) or 'max'}-{last}" + regime_slug(key)
         out.append(Setting(key, slug, rows.reset_index(drop=True)))
     return out
