@@ -32,10 +32,12 @@ CAPABILITY_ORDER = {"x86": ["DEFAULT", "AVX2", "AVX512"], "arm": ["DEFAULT", "SV
 
 # Max error in ulps of the float32 result per function (a denormal result's ulp is 2^-149, as the smallest
 # normals').
-MAX_ULPS = {"exp2": 3, "exp": 3, "softplus": 4, "silu": 4, "sigmoid": 4, "silu_grad": 10}
+MAX_ULPS = {"exp2": 3, "exp": 3, "softplus": 4, "silu": 4.5, "sigmoid": 4.5, "silu_grad": 10}
 # silu's derivative crosses zero (x ~ -1.28), where no float32 formula has a bounded relative error: its errors
 # are in ulps of max(|result|, 1/4).
 ULP_FLOOR = {"silu_grad": 0.25}
+# DEFAULT on x86 is at::vec's scalar emulation without fused multiply-adds: each polynomial step rounds twice.
+NO_FMA_SLACK = {"DEFAULT": 0.5}
 
 
 # Input ranges: the whole float32 line is covered by the specials; silu, sigmoid and silu's derivative are
@@ -110,7 +112,8 @@ def measure_all() -> dict[str, dict]:
 def check(errors: dict[str, dict], capability: str) -> None:
     for fn, e in errors.items():
         assert e["bad_special"] == 0, f"{capability} {fn}: {e['bad_special']} NaN / inf lanes wrong"
-        assert e["ulp"] <= MAX_ULPS[fn], f"{capability} {fn}: {e['ulp']:.2f} ulp > {MAX_ULPS[fn]}"
+        bound = MAX_ULPS[fn] + NO_FMA_SLACK.get(capability, 0.0)
+        assert e["ulp"] <= bound, f"{capability} {fn}: {e['ulp']:.2f} ulp > {bound}"
 
 
 def test_ulp_errors_helper():
