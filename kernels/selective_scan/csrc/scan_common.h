@@ -33,8 +33,9 @@ using namespace vimbench_vec;              // is_kernel_dtype, load_vec, store_v
 //   bwd_group  lanes per group of the backward (they share dB / dC partial sums per tile)
 //   bwd_chunk  state entries the backward's reverse pass holds (g and dA: 2 x chunk vectors)
 // AVX-512 is the tuned reference (Intel Xeon, 1248 shape); AVX2 halves W, so it stages twice the lanes per group
-// and takes twice the backward tile for the same bytes; DEFAULT is NEON on aarch64 (W 4, 32 registers) and
-// at::vec's scalar emulation elsewhere (W 8).
+// (the same bytes and channels); the backward's columns keep AVX-512's values everywhere until they are
+// measured elsewhere. DEFAULT is NEON on aarch64 (W 4, 32 registers) and at::vec's scalar emulation elsewhere
+// (W 8).
 // ------------------------------------------------------------------------------------------------------
 struct KernelShape {
   int max_nt, fwd_tile, fwd_group, bwd_tile, bwd_group, bwd_chunk;
@@ -42,9 +43,9 @@ struct KernelShape {
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr KernelShape kShape{16, 64, 32, 16, 32, 8};
 #elif defined(CPU_CAPABILITY_AVX2)
-constexpr KernelShape kShape{4, 64, 64, 32, 32, 8};
+constexpr KernelShape kShape{4, 64, 64, 16, 32, 8};
 #elif defined(__aarch64__)
-constexpr KernelShape kShape{16, 64, 512 / W, 256 / W, 32, 8};   // NEON (W 4) or SVE256 (W 8)
+constexpr KernelShape kShape{16, 64, 512 / W, 16, 32, 8};   // NEON (W 4) or SVE256 (W 8)
 #else
 constexpr KernelShape kShape{8, 64, 64, 16, 32, 8};
 #endif

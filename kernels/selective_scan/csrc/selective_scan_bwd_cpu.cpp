@@ -51,7 +51,7 @@ namespace vimbench_scan {
 namespace {
 
 constexpr int kTile = kShape.bwd_tile;     // steps per tile: the checkpoint interval and the recompute span (the
-                                           // table in scan_common.h; AVX-512: 16, as 32 is 1.3-1.4x slower at
+                                           // table in scan_common.h: 16, as 32 is 1.3-1.4x slower on AVX-512 at
                                            // the Vim-Ti 1248 shape)
 constexpr int kGroup = kShape.bwd_group;   // lanes per group (their dB / dC partial sums are shared per tile)
 constexpr int kChunk = kShape.bwd_chunk;   // state entries per chunk: the reverse pass holds g and dA of each in
