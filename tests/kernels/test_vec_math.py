@@ -87,8 +87,8 @@ def reference(fn: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def ulp_errors(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> dict[str, float | int]:
-    """Max error in ulps of the float32 result (of max(|result|, floor)) over finite results, and the count of lanes whose NaN-ness,
-    infinity or infinity's sign disagrees with the reference rounded to float32."""
+    """Max error in ulps of the float32 result (of max(|result|, floor)) over finite results, and the count of
+    lanes whose NaN-ness, infinity or infinity's sign disagrees with the reference rounded to float32."""
     ref32 = ref.float()
     bad_special = int(((out.isnan() != ref32.isnan()) | (out.isinf() != ref32.isinf())
                        | (out.isinf() & ref32.isinf() & (out.sign() != ref32.sign()))).sum())
