@@ -20,7 +20,8 @@ Public API (shapes use the legend of ``ref.py``: b batch, E channels, L length, 
                                      the backward ops, which autograd calls (see Training below)
     causal_conv1d_pair_compiled(x, w_f, b_f, w_b, b_b) -> (x_f, x_b)   see ``kernels/causal_conv.py``
     add_rms_norm_compiled(x, residual, weight, eps) -> (out, residual_out)   see ``kernels/rms_norm.py``
-    exp_floor_rate(numel=..., iters=...) -> float   exp per second with the kernel's state exp (its floor)
+    exp_floor_rate(numel=..., iters=..., aten_exp=False) -> float   exp per second with the scan's state exp
+                                     (its floor), or with at::vec's exp_u20
 
 Dtypes: u, delta, z, B, C may be float32, bfloat16 or float16 (float64 is refused: use the 'ref' backend);
 they are converted to float32 as they are loaded and all arithmetic is float32. The output has u's dtype, the
@@ -59,7 +60,8 @@ Threads: the kernels parallelise over (batch, block of 16 channels) with at::par
 
 Build cache: ``<cache>/scan_cpu/torch<version>-<capability>-<hash of the sources and their folder>/``, where <cache> is $VIMBENCH_CACHE,
 else $XDG_CACHE_HOME/vimbench, else ~/.cache/vimbench; <capability> is the CPU capability ATen dispatches to
-on this machine (AVX512, AVX2 or DEFAULT; it sets the vector width the kernel is compiled for). Nothing is
+on this machine (see ``cpu_capability``; it sets the vector width the kernel is compiled for, and the kernel shapes
+of csrc/scan_common.h). Capabilities the kernels do not build for make ``available()`` say why. Nothing is
 built at import time.
 """
 from __future__ import annotations
@@ -81,12 +83,22 @@ HEADERS = (CSRC / "vec_math.h", CSRC / "scan_common.h")
 LIB_NAME = "vimbench_scan_cpu"
 
 # Compiler flags per ATen CPU capability, as torch's own build compiles its per-capability kernels: the
-# CPU_CAPABILITY macros select at::vec::Vectorized's width, the -m flags let the compiler emit it.
+# CPU_CAPABILITY macros select at::vec::Vectorized's width, the -m flags let the compiler emit it. DEFAULT is
+# NEON on aarch64 and at::vec's scalar emulation elsewhere. SVE256 follows torch's SVE build (not tested here).
 _CAPABILITY_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
                "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "SVE256": ["-DCPU_CAPABILITY=SVE256", "-DCPU_CAPABILITY_SVE", "-DCPU_CAPABILITY_SVE256",
+               "-march=armv8.2-a+sve", "-msve-vector-bits=256"],
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+# The other capabilities torch can report, and why the kernels do not build for them.
+_NOT_BUILT = {
+    "SVE128": "ATen's SVE128 vectors are incomplete; ATEN_CPU_CAPABILITY=default builds the NEON kernels",
+    "VSX": "the kernels are not built for VSX; ATEN_CPU_CAPABILITY=default builds at::vec's portable code",
+    "Z VECTOR": "the kernels are not built for Z VECTOR; ATEN_CPU_CAPABILITY=default builds at::vec's portable "
+                "code",
 }
 
 _lock = threading.Lock()
@@ -96,14 +108,18 @@ _describers: list[Callable[[], None]] = []   # see ``describe_ops``
 
 
 def cpu_capability() -> str:
-    """The ATen CPU capability of this machine and torch build (honours ATEN_CPU_CAPABILITY): AVX512, AVX2 or
-    DEFAULT."""
+    """The ATen CPU capability of this machine and torch build (honours ATEN_CPU_CAPABILITY), as torch reports
+    it, upper case: AVX512, AVX2, DEFAULT, SVE256, ... ("NO AVX", x86 without AVX2, is DEFAULT)."""
     cap = torch.backends.cpu.get_cpu_capability().upper()
-    if cap.startswith("AVX512"):
-        return "AVX512"
-    if cap.startswith("AVX2"):
-        return "AVX2"
-    return "DEFAULT"
+    return "DEFAULT" if cap == "NO AVX" else cap
+
+
+def capability_reason(cap: str) -> str | None:
+    """None if the kernels build for capability ``cap`` (a ``cpu_capability()`` value), else why not (one line)."""
+    if cap in _CAPABILITY_FLAGS:
+        return None
+    return _NOT_BUILT.get(cap, f"unknown ATen CPU capability {cap!r}: the kernels build for "
+                               f"{', '.join(_CAPABILITY_FLAGS)}")
 
 
 def cache_root() -> Path:
@@ -127,7 +143,7 @@ def _source_hash() -> str:
 def build_dir() -> Path:
     """The build directory for this torch version, CPU capability and kernel source."""
     version = torch.__version__.replace("+", "_")
-    return cache_root() / "scan_cpu" / f"torch{version}-{cpu_capability()}-{_source_hash()}"
+    return cache_root() / "scan_cpu" / f"torch{version}-{cpu_capability().replace(' ', '_')}-{_source_hash()}"
 
 
 def _compiler() -> str:
@@ -159,6 +175,9 @@ def _with_interpreter_bin_on_path() -> None:
 def _precheck() -> str | None:
     """A one-line reason the kernel cannot be built here, or None."""
     _with_interpreter_bin_on_path()
+    reason = capability_reason(cpu_capability())
+    if reason is not None:
+        return reason
     if sys.platform != "linux" and sys.platform != "darwin":
         return f"the compiled CPU scan is built with a Unix C++ toolchain; this is {sys.platform}"
     if shutil.which(_compiler()) is None:
@@ -301,12 +320,14 @@ def vector_width() -> int:
     return _ops().vector_width()
 
 
-def exp_floor_rate(numel: int = 1 << 14, iters: int = 4096) -> float:
-    """Measured exp per second with the kernel's state exp (exp_state in the C++ source), over all threads
-    torch uses: x <- exp(-x/2) chained ``iters`` times on ``numel`` float32 values held in registers
-    (8 independent vectors per chain).
-    The scan's floor for one direction is then b*E*L*N / rate seconds."""
+def exp_floor_rate(numel: int = 1 << 14, iters: int = 4096, *, aten_exp: bool = False) -> float:
+    """Measured exp per second with the scan's state exp (exp_state_fast in csrc/vec_math.h), over all threads
+    torch uses: x <- exp(-x/2) applied ``iters`` times to ``numel`` float32 values (a multiple of 1024), swept
+    in L1-resident blocks of 64 independent vectors, a load, a multiply, an exp and a store per vector as in
+    the scan's hot loop (so the rate is the exp's throughput). The scan's floor for one direction is then
+    b*E*L*N / rate seconds. ``aten_exp``: the same with at::vec's ``exp_u20`` (the exp these kernels used off
+    AVX-512 before), for comparison."""
     x = torch.rand(numel)
-    _ops().exp_chain(x, 16)                      # warm-up
-    seconds = _ops().exp_chain(x, iters)
+    _ops().exp_chain(x, 16, aten_exp)            # warm-up
+    seconds = _ops().exp_chain(x, iters, aten_exp)
     return numel * iters / seconds

@@ -19,15 +19,42 @@ namespace vimbench_scan {
 using vimbench_vec::Vec;
 using vimbench_vec::W;                     // channels per task (SIMD lanes of float32)
 using namespace vimbench_vec;              // is_kernel_dtype, load_vec, store_vec, exp_state, softplus, silu
+// ------------------------------------------------------------------------------------------------------
+// Kernel shapes per capability: the one place they are chosen. A lane is one block of W channels (W float32
+// SIMD lanes); its state entries are held in vector registers, max_nt at a time.
+//   max_nt     state entries per chunk of the forward scan: 16 with 32 vector registers (AVX-512, NEON), 4
+//              with 16 (AVX2: the state, its exps' temporaries and the polynomial's constants then fit in
+//              registers; 8 is 1.2x slower in the scan's loop, 16 spills the state)
+//   fwd_tile   time steps the forward stages per tile;  fwd_group  lanes staged together per tile: their
+//              staged d, delta*u and y (3 x group x tile x W float32) are sized for a 512 KiB-2 MiB L2,
+//              384 KiB on every capability (512 channels per group)
+//   bwd_tile   the backward's checkpoint interval and recompute span, sized so that a tile's a, a*h, dB and
+//              dC partial sums (4 x tile x chunk-or-N x W float32) stay near a 32-48 KiB L1
+//   bwd_group  lanes per group of the backward (they share dB / dC partial sums per tile)
+//   bwd_chunk  state entries the backward's reverse pass holds (g and dA: 2 x chunk vectors)
+// AVX-512 is the tuned reference (Intel Xeon, 1248 shape); AVX2 halves W, so it stages twice the lanes per group
+// (the same bytes and channels); the backward's columns keep AVX-512's values everywhere until they are
+// measured elsewhere. DEFAULT is NEON on aarch64 (W 4, 32 registers) and at::vec's scalar emulation elsewhere
+// (W 8).
+// ------------------------------------------------------------------------------------------------------
+struct KernelShape {
+  int max_nt, fwd_tile, fwd_group, bwd_tile, bwd_group, bwd_chunk;
+};
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kMaxNT = 16;                 // 32 vector registers: 16 state vectors + temporaries
+constexpr KernelShape kShape{16, 64, 32, 16, 32, 8};
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr KernelShape kShape{4, 64, 64, 16, 32, 8};
+#elif defined(__aarch64__)
+constexpr KernelShape kShape{16, 64, 512 / W, 16, 32, 8};   // NEON (W 4) or SVE256 (W 8)
 #else
-constexpr int kMaxNT = 8;                  // 16 vector registers (AVX2) or scalar emulation
+constexpr KernelShape kShape{8, 64, 64, 16, 32, 8};
 #endif
+static_assert(3 * kShape.fwd_group * kShape.fwd_tile * W * 4 <= (384 << 10), "forward staging exceeds its L2 budget");
+constexpr int kMaxNT = kShape.max_nt;
 
-// The state dimension is processed in chunks of 4, 8 or 16 entries (kMaxNT at most), zero-padded: the width
+// The state dimension is processed in chunks of 4, 8 or 16 entries (max_nt at most), zero-padded: the width
 // of the chunk that starts with ``rem`` entries left.
-inline int chunk_width(int64_t rem) { return std::min(rem > 8 ? 16 : rem > 4 ? 8 : 4, kMaxNT); }
+inline int chunk_width(int64_t rem, int max_nt) { return std::min(rem > 8 ? 16 : rem > 4 ? 8 : 4, max_nt); }
 
 // ------------------------------------------------------------------------------------------------------
 // Element access: raw pointer + strides (in elements) of a (b, E, L) or (b, G, N, L) tensor.
@@ -117,7 +144,7 @@ inline void load_bc(const ViewBC<T>& M, int64_t bi, int64_t g, int64_t N, int64_
 // steps [k * kStateTile, (k + 1) * kStateTile) in scan order (the reverse direction enters tile k from above).
 // ------------------------------------------------------------------------------------------------------
 
-constexpr int kStateTile = 16;             // 16 keeps a tile's recomputed a and a*h (and dB, dC partials) in L1
+constexpr int kStateTile = kShape.bwd_tile;  // 16 keeps a tile's recomputed a and a*h (and dB, dC partials) in L1
 
 inline int64_t state_tiles(int64_t L) { return (L + kStateTile - 1) / kStateTile; }
 

@@ -52,10 +52,11 @@ namespace vimbench_scan {
 namespace {
 
 constexpr int kTile = kStateTile;          // steps per tile: the forward's checkpoint interval and the recompute
-                                           // span; 16 keeps a tile's a, a*h, dB and dC partial sums (48 KiB with
-                                           // N = 16) near L1 (32 steps: 1.3-1.4x slower at the Vim-Ti 1248 shape)
-constexpr int kGroup = 32;                 // lanes per group (their dB / dC partial sums are shared per tile)
-constexpr int kChunk = 8;                  // state entries per chunk: the reverse pass holds g and dA of each in
+                                           // span (kShape.bwd_tile in scan_common.h: 16 keeps a tile's a, a*h, dB
+                                           // and dC partial sums near L1; 32 is 1.3-1.4x slower at the Vim-Ti 1248
+                                           // shape on AVX-512)
+constexpr int kGroup = kShape.bwd_group;   // lanes per group (their dB / dC partial sums are shared per tile)
+constexpr int kChunk = kShape.bwd_chunk;   // state entries per chunk: the reverse pass holds g and dA of each in
                                            // registers (2 x 8 vectors), and a chunk's a, a*h stay small
 
 inline float hsum(const Vec& v) {          // the W lanes' sum, in a fixed order (a shuffle tree)
@@ -166,7 +167,7 @@ Chunk chunk_of(int n0) { return {n0, NT, &TileFns<NT>::recompute, &TileFns<NT>::
 std::vector<Chunk> make_chunks(int64_t N) {
   std::vector<Chunk> chunks;
   for (int64_t n0 = 0; n0 < N;) {
-    const int nt = std::min(chunk_width(N - n0), kChunk);
+    const int nt = chunk_width(N - n0, kChunk);
     chunks.push_back(nt == 4 ? chunk_of<4>(n0) : chunk_of<8>(n0));
     n0 += nt;
   }

@@ -14,8 +14,10 @@
 //     one channel per SIMD lane, so the per-(e, n) exp is vectorised across channels. Blocks never straddle a
 //     group of B/C, so B_t[n] and C_t[n] are scalars broadcast to all lanes. Each thread of at::parallel_for
 //     takes a contiguous range of lanes (so torch.set_num_threads governs the thread count).
-//   * The decay exp is an inline AVX-512 exp2 (polynomial + vscalefps, ~2 ulp; exp_u20 on other CPUs).
-//   * The state of a lane is NT vectors (NT = N, padded to 4, 8 or 16; larger N in several chunks of 16),
+//   * The decay exp is vec_math.h's inline exp2 (a polynomial and an add on the exponent field, ~2 ulp; on
+//     AVX-512 vscalefps), its range checked once per tile and chunk (see scan_tile_impl).
+//   * The state of a lane is NT vectors (NT = N, padded to 4, 8 or 16; larger N in several chunks of up to
+//     kMaxNT, which the capability's vector registers set: kernel shapes in scan_common.h),
 //     held in registers through a tile and in the lane's memory between tiles.
 //   * Time is processed in tiles of kTile steps, and a thread takes its lanes in groups of up to kGroup; each
 //     tile is staged, scanned and stored for the whole group before the next tile. Staging reads u and delta
@@ -56,9 +58,9 @@
 namespace vimbench_scan {
 namespace {
 
-constexpr int kTile = 64;                  // time steps staged per tile
+constexpr int kTile = kShape.fwd_tile;     // time steps staged per tile (the table in scan_common.h)
 static_assert(kTile % kStateTile == 0, "a forward tile holds whole tiles of the kept states");
-constexpr int kGroup = 32;                 // lanes staged together per tile (their buffers: 384 KiB, in L2)
+constexpr int kGroup = kShape.fwd_group;   // lanes staged together per tile (their buffers: 384 KiB, in L2)
 
 
 // ------------------------------------------------------------------------------------------------------
@@ -72,9 +74,9 @@ constexpr int kGroup = 32;                 // lanes staged together per tile (th
 // The state entries are indexed by template parameters (J...), so the compiler keeps h in NT registers.
 // ------------------------------------------------------------------------------------------------------
 
-template <int... J>
-inline void scan_tile_impl(int nt, bool reverse, const float* d, const float* du, float* y, const float* Bt,
-                           const float* Ct, int ld, const float* A, float* h_io, std::integer_sequence<int, J...>) {
+template <bool Fast, int... J>
+inline void scan_steps(int nt, bool reverse, const float* d, const float* du, float* y, const float* Bt,
+                       const float* Ct, int ld, const float* A, float* h_io, std::integer_sequence<int, J...>) {
   Vec h[sizeof...(J)] = {Vec::loadu(h_io + J * W)...};
   const int step = reverse ? -1 : 1;
   int s = reverse ? nt - 1 : 0;
@@ -86,7 +88,8 @@ inline void scan_tile_impl(int nt, bool reverse, const float* d, const float* du
     Vec acc[2] = {Vec(0.f), Vec(0.f)};   // two partial sums: shorter dependency chain, few registers
     auto one = [&](auto jc) {
       constexpr int j = decltype(jc)::value;
-      const Vec dA = exp_state(dv * Vec::loadu(A + j * W));
+      const Vec t = dv * Vec::loadu(A + j * W);
+      const Vec dA = Fast ? exp_state_fast(t) : exp_state(t);
       h[j] = at::vec::fmadd(dA, h[j], duv * Vec(b[j]));
       acc[j & 1] = at::vec::fmadd(h[j], Vec(c[j]), acc[j & 1]);
     };
@@ -95,6 +98,21 @@ inline void scan_tile_impl(int nt, bool reverse, const float* d, const float* du
     yv.store(y + s * W);
   }
   ((h[J].store(h_io + J * W)), ...);
+}
+
+// The tile's steps with exp_state_fast when every exp argument of the tile is within its range (checked once:
+// max_s |d_s| * max_j |A_j| per lane), else with exp_state, which checks every vector (rare: exps that
+// underflow, overflow or meet NaN / inf). Two separate loops, so neither carries the other's registers.
+template <int... J>
+inline void scan_tile_impl(int nt, bool reverse, const float* d, const float* du, float* y, const float* Bt,
+                           const float* Ct, int ld, const float* A, float* h_io, std::integer_sequence<int, J...> js) {
+  if (kStateExpChecked) {
+    Vec amax(0.f), dmax(0.f);
+    ((amax = at::vec::maximum(amax, Vec::loadu(A + J * W).abs())), ...);
+    for (int s = 0; s < nt; ++s) dmax = at::vec::maximum(dmax, Vec::loadu(d + s * W).abs());
+    if (!all_fast(dmax * amax)) return scan_steps<false>(nt, reverse, d, du, y, Bt, Ct, ld, A, h_io, js);
+  }
+  scan_steps<true>(nt, reverse, d, du, y, Bt, Ct, ld, A, h_io, js);
 }
 
 template <int NT>
@@ -115,7 +133,7 @@ struct Chunk {
 std::vector<Chunk> make_chunks(int64_t N) {
   std::vector<Chunk> chunks;
   for (int64_t n0 = 0; n0 < N;) {
-    const int nt = chunk_width(N - n0);
+    const int nt = chunk_width(N - n0, kMaxNT);
     ScanTileFn fn = nt == 4 ? &scan_tile<4> : nt == 8 ? &scan_tile<8> : &scan_tile<kMaxNT>;
     chunks.push_back({static_cast<int>(n0), nt, fn});
     n0 += nt;
@@ -432,28 +450,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bidirectional_scan_fwd(
   return {out.scalar_type() == out_st ? out : out.to(out_st), states_f, states_b};
 }
 
-// Microbenchmark for the floor: applies x <- exp(x * c), c = -1/2, with the kernel's state exp (exp_state)
-// `iters` times to every element of the float32 contiguous x (numel a multiple of W), in place, 8 independent
-// vectors at a time, through at::parallel_for.
-// Returns the elapsed seconds. exps = numel * iters.
-double exp_chain(at::Tensor x, int64_t iters) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() % (8 * W) == 0,
-              "x must be contiguous float32 with numel a multiple of ", 8 * W);
+// Microbenchmark for the floor: applies x <- exp(x * c), c = -1/2, `iters` times to every element of the float32
+// contiguous x (numel a multiple of kChainBlock * W), in place, through at::parallel_for, with the scan's
+// state exp (exp_state_fast: x * c is within its range), or with at::vec's exp_u20 if aten_exp (the exp the
+// kernels used off AVX-512 before vec_math.h's exp2, for comparison). Each thread takes blocks of kChainBlock
+// vectors (4 KiB with AVX-512, in L1) and sweeps each block `iters` times, a load, a multiply, an exp and a
+// store per vector as in the scan's hot loop: the block's vectors are independent, so the rate is the exp's
+// throughput, not its latency. Returns the elapsed seconds; exps = numel * iters.
+double exp_chain(at::Tensor x, int64_t iters, bool aten_exp) {
+  constexpr int64_t kChainBlock = 64;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() % (kChainBlock * W) == 0,
+              "x must be contiguous float32 with numel a multiple of ", kChainBlock * W);
   float* p = x.data_ptr<float>();
-  const int64_t groups = x.numel() / (8 * W);
-  const auto t0 = std::chrono::steady_clock::now();
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    const Vec c(-0.5f * kExpScale);
-    for (int64_t gi = begin; gi < end; ++gi) {
-      Vec v[8];
-      for (int j = 0; j < 8; ++j) v[j] = Vec::loadu(p + (gi * 8 + j) * W);
-      for (int64_t it = 0; it < iters; ++it)
+  const int64_t blocks = x.numel() / (kChainBlock * W);
+  auto sweep = [&](auto exp_fn, float c) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bi = begin; bi < end; ++bi) {
+        float* q = p + bi * kChainBlock * W;
+        for (int64_t it = 0; it < iters; ++it)
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) v[j] = exp_state(v[j] * c);
-      for (int j = 0; j < 8; ++j) v[j].store(p + (gi * 8 + j) * W);
-    }
-  });
+          for (int64_t j = 0; j < kChainBlock; ++j) exp_fn(Vec::loadu(q + j * W) * Vec(c)).store(q + j * W);
+      }
+    });
+  };
+  const auto t0 = std::chrono::steady_clock::now();
+  if (aten_exp)
+    sweep([](const Vec& v) { return v.exp_u20(); }, -0.5f);
+  else
+    sweep([](const Vec& v) { return exp_state_fast(v); }, -0.5f * kExpScale);
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The vector math of vec_math.h applied elementwise to a float32 contiguous x (numel a multiple of W), for the
+// accuracy tests against float64: fn is "exp2" (2^x, exp_state's exp2), "exp" (exp_accurate), "softplus",
+// "silu", "sigmoid" or "silu_grad".
+at::Tensor vec_math(const at::Tensor& x, c10::string_view fn) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() % W == 0,
+              "x must be contiguous float32 with numel a multiple of ", W);
+  Vec (*f)(const Vec&) = nullptr;
+  if (fn == "exp2") f = [](const Vec& v) { return exp2(v); };
+  if (fn == "exp") f = [](const Vec& v) { return exp_accurate(v); };
+  if (fn == "softplus") f = [](const Vec& v) { return softplus(v); };
+  if (fn == "silu") f = [](const Vec& v) { return silu(v); };
+  if (fn == "sigmoid") f = [](const Vec& v) { return sigmoid(v); };
+  if (fn == "silu_grad") f = [](const Vec& v) { return silu_grad(v); };
+  TORCH_CHECK(f != nullptr, "unknown function ", fn);
+  at::Tensor out = at::empty_like(x);
+  const float* p = x.const_data_ptr<float>();
+  float* q = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); i += W) f(Vec::loadu(p + i)).store(q + i);
+  return out;
 }
 
 int64_t vector_width() { return W; }
@@ -471,7 +517,8 @@ TORCH_LIBRARY(vimbench_cpu, m) {
         "Tensor delta_b, Tensor A_b, Tensor B_b, Tensor C_b, Tensor? D_b, Tensor? z, Tensor? delta_bias, "
         "Tensor? delta_bias_b, bool delta_softplus, bool time_major_out, bool keep_states) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("exp_chain(Tensor(a!) x, int iters) -> float");
+  m.def("exp_chain(Tensor(a!) x, int iters, bool aten_exp=False) -> float");
+  m.def("vec_math(Tensor x, str fn) -> Tensor");
   m.def("vector_width() -> int", &vimbench_scan::vector_width);   // SIMD lanes of float32 (16: AVX-512)
 }
 
@@ -479,4 +526,5 @@ TORCH_LIBRARY_IMPL(vimbench_cpu, CPU, m) {
   m.impl("selective_scan_fwd", &vimbench_scan::selective_scan_fwd);
   m.impl("bidirectional_scan_fwd", &vimbench_scan::bidirectional_scan_fwd);
   m.impl("exp_chain", &vimbench_scan::exp_chain);
+  m.impl("vec_math", &vimbench_scan::vec_math);
 }

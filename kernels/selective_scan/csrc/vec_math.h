@@ -2,7 +2,7 @@
 // add + RMSNorm): the dtypes they take and the dispatch over them, the vector type, loads/stores that convert
 // bf16/fp16 to and from float32 (whole vectors, and the partial ones of a row's tail), and the inline exp,
 // softplus, silu, sigmoid and silu's derivative the kernels apply per element. Compiled with
-// -DCPU_CAPABILITY_<AVX512|AVX2|DEFAULT> (see compiled_cpu.py), which sets the vector width W.
+// -DCPU_CAPABILITY_<AVX512|AVX2|SVE256|DEFAULT> (see compiled_cpu.py), which sets the vector width W.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -89,83 +89,167 @@ inline void store_part(const Vec& v, T* p, int64_t n) {
 }
 
 // ------------------------------------------------------------------------------------------------------
-// exp of the state decay, the kernel's hot spot (E * L * N of them per direction).
-// With AVX-512: exp(x) = 2^t, t = x * log2(e) (A is pre-scaled by log2(e), so t = delta * A' costs one
-// multiply); t = n + f with n = round(t), |f| <= 1/2; 2^f by a degree-5 polynomial (minimax of the relative
-// error on [-1/2, 1/2], fitted for this kernel; max relative error 2.4e-7 in float32 arithmetic, i.e. ~2 ulp);
-// 2^n applied by vscalefps, which also yields inf / 0 / denormals at the ends. 10 instructions per vector,
-// about half of at::vec's exp_u20. Elsewhere: exp_u20 on the unscaled argument.
+// exp2 and the exp built on it, written once on at::vec's portable operations (fmadd, round, bit
+// reinterpretation, integer add and shift), so the same code serves AVX-512, AVX2, Arm NEON and the scalar
+// DEFAULT build. exp(x) = 2^t, t = x * log2(e) (A is pre-scaled by log2(e), so the scan's t = delta * A' costs
+// one multiply); t = n + f with n = round(t), |f| <= 1/2; 2^f by a degree-5 polynomial (minimax of the relative
+// error on [-1/2, 1/2]; max relative error 2.4e-7 in float32 arithmetic, ~2 ulp); 2^n applied by adding n to
+// the exponent field of 2^f's bits (an integer add, not a multiply). That add is exact while the result is a
+// normal float, which |t| <= 125 guarantees; a vector with any lane beyond (overflow, underflow, denormals,
+// +-inf, NaN) takes exp2_edges, which scales in two exact steps and a single rounding, as vscalefps does.
+// On AVX-512 alone, vscalefps applies 2^n (whole range, no check) in exp2 and exp_accurate: measurably faster
+// there (the forward scan at the 1248 shape was ~7% slower with the portable scaling in its staging).
 // ------------------------------------------------------------------------------------------------------
 
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr float kExpScale = 1.4426950408889634f;   // log2(e): A is multiplied by this once per block
+using IVec = at::vec::Vectorized<int32_t>;
+static_assert(IVec::size() == W, "int32 and float32 vectors must have the same lane count");
 
-// 2^(n + f) for an integer-valued n and |f| <= 1/2 (slightly more in exp_accurate): the polynomial and the
-// vscalefps that both exps below share.
-VIMBENCH_INLINE __m512 exp2_split(__m512 n, __m512 f) {
-  __m512 p = _mm512_set1_ps(0.001327647129073739f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541892647743f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713092088699f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
-  return _mm512_scalef_ps(p, n);
+// Bit reinterpretation float32 <-> int32 (free on x86; elsewhere at::vec's generic cast, a register move).
+VIMBENCH_INLINE IVec float_bits(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castps_si512(v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castps_si256(v);
+#else
+  return at::vec::cast<int32_t>(v);
+#endif
+}
+VIMBENCH_INLINE Vec bits_float(const IVec& v) { return at::vec::cast<float>(v); }
+
+constexpr float kExpScale = 1.4426950408889634f;   // log2(e): A is multiplied by this once per block
+constexpr float kFastRange = 125.f;                // |t| <= this: 2^round(t) * 2^f is a normal float
+
+// 2^f for |f| <= 1/2 (slightly more in exp_accurate).
+VIMBENCH_INLINE Vec exp2_poly(const Vec& f) {
+  Vec p = at::vec::fmadd(Vec(0.001327647129073739f), f, Vec(0.009675541892647743f));
+  p = at::vec::fmadd(p, f, Vec(0.05550713092088699f));
+  p = at::vec::fmadd(p, f, Vec(0.24022120237350464f));
+  p = at::vec::fmadd(p, f, Vec(0.6931469440460205f));
+  return at::vec::fmadd(p, f, Vec(1.0000001192092896f));
 }
 
-VIMBENCH_INLINE Vec exp_state(const Vec& t_in) {            // exp(x) for t_in = x * log2(e)
-  // f = t - round(t) by vreduceps, which gives 0 for +-inf, so exp(+-inf) = scalef(1, +-inf) = inf / 0 and
-  // NaN propagates, with no clamping
-  const __m512 t = t_in;
+// Whether every lane of t has |t| <= kFastRange (false for NaN).
+VIMBENCH_INLINE bool all_fast(const Vec& t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(t.abs(), Vec(kFastRange), _CMP_NLE_UQ) == 0;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_movemask_ps(_mm256_cmp_ps(t.abs(), Vec(kFastRange), _CMP_NLE_UQ)) == 0;
+#else
+  return (t.abs() <= Vec(kFastRange)).zero_mask() == 0;
+#endif
+}
+
+// v << 23 (the exponent field's position): an immediate shift on x86, at::vec's variable shift elsewhere.
+VIMBENCH_INLINE IVec shl23(const IVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_slli_epi32(v, 23);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_slli_epi32(v, 23);
+#else
+  return v << IVec(23);
+#endif
+}
+
+// p * 2^n for p = 2^f (|f| <= 1/2 + 1e-6) and integer-valued n in [-160, 160], scaled over the whole range:
+// inf past the top, denormals and 0 below; NaN where t_nan is NaN. p * 2^n1 with n1 = clamp(n, -125, 127) is
+// exact (a normal float), then one multiply by 2^(n - n1) rounds once. Out of line: rarely taken.
+VIMBENCH_INLINE Vec exp2_edges(const Vec& p, const Vec& n, const Vec& t_nan) {
+  const Vec n1 = at::vec::clamp(n, Vec(-125.f), Vec(127.f));
+  const IVec k1 = at::vec::convert_to_int_of_same_size(n1);
+  const IVec k2 = at::vec::convert_to_int_of_same_size(n - n1) + IVec(127);
+  const Vec r = bits_float(float_bits(p) + shl23(k1)) * bits_float(shl23(k2));
+  return Vec::blendv(r, t_nan, t_nan != t_nan);
+}
+
+// p * 2^n for the n held in r = n + 1.5 * 2^23 (r's low mantissa bits are n in two's complement, so r's bits
+// shifted left by 23 are n in the exponent field): exact while the result is a normal float.
+VIMBENCH_INLINE Vec scale_fast(const Vec& p, const Vec& r) {
+  return bits_float(float_bits(p) + shl23(float_bits(r)));
+}
+
+constexpr float kRoundShift = 12582912.f;          // 1.5 * 2^23: (t + it) - it = round(t) for |t| < 2^22
+
+// 2^t for |t| <= kFastRange (the caller checks, e.g. with all_fast on a bound of t), ~2 ulp.
+VIMBENCH_INLINE Vec exp2_fast(const Vec& t) {
+  const Vec r = t + Vec(kRoundShift);
+  return scale_fast(exp2_poly(t - (r - Vec(kRoundShift))), r);
+}
+
+// 2^t for any float32 t, ~2 ulp (denormal results: within one unit of the smallest denormal).
+VIMBENCH_INLINE Vec exp2(const Vec& t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // vreduceps gives f = t - round(t) in one instruction and vscalefps scales by 2^n over the whole range
+  // (inf / 0 / denormals, NaN propagated) without a range check: 8 instructions instead of 10 and a test,
+  // 5-10% more exp per second on the exp floor's microbenchmark
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return exp2_split(n, f);
-}
+  return _mm512_scalef_ps(exp2_poly(Vec(f)), n);
 #else
-constexpr float kExpScale = 1.f;
-VIMBENCH_INLINE Vec exp_state(const Vec& x) { return x.exp_u20(); }
+  if (__builtin_expect(all_fast(t), 1)) return exp2_fast(t);
+  const Vec tc = at::vec::clamp(t, Vec(-160.f), Vec(160.f));     // 2^t is 0 or inf beyond
+  const Vec n = tc.round();
+  return exp2_edges(exp2_poly(tc - n), n, t);
 #endif
+}
+
+// The scan's state exp, exp(x) for t = x * log2(e): exp_state for any t; exp_state_fast for |t| <= kFastRange,
+// which the scan's loops check once per step for all state entries (|delta_t| * max_n |A'_n| <= kFastRange),
+// where kStateExpChecked (exp2 has no range check on AVX-512).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kStateExpChecked = false;
+VIMBENCH_INLINE Vec exp_state_fast(const Vec& t) { return exp2(t); }
+#else
+constexpr bool kStateExpChecked = true;
+VIMBENCH_INLINE Vec exp_state_fast(const Vec& t) { return exp2_fast(t); }
+#endif
+VIMBENCH_INLINE Vec exp_state(const Vec& t) { return exp2(t); }
+
+// exp(x) to ~2 ulp for any x, with an accurate reduction: n = round(x * log2(e)), r = x - n * ln(2) with ln(2)
+// in two parts (C1 has 9 significant bits, so n * C1 is exact; Cody and Waite), f = r * log2(e), |f| <= 1/2.
+// Exact with or without fused multiply-adds (the DEFAULT build has none).
+VIMBENCH_INLINE Vec exp_accurate(const Vec& x_in) {
+  const Vec x = at::vec::clamp(x_in, Vec(-104.f), Vec(89.f));    // exp(x) is 0 or inf beyond
+  const Vec r = at::vec::fmadd(x, Vec(kExpScale), Vec(kRoundShift));
+  const Vec n = r - Vec(kRoundShift);
+  const Vec red = at::vec::fmadd(n, Vec(2.12194440e-4f), at::vec::fmadd(n, Vec(-0.693359375f), x));
+  const Vec p = exp2_poly(red * Vec(kExpScale));
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(p, n);                 // whole range, NaN propagated, no check (as in exp2)
+#else
+  if (__builtin_expect(all_fast(n), 1)) return scale_fast(p, r);
+  return exp2_edges(p, n, x_in);
+#endif
+}
 
 // ------------------------------------------------------------------------------------------------------
 // Elementwise functions of the staging and epilogue passes (once per (e, t)), matching torch's float32
 // softplus (threshold 20) and silu to a few ulp. Inline, so the passes make no function calls.
 // ------------------------------------------------------------------------------------------------------
 
+// a / b to ~1 ulp. AVX-512: a 14-bit reciprocal estimate refined by one Newton step (vdivps is slow there).
+VIMBENCH_INLINE Vec fast_div(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
-// exp(x) to ~2 ulp for any x: like exp_state, but t = x * log2(e) is carried in two parts (t_hi + t_lo, the
-// product's rounding error recovered with FMAs), so large |x| loses no accuracy.
-VIMBENCH_INLINE Vec exp_accurate(const Vec& xv) {
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), xv));
-  const __m512 L_hi = _mm512_set1_ps(1.44269502162933349609375f);      // float(log2(e))
-  const __m512 L_lo = _mm512_set1_ps(1.925963033500011079e-8f);        // log2(e) - L_hi
-  const __m512 t_hi = _mm512_mul_ps(x, L_hi);
-  const __m512 t_lo = _mm512_fmadd_ps(x, L_lo, _mm512_fmsub_ps(x, L_hi, t_hi));
-  const __m512 n = _mm512_roundscale_ps(t_hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_add_ps(_mm512_sub_ps(t_hi, n), t_lo);
-  return exp2_split(n, f);
-}
-
-// a / b to ~1 ulp without vdivps: 14-bit reciprocal estimate refined by one Newton step.
-VIMBENCH_INLINE __m512 fast_div(__m512 a, __m512 b) {
   const __m512 r0 = _mm512_rcp14_ps(b);
   const __m512 r = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(b, r0, _mm512_set1_ps(1.f)), r0);
   return _mm512_mul_ps(a, r);
+#else
+  return a / b;
+#endif
 }
 
 // log1p(w) for w in [0, 1] as w * P(w), P the degree-9 polynomial fitted to log1p(w) / w on [0, 1] (least squares
 // in the Chebyshev basis): max relative error 1.6e-7 in float32 arithmetic (~1.3 ulp), with 9 FMAs and a multiply.
-VIMBENCH_INLINE Vec log1p_unit(const Vec& wv) {
-  const __m512 w = wv;
-  __m512 p = _mm512_set1_ps(-0.0032139763f);
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(0.019648882f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-0.05643446f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(0.10533166f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-0.1525141f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(0.19651476f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-0.24947804f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(0.333291f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(-0.4999985f));
-  p = _mm512_fmadd_ps(p, w, _mm512_set1_ps(1.f));
-  return _mm512_mul_ps(p, w);
+VIMBENCH_INLINE Vec log1p_unit(const Vec& w) {
+  Vec p = at::vec::fmadd(Vec(-0.0032139763f), w, Vec(0.019648882f));
+  p = at::vec::fmadd(p, w, Vec(-0.05643446f));
+  p = at::vec::fmadd(p, w, Vec(0.10533166f));
+  p = at::vec::fmadd(p, w, Vec(-0.1525141f));
+  p = at::vec::fmadd(p, w, Vec(0.19651476f));
+  p = at::vec::fmadd(p, w, Vec(-0.24947804f));
+  p = at::vec::fmadd(p, w, Vec(0.333291f));
+  p = at::vec::fmadd(p, w, Vec(-0.4999985f));
+  p = at::vec::fmadd(p, w, Vec(1.f));
+  return p * w;
 }
 
 VIMBENCH_INLINE Vec softplus(const Vec& x) {    // x > 20 ? x : log1p(exp(x)) = max(x, 0) + log1p(exp(-|x|))
@@ -180,19 +264,6 @@ VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x) = x / (1 + exp
 VIMBENCH_INLINE Vec sigmoid(const Vec& x) {     // 1 / (1 + exp(-x)); exp(-x) kept finite (x >= -87) for fast_div
   return fast_div(Vec(1.f), Vec(1.f) + exp_accurate(at::vec::minimum(x.neg(), Vec(87.f))));
 }
-#else
-VIMBENCH_INLINE Vec softplus(const Vec& x) {    // torch.nn.functional.softplus(x), beta 1, threshold 20
-  return Vec::blendv(x.exp().log1p(), x, x > Vec(20.f));
-}
-
-VIMBENCH_INLINE Vec silu(const Vec& x) {        // x * sigmoid(x), as torch's silu kernel: x / (1 + exp(-x))
-  return x / (Vec(1.f) + x.neg().exp());
-}
-
-VIMBENCH_INLINE Vec sigmoid(const Vec& x) {     // 1 / (1 + exp(-x))
-  return Vec(1.f) / (Vec(1.f) + x.neg().exp());
-}
-#endif
 
 // d silu(x) / dx = sigmoid(x) * (1 + x * (1 - sigmoid(x))), for the backwards of the conv's and the gate's SiLU.
 VIMBENCH_INLINE Vec silu_grad(const Vec& x) {
