@@ -242,7 +242,7 @@ def test_a_failed_preamble_job_leaves_no_ceilings_and_the_scans_untimed(tmp_path
     assert main(["kernels", "--res", "32", "--attn", "eager", "--out", str(out), *FAST]) == 1
     err = capsys.readouterr().err
     assert "warning: the preamble job failed (slurm job 7 ended without a row (state PREEMPTED)); " \
-           "frac_peak_* left empty" in err
+           "frac_peak_* and the floors left empty" in err
     df = pd.read_csv(out)
     deit, vim = df[df.model == "deit_tiny"], df[df.model == "vim_tiny"]
     assert (deit.status == "ok").all() and (deit.time_ms > 0).all() and len(deit) == 2
