@@ -246,8 +246,8 @@ def _tensor(x: torch.Tensor | None) -> tuple | None:
 
 def _checked_scan(plugin: Plugin) -> Callable:
     """The plug-in's forward ``fn``, its result checked on every call (``plugins.check_returned``; a TypeError
-    naming the plug-in and what it returned): out (b, E, L) in u's dtype on u's device, and with ``return_last_state`` the
-    last state (b, E, N) float32 beside it."""
+    naming the plug-in and what it returned): out (b, E, L) in u's dtype on u's device, and with
+    ``return_last_state`` the last state (b, E, N) float32 beside it."""
     def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
         got = plugin.fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=return_last_state)
         want = [_tensor(u)]
