@@ -44,6 +44,9 @@ lasts through all attempts."""
 SCAN_SUITE = ("test_bench_scan.py", "test_bench_models.py::test_vim_tiny_scan")
 """The benchmarks of one scan backend's gate (the suite run with ``--scan NAME``)."""
 
+PLANTED_SLOWDOWN_ENV = "VIMBENCH_BENCH_SLOWDOWN"
+"""A slowdown the tests plant in this tree's suite (read by bench/conftest.py); a base revision runs without it."""
+
 
 def timed_scans(device: str, scan: str | None) -> list[str]:
     """The scan backends the suite times on ``device``: ``scan`` alone for one backend's gate; else every
@@ -94,7 +97,8 @@ def run_suite(device: str, select: str | None, log=print, tests: list[str] | Non
     pytest ``-k`` expression ``select``, to the benchmarks named in ``tests`` ('<file>::<test>') if
     given, and without those matching a -k term in ``exclude``; with ``scan``, the ``SCAN_SUITE`` of that
     backend. With ``base`` (an ``install_base`` folder) the suite and the package of that revision run
-    instead of this checkout's. ``env``: extra environment variables of the suite's process. Returns
+    instead of this checkout's, without a slowdown planted for this tree (``PLANTED_SLOWDOWN_ENV``, the
+    tests' hook). ``env``: extra environment variables of the suite's process. Returns
     (``run_ratios`` of it, the run's environment). InputError when nothing matches ``select`` or
     pytest-benchmark is not installed; RuntimeError (with pytest's output) when a benchmark fails."""
     if importlib.util.find_spec("pytest_benchmark") is None:
@@ -116,7 +120,8 @@ def run_suite(device: str, select: str | None, log=print, tests: list[str] | Non
         if terms:
             cmd += ["-k", " and ".join(terms)]
         start = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, **env})
+        inherited = {k: v for k, v in os.environ.items() if base is None or k != PLANTED_SLOWDOWN_ENV}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**inherited, **env})
         if proc.returncode == 5:
             raise InputError(f"no benchmark matches -k {select!r}" if select else "the benchmark suite is empty")
         if proc.returncode != 0:
