@@ -5,9 +5,9 @@ are mapped to their current names (``schema.RENAMED``), so old results keep work
 *settings* (``Schema.setting``: device, dtype, batch, ...): curves are only drawn or fitted within one. A
 scaling setting is keyed by the batch asked for (``batch_requested``): ``vimbench scaling`` retries an OOM
 at smaller batches and records the batch that ran in ``batch``. A CSV without ``batch_requested`` (or a row
-with it empty) gets it equal to ``batch``; a CSV without ``mode`` gets infer (it measured inference); a scaling or kernel CSV without
-the regime columns (``schema.REGIME``: compile, amp) gets none for both, the eager full-precision regime it was
-measured in.
+with it empty) gets it equal to ``batch``; a CSV without ``mode`` gets infer (it measured inference); a
+scaling or kernel CSV without the regime columns (``schema.REGIME``: compile, amp) gets none for both, the eager
+full-precision regime it was measured in.
 """
 from __future__ import annotations
 
