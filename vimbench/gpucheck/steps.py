@@ -77,7 +77,7 @@ from vimbench.errors import InputError
 from vimbench.gpucheck import checks
 from vimbench.gpucheck.checks import FLOOR
 from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
-from vimbench.measure.model import DEFAULT_TIMING
+from vimbench.config import DEFAULT_TIMING
 
 COST = dict(worker_s=3.0, op_s=1.0, step_s=10.0, compile_s=1.5, check_other_s=8.0, tests_s=115.0, report_s=25.0,
             exp2_s=5.0, plot_s=5.0, fp32_flops_s=40e12, hbm_bytes_s=2.5e12)

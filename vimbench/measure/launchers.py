@@ -29,16 +29,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
+from vimbench.config import columns
 from vimbench.errors import InputError
 from vimbench.measure.env import environment
 from vimbench.measure.isolation import one_line, pinned
 
-RunOne = Callable[[dict], dict]
-"""A configuration in, its row out (measured in an isolated worker)."""
+RunOne = Callable[[Any], dict]
+"""A configuration (``vimbench.config``, or a dict) in, its row out (measured in an isolated worker)."""
 
 
 def placed(row: dict, cfg: dict, launcher: str, workers: int, visible: str | None = None) -> dict:
@@ -46,7 +47,7 @@ def placed(row: dict, cfg: dict, launcher: str, workers: int, visible: str | Non
     and load) and where it ran: ``visible`` is its workers' CUDA_VISIBLE_DEVICES (default: this process's).
     ``job_id`` is added by whoever knows it. A configuration without a device ran on the CPU."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible
-    env = environment(torch.device(cfg.get("device", "cpu")))
+    env = environment(torch.device(columns(cfg).get("device", "cpu")))
     return {**env, **row, "launcher": launcher, "workers": workers, "cuda_visible_devices": visible}
 
 
@@ -92,8 +93,8 @@ class Plain:
             slot, row, exc = results[i]
             if exc is not None:
                 raise exc
-            on_gpu = torch.device(cfg.get("device", "cpu")).type == "cuda" and slot.isdigit()
-            env_cfg = {**cfg, "device": f"cuda:{slot}"} if on_gpu else cfg  # the name of the slot's own GPU
+            on_gpu = torch.device(columns(cfg).get("device", "cpu")).type == "cuda" and slot.isdigit()
+            env_cfg = {**columns(cfg), "device": f"cuda:{slot}"} if on_gpu else cfg  # the name of the slot's own GPU
             yield cfg, {**placed(row, env_cfg, self.name, self.workers, visible=slot), "job_id": ""}
 
     def run_job(self, fn: RunOne, cfg: dict, jobs_dir: Path) -> dict:
