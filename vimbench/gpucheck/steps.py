@@ -180,10 +180,11 @@ def fastest_scan(present: list[str]) -> str:
 @functools.cache
 def forward_s(model: str, res: int, batch: int, eager_attention: bool) -> float:
     """Estimated seconds of one fp32 backbone forward of ``model`` at ``res``, batch ``batch`` (see COST)."""
+    from vimbench.config import FlopsConfig
     from vimbench.count.flops import count_flops
-    flops = count_flops(model, res, batch)
-    score_bytes = flops["flops_attention"] / 16 if eager_attention else 0.0
-    return flops["flops_total"] / COST["fp32_flops_s"] + score_bytes / COST["hbm_bytes_s"]
+    flops = count_flops(FlopsConfig(model, res=res, batch=batch))
+    score_bytes = flops.flops_attention / 16 if eager_attention else 0.0
+    return flops.flops_total / COST["fp32_flops_s"] + score_bytes / COST["hbm_bytes_s"]
 
 
 def scaling_estimate(pairs: list[tuple[str, str]], res: tuple[int, ...], batch: int) -> float:

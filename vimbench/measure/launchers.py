@@ -21,6 +21,7 @@ machine that ran it. submitit is an optional dependency: only ``Submitit`` impor
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import platform
@@ -106,6 +107,60 @@ class Plain:
 def run_task(run_one: RunOne, cfg: dict, launcher: str, workers: int) -> dict:
     """What a submitit job runs: ``run_one(cfg)`` placed on the job's machine."""
     return placed(run_one(cfg), cfg, launcher, workers)
+
+
+SLURM_KEYS = ("partition", "time_limit", "gpus_per_task", "workers", "sbatch")
+"""What --slurm-config FILE may hold (TOML or JSON): the options of the same names; sbatch is a table."""
+
+
+def read_slurm_config(path: str | None) -> dict:
+    """The settings in the --slurm-config file ``path`` (TOML, or JSON by its .json suffix; {} for None), checked
+    (``check_settings``). InputError naming the file for one that cannot be read, an unknown key, a null value or
+    a setting out of range."""
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            import tomllib  # Python >= 3.11
+            values = tomllib.loads(text)
+    except (OSError, ValueError, ImportError) as e:
+        raise InputError(f"--slurm-config {path}: cannot read it ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("sbatch", {}), dict):
+        raise InputError(f"--slurm-config {path}: expected a table of settings with sbatch a table of KEY = VALUE")
+    unknown = sorted(set(values) - set(SLURM_KEYS))
+    if unknown:
+        raise InputError(f"--slurm-config {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"it may hold {', '.join(SLURM_KEYS)}")
+    nulls = [k for k, v in values.items() if v is None]  # JSON null: a setting is given a value or left out
+    if nulls:
+        raise InputError(f"--slurm-config {path}: {nulls[0]} is null; give it a value or leave it out")
+    try:
+        check_settings(values)
+    except InputError as e:
+        raise InputError(f"--slurm-config {path}: {e}") from None
+    return values
+
+
+def launcher_settings(config: str | None, given: dict, sbatch: tuple[str, ...]) -> dict:
+    """The ``Submitit`` settings of a sweep: the --slurm-config file ``config`` (``read_slurm_config``), overridden
+    by the options ``given`` that are not None (``SLURM_KEYS`` but sbatch) and the --sbatch KEY=VALUE items
+    ``sbatch`` (merged into the file's sbatch table), checked (``check_settings``)."""
+    settings = {**read_slurm_config(config), **{k: v for k, v in given.items() if v is not None}}
+    merged = {**settings.pop("sbatch", {}), **dict(_key_value(item) for item in sbatch)}
+    if merged:
+        settings["sbatch"] = merged
+    check_settings(settings)
+    return settings
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--sbatch {item!r}: use KEY=VALUE, e.g. --sbatch account=abc")
+    return key.strip(" "), value.strip(" ")  # spaces only: any control character is refused (check_settings)
 
 
 SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
