@@ -76,7 +76,8 @@ def test_csv_schema_and_values(sweep_csv):
     assert row.torch_version and row.timm_version and row.command.startswith("vimbench scaling --models")
     assert df.mem_peak_gib.notna().all() and df.mem_nvml_gib.isna().all()
     # every row carries the predicted GPU peak of the same configuration
-    assert row.mem_pred_peak_gib == pytest.approx(predict_memory(MemoryConfig("deit_tiny", {"attn": "eager"}, 48)).mem_pred_peak_gib)
+    predicted = predict_memory(MemoryConfig("deit_tiny", {"attn": "eager"}, 48))
+    assert row.mem_pred_peak_gib == pytest.approx(predicted.mem_pred_peak_gib)
     gpu_scan = df.impl != "cpp"  # the GPU-memory prediction needs a backend that runs on a GPU
     assert df.mem_pred_peak_gib[gpu_scan].notna().all()
     # a CPU-only scan has no GPU run to predict: an empty cell, not an error

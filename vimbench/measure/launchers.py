@@ -12,7 +12,8 @@
               pre-empted, timed out, killed) becomes an error row naming its state.
 
 ``run_job`` runs one function the same way and returns its row: how a sweep runs a preamble (the kernels
-sweep's correctness checks and ceilings) where its configurations will run, before them.
+sweep's correctness checks and ceilings) where its configurations will run, before them. ``launcher_settings``
+reads a ``Submitit`` launcher's settings from the --slurm-config file (TOML or JSON) and the options beside it.
 
 Every row gets ``PLACEMENT`` columns: ``launcher``, ``job_id`` (empty for plain), ``workers`` (configurations
 running at once, which share the cores on a CPU), ``cuda_visible_devices``; and the ``environment`` of the

@@ -3,13 +3,13 @@ worker), the configuration's FLOPs counted on the meta device (``count.flops``: 
 forward and backward), and its predicted GPU memory (``count.memory``: eager, not under autocast for train);
 see ``rows/schema.py`` (SCALING) for the columns.
 
---max-batch (``ScalingConfig.batch`` 0, the row's ``batch_requested``): the batch is the largest that fits (``largest_batch``: doubling from 1,
-then bisection between the last batch that fit and the first that did not), each try a short run (``PROBE``:
-1 warm-up, 1 timed call, and on CPU the memory call) in its own worker, so an OOM is a result. On a GPU a
-try fits when it ran without running out of memory; on CPU when the resident memory its call added
-(``mem_peak_gib``) stayed at or below ``mem_limit_gib`` (by default half the memory available when the sweep
-started: memory grows at most linearly in the batch, so the try after one that fit stays within what was
-available). The batch found is then measured as any other; ``batch_search`` says how it was found.
+--max-batch (``ScalingConfig.batch`` 0, the row's ``batch_requested``): the batch is the largest that fits
+(``largest_batch``: doubling from 1, then bisection between the last batch that fit and the first that did not),
+each try a short run (``PROBE``: 1 warm-up, 1 timed call, and on CPU the memory call) in its own worker, so an
+OOM is a result. On a GPU a try fits when it ran without running out of memory; on CPU when the resident memory
+its call added (``mem_peak_gib``) stayed at or below ``mem_limit_gib`` (by default half the memory available
+when the sweep started: memory grows at most linearly in the batch, so the try after one that fit stays within
+what was available). The batch found is then measured as any other; ``batch_search`` says how it was found.
 """
 from __future__ import annotations
 

@@ -61,10 +61,10 @@ def run_sweep(configs: list, log: CsvLog, run_one: Callable[[Any], dict],
 
 
 def computed_row(schema: Schema, cfg: ModelVariant, fixed: dict, compute: Callable[[], dict]) -> dict:
-    """One row of ``schema`` for a configuration computed in this process (counted or predicted, not
-    timed, so no worker): ``cfg``'s values of the schema's columns (``ModelVariant.columns``), ``fixed``
-    (environment, command), a timestamp, and the columns ``compute()`` returns with status ok. An exception in ``compute`` becomes
-    an error row naming it: one configuration that cannot be computed never stops the others."""
+    """One row of ``schema`` for a configuration computed in this process (counted or predicted, not timed, so no
+    worker): ``cfg``'s values of the schema's columns (``ModelVariant.columns``), ``fixed`` (environment,
+    command), a timestamp, and the columns ``compute()`` returns with status ok. An exception in ``compute``
+    becomes an error row naming it: one configuration that cannot be computed never stops the others."""
     row = {k: v for k, v in cfg.columns().items() if k in schema.columns}
     row.update(fixed, timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     try:
