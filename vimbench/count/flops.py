@@ -84,10 +84,10 @@ class FlopCount(NamedTuple):
 
 
 def count_flops(cfg: ModelVariant) -> FlopCount:
-    """FLOPs of one inference forward (``cfg.mode`` infer) or one train step (train: forward, loss, backward;
-    see the module docstring) of ``cfg.model`` built for ``cfg.res`` x ``cfg.res`` with ``cfg.options``, batch
-    ``cfg.batch``: ``forward_features`` (the backbone, what the Vim paper timed), or the full classifier with
-    ``cfg.head``; with ``cfg.grad_checkpointing`` (train only) each block is recomputed in the backward. The
+    """FLOPs of one inference forward (``mode`` infer) or one train step (train: forward, loss, backward;
+    see the module docstring) of ``model`` built for ``res`` x ``res`` with ``options``, batch
+    ``batch``: ``forward_features`` (the backbone, what the Vim paper timed), or the full classifier with
+    ``head``; with ``grad_checkpointing`` (train only) each block is recomputed in the backward. The
     dtype does not matter (the meta model is fp32)."""
     with torch.device("meta"):
         net = create_model(cfg.model, img_size=cfg.res, **cfg.options).train(cfg.mode == "train")

@@ -383,10 +383,10 @@ class MemoryPrediction(NamedTuple):
 
 def predict_memory(cfg: ModelVariant, capability: tuple[int, int] | None = None,
                    amp: str = "none") -> MemoryPrediction:
-    """Predicted CUDA memory of one inference forward (``cfg.mode`` infer) or of a train step in steady state
-    (train: ``trace_train_step``, with ``cfg.grad_checkpointing`` per block) of ``cfg.model`` (built for
-    ``cfg.res`` x ``cfg.res`` images with ``cfg.options``) on a ``cfg.batch``-image input of ``cfg.dtype``,
-    backbone only (``forward_features``) unless ``cfg.head``, under autocast in ``amp``'s dtype unless none
+    """Predicted CUDA memory of one inference forward (``mode`` infer) or of a train step in steady state
+    (train: ``trace_train_step``, with ``grad_checkpointing`` per block) of ``model`` (built for
+    ``res`` x ``res`` images with ``options``) on a ``batch``-image input of ``dtype``,
+    backbone only (``forward_features``) unless ``head``, under autocast in ``amp``'s dtype unless none
     (infer only), on a card of compute ``capability`` (what ``sdpa`` runs there: ``sdpa_fused_kernel``; None:
     the GPU here, else an H100). ``BackendUnavailable`` ("memory prediction unavailable") for a plug-in
     backend that registered no fake, and in train mode for a forward-only scan backend or under autocast.

@@ -17,7 +17,7 @@ PaperGib = Callable[[str, int, int, str, bool, str], "float | None"]
 
 def memory_row(cfg: MemoryConfig, fixed: dict, paper: PaperGib) -> dict:
     """The row of ``cfg``: its columns, ``fixed`` (environment, command), a timestamp, the prediction (its
-    ``impl`` the backend resolved as on CUDA), the used memory, whether it fits ``cfg.card``, and ``paper_gib``
+    ``impl`` the backend resolved as on CUDA), the used memory, whether it fits ``card``, and ``paper_gib``
     (inference rows only: the paper measured no training; empty where ``paper`` has no value). An error row
     naming the exception when the prediction fails."""
     def predicted() -> dict:

@@ -113,7 +113,7 @@ def max_batch(cfg: ScalingConfig) -> dict:
 def scaling_row(cfg: ScalingConfig, fixed: dict, backoff: bool) -> dict:
     """One row of a scaling CSV: ``measure_model`` in its own worker (on OOM retried at ``decay_batch``
     sizes when ``backoff``), the configuration's FLOPs, its predicted GPU memory, and ``fixed`` (the
-    environment and command). ``cfg.batch`` is the batch requested (0: --max-batch, ``max_batch``)."""
+    environment and command). ``batch`` is the batch requested (0: --max-batch, ``max_batch``)."""
     columns = cfg.columns()
     row = {k: columns[k] for k in ("model", "family", "impl", "res", "batch_requested", "dtype", "mode",
                                    "grad_checkpointing", "compile", "amp", "device", "head", "warmup", "mem_limit_gib")}
