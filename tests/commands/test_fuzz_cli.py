@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import math
 import os
@@ -44,7 +45,9 @@ from vimbench.gate import (deterministic as gate_exact, store as gate_store, sui
 from vimbench.commands import cli, main
 from vimbench.count import flops as count_flops_module, memory as count_memory_module
 from vimbench.count.kernel_compile import CompileRow
-from vimbench.count.memory import CARDS
+from vimbench.count.flops import FlopCount
+from vimbench.count.memory import CARDS, MemoryPrediction
+from vimbench.config import ModelVariant
 from vimbench.measure import isolation, launchers, ops as measure_ops
 from vimbench.errors import InputError
 from vimbench.models.registry import check_options, create_model, impl_of
@@ -76,24 +79,22 @@ def _build(model: str, options: tuple) -> None:
         create_model(model, img_size=64, **dict(options))
 
 
-def _fake_count_flops(model, res, batch=1, head=False, mode="infer", grad_checkpointing=False, **options):
-    _build(model, tuple(sorted(check_options(model, options).items())))
-    SEEN.append(dict(model=model, res=res, batch=batch))
-    tokens = (res // 16) ** 2 + 1
-    return dict(flops_total=10 * tokens * batch, flops_scan=4 * tokens * batch, flops_attention=0,
-                flops_linear=6 * tokens * batch, flops_other=0, params=1000, tokens=tokens)
+def _fake_count_flops(cfg):
+    _build(cfg.model, tuple(sorted(check_options(cfg.model, cfg.options).items())))
+    SEEN.append(dict(model=cfg.model, res=cfg.res, batch=cfg.batch))
+    tokens, batch = (cfg.res // 16) ** 2 + 1, cfg.batch
+    return FlopCount(flops_total=10 * tokens * batch, flops_scan=4 * tokens * batch, flops_attention=0,
+                     flops_linear=6 * tokens * batch, flops_other=0, params=1000, tokens=tokens)
 
 
-def _fake_predict_memory(model, res, batch, dtype="fp32", head=False, capability=None, mode="infer",
-                         grad_checkpointing=False, **options):
-    options = check_options(model, options)
-    _build(model, tuple(sorted(options.items())))
-    SEEN.append(dict(model=model, res=res, batch=batch))
-    impl = impl_of(options)
-    return dict(model=model, family="vim" if "scan" in options else "deit", impl=impl, kernel=impl, res=res,
-                tokens=(res // 16) ** 2 + 1, batch=batch, dtype=dtype, head=head, params=1000,
-                mem_pred_weights_gib=0.01, mem_pred_activations_gib=0.02 * batch, mem_pred_peak_gib=0.01 + 0.02 * batch,
-                mem_pred_reserved_gib=0.02 + 0.02 * batch)
+def _fake_predict_memory(cfg, capability=None, amp="none"):
+    options = check_options(cfg.model, cfg.options)
+    _build(cfg.model, tuple(sorted(options.items())))
+    SEEN.append(dict(model=cfg.model, res=cfg.res, batch=cfg.batch))
+    impl, batch = impl_of(options), cfg.batch
+    return MemoryPrediction(impl=impl, kernel=impl, tokens=(cfg.res // 16) ** 2 + 1, params=1000,
+                            mem_pred_weights_gib=0.01, mem_pred_activations_gib=0.02 * batch,
+                            mem_pred_peak_gib=0.01 + 0.02 * batch, mem_pred_reserved_gib=0.02 + 0.02 * batch)
 
 
 def _fake_model_geometry(model, res, batch):
@@ -107,6 +108,8 @@ def _fake_run_isolated(fn, args=(), timeout=None):
     """The worker's result without a worker: made-up measurements for the measuring functions, the
     function itself (in-process) for anything else."""
     cfg = args[0] if args and isinstance(args[0], dict) else {}
+    if args and isinstance(args[0], ModelVariant):  # a scaling configuration: its fields, as measure_model reads them
+        cfg = {**dataclasses.asdict(args[0]), "impl": args[0].impl}
     SEEN.append(cfg)
     if fn.__name__ in ("measure_model", "measure_op"):
         out = dict(status="ok", impl=cfg["impl"], kernel=cfg["impl"], time_ms=2.0, time_ms_p10=1.9, time_ms_p90=2.2,

@@ -18,6 +18,7 @@ import torch
 from helpers import needs_no_gpu
 from vimbench.analysis.paper import PAPER_SETTING_OPTIONS
 from vimbench.commands import cli, main
+from vimbench.commands.gpu_check import call_command
 from vimbench.gpucheck import checks, run as gpu_run, steps as gpu_steps, summary
 from vimbench.gpucheck.steps import Step
 from vimbench.measure import preflight
@@ -38,7 +39,7 @@ def test_default_out_names_card_and_date():
 @pytest.fixture(scope="module")
 def real_steps(tmp_path_factory):
     """The real plan on an H100/H200 with the triton and cpu scans (estimates count FLOPs on meta)."""
-    return gpu_steps.build_steps(tmp_path_factory.mktemp("out"), ["cpu", "triton"])
+    return gpu_steps.build_steps(tmp_path_factory.mktemp("out"), ["cpu", "triton"], call=call_command)
 
 
 def test_every_planned_call_names_options_of_its_command(real_steps):
@@ -72,7 +73,7 @@ def test_plan_under_budget_in_priority_order(real_steps, budget, expected):
 
 def test_plan_with_mamba_ssm_present(tmp_path):
     """mamba_ssm adds a backend check and becomes the paper step's scan; 420 s still delivers steps 1-3."""
-    steps = gpu_steps.build_steps(tmp_path, ["cpu", "triton", "mamba_ssm"])
+    steps = gpu_steps.build_steps(tmp_path, ["cpu", "triton", "mamba_ssm"], call=call_command)
     assert [s.name for s in gpu_run.plan(steps, 420)[0]][:4] == ["check", "tests", "paper", "floor"]
     assert steps[2].calls[0][1]["scan_spec"] == "mamba_ssm"
     cost = gpu_steps.COST  # triton compiles 6 shapes x 2 dtypes x 2 (with/without extras) specialisations
@@ -182,7 +183,7 @@ def fake_gpu(monkeypatch, tmp_path):
         "| gpu/ | — | nothing yet | |\n\nText after.\n")
 
     def use(steps):
-        monkeypatch.setattr(gpu_steps, "build_steps", lambda out, present=None, command="": steps(out))
+        monkeypatch.setattr(gpu_steps, "build_steps", lambda out, present=None, command="", call=None: steps(out))
     return use
 
 
@@ -401,7 +402,7 @@ def test_backward_step_estimate_and_placement(tmp_path):
     call timed too."""
     cost = gpu_steps.COST
     for present, mamba_ops in ((["cpu", "triton"], 0), (["cpu", "triton", "mamba_ssm"], 2)):
-        steps = gpu_steps.build_steps(tmp_path, present)
+        steps = gpu_steps.build_steps(tmp_path, present, call=call_command)
         names = [s.name for s in steps]
         assert names.index("backward") == names.index("designs") + 1
         grads = (len(present) - 1) * 2 * cost["check_other_s"] + cost["worker_s"] + 2 * 24 * cost["compile_s"]
@@ -442,7 +443,8 @@ def test_backward_step_checks_gradients_before_any_timing(tmp_path, monkeypatch)
     calls = []
     monkeypatch.setattr(checks, "run_isolated",
                         lambda fn, args, timeout=None: calls.append((fn, args)) or results[args[0]])
-    backward = next(s for s in gpu_steps.build_steps(tmp_path, ["cpu", "triton"]) if s.name == "backward")
+    steps = gpu_steps.build_steps(tmp_path, ["cpu", "triton"], call=call_command)
+    backward = next(s for s in steps if s.name == "backward")
     assert backward.run() == ["triton: gradient check failed: odd-L: dB differs",
                                       "backward: not timed (a scan backend failed its gradient check)"]
     assert calls == [(check_named_backend, ("cpu", "cuda", True)), (check_named_backend, ("triton", "cuda", True))]
@@ -460,14 +462,15 @@ def test_exp2_chain_kernel_under_interpreter():
 
 
 def test_a_sweep_call_starts_from_the_commands_defaults_and_records_the_command(tmp_path, monkeypatch):
-    """``call`` passes the command's defaults overridden by the step's options, resume only for a CSV with rows."""
+    """``call_command`` passes the command's defaults overridden by the step's options, resume only for a CSV
+    with rows."""
     from vimbench.commands import options, scaling
     seen = []
     monkeypatch.setattr(scaling, "sweep", lambda command, **opts: seen.append((command, opts)) or [])
     csv = tmp_path / "scaling-paper.csv"
-    assert gpu_steps.call("scaling", {"scan_spec": "triton", "out": str(csv)}, "vimbench gpu-check --budget 9") == 0
+    assert call_command("scaling", {"scan_spec": "triton", "out": str(csv)}, "vimbench gpu-check --budget 9") == 0
     csv.write_text("model\n")
-    assert gpu_steps.call("scaling", {"scan_spec": "triton", "out": str(csv)}, "vimbench gpu-check") == 0
+    assert call_command("scaling", {"scan_spec": "triton", "out": str(csv)}, "vimbench gpu-check") == 0
     expected = {**options.defaults(scaling.command), "scan_spec": "triton", "out": str(csv)}
     assert seen == [("vimbench gpu-check --budget 9", {**expected, "resume": False}),
                     ("vimbench gpu-check", {**expected, "resume": True})]
@@ -475,5 +478,5 @@ def test_a_sweep_call_starts_from_the_commands_defaults_and_records_the_command(
 
 def test_a_call_with_bad_input_gives_exit_code_2_and_one_line(tmp_path, capsys):
     missing = str(tmp_path / "none.csv")
-    assert gpu_steps.call("report", {"results": [missing], "out_dir": str(tmp_path / "r")}, "vimbench gpu-check") == 2
+    assert call_command("report", {"results": [missing], "out_dir": str(tmp_path / "r")}, "vimbench gpu-check") == 2
     assert capsys.readouterr().err == f"vimbench report: error: {missing}: no such file\n"

@@ -11,6 +11,7 @@ from vimbench.kernels.selective_scan import resolve_scan_backend
 from vimbench.rows.scaling import decay_batch
 from vimbench.rows.schema import SCALING, Schema
 from vimbench.rows.writer import CsvLog
+from vimbench.config import FlopsConfig, MemoryConfig
 from vimbench.count.flops import count_flops
 from vimbench.measure.isolation import run_isolated
 from vimbench.count.memory import predict_memory
@@ -70,12 +71,13 @@ def test_csv_schema_and_values(sweep_csv):
     assert (df.time_ms_p10 <= df.time_ms).all() and (df.time_ms <= df.time_ms_p90).all()
     assert (df.device == "cpu").all() and (df.dtype == "fp32").all() and (df.batch == 1).all()
     row = df[(df.model == "deit_tiny") & (df.res == 48)].iloc[0]
-    flops = count_flops("deit_tiny", 48, 1)
-    assert row.tokens == 10 and row.flops_total == flops["flops_total"] and row.params == flops["params"]
+    flops = count_flops(FlopsConfig("deit_tiny", res=48))
+    assert row.tokens == 10 and row.flops_total == flops.flops_total and row.params == flops.params
     assert row.torch_version and row.timm_version and row.command.startswith("vimbench scaling --models")
     assert df.mem_peak_gib.notna().all() and df.mem_nvml_gib.isna().all()
     # every row carries the predicted GPU peak of the same configuration
-    assert row.mem_pred_peak_gib == pytest.approx(predict_memory("deit_tiny", 48, 1, attn="eager")["mem_pred_peak_gib"])
+    predicted = predict_memory(MemoryConfig("deit_tiny", {"attn": "eager"}, 48))
+    assert row.mem_pred_peak_gib == pytest.approx(predicted.mem_pred_peak_gib)
     gpu_scan = df.impl != "cpp"  # the GPU-memory prediction needs a backend that runs on a GPU
     assert df.mem_pred_peak_gib[gpu_scan].notna().all()
     # a CPU-only scan has no GPU run to predict: an empty cell, not an error
@@ -162,7 +164,7 @@ def test_each_regime_gets_its_own_configurations(tmp_path, monkeypatch):
     monkeypatch.setattr(scaling, "run_sweep", lambda configs, *a, **k: seen.setdefault("configs", configs) and [])
     assert main(["scaling", "--models", "deit_tiny", "--attn", "eager", "--res", "32,48", "--compile", "none,default",
                  "--amp", "none,bf16", "--out", str(tmp_path / "r.csv"), "--device", "cpu"]) == 0
-    regimes = [(c["compile"], c["amp"]) for c in seen["configs"]]
+    regimes = [(c.compile, c.amp) for c in seen["configs"]]
     assert regimes == [(m, a) for m in ("none", "default") for a in ("none", "bf16") for _ in (32, 48)]
 
 
@@ -188,9 +190,9 @@ def test_each_mode_gets_its_own_configurations(tmp_path, monkeypatch):
                  "--grad-checkpointing", "--max-batch", "--mem-limit-gib", "2.5", "--out", str(tmp_path / "r.csv"),
                  "--device", "cpu"]) == 0
     cfgs = seen["configs"]
-    assert [(c["mode"], c["grad_checkpointing"], c["res"]) for c in cfgs] == \
+    assert [(c.mode, c.grad_checkpointing, c.res) for c in cfgs] == \
         [("train", True, 32), ("train", True, 48), ("infer", False, 32), ("infer", False, 48)]
-    assert {(c["batch_requested"], c["mem_limit_gib"]) for c in cfgs} == {(0, 2.5)}
+    assert {(c.batch, c.mem_limit_gib) for c in cfgs} == {(0, 2.5)}
 
 
 def test_a_scan_that_fails_its_check_gets_train_error_rows_and_no_timing(tmp_path, monkeypatch):
@@ -229,10 +231,9 @@ def test_train_rows_beside_infer_rows(tmp_path):
     from vimbench.count.memory import predict_memory
     for _, r in train.iterrows():
         options = {"scan": "ref"} if r.model == "vim_tiny" else {"attn": "eager"}
-        assert r.flops_total == count_flops(r.model, 32, 1, mode="train", grad_checkpointing=True,
-                                            **options)["flops_total"]
-        assert r.mem_pred_peak_gib == pytest.approx(predict_memory(r.model, 32, 1, mode="train", grad_checkpointing=True,
-                                                                   **options)["mem_pred_peak_gib"])
+        cfg = FlopsConfig(r.model, options, 32, mode="train", grad_checkpointing=True)
+        assert r.flops_total == count_flops(cfg).flops_total
+        assert r.mem_pred_peak_gib == pytest.approx(predict_memory(cfg).mem_pred_peak_gib)
     assert (train.flops_total.values > 2 * infer.flops_total.values).all()
     from vimbench.rows.reader import load_results, split_settings
     _, rows = load_results(out)
@@ -248,11 +249,11 @@ def test_preset_paper_with_explicit_override(tmp_path, monkeypatch):
     assert main(["scaling", "--preset", "paper", "--batch", "1", "--res", "32", "--out", str(tmp_path / "p.csv"),
                  "--device", "cpu"]) == 0
     cfgs = seen["configs"]
-    assert {(c["model"], c["impl"]) for c in cfgs} == {("vim_tiny", AUTO), ("deit_tiny", "eager"),
+    assert {(c.model, c.impl) for c in cfgs} == {("vim_tiny", AUTO), ("deit_tiny", "eager"),
                                                        ("deit_tiny", "sdpa")}
-    assert {c["batch_requested"] for c in cfgs} == {1} and {c["res"] for c in cfgs} == {32}
-    assert {c["dtype"] for c in cfgs} == {"fp32"} and not any(c["head"] for c in cfgs)
+    assert {c.batch for c in cfgs} == {1} and {c.res for c in cfgs} == {32}
+    assert {c.dtype for c in cfgs} == {"fp32"} and not any(c.head for c in cfgs)
     seen.clear()
     assert main(["scaling", "--preset", "paper", "--out", str(tmp_path / "q.csv"), "--device", "cpu"]) == 0
-    assert sorted({c["res"] for c in seen["configs"]}) == [512, 640, 738, 1024, 1248]
-    assert {c["batch_requested"] for c in seen["configs"]} == {64}
+    assert sorted({c.res for c in seen["configs"]}) == [512, 640, 738, 1024, 1248]
+    assert {c.batch for c in seen["configs"]} == {64}

@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from vimbench.config import FlopsConfig
 from vimbench.count.flops import count_flops
 from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.kernels.selective_scan.ops import scan_bwd_flops
@@ -32,11 +33,11 @@ def vim_closed_form(res, D, depth=24, N=16, b=1):
 @pytest.mark.parametrize("res", [224, 1248])
 @pytest.mark.parametrize("name,D", [("deit_tiny", 192), ("deit_small", 384)])
 def test_deit_flops_closed_form(name, D, res):
-    got, want = count_flops(name, res, attn="eager"), deit_closed_form(res, D)
-    assert got["flops_linear"] == want["linear"]
-    assert got["flops_attention"] == want["attention"]
-    assert got["flops_scan"] == 0 and got["flops_other"] == 0
-    assert got["flops_total"] == want["linear"] + want["attention"]
+    got, want = count_flops(FlopsConfig(name, {"attn": "eager"}, res)), deit_closed_form(res, D)
+    assert got.flops_linear == want["linear"]
+    assert got.flops_attention == want["attention"]
+    assert got.flops_scan == 0 and got.flops_other == 0
+    assert got.flops_total == want["linear"] + want["attention"]
 
 
 @pytest.mark.parametrize("scan", ["cpu", "cpp"])
@@ -46,23 +47,23 @@ def test_vim_flops_closed_form(res, scan):
     (scan, causal conv pair, add + RMSNorm)."""
     if scan == "cpp" and not compiled_cpu.available()[0]:
         pytest.skip(f"compiled CPU kernels unavailable: {compiled_cpu.available()[1]}")
-    got, want = count_flops("vim_tiny", res, scan=scan), vim_closed_form(res, 192)
-    assert got["flops_linear"] == want["linear"]
-    assert got["flops_scan"] == want["scan"]
-    assert got["flops_attention"] == 0 and got["flops_total"] == want["linear"] + want["scan"]
+    got, want = count_flops(FlopsConfig("vim_tiny", {"scan": scan}, res)), vim_closed_form(res, 192)
+    assert got.flops_linear == want["linear"]
+    assert got.flops_scan == want["scan"]
+    assert got.flops_attention == 0 and got.flops_total == want["linear"] + want["scan"]
 
 
 def test_batch_head_and_backend_independence():
-    one, four = count_flops("deit_tiny", 224, 1), count_flops("deit_tiny", 224, 4)
-    assert four["flops_total"] == 4 * one["flops_total"]
-    head = count_flops("deit_tiny", 224, 1, head=True)
-    assert head["flops_total"] - one["flops_total"] == 2 * 192 * 1000
-    assert count_flops("deit_tiny", 224, attn="sdpa")["flops_attention"] == one["flops_attention"]
+    one, four = count_flops(FlopsConfig("deit_tiny", res=224)), count_flops(FlopsConfig("deit_tiny", res=224, batch=4))
+    assert four.flops_total == 4 * one.flops_total
+    head = count_flops(FlopsConfig("deit_tiny", res=224, head=True))
+    assert head.flops_total - one.flops_total == 2 * 192 * 1000
+    assert count_flops(FlopsConfig("deit_tiny", {"attn": "sdpa"}, 224)).flops_attention == one.flops_attention
 
 
 def test_deit_tiny_1248_matches_published_counter_value():
     # tooling-facts.md: FlopCounterMode on timm DeiT-Ti at 1248 counts 407.6 GFLOPs
-    assert round(count_flops("deit_tiny", 1248)["flops_total"] / 1e9, 1) == 407.6
+    assert round(count_flops(FlopsConfig("deit_tiny", res=1248)).flops_total / 1e9, 1) == 407.6
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -77,11 +78,12 @@ def test_deit_train_flops_closed_form(attn, grad_checkpointing):
     fwd = deit_closed_form(res, D)
     patch = 2 * 1 * (res // 16) ** 2 * (3 * 16 * 16) * D
     blocks = fwd["linear"] - patch
-    got = count_flops("deit_tiny", res, attn=attn, mode="train", grad_checkpointing=grad_checkpointing)
+    got = count_flops(FlopsConfig("deit_tiny", {"attn": attn}, res, mode="train",
+                                  grad_checkpointing=grad_checkpointing))
     again = int(grad_checkpointing)
-    assert got["flops_linear"] == 2 * patch + 3 * blocks + again * blocks * 8 // 12
-    assert got["flops_attention"] == (3 + again) * fwd["attention"]
-    assert got["flops_scan"] == 0 and got["flops_other"] == 0
+    assert got.flops_linear == 2 * patch + 3 * blocks + again * blocks * 8 // 12
+    assert got.flops_attention == (3 + again) * fwd["attention"]
+    assert got.flops_scan == 0 and got.flops_other == 0
 
 
 @pytest.mark.parametrize("scan", ["cpu", "ref", "cpp"])
@@ -97,7 +99,7 @@ def test_vim_train_flops_closed_form(scan):
     fwd = vim_closed_form(res, D, b=b)
     patch = 2 * b * (res // 16) ** 2 * (3 * 16 * 16) * D
     one_direction = scan_bwd_flops(b, E, L, N, has_D=True, has_z=False, has_delta_bias=True, delta_softplus=True)
-    got = count_flops("vim_tiny", res, b, scan=scan, mode="train")
-    assert got["flops_linear"] == 2 * patch + 3 * (fwd["linear"] - patch)
-    assert got["flops_scan"] == fwd["scan"] + 24 * (2 * one_direction + 8 * b * E * L)
-    assert got["flops_attention"] == 0 and got["flops_other"] == 0
+    got = count_flops(FlopsConfig("vim_tiny", {"scan": scan}, res, b, mode="train"))
+    assert got.flops_linear == 2 * patch + 3 * (fwd["linear"] - patch)
+    assert got.flops_scan == fwd["scan"] + 24 * (2 * one_direction + 8 * b * E * L)
+    assert got.flops_attention == 0 and got.flops_other == 0

@@ -9,6 +9,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vimbench.count.memory as mem
+from vimbench.analysis.paper import paper_gib
+from vimbench.config import MemoryConfig
+from vimbench.rows.memory import memory_row
 from vimbench.kernels.selective_scan import ops as ss_ops
 from vimbench.kernels.selective_scan.backends import IMPLS, scan_backward
 from vimbench.baselines.deit import create_deit
@@ -117,13 +120,13 @@ def test_autocast_on_fake_cuda_tensors_without_a_gpu():
     with FakeTensorMode(), mem.fake_autocast("cuda", "fp16"):
         out = torch.nn.functional.linear(torch.empty(2, 8, device="cuda"), torch.empty(4, 8, device="cuda"))
     assert out.dtype == torch.float16 and out.device.type == "cuda"
-    fp32 = mem.predict_memory("deit_tiny", 64, 2, attn="sdpa")
-    amp = mem.predict_memory("deit_tiny", 64, 2, amp="fp16", attn="sdpa")
-    assert amp["mem_pred_weights_gib"] == fp32["mem_pred_weights_gib"]
-    assert amp["mem_pred_peak_gib"] != fp32["mem_pred_peak_gib"]
+    fp32 = mem.predict_memory(MemoryConfig("deit_tiny", {"attn": "sdpa"}, 64, 2))
+    amp = mem.predict_memory(MemoryConfig("deit_tiny", {"attn": "sdpa"}, 64, 2), amp="fp16")
+    assert amp.mem_pred_weights_gib == fp32.mem_pred_weights_gib
+    assert amp.mem_pred_peak_gib != fp32.mem_pred_peak_gib
     # SDPA's modelled pick for fp32 and fp16 inputs on the default card (an H100: cuDNN or flash for fp16,
     # by torch's rule, tested with the rule itself in tests/kernels/test_probes.py)
-    assert (fp32["kernel"], amp["kernel"]) == ("efficient", sdpa_fused_kernel(torch.float16, (9, 0)))
+    assert (fp32.kernel, amp.kernel) == ("efficient", sdpa_fused_kernel(torch.float16, (9, 0)))
 
 
 def test_attention_scores_closed_form():
@@ -187,8 +190,8 @@ def test_sdpa_fused_kernel_per_card():
 
 
 def test_memory_rows_model_sdpa_per_card():
-    h100 = mem.memory_row("deit_tiny", {"attn": "sdpa"}, 64, 1, "bf16", False, "h100-80gb")
-    v100 = mem.memory_row("deit_tiny", {"attn": "sdpa"}, 64, 1, "bf16", False, "v100-32gb")
+    h100, v100 = (memory_row(MemoryConfig("deit_tiny", {"attn": "sdpa"}, 64, 1, "bf16", card=card), {}, paper_gib)
+                  for card in ("h100-80gb", "v100-32gb"))
     assert h100["kernel"] == sdpa_fused_kernel(torch.bfloat16, (9, 0)) and v100["kernel"] == "efficient"
 
 
@@ -196,10 +199,10 @@ def test_deit_eager_vs_fused_differ_by_the_scores():
     """Whole model: the peaks differ by the two (b, H, L, L) tensors, up to what else is live at each peak."""
     b, res = 1, 512                          # L = 1025: the scores are the largest tensors
     L, H = (res // 16) ** 2 + 1, 3
-    eager = mem.predict_memory("deit_tiny", res, b, attn="eager")
-    fused = mem.predict_memory("deit_tiny", res, b, attn="sdpa")
-    assert fused["impl"] == "sdpa" and fused["kernel"] == "efficient"
-    diff = (eager["mem_pred_peak_gib"] - fused["mem_pred_peak_gib"]) * mem.GIB
+    eager = mem.predict_memory(MemoryConfig("deit_tiny", {"attn": "eager"}, res, b))
+    fused = mem.predict_memory(MemoryConfig("deit_tiny", {"attn": "sdpa"}, res, b))
+    assert fused.impl == "sdpa" and fused.kernel == "efficient"
+    diff = (eager.mem_pred_peak_gib - fused.mem_pred_peak_gib) * mem.GIB
     scores, slack = b * H * L * L * 4, 4 * b * L * 4 * 192 * 4   # slack: a few (b, L, 4D) MLP activations
     assert 2 * scores - slack <= diff <= 2 * scores + slack
 
@@ -207,12 +210,12 @@ def test_deit_eager_vs_fused_differ_by_the_scores():
 @pytest.mark.parametrize("model,dtype,nbytes", [("deit_tiny", "fp32", 4), ("vim_tiny", "fp32", 4),
                                                  ("vim_tiny", "bf16", 2)])
 def test_weights_are_params_times_element_size(model, dtype, nbytes):
-    pred = mem.predict_memory(model, 64, 1, dtype)
+    pred = mem.predict_memory(MemoryConfig(model, res=64, dtype=dtype))
     with torch.device("meta"):
         n_tensors = sum(1 for _ in mem.create_model(model, img_size=64).state_dict())
-    exact = pred["params"] * nbytes
-    assert exact <= pred["mem_pred_weights_gib"] * mem.GIB < exact + 512 * n_tensors
-    assert pred["mem_pred_peak_gib"] > pred["mem_pred_weights_gib"] + pred["batch"] * 3 * 64 * 64 * nbytes / mem.GIB
+    exact = pred.params * nbytes
+    assert exact <= pred.mem_pred_weights_gib * mem.GIB < exact + 512 * n_tensors
+    assert pred.mem_pred_peak_gib > pred.mem_pred_weights_gib + 1 * 3 * 64 * 64 * nbytes / mem.GIB
 
 
 def test_caching_allocator_model():
@@ -331,20 +334,21 @@ def test_deit_train_peak_holds_what_autograd_saves(attn):
     each of the 12 blocks; checkpointing per block saves one block's at a time and lowers the peak."""
     b, res, H = 2, 256, 3
     L = (res // 16) ** 2 + 1
-    infer = mem.predict_memory("deit_tiny", res, b, attn=attn)
-    train = mem.predict_memory("deit_tiny", res, b, attn=attn, mode="train")
-    ckpt = mem.predict_memory("deit_tiny", res, b, attn=attn, mode="train", grad_checkpointing=True)
-    extra = (train["mem_pred_peak_gib"] - infer["mem_pred_peak_gib"]) * mem.GIB
+    infer = mem.predict_memory(MemoryConfig("deit_tiny", {"attn": attn}, res, b))
+    train = mem.predict_memory(MemoryConfig("deit_tiny", {"attn": attn}, res, b, mode="train"))
+    ckpt = mem.predict_memory(MemoryConfig("deit_tiny", {"attn": attn}, res, b, mode="train",
+                                           grad_checkpointing=True))
+    extra = (train.mem_pred_peak_gib - infer.mem_pred_peak_gib) * mem.GIB
     probs = 12 * b * H * L * L * 4 if attn == "eager" else 0
-    assert extra >= 2 * train["params"] * 4 + probs
-    assert ckpt["mem_pred_peak_gib"] < train["mem_pred_peak_gib"]
-    assert train["mem_pred_weights_gib"] == infer["mem_pred_weights_gib"]
+    assert extra >= 2 * train.params * 4 + probs
+    assert ckpt.mem_pred_peak_gib < train.mem_pred_peak_gib
+    assert train.mem_pred_weights_gib == infer.mem_pred_weights_gib
 
 
 def test_train_prediction_refuses_a_forward_only_scan_backend(fresh_plugins, capsys):
     name = register_forward_only_scan()
     with pytest.raises(mem.BackendUnavailable, match="forward-only"):
-        mem.predict_memory("vim_tiny", 64, 1, scan=name, mode="train")
+        mem.predict_memory(MemoryConfig("vim_tiny", {"scan": name}, 64, mode="train"))
     assert main(["memory", "--scan", name, "--mode", "infer,train", "--res", "64"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"--scan {name}: " in err and "forward-only" in err

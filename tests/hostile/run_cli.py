@@ -8,7 +8,9 @@ import io
 
 import pytest
 
-from vimbench.commands import flops, main
+from vimbench.commands import main
+from vimbench.count.flops import FlopCount
+from vimbench.rows import flops as flops_rows
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -37,16 +39,16 @@ def records(data: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""), strict=True))
 
 
-def fake_count_flops(model, res, batch=1, head=False, mode="infer", grad_checkpointing=False, **options) -> dict:
+def fake_count_flops(cfg) -> FlopCount:
     """Made-up FLOP columns of a configuration (linear in tokens), without building the model."""
-    tokens = (res // 16) ** 2 + 1
-    return dict(flops_total=10 * tokens * batch, flops_scan=0, flops_attention=4 * tokens * batch,
-                flops_linear=6 * tokens * batch, flops_other=0, params=1000, tokens=tokens)
+    tokens, batch = (cfg.res // 16) ** 2 + 1, cfg.batch
+    return FlopCount(flops_total=10 * tokens * batch, flops_scan=0, flops_attention=4 * tokens * batch,
+                     flops_linear=6 * tokens * batch, flops_other=0, params=1000, tokens=tokens)
 
 
 @pytest.fixture(scope="module")
 def stub_flops():
     """``vimbench flops`` counts with ``fake_count_flops`` for the module's tests."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flops, "count_flops", fake_count_flops)
+        mp.setattr(flops_rows, "count_flops", fake_count_flops)
         yield

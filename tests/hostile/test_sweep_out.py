@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from helpers_csv import scaling_frame
 from run_cli import fake_count_flops, records, run_cli, stub_flops, the_one_line  # noqa: F401 (a fixture)
-from vimbench.commands import flops
+from vimbench.rows import flops as flops_rows
 from vimbench.rows.schema import FLOPS
 from vimbench.rows.writer import CsvLog
 
@@ -94,19 +94,19 @@ def test_a_disk_that_fills_up_ends_the_sweep_with_one_line_and_whole_rows(stub_f
 @settings(max_examples=len(RES), deadline=None, derandomize=True, database=None)
 @given(stop=st.integers(0, len(RES) - 1))
 def test_ctrl_c_ends_a_sweep_with_one_line_exit_130_and_the_rows_kept(stop):
-    def count(model, res, *args, **kw):
-        if res == RES[stop]:
+    def count(cfg):
+        if cfg.res == RES[stop]:
             raise KeyboardInterrupt
-        return fake_count_flops(model, res, *args, **kw)
+        return fake_count_flops(cfg)
 
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flops, "count_flops", count)
+        mp.setattr(flops_rows, "count_flops", count)
         out = Path(tmp) / "f.csv"
         rc, _, err = run_cli([*ARGV, "--out", str(out)])
         assert rc == 130
         assert str(out) in the_one_line(err, "flops") and "--resume" in err
         assert len(_whole_rows(out)) == stop
-        mp.setattr(flops, "count_flops", fake_count_flops)
+        mp.setattr(flops_rows, "count_flops", fake_count_flops)
         _resumed(out)
 
 

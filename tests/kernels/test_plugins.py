@@ -7,6 +7,7 @@ import torch
 import vimbench
 from helpers import (EXAMPLE_PLUGIN, assert_close, fake_install, fresh_plugins, planted_wrong_scan,  # noqa: F401
                      scan_case)
+from vimbench.config import FlopsConfig, MemoryConfig
 from vimbench.count.flops import count_flops
 from vimbench.count.memory import predict_memory
 from vimbench.errors import BackendUnavailable
@@ -41,14 +42,14 @@ def test_entry_point_loads_lazily_and_the_backend_is_the_reference(example):
 
 
 def test_example_predicts_memory_through_its_fake(example):
-    got, ref = (predict_memory("vim_tiny", 32, 2, scan=s) for s in ("example", "ref"))
-    assert got["impl"] == "example" and got["mem_pred_weights_gib"] == ref["mem_pred_weights_gib"]
+    got, ref = (predict_memory(MemoryConfig("vim_tiny", {"scan": s}, 32, 2)) for s in ("example", "ref"))
+    assert got.impl == "example" and got.mem_pred_weights_gib == ref.mem_pred_weights_gib
     # activations: at least the model's (b, L, D) input and output; at most ref's plus one (b, E, L) float32
     # tensor: the example's wrapper frames (its fake's as its scan's) hold the backward direction's flipped
     # delta until the scan returns, where ref alone drops it at once (traced: exactly that much more)
     b, L, D, E = 2, 5, 192, 384
-    assert 2 * b * L * D * 4 <= got["mem_pred_activations_gib"] * 2**30 <= \
-        ref["mem_pred_activations_gib"] * 2**30 + b * E * L * 4
+    assert 2 * b * L * D * 4 <= got.mem_pred_activations_gib * 2**30 <= \
+        ref.mem_pred_activations_gib * 2**30 + b * E * L * 4
 
 
 def test_broken_and_clashing_entry_points_are_one_line_each_and_the_rest_still_works(example, capsys):
@@ -85,16 +86,17 @@ def test_api_refuses_taken_and_malformed_names(fresh_plugins):
 
 def test_flops_come_from_the_same_formula(fresh_plugins):
     vimbench.register_scan_backend("mine", selective_scan_ref, devices="cpu")
-    assert count_flops("vim_tiny", 64, scan="mine") == count_flops("vim_tiny", 64, scan="ref")
+    mine, ref = (count_flops(FlopsConfig("vim_tiny", {"scan": s}, 64)) for s in ("mine", "ref"))
+    assert mine == ref
 
 
 def test_memory_prediction_uses_the_fake_or_says_it_is_unavailable(fresh_plugins):
     vimbench.register_scan_backend("nofake", selective_scan_ref, devices="cuda")
     with pytest.raises(BackendUnavailable, match="memory prediction unavailable: scan backend 'nofake'"):
-        predict_memory("vim_tiny", 32, 1, scan="nofake")
+        predict_memory(MemoryConfig("vim_tiny", {"scan": "nofake"}, 32))
     vimbench.register_scan_backend("withfake", selective_scan_ref, devices="cuda", fake=selective_scan_ref)
-    pred = predict_memory("vim_tiny", 32, 1, scan="withfake")
-    assert pred["impl"] == "withfake" and pred["mem_pred_peak_gib"] > pred["mem_pred_weights_gib"] > 0
+    pred = predict_memory(MemoryConfig("vim_tiny", {"scan": "withfake"}, 32))
+    assert pred.impl == "withfake" and pred.mem_pred_peak_gib > pred.mem_pred_weights_gib > 0
 
 
 def test_check_refuses_a_planted_wrong_result_with_its_worst_error_and_shape():

@@ -3,12 +3,11 @@ changing one changes the row (measure_model and measure_op, in-process on CPU at
 import pytest
 import torch
 
+from vimbench.config import ScalingConfig
 from vimbench.measure.model import measure_model
 from vimbench.measure.ops import Geometry, measure_op
 
-MODEL_CFG = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, impl="eager", res=32, batch=1,
-                 batch_requested=1, dtype="fp32", mode="infer", grad_checkpointing=False, compile="none", amp="none",
-                 device="cpu", head=False, threads=1, warmup=0, repeats=1, min_time=0)
+MODEL_CFG = ScalingConfig("deit_tiny", {"attn": "eager"}, 32, threads=1, warmup=0, repeats=1, min_time=0)
 OP_CFG = dict(op="attention", impl="eager", geometry=vars(Geometry("deit_tiny", 32, 1, 5, 192, 0, 0, 3, 64)),
               device="cpu", dtype="fp32", compile="none", amp="none", threads=1,
               timing=dict(warmup=0, repeats=1, min_time=0))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from vimbench.config import ScalingConfig
 from vimbench.measure import model as measure
 from vimbench.measure.core import PhaseClock
 from vimbench.measure.train import (LR, GradCheckpointingUnsupported, NonFiniteStep, TrainStep,
@@ -16,9 +18,7 @@ from vimbench.models.vim import VisionMamba
 from vimbench.rows import scaling as scaling_rows
 
 RES = 32
-TRAIN_CFG = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, impl="eager", res=RES, batch=2,
-                 batch_requested=2, dtype="fp32", mode="train", grad_checkpointing=False, compile="none", amp="none",
-                 device="cpu", head=False, threads=0, warmup=0, repeats=1, min_time=0)
+TRAIN_CFG = ScalingConfig("deit_tiny", {"attn": "eager"}, RES, batch=2, mode="train", warmup=0, repeats=1, min_time=0)
 
 
 def test_losses_are_the_documented_scalars():
@@ -49,7 +49,7 @@ def test_a_step_applies_the_sgd_update_and_marks_three_phases(head):
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_train_row_has_the_phases_that_make_up_the_step(amp):
-    out = measure.measure_model({**TRAIN_CFG, "amp": amp})
+    out = measure.measure_model(replace(TRAIN_CFG, amp=amp))
     assert out["repeats"] == 1  # one step: its time is exactly the sum of its phases
     phases = [out["time_fwd_ms"], out["time_bwd_ms"], out["time_opt_ms"]]
     assert all(t > 0 for t in phases) and sum(phases) == pytest.approx(out["time_ms"])
@@ -59,12 +59,12 @@ def test_train_row_has_the_phases_that_make_up_the_step(amp):
 
 @pytest.mark.slow
 def test_a_compiled_train_step_compiles_forward_and_backward_whole():
-    out = measure.measure_model({**TRAIN_CFG, "compile": "default"})
+    out = measure.measure_model(replace(TRAIN_CFG, compile="default"))
     assert out["graph_breaks"] == 0 and out["compile_s"] > 0 and out["time_bwd_ms"] > 0
 
 
 def test_infer_row_has_no_phases():
-    out = measure.measure_model({**TRAIN_CFG, "mode": "infer"})
+    out = measure.measure_model(replace(TRAIN_CFG, mode="infer"))
     assert not any(k in out for k in ("time_fwd_ms", "time_bwd_ms", "time_opt_ms")) and out["time_ms"] > 0
 
 
@@ -78,7 +78,7 @@ def test_a_nan_loss_is_an_error(monkeypatch, warmup):
 
     monkeypatch.setattr(measure.registry, "create_model", poisoned)
     with pytest.raises(NonFiniteStep, match="non-finite .* loss and gradient"):
-        measure.measure_model({**TRAIN_CFG, "warmup": warmup})
+        measure.measure_model(replace(TRAIN_CFG, warmup=warmup))
 
 
 def _tiny_vim(scan: str = "ref") -> VisionMamba:
@@ -170,18 +170,18 @@ def _fake_worker(per_image_gib: float, gpu_limit: int | None = None):
 
     def run(fn, args, timeout=None):
         cfg = args[0]
-        tried.append((cfg["batch"], cfg["warmup"], cfg["repeats"]))
-        if gpu_limit is not None and cfg["batch"] > gpu_limit:
+        tried.append((cfg.batch, cfg.warmup, cfg.repeats))
+        if gpu_limit is not None and cfg.batch > gpu_limit:
             return {"status": "oom", "error": "OutOfMemoryError: CUDA out of memory"}
-        return {"status": "ok", "time_ms": 1.0 * cfg["batch"], "throughput_img_s": 1e3,
-                "mem_peak_gib": per_image_gib * cfg["batch"]}
+        return {"status": "ok", "time_ms": 1.0 * cfg.batch, "throughput_img_s": 1e3,
+                "mem_peak_gib": per_image_gib * cfg.batch}
     return run, tried
 
 
 def test_max_batch_row_on_cpu_is_bounded_by_the_memory_limit(monkeypatch):
     run, tried = _fake_worker(0.01)
     monkeypatch.setattr(scaling_rows, "run_isolated", run)
-    cfg = {**TRAIN_CFG, "batch_requested": 0, "mem_limit_gib": 0.375, "warmup": 3, "repeats": 5}
+    cfg = replace(TRAIN_CFG, batch=0, mem_limit_gib=0.375, warmup=3, repeats=5)
     row = scaling_rows.scaling_row(cfg, {}, backoff=False)
     assert row["batch"] == 37 and row["batch_requested"] == 0 and row["mem_limit_gib"] == 0.375
     assert row["batch_search"] == ("doubling+bisection: 37 fits, 38 does not (12 tries); "
@@ -194,8 +194,7 @@ def test_max_batch_row_on_cpu_is_bounded_by_the_memory_limit(monkeypatch):
 def test_max_batch_row_on_gpu_is_bounded_by_oom_and_none_fitting_is_an_oom_row(monkeypatch):
     run, _ = _fake_worker(0.0, gpu_limit=5)
     monkeypatch.setattr(scaling_rows, "run_isolated", run)
-    monkeypatch.setattr(scaling_rows, "config_flops", lambda cfg: {})
-    cfg = {**TRAIN_CFG, "device": "cuda:0", "batch_requested": 0, "mem_limit_gib": None}
+    cfg = replace(TRAIN_CFG, device="cuda:0", batch=0, mem_limit_gib=None)
     row = scaling_rows.scaling_row(cfg, {}, backoff=False)
     assert row["batch"] == 5 and row["batch_search"] == "doubling+bisection: 5 fits, 6 does not (6 tries)"
     run, tried = _fake_worker(0.0, gpu_limit=0)
@@ -207,5 +206,5 @@ def test_max_batch_row_on_gpu_is_bounded_by_oom_and_none_fitting_is_an_oom_row(m
 def test_max_batch_stops_on_a_failure_that_is_not_memory(monkeypatch):
     monkeypatch.setattr(scaling_rows, "run_isolated",
                         lambda fn, args, timeout=None: {"status": "error", "error": "ValueError: broken"})
-    row = scaling_rows.scaling_row({**TRAIN_CFG, "batch_requested": 0, "mem_limit_gib": 1.0}, {}, backoff=False)
+    row = scaling_rows.scaling_row(replace(TRAIN_CFG, batch=0, mem_limit_gib=1.0), {}, backoff=False)
     assert row["status"] == "error" and row["error"] == "--max-batch: the try at batch 1 failed: ValueError: broken"

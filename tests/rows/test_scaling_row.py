@@ -1,11 +1,10 @@
 """rows/scaling.py: what a scaling row keeps when the counting or the prediction beside the measurement fails."""
 from __future__ import annotations
 
+from vimbench.config import ScalingConfig
 from vimbench.rows import scaling as scaling_rows
 
-CFG = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, impl="eager", res=32, batch_requested=1,
-           dtype="fp32", mode="infer", grad_checkpointing=False, compile="none", amp="none", device="cpu", head=False,
-           threads=0, warmup=0, repeats=1, min_time=0)
+CFG = ScalingConfig("deit_tiny", {"attn": "eager"}, res=32, batch=1, warmup=0, repeats=1, min_time=0)
 MEASURED = {"status": "ok", "time_ms": 3.0, "throughput_img_s": 333.3}
 
 
@@ -15,7 +14,7 @@ def test_a_failed_flop_count_keeps_the_measured_row(monkeypatch):
     def broken(cfg):
         raise TypeError("formula broke")
 
-    monkeypatch.setattr(scaling_rows, "config_flops", broken)
+    monkeypatch.setattr(scaling_rows, "count_flops", broken)
     row = scaling_rows.scaling_row(CFG, {}, backoff=False)
     assert row["status"] == "ok" and row["time_ms"] == 3.0 and "flops_total" not in row
     assert row["error"] == "flops failed: TypeError: formula broke"

@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 import torch
 
-from vimbench.commands.options import command_line
+from vimbench.commands import kernels, options as o, plot, report, scaling
 from vimbench.errors import InputError
 from vimbench.gpucheck import archive as gpu_archive, run
+from vimbench.gpucheck.steps import started
 from vimbench.measure import preflight
 
 
@@ -49,7 +50,7 @@ def command(ctx, budget, archive, unpack_archive, out_dir):
             raise click.UsageError("--unpack takes no other option")
         click.echo(f"unpacked into {gpu_archive.unpack(unpack_archive)}; indexed in results/README.md")
         return 0
-    started = time.monotonic()  # the budget counts from here: planning and the summary spend it too
+    began = time.monotonic()  # the budget counts from here: planning and the summary spend it too
     archive_path = gpu_archive.check_archive_path(archive) if archive else None
     if not torch.cuda.is_available():
         raise InputError("gpu-check needs a CUDA GPU; none is available on this machine")
@@ -61,4 +62,24 @@ def command(ctx, budget, archive, unpack_archive, out_dir):
         return 1
     card = torch.cuda.get_device_name(0)
     out = Path(out_dir) if out_dir else run.default_out(card)
-    return run.check_gpu(out, budget, archive_path, command_line(ctx), echo=click.echo, start=started)
+    return run.check_gpu(out, budget, archive_path, o.command_line(ctx), echo=click.echo, start=began,
+                         call=call_command)
+
+
+def call_command(name: str, options: dict, command: str) -> int:
+    """Runs the vimbench command ``name`` (scaling, kernels, report or plot) through the function under it, with
+    ``options`` by parameter name: a gpu-check step's call (``vimbench.gpucheck.steps.Caller``). A sweep starts
+    from the command's defaults, resumes its CSV when it has rows (``started``) and records ``command`` in its
+    rows. Returns the exit code the command would give; 2, with the reason on stderr, for bad input."""
+    sweeps = {"scaling": scaling, "kernels": kernels}
+    try:
+        if name in sweeps:
+            module = sweeps[name]
+            opts = {**o.defaults(module.command), **options, "resume": started(options["out"])}
+            code = module.sweep(command, **opts)
+            return code if name == "kernels" else 0  # scaling returns its rows; kernels 1 after a failed check
+        {"report": report.write, "plot": plot.draw}[name](**options)
+        return 0
+    except InputError as e:
+        click.echo(f"vimbench {name}: error: {e}", err=True)
+        return 2

@@ -6,17 +6,18 @@ import torch
 
 from vimbench.analysis.paper import paper_gib
 from vimbench.commands import options as o
-from vimbench.count.memory import CARDS, memory_row
+from vimbench.config import MemoryConfig
+from vimbench.count.memory import CARDS
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.selective_scan import check_scan_backend
 from vimbench.kernels.selective_scan.backends import has_backward
 from vimbench.measure.env import environment
-from vimbench.models.registry import impl_of, model_entry
 from vimbench.present.report import paper_memory_table
 from vimbench.present.tables import format_table
 from vimbench.rows.reader import load_results
 from vimbench.rows.schema import MEMORY
-from vimbench.rows.sweep import computed_row, run_sweep
+from vimbench.rows.memory import memory_row
+from vimbench.rows.sweep import run_sweep
 from vimbench.rows.writer import CsvLog
 
 
@@ -33,16 +34,6 @@ def _check_variant(options: dict, dtype: str, modes: list[str]) -> None:
             raise InputError(f"--scan {scan}: forward-only (no backward), so no train step: drop train from --mode")
     if attn in ("flash", "cudnn") and dtype == "fp32":
         raise InputError(f"--attn {attn} needs --dtype fp16 or bf16 (use efficient or sdpa for fp32)")
-
-
-def predicted(cfg: dict) -> dict:
-    """``memory_row`` of a configuration, with the paper's Fig. 1 (c) value where the paper has one (inference
-    rows: the paper measured no training)."""
-    row = memory_row(cfg["model"], cfg["options"], cfg["res"], cfg["batch"], cfg["dtype"], cfg["head"], cfg["card"],
-                     cfg["mode"], cfg["grad_checkpointing"])
-    paper = paper_gib(row["model"], row["res"], row["batch"], row["dtype"], row["head"], row["impl"]) \
-        if cfg["mode"] == "infer" else None
-    return {**row, "paper_gib": "" if paper is None else paper}
 
 
 @click.command("memory")
@@ -64,7 +55,13 @@ def command(ctx, preset, **opts):
     Rows of the paper's setting carry its Fig. 1 (c) value (--preset paper gives exactly those).
     --mode train predicts a train step in steady state (its second): weights, gradients, SGD momentum
     buffers and what autograd saves, per block recomputed with --grad-checkpointing (vimbench.count.memory)."""
-    opts = o.apply_preset(ctx, preset, opts)
+    predict(o.command_line(ctx), paper_table=preset == "paper", **o.apply_preset(ctx, preset, opts))
+
+
+def memory_configs(**opts) -> list[MemoryConfig]:
+    """The configurations of ``vimbench memory`` from its options by parameter name (a preset applied): every
+    mode x (model, backend) x resolution, for one card. InputError for an unknown card or a backend that
+    cannot be predicted."""
     if opts["card"] not in CARDS:
         raise InputError(f"--card {opts['card']!r}: unknown; known: {', '.join(CARDS)}")
     batch = o.batch_for(opts["batch"], torch.device("cuda"))
@@ -73,19 +70,28 @@ def command(ctx, preset, **opts):
     pairs = o.variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"])
     for _, options in pairs:
         _check_variant(options, opts["dtype"], modes)
-    configs = [dict(model=m, family=model_entry(m).family, options=options, impl=impl_of(options), res=res,
-                    batch=batch, dtype=opts["dtype"], head=opts["head"], mode=mode,
-                    grad_checkpointing=opts["grad_checkpointing"] and mode == "train", card=opts["card"])
-               for mode in modes for m, options in pairs for res in res_list]
-    log = ctx.with_resource(CsvLog.open(opts["out"] or o.default_out("memory", "cuda"), MEMORY,
-                                        resume=opts["resume"], given=opts["out"] is not None))
-    fixed = {**environment(torch.device("cpu")), "command": o.command_line(ctx)}
-    rows = run_sweep(configs, log, lambda cfg: computed_row(MEMORY, cfg, fixed, lambda: predicted(cfg)),
-                     lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch']} {cfg['mode']}")
-    click.echo(format_table(rows, ["model", "impl", "kernel", "res", "tokens", "batch", "dtype", "mode", "status",
-                                   "mem_pred_weights_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
-                                   "mem_pred_used_gib", "fits", "paper_gib"]))
-    click.echo(f"wrote {len(rows)} rows to {log.path}")
-    if preset == "paper" and any(r.get("status") == "ok" for r in rows):
-        _, df = load_results(log.path, kinds=("memory",))
-        click.echo("\n".join(paper_memory_table(df)))
+    return [MemoryConfig(m, options, res, batch, opts["dtype"], opts["head"], mode,
+                         opts["grad_checkpointing"] and mode == "train", card=opts["card"])
+            for mode in modes for m, options in pairs for res in res_list]
+
+
+def predict(command: str, paper_table: bool = False, **opts) -> list[dict]:
+    """``vimbench memory``: ``opts`` are the command's options by parameter name (a preset applied, e.g.
+    ``{**options.defaults(memory.command), **PAPER_SETTING_OPTIONS}``), ``command`` the command line recorded in
+    every row. Writes the CSV (``opts["out"]``, resumed with ``opts["resume"]``), prints its table, and with
+    ``paper_table`` (``--preset paper``) the comparison with the paper when a row is ok; returns the rows of this
+    run. InputError, before any row is written, for options that cannot be predicted."""
+    configs = memory_configs(**opts)
+    with CsvLog.open(opts["out"] or o.default_out("memory", "cuda"), MEMORY, resume=opts["resume"],
+                     given=opts["out"] is not None) as log:
+        fixed = {**environment(torch.device("cpu")), "command": command}
+        rows = run_sweep(configs, log, lambda cfg: memory_row(cfg, fixed, paper_gib),
+                         lambda cfg: f"{cfg.model}[{cfg.impl}] {cfg.res}px b{cfg.batch} {cfg.mode}")
+        click.echo(format_table(rows, ["model", "impl", "kernel", "res", "tokens", "batch", "dtype", "mode", "status",
+                                       "mem_pred_weights_gib", "mem_pred_peak_gib", "mem_pred_reserved_gib",
+                                       "mem_pred_used_gib", "fits", "paper_gib"]))
+        click.echo(f"wrote {len(rows)} rows to {log.path}")
+        if paper_table and any(r.get("status") == "ok" for r in rows):
+            _, df = load_results(log.path, kinds=("memory",))
+            click.echo("\n".join(paper_memory_table(df)))
+        return rows

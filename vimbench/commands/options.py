@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.util
-import json
 import math
 import re
 import shlex
@@ -46,7 +45,7 @@ from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.attention import ATTENTION_BACKENDS, check_attention_backend
 from vimbench.kernels.selective_scan import SCAN_CHOICES, resolve_scan_backend
 from vimbench.measure.core import DTYPES
-from vimbench.measure.launchers import Plain, Submitit, check_settings, check_text
+from vimbench.measure.launchers import SLURM_KEYS, Plain, Submitit, check_text, launcher_settings
 from vimbench.measure.regime import AMP_DTYPES, COMPILE_MODES
 from vimbench.models.registry import check_backends, model_variants
 from vimbench.rows.schema import MODES
@@ -332,8 +331,6 @@ model_options = _decorator(models_option, attn_option, scan_option, res_option)
 
 # Where a sweep runs (vimbench.measure.launchers): several local GPUs through --device, or submitit jobs.
 LAUNCHERS = ("plain", "local", "slurm")
-SLURM_KEYS = ("partition", "time_limit", "gpus_per_task", "workers", "sbatch")
-"""What --slurm-config FILE may hold (TOML or JSON): the options of the same names; sbatch is a table."""
 
 
 def gpu_slots(spec: str) -> tuple[str, ...]:
@@ -366,46 +363,14 @@ def local_target(spec: str):
     return (torch.device("cuda:0"), Plain(slots)) if slots else (resolve_device(spec), Plain())
 
 
-def _slurm_file(path: str | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        text = Path(path).read_text()
-        if path.endswith(".json"):
-            values = json.loads(text)
-        else:
-            import tomllib  # Python >= 3.11
-            values = tomllib.loads(text)
-    except (OSError, ValueError, ImportError) as e:
-        raise InputError(f"--slurm-config {path}: cannot read it ({' '.join(str(e).split())})") from None
-    if not isinstance(values, dict) or not isinstance(values.get("sbatch", {}), dict):
-        raise InputError(f"--slurm-config {path}: expected a table of settings with sbatch a table of KEY = VALUE")
-    unknown = sorted(set(values) - set(SLURM_KEYS))
-    if unknown:
-        raise InputError(f"--slurm-config {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                         f"it may hold {', '.join(SLURM_KEYS)}")
-    nulls = [k for k, v in values.items() if v is None]  # JSON null: a setting is given a value or left out
-    if nulls:
-        raise InputError(f"--slurm-config {path}: {nulls[0]} is null; give it a value or leave it out")
-    try:
-        check_settings(values)
-    except InputError as e:
-        raise InputError(f"--slurm-config {path}: {e}") from None
-    return values
-
-
 def sweep_target(opts: dict):
     """(the device every configuration runs on, the launcher that runs them) from --device and the launcher
     options. With --launcher slurm the GPU is checked on the cluster, not here: cuda (or auto) means each
     task's cuda:0. InputError, before any file is written, for a launcher that cannot run here, options it
     does not take, or a setting out of range."""
     launcher, spec = opts["launcher"], opts["device_spec"]
-    settings = {**_slurm_file(opts["slurm_config"]),
-                **{k: opts[k] for k in SLURM_KEYS if k != "sbatch" and opts[k] is not None}}
-    sbatch = {**settings.pop("sbatch", {}), **dict(_key_value(item) for item in opts["sbatch"])}
-    if sbatch:
-        settings["sbatch"] = sbatch
-    check_settings(settings)
+    settings = launcher_settings(opts["slurm_config"], {k: opts[k] for k in SLURM_KEYS if k != "sbatch"},
+                                 opts["sbatch"])
     if launcher == "plain":
         if settings:
             raise InputError(f"--{sorted(settings)[0].replace('_', '-')} needs --launcher local or slurm")
@@ -437,13 +402,6 @@ def sweep_target(opts: dict):
     settings.setdefault("gpus_per_task", int(device.type == "cuda"))
     settings.setdefault("workers", 1 if launcher == "local" else None)
     return device, Submitit(launcher, **settings)
-
-
-def _key_value(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise InputError(f"--sbatch {item!r}: use KEY=VALUE, e.g. --sbatch account=abc")
-    return key.strip(" "), value.strip(" ")  # spaces only: any control character is refused (check_settings)
 
 
 launcher_options = _decorator(

@@ -7,14 +7,14 @@ import click
 import torch
 
 from vimbench.commands import options as o
+from vimbench.config import DEFAULT_TIMING, ScalingConfig
 from vimbench.errors import InputError
 from vimbench.kernels.selective_scan.backends import forward_only
 from vimbench.measure.core import memory_available_gib
-from vimbench.measure.model import DEFAULT_TIMING
 from vimbench.measure.train import GradCheckpointingUnsupported, enable_grad_checkpointing
 from vimbench.measure.ops import check_scans
 from vimbench.rows.scaling import MEM_LIMIT_FRACTION, scaling_row
-from vimbench.models.registry import create_model, impl_of, model_entry
+from vimbench.models.registry import create_model
 from vimbench.present.tables import format_table
 from vimbench.rows.schema import SCALING
 from vimbench.rows.sweep import run_sweep
@@ -63,6 +63,33 @@ def sweep(command: str, **opts) -> list[dict]:
     recorded in every row. Writes the CSV (``opts["out"]``, resumed with ``opts["resume"]``) and returns the
     rows of this run. InputError, before any row is written, for options that cannot run."""
     device, launcher = o.sweep_target(opts)
+    configs = scaling_configs(device, **opts)
+    with CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],
+                     given=opts["out"] is not None) as log:
+        fixed, backoff = {"command": command}, opts["backoff"]
+        # correctness gates training speed: each scan backend a Vim train row runs has its forward and its gradients
+        # checked against float64 autograd of ref first (each in a worker); one that fails gets error rows, no timing
+        trained_scans = sorted({c.impl for c in configs if c.mode == "train" and c.family == "vim"})
+        failed = check_scans(trained_scans, device, click.echo, grads=True)
+
+        def run_one(cfg: ScalingConfig) -> dict:
+            why = failed.get(cfg.impl) if cfg.mode == "train" and cfg.family == "vim" else None
+            return {**fixed, "status": "error", "error": why} if why else scaling_row(cfg, fixed, backoff)
+
+        rows = run_sweep(configs, log, run_one,
+                         lambda cfg: f"{cfg.model}[{cfg.impl}] {cfg.res}px b{cfg.batch or 'max'}"
+                                     f"{o.regime_label(cfg.columns())}", launcher)
+        click.echo(format_table(rows, ["model", "impl", "mode", "compile", "amp", "res", "batch", "status",
+                                       "throughput_img_s", "time_ms", "compile_s", "graph_breaks", "mem_peak_gib",
+                                       "flops_total"]))
+        click.echo(f"wrote {len(rows)} rows to {log.path}")
+        return rows
+
+
+def scaling_configs(device: torch.device, **opts) -> list[ScalingConfig]:
+    """The configurations of ``vimbench scaling`` on ``device`` (``options.sweep_target``) from its options by
+    parameter name (a preset applied): every mode x regime x (model, backend) x resolution, with the batch,
+    timing and memory bound defaulted for the device. InputError for values that cannot run."""
     batch = 0 if opts["max_batch"] else o.batch_for(opts["batch"], device)
     mem_limit = mem_limit_gib(opts["max_batch"], opts["mem_limit_gib"], device)
     modes = o.modes(opts["mode_spec"], opts["grad_checkpointing"])
@@ -75,31 +102,10 @@ def sweep(command: str, **opts) -> list[dict]:
     pairs = o.resolved_variants(opts["models_spec"], opts["attn_spec"], opts["scan_spec"], device, opts["dtype"])
     if "train" in modes:
         check_trainable(pairs, res_list[0], opts["grad_checkpointing"])
-    configs = [dict(model=model, family=model_entry(model).family, options=options, impl=impl_of(options),
-                    res=res, batch_requested=batch, dtype=opts["dtype"], mode=mode,
-                    grad_checkpointing=opts["grad_checkpointing"] and mode == "train", compile=compile_mode, amp=amp,
-                    device=str(device), head=opts["head"], threads=opts["threads"], mem_limit_gib=mem_limit, **timing)
-               for mode in modes for compile_mode, amp in regimes for model, options in pairs for res in res_list]
-    with CsvLog.open(opts["out"] or o.default_out("scaling", device), SCALING, resume=opts["resume"],
-                     given=opts["out"] is not None) as log:
-        fixed, backoff = {"command": command}, opts["backoff"]
-        # correctness gates training speed: each scan backend a Vim train row runs has its forward and its gradients
-        # checked against float64 autograd of ref first (each in a worker); one that fails gets error rows, no timing
-        trained_scans = sorted({c["impl"] for c in configs if c["mode"] == "train" and c["family"] == "vim"})
-        failed = check_scans(trained_scans, device, click.echo, grads=True)
-
-        def run_one(cfg: dict) -> dict:
-            why = failed.get(cfg["impl"]) if cfg["mode"] == "train" and cfg["family"] == "vim" else None
-            return {**fixed, "status": "error", "error": why} if why else scaling_row(cfg, fixed, backoff)
-
-        rows = run_sweep(configs, log, run_one,
-                         lambda cfg: f"{cfg['model']}[{cfg['impl']}] {cfg['res']}px b{cfg['batch_requested'] or 'max'}"
-                                     f"{o.regime_label(cfg)}", launcher)
-        click.echo(format_table(rows, ["model", "impl", "mode", "compile", "amp", "res", "batch", "status",
-                                       "throughput_img_s", "time_ms", "compile_s", "graph_breaks", "mem_peak_gib",
-                                       "flops_total"]))
-        click.echo(f"wrote {len(rows)} rows to {log.path}")
-        return rows
+    return [ScalingConfig(model, options, res, batch, opts["dtype"], opts["head"], mode,
+                          opts["grad_checkpointing"] and mode == "train", compile_mode, amp, str(device),
+                          opts["threads"], mem_limit_gib=mem_limit, **timing)
+            for mode in modes for compile_mode, amp in regimes for model, options in pairs for res in res_list]
 
 
 def mem_limit_gib(max_batch: bool, given: float | None, device: torch.device) -> float | None:

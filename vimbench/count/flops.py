@@ -29,9 +29,12 @@ Categories (each op counted once):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
+from vimbench.config import ModelVariant
 from vimbench.measure.train import train_loss
 from vimbench.models.registry import count_params, create_model
 
@@ -68,28 +71,36 @@ FLOP_FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flop}
 """Formulas that replace torch's in every count (``FlopCounterMode(custom_mapping=...)``)."""
 
 
-def count_flops(model: str, res: int, batch: int = 1, head: bool = False, mode: str = "infer",
-                grad_checkpointing: bool = False, **options) -> dict:
-    """FLOPs of one inference forward (``mode`` infer) or one train step (train: forward, loss, backward;
-    see the module docstring) of ``model`` built for res x res, batch ``batch``.
+class FlopCount(NamedTuple):
+    """What ``count_flops`` counts: FLOPs per category (see the module docstring) and their total, the
+    parameters, and ``tokens`` (sequence length incl. cls; None for a model without patch tokens)."""
+    flops_total: int
+    flops_scan: int
+    flops_attention: int
+    flops_linear: int
+    flops_other: int
+    params: int
+    tokens: int | None
 
-    ``head=False`` counts ``forward_features`` (the backbone, what the Vim paper timed); ``head=True`` the
-    full classifier. ``grad_checkpointing`` (train only) recomputes each block in the backward. Returns
-    flops_total, flops_scan, flops_attention, flops_linear, flops_other (FLOPs), params and tokens
-    (sequence length incl. cls).
-    """
+
+def count_flops(cfg: ModelVariant) -> FlopCount:
+    """FLOPs of one inference forward (``mode`` infer) or one train step (train: forward, loss, backward;
+    see the module docstring) of ``model`` built for ``res`` x ``res`` with ``options``, batch
+    ``batch``: ``forward_features`` (the backbone, what the Vim paper timed), or the full classifier with
+    ``head``; with ``grad_checkpointing`` (train only) each block is recomputed in the backward. The
+    dtype does not matter (the meta model is fp32)."""
     with torch.device("meta"):
-        net = create_model(model, img_size=res, **options).train(mode == "train")
-        x = torch.empty(batch, 3, res, res)
-    if grad_checkpointing:
+        net = create_model(cfg.model, img_size=cfg.res, **cfg.options).train(cfg.mode == "train")
+        x = torch.empty(cfg.batch, 3, cfg.res, cfg.res)
+    if cfg.grad_checkpointing:
         net.set_grad_checkpointing(True)
     counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
-    with counter, torch.set_grad_enabled(mode == "train"):
-        out = net(x) if head else net.forward_features(x)
-        if mode == "train":
-            train_loss(out, torch.zeros(batch, dtype=torch.long) if head else None).backward()
-    out = {"flops_scan": 0, "flops_attention": 0, "flops_linear": 0, "flops_other": 0}
+    with counter, torch.set_grad_enabled(cfg.mode == "train"):
+        out = net(x) if cfg.head else net.forward_features(x)
+        if cfg.mode == "train":
+            train_loss(out, torch.zeros(cfg.batch, dtype=torch.long) if cfg.head else None).backward()
+    flops = {"scan": 0, "attention": 0, "linear": 0, "other": 0}
     for op, n in counter.get_flop_counts()["Global"].items():
-        out[f"flops_{flop_category(op)}"] += int(n)
-    out["flops_total"] = sum(out.values())
-    return {**out, "params": count_params(net), "tokens": net.num_tokens}
+        flops[flop_category(op)] += int(n)
+    return FlopCount(sum(flops.values()), flops["scan"], flops["attention"], flops["linear"], flops["other"],
+                     count_params(net), net.num_tokens)

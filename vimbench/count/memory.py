@@ -1,8 +1,7 @@
 """Predicted peak GPU memory of an inference forward pass or of a train step, without a GPU.
 
-    predict_memory("deit_tiny", res=1248, batch=64, attn="eager")
-    -> {"impl": "eager", "params": 5717416, "mem_pred_weights_gib": 0.021, "mem_pred_activations_gib": ...,
-        "mem_pred_peak_gib": ..., "mem_pred_reserved_gib": ...}
+    predict_memory(MemoryConfig("deit_tiny", {"attn": "eager"}, res=1248, batch=64))
+    -> MemoryPrediction(impl="eager", ..., params=5717416, mem_pred_weights_gib=0.021, ...)
 
 Method. The model is built on the meta device, then under ``FakeTensorMode`` moved to a fake "cuda" device
 with ``to_empty``: parameters, the input and every activation are fake tensors (metadata only), so a
@@ -53,12 +52,14 @@ import itertools
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from vimbench.config import ModelVariant
 from vimbench.kernels.attention import fake_cpu_as_cuda, modelled_card, sdpa_fused_kernel
 from vimbench.measure.core import DTYPES, GIB
 from vimbench.measure.train import LR, MOMENTUM, train_loss
@@ -66,7 +67,7 @@ from vimbench.errors import BackendUnavailable
 from vimbench.kernels.selective_scan import bidirectional_scan_fake, has_memory_model, selective_scan_fake
 from vimbench.kernels.selective_scan.backends import has_backward
 from vimbench.kernels.selective_scan.ops import bidirectional_scan_bwd_fake, selective_scan_bwd_fake
-from vimbench.models.registry import OWN_IMPL, check_options, count_params, create_model, model_entry
+from vimbench.models.registry import OWN_IMPL, count_params, create_model
 
 
 # PyTorch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp), default configuration.
@@ -361,58 +362,63 @@ def resolved_kernel(model: torch.nn.Module, dtype: torch.dtype, capability: tupl
     return sdpa_fused_kernel(dtype, capability) if impl == "sdpa" else impl
 
 
-def predict_memory(model: str, res: int, batch: int, dtype: str = "fp32", head: bool = False,
-                   capability: tuple[int, int] | None = None, amp: str = "none", mode: str = "infer",
-                   grad_checkpointing: bool = False, **options) -> dict:
-    """Predicted CUDA memory of one inference forward (``mode`` infer) or of a train step in steady state
-    (train: ``trace_train_step``, with ``grad_checkpointing`` per block) of registry model ``model`` (built
-    for ``res`` x ``res`` images, options such as ``scan=`` / ``attn=``) on a ``batch``-image input of
-    ``dtype``, backbone only (``forward_features``) unless ``head``, under autocast in ``amp``'s dtype unless
-    none (infer only), on a card of compute ``capability`` (what ``sdpa`` runs there: ``sdpa_fused_kernel``;
-    None: the GPU here, else an H100).
-
-    Returns impl and kernel (what the prediction is for: ``resolved_impl``, ``resolved_kernel``), tokens,
-    params and, in GiB (2**30 B):
+class MemoryPrediction(NamedTuple):
+    """What ``predict_memory`` predicts: ``impl`` and ``kernel`` (what the prediction is for: ``resolved_impl``,
+    ``resolved_kernel``), ``tokens``, ``params`` and, in GiB (2**30 B):
       mem_pred_weights_gib      parameters and buffers as allocated (each rounded to 512 B)
       mem_pred_activations_gib  peak minus weights: input, activations, output and scan workspaces; in a
                                 train step also the gradients and the momentum buffers
-      mem_pred_peak_gib         torch.cuda.max_memory_allocated after the forward (weights + input included)
+      mem_pred_peak_gib         torch.cuda.max_memory_allocated after the call (weights + input included)
       mem_pred_reserved_gib     torch.cuda.max_memory_reserved: the caching allocator's segments
-    The CUDA context is not included. ``BackendUnavailable`` ("memory prediction unavailable") for a plug-in
+    The CUDA context is not included."""
+    impl: str
+    kernel: str
+    tokens: int | None
+    params: int
+    mem_pred_weights_gib: float
+    mem_pred_activations_gib: float
+    mem_pred_peak_gib: float
+    mem_pred_reserved_gib: float
+
+
+def predict_memory(cfg: ModelVariant, capability: tuple[int, int] | None = None,
+                   amp: str = "none") -> MemoryPrediction:
+    """Predicted CUDA memory of one inference forward (``mode`` infer) or of a train step in steady state
+    (train: ``trace_train_step``, with ``grad_checkpointing`` per block) of ``model`` (built for
+    ``res`` x ``res`` images with ``options``) on a ``batch``-image input of ``dtype``,
+    backbone only (``forward_features``) unless ``head``, under autocast in ``amp``'s dtype unless none
+    (infer only), on a card of compute ``capability`` (what ``sdpa`` runs there: ``sdpa_fused_kernel``; None:
+    the GPU here, else an H100). ``BackendUnavailable`` ("memory prediction unavailable") for a plug-in
     backend that registered no fake, and in train mode for a forward-only scan backend or under autocast.
     """
-    options = check_options(model, options)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = DTYPES[cfg.dtype]
     with torch.device("meta"):
-        net = create_model(model, img_size=res, **options).to(torch_dtype).eval()
+        net = create_model(cfg.model, img_size=cfg.res, **cfg.options).to(torch_dtype).eval()
+    train = cfg.mode == "train"
     scan = resolved_impl(net) if hasattr(net, "scan_backend") else None
-    if mode == "train" and scan is not None and not has_backward(scan):
+    if train and scan is not None and not has_backward(scan):
         raise BackendUnavailable(f"train memory prediction unavailable: scan backend {scan!r} is forward-only "
                                  "(no backward)")
-    if scan is not None and not has_memory_model(scan, train=mode == "train"):
+    if scan is not None and not has_memory_model(scan, train=train):
         raise BackendUnavailable(f"memory prediction unavailable: scan backend {scan!r} registered no fake"
-                                 + (" of its backward" if mode == "train" and has_memory_model(scan) else ""))
+                                 + (" of its backward" if train and has_memory_model(scan) else ""))
+    shape = (cfg.batch, 3, cfg.res, cfg.res)
     with modelled_card(capability):
-        if mode == "infer":
-            trace = trace_forward(net, (batch, 3, res, res), torch_dtype, head, inline=SCAN_FAKES, amp=amp)
+        if not train:
+            trace = trace_forward(net, shape, torch_dtype, cfg.head, inline=SCAN_FAKES, amp=amp)
         else:
             if amp != "none":
                 raise BackendUnavailable("train memory prediction under autocast is not modelled")
             if scan is not None:
                 net.set_scan(scan)  # resolved as on CUDA: the step runs on fake CPU tensors
-            trace = trace_train_step(net, (batch, 3, res, res), torch_dtype, head, grad_checkpointing,
-                                     inline=SCAN_FAKES)
+            trace = trace_train_step(net, shape, torch_dtype, cfg.head, cfg.grad_checkpointing, inline=SCAN_FAKES)
     sim = CachingAllocatorModel().replay(trace.events[:trace.n_weights])
     weights = sim.allocated
     sim.replay(trace.events[trace.n_weights:])
-    return {"model": model, "family": model_entry(model).family, "impl": resolved_impl(net),
-            "kernel": resolved_kernel(net, torch_dtype if amp == "none" else DTYPES[amp], capability),
-            "res": res, "tokens": net.num_tokens, "batch": batch, "dtype": dtype, "head": head,
-            "params": count_params(net),
-            "mem_pred_weights_gib": weights / GIB,
-            "mem_pred_activations_gib": (sim.peak_allocated - weights) / GIB,
-            "mem_pred_peak_gib": sim.peak_allocated / GIB,
-            "mem_pred_reserved_gib": sim.peak_reserved / GIB}
+    return MemoryPrediction(resolved_impl(net),
+                            resolved_kernel(net, torch_dtype if amp == "none" else DTYPES[amp], capability),
+                            net.num_tokens, count_params(net), weights / GIB, (sim.peak_allocated - weights) / GIB,
+                            sim.peak_allocated / GIB, sim.peak_reserved / GIB)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -439,17 +445,3 @@ def fits(reserved_gib: float, card: str) -> bool:
     Conservative: before raising OOM the real allocator frees cached segments and retries, so a run whose
     peak allocated (not reserved) + context fits may still succeed."""
     return reserved_gib + CONTEXT_GIB <= CARDS[card]
-
-
-# ----------------------------------------------------------------------------------------------------
-# One row of a memory CSV
-# ----------------------------------------------------------------------------------------------------
-
-def memory_row(model: str, options: dict, res: int, batch: int, dtype: str, head: bool, card: str,
-               mode: str = "infer", grad_checkpointing: bool = False) -> dict:
-    """One row of a memory CSV: ``predict_memory`` of the configuration (an inference forward, or a train
-    step: ``mode``), what nvidia-smi would show (reserved + ``CONTEXT_GIB``) and whether that fits ``card``."""
-    pred = predict_memory(model, res, batch, dtype, head, CARD_CAPABILITY[card], mode=mode,
-                          grad_checkpointing=grad_checkpointing, **options)
-    return {**pred, "mem_pred_used_gib": pred["mem_pred_reserved_gib"] + CONTEXT_GIB, "card": card,
-            "card_gib": CARDS[card], "context_gib": CONTEXT_GIB, "fits": fits(pred["mem_pred_reserved_gib"], card)}

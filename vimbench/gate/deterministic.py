@@ -21,13 +21,14 @@ def deterministic_snapshot() -> dict:
     """{'flops': {'<model> res=<r> batch=<b>': {FLOP_FIELDS}}, 'kernels': {'<kernel> | <config> | <arch>':
     {KERNEL_FIELDS}}, 'triton': ``triton_key`` of the installed Triton}: FLOPs of forward_features with each
     model's default options, counted on meta."""
+    from vimbench.config import FlopsConfig
     from vimbench.count.flops import count_flops
     from vimbench.count.kernel_compile import ARCHS, compile_report
     from vimbench.models.registry import list_models
     flops = {}
     for model in list_models():
         for res, batch in FLOP_SHAPES:
-            counts = count_flops(model, res, batch)
+            counts = count_flops(FlopsConfig(model, res=res, batch=batch))._asdict()
             flops[f"{model} res={res} batch={batch}"] = {k: counts[k] for k in FLOP_FIELDS}
     kernels = {f"{r.kernel} | {r.config} | {r.arch}": {k: getattr(r, k) for k in KERNEL_FIELDS}
                for r in compile_report(ARCHS)}

@@ -129,12 +129,13 @@ def run_steps(steps: list[Step], budget_s: float | None, log: Path,
 
 
 def check_gpu(out: Path, budget_s: float | None, archive_path: Path | None, command: str,
-              echo: Callable[..., None] = print, start: float | None = None) -> int:
+              echo: Callable[..., None] = print, start: float | None = None, *, call: gpu_steps.Caller) -> int:
     """The whole check on cuda:0 after its preflight: environment.json, the plan (``gpu_steps.build_steps``,
     ``plan``), the steps (``run_steps``) within ``budget_s`` counted from ``start``, then the summary and, with
     ``archive_path``, the archive, also when interrupted. ``command`` (the gpu-check command line) is recorded
-    in environment.json and in the sweeps' rows; ``echo(text, err=False)`` prints. Returns the exit code: 1
-    when a step failed or was skipped, 130 on KeyboardInterrupt, 143 on SIGTERM, else 0."""
+    in environment.json and in the sweeps' rows, which ``call`` runs (``gpu_steps.Caller``); ``echo(text,
+    err=False)`` prints. Returns the exit code: 1 when a step failed or was skipped, 130 on KeyboardInterrupt, 143
+    on SIGTERM, else 0."""
     import torch
     card, today = torch.cuda.get_device_name(0), datetime.date.today()
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ def check_gpu(out: Path, budget_s: float | None, archive_path: Path | None, comm
         with sigterm_raises():
             archive.write_environment(out, {**environment(torch.device("cuda:0")), "command": command,
                                             "budget_s": budget_s}, "start")
-            steps = gpu_steps.build_steps(out, command=command)
+            steps = gpu_steps.build_steps(out, command=command, call=call)
             chosen, left_out = plan(steps, budget_s)
             echo(f"plan: {', '.join(f'{s.name} ~{s.estimate_s:.0f} s' for s in chosen) or 'nothing fits'}"
                  + (f"; no budget for: {', '.join(s.name for s in left_out)}" if left_out else ""))

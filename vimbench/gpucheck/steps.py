@@ -22,6 +22,8 @@ Steps (``build_steps``), highest priority first; each writes under one output fo
              batch 64 fp32/bf16, every scan and attention backend (the floor step's rows are resumed)
                                                                         -> kernels-*.csv
     figures  ``vimbench plot`` of every kernels CSV                    -> figures/
+The commands a step calls (scaling, kernels, report, plot) are run through a ``Caller`` the command layer
+passes in (``vimbench.commands.gpu_check.call_command``): this package never imports vimbench.commands.
 ``check`` and ``tests`` are the correctness steps: when one fails, no later step takes a timing.
 
 ESTIMATES (seconds, ``COST``) are built from each step's configurations, resolutions and batch, for an
@@ -70,14 +72,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
-
 from vimbench.analysis.paper import PAPER_SETTING_OPTIONS
-from vimbench.errors import InputError
 from vimbench.gpucheck import checks
 from vimbench.gpucheck.checks import FLOOR
 from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
-from vimbench.measure.model import DEFAULT_TIMING
+from vimbench.config import DEFAULT_TIMING
 
 COST = dict(worker_s=3.0, op_s=1.0, step_s=10.0, compile_s=1.5, check_other_s=8.0, tests_s=115.0, report_s=25.0,
             exp2_s=5.0, plot_s=5.0, fp32_flops_s=40e12, hbm_bytes_s=2.5e12)
@@ -94,7 +93,8 @@ Call = tuple[str, dict]
 @dataclass
 class Step:
     """One step: ``run()`` does the work and returns the failures (empty: all went well). ``calls``: the
-    vimbench commands it calls, if any (``call``). A ``correctness`` step's failure stops every later timing."""
+    vimbench commands it calls, if any (run by a ``Caller``). A ``correctness`` step's failure stops every later
+    timing."""
     name: str
     what: str
     estimate_s: float
@@ -109,24 +109,9 @@ def started(csv: str) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
-def call(name: str, options: dict, command: str) -> int:
-    """Runs the vimbench command ``name`` (scaling, kernels, report or plot) through the function under it, with
-    ``options`` by parameter name. A sweep starts from the command's defaults, resumes its CSV when it has
-    rows (``started``) and records ``command`` in its rows. Returns the exit code the command would give; 2,
-    with the reason on stderr, for bad input."""
-    from vimbench.commands import kernels, options as o, plot, report, scaling
-    sweeps = {"scaling": scaling, "kernels": kernels}
-    try:
-        if name in sweeps:
-            module = sweeps[name]
-            opts = {**o.defaults(module.command), **options, "resume": started(options["out"])}
-            code = module.sweep(command, **opts)
-            return code if name == "kernels" else 0  # scaling returns its rows; kernels 1 after a failed check
-        {"report": report.write, "plot": plot.draw}[name](**options)
-        return 0
-    except InputError as e:
-        click.echo(f"vimbench {name}: error: {e}", err=True)
-        return 2
+Caller = Callable[[str, dict, str], int]
+"""Runs a vimbench command by name with options by parameter name, recording a command line in the rows of a
+sweep, and returns the exit code it would give (``vimbench.commands.gpu_check.call_command``)."""
 
 
 def _label(options: dict) -> str:
@@ -135,9 +120,9 @@ def _label(options: dict) -> str:
     return Path(target if isinstance(target, str) else target[0]).name
 
 
-def command_step(name: str, what: str, estimate_s: float, *calls: Call, command: str,
+def command_step(name: str, what: str, estimate_s: float, *calls: Call, command: str, call: Caller,
                  before: Callable[[], list[str]] = list) -> Step:
-    """A step that runs ``before()`` and then the vimbench commands ``calls`` (``call``); its failures are
+    """A step that runs ``before()`` and then the vimbench commands ``calls`` through ``call``; its failures are
     before's and each call with a non-zero exit code."""
     def run():
         failures = before()
@@ -180,10 +165,11 @@ def fastest_scan(present: list[str]) -> str:
 @functools.cache
 def forward_s(model: str, res: int, batch: int, eager_attention: bool) -> float:
     """Estimated seconds of one fp32 backbone forward of ``model`` at ``res``, batch ``batch`` (see COST)."""
+    from vimbench.config import FlopsConfig
     from vimbench.count.flops import count_flops
-    flops = count_flops(model, res, batch)
-    score_bytes = flops["flops_attention"] / 16 if eager_attention else 0.0
-    return flops["flops_total"] / COST["fp32_flops_s"] + score_bytes / COST["hbm_bytes_s"]
+    flops = count_flops(FlopsConfig(model, res=res, batch=batch))
+    score_bytes = flops.flops_attention / 16 if eager_attention else 0.0
+    return flops.flops_total / COST["fp32_flops_s"] + score_bytes / COST["hbm_bytes_s"]
 
 
 def scaling_estimate(pairs: list[tuple[str, str]], res: tuple[int, ...], batch: int) -> float:
@@ -218,9 +204,10 @@ def op_configs_count(n_res: int, vim: tuple[int, int] = (0, 0), deit: tuple[int,
     return n_res * (vim[0] * vim[1] * ops["vim"] + deit[0] * deit[1] * ops["deit"])
 
 
-def build_steps(out: Path, present: list[str] | None = None, command: str = "vimbench gpu-check") -> list[Step]:
+def build_steps(out: Path, present: list[str] | None = None, command: str = "vimbench gpu-check", *,
+                call: Caller) -> list[Step]:
     """Every step of the check, highest priority first, writing under ``out``; ``command`` (the gpu-check
-    command line) is recorded in the rows of its sweeps."""
+    command line) is recorded in the rows of its sweeps, which ``call`` runs."""
     present = scan_backends_present() if present is None else present
     fast = fastest_scan(present)
     attn = "eager,sdpa,efficient,cudnn"
@@ -261,17 +248,17 @@ def build_steps(out: Path, present: list[str] | None = None, command: str = "vim
         command_step("paper", f"scaling --preset paper --scan {fast}, and its report (claim check)",
                      COST["step_s"] + COST["report_s"] + scaling_estimate(paper_pairs(fast), *paper_res_batch()),
                      ("scaling", {**PAPER_SETTING_OPTIONS, "scan_spec": fast, "out": paper_csv}),
-                     ("report", {"results": [paper_csv], "out_dir": str(out / "report")}), command=command),
+                     ("report", {"results": [paper_csv], "out_dir": str(out / "report")}), command=command, call=call),
         command_step("floor", "Triton scan against its floor at vim_tiny 1248 px (L = 6085), batch 64, fp32",
                      COST["exp2_s"] + kernels_estimate(n_floor, 1), at_floor_shape("triton"), command=command,
-                     before=lambda: checks.record_facts(out)),
+                     call=call, before=lambda: checks.record_facts(out)),
         command_step("designs", "the second Triton scan design (triton_pipelined) at the same shape, to compare",
-                     kernels_estimate(n_floor, 1), at_floor_shape("triton_pipelined"), command=command),
+                     kernels_estimate(n_floor, 1), at_floor_shape("triton_pipelined"), command=command, call=call),
         Step("backward", f"gradients of {', '.join(present)} against the reference on CUDA, then the Triton scan's "
              "backward at vim_tiny 1248 px, batch 64, fp32 and bf16: gradients, time against the forward, its floor "
              "and mamba_ssm's backward", backward_estimate(present),
              lambda: checks.run_backward(out, present)),
         command_step("kernels", "kernel sweeps: Vim-Ti/S/B and DeiT-Ti widths, 224..1248, batch 1 and 64, fp32 "
-                     "and bf16", wide_estimate, *wide, command=command),
+                     "and bf16", wide_estimate, *wide, command=command, call=call),
         Step("figures", "figures of the kernel sweeps (vimbench plot)", 4 * COST["plot_s"], figures),
     ]

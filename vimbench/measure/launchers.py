@@ -12,7 +12,8 @@
               pre-empted, timed out, killed) becomes an error row naming its state.
 
 ``run_job`` runs one function the same way and returns its row: how a sweep runs a preamble (the kernels
-sweep's correctness checks and ceilings) where its configurations will run, before them.
+sweep's correctness checks and ceilings) where its configurations will run, before them. ``launcher_settings``
+reads a ``Submitit`` launcher's settings from the --slurm-config file (TOML or JSON) and the options beside it.
 
 Every row gets ``PLACEMENT`` columns: ``launcher``, ``job_id`` (empty for plain), ``workers`` (configurations
 running at once, which share the cores on a CPU), ``cuda_visible_devices``; and the ``environment`` of the
@@ -21,6 +22,7 @@ machine that ran it. submitit is an optional dependency: only ``Submitit`` impor
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import platform
@@ -29,16 +31,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
+from vimbench.config import columns
 from vimbench.errors import InputError
 from vimbench.measure.env import environment
 from vimbench.measure.isolation import one_line, pinned
 
-RunOne = Callable[[dict], dict]
-"""A configuration in, its row out (measured in an isolated worker)."""
+RunOne = Callable[[Any], dict]
+"""A configuration (``vimbench.config``, or a dict) in, its row out (measured in an isolated worker)."""
 
 
 def placed(row: dict, cfg: dict, launcher: str, workers: int, visible: str | None = None) -> dict:
@@ -46,7 +49,7 @@ def placed(row: dict, cfg: dict, launcher: str, workers: int, visible: str | Non
     and load) and where it ran: ``visible`` is its workers' CUDA_VISIBLE_DEVICES (default: this process's).
     ``job_id`` is added by whoever knows it. A configuration without a device ran on the CPU."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible
-    env = environment(torch.device(cfg.get("device", "cpu")))
+    env = environment(torch.device(columns(cfg).get("device", "cpu")))
     return {**env, **row, "launcher": launcher, "workers": workers, "cuda_visible_devices": visible}
 
 
@@ -92,8 +95,8 @@ class Plain:
             slot, row, exc = results[i]
             if exc is not None:
                 raise exc
-            on_gpu = torch.device(cfg.get("device", "cpu")).type == "cuda" and slot.isdigit()
-            env_cfg = {**cfg, "device": f"cuda:{slot}"} if on_gpu else cfg  # the name of the slot's own GPU
+            on_gpu = torch.device(columns(cfg).get("device", "cpu")).type == "cuda" and slot.isdigit()
+            env_cfg = {**columns(cfg), "device": f"cuda:{slot}"} if on_gpu else cfg  # the name of the slot's own GPU
             yield cfg, {**placed(row, env_cfg, self.name, self.workers, visible=slot), "job_id": ""}
 
     def run_job(self, fn: RunOne, cfg: dict, jobs_dir: Path) -> dict:
@@ -105,6 +108,60 @@ class Plain:
 def run_task(run_one: RunOne, cfg: dict, launcher: str, workers: int) -> dict:
     """What a submitit job runs: ``run_one(cfg)`` placed on the job's machine."""
     return placed(run_one(cfg), cfg, launcher, workers)
+
+
+SLURM_KEYS = ("partition", "time_limit", "gpus_per_task", "workers", "sbatch")
+"""What --slurm-config FILE may hold (TOML or JSON): the options of the same names; sbatch is a table."""
+
+
+def read_slurm_config(path: str | None) -> dict:
+    """The settings in the --slurm-config file ``path`` (TOML, or JSON by its .json suffix; {} for None), checked
+    (``check_settings``). InputError naming the file for one that cannot be read, an unknown key, a null value or
+    a setting out of range."""
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+        if path.endswith(".json"):
+            values = json.loads(text)
+        else:
+            import tomllib  # Python >= 3.11
+            values = tomllib.loads(text)
+    except (OSError, ValueError, ImportError) as e:
+        raise InputError(f"--slurm-config {path}: cannot read it ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("sbatch", {}), dict):
+        raise InputError(f"--slurm-config {path}: expected a table of settings with sbatch a table of KEY = VALUE")
+    unknown = sorted(set(values) - set(SLURM_KEYS))
+    if unknown:
+        raise InputError(f"--slurm-config {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"it may hold {', '.join(SLURM_KEYS)}")
+    nulls = [k for k, v in values.items() if v is None]  # JSON null: a setting is given a value or left out
+    if nulls:
+        raise InputError(f"--slurm-config {path}: {nulls[0]} is null; give it a value or leave it out")
+    try:
+        check_settings(values)
+    except InputError as e:
+        raise InputError(f"--slurm-config {path}: {e}") from None
+    return values
+
+
+def launcher_settings(config: str | None, given: dict, sbatch: tuple[str, ...]) -> dict:
+    """The ``Submitit`` settings of a sweep: the --slurm-config file ``config`` (``read_slurm_config``), overridden
+    by the options ``given`` that are not None (``SLURM_KEYS`` but sbatch) and the --sbatch KEY=VALUE items
+    ``sbatch`` (merged into the file's sbatch table), checked (``check_settings``)."""
+    settings = {**read_slurm_config(config), **{k: v for k, v in given.items() if v is not None}}
+    merged = {**settings.pop("sbatch", {}), **dict(_key_value(item) for item in sbatch)}
+    if merged:
+        settings["sbatch"] = merged
+    check_settings(settings)
+    return settings
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--sbatch {item!r}: use KEY=VALUE, e.g. --sbatch account=abc")
+    return key.strip(" "), value.strip(" ")  # spaces only: any control character is refused (check_settings)
 
 
 SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")

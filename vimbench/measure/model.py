@@ -36,6 +36,7 @@ import os
 
 import torch
 
+from vimbench.config import ScalingConfig
 from vimbench.kernels.attention import sdpa_kernel_used
 from vimbench.measure.core import DTYPES, GIB, cpu_forward_peak, setup_worker, time_loop, time_stats
 from vimbench.measure.env import precision
@@ -54,37 +55,37 @@ def attention_kernel(model, device, dtype) -> str:
     return sdpa_kernel_used(device, dtype, model.num_tokens, blk.head_dim, blk.num_heads)
 
 
-def measure_model(cfg: dict) -> dict:
-    """Measures one configuration. ``cfg`` keys: model, options (dict), res, batch, dtype (fp32|fp16|bf16),
-    mode (infer | train: ``train.TrainStep``; absent: infer), grad_checkpointing (train; absent: False),
-    compile (``regime.COMPILE_MODES``), amp (``regime.AMP_DTYPES``), device ("cpu" | "cuda:N"), head (bool),
-    warmup, repeats, min_time, threads (CPU; 0 = torch default)."""
-    device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
-    train = cfg.get("mode", "infer") == "train"
+def measure_model(cfg: ScalingConfig) -> dict:
+    """Measures one configuration at its ``batch`` (train mode: ``train.TrainStep``). Returns the measured
+    columns of a scaling row (see the module docstring): impl, kernel, threads, time_ms (p10, p90), repeats,
+    throughput_img_s, memory, load_avg_1m and the precision settings; train: the phase medians; compiled: compile_s
+    and graph_breaks."""
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    train = cfg.mode == "train"
     # NVML's reading before this process touches CUDA; every NVML call is guarded (a failed reading is an
     # empty cell and a note in ``error``, never a lost row)
     watch = NvmlWatch(device.index or 0) if device.type == "cuda" else None
-    setup_worker(device, cfg.get("threads", 0))
-    model = registry.create_model(cfg["model"], img_size=cfg["res"], **cfg["options"])
+    setup_worker(device, cfg.threads)
+    model = registry.create_model(cfg.model, img_size=cfg.res, **cfg.options)
     model = model.eval().to(device=device, dtype=dtype)
-    if cfg.get("grad_checkpointing"):
+    if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
-    x = torch.randn(cfg["batch"], 3, cfg["res"], cfg["res"], device=device, dtype=dtype)
-    forward = model if cfg["head"] else model.forward_features
-    compute = dtype if cfg["amp"] == "none" else DTYPES[cfg["amp"]]  # what the matmuls run in
+    x = torch.randn(cfg.batch, 3, cfg.res, cfg.res, device=device, dtype=dtype)
+    forward = model if cfg.head else model.forward_features
+    compute = dtype if cfg.amp == "none" else DTYPES[cfg.amp]  # what the matmuls run in
     own = getattr(model, "attn", None) or registry.OWN_IMPL  # attention backend, or timm's own forward
     out = {"impl": model.scan_backend(device) if model.family == "vim" else own,
            "kernel": model.scan_backend(device) if model.family == "vim" else attention_kernel(model, device, compute),
            "threads": torch.get_num_threads()}
 
     if train:
-        call = TrainStep(model, x, cfg["head"], cfg["amp"])  # call(fn): one train step through fn
+        call = TrainStep(model, x, cfg.head, cfg.amp)  # call(fn): one train step through fn
     else:
         def call(fn):
-            with torch.inference_mode(), autocast(device, cfg["amp"]):
+            with torch.inference_mode(), autocast(device, cfg.amp):
                 fn(x)
 
-    forward, compile_info = compiled(forward, cfg["compile"], call)  # before the warm-up, never timed
+    forward, compile_info = compiled(forward, cfg.compile, call)  # before the warm-up, never timed
     out.update(compile_info)
     if compile_info and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -94,8 +95,8 @@ def measure_model(cfg: dict) -> dict:
 
     def timed() -> list[float]:
         if not train:
-            return time_loop(run, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
-        result = call.time(forward, device, cfg["warmup"], cfg["repeats"], cfg["min_time"])
+            return time_loop(run, device, cfg.warmup, cfg.repeats, cfg.min_time)
+        result = call.time(forward, device, cfg.warmup, cfg.repeats, cfg.min_time)
         out.update({k: v for k, v in result.items() if k != "step"})
         return result["step"]
 
@@ -118,9 +119,6 @@ def measure_model(cfg: dict) -> dict:
     if train:
         call.check_finite()  # the extra steps above (first call, memory step) too
     out.update(time_stats(times))
-    out["throughput_img_s"] = cfg["batch"] / (out["time_ms"] / 1e3)
+    out["throughput_img_s"] = cfg.batch / (out["time_ms"] / 1e3)
     return out
 
-
-DEFAULT_TIMING = {"cuda": dict(warmup=5, repeats=20, min_time=1.0), "cpu": dict(warmup=1, repeats=3, min_time=1.0)}
-"""Per device type: untimed forwards, then at least ``repeats`` timed ones and ``min_time`` seconds of them."""

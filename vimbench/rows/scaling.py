@@ -1,31 +1,28 @@
 """A row of a scaling CSV: the measured forward or train step (``measure.model.measure_model`` in its own
 worker), the configuration's FLOPs counted on the meta device (``count.flops``: a forward, or for train a
-forward and backward), and its predicted GPU memory (``count.memory``: eager, not under autocast for train); see ``rows/schema.py`` (SCALING) for the columns.
+forward and backward), and its predicted GPU memory (``count.memory``: eager, not under autocast for train);
+see ``rows/schema.py`` (SCALING) for the columns.
 
---max-batch (``batch_requested`` 0): the batch is the largest that fits (``largest_batch``: doubling from 1,
-then bisection between the last batch that fit and the first that did not), each try a short run (``PROBE``:
-1 warm-up, 1 timed call, and on CPU the memory call) in its own worker, so an OOM is a result. On a GPU a
-try fits when it ran without running out of memory; on CPU when the resident memory its call added
-(``mem_peak_gib``) stayed at or below ``mem_limit_gib`` (by default half the memory available when the sweep
-started: memory grows at most linearly in the batch, so the try after one that fit stays within what was
-available). The batch found is then measured as any other; ``batch_search`` says how it was found.
+--max-batch (``ScalingConfig.batch`` 0, the row's ``batch_requested``): the batch is the largest that fits
+(``largest_batch``: doubling from 1, then bisection between the last batch that fit and the first that did not),
+each try a short run (``PROBE``: 1 warm-up, 1 timed call, and on CPU the memory call) in its own worker, so an
+OOM is a result. On a GPU a try fits when it ran without running out of memory; on CPU when the resident memory
+its call added (``mem_peak_gib``) stayed at or below ``mem_limit_gib`` (by default half the memory available
+when the sweep started: memory grows at most linearly in the batch, so the try after one that fit stays within
+what was available). The batch found is then measured as any other; ``batch_search`` says how it was found.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from typing import Callable
 
+from vimbench.config import ScalingConfig
 from vimbench.count.flops import count_flops
 from vimbench.count.memory import predict_memory
 from vimbench.kernels.selective_scan.backends import runs_on_cuda
 from vimbench.measure.isolation import run_isolated
 from vimbench.measure.model import measure_model
-
-
-def config_flops(cfg: dict) -> dict:
-    """FLOPs, params and tokens of a configuration (counted on the meta device, no worker needed)."""
-    return count_flops(cfg["model"], cfg["res"], cfg["batch"], cfg["head"], mode=cfg["mode"],
-                       grad_checkpointing=cfg["grad_checkpointing"], **cfg["options"])
 
 
 CONFIG_TIMEOUT_S = 3600
@@ -82,14 +79,15 @@ class SearchFailed(RuntimeError):
         self.result = result
 
 
-def max_batch(cfg: dict) -> dict:
+def max_batch(cfg: ScalingConfig) -> dict:
     """The --max-batch search for ``cfg`` (see the module docstring): {"batch", "batch_search"}, or with no
     batch that fits {"status": "oom", "error", "batch_search"}, or {"status": "error", "error"} when a try
     failed for another reason (its error) or its memory could not be read."""
-    limit = cfg.get("mem_limit_gib")
+    limit = cfg.mem_limit_gib
 
     def fits(batch: int) -> bool:
-        result = run_isolated(measure_model, ({**cfg, **PROBE, "batch": batch},), timeout=CONFIG_TIMEOUT_S)
+        result = run_isolated(measure_model, (dataclasses.replace(cfg, **PROBE, batch=batch),),
+                              timeout=CONFIG_TIMEOUT_S)
         if result["status"] == "oom":
             return False
         if result["status"] != "ok":
@@ -112,16 +110,15 @@ def max_batch(cfg: dict) -> dict:
     return {"batch": batch, "batch_search": f"doubling+bisection: {batch} fits, {beyond} ({tries} tries){bound}"}
 
 
-def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
+def scaling_row(cfg: ScalingConfig, fixed: dict, backoff: bool) -> dict:
     """One row of a scaling CSV: ``measure_model`` in its own worker (on OOM retried at ``decay_batch``
-    sizes when ``backoff``), the configuration's FLOPs, its predicted GPU memory, and
-    ``fixed`` (the environment and command). ``cfg``: as ``measure_model`` takes it, with
-    ``batch_requested`` for the batch (0: --max-batch, ``max_batch``; then ``mem_limit_gib`` on CPU), plus
-    family and impl."""
-    row = {k: cfg.get(k) for k in ("model", "family", "impl", "res", "batch_requested", "dtype", "mode",
+    sizes when ``backoff``), the configuration's FLOPs, its predicted GPU memory, and ``fixed`` (the
+    environment and command). ``batch`` is the batch requested (0: --max-batch, ``max_batch``)."""
+    columns = cfg.columns()
+    row = {k: columns[k] for k in ("model", "family", "impl", "res", "batch_requested", "dtype", "mode",
                                    "grad_checkpointing", "compile", "amp", "device", "head", "warmup", "mem_limit_gib")}
-    row.update(fixed, kernel=cfg["impl"])
-    batch = cfg["batch_requested"]
+    row.update(fixed, kernel=cfg.impl)
+    batch = cfg.batch
     if batch == 0:
         found = max_batch(cfg)
         batch = found.pop("batch", None)
@@ -129,7 +126,7 @@ def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
         if batch is None:
             return {**row, "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
     while True:
-        run_cfg = {**cfg, "batch": batch}
+        run_cfg = dataclasses.replace(cfg, batch=batch)
         result = run_isolated(measure_model, (run_cfg,), timeout=CONFIG_TIMEOUT_S)
         if result["status"] != "oom" or not backoff or decay_batch(batch) == 0:
             break
@@ -137,19 +134,17 @@ def scaling_row(cfg: dict, fixed: dict, backoff: bool) -> dict:
     row.update(batch=batch, timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     row.update(result)
     try:  # counted on the meta device; a failed count must not cost the measured row (nor the sweep)
-        row.update(config_flops(run_cfg))
+        row.update(count_flops(run_cfg)._asdict())
     except Exception as e:
         row["error"] = "; ".join(filter(None, [row.get("error"), f"flops failed: {type(e).__name__}: {e}"]))
-    if cfg["family"] == "vim" and not runs_on_cuda(cfg["impl"]):
+    if cfg.family == "vim" and not runs_on_cuda(cfg.impl):
         return row  # a CPU-only scan backend (cpp): no GPU run to predict, mem_pred_peak_gib stays empty
-    if cfg["compile"] != "none":  # the prediction replays eager execution; inductor's fused kernels allocate less
+    if cfg.compile != "none":  # the prediction replays eager execution; inductor's fused kernels allocate less
         return row
-    if cfg["mode"] == "train" and cfg["amp"] != "none":  # a train step under autocast is not modelled
+    if cfg.mode == "train" and cfg.amp != "none":  # a train step under autocast is not modelled
         return row
     try:  # the GPU memory this configuration is predicted to need, on any device (vimbench.count.memory)
-        row["mem_pred_peak_gib"] = predict_memory(
-            cfg["model"], cfg["res"], batch, cfg["dtype"], cfg["head"], amp=cfg["amp"], mode=cfg["mode"],
-            grad_checkpointing=cfg["grad_checkpointing"], **cfg["options"])["mem_pred_peak_gib"]
+        row["mem_pred_peak_gib"] = predict_memory(run_cfg, amp=cfg.amp).mem_pred_peak_gib
     except Exception as e:  # a failed prediction must not cost the measured row
         row["error"] = "; ".join(filter(None, [row.get("error"), f"mem_pred failed: {type(e).__name__}: {e}"]))
     return row

@@ -8,10 +8,11 @@ from __future__ import annotations
 import datetime
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from tqdm import tqdm
 
+from vimbench.config import ModelVariant, columns as config_columns
 from vimbench.errors import Interrupted
 from vimbench.measure.isolation import one_line
 from vimbench.measure.launchers import Plain
@@ -28,15 +29,16 @@ def jobs_dir(log: CsvLog) -> Path:
     return log.path.with_name(f"{log.path.stem}-jobs")
 
 
-def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
-              describe: Callable[[dict], str], launcher=Plain()) -> list[dict]:
+def run_sweep(configs: list, log: CsvLog, run_one: Callable[[Any], dict],
+              describe: Callable[[Any], str], launcher=Plain()) -> list[dict]:
     """Runs ``run_one(cfg) -> row`` for every configuration not yet done in ``log`` where ``launcher``
     (``vimbench.measure.launchers``) puts it, and appends each row as it comes back, with the columns of
-    its configuration and of where it ran. A config's key is its values of the log schema's key columns
-    (``CsvLog.key``). Returns the rows written by this call. Ctrl-C raises ``Interrupted`` saying how many
-    rows were written and where (each row is whole on disk before the next configuration's)."""
+    its configuration (``vimbench.config.columns``) and of where it ran. A config's key is its values of the
+    log schema's key columns (``CsvLog.key``). Returns the rows written by this call. Ctrl-C raises
+    ``Interrupted`` saying how many rows were written and where (each row is whole on disk before the next
+    configuration's)."""
     done = log.done()
-    todo = [c for c in configs if log.key(c) not in done]
+    todo = [c for c in configs if log.key(config_columns(c)) not in done]
     if len(todo) < len(configs):
         print(f"resuming {log.path}: {len(configs) - len(todo)} configurations already ok, {len(todo)} to run",
               file=sys.stderr)
@@ -45,7 +47,8 @@ def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
         with tqdm(total=len(todo), unit="config", file=sys.stderr, dynamic_ncols=True) as bar:
             bar.set_description(f"{launcher.name} x{launcher.workers or len(todo)}" if todo else "")
             for cfg, row in launcher.run(run_one, todo, jobs_dir(log)):
-                row = {**{k: v for k, v in cfg.items() if k in columns},  # all a job that died returns is its key
+                # all a job that died returns is its key
+                row = {**{k: v for k, v in config_columns(cfg).items() if k in columns},
                        **{k: v for k, v in row.items() if k in columns or k not in WHERE}}
                 log.append(row)
                 written.append(row)
@@ -57,12 +60,12 @@ def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
     return written
 
 
-def computed_row(schema: Schema, cfg: dict, fixed: dict, compute: Callable[[], dict]) -> dict:
-    """One row of ``schema`` for a configuration computed in this process (counted or predicted, not
-    timed, so no worker): ``cfg``'s values of the schema's columns, ``fixed`` (environment, command), a
-    timestamp, and the columns ``compute()`` returns with status ok. An exception in ``compute`` becomes
-    an error row naming it: one configuration that cannot be computed never stops the others."""
-    row = {k: v for k, v in cfg.items() if k in schema.columns}
+def computed_row(schema: Schema, cfg: ModelVariant, fixed: dict, compute: Callable[[], dict]) -> dict:
+    """One row of ``schema`` for a configuration computed in this process (counted or predicted, not timed, so no
+    worker): ``cfg``'s values of the schema's columns (``ModelVariant.columns``), ``fixed`` (environment,
+    command), a timestamp, and the columns ``compute()`` returns with status ok. An exception in ``compute``
+    becomes an error row naming it: one configuration that cannot be computed never stops the others."""
+    row = {k: v for k, v in cfg.columns().items() if k in schema.columns}
     row.update(fixed, timestamp=datetime.datetime.now().isoformat(timespec="seconds"))
     try:
         return {**row, **compute(), "status": "ok"}
