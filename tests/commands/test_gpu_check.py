@@ -300,12 +300,13 @@ def fake_kernels_csv():
     # vim_tiny at L=6085, batch 64: one direction moves 1.2e9 bytes; both directions twice the exp2 work
     shape = dict(res=1248, tokens=6085, batch=64, dtype="fp32", status="ok", ceiling_gbs=3000.0)
     vim = dict(model="vim_tiny", d_inner=384, d_state=16, **shape)
+    exps = 64 * 384 * 6085 * 16  # one per (b, e, t, n) and direction
     return pd.DataFrame([
-        dict(op="scan", impl="triton", time_ms=1.0, bytes=1.2e9, **vim),
-        dict(op="scan_bidir", impl="triton", time_ms=2.0, bytes=2.0e9, **vim),
-        dict(op="scan", impl="cpu", time_ms=50.0, bytes=1.2e9, **vim),
-        dict(op="attention", impl="sdpa", model="deit_tiny", time_ms=9.0, bytes=1e9, d_inner=None, d_state=None,
-             **shape)])
+        dict(op="scan", impl="triton", time_ms=1.0, bytes=1.2e9, exps=exps, **vim),
+        dict(op="scan_bidir", impl="triton", time_ms=2.0, bytes=2.0e9, exps=2 * exps, **vim),
+        dict(op="scan", impl="cpu", time_ms=50.0, bytes=1.2e9, exps=exps, **vim),
+        dict(op="attention", impl="sdpa", model="deit_tiny", time_ms=9.0, bytes=1e9, exps=0, d_inner=None,
+             d_state=None, **shape)])
 
 
 def test_scan_floors_closed_form():

@@ -14,7 +14,9 @@ from vimbench.commands.kernels import summary
 from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.rows.schema import KERNELS
 from vimbench.measure.launchers import Plain, Submitit
-from vimbench.measure.ops import OPS, Geometry, exp_ceiling, floor, model_geometry, op_cost, op_exps
+from vimbench.count.ops import OPS, Geometry, model_geometry, op_cost, op_exps
+from vimbench.measure.ceilings import exp_ceiling
+from vimbench.rows.kernels import floor
 from vimbench.rows.reader import load_results, split_settings
 
 AUTO = resolve_scan_backend("auto", "cpu")  # cpp where it builds, else the chunked cpu scan

@@ -4,14 +4,15 @@ import pytest
 import torch
 
 from vimbench.measure.model import measure_model
-from vimbench.measure.ops import Geometry, measure_op
+from vimbench.count.ops import Geometry
+from vimbench.measure.ops import KernelConfig, measure_op
 
 MODEL_CFG = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, impl="eager", res=32, batch=1,
                  batch_requested=1, dtype="fp32", mode="infer", grad_checkpointing=False, compile="none", amp="none",
                  device="cpu", head=False, threads=1, warmup=0, repeats=1, min_time=0)
-OP_CFG = dict(op="attention", impl="eager", geometry=vars(Geometry("deit_tiny", 32, 1, 5, 192, 0, 0, 3, 64)),
-              device="cpu", dtype="fp32", compile="none", amp="none", threads=1,
-              timing=dict(warmup=0, repeats=1, min_time=0))
+OP_CFG = KernelConfig(op="attention", impl="eager", model="deit_tiny", res=32, batch=1, dtype="fp32", mode="infer",
+                      compile="none", amp="none", device="cpu", geometry=Geometry("deit_tiny", 32, 1, 5, 192, 0, 0, 3, 64),
+                      threads=1, warmup=0, repeats=1, min_time=0)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ machine that ran it. submitit is an optional dependency: only ``Submitit`` impor
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -41,12 +42,17 @@ RunOne = Callable[[dict], dict]
 """A configuration in, its row out (measured in an isolated worker)."""
 
 
+def config_fields(cfg) -> dict:
+    """A configuration's values by field name: a dict as it is; a dataclass's own fields (not recursed into)."""
+    return cfg if isinstance(cfg, dict) else {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
 def placed(row: dict, cfg: dict, launcher: str, workers: int, visible: str | None = None) -> dict:
     """``row`` with the environment of this process's machine (its own values win: the worker's threads
     and load) and where it ran: ``visible`` is its workers' CUDA_VISIBLE_DEVICES (default: this process's).
     ``job_id`` is added by whoever knows it. A configuration without a device ran on the CPU."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible
-    env = environment(torch.device(cfg.get("device", "cpu")))
+    env = environment(torch.device(config_fields(cfg).get("device", "cpu")))
     return {**env, **row, "launcher": launcher, "workers": workers, "cuda_visible_devices": visible}
 
 
@@ -92,8 +98,9 @@ class Plain:
             slot, row, exc = results[i]
             if exc is not None:
                 raise exc
-            on_gpu = torch.device(cfg.get("device", "cpu")).type == "cuda" and slot.isdigit()
-            env_cfg = {**cfg, "device": f"cuda:{slot}"} if on_gpu else cfg  # the name of the slot's own GPU
+            fields = config_fields(cfg)
+            on_gpu = torch.device(fields.get("device", "cpu")).type == "cuda" and slot.isdigit()
+            env_cfg = {**fields, "device": f"cuda:{slot}"} if on_gpu else cfg  # the name of the slot's own GPU
             yield cfg, {**placed(row, env_cfg, self.name, self.workers, visible=slot), "job_id": ""}
 
     def run_job(self, fn: RunOne, cfg: dict, jobs_dir: Path) -> dict:

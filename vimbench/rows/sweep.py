@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from vimbench.errors import Interrupted
 from vimbench.measure.isolation import one_line
-from vimbench.measure.launchers import Plain
+from vimbench.measure.launchers import Plain, config_fields
 from vimbench.rows.schema import ENVIRONMENT, PLACEMENT, Schema
 from vimbench.rows.writer import CsvLog
 
@@ -28,15 +28,15 @@ def jobs_dir(log: CsvLog) -> Path:
     return log.path.with_name(f"{log.path.stem}-jobs")
 
 
-def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
-              describe: Callable[[dict], str], launcher=Plain()) -> list[dict]:
+def run_sweep(configs: list, log: CsvLog, run_one: Callable, describe: Callable, launcher=Plain()) -> list[dict]:
     """Runs ``run_one(cfg) -> row`` for every configuration not yet done in ``log`` where ``launcher``
     (``vimbench.measure.launchers``) puts it, and appends each row as it comes back, with the columns of
-    its configuration and of where it ran. A config's key is its values of the log schema's key columns
-    (``CsvLog.key``). Returns the rows written by this call. Ctrl-C raises ``Interrupted`` saying how many
-    rows were written and where (each row is whole on disk before the next configuration's)."""
+    its configuration and of where it ran. A configuration is a dict or a dataclass (``config_fields``); its
+    key is its values of the log schema's key columns (``CsvLog.key``). Returns the rows written by this call.
+    Ctrl-C raises ``Interrupted`` saying how many rows were written and where (each row is whole on disk before
+    the next configuration's)."""
     done = log.done()
-    todo = [c for c in configs if log.key(c) not in done]
+    todo = [c for c in configs if log.key(config_fields(c)) not in done]
     if len(todo) < len(configs):
         print(f"resuming {log.path}: {len(configs) - len(todo)} configurations already ok, {len(todo)} to run",
               file=sys.stderr)
@@ -45,7 +45,8 @@ def run_sweep(configs: list[dict], log: CsvLog, run_one: Callable[[dict], dict],
         with tqdm(total=len(todo), unit="config", file=sys.stderr, dynamic_ncols=True) as bar:
             bar.set_description(f"{launcher.name} x{launcher.workers or len(todo)}" if todo else "")
             for cfg, row in launcher.run(run_one, todo, jobs_dir(log)):
-                row = {**{k: v for k, v in cfg.items() if k in columns},  # all a job that died returns is its key
+                # all a job that died returns is its key
+                row = {**{k: v for k, v in config_fields(cfg).items() if k in columns},
                        **{k: v for k, v in row.items() if k in columns or k not in WHERE}}
                 log.append(row)
                 written.append(row)
