@@ -19,7 +19,7 @@ def check_in_worker(impl: str, device, grads: bool = False) -> dict:
 
 def run_check(impl: str, device, grads: bool = False) -> dict:
     """``check_in_worker``'s result without its status. A worker that raised (``SystemExit`` and
-    ``KeyboardInterrupt`` too), died (``os.abort``, a segfault) or ran past the limit (then killed) gives
+    ``KeyboardInterrupt`` too), died (an abort, a segfault) or ran past the limit (then killed) gives
     check_ok False and a check_failure naming the backend, its package and what happened, in one line."""
     result = check_in_worker(impl, device, grads)
     if result.pop("status") == "ok":
