@@ -22,9 +22,10 @@ FLOOR = dict(model="vim_tiny", res=1248, batch=64, dtype="fp32")
 
 def run_checks(out: Path, backends: list[str], grads: bool = False) -> list[str]:
     """``check_named_backend`` of each of ``backends`` on CUDA, each in a worker bounded by
-    ``plugins.time_limit("check")`` (``verify.check_in_worker``); the results go to ``out/check.json`` ({backend: result}). With ``grads``
-    (before the backward step times anything) the gradients of each backend with a backward too
-    (``check.check_backward``, against float64 autograd of the reference), into ``out/grad-check.json``.
+    ``plugins.time_limit("check")`` (``verify.check_in_worker``); the results go to ``out/check.json``
+    ({backend: result}). With ``grads`` (before the backward step times anything) the gradients of each backend
+    with a backward too (``check.check_backward``, against float64 autograd of the reference), into
+    ``out/grad-check.json``.
     Returns the failures, one line per backend that failed."""
     results = {b: check_in_worker(b, "cuda", grads) for b in backends}
     (out / ("grad-check.json" if grads else "check.json")).write_text(json.dumps(results, indent=1))
