@@ -267,6 +267,7 @@ def test_a_failed_preamble_job_leaves_no_ceilings_and_the_scans_untimed(tmp_path
     assert (deit.status == "ok").all() and (deit.time_ms > 0).all() and len(deit) == 2
     assert deit.ceiling_gbs.isna().all() and deit.frac_peak_bw.isna().all() and deit.frac_peak_flops.isna().all()
     assert (vim.status == "error").all() and vim.time_ms.isna().all() and set(vim.impl) == {AUTO} and len(vim) == 3
+    assert vim.repeats.isna().all()  # an untimed row has no timed calls, whatever the configuration asked for
     assert vim.error.str.startswith("correctness not checked: the preamble job failed (slurm job 7").all()
 
 

@@ -12,8 +12,8 @@ MODEL_CFG = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, im
                  device="cpu", head=False, threads=1, warmup=0, repeats=1, min_time=0)
 OP_CFG = KernelConfig(op="attention", impl="eager", model="deit_tiny", res=32, batch=1, dtype="fp32", mode="infer",
                       compile="none", amp="none", device="cpu",
-                      geometry=Geometry("deit_tiny", 32, 1, 5, 192, 0, 0, 3, 64), threads=1, warmup=0, repeats=1,
-                      min_time=0)
+                      geometry=Geometry("deit_tiny", 32, 1, 5, 192, 0, 0, 3, 64), threads=1,
+                      timing=dict(warmup=0, repeats=1, min_time=0))
 
 
 @pytest.fixture

@@ -45,7 +45,8 @@ class KernelConfig:
     then the op's sizes and how it is timed. ``impl`` is a concrete backend of the op's kind; ``device`` "cpu"
     or "cuda:N"; ``dtype`` fp32 | fp16 | bf16; ``mode`` infer (one forward under inference_mode) or train
     (forward and backward); ``compile`` and ``amp`` the regime; ``threads`` CPU threads (0 = torch's default);
-    warmup, repeats, min_time the CPU timing (``CPU_TIMING``)."""
+    ``timing`` the CPU timing as ``core.time_call`` takes it (warmup, repeats, min_time: ``CPU_TIMING``), a dict
+    apart from the fields: its repeats is the CSV's column of timed calls, which only a timed row fills."""
     op: str
     impl: str
     model: str
@@ -58,14 +59,7 @@ class KernelConfig:
     device: str
     geometry: Geometry
     threads: int
-    warmup: int
-    repeats: int
-    min_time: float
-
-    @property
-    def timing(self) -> dict:
-        """The CPU timing as ``core.time_call`` takes it."""
-        return dict(warmup=self.warmup, repeats=self.repeats, min_time=self.min_time)
+    timing: dict
 
 
 class OpTiming(TypedDict, total=False):

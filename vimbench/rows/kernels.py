@@ -31,7 +31,7 @@ def kernel_configs(models: list[str], res_list: list[int], impls: dict, batch: i
             family = "vim" if geometry.d_inner else "deit"
             configs += [KernelConfig(op=spec.name, impl=impl, model=model, res=res, batch=batch, dtype=dtype,
                                      mode=mode, compile=compile_mode, amp=amp, device=str(device), geometry=geometry,
-                                     threads=threads, **timing)
+                                     threads=threads, timing=timing)
                         for spec in OPS.values() if spec.family == family
                         for impl in impls[spec.backend] for mode in modes for compile_mode, amp in regimes]
     return configs
