@@ -26,7 +26,7 @@ Time limits (``TIME_LIMITS_S``, seconds from when the worker starts the call; ea
 environment variable, a positive number of seconds):
     load   trying one entry point (its import and its function), VIMBENCH_LOAD_TIMEOUT_S, default 120
     check  one backend's correctness check in its worker (check-backend, kernels, gate and scaling through
-           ``measure.ops.run_check``; gpu-check), VIMBENCH_CHECK_TIMEOUT_S, default 1800 (the first call of a
+           ``measure.verify.run_check``; gpu-check), VIMBENCH_CHECK_TIMEOUT_S, default 1800 (the first call of a
            backend may build or compile it: the cpp extension, Triton kernels)
 """
 from __future__ import annotations

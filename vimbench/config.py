@@ -92,6 +92,10 @@ class ScalingConfig(ModelVariant):
 
 
 def columns(cfg) -> dict:
-    """A configuration's values by column: a ``ModelVariant``'s ``columns()``; a dict configuration (the kernels
-    sweep's) is its own columns."""
-    return cfg.columns() if isinstance(cfg, ModelVariant) else cfg
+    """A configuration's values by column: a ``ModelVariant``'s ``columns()``; another dataclass's fields by name
+    (``measure.ops.KernelConfig``, not recursed into); a dict as it is."""
+    if isinstance(cfg, ModelVariant):
+        return cfg.columns()
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return cfg

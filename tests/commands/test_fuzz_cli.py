@@ -43,12 +43,12 @@ import vimbench
 from vimbench.gate import (deterministic as gate_exact, store as gate_store, suite as gate_suite,
                            thresholds as gate_thresholds)
 from vimbench.commands import cli, main
-from vimbench.count import flops as count_flops_module, memory as count_memory_module
+from vimbench.count import flops as count_flops_module, memory as count_memory_module, ops as count_ops
 from vimbench.count.kernel_compile import CompileRow
 from vimbench.count.flops import FlopCount
 from vimbench.count.memory import CARDS, MemoryPrediction
 from vimbench.config import ModelVariant
-from vimbench.measure import isolation, launchers, ops as measure_ops
+from vimbench.measure import isolation, launchers
 from vimbench.errors import InputError
 from vimbench.models.registry import check_options, create_model, impl_of
 from vimbench.present import figures, report
@@ -100,16 +100,17 @@ def _fake_predict_memory(cfg, capability=None, amp="none"):
 def _fake_model_geometry(model, res, batch):
     SEEN.append(dict(model=model, res=res, batch=batch))
     vim = model.startswith("vim")
-    return measure_ops.Geometry(model, res, batch, (res // 16) ** 2 + 1, 192, 384 if vim else 0, 16 if vim else 0,
-                                0 if vim else 3, 0 if vim else 64)
+    return count_ops.Geometry(model, res, batch, (res // 16) ** 2 + 1, 192, 384 if vim else 0, 16 if vim else 0,
+                              0 if vim else 3, 0 if vim else 64)
 
 
 def _fake_run_isolated(fn, args=(), timeout=None):
     """The worker's result without a worker: made-up measurements for the measuring functions, the
     function itself (in-process) for anything else."""
-    cfg = args[0] if args and isinstance(args[0], dict) else {}
-    if args and isinstance(args[0], ModelVariant):  # a scaling configuration: its fields, as measure_model reads them
-        cfg = {**dataclasses.asdict(args[0]), "impl": args[0].impl}
+    first = args[0] if args else None  # a configuration: its fields (and impl), as the measuring functions read them
+    cfg = first if isinstance(first, dict) else {}
+    if dataclasses.is_dataclass(first):
+        cfg = {**dataclasses.asdict(first), "impl": first.impl}
     SEEN.append(cfg)
     if fn.__name__ in ("measure_model", "measure_op"):
         out = dict(status="ok", impl=cfg["impl"], kernel=cfg["impl"], time_ms=2.0, time_ms_p10=1.9, time_ms_p90=2.2,
@@ -182,9 +183,9 @@ def _fake_submitit_run(self, run_one, todo, jobs_dir):
 
 
 REAL_RUN_SUITE = gate_suite.run_suite
-STUBS = {measure_ops.run_isolated: _fake_run_isolated, count_flops_module.count_flops: _fake_count_flops,
-         count_memory_module.predict_memory: _fake_predict_memory, measure_ops.model_geometry: _fake_model_geometry,
-         measure_ops.op_cost: _fake_op_cost,
+STUBS = {isolation.run_isolated: _fake_run_isolated, count_flops_module.count_flops: _fake_count_flops,
+         count_memory_module.predict_memory: _fake_predict_memory, count_ops.model_geometry: _fake_model_geometry,
+         count_ops.op_cost: _fake_op_cost,
          vimbench.count.kernel_compile.compile_report: _fake_compile_report, gate_suite.run_suite: _fake_run_suite,
          gate_exact.deterministic_snapshot: _fake_deterministic_snapshot, figures.plot_results: _fake_plot_results,
          report.write_report: _fake_write_report}

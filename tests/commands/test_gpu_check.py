@@ -21,7 +21,7 @@ from vimbench.commands import cli, main
 from vimbench.commands.gpu_check import call_command
 from vimbench.gpucheck import checks, run as gpu_run, steps as gpu_steps, summary
 from vimbench.gpucheck.steps import Step
-from vimbench.measure import preflight
+from vimbench.measure import preflight, verify
 from vimbench.rows.schema import KERNELS, SCALING
 
 
@@ -301,12 +301,13 @@ def fake_kernels_csv():
     # vim_tiny at L=6085, batch 64: one direction moves 1.2e9 bytes; both directions twice the exp2 work
     shape = dict(res=1248, tokens=6085, batch=64, dtype="fp32", status="ok", ceiling_gbs=3000.0)
     vim = dict(model="vim_tiny", d_inner=384, d_state=16, **shape)
+    exps = 64 * 384 * 6085 * 16  # one per (b, e, t, n) and direction
     return pd.DataFrame([
-        dict(op="scan", impl="triton", time_ms=1.0, bytes=1.2e9, **vim),
-        dict(op="scan_bidir", impl="triton", time_ms=2.0, bytes=2.0e9, **vim),
-        dict(op="scan", impl="cpu", time_ms=50.0, bytes=1.2e9, **vim),
-        dict(op="attention", impl="sdpa", model="deit_tiny", time_ms=9.0, bytes=1e9, d_inner=None, d_state=None,
-             **shape)])
+        dict(op="scan", impl="triton", time_ms=1.0, bytes=1.2e9, exps=exps, **vim),
+        dict(op="scan_bidir", impl="triton", time_ms=2.0, bytes=2.0e9, exps=2 * exps, **vim),
+        dict(op="scan", impl="cpu", time_ms=50.0, bytes=1.2e9, exps=exps, **vim),
+        dict(op="attention", impl="sdpa", model="deit_tiny", time_ms=9.0, bytes=1e9, exps=0, d_inner=None,
+             d_state=None, **shape)])
 
 
 def test_scan_floors_closed_form():
@@ -388,7 +389,7 @@ def test_run_checks_records_every_backend_and_names_failures(tmp_path, monkeypat
     results = {"cpu": {"status": "ok", "check_ok": True, "checked": 24, "check_failure": ""},
                "triton": {"status": "ok", "check_ok": False, "checked": 5, "check_failure": "odd-L: out differs"},
                "mamba_ssm": {"status": "error", "error": "RuntimeError: no kernel image"}}
-    monkeypatch.setattr(checks, "run_isolated", lambda fn, args, timeout: results[args[0]])
+    monkeypatch.setattr(verify, "run_isolated", lambda fn, args, timeout: results[args[0]])
     failures = checks.run_checks(tmp_path, ["cpu", "triton", "mamba_ssm"])
     assert failures == ["triton: odd-L: out differs", "mamba_ssm: RuntimeError: no kernel image"]
     assert json.loads((tmp_path / "check.json").read_text()) == results
@@ -421,8 +422,9 @@ def test_run_backward_records_both_dtypes_and_names_failures(tmp_path, monkeypat
     results = {"fp32": fp32, "bf16": {"status": "error", "error": "OutOfMemoryError: CUDA out of memory"},
                **{b: {**CHECKED, "grad_ok": True} for b in ("cpu", "triton")}}
     asked = []
-    monkeypatch.setattr(checks, "run_isolated",
-                        lambda fn, args, timeout=None: asked.append(args) or results[args[0]])
+    for module in (verify, checks):  # the gradient checks (verify's), then the backward step's own workers
+        monkeypatch.setattr(module, "run_isolated",
+                            lambda fn, args, timeout=None: asked.append(args) or results[args[0]])
     failures = checks.run_backward(tmp_path, ["cpu", "triton"])
     assert failures == ["backward fp32 triton: dA differs from cpu's by 0.1",
                         "backward bf16: OutOfMemoryError: CUDA out of memory"]
@@ -441,7 +443,7 @@ def test_backward_step_checks_gradients_before_any_timing(tmp_path, monkeypatch)
     results = {"cpu": {**CHECKED, "grad_ok": True, "grad_checked": 48},
                "triton": {**CHECKED, "grad_ok": False, "grad_checked": 3, "grad_failure": "odd-L: dB differs"}}
     calls = []
-    monkeypatch.setattr(checks, "run_isolated",
+    monkeypatch.setattr(verify, "run_isolated",
                         lambda fn, args, timeout=None: calls.append((fn, args)) or results[args[0]])
     steps = gpu_steps.build_steps(tmp_path, ["cpu", "triton"], call=call_command)
     backward = next(s for s in steps if s.name == "backward")

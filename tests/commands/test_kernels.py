@@ -1,6 +1,8 @@
-"""`vimbench kernels`: FLOP and byte models against closed forms, the CSV schema, resume, the launchers (the
-preamble job of checks and ceilings, then the sweep) and bad input."""
+"""`vimbench kernels`: FLOP and byte models against closed forms, the configurations, the CSV schema, resume, the
+launchers (the preamble job of checks and ceilings, then the sweep) and bad input."""
+import dataclasses
 import math
+import pickle
 
 import pandas as pd
 import pytest
@@ -14,7 +16,10 @@ from vimbench.commands.kernels import summary
 from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.rows.schema import KERNELS
 from vimbench.measure.launchers import Plain, Submitit
-from vimbench.measure.ops import OPS, Geometry, exp_ceiling, floor, model_geometry, op_cost, op_exps
+from vimbench.count.ops import OPS, Geometry, model_geometry, op_cost, op_exps
+from vimbench.measure.ceilings import exp_ceiling
+from vimbench.measure.ops import CPU_TIMING, KernelConfig
+from vimbench.rows.kernels import floor, kernel_configs
 from vimbench.rows.reader import load_results, split_settings
 
 AUTO = resolve_scan_backend("auto", "cpu")  # cpp where it builds, else the chunked cpu scan
@@ -28,6 +33,20 @@ def test_geometry_is_the_models_own():
     assert model_geometry("vim_tiny", 48, b) == VIM
     assert model_geometry("deit_tiny", 48, b) == DEIT
     assert model_geometry("vim_tiny", 1248, 1).L == 6085 and model_geometry("deit_small", 224, 1).heads == 6
+
+
+def test_configurations_are_the_csv_key_then_sizes_and_timing():
+    """One KernelConfig per (resolution, model, op, backend, mode): its first fields are the kernels CSV's key,
+    in order; the Vim model runs the three scan ops, DeiT the two attention ops; a config survives a worker's
+    pickling unchanged."""
+    configs = kernel_configs(["vim_tiny", "deit_tiny"], [48], {"scan": ["ref", "cpu"], "attn": ["eager"]}, b,
+                             "fp32", "cpu", 1, CPU_TIMING, modes=["infer", "train"])
+    assert [f.name for f in dataclasses.fields(KernelConfig)][:len(KERNELS.key)] == KERNELS.key
+    assert [(c.op, c.impl, c.mode) for c in configs[:4]] == [("scan", "ref", "infer"), ("scan", "ref", "train"),
+                                                             ("scan", "cpu", "infer"), ("scan", "cpu", "train")]
+    assert len(configs) == 3 * 2 * 2 + 2 * 1 * 2 and {c.op for c in configs[12:]} == {"attention", "block_deit"}
+    assert configs[0].geometry == VIM and configs[-1].geometry == DEIT and configs[0].device == "cpu"
+    assert configs[0].timing == CPU_TIMING and pickle.loads(pickle.dumps(configs[-1])) == configs[-1]
 
 
 def closed_form_flops() -> dict:
@@ -248,6 +267,7 @@ def test_a_failed_preamble_job_leaves_no_ceilings_and_the_scans_untimed(tmp_path
     assert (deit.status == "ok").all() and (deit.time_ms > 0).all() and len(deit) == 2
     assert deit.ceiling_gbs.isna().all() and deit.frac_peak_bw.isna().all() and deit.frac_peak_flops.isna().all()
     assert (vim.status == "error").all() and vim.time_ms.isna().all() and set(vim.impl) == {AUTO} and len(vim) == 3
+    assert vim.repeats.isna().all()  # an untimed row has no timed calls, whatever the configuration asked for
     assert vim.error.str.startswith("correctness not checked: the preamble job failed (slurm job 7").all()
 
 

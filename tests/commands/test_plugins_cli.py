@@ -14,7 +14,7 @@ from helpers import EXAMPLE_PLUGIN, fake_install, fresh_plugins, planted_wrong_s
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import SCAN_BACKENDS, selective_scan_ref
 from vimbench.kernels.selective_scan.ref import selective_scan_ref_backward
-from vimbench.measure import ops
+from vimbench.measure import verify
 
 FAST = ["--repeats", "1", "--min-time", "0", "--device", "cpu", "--threads", "1", "--res", "32"]
 
@@ -43,7 +43,7 @@ def test_models_lists_a_registered_scan_backend(fresh_plugins, capsys):
 @pytest.mark.slow
 def test_check_backend_passes_a_correct_plugin_and_fails_a_wrong_one(fresh_plugins, monkeypatch, capsys):
     # the check runs in this process (its worker would not see a backend registered here)
-    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+    monkeypatch.setattr(verify, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
     vimbench.register_scan_backend("mine", selective_scan_ref, devices="cpu")
     vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
     code, out, _ = run(["check-backend", "mine", "--device", "cpu"], capsys)
@@ -62,7 +62,7 @@ def test_check_backend_passes_a_correct_plugin_and_fails_a_wrong_one(fresh_plugi
 def test_kernels_refuses_a_wrong_scan_before_any_timing(fresh_plugins, monkeypatch, tmp_path, capsys):
     vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
     # the check runs in this process (a worker would not see a backend registered here); timing would not
-    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+    monkeypatch.setattr(verify, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
     timed = []
     monkeypatch.setattr("vimbench.commands.kernels.kernel_row", lambda cfg, fixed: timed.append(cfg))
     out = tmp_path / "k.csv"

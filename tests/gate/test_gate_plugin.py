@@ -10,7 +10,7 @@ from vimbench.gate import (suite as gate_suite, thresholds as gate_thresholds)
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import selective_scan_ref
 from vimbench.kernels.selective_scan.backends import IMPLS
-from vimbench.measure import ops
+from vimbench.measure import verify
 
 SCAN_BENCHMARKS = ("test_bench_scan.py::test_scan[{}]", "test_bench_scan.py::test_scan_vim_tiny_1248[{}]",
                    "test_bench_models.py::test_vim_tiny_scan[{}]")
@@ -29,7 +29,7 @@ def suite(fresh_plugins, monkeypatch):
     1% run-to-run wobble) for the benchmarks it is asked for, recording each call in ``suite.calls``."""
     vimbench.register_scan_backend("mine", selective_scan_ref, devices="cpu")
     vimbench.register_scan_backend("wrong", planted_wrong_scan, devices="cpu")
-    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+    monkeypatch.setattr(verify, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
 
     class Suite:
         calls, slowdown = [], {}

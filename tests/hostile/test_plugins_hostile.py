@@ -29,7 +29,7 @@ from vimbench.kernels import plugins
 from vimbench.kernels.attention import attention, attention_eager
 from vimbench.kernels.selective_scan import bidirectional_scan, selective_scan
 from vimbench.kernels.selective_scan.check import check_named_backend
-from vimbench.measure import isolation, ops
+from vimbench.measure import isolation, verify
 from vimbench.models.registry import model_entry, register_model
 
 LOAD_S, CHECK_S = 2, 3
@@ -219,8 +219,8 @@ def test_a_hanging_backend_gets_error_rows_from_kernels_and_no_timing(install, m
     """kernels' preamble (gate and scaling run the same ``check_scans``): the check in its real worker, the
     ceilings and the timing stubbed."""
     install({"bad": "backend_hang"})
-    real = ops.run_isolated
-    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: real(fn, args, timeout)
+    real = verify.run_isolated
+    monkeypatch.setattr(verify, "run_isolated", lambda fn, args, timeout=None: real(fn, args, timeout)
                         if fn is check_named_backend else {"status": "ok", "ceiling_gbs": 1.0, "ceiling_gflops_s": 1.0})
     timed = []
     monkeypatch.setattr("vimbench.commands.kernels.kernel_row", lambda cfg, fixed: timed.append(cfg))
@@ -242,7 +242,7 @@ def test_a_hanging_backend_gets_error_rows_from_kernels_and_no_timing(install, m
 def test_check_scans_reports_a_crashing_backend_with_its_package_for_forward_and_gradients(install):
     install({"bad": "backend_abort"})
     with deadline():
-        failed = ops.check_scans(["bad"], "cpu", print, grads=True)
+        failed = verify.check_scans(["bad"], "cpu", print, grads=True)
     assert failed == {"bad": f"correctness check failed: scan backend 'bad' (package '{DIST}'): worker killed by "
                              f"SIGABRT"}
 

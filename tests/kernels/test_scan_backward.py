@@ -162,13 +162,13 @@ def test_backward_on_meta_tensors_gives_the_gradients_shapes(backend):
 def test_check_scans_with_grads_refuses_forward_only_and_wrong_gradients(fresh_plugins, monkeypatch):
     """Before train timing: a forward-only backend and one with a wrong backward fail, each with why; before
     inference timing both pass (their forwards are right)."""
-    from vimbench.measure import ops
-    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+    from vimbench.measure import verify
+    monkeypatch.setattr(verify, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
     vimbench.register_scan_backend("fwd", selective_scan_ref, devices="cpu")
     vimbench.register_scan_backend("wrong", selective_scan_ref, devices="cpu", backward=_dB_one_percent_off)
     lines = []
-    assert ops.check_scans(["ref", "fwd", "wrong"], "cpu", lines.append) == {} and len(lines) == 2
-    failed = ops.check_scans(["ref", "fwd", "wrong"], "cpu", lines.append, grads=True)
+    assert verify.check_scans(["ref", "fwd", "wrong"], "cpu", lines.append) == {} and len(lines) == 2
+    failed = verify.check_scans(["ref", "fwd", "wrong"], "cpu", lines.append, grads=True)
     assert set(failed) == {"fwd", "wrong"}
     assert failed["fwd"].startswith("scan backend 'fwd' (package '(direct call)') is forward-only")
     assert failed["wrong"].startswith("gradient check failed: L1 (1, 4, 1, 4, 0) float32 extras one direction: dB")

@@ -213,15 +213,15 @@ def test_a_cpp_scan_wrong_only_in_the_pair_or_only_on_time_major_inputs_is_not_t
     first case (of ``check_entry_points``) that is 0.1 off."""
     from vimbench.kernels.selective_scan import compiled_cpu
     from vimbench.kernels.selective_scan.backends import IMPLS
-    from vimbench.measure import ops
+    from vimbench.measure import verify
     try:
         compiled_cpu.build()
     except Exception as e:  # no compiler here
         pytest.skip(f"the cpp scan does not build here: {e}")
     monkeypatch.setattr(compiled_cpu, attr, plant(getattr(compiled_cpu, attr)))
-    monkeypatch.setattr(ops, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+    monkeypatch.setattr(verify, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
     assert check_backend(IMPLS["cpp"]).ok
-    failed = ops.check_scans(["cpp"], "cpu", log=lambda line: None)
+    failed = verify.check_scans(["cpp"], "cpu", log=lambda line: None)
     assert list(failed) == ["cpp"]
     assert failed["cpp"].startswith(f"correctness check failed: {first} float32 {where}: out differs from the "
                                     f"reference by up to 0.1")

@@ -5,12 +5,14 @@ import torch
 
 from vimbench.config import ScalingConfig
 from vimbench.measure.model import measure_model
-from vimbench.measure.ops import Geometry, measure_op
+from vimbench.count.ops import Geometry
+from vimbench.measure.ops import KernelConfig, measure_op
 
 MODEL_CFG = ScalingConfig("deit_tiny", {"attn": "eager"}, 32, threads=1, warmup=0, repeats=1, min_time=0)
-OP_CFG = dict(op="attention", impl="eager", geometry=vars(Geometry("deit_tiny", 32, 1, 5, 192, 0, 0, 3, 64)),
-              device="cpu", dtype="fp32", compile="none", amp="none", threads=1,
-              timing=dict(warmup=0, repeats=1, min_time=0))
+OP_CFG = KernelConfig(op="attention", impl="eager", model="deit_tiny", res=32, batch=1, dtype="fp32", mode="infer",
+                      compile="none", amp="none", device="cpu",
+                      geometry=Geometry("deit_tiny", 32, 1, 5, 192, 0, 0, 3, 64), threads=1,
+                      timing=dict(warmup=0, repeats=1, min_time=0))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import torch
 from helpers import assert_close
 
 from vimbench.baselines.deit import set_attention_backend
+from vimbench.config import ScalingConfig
 from vimbench.kernels.selective_scan import resolve_scan_backend
 from vimbench.measure.isolation import one_line
 from vimbench.measure.regime import autocast, compiled
@@ -99,12 +100,11 @@ def test_compile_failure_is_an_error_row_and_the_sweep_goes_on(tmp_path, monkeyp
 
     monkeypatch.setattr(inductor, "compile_fx", broken)
     monkeypatch.setattr(scaling_rows, "run_isolated", _in_process)
-    base = dict(model="deit_tiny", family="deit", options={"attn": "eager"}, impl="eager", res=RES,
-                batch_requested=1, dtype="fp32", mode="infer", grad_checkpointing=False, amp="none", device="cpu",
-                head=False, threads=0, warmup=0, repeats=1, min_time=0)
+    base = dict(model="deit_tiny", options={"attn": "eager"}, res=RES, batch=1, device="cpu", warmup=0, repeats=1,
+                min_time=0)
     log = CsvLog(tmp_path / "s.csv", SCALING)
-    rows = run_sweep([{**base, "compile": "default"}, {**base, "compile": "none"}], log,
-                     lambda cfg: scaling_rows.scaling_row(cfg, {}, backoff=False), lambda cfg: cfg["compile"])
+    rows = run_sweep([ScalingConfig(**base, compile="default"), ScalingConfig(**base, compile="none")], log,
+                     lambda cfg: scaling_rows.scaling_row(cfg, {}, backoff=False), lambda cfg: cfg.compile)
     df = pd.read_csv(tmp_path / "s.csv")
     assert list(df.compile) == ["default", "none"] and list(df.status) == ["error", "ok"]
     assert df.error[0] == ("CompileFailed: torch.compile (mode default) failed: inductor raised RuntimeError: "

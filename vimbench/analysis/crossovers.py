@@ -74,7 +74,7 @@ def matched_times(s: Setting) -> list[dict]:
 
 
 def kernel_floors(s: Setting) -> list[dict]:
-    """Per (op, impl) of a kernel sweep, at the longest sequence it ran ok with a floor (``measure.ops.floor``):
+    """Per (op, impl) of a kernel sweep, at the longest sequence it ran ok with a floor (``rows.kernels.floor``):
     op, impl, tokens, time_ms, floor_ms, floor_kind (flops, bytes or exp) and x_floor = time_ms / floor_ms
     (1 = at the floor; the backends of one op at one length share a floor, so their x_floor compare as
     their times do). Empty for a CSV written before the floors were recorded."""

@@ -8,7 +8,7 @@ from vimbench.commands import options as o
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.selective_scan import check_scan_backend
 from vimbench.kernels.selective_scan.check import CASES, GRAD_TOLERANCES, TOLERANCES
-from vimbench.measure.ops import run_check
+from vimbench.measure.verify import run_check
 
 
 @click.command("check-backend")

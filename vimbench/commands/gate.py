@@ -15,7 +15,7 @@ from vimbench.gate import deterministic as exact
 from vimbench.gate.calibration import suite_environment
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.selective_scan import check_scan_backend
-from vimbench.measure.ops import check_scans
+from vimbench.measure.verify import check_scans
 from vimbench.present.tables import format_table
 
 TIMING_COLUMNS = ["benchmark", "reference", "baseline", "now", "change", "threshold", "ms_now", "attempts", "status"]

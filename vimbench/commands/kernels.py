@@ -9,10 +9,12 @@ from vimbench.analysis.crossovers import kernel_crossovers, kernel_exponents, ke
 from vimbench.commands import options as o
 from vimbench.errors import InputError
 from vimbench.kernels.selective_scan.backends import forward_only
-from vimbench.measure.ops import CPU_TIMING, kernel_row, op_configs, preamble, preamble_result
+from vimbench.measure.ops import CPU_TIMING, KernelConfig
+from vimbench.measure.verify import preamble, preamble_result
 from vimbench.models.registry import model_entry
 from vimbench.present.figures import plot_results
 from vimbench.present.tables import format_table
+from vimbench.rows.kernels import kernel_configs, kernel_row, key_columns
 from vimbench.rows.reader import load_results, split_settings
 from vimbench.rows.schema import KERNELS
 from vimbench.rows.sweep import jobs_dir, run_sweep
@@ -82,12 +84,11 @@ def command(ctx, **opts):
     return sweep(o.command_line(ctx), **opts)
 
 
-def sweep(command: str, **opts) -> int:
-    """The sweep of ``vimbench kernels``: ``opts`` are the command's options by parameter name (e.g.
-    ``{**options.defaults(command), "models_spec": ...}``), ``command`` the command line recorded in every
-    row. Writes the CSV (``opts["out"]``, resumed with ``opts["resume"]``), prints the rows, exponents and
-    crossovers. Returns 1 when a scan backend failed its check (its rows are errors), else 0. InputError,
-    before any row is written, for options that cannot run."""
+def plan(opts: dict) -> tuple:
+    """What ``sweep`` runs, from the command's options by parameter name: the launcher (``Plain`` or
+    ``Submitit`` of ``vimbench.measure.launchers``), the preamble's job
+    (``verify.preamble``: the scan backends to check, device, dtype, threads, timing, grads) and the
+    configurations (``rows.kernels.kernel_configs``). InputError for options that cannot run."""
     device, launcher = o.sweep_target(opts)
     batch = o.batch_for(opts["batch"], device)
     o.at_least("--repeats", opts["repeats"], 1)
@@ -109,14 +110,24 @@ def sweep(command: str, **opts) -> int:
     modes = o.modes(opts["mode_spec"], opts["grad_checkpointing"])
     if opts["grad_checkpointing"]:
         raise InputError("--grad-checkpointing applies to a model's train step (vimbench scaling), not to single ops")
-    configs = op_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing, regimes,
-                         modes)
-    with CsvLog.open(opts["out"] or o.default_out("kernels", device), KERNELS, resume=opts["resume"],
+    configs = kernel_configs(models, res_list, impls, batch, opts["dtype"], device, opts["threads"], timing, regimes,
+                             modes)
+    job = dict(scans=impls["scan"], device=str(device), dtype=opts["dtype"], threads=opts["threads"], timing=timing,
+               grads="train" in modes)
+    return launcher, job, configs
+
+
+def sweep(command: str, **opts) -> int:
+    """The sweep of ``vimbench kernels``: ``opts`` are the command's options by parameter name (e.g.
+    ``{**options.defaults(command), "models_spec": ...}``), ``command`` the command line recorded in every
+    row. Writes the CSV (``opts["out"]``, resumed with ``opts["resume"]``), prints the rows, exponents and
+    crossovers. Returns 1 when a scan backend failed its check (its rows are errors), else 0. InputError,
+    before any row is written, for options that cannot run."""
+    launcher, job, configs = plan(opts)
+    with CsvLog.open(opts["out"] or o.default_out("kernels", job["device"]), KERNELS, resume=opts["resume"],
                      given=opts["out"] is not None) as log:
         click.echo(f"{launcher.name}: checking the scan backends and measuring the device's ceilings first", err=True)
-        job = dict(scans=impls["scan"], device=str(device), dtype=opts["dtype"], threads=opts["threads"], timing=timing,
-                   grads="train" in modes)
-        pre = preamble_result(launcher.run_job(preamble, job, jobs_dir(log)), impls["scan"])
+        pre = preamble_result(launcher.run_job(preamble, job, jobs_dir(log)), job["scans"])
         for line in pre["passed"]:
             click.echo(line, err=True)
         if pre["warning"]:
@@ -126,29 +137,34 @@ def sweep(command: str, **opts) -> int:
         train_only = {impl for impl, why in failed.items()
                       if why.startswith("gradient check failed") or why == forward_only(impl)}
 
-        def row(cfg):
+        def row(cfg: KernelConfig) -> dict:
             # correctness gates speed: no timing for a backend that failed its check (a forward-only backend or
             # wrong gradients fail its train rows only)
-            why = failed.get(cfg["impl"])
-            if why and (cfg["mode"] == "train" or cfg["impl"] not in train_only):
-                return {**{k: cfg[k] for k in KERNELS.key}, **fixed, "status": "error", "error": why}
+            why = failed.get(cfg.impl)
+            if why and (cfg.mode == "train" or cfg.impl not in train_only):
+                return {**key_columns(cfg), **fixed, "status": "error", "error": why}
             return kernel_row(cfg, fixed)
 
-        rows = run_sweep(configs, log, row,
-                         lambda cfg: f"{cfg['op']}[{cfg['impl']}] {cfg['model']} L={cfg['geometry']['L']}"
-                                     f"{o.regime_label(cfg)}", launcher)
-        click.echo(format_table(rows, ["op", "impl", "kernel", "mode", "compile", "amp", "model", "tokens", "status",
-                                       "time_ms", "compile_s", "graph_breaks", "mem_peak_gib", "gflops_s", "gbs",
-                                       "frac_peak_flops", "frac_peak_bw", "frac_floor"]))
-        click.echo(f"wrote {len(rows)} rows to {log.path}")
-        if failed:
-            click.echo(f"kernels: no timing for {', '.join(failed)}: {'; '.join(failed.values())}", err=True)
-        if not any(r.get("status") == "ok" for r in log.rows):
-            click.echo("no ok rows: no exponents, crossovers or figure", err=True)
-            return 1 if failed else 0
-        click.echo(summary(log.path))
-        if opts["plot"]:
-            _, df = load_results(log.path, kinds=("kernels",))
-            for path in plot_results("kernels", df, Path(log.path).parent):
-                click.echo(f"wrote {path}")
+        rows = run_sweep(configs, log, row, lambda cfg: f"{cfg.op}[{cfg.impl}] {cfg.model} L={cfg.geometry.L}"
+                                                        f"{o.regime_label(key_columns(cfg))}", launcher)
+        return report(log, rows, failed, opts["plot"])
+
+
+def report(log: CsvLog, rows: list[dict], failed: dict[str, str], plot: bool) -> int:
+    """Prints the rows a sweep wrote to ``log``, then (with an ok row) its ``summary`` and, with ``plot``, its
+    figure. Returns 1 when a scan backend failed its check (``failed``: {backend: why}), else 0."""
+    click.echo(format_table(rows, ["op", "impl", "kernel", "mode", "compile", "amp", "model", "tokens", "status",
+                                   "time_ms", "compile_s", "graph_breaks", "mem_peak_gib", "gflops_s", "gbs",
+                                   "frac_peak_flops", "frac_peak_bw", "frac_floor"]))
+    click.echo(f"wrote {len(rows)} rows to {log.path}")
+    if failed:
+        click.echo(f"kernels: no timing for {', '.join(failed)}: {'; '.join(failed.values())}", err=True)
+    if not any(r.get("status") == "ok" for r in log.rows):
+        click.echo("no ok rows: no exponents, crossovers or figure", err=True)
         return 1 if failed else 0
+    click.echo(summary(log.path))
+    if plot:
+        _, df = load_results(log.path, kinds=("kernels",))
+        for path in plot_results("kernels", df, Path(log.path).parent):
+            click.echo(f"wrote {path}")
+    return 1 if failed else 0

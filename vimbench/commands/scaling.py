@@ -12,7 +12,7 @@ from vimbench.errors import InputError
 from vimbench.kernels.selective_scan.backends import forward_only
 from vimbench.measure.core import memory_available_gib
 from vimbench.measure.train import GradCheckpointingUnsupported, enable_grad_checkpointing
-from vimbench.measure.ops import check_scans
+from vimbench.measure.verify import check_scans
 from vimbench.rows.scaling import MEM_LIMIT_FRACTION, scaling_row
 from vimbench.models.registry import create_model
 from vimbench.present.tables import format_table

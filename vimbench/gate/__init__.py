@@ -23,7 +23,7 @@ Timing gate
     5.1 to 10.5 ms in fresh processes.
 
     Correctness gates speed: before timing, every scan backend the suite would time is checked against
-    ``ref`` (``vimbench.measure.ops.check_scans``); one that fails is not timed (``suite.run_suite``'s ``exclude``)
+    ``ref`` (``vimbench.measure.verify.check_scans``); one that fails is not timed (``suite.run_suite``'s ``exclude``)
     and fails the gate.
 
     ``scan``: the gate of one scan backend, typically a plug-in in its own package's CI: the two scan

@@ -13,6 +13,7 @@ from pathlib import Path
 from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
 from vimbench.layout import checkout_root
 from vimbench.measure.isolation import run_isolated
+from vimbench.measure.verify import check_in_worker
 
 FLOOR = dict(model="vim_tiny", res=1248, batch=64, dtype="fp32")
 """Where the goal is judged: the Triton scan at Vim-Ti's 1248 px shape (L = 6085), batch 64, fp32."""
@@ -21,14 +22,12 @@ FLOOR = dict(model="vim_tiny", res=1248, batch=64, dtype="fp32")
 
 def run_checks(out: Path, backends: list[str], grads: bool = False) -> list[str]:
     """``check_named_backend`` of each of ``backends`` on CUDA, each in a worker bounded by
-    ``plugins.time_limit("check")``; the results go to ``out/check.json`` ({backend: result}). With ``grads``
-    (before the backward step times anything) the gradients of each backend with a backward too
-    (``check.check_backward``, against float64 autograd of the reference), into ``out/grad-check.json``.
+    ``plugins.time_limit("check")`` (``verify.check_in_worker``); the results go to ``out/check.json``
+    ({backend: result}). With ``grads`` (before the backward step times anything) the gradients of each backend
+    with a backward too (``check.check_backward``, against float64 autograd of the reference), into
+    ``out/grad-check.json``.
     Returns the failures, one line per backend that failed."""
-    from vimbench.kernels.plugins import time_limit
-    from vimbench.kernels.selective_scan.check import check_named_backend
-    results = {b: run_isolated(check_named_backend, (b, "cuda", grads), timeout=time_limit("check"))
-               for b in backends}
+    results = {b: check_in_worker(b, "cuda", grads) for b in backends}
     (out / ("grad-check.json" if grads else "check.json")).write_text(json.dumps(results, indent=1))
     return [f"{b}: {why}" for b, r in results.items() if (why := _check_failure(r))]
 
@@ -118,7 +117,7 @@ def backward_at_floor(dtype: str, mamba: bool) -> dict:
     from vimbench.kernels.selective_scan.backends import BACKWARDS
     from vimbench.kernels.selective_scan.check import GRAD_ATOL, GRAD_TOLERANCES, scan_case
     from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton
-    from vimbench.measure.ops import model_geometry
+    from vimbench.count.ops import model_geometry
     g = model_geometry(FLOOR["model"], FLOOR["res"], FLOOR["batch"])
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     torch.manual_seed(0)

@@ -198,8 +198,8 @@ def kernels_estimate(n_configs: int, n_checked: int) -> float:
 def op_configs_count(n_res: int, vim: tuple[int, int] = (0, 0), deit: tuple[int, int] = (0, 0)) -> int:
     """Kernel configurations of a ``vimbench kernels`` run over ``n_res`` resolutions: ``vim`` and ``deit``
     are (models, backends); each Vim model runs the Vim ops and each DeiT model the attention ops
-    (``vimbench.measure.ops.OPS``) once per backend."""
-    from vimbench.measure.ops import OPS
+    (``vimbench.count.ops.OPS``) once per backend."""
+    from vimbench.count.ops import OPS
     ops = {family: sum(spec.family == family for spec in OPS.values()) for family in ("vim", "deit")}
     return n_res * (vim[0] * vim[1] * ops["vim"] + deit[0] * deit[1] * ops["deit"])
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -11,21 +12,24 @@ from vimbench.errors import InputError
 from vimbench.gpucheck.checks import FLOOR, cuda_tests
 from vimbench.kernels.selective_scan.backends import TRITON_DESIGNS
 from vimbench.present.tables import markdown_table
+from vimbench.rows.kernels import floor_bounds
 from vimbench.rows.reader import load_results
 
 PERF_GOAL = 1.4  # the Triton scan's target: within 1.4x of its floor at the Vim-Ti 1248 shape, batch 64
 
 
 def scan_floors(kernels: pd.DataFrame, exp2_per_s: float) -> pd.DataFrame:
-    """Triton scan rows of a kernels CSV with their floors: memory time = bytes / ceiling_gbs, exp time =
-    exp2 count / exp2_per_s (one exp2 per (b, e, t, n) and direction), floor = the larger; ratio = time /
-    floor. Columns: op, impl, model, res, tokens, batch, dtype, time_ms, mem_floor_ms, exp_floor_ms, floor_ms, ratio."""
+    """Triton scan rows of a kernels CSV with their floors, the bounds of ``rows.kernels.floor_bounds`` with the
+    card's exp2 rate as the exp rate and no matmul bound: mem_floor_ms = bytes / ceiling_gbs, exp_floor_ms =
+    exps (the row's: one exp2 per (b, e, t, n) and direction, twice in train mode) / exp2_per_s, floor_ms = the
+    larger; ratio = time / floor. Columns: op, impl, model, res, tokens, batch, dtype, time_ms, mem_floor_ms,
+    exp_floor_ms, floor_ms, ratio."""
     rows = kernels[kernels["impl"].isin(TRITON_DESIGNS) & kernels["op"].isin(["scan", "scan_bidir"])
                    & (kernels["status"] == "ok")].copy()
-    directions = rows["op"].map({"scan": 1, "scan_bidir": 2})
-    rows["mem_floor_ms"] = rows["bytes"] / (rows["ceiling_gbs"] * 1e9) * 1e3
-    exps = directions * rows["batch"] * rows["d_inner"] * rows["tokens"] * rows["d_state"]
-    rows["exp_floor_ms"] = exps / exp2_per_s * 1e3
+    bounds = [floor_bounds({**r, "ceiling_gflops_s": None, "ceiling_exp_s": exp2_per_s})
+              for r in rows.to_dict("records")]
+    rows["mem_floor_ms"] = [b.get("bytes", math.nan) * 1e3 for b in bounds]
+    rows["exp_floor_ms"] = [b.get("exp", math.nan) * 1e3 for b in bounds]
     rows["floor_ms"] = rows[["mem_floor_ms", "exp_floor_ms"]].max(axis=1)
     rows["ratio"] = rows["time_ms"] / rows["floor_ms"]
     return rows[["op", "impl", "model", "res", "tokens", "batch", "dtype", "time_ms", "mem_floor_ms", "exp_floor_ms",

@@ -88,6 +88,17 @@ def time_stats(times_ms) -> dict:
             "time_ms_p90": float(np.percentile(ms, 90)), "repeats": int(ms.size)}
 
 
+def time_call(run, device, timing: dict) -> dict:
+    """time_ms (median), time_ms_p10, time_ms_p90 of ``run``: triton.testing.do_bench on a GPU (CUDA events,
+    L2 flushed, its own warm-up and repetitions); on CPU ``time_loop`` with ``timing`` (warmup, repeats,
+    min_time), plus the number of timed calls (repeats)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        med, p10, p90 = do_bench(run, quantiles=[0.5, 0.1, 0.9])
+        return {"time_ms": float(med), "time_ms_p10": float(p10), "time_ms_p90": float(p90)}
+    return time_stats(time_loop(run, device, timing["warmup"], timing["repeats"], timing["min_time"]))
+
+
 def _rss_bytes(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
