@@ -33,6 +33,7 @@ do not count); with amp other than none every forward runs under torch.autocast,
 from __future__ import annotations
 
 import os
+from typing import TypedDict
 
 import torch
 
@@ -55,7 +56,40 @@ def attention_kernel(model, device, dtype) -> str:
     return sdpa_kernel_used(device, dtype, model.num_tokens, blk.head_dim, blk.num_heads)
 
 
-def measure_model(cfg: ScalingConfig) -> dict:
+class ModelTiming(TypedDict, total=False):
+    """What ``measure_model`` measured (units and meanings in the module docstring): the backend that ran
+    (impl) and what computed it (kernel), torch threads, the time per call in ms (median, p10, p90) and the
+    timed calls, throughput (img/s), memory (GiB), the 1-minute load average, the ``precision()`` settings read
+    before timing; GPU: NVML memory and telemetry, and ``error`` notes of failed NVML readings; train: the
+    phase medians; compiled: compile_s and graph_breaks."""
+    impl: str
+    kernel: str
+    threads: int
+    time_ms: float
+    time_ms_p10: float
+    time_ms_p90: float
+    repeats: int
+    throughput_img_s: float
+    mem_peak_gib: float
+    mem_reserved_gib: float
+    mem_nvml_gib: float
+    sm_clock_mhz: float
+    temperature_c: float
+    power_w: float
+    error: str
+    load_avg_1m: float
+    tf32: bool
+    cudnn_tf32: bool
+    cudnn_benchmark: bool
+    matmul_precision: str
+    time_fwd_ms: float
+    time_bwd_ms: float
+    time_opt_ms: float
+    compile_s: float
+    graph_breaks: int
+
+
+def measure_model(cfg: ScalingConfig) -> ModelTiming:
     """Measures one configuration at its ``batch`` (train mode: ``train.TrainStep``). Returns the measured
     columns of a scaling row (see the module docstring): impl, kernel, threads, time_ms (p10, p90), repeats,
     throughput_img_s, memory, load_avg_1m and the precision settings; train: the phase medians; compiled: compile_s
@@ -74,7 +108,7 @@ def measure_model(cfg: ScalingConfig) -> dict:
     forward = model if cfg.head else model.forward_features
     compute = dtype if cfg.amp == "none" else DTYPES[cfg.amp]  # what the matmuls run in
     own = getattr(model, "attn", None) or registry.OWN_IMPL  # attention backend, or timm's own forward
-    out = {"impl": model.scan_backend(device) if model.family == "vim" else own,
+    out: ModelTiming = {"impl": model.scan_backend(device) if model.family == "vim" else own,
            "kernel": model.scan_backend(device) if model.family == "vim" else attention_kernel(model, device, compute),
            "threads": torch.get_num_threads()}
 
