@@ -31,10 +31,12 @@ using namespace vimbench_vec;              // is_kernel_dtype, load_vec, store_v
 //   bwd_tile   the backward's checkpoint interval and recompute span, sized so that a tile's a, a*h, dB and
 //              dC partial sums (4 x tile x chunk-or-N x W float32) stay near a 32-48 KiB L1
 //   bwd_group  lanes per group of the backward (they share dB / dC partial sums per tile)
-//   bwd_chunk  state entries the backward's reverse pass holds (g and dA: 2 x chunk vectors)
+//   bwd_chunk  state entries the backward's reverse pass holds (g and dA: 2 x chunk vectors): 8 with 32
+//              registers, 4 with 16 (AVX2: 8 spills; 4 took the 1-thread backward at the Vim-Ti 1248 shape from
+//              ~2.9x to ~2.3x the forward on an AMD EPYC)
 // AVX-512 is the tuned reference (Intel Xeon, 1248 shape); AVX2 halves W, so it stages twice the lanes per group
-// (the same bytes and channels); the backward's columns keep AVX-512's values everywhere until they are
-// measured elsewhere. DEFAULT is NEON on aarch64 (W 4, 32 registers) and at::vec's scalar emulation elsewhere
+// (the same bytes and channels), in the forward and the backward; the backward's other columns keep AVX-512's
+// values everywhere until they are measured elsewhere. DEFAULT is NEON on aarch64 (W 4, 32 registers) and at::vec's scalar emulation elsewhere
 // (W 8).
 // ------------------------------------------------------------------------------------------------------
 struct KernelShape {
@@ -43,7 +45,7 @@ struct KernelShape {
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr KernelShape kShape{16, 64, 32, 16, 32, 8};
 #elif defined(CPU_CAPABILITY_AVX2)
-constexpr KernelShape kShape{4, 64, 64, 16, 32, 8};
+constexpr KernelShape kShape{4, 64, 64, 16, 64, 4};
 #elif defined(__aarch64__)
 constexpr KernelShape kShape{16, 64, 512 / W, 16, 32, 8};   // NEON (W 4) or SVE256 (W 8)
 #else

@@ -207,11 +207,11 @@ struct Lane {
 // sums of the group ((kTile, ld, W) each).
 struct Scratch {
   std::vector<float> g_delta, g_u, g_dout, g_z, g_du, g_ddelta, g_dz;
-  std::vector<float> sz, x, d, du, dy, y, dd, ddu, Bt, Ct, h0, a, ah, dBp, dCp;
+  std::vector<float> sz, dsp, d, du, dy, y, dd, ddu, Bt, Ct, h0, a, ah, dBp, dCp;
   explicit Scratch(int ld)
       : g_delta(kGroup * kTile * W), g_u(kGroup * kTile * W), g_dout(kGroup * kTile * W), g_z(kGroup * kTile * W),
         g_du(kGroup * kTile * W), g_ddelta(kGroup * kTile * W), g_dz(kGroup * kTile * W), sz(kTile * W),
-        x(kTile * W), d(kTile * W), du(kTile * W),
+        dsp(kTile * W), d(kTile * W), du(kTile * W),
         dy(kTile * W), y(kTile * W), dd(kTile * W), ddu(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f),
         h0(ld * W, 0.f), a(kTile * kChunk * W), ah(kTile * kChunk * W), dBp(kTile * ld * W, 0.f),
         dCp(kTile * ld * W, 0.f) {}
@@ -264,16 +264,28 @@ inline void prefetch_rows(const View3<T>* x, const Lane& lane, int64_t t0, int n
   for (int s = 0; s < nt; ++s) __builtin_prefetch(x->data + lane.bi * x->sb + lane.e0 + (t0 + s) * x->sl, kWrite, 2);
 }
 
+// softplus(x) (as vec_math.h's softplus) and its derivative sigmoid(x) from one exp: with e = exp(-|x|),
+// softplus = max(x, 0) + log1p(e) and sigmoid = (x < 0 ? e : 1) / (1 + e); past the threshold (x > 20) x and 1.
+inline void softplus_with_grad(const Vec& x, Vec& sp, Vec& grad) {
+  const Vec e = exp_accurate(x.abs().neg()), big = x > Vec(20.f);
+  sp = Vec::blendv(at::vec::maximum(x, Vec(0.f)) + log1p_unit(e), x, big);
+  grad = Vec::blendv(fast_div(Vec::blendv(Vec(1.f), e, x < Vec(0.f)), Vec(1.f) + e), Vec(1.f), big);
+}
+
 // Stages delta (+ bias, softplus) and delta * u of the tile's steps for one lane, from its rows of delta and
-// u, into sc.x, sc.d, sc.du.
+// u, into sc.d, sc.du, and with softplus its derivative sigmoid(delta + bias) (1 past 20) into sc.dsp.
 template <typename T, typename TBC>
 void stage_delta(const Direction<T, TBC>& dir, const Lane& lane, bool softplus_on, int nt, const float* raw,
                  const float* u, Scratch& sc) {
   for (int s = 0; s < nt; ++s) {
     Vec xv = Vec::loadu(raw + s * W);
     if (dir.bias) xv = xv + lane.biasv;
-    const Vec dv = softplus_on ? softplus(xv) : xv;
-    xv.store(sc.x.data() + s * W);
+    Vec dv = xv;
+    if (softplus_on) {
+      Vec grad;
+      softplus_with_grad(xv, dv, grad);
+      grad.store(sc.dsp.data() + s * W);
+    }
     dv.store(sc.d.data() + s * W);
     (dv * Vec::loadu(u + s * W)).store(sc.du.data() + s * W);
   }
@@ -367,10 +379,7 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
           lane.dD = at::vec::fmadd(dyv, uv, lane.dD);
         }
         Vec ddv = at::vec::fmadd(dduv, uv, Vec::loadu(sc.dd.data() + s * W));
-        if (softplus_on) {
-          const Vec xv = Vec::loadu(sc.x.data() + s * W);
-          ddv = Vec::blendv(ddv * sigmoid(xv), ddv, xv > Vec(20.f));
-        }
+        if (softplus_on) ddv = ddv * Vec::loadu(sc.dsp.data() + s * W);
         lane.dbias = lane.dbias + ddv;
         du_grad.store(du_out + s * W);
         ddv.store(ddelta_out + s * W);
