@@ -75,7 +75,7 @@ from vimbench.count.flops import flop_category
 from vimbench.kernels.attention import attention, sdpa_kernel_used
 from vimbench.measure.env import precision
 from vimbench.measure.isolation import run_isolated
-from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, compiled_cpu, selective_scan
+from vimbench.kernels.selective_scan import REGISTRY, bidirectional_scan, compiled_cpu, selective_scan
 from vimbench.kernels.plugins import time_limit, worker_failure
 from vimbench.kernels.selective_scan.backends import describe
 from vimbench.kernels.selective_scan.check import check_named_backend
@@ -124,7 +124,7 @@ def _seq(b: int, channels: int, L: int, impl: str, device, dtype) -> torch.Tenso
     """A random (b, channels, L) scan input laid out as ``impl`` reads it: time-major memory (the transpose of
     a contiguous (b, L, channels) tensor, as the Vim mixer produces) for a backend in ``STRIDED``, contiguous
     (b, channels, L) for the others; so no backend pays for a layout copy inside the timed region."""
-    if impl in STRIDED:
+    if REGISTRY[impl].strided:
         return torch.randn(b, L, channels, device=device, dtype=dtype).transpose(1, 2)
     return torch.randn(b, channels, L, device=device, dtype=dtype)
 
