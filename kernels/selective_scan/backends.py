@@ -35,7 +35,7 @@ import torch
 
 from vimbench.errors import BackendUnavailable
 from vimbench.kernels import peers
-from vimbench.kernels.plugins import Plugin, check_returned, load_group, make_plugin, owners
+from vimbench.kernels.plugins import DEVICE_TYPES, Plugin, check_returned, load_group, make_plugin, owners
 from vimbench.kernels.selective_scan import compiled_cpu, fakes
 from vimbench.kernels.selective_scan.chunked import selective_scan_cpu, selective_scan_cpu_backward
 from vimbench.kernels.selective_scan.ref import selective_scan_ref, selective_scan_ref_backward
@@ -172,16 +172,16 @@ def _triton_backward(*args, design, **kwargs):
 
 TRITON_DESIGNS = ("triton", "triton_pipelined")
 """The backends that are launch designs of the Triton kernel (``triton_kernel.DESIGNS``)."""
-ANY_DEVICE = ("cpu", "cuda")
 
 BUILT_INS = (
-    ScanBackend("ref", selective_scan_ref, ANY_DEVICE, _anywhere, "sequential loop (ref.py), the correctness oracle",
-                fake=fakes.ref_fake, backward=selective_scan_ref_backward, backward_fake=fakes.ref_bwd_fake),
+    ScanBackend("ref", selective_scan_ref, DEVICE_TYPES, _anywhere,
+                "sequential loop (ref.py), the correctness oracle", fake=fakes.ref_fake,
+                backward=selective_scan_ref_backward, backward_fake=fakes.ref_bwd_fake),
     # selective_scan_cpu (and its backward) on fake tensors allocates exactly what it allocates for real, skipping
     # only its step loops, which allocate nothing
-    ScanBackend("cpu", selective_scan_cpu, ANY_DEVICE, _anywhere, "chunked pure PyTorch (chunked.py)",
+    ScanBackend("cpu", selective_scan_cpu, DEVICE_TYPES, _anywhere, "chunked pure PyTorch (chunked.py)",
                 fake=fakes.cpu_fake, backward=selective_scan_cpu_backward, backward_fake=selective_scan_cpu_backward),
-    # both directions in one compiled op, the output in time-major memory (for out_proj)
+    # its pair: both directions in one compiled op, the output in time-major memory (for out_proj)
     ScanBackend("cpp", compiled_cpu.selective_scan_compiled, ("cpu",), _cpp_why,
                 "compiled C++ on ATen's vector types (compiled_cpu.py)",
                 pair=functools.partial(compiled_cpu.bidirectional_scan_compiled, time_major_out=True), strided=True,
