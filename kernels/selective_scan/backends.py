@@ -155,6 +155,15 @@ def _mamba_ssm_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dou
             rest[0] if z is not None else None, None if delta_bias is None else ddelta_bias)
 
 
+def _cpp_scan(*args, **kwargs):
+    return compiled_cpu.selective_scan_compiled(*args, **kwargs)
+
+
+def _cpp_pair(*args, **kwargs):
+    """Both directions in one compiled op, the output in time-major memory (for out_proj)."""
+    return compiled_cpu.bidirectional_scan_compiled(*args, **kwargs, time_major_out=True)
+
+
 def _triton_scan(*args, design, **kwargs):
     from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton
     return selective_scan_triton(*args, **kwargs, design=design)
@@ -181,11 +190,8 @@ BUILT_INS = (
     # only its step loops, which allocate nothing
     ScanBackend("cpu", selective_scan_cpu, DEVICE_TYPES, _anywhere, "chunked pure PyTorch (chunked.py)",
                 fake=fakes.cpu_fake, backward=selective_scan_cpu_backward, backward_fake=selective_scan_cpu_backward),
-    # its pair: both directions in one compiled op, the output in time-major memory (for out_proj)
-    ScanBackend("cpp", compiled_cpu.selective_scan_compiled, ("cpu",), _cpp_why,
-                "compiled C++ on ATen's vector types (compiled_cpu.py)",
-                pair=functools.partial(compiled_cpu.bidirectional_scan_compiled, time_major_out=True), strided=True,
-                own_ops=True, companion_impl="cpp"),
+    ScanBackend("cpp", _cpp_scan, ("cpu",), _cpp_why, "compiled C++ on ATen's vector types (compiled_cpu.py)",
+                pair=_cpp_pair, strided=True, own_ops=True, companion_impl="cpp"),
     *(ScanBackend(design, functools.partial(_triton_scan, design=design), ("cuda",),
                   functools.partial(_triton_why, design), f"fused Triton kernel, {design} launch design",
                   pair=functools.partial(_triton_pair, design=design), fake=fakes.triton_fake,
