@@ -353,7 +353,8 @@ def test_train_prediction_refuses_a_forward_only_scan_backend(fresh_plugins, cap
 def _real_bidir_bwd(*a):
     """``vimbench::bidirectional_scan_bwd`` run op by op under the tracker with its real implementation."""
     *tensors, dout, softplus, backend = a
-    return ss_ops._present(*ss_ops._bidir_backward(REGISTRY[backend].forward, scan_backward(backend), *tensors, softplus, dout))
+    return ss_ops._present(*ss_ops._bidir_backward(REGISTRY[backend].forward, scan_backward(backend), *tensors,
+                                                   softplus, dout))
 
 
 def test_fake_vim_train_trace_equals_real_cpu_trace():

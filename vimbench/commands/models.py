@@ -35,7 +35,8 @@ def command(res):
                     memory_prediction="yes" if p.fake else "unavailable",
                     backward=("yes" if p.backward else "forward-only") if kind == "scan" else "autograd",
                     description=p.description)
-               for kind, registry in (("scan", scan_plugins()), ("attention", ATTENTION_PLUGINS)) for p in registry.values()]
+               for kind, registry in (("scan", scan_plugins()), ("attention", ATTENTION_PLUGINS))
+               for p in registry.values()]
     if plugins:
         click.echo("\nplug-in backends:")
         click.echo(format_table(plugins, ["kind", "backend", "package", "devices", "memory_prediction", "backward",
