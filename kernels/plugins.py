@@ -63,9 +63,10 @@ def current_package() -> str:
 
 @dataclass(frozen=True)
 class Plugin:
-    """A backend registered by another package: its function, the device types it runs on, its fake (the
-    same signature on fake tensors, allocating what ``fn`` allocates on a GPU; None: no memory prediction),
-    ``package``, the distribution whose entry point registered it ("" for a direct call), and for a scan
+    """A backend registered by another package, as validated by ``make_plugin`` (an attention backend's record; a
+    scan backend's becomes a ``ScanBackend`` in ``backends.REGISTRY``): its function, the device types it runs on,
+    its fake (the same signature on fake tensors, allocating what ``fn`` allocates on a GPU; None: no memory
+    prediction), ``package``, the distribution whose entry point registered it ("" for a direct call), and for a scan
     backend its backward and the backward's fake (None: forward-only, or no memory prediction of training;
     see ``register_scan_backend``)."""
     name: str
@@ -109,8 +110,9 @@ def check_name(what: str, name, taken: dict[str, str]) -> None:
         raise ValueError(f"{what} name {name!r} clashes with {taken[name]}")
 
 
-def owners(builtins, plugins: dict[str, Plugin]) -> dict[str, str]:
-    """Who holds each name: "a built-in backend" or "package '<name>'" (``make_plugin``'s ``taken``)."""
+def owners(builtins, plugins: dict) -> dict[str, str]:
+    """Who holds each name: "a built-in backend" or "package '<name>'" (``make_plugin``'s ``taken``); ``plugins``
+    maps each plug-in's name to its record (a ``Plugin``, or a scan backend's: anything with a ``package``)."""
     return {**{b: "a built-in backend" for b in builtins},
             **{n: f"package {p.package or '(direct call)'!r}" for n, p in plugins.items()}}
 

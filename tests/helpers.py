@@ -107,11 +107,9 @@ def fresh_plugins(monkeypatch):
     from vimbench.kernels import attention, plugins
     from vimbench.kernels.selective_scan import backends
     from vimbench.models import registry
-    saved = [(d, dict(d)) for d in (backends.PLUGINS, backends.IMPLS, backends.BACKWARDS, attention.ATTENTION_PLUGINS,
-                                         registry._REGISTRY)]
-    for name in list(backends.PLUGINS):  # entry points already loaded in this process (the peers) load again
-        for d in (backends.PLUGINS, backends.IMPLS, backends.BACKWARDS):
-            d.pop(name, None)
+    saved = [(d, dict(d)) for d in (backends.REGISTRY, attention.ATTENTION_PLUGINS, registry._REGISTRY)]
+    for name in backends.scan_plugins():  # entry points already loaded in this process (the peers) load again
+        backends.REGISTRY.pop(name)
     attention.ATTENTION_PLUGINS.clear()
     monkeypatch.setattr(plugins, "_loaded", set())
     monkeypatch.setattr(plugins, "_tried", set())

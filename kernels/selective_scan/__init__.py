@@ -13,26 +13,29 @@ Data flow of this package, each file with one job:
     chunked.py        the chunked pure-PyTorch scan and its backward (backend ``cpu``)
     compiled_cpu.py   the compiled C++ scan on ATen's vector types, source in csrc/ (backend ``cpp``)
     triton_kernel.py  the fused Triton kernel (backends ``triton`` and ``triton_pipelined``: two launch designs)
-    backends.py       the backend tables (forwards ``IMPLS``, backwards ``BACKWARDS``), plug-in registration,
-                      availability checks, which backends can train and what ``auto`` resolves to
-    ops.py            the torch custom ops the entry points below call, their autograd through backward ops,
-                      and the fakes and FLOP formulas of both
+    backends.py       one record per backend (``ScanBackend``: forward, pair, fakes, layouts read, devices,
+                      availability, backward, package) in one registry: the built-ins' declarations, plug-in
+                      registration, availability checks, which backends can train and what ``auto`` resolves to
+    fakes.py          what each built-in allocates on a GPU, on fake tensors (its record's fakes)
+    ops.py            the torch custom ops the entry points below call (running the record's forward or pair),
+                      their autograd through backward ops, their fakes (the record's) and FLOP formulas; the
+                      same for the compiled ops of a record with ``own_ops``
     check.py          a backend against ``ref`` on awkward shapes, its gradients too: run before any timing
+The entry points below dispatch through the record only: they name no backend.
 No backend ever falls back to another: an unavailable one raises ``BackendUnavailable`` naming why; so does
 the backward of a forward-only one (a plug-in without a backward).
 """
 from __future__ import annotations
 
 from vimbench.errors import BackendUnavailable
-from vimbench.kernels.selective_scan import compiled_cpu
-from vimbench.kernels.selective_scan.backends import (SCAN_BACKENDS, SCAN_CHOICES, STRIDED, check_scan_backend,
-                                                      register_scan_backend, resolve_scan_backend, scan_backends,
-                                                      scan_choices)
+from vimbench.kernels.selective_scan.backends import (REGISTRY, SCAN_BACKENDS, SCAN_CHOICES, ScanBackend,
+                                                      check_scan_backend, register_scan_backend, resolve_scan_backend,
+                                                      scan_backends, scan_choices)
 from vimbench.kernels.selective_scan.ops import (_bidir_op, _scan_op, bidirectional_scan_fake, has_memory_model,
                                                  scan_flops, selective_scan_fake)
 from vimbench.kernels.selective_scan.ref import bidirectional_scan_ref, selective_scan_ref
 
-__all__ = ["SCAN_BACKENDS", "SCAN_CHOICES", "STRIDED", "BackendUnavailable", "bidirectional_scan",
+__all__ = ["REGISTRY", "SCAN_BACKENDS", "SCAN_CHOICES", "BackendUnavailable", "ScanBackend", "bidirectional_scan",
            "bidirectional_scan_fake", "bidirectional_scan_ref", "check_scan_backend", "has_memory_model",
            "register_scan_backend", "resolve_scan_backend", "run_bidirectional_scan", "scan_backends", "scan_choices",
            "scan_flops", "selective_scan", "selective_scan_fake", "selective_scan_ref"]
@@ -58,10 +61,10 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError(f"z must have u's shape {tuple(u.shape)}; got {tuple(z.shape)}")
 
 
-def _contiguous(*tensors):
-    """The tensors contiguous, as the backends behind the custom ops read them (the backends in ``STRIDED``,
-    which read any strides, are called before these ops)."""
-    return tuple(None if t is None else t.contiguous() for t in tensors)
+def _as_read(record: ScanBackend, *tensors) -> tuple:
+    """The tensors in a layout ``record``'s backend reads: as they are for one that reads any strides
+    (``strided``), else contiguous."""
+    return tensors if record.strided else tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -69,16 +72,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """Selective scan with mamba_ssm's ``selective_scan_fn`` semantics (see ``ref.py``).
 
     u, delta, z: (b, E, L); A: (E, N); B, C: (b, N, L) or (b, G, N, L); D, delta_bias: (E,).
-    Inputs may have any strides (the cpp scan reads them as they are; the others get contiguous copies).
+    Inputs may have any strides (a backend that reads them as they are gets them so, the others get contiguous
+    copies).
     Math in float32 (float64 stays float64); returns out (b, E, L) in u's dtype, and with
     ``return_last_state`` also the final state (b, E, N). ``backend``: one of ``scan_choices()``.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     backend = resolve_scan_backend(backend, u.device)
-    if backend == "cpp":  # its compiled op directly (see ``ops.py``: its fake and FLOP formula are registered on it)
-        return compiled_cpu.selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                    return_last_state)
-    out, last = _scan_op(*_contiguous(u, delta, A, B, C, D, z, delta_bias), delta_softplus, backend)
+    record = REGISTRY[backend]
+    tensors = _as_read(record, u, delta, A, B, C, D, z, delta_bias)
+    if record.own_ops:  # its own op directly (see ``ops.py``: its fake and FLOP formula are registered on it)
+        return record.forward(*tensors, delta_softplus, return_last_state)
+    out, last = _scan_op(*tensors, delta_softplus, backend)
     return (out, last) if return_last_state else out
 
 
@@ -101,8 +106,8 @@ def run_bidirectional_scan(backend, u, delta, A, B, C, D, u_b, delta_b, A_b, B_b
     """``bidirectional_scan`` on a concrete ``backend`` (as ``resolve_scan_backend`` returns it), without its
     input checks: for a caller that resolved the backend and builds well-formed inputs, as the Vim model does
     once per forward for all its layers."""
-    if backend == "cpp":  # both directions in one compiled op, the output in time-major memory (for out_proj)
-        return compiled_cpu.bidirectional_scan_compiled(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
-                                                        delta_bias, delta_bias_b, delta_softplus, time_major_out=True)
-    return _bidir_op(*_contiguous(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
-                                  delta_bias_b), delta_softplus, backend)
+    record = REGISTRY[backend]
+    tensors = _as_read(record, u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b)
+    if record.own_ops:  # its own pair op directly
+        return record.pair(*tensors, delta_softplus)
+    return _bidir_op(*tensors, delta_softplus, backend)

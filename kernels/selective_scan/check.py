@@ -99,20 +99,20 @@ def check_backend(scan, device="cpu", dtypes=(torch.float32, torch.bfloat16)) ->
 
 def time_major(t: torch.Tensor) -> torch.Tensor:
     """``t`` (..., L) with the same values in time-major memory (L outermost after the batch), as the Vim
-    mixer hands its projections to a backend in ``STRIDED``."""
+    mixer hands its projections to a backend that reads any strides (``ScanBackend.strided``)."""
     return t.movedim(-1, 1).contiguous().movedim(1, -1)
 
 
 def check_entry_points(backend: str, device="cpu", dtypes=(torch.float32, torch.bfloat16)) -> CheckResult:
     """The outputs of scan backend ``backend`` (by name) as it is timed: through the public entry points, the
     one-direction scan and the bidirectional pair (a backend may compile its own pair op), on contiguous
-    inputs and, for a backend in ``STRIDED`` (which reads the strides it is given), on ``time_major`` ones;
+    inputs and, for a backend whose record is ``strided`` (it reads the strides it is given), on ``time_major`` ones;
     ``CASES`` x ``dtypes`` x with/without extras against float64 ``selective_scan_ref`` /
     ``bidirectional_scan_ref``, within ``TOLERANCES``. Stops at the first failure."""
-    from vimbench.kernels.selective_scan.backends import STRIDED
+    from vimbench.kernels.selective_scan.backends import REGISTRY
     torch.manual_seed(0)
     n = 0
-    layouts = ("contiguous", "time-major") if backend in STRIDED else ("contiguous",)
+    layouts = ("contiguous", "time-major") if REGISTRY[backend].strided else ("contiguous",)
     for name, shape in CASES.items():
         for dtype in dtypes:
             for extras in (True, False):
@@ -265,9 +265,9 @@ def check_named_backend(backend: str, device: str = "cpu", grads: bool = False) 
     With ``grads`` also ``forward_only`` ("" for a backend with a backward, else why it has none: no gradient
     check, and it cannot train) and, for a backend with a backward whose forward passed, ``check_backward``'s
     result: grad_checked, grad_ok, grad_failure, grad_worst."""
-    from vimbench.kernels.selective_scan.backends import IMPLS, check_scan_backend, forward_only
+    from vimbench.kernels.selective_scan.backends import REGISTRY, check_scan_backend, forward_only
     check_scan_backend(backend, device)
-    result = check_backend(IMPLS[backend], device)
+    result = check_backend(REGISTRY[backend].forward, device)
     for then in (check_entry_points, check_mixer):  # then as it is timed: the pair, its layouts, the layer
         if result.ok:
             more = then(backend, device)

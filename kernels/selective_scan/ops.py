@@ -8,9 +8,11 @@ Their autograd (``torch.library.register_autograd``) saves the inputs only and c
 through the backend's backward (``backends.scan_backward``; a forward-only backend raises
 ``BackendUnavailable`` there); they have fakes per backend too, and FLOP formulas from ``scan_bwd_flops``.
 The last state returned by ``vimbench::selective_scan`` is not differentiable (as in mamba_ssm).
-The ``cpp`` backend is not behind these ops: the entry points call its compiled ops directly, and the end of
-this file registers their fakes and the same FLOP formulas on them, and their autograd (the compiled backward
-ops, with their own fakes and ``scan_bwd_flops``).
+What runs inside, and each fake, is the backend's record (``backends.ScanBackend``: ``forward``, ``pair``, their
+fakes, ``backward``, ``backward_fake``). A backend whose record has ``own_ops`` (``cpp``) is not behind these
+ops: the entry points call its compiled ops directly, and the end of this file registers their fakes and the
+same FLOP formulas on them, and their autograd (the compiled backward ops, with their own fakes and
+``scan_bwd_flops``).
 """
 from __future__ import annotations
 
@@ -22,92 +24,26 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from vimbench.kernels.selective_scan import compiled_cpu
-from vimbench.kernels.selective_scan.backends import IMPLS, PLUGINS, TRITON_DESIGNS, scan_backward
-from vimbench.kernels.selective_scan.chunked import selective_scan_cpu, selective_scan_cpu_backward
-from vimbench.kernels.selective_scan.ref import (bidirectional_scan_ref, compute_dtype, expand_groups,
-                                                 finish_output, prepare_delta)
+from vimbench.kernels.selective_scan.backends import REGISTRY, scan_backward
+from vimbench.kernels.selective_scan.fakes import grads_fake, outputs_fake
+from vimbench.kernels.selective_scan.ref import bidirectional_scan_ref, compute_dtype
 
 @torch.library.custom_op("vimbench::selective_scan", mutates_args=())
 def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
              backend: str) -> tuple[Tensor, Tensor]:
-    out, last = IMPLS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+    out, last = REGISTRY[backend].forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
     return out, last
 
 
-# Fake implementations allocate what each backend allocates on a GPU, so that a storage tracker sees it
-# (vimbench.count.memory runs them inside its tracker): the outputs, plus temporaries allocated and freed at the
-# backend's peak. Shapes: b, E, L from u, N from A, T = min(scan_cpu.CHUNK, L).
-
-def _ref_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    """scan_ref: prepare_delta's copies, h and dA (b, E, N), the three (b, E, N) temporaries of the last
-    step, the L per-step outputs y_t (b, E) (one buffer here: the same bytes when b*E*4 is a multiple of
-    512, as for every Vim model), torch.stack's (b, E, L), then finish_output's temporaries."""
-    dt = compute_dtype(u)
-    b, E, L = u.shape
-    delta = prepare_delta(delta, delta_bias, delta_softplus, dt)
-    uf, Bf, Cf = u.to(dt), expand_groups(B.to(dt), E), expand_groups(C.to(dt), E)  # noqa: F841  (held, as in the loop)
-    h, dA = u.new_zeros(b, E, A.shape[1], dtype=dt), u.new_empty(b, E, A.shape[1], dtype=dt)  # noqa: F841
-    ys = u.new_empty(max(L - 1, 0), b, E, dtype=dt)  # noqa: F841  (held to the end, as the loop holds them)
-    step = [torch.empty_like(h) for _ in range(3)]   # dA*h, dBu, their sum
-    del step
-    ys_last = u.new_empty(b, E, dtype=dt)  # noqa: F841  (the last y_t, alive until the end like ys)
-    y = u.new_empty(b, E, L, dtype=dt)
-    out = finish_output(y, u, D, z, dt)
-    return (out, h) if return_last_state else out
-
-
-def _cpu_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    """scan_cpu itself: on fake tensors it allocates exactly what it allocates for real (it skips only its
-    step loop, which allocates nothing)."""
-    return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-
-
-def _mamba_ssm_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                    return_last_state=False):
-    """mamba_ssm's selective_scan_cuda.fwd: out (b, E, L), the chunk states x (b, E, ceil(L/2048), 2N)
-    float32 (the last state is a view of it), and out_z (b, E, L) when z is given (then out is dropped)."""
-    b, E, L = u.shape
-    out = torch.empty_like(u)
-    x = u.new_empty(b, E, max(1, -(-L // 2048)), 2 * A.shape[1], dtype=compute_dtype(u))
-    if z is not None:
-        out = torch.empty_like(z)
-    return (out, x[:, :, -1, 1::2]) if return_last_state else out
-
-
-def _triton_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                 return_last_state=False):
-    """scan_triton (fused): the (N, E) copy of A, out, and the last state (b, E, N) float32."""
-    A_t = A.t().contiguous()
-    out = torch.empty_like(u)
-    del A_t
-    last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=compute_dtype(u))
-    return (out, last) if return_last_state else out
-
-
-def _outputs_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                  return_last_state=False):
-    """The outputs alone, for a plug-in that registered no fake: shapes for FLOP counting on the meta device.
-    Memory prediction refuses such a backend (``has_memory_model``) instead of trusting this."""
-    out = torch.empty_like(u)
-    last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=compute_dtype(u))
-    return (out, last) if return_last_state else out
-
-
-_FAKES = {"ref": _ref_fake, "cpu": _cpu_fake, "triton": _triton_fake, "triton_pipelined": _triton_fake,
-          "mamba_ssm": _mamba_ssm_fake}
-"""The fakes of the backends that run through these ops (``cpp`` calls its compiled ops directly: their fakes
-are at the end of this file)."""
-
-
 def _fake(backend: str):
-    """``backend``'s fake: a built-in's above, or a plug-in's own (``_outputs_fake`` when it has none)."""
-    return _FAKES.get(backend) or PLUGINS[backend].fake or _outputs_fake
+    """``backend``'s fake: its record's (``fakes.outputs_fake`` for a plug-in that registered none)."""
+    return REGISTRY[backend].fake or outputs_fake
 
 
 @_scan_op.register_fake
 def selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
-    """The fake implementation of ``vimbench::selective_scan``: ``backend``'s allocations (see above)."""
+    """The fake implementation of ``vimbench::selective_scan``: ``backend``'s allocations (``fakes``)."""
     return _fake(backend)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
 
 @torch.library.custom_op("vimbench::bidirectional_scan", mutates_args=())
@@ -115,25 +51,24 @@ def _bidir_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
               u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor, D_b: Optional[Tensor],
               z: Optional[Tensor], delta_bias: Optional[Tensor], delta_bias_b: Optional[Tensor],
               delta_softplus: bool, backend: str) -> Tensor:
-    if backend in TRITON_DESIGNS:
-        from vimbench.kernels.selective_scan.triton_kernel import bidirectional_scan_triton
-        return bidirectional_scan_triton(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z,
-                                         delta_bias, delta_bias_b, delta_softplus, design=backend)
+    record = REGISTRY[backend]
+    if record.pair is not None:
+        return record.pair(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
+                           delta_softplus)
     return bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
-                                  delta_bias_b, delta_softplus, scan=IMPLS[backend])
+                                  delta_bias_b, delta_softplus, scan=record.forward)
 
 
 @_bidir_op.register_fake
 def bidirectional_scan_fake(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
                             delta_softplus, backend):
-    """The fake implementation of ``vimbench::bidirectional_scan``: triton runs both directions in one
-    kernel (the two (N, E) copies of A, then out); the other backends go through ``bidirectional_scan_ref``
-    (flipped copies, two outputs, the sum and the gate) with their one-direction allocations."""
-    if backend in TRITON_DESIGNS:
-        A_t = (A.t().contiguous(), A_b.t().contiguous())
-        out = torch.empty_like(u)
-        del A_t
-        return out
+    """The fake implementation of ``vimbench::bidirectional_scan``: the record's ``pair_fake`` (triton: both
+    directions in one kernel); the generic pair goes through ``bidirectional_scan_ref`` (flipped copies, two
+    outputs, the sum and the gate) with the one-direction allocations."""
+    pair_fake = REGISTRY[backend].pair_fake
+    if pair_fake is not None:
+        return pair_fake(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b,
+                         delta_softplus)
     return bidirectional_scan_ref(u, delta, A, B, C, D, u_b, delta_b, A_b, B_b, C_b, D_b, z, delta_bias,
                                   delta_bias_b, delta_softplus, scan=_fake(backend))
 
@@ -156,68 +91,17 @@ def _scan_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     return _present(*scan_backward(backend)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout))
 
 
-def _grads_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
-    """The gradients alone: for a plug-in that registered no ``backward_fake`` (shapes for FLOP counting), and
-    what every backward returns."""
-    return tuple(None if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
-
-
-def _ref_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
-    """autograd through scan_ref's loop, approximately: what the loop saves per step, the state h_t and
-    exp(delta_t*A) (b, E, N) each, so two (L, b, E, N) in the compute dtype; the gradients of the expanded
-    B and C, (b, E, N, L) each; then the gradients."""
-    dt = compute_dtype(u)
-    b, E, L = u.shape
-    saved = u.new_empty(2, L, b, E, A.shape[1], dtype=dt)  # noqa: F841  (held through the backward)
-    expanded = u.new_empty(2, b, E, A.shape[1], L, dtype=dt)  # noqa: F841
-    return _grads_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout)
-
-
-def _mamba_ssm_bwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
-    """mamba_ssm's fwd (its allocations, see ``_mamba_ssm_fake``), then its bwd: du, ddelta and dz like their
-    inputs, float32 dA, dD, ddelta_bias and dB, dC in B's shape (cast to B's dtype after), out_z again when
-    z is given."""
-    held = _mamba_ssm_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)  # noqa: F841
-    f32 = compute_dtype(u)
-    grads = [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A, dtype=f32),
-             torch.empty_like(B, dtype=f32), torch.empty_like(C, dtype=f32),
-             None if D is None else torch.empty_like(D, dtype=f32), None if z is None else torch.empty_like(z),
-             None if delta_bias is None else torch.empty_like(delta_bias, dtype=f32)]
-    out_z = None if z is None else torch.empty_like(z)  # noqa: F841
-    grads[3], grads[4] = grads[3].to(B.dtype), grads[4].to(C.dtype)
-    return tuple(grads)
-
-
-def _triton_bwd_fake(design):
-    """The Triton backward of ``design`` with its kernel skipped: its allocations (the (N, E) copy of A, the
-    gradients, the float32 partials, checkpoints and chunk states; ``triton_kernel._bwd_buffers``) and the sums."""
-    def fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout):
-        from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton_backward
-        return selective_scan_triton_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout,
-                                              design=design, launch=False)
-    return fake
-
-
-_BWD_FAKES = {"ref": _ref_bwd_fake, "cpu": selective_scan_cpu_backward, "mamba_ssm": _mamba_ssm_bwd_fake,
-              **{design: _triton_bwd_fake(design) for design in TRITON_DESIGNS}}
-"""The backwards' fakes, keyed like ``backends.BACKWARDS`` (``selective_scan_cpu_backward`` allocates on fake
-tensors what it allocates for real, skipping its step loops; so does the Triton backward with ``launch=False``)."""
-
-
 def _bwd_fake(backend: str):
     """``backend``'s backward fake; ``BackendUnavailable`` for a forward-only backend, as its backward raises."""
     scan_backward(backend)
-    return _BWD_FAKES.get(backend) or PLUGINS[backend].backward_fake or _grads_fake
+    return REGISTRY[backend].backward_fake or grads_fake
 
 
 def has_memory_model(backend: str, train: bool = False) -> bool:
-    """Whether fake tensors see what ``backend`` allocates on a GPU: every built-in with a CUDA implementation,
-    and a plug-in with a fake; with ``train`` its backward's too (a built-in with a backward, a plug-in with a
-    ``backward_fake``)."""
-    plugin = PLUGINS.get(backend)
-    if plugin is not None:
-        return plugin.fake is not None and (not train or plugin.backward_fake is not None)
-    return backend in _FAKES and (not train or backend in _BWD_FAKES)
+    """Whether fake tensors see what ``backend`` allocates on a GPU: its record has a ``fake`` (every built-in
+    with a CUDA implementation, a plug-in that registered one); with ``train`` a ``backward_fake`` too."""
+    record = REGISTRY.get(backend)
+    return record is not None and record.fake is not None and (not train or record.backward_fake is not None)
 
 
 @_scan_bwd_op.register_fake
@@ -277,8 +161,8 @@ def _bidir_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   delta_softplus: bool, backend: str) -> list[Tensor]:
     """The gradients of ``vimbench::bidirectional_scan``'s out for ``dout``: those of the 15 inputs that are
     given, in argument order (``_bidir_backward`` with ``backend``'s scan and backward)."""
-    return _present(*_bidir_backward(IMPLS[backend], scan_backward(backend), u, delta, A, B, C, D, u_b, delta_b,
-                                     A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b, delta_softplus, dout))
+    return _present(*_bidir_backward(REGISTRY[backend].forward, scan_backward(backend), u, delta, A, B, C, D, u_b,
+                                     delta_b, A_b, B_b, C_b, D_b, z, delta_bias, delta_bias_b, delta_softplus, dout))
 
 
 @_bidir_bwd_op.register_fake

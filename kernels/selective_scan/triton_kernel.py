@@ -35,8 +35,9 @@ stores y_f into the output, then the backward direction, reading its inputs (all
 at offsets L-1-i, adding y_f back and applying the shared silu(z) gate. y_f is therefore rounded once
 to the output dtype before the sum (exact for float32 outputs; at most one extra rounding for bf16/fp16).
 
-Backward (``selective_scan_triton_backward``, backends.BACKWARDS for both designs; the bidirectional pair's
-backward runs it once per direction through ``ops._bidir_backward``, flipping the backward direction's inputs):
+Backward (``selective_scan_triton_backward``, the backward of both designs' records in ``backends.REGISTRY``; the
+bidirectional pair's backward runs it once per direction through ``ops._bidir_backward``, flipping the backward
+direction's inputs):
 one program per (channel block, batch row) as in the forward, in the same design's tile and warps. It saves
 the state every ``BWD_CHUNK`` tokens in a first forward pass (the forward itself saves nothing: the custom
 op's autograd keeps the inputs only), then per chunk from last to first recomputes the chunk's states from

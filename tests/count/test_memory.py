@@ -13,7 +13,7 @@ from vimbench.analysis.paper import paper_gib
 from vimbench.config import MemoryConfig
 from vimbench.rows.memory import memory_row
 from vimbench.kernels.selective_scan import ops as ss_ops
-from vimbench.kernels.selective_scan.backends import IMPLS, scan_backward
+from vimbench.kernels.selective_scan.backends import REGISTRY, scan_backward
 from vimbench.baselines.deit import create_deit
 from vimbench.commands import main
 from vimbench.rows.schema import MEMORY
@@ -25,9 +25,9 @@ ss = importlib.import_module("vimbench.kernels.selective_scan")
 MiB = 1 << 20
 
 REAL_SCANS = {torch.ops.vimbench.selective_scan.default:
-              lambda *a: IMPLS[a[-1]](*a[:-1], return_last_state=True),
+              lambda *a: REGISTRY[a[-1]].forward(*a[:-1], return_last_state=True),
               torch.ops.vimbench.bidirectional_scan.default:
-              lambda *a: ss.bidirectional_scan_ref(*a[:-1], scan=IMPLS[a[-1]])}
+              lambda *a: ss.bidirectional_scan_ref(*a[:-1], scan=REGISTRY[a[-1]].forward)}
 """The scan ops run op by op under the tracker with their real implementations (``ref`` and ``cpu``)."""
 
 
@@ -357,7 +357,8 @@ def test_train_prediction_refuses_a_forward_only_scan_backend(fresh_plugins, cap
 def _real_bidir_bwd(*a):
     """``vimbench::bidirectional_scan_bwd`` run op by op under the tracker with its real implementation."""
     *tensors, dout, softplus, backend = a
-    return ss_ops._present(*ss_ops._bidir_backward(IMPLS[backend], scan_backward(backend), *tensors, softplus, dout))
+    return ss_ops._present(*ss_ops._bidir_backward(REGISTRY[backend].forward, scan_backward(backend), *tensors,
+                                                   softplus, dout))
 
 
 def test_fake_vim_train_trace_equals_real_cpu_trace():

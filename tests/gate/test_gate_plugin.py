@@ -1,5 +1,6 @@
 """`vimbench gate --scan NAME` and correctness before timing in the timing gate, deterministically: the suite's
 measured ratios are injected at its boundary (``gate_suite.run_suite``), so a planted 2x slowdown is exactly 2x."""
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from helpers import fresh_plugins, planted_wrong_scan  # noqa: F401
 from vimbench.gate import (suite as gate_suite, thresholds as gate_thresholds)
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import selective_scan_ref
-from vimbench.kernels.selective_scan.backends import IMPLS
+from vimbench.kernels.selective_scan.backends import REGISTRY
 from vimbench.measure import verify
 
 SCAN_BENCHMARKS = ("test_bench_scan.py::test_scan[{}]", "test_bench_scan.py::test_scan_vim_tiny_1248[{}]",
@@ -82,7 +83,7 @@ def test_scan_gate_refuses_a_wrong_backend_before_any_timing(suite, tmp_path, ca
 
 
 def test_timing_gate_does_not_time_a_builtin_that_fails_its_check(suite, monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(IMPLS, "cpu", planted_wrong_scan)
+    monkeypatch.setitem(REGISTRY, "cpu", dataclasses.replace(REGISTRY["cpu"], forward=planted_wrong_scan))
     monkeypatch.setattr(gate_suite, "timed_scans", lambda device, scan: ["ref", "cpu"])
     names = ["test_bench_scan.py::test_scan[cpu]", "test_bench_scan.py::test_scan[ref]"]
     path = tmp_path / "b.json"

@@ -11,7 +11,7 @@ from vimbench.commands import main
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels import peers
 from vimbench.kernels.selective_scan import check_scan_backend, scan_backends, selective_scan_ref
-from vimbench.kernels.selective_scan.backends import BACKWARDS, IMPLS, PLUGINS
+from vimbench.kernels.selective_scan.backends import REGISTRY
 from vimbench.kernels.selective_scan.check import GRAD_ATOL, GRAD_TOLERANCES, check_named_backend
 from vimbench.kernels.selective_scan.ref import selective_scan_ref_backward
 from vimbench.models.registry import check_backends
@@ -32,8 +32,7 @@ def no_mambapy(fresh_plugins, monkeypatch):
     monkeypatch.setitem(sys.modules, "mambapy", None)
     monkeypatch.setitem(sys.modules, "mambapy.mamba", None)
     for name in peers.MAMBAPY:
-        for registry in (PLUGINS, IMPLS, BACKWARDS):
-            registry.pop(name, None)
+        REGISTRY.pop(name, None)
 
 
 def test_without_mambapy_nothing_registers_and_asking_says_why(no_mambapy, capsys):
@@ -69,16 +68,16 @@ def test_intel_extension_says_why_in_one_line():
 def test_mambapy_matches_the_reference(fresh_plugins, name, case):
     """Forward, last state and every gradient of mambapy's scans (through the entry point, fp32, with D, z,
     delta_bias and softplus) against float64 ``ref`` and its autograd."""
-    assert name in scan_backends() and PLUGINS[name].package == "vimbench"
+    assert name in scan_backends() and REGISTRY[name].package == "vimbench"
     torch.manual_seed(0)
     args, kw = scan_case(*CASES[case])
-    out, last = IMPLS[name](*args, **kw, return_last_state=True)
+    out, last = REGISTRY[name].forward(*args, **kw, return_last_state=True)
     ref, ref_last = selective_scan_ref(*_f64(args, kw)[0], **_f64(args, kw)[1], return_last_state=True)
     assert_close(f"{name} out", ref, out)
     assert_close(f"{name} last state", ref_last, last, torch.float32)
     inputs = (*args, kw["D"], kw["z"], kw["delta_bias"], True)
     dout = torch.randn_like(out)
-    grads = BACKWARDS[name](*inputs, dout)
+    grads = REGISTRY[name].backward(*inputs, dout)
     want = selective_scan_ref_backward(*_f64(inputs[:8], {})[0], True, dout.double())
     for n, g, w in zip(GRAD_NAMES, grads, want):
         err, bound = (g.double() - w).abs().max().item(), GRAD_TOLERANCES[torch.float32] * w.abs().max().item()

@@ -16,7 +16,7 @@ from vimbench.kernels.peers import MAMBAPY
 from vimbench.kernels.attention import attention, attention_backends, attention_eager
 from vimbench.kernels.selective_scan import (SCAN_BACKENDS, check_scan_backend, scan_backends, selective_scan,
                                             selective_scan_ref)
-from vimbench.kernels.selective_scan.backends import PLUGINS
+from vimbench.kernels.selective_scan.backends import REGISTRY
 from vimbench.kernels.selective_scan.check import check_backend, check_named_backend
 
 
@@ -30,9 +30,9 @@ def example(fresh_plugins, monkeypatch, tmp_path):
 
 
 def test_entry_point_loads_lazily_and_the_backend_is_the_reference(example):
-    assert "example" not in PLUGINS                               # nothing loaded at import
+    assert "example" not in REGISTRY                               # nothing loaded at import
     assert "example" in scan_backends()
-    plugin = PLUGINS["example"]
+    plugin = REGISTRY["example"]
     assert plugin.package == "vimbench-scan-plugin" and plugin.devices == ("cpu", "cuda") and plugin.backward
     args, kw = scan_case(2, 6, 7, 4, 1)
     out, last = selective_scan(*args, **kw, return_last_state=True, backend="example")

@@ -112,6 +112,6 @@ def test_backward_cuda_matches_float64_autograd_of_ref(shape, dtype, design, fre
 @pytest.mark.parametrize("design", DESIGNS)
 def test_backward_cuda_matches_mamba_ssm(shape, dtype, design, fresh_seed):
     """Against mamba_ssm's own CUDA backward (float32 math in both), by the gradient check's rule."""
-    from vimbench.kernels.selective_scan.backends import BACKWARDS
+    from vimbench.kernels.selective_scan.backends import scan_backward
     inputs, dout = _backward_inputs(shape, dtype)
-    assert_grads_close(BACKWARDS["mamba_ssm"](*inputs, dout), BACKWARDS[design](*inputs, dout), dtype)
+    assert_grads_close(scan_backward("mamba_ssm")(*inputs, dout), scan_backward(design)(*inputs, dout), dtype)

@@ -123,7 +123,7 @@ def test_backward_matches_float64_autograd_of_ref(shape, extras, dtype, design, 
 @pytest.mark.parametrize("design", DESIGNS)
 def test_training_through_the_entry_points_matches_ref(design):
     """Gradients through ``selective_scan`` and ``bidirectional_scan`` (the custom ops' autograd, the
-    Triton backward in the BACKWARDS table) against the same calls with backend 'ref', float32."""
+    Triton backward in its record) against the same calls with backend 'ref', float32."""
     from vimbench.kernels.selective_scan import bidirectional_scan, selective_scan
     from vimbench.kernels.selective_scan.backends import has_backward
     assert has_backward(design)

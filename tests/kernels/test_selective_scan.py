@@ -212,7 +212,7 @@ def test_a_cpp_scan_wrong_only_in_the_pair_or_only_on_time_major_inputs_is_not_t
     timed too: check_scans, which gate, kernels and gpu-check run before any timing, refuses it, naming the
     first case (of ``check_entry_points``) that is 0.1 off."""
     from vimbench.kernels.selective_scan import compiled_cpu
-    from vimbench.kernels.selective_scan.backends import IMPLS
+    from vimbench.kernels.selective_scan.backends import REGISTRY
     from vimbench.measure import verify
     try:
         compiled_cpu.build()
@@ -220,7 +220,7 @@ def test_a_cpp_scan_wrong_only_in_the_pair_or_only_on_time_major_inputs_is_not_t
         pytest.skip(f"the cpp scan does not build here: {e}")
     monkeypatch.setattr(compiled_cpu, attr, plant(getattr(compiled_cpu, attr)))
     monkeypatch.setattr(verify, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
-    assert check_backend(IMPLS["cpp"]).ok
+    assert check_backend(REGISTRY["cpp"].forward).ok
     failed = verify.check_scans(["cpp"], "cpu", log=lambda line: None)
     assert list(failed) == ["cpp"]
     assert failed["cpp"].startswith(f"correctness check failed: {first} float32 {where}: out differs from the "

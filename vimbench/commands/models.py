@@ -6,7 +6,7 @@ import torch
 
 from vimbench.commands.options import check_resolution
 from vimbench.kernels.attention import ATTENTION_PLUGINS
-from vimbench.kernels.selective_scan.backends import PLUGINS
+from vimbench.kernels.selective_scan.backends import scan_plugins
 from vimbench.models.registry import DEFAULT_OPTIONS, count_params, create_model, list_models, model_entry
 from vimbench.present.tables import format_table
 
@@ -35,7 +35,8 @@ def command(res):
                     memory_prediction="yes" if p.fake else "unavailable",
                     backward=("yes" if p.backward else "forward-only") if kind == "scan" else "autograd",
                     description=p.description)
-               for kind, registry in (("scan", PLUGINS), ("attention", ATTENTION_PLUGINS)) for p in registry.values()]
+               for kind, registry in (("scan", scan_plugins()), ("attention", ATTENTION_PLUGINS))
+               for p in registry.values()]
     if plugins:
         click.echo("\nplug-in backends:")
         click.echo(format_table(plugins, ["kind", "backend", "package", "devices", "memory_prediction", "backward",

@@ -16,7 +16,7 @@ Ops (inputs are built by ``OpSpec.build``, outside any timed region):
                 (b, L, D) -> (b, L, D)
 A, D and delta_bias are float32 (Vim passes them as .float()); every other tensor is in the run's dtype.
 Layout per backend: the scan's (b, channels, L) inputs are built in the layout the backend reads (``scan_input``):
-time-major memory, as the Vim mixer produces it, for the backends that read strided inputs (``STRIDED``),
+time-major memory, as the Vim mixer produces it, for the backends whose record reads any strides (``strided``),
 contiguous for the others, so that each backend is timed at its best and none pays a layout copy in the timed
 region. Values: Vim's initialisation (A = -[1..N] per channel, D = 1, softplus(delta_bias) = 0.01), normal inputs.
 
@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vimbench.count.flops import flop_category
 from vimbench.kernels.attention import attention
-from vimbench.kernels.selective_scan import STRIDED, bidirectional_scan, selective_scan
+from vimbench.kernels.selective_scan import REGISTRY, bidirectional_scan, selective_scan
 from vimbench.kernels.selective_scan.ops import scan_bwd_flops
 from vimbench.measure.core import DTYPES
 from vimbench.models.registry import count_params, create_model
@@ -94,9 +94,9 @@ class Prepared:
 
 def scan_input(b: int, channels: int, L: int, impl: str, device, dtype) -> torch.Tensor:
     """A random (b, channels, L) scan input laid out as backend ``impl`` reads it: time-major memory (the
-    transpose of a contiguous (b, L, channels) tensor, as the Vim mixer produces) for a backend in ``STRIDED``,
-    contiguous (b, channels, L) for the others."""
-    if impl in STRIDED:
+    transpose of a contiguous (b, L, channels) tensor, as the Vim mixer produces) for a backend whose record
+    reads any strides (``ScanBackend.strided``), contiguous (b, channels, L) for the others."""
+    if REGISTRY[impl].strided:
         return torch.randn(b, L, channels, device=device, dtype=dtype).transpose(1, 2)
     return torch.randn(b, channels, L, device=device, dtype=dtype)
 

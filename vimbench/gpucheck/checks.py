@@ -114,7 +114,7 @@ def backward_at_floor(dtype: str, mamba: bool) -> dict:
     from triton.testing import do_bench
 
     from vimbench.kernels.exp_rate import measure_exp2_rate
-    from vimbench.kernels.selective_scan.backends import BACKWARDS
+    from vimbench.kernels.selective_scan.backends import scan_backward
     from vimbench.kernels.selective_scan.check import GRAD_ATOL, GRAD_TOLERANCES, scan_case
     from vimbench.kernels.selective_scan.triton_kernel import selective_scan_triton
     from vimbench.count.ops import model_geometry
@@ -124,11 +124,12 @@ def backward_at_floor(dtype: str, mamba: bool) -> dict:
     (u, delta, A, B, C), kw = scan_case(g.batch, g.d_inner, g.L, g.d_state, 0, dtype=torch_dtype, device="cuda")
     inputs = (u, delta, A, B, C, kw["D"], kw["z"], kw["delta_bias"], True)
     dout = torch.randn_like(u)
-    references = {"cpu": BACKWARDS["cpu"](*inputs, dout)}
+    references = {"cpu": scan_backward("cpu")(*inputs, dout)}
     result = {"shape": dict(b=g.batch, E=g.d_inner, L=g.L, N=g.d_state, dtype=dtype)}
     if mamba:
-        references["mamba_ssm"] = BACKWARDS["mamba_ssm"](*inputs, dout)
-        result["mamba_ssm_bwd_ms"] = do_bench(lambda: BACKWARDS["mamba_ssm"](*inputs, dout), quantiles=None,
+        mamba_backward = scan_backward("mamba_ssm")
+        references["mamba_ssm"] = mamba_backward(*inputs, dout)
+        result["mamba_ssm_bwd_ms"] = do_bench(lambda: mamba_backward(*inputs, dout), quantiles=None,
                                               return_mode="median")
     src = torch.empty(2 ** 28, device="cuda")
     copy_ms = do_bench(lambda: torch.empty_like(src).copy_(src), quantiles=None, return_mode="median")
@@ -138,13 +139,14 @@ def backward_at_floor(dtype: str, mamba: bool) -> dict:
     del src
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     for design in TRITON_DESIGNS:
-        got = BACKWARDS[design](*inputs, dout)
+        backward = scan_backward(design)
+        got = backward(*inputs, dout)
         failures = [f"d{n} differs from {ref}'s by {(x.double() - w.double()).abs().max().item():.3g}"
                     for ref, want in references.items() for n, x, w in zip(names, got, want)
                     if not (x.double() - w.double()).abs().max().item()
                     <= GRAD_TOLERANCES[torch_dtype] * w.double().abs().max().item() + GRAD_ATOL]
         fwd_ms = do_bench(lambda: selective_scan_triton(*inputs, design=design), quantiles=None, return_mode="median")
-        bwd_ms = do_bench(lambda: BACKWARDS[design](*inputs, dout), quantiles=None, return_mode="median")
+        bwd_ms = do_bench(lambda: backward(*inputs, dout), quantiles=None, return_mode="median")
         result[design] = dict(fwd_ms=fwd_ms, bwd_ms=bwd_ms, bwd_over_fwd=bwd_ms / fwd_ms,
                               bwd_over_floor=bwd_ms / result["floor_ms"], grad_failures=failures)
         if mamba:

@@ -27,6 +27,7 @@ from timm.layers import lecun_normal_, trunc_normal_
 
 from vimbench.kernels import (add_rms_norm, causal_conv1d_pair, resolve_scan_backend, run_bidirectional_scan,
                               scan_choices)
+from vimbench.kernels.selective_scan import REGISTRY
 
 
 class PatchEmbed(nn.Module):
@@ -46,9 +47,9 @@ class PatchEmbed(nn.Module):
 
 
 def fused_impl(scan: str) -> str:
-    """The implementation of the causal convs and of the add + RMSNorm that goes with scan backend ``scan``:
-    the compiled CPU kernels with ``cpp``, PyTorch's ops otherwise."""
-    return "cpp" if scan == "cpp" else "torch"
+    """The implementation of the causal convs and of the add + RMSNorm that goes with scan backend ``scan``: its
+    record's ``companion_impl`` (the compiled CPU kernels with ``cpp``, PyTorch's ops otherwise)."""
+    return REGISTRY[scan].companion_impl
 
 
 class BiMambaMixer(nn.Module):
@@ -99,7 +100,7 @@ class BiMambaMixer(nn.Module):
         forward); None resolves ``self.scan`` here."""
         # Every (b, channels, M) tensor below is a view of time-major (b, M, channels) memory, except the conv
         # outputs of the torch conv path (contiguous (b, E, M)); the scan's entry point copies its inputs to the
-        # layout the backend reads (a backend in STRIDED, the cpp scan, reads them as they are).
+        # layout the backend reads (one whose record is ``strided``, the cpp scan, reads them as they are).
         scan = resolve_scan_backend(self.scan, h.device) if scan is None else scan
         xz = self.in_proj(h).transpose(1, 2)                                    # (b, 2E, M)
         x, z = xz.chunk(2, dim=1)
