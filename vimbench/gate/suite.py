@@ -42,6 +42,10 @@ CONFIRM_ATTEMPTS = 2
 attempt, so it fails only when every attempt is over. A real slowdown persists; a neighbour's burst rarely
 lasts through all attempts."""
 
+PLUGIN_AUTOLOAD = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+"""The suite's pytest loads pytest-benchmark alone (named with -p), not every pytest plug-in installed: importing
+hypothesis's took about a tenth of a suite run's CPU time, paid by each of ``gate --base``'s four runs."""
+
 SCAN_SUITE = ("test_bench_scan.py", "test_bench_models.py::test_vim_tiny_scan")
 """The benchmarks of one scan backend's gate (the suite run with ``--scan NAME``)."""
 
@@ -112,7 +116,7 @@ def run_suite(device: str, select: str | None, log=print, tests: list[str] | Non
     pytest-benchmark is not installed; RuntimeError (with pytest's output) when a benchmark fails."""
     if importlib.util.find_spec("pytest_benchmark") is None:
         raise InputError("the timing gate runs its suite with pytest-benchmark: pip install 'vimbench[gate]'")
-    suite_dir, env = SUITE_DIR, {**SUITE_ENV, **(env or {})}
+    suite_dir, env = SUITE_DIR, {**SUITE_ENV, **PLUGIN_AUTOLOAD, **(env or {})}
     if base is not None:  # the base's package first on the path; the suite's process runs in a temporary folder
         suite_dir, env["PYTHONPATH"] = base.suite, os.pathsep.join(map(str, base.path))
     elif REPO_ROOT is not None:  # this checkout's package, installed or not
@@ -120,7 +124,8 @@ def run_suite(device: str, select: str | None, log=print, tests: list[str] | Non
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "bench.json"
         paths = [str(suite_dir / t) for t in tests or (SCAN_SUITE if scan else [""])]
-        cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider", f"--rootdir={suite_dir}",
+        cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "pytest_benchmark.plugin", "-p", "no:cacheprovider",
+               f"--rootdir={suite_dir}",
                f"--device={device}", f"--benchmark-timer={CLOCKS[device]}", "--benchmark-disable-gc",
                f"--benchmark-json={out_json}", "--benchmark-columns=median,iqr,rounds"]
         if scan:
