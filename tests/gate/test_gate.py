@@ -182,7 +182,7 @@ def test_gate_without_a_stored_baseline_says_so_and_compares_with_the_default_ba
     calls = []
     monkeypatch.setattr(gate_store, "BASELINE_DIR", tmp_path)
     monkeypatch.setattr(gate_base, "install_base", lambda rev, log: calls.append(rev) or tmp_path)
-    monkeypatch.setattr(gate_base, "check_against_base", lambda base, device, select, log, exclude:
+    monkeypatch.setattr(gate_base, "check_against_base", lambda base, device, select, log, exclude, scan:
                         gate_thresholds.compare_with_base([_run(a=1.0)], [_run(a=2.5)], complete=True))
     code, out, err = run(["gate", "--device", "cpu", "-k", SMALL_SELECTION], capsys)
     rev, why = gate_base.default_base()

@@ -177,6 +177,7 @@ py-modules = ["plugscan"]
     return repo
 
 
+@pytest.mark.slow
 def test_plugin_base_installs_that_revision_of_the_plugin_and_its_entry_point_registers_it(plugin_repo, monkeypatch,
                                                                                          capsys):
     """The wiring, without timing: each side's 'ratio' is the REPEAT of the plugscan that side's suite process

@@ -99,6 +99,9 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
     if baseline is not None and baseline.get("scan") != scan:
         raise InputError(f"--baseline {path} is the baseline of {baseline.get('scan') or 'the whole suite'}, "
                          f"not of --scan {scan}")
+    tree = _install_base(device, base_rev, scan) if base_rev else None  # a bad revision fails before the checks
+    if base_rev and tree is None:
+        return 1
     failed = check_scans(suite.timed_scans(device, scan), device, click.echo)
     for name, why in failed.items():
         click.echo(f"timing gate: scan backend {name} is not timed: {why}", err=True)
@@ -106,7 +109,7 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
         click.echo("timing gate: FAILED: correctness before speed; nothing timed", err=True)
         return 1
     if base_rev:
-        return _check_base(device, select, base_rev, suite.excluded_terms(list(failed), device), scan)
+        return _check_base(device, select, base_rev, tree, suite.excluded_terms(list(failed), device), scan)
     if update:
         return _update_timing(device, select, suite.DEFAULT_BASELINE_RUNS if runs is None else runs, path, scan)
     return _check_timing(device, select, path, baseline, scan, suite.excluded_terms(list(failed), device))
@@ -139,13 +142,23 @@ def _verdict(result: thresholds.TimingComparison, against: str) -> int:
     return 0
 
 
-def _check_base(device: str, select: str | None, rev: str, exclude: list[str], scan: str | None) -> int:
+def _install_base(device: str, rev: str, scan: str | None) -> suite.BaseTree | None:
+    """REV installed: of the plug-in package that registers ``scan``, else of vimbench; None (said on stderr)
+    when pip fails."""
     plugin = scan in PLUGINS
     what = f"package {PLUGINS[scan].package!r} (scan backend {scan})" if plugin else "vimbench"
     click.echo(f"timing gate on {device}: {what} at base {rev} against this tree, timed in one run")
+    try:
+        return base.install_plugin_base(scan, rev, click.echo) if plugin else base.install_base(rev, click.echo)
+    except RuntimeError as e:
+        click.echo(f"timing gate: FAILED: {e}", err=True)
+        return None
+
+
+def _check_base(device: str, select: str | None, rev: str, tree: suite.BaseTree, exclude: list[str],
+                scan: str | None) -> int:
     start = time.monotonic()
     try:
-        tree = base.install_plugin_base(scan, rev, click.echo) if plugin else base.install_base(rev, click.echo)
         result = base.check_against_base(tree, device, select, click.echo, exclude, scan)
     except RuntimeError as e:
         click.echo(f"timing gate: FAILED: {e}", err=True)
