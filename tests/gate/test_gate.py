@@ -136,6 +136,37 @@ def test_base_comparison_fails_a_2x_slowdown_with_a_threshold_from_the_runs_spre
     assert gate_thresholds.compare_with_base(base, cur, complete=False).regressions == ["a"]
 
 
+@pytest.mark.parametrize("budget,call_s,rounds", [(None, 0.01, 25), (0.5, 0.01, 13), (None, 1.0, 5), (0.5, 1.0, 3)])
+def test_gate_base_halves_the_rounds_of_every_benchmark_both_bounds_included(monkeypatch, budget, call_s, rounds):
+    """A call of ``call_s`` (>= MIN_ROUND_S: one call per round): 100 rounds in the 1 s budget (capped at 25,
+    at 13 with half the budget) or 1 (raised to 5, to 3): each side of ``gate --base`` times two runs of about
+    half a stored-baseline run's rounds. No warm-up round: a calibration for every timed round."""
+    if budget is not None:
+        monkeypatch.setenv(gate_calibration.ROUND_BUDGET_ENV, str(budget))
+    now = [0.0]
+
+    def call():
+        now[0] += call_s
+
+    class Benchmark:
+        extra_info = {}
+
+        def pedantic(self, target, setup, rounds):
+            self.rounds = rounds
+            for _ in range(rounds):
+                setup()
+                target()
+
+    class Calibration:
+        def measure(self, clock):
+            return 1.0, 2.0
+
+    bench = Benchmark()
+    gate_calibration.measure_calibrated(bench, call, torch.device("cpu"), Calibration(), lambda: now[0])
+    assert bench.rounds == rounds and len(bench.extra_info["calibration_memory_s"]) == rounds
+    assert now[0] == pytest.approx((rounds + 2) * call_s)          # the warm-up call, the probe, the rounds
+
+
 def test_baseline_key_separates_cpu_capabilities_cores_and_torch_versions(monkeypatch):
     key = gate_store.device_class("cpu")
     capability = torch.backends.cpu.get_cpu_capability()
@@ -151,7 +182,7 @@ def test_gate_without_a_stored_baseline_says_so_and_compares_with_the_default_ba
     calls = []
     monkeypatch.setattr(gate_store, "BASELINE_DIR", tmp_path)
     monkeypatch.setattr(gate_base, "install_base", lambda rev, log: calls.append(rev) or tmp_path)
-    monkeypatch.setattr(gate_base, "check_against_base", lambda base, device, select, log, exclude:
+    monkeypatch.setattr(gate_base, "check_against_base", lambda base, device, select, log, exclude, scan:
                         gate_thresholds.compare_with_base([_run(a=1.0)], [_run(a=2.5)], complete=True))
     code, out, err = run(["gate", "--device", "cpu", "-k", SMALL_SELECTION], capsys)
     rev, why = gate_base.default_base()
@@ -168,7 +199,7 @@ def test_without_git_the_default_base_is_bad_input(monkeypatch, tmp_path):
 
 def test_base_bad_input_is_one_line_exit_2(capsys):
     for argv in (["gate", "--base", "no-such-revision-xyz", "-k", SMALL_SELECTION],
-                 ["gate", "--base", "HEAD", "--update"], ["gate", "--base", "HEAD", "--scan", "cpu"]):
+                 ["gate", "--base", "HEAD", "--update"], ["gate", "--base", "HEAD", "--deterministic"]):
         code, out, err = run(argv, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, argv
 

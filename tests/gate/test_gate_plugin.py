@@ -2,12 +2,15 @@
 measured ratios are injected at its boundary (``gate_suite.run_suite``), so a planted 2x slowdown is exactly 2x."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 import vimbench
-from helpers import fresh_plugins, planted_wrong_scan  # noqa: F401
-from vimbench.gate import (suite as gate_suite, thresholds as gate_thresholds)
+from helpers import fake_install, fresh_plugins, planted_wrong_scan  # noqa: F401
+from vimbench.gate import (base as gate_base, suite as gate_suite, thresholds as gate_thresholds)
 from vimbench.commands import main
 from vimbench.kernels.selective_scan import selective_scan_ref
 from vimbench.kernels.selective_scan.backends import REGISTRY
@@ -109,3 +112,134 @@ def test_scan_gate_bad_input_is_one_line_exit_2(suite, tmp_path, capsys):
         code, _, err = run(argv, capsys)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert suite.calls == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# gate --scan NAME --base REV in the plug-in's repository
+# ----------------------------------------------------------------------------------------------------
+
+PLUGIN_SOURCE = '''
+REPEAT = {repeat}
+
+
+def scan(*args, **kwargs):
+    """The reference scan, run REPEAT times: REPEAT x its time."""
+    from vimbench.kernels.selective_scan import selective_scan_ref
+    for _ in range(REPEAT - 1):
+        selective_scan_ref(*args, **kwargs)
+    return selective_scan_ref(*args, **kwargs)
+
+
+def register():
+    import vimbench
+    vimbench.register_scan_backend("plugscan", scan, devices="cpu")
+'''
+PLUGIN_DIST = "vimbench-plugscan"
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)
+
+
+@pytest.fixture
+def plugin_repo(fresh_plugins, monkeypatch, tmp_path):
+    """A plug-in package (scan backend 'plugscan', distribution ``PLUGIN_DIST``) in a git repository, the
+    current folder: the first commit runs the reference scan once, the second (HEAD, also the working tree,
+    installed as pip would: on the path of this process and of the suite's) twice. Returns the repository."""
+    repo, site = tmp_path / "repo", tmp_path / "site"
+    repo.mkdir()
+    (repo / "pyproject.toml").write_text(f'''[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{PLUGIN_DIST}"
+version = "0.1.0"
+
+[project.entry-points."vimbench.scan_backends"]
+plugscan = "plugscan:register"
+
+[tool.setuptools]
+py-modules = ["plugscan"]
+''')
+    _git(repo, "init", "-q")
+    for repeat in (1, 2):
+        (repo / "plugscan.py").write_text(PLUGIN_SOURCE.format(repeat=repeat))
+        _git(repo, "add", ".")
+        _git(repo, "commit", "-q", "-m", f"{repeat}x")
+    fake_install(site, PLUGIN_DIST, {"plugscan": "plugscan:register"})
+    for path in (site, repo):
+        monkeypatch.syspath_prepend(str(path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo), str(site)]))
+    monkeypatch.setattr(gate_base, "install_root", lambda: tmp_path / "installed")
+    monkeypatch.setattr(verify, "run_isolated", lambda fn, args, timeout=None: {"status": "ok", **fn(*args)})
+    monkeypatch.chdir(repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_plugin_base_installs_that_revision_of_the_plugin_and_its_entry_point_registers_it(plugin_repo, monkeypatch,
+                                                                                         capsys):
+    """The wiring, without timing: each side's 'ratio' is the REPEAT of the plugscan that side's suite process
+    would import and register (the base's asked of a Python process on the base's PYTHONPATH)."""
+    seen = []
+
+    def fake_run_suite(device, select, log, scan=None, env=None, base=None, exclude=()):
+        seen.append((scan, base))
+        if base is None:
+            import plugscan
+            repeat, package = plugscan.REPEAT, REGISTRY["plugscan"].package
+        else:
+            probe = ("from vimbench.kernels.selective_scan.backends import REGISTRY, scan_backends; scan_backends(); "
+                     "import plugscan; print(plugscan.REPEAT, REGISTRY['plugscan'].package, plugscan.__file__)")
+            probe_env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, base.path))}
+            proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                                  cwd=plugin_repo.parent, env=probe_env)
+            repeat, package, where = proc.stdout.split()
+            assert where.startswith(str(base.path[0]))
+        assert package == PLUGIN_DIST
+        return {f"test_bench_scan.py::test_scan[{scan}]": {"ratios": dict.fromkeys(gate_thresholds.REFERENCES,
+                                                                                  float(repeat)),
+                                                          "seconds": 0.01 * int(repeat)}}, {}
+
+    monkeypatch.setattr(gate_suite, "run_suite", fake_run_suite)
+    code, out, err = run(["gate", "--scan", "plugscan", "--base", "HEAD~1", "--device", "cpu"], capsys)
+    assert code == 1 and "FAILED: 1 benchmark(s) slower than base HEAD~1" in err, out + err
+    assert f"package '{PLUGIN_DIST}' (scan backend plugscan) at base HEAD~1" in out
+    row = next(line for line in out.splitlines() if line.startswith("test_bench_scan.py::test_scan[plugscan]"))
+    # every spread 0: the first reference, the threshold floor
+    assert row.split()[1:6] == [gate_thresholds.REFERENCES[0], "1", "2", "2", "+20%"] and "SLOWER" in row
+    assert [s for s, _ in seen] == ["plugscan"] * 4 and [b is None for _, b in seen] == [False, True, True, False]
+    assert not list(plugin_repo.glob("*.json"))                     # no stored baseline read or written
+    code, out, err = run(["gate", "--scan", "plugscan", "--base", "HEAD", "--device", "cpu"], capsys)
+    assert code == 0 and "timing gate: ok (1 benchmarks within their thresholds of base HEAD)" in out, out + err
+
+
+def test_plugin_base_bad_input_is_one_line_exit_2(plugin_repo, monkeypatch, tmp_path, capsys):
+    for argv, msg in ((["--base", "no-such-revision"], "--base no-such-revision: not a commit of"),
+                      (["--base", "HEAD", "--baseline", "x.json"], "it excludes --update, --baseline")):
+        code, _, err = run(["gate", "--scan", "plugscan", "--device", "cpu", *argv], capsys)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "pyproject.toml").write_text((plugin_repo / "pyproject.toml").read_text().replace(PLUGIN_DIST, "other"))
+    (other / "plugscan.py").write_text("")
+    _git(other, "init", "-q")
+    _git(other, "add", ".")
+    _git(other, "commit", "-q", "-m", "another package")
+    for folder, msg in ((tmp_path, "run it inside the git repository of package"),
+                        (other, f"installs other, not package '{PLUGIN_DIST}'")):
+        monkeypatch.chdir(folder)
+        code, _, err = run(["gate", "--scan", "plugscan", "--base", "HEAD", "--device", "cpu"], capsys)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (folder, err)
+
+
+@pytest.mark.noisy
+@pytest.mark.slow
+def test_plugin_base_gate_fails_the_plugins_2x_slower_commit(plugin_repo, capsys):
+    code, out, err = run(["gate", "--scan", "plugscan", "--base", "HEAD~1", "--device", "cpu", "-k",
+                          "test_scan and not 1248"], capsys)
+    row = next(line for line in out.splitlines() if "test_scan[plugscan]" in line)
+    assert code == 1 and "SLOWER" in row and "test_scan[plugscan]" in err, out + err
+    assert not list(plugin_repo.glob("*.json"))

@@ -16,6 +16,7 @@ from vimbench.gate.calibration import suite_environment
 from vimbench.errors import BackendUnavailable, InputError
 from vimbench.kernels.selective_scan import check_scan_backend
 from vimbench.measure.verify import check_scans
+from vimbench.kernels.selective_scan.backends import scan_plugins
 from vimbench.present.tables import format_table
 
 TIMING_COLUMNS = ["benchmark", "reference", "baseline", "now", "change", "threshold", "ms_now", "attempts", "status"]
@@ -41,9 +42,10 @@ DIFF_COLUMNS = ["section", "item", "field", "baseline", "now", "change"]
               help="Baseline file (default, in a checkout: benchmarks/baselines/<machine key>.json, or "
                    "deterministic.json).")
 @click.option("--base", "base_rev", default=None,
-              help="Compare with revision BASE of this repository, both timed in this run, instead of a stored "
-                   "baseline (default when none is stored for this machine: the merge-base of HEAD with "
-                   "origin/main or main, else HEAD~1).")
+              help="Compare with revision BASE of this repository (with --scan NAME of a plug-in: of the plug-in's "
+                   "repository, the current folder's), both timed in this run, instead of a stored baseline "
+                   "(default when none is stored for this machine: the merge-base of HEAD with origin/main or "
+                   "main, else HEAD~1).")
 @click.pass_context
 def command(ctx, deterministic, update, device_spec, select, runs, scan, baseline_path, base_rev):
     """Regression gate for CI. Exits 1 on a regression, with a table of what moved, 0 otherwise.
@@ -62,7 +64,9 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
     --base REV: installs REV of this repository into a cache folder (its own compiled kernels) and runs its
     suite and this tree's interleaved (base, current, current, base) on this machine, each benchmark's
     threshold from the spread of those runs; no stored baseline is read or written. This is also what the
-    timing gate does, saying so, on a machine without a stored baseline.
+    timing gate does, saying so, on a machine without a stored baseline. With --scan NAME of a plug-in, run in
+    the plug-in's repository: REV of that package is installed instead, its suite runs with it first on the
+    path (its entry point registers the base's NAME), and only NAME's benchmarks are timed.
     """
     if runs is not None and not update:
         raise InputError("--runs applies to --update only")
@@ -70,9 +74,8 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
         raise InputError(f"--runs must be >= {suite.MIN_BASELINE_RUNS} to measure the noise, got {runs}")
     if baseline_path is not None and baseline_path.is_dir():
         raise InputError(f"--baseline {str(baseline_path)!r} is a directory; name a .json file")
-    if base_rev is not None and (update or baseline_path or scan or deterministic):
-        raise InputError("--base compares with a revision: it excludes --update, --baseline, --scan and "
-                         "--deterministic")
+    if base_rev is not None and (update or baseline_path or deterministic):
+        raise InputError("--base compares with a revision: it excludes --update, --baseline and --deterministic")
     if deterministic:
         explicit_device = ctx.get_parameter_source("device_spec") != click.core.ParameterSource.DEFAULT
         if explicit_device or select or runs is not None or scan:
@@ -96,6 +99,9 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
     if baseline is not None and baseline.get("scan") != scan:
         raise InputError(f"--baseline {path} is the baseline of {baseline.get('scan') or 'the whole suite'}, "
                          f"not of --scan {scan}")
+    tree = _install_base(device, base_rev, scan) if base_rev else None  # a bad revision fails before the checks
+    if base_rev and tree is None:
+        return 1
     failed = check_scans(suite.timed_scans(device, scan), device, click.echo)
     for name, why in failed.items():
         click.echo(f"timing gate: scan backend {name} is not timed: {why}", err=True)
@@ -103,7 +109,7 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
         click.echo("timing gate: FAILED: correctness before speed; nothing timed", err=True)
         return 1
     if base_rev:
-        return _check_base(device, select, base_rev, suite.excluded_terms(list(failed), device))
+        return _check_base(device, select, base_rev, tree, suite.excluded_terms(list(failed), device), scan)
     if update:
         return _update_timing(device, select, suite.DEFAULT_BASELINE_RUNS if runs is None else runs, path, scan)
     return _check_timing(device, select, path, baseline, scan, suite.excluded_terms(list(failed), device))
@@ -136,11 +142,24 @@ def _verdict(result: thresholds.TimingComparison, against: str) -> int:
     return 0
 
 
-def _check_base(device: str, select: str | None, rev: str, exclude: list[str]) -> int:
-    click.echo(f"timing gate on {device}: base {rev} against this tree, timed in one run")
+def _install_base(device: str, rev: str, scan: str | None) -> suite.BaseTree | None:
+    """REV installed: of the plug-in package that registers ``scan``, else of vimbench; None (said on stderr)
+    when pip fails."""
+    plugin = scan_plugins().get(scan)
+    what = f"package {plugin.package!r} (scan backend {scan})" if plugin else "vimbench"
+    click.echo(f"timing gate on {device}: {what} at base {rev} against this tree, timed in one run")
+    try:
+        return base.install_plugin_base(scan, rev, click.echo) if plugin else base.install_base(rev, click.echo)
+    except RuntimeError as e:
+        click.echo(f"timing gate: FAILED: {e}", err=True)
+        return None
+
+
+def _check_base(device: str, select: str | None, rev: str, tree: suite.BaseTree, exclude: list[str],
+                scan: str | None) -> int:
     start = time.monotonic()
     try:
-        result = base.check_against_base(base.install_base(rev, click.echo), device, select, click.echo, exclude)
+        result = base.check_against_base(tree, device, select, click.echo, exclude, scan)
     except RuntimeError as e:
         click.echo(f"timing gate: FAILED: {e}", err=True)
         return 1

@@ -1,7 +1,10 @@
-"""Same-run comparison with a base revision of this repository (``gate --base REV``)."""
+"""Same-run comparison with a base revision (``gate --base REV``) of this vimbench checkout, or of the plug-in package
+whose git repository holds the current folder (``gate --scan NAME --base REV``)."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,12 +25,13 @@ BASE_ENV = {ROUND_BUDGET_ENV: str(ROUND_BUDGET_S / 2)}
 BASE_COLUMNS = ["benchmark", "reference", "base", "current", "ratio", "threshold", "ms_base", "ms_now", "status"]
 
 
-def _git(*args: str) -> str:
-    """stdout of ``git -C <checkout> *args``; RuntimeError with git's message when it fails or there is no
-    checkout (``store.REPO_ROOT``)."""
-    if store.REPO_ROOT is None:
+def _git(*args: str, repo: Path | None = None) -> str:
+    """stdout of ``git -C <repo> *args`` (default: the vimbench checkout, ``store.REPO_ROOT``); RuntimeError with
+    git's message when it fails or there is no checkout."""
+    repo = repo or store.REPO_ROOT
+    if repo is None:
         raise RuntimeError("vimbench runs from an installed wheel, not from a checkout")
-    proc = subprocess.run(["git", "-C", str(store.REPO_ROOT), *args], capture_output=True, text=True)
+    proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip() or f"git {' '.join(args)} failed")
     return proc.stdout.strip()
@@ -53,36 +57,39 @@ def default_base() -> tuple[str, str]:
     return _git("rev-parse", "HEAD~1"), "HEAD~1 (no main or origin/main branch here)"
 
 
-def install_base(rev: str, log=print) -> Path:
-    """A folder with revision ``rev`` of this repository installed: ``site/`` (the vimbench package, for
-    PYTHONPATH) and ``benchmarks/`` (its suite: the checkout's ``benchmarks/`` before the suite moved into the
-    package, ``vimbench/gate/bench/`` since). Extracted from git into a temporary folder and installed
-    with pip (no dependencies: those of this environment), under ``<cache>/gate-base/<commit>`` (the
-    compiled kernels' cache root), so that its compiled CPU kernels, keyed by their source folder, build
-    once per commit. InputError when ``rev`` is not a commit of this repository."""
+def install_root() -> Path:
+    """Where base revisions are installed: ``<cache>/gate-base`` under the compiled kernels' cache root."""
     from vimbench.kernels.selective_scan.compiled_cpu import cache_root
+    return cache_root() / "gate-base"
+
+
+def _install(repo: Path, rev: str, log, then=None) -> Path:
+    """A folder holding revision ``rev`` of the git repository ``repo`` installed: ``site/``, for PYTHONPATH.
+    Extracted from git into a temporary folder and installed with pip (no dependencies: those of this
+    environment; no build isolation), under ``install_root()/<commit>``, so that a commit is installed, and its
+    compiled CPU kernels, keyed by their source folder, are built, once.
+    ``then(src, staged)`` adds to the folder before it is moved into place. InputError when ``rev`` is not a
+    commit of ``repo``; RuntimeError with pip's output when pip fails."""
     try:
-        sha = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        sha = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", repo=repo)
     except RuntimeError:
-        raise InputError(f"--base {rev}: not a commit of {store.REPO_ROOT}") from None
-    out = cache_root() / "gate-base" / sha
-    if (out / "site").is_dir() and (out / "benchmarks").is_dir():
+        raise InputError(f"--base {rev}: not a commit of {repo}") from None
+    out = install_root() / sha
+    if (out / "site").is_dir():
         return out
-    log(f"  installing {rev} ({sha[:10]}) into {out}")
+    log(f"  installing {rev} ({sha[:10]}) of {repo} into {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src, staged = Path(tmp) / "src", Path(tmp) / "staged"
         src.mkdir()
-        archive = subprocess.run(["git", "-C", str(store.REPO_ROOT), "archive", sha], capture_output=True, check=True)
+        archive = subprocess.run(["git", "-C", str(repo), "archive", sha], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
         pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                               "--target", str(staged / "site"), str(src)], capture_output=True, text=True)
         if pip.returncode != 0:
-            raise RuntimeError(f"installing {rev} failed:\n{(pip.stdout + pip.stderr)[-3000:]}")
-        suite = src / "benchmarks"
-        if not (suite / "conftest.py").is_file():
-            suite = staged / "site" / "vimbench" / "gate" / "bench"
-        shutil.copytree(suite, staged / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+            raise RuntimeError(f"installing {rev} of {repo} failed:\n{(pip.stdout + pip.stderr)[-3000:]}")
+        if then is not None:
+            then(src, staged)
         try:
             os.replace(staged, out)
         except OSError:  # another gate installed the same commit meanwhile: use that one
@@ -91,15 +98,59 @@ def install_base(rev: str, log=print) -> Path:
     return out
 
 
-def check_against_base(base: Path, device: str, select: str | None, log=print,
-                       exclude: list[str] = ()) -> TimingComparison:
-    """Runs the suite of the installed ``base`` (``install_base``) and of this tree in ``BASE_ORDER``, each
-    with ``BASE_ENV``, on ``device``, restricted to ``select``; this tree's without ``exclude``. Returns
-    ``compare_with_base`` of the runs."""
+def install_base(rev: str, log=print) -> suite.BaseTree:
+    """Revision ``rev`` of this vimbench checkout installed (``_install``), with its suite: the checkout's
+    ``benchmarks/`` before the suite moved into the package, ``vimbench/gate/bench/`` since. Its suite runs
+    with that folder alone on PYTHONPATH."""
+    def copy_suite(src: Path, staged: Path) -> None:
+        bench = src / "benchmarks"
+        if not (bench / "conftest.py").is_file():
+            bench = staged / "site" / "vimbench" / "gate" / "bench"
+        shutil.copytree(bench, staged / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    if store.REPO_ROOT is None:
+        raise InputError(f"--base {rev}: vimbench runs from an installed wheel, not from a checkout; run it in "
+                         f"the repository of the plug-in that --scan names")
+    out = _install(store.REPO_ROOT, rev, log, copy_suite)
+    return suite.BaseTree(out / "benchmarks", (out / "site",))
+
+
+def install_plugin_base(scan: str, rev: str, log=print) -> suite.BaseTree:
+    """Revision ``rev`` of the plug-in package that registered scan backend ``scan``, installed (``_install``)
+    from the git repository holding the current folder. Its suite is this vimbench's (``suite.SUITE_DIR``), run
+    with the installed folder first on PYTHONPATH: that revision's distribution shadows the installed one, so
+    its entry point, loaded through the usual plug-in checks, registers the base's ``scan``. InputError
+    outside a git repository, or when ``rev`` installs another package than the one ``scan`` comes from."""
+    from vimbench.kernels.selective_scan.backends import REGISTRY
+    package = REGISTRY[scan].package
+    try:
+        repo = Path(_git("rev-parse", "--show-toplevel", repo=Path.cwd()))
+    except RuntimeError as e:
+        raise InputError(f"--scan {scan} --base {rev}: run it inside the git repository of package "
+                         f"{package!r} ({e})") from None
+    out = _install(repo, rev, log)
+    names = {dist.metadata["Name"] for dist in importlib.metadata.distributions(path=[str(out / "site")])}
+    if _normal(package) not in map(_normal, names):
+        raise InputError(f"--scan {scan} --base {rev}: {repo} at {rev} installs {', '.join(sorted(names))}, not "
+                         f"package {package!r} that registers scan backend {scan}")
+    current = [store.REPO_ROOT] if store.REPO_ROOT is not None else []
+    current += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return suite.BaseTree(suite.SUITE_DIR, (out / "site", *current))
+
+
+def _normal(dist: str) -> str:
+    """A distribution's name as pip compares it (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def check_against_base(base: suite.BaseTree, device: str, select: str | None, log=print,
+                       exclude: list[str] = (), scan: str | None = None) -> TimingComparison:
+    """Runs the suite of the installed ``base`` (``install_base``, ``install_plugin_base``) and of this tree in
+    ``BASE_ORDER``, each with ``BASE_ENV``, on ``device``, restricted to ``select`` (and to the ``SCAN_SUITE``
+    of ``scan``); this tree's without ``exclude``. Returns ``compare_with_base`` of the runs."""
     runs = {"base": [], "current": []}
     for side in BASE_ORDER:
         log(f"  {side} suite")
-        ratios, _ = suite.run_suite(device, select, log, env=BASE_ENV, base=base if side == "base" else None,
-                              exclude=() if side == "base" else exclude)
+        ratios, _ = suite.run_suite(device, select, log, scan=scan, env=BASE_ENV,
+                                    base=base if side == "base" else None, exclude=() if side == "base" else exclude)
         runs[side].append(ratios)
     return compare_with_base(runs["base"], runs["current"], complete=select is None, exclude=exclude)

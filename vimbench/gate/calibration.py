@@ -22,8 +22,9 @@ MIN_ROUND_S = {"cpu": 5e-3, "cuda": 1e-3}
 on CUDA, the launch-and-synchronize overhead stay small against it."""
 ROUND_BUDGET_S = 1.0
 """Target workload time per benchmark (seconds): rounds = budget / round time, within [MIN_ROUNDS, MAX_ROUNDS].
-The suite's process reads it from ``ROUND_BUDGET_ENV`` when set (``gate --base`` halves it: it runs the suite
-four times)."""
+The suite's process reads it from ``ROUND_BUDGET_ENV`` when set; a budget of f x this one scales both bounds by
+f too (rounded up), so that ``gate --base``, which halves it and runs each side twice, times each side about
+as many rounds as one run of the stored-baseline gate (most benchmarks stop at MAX_ROUNDS, not at the budget)."""
 ROUND_BUDGET_ENV = "VIMBENCH_ROUND_BUDGET_S"
 MIN_ROUNDS, MAX_ROUNDS = 5, 25
 
@@ -63,7 +64,9 @@ def measure_calibrated(benchmark, fn, device: torch.device, calibration: Calibra
 
     After a warm-up call and a probe, a round calls ``fn`` ``inner`` times (then synchronizes on CUDA);
     pytest-benchmark records seconds per round in ``stats.data``; ``extra_info`` gets ``inner`` and the
-    per-round calibration seconds ``calibration_matmul_s`` / ``calibration_memory_s`` (warm-up round dropped).
+    per-round calibration seconds ``calibration_matmul_s`` / ``calibration_memory_s``. No warm-up round: the
+    warm-up call and the probe ran the workload just before (a warm-up round cost each of ``gate --base``'s four
+    runs one more round of every benchmark).
     ``clock`` must be the timer pytest-benchmark was given (``--benchmark-timer``).
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -75,7 +78,8 @@ def measure_calibrated(benchmark, fn, device: torch.device, calibration: Calibra
     probe = max(clock() - t0, 1e-7)
     inner = max(1, math.ceil(MIN_ROUND_S[device.type] / probe))
     budget = float(os.environ.get(ROUND_BUDGET_ENV, ROUND_BUDGET_S))
-    rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, round(budget / (probe * inner))))
+    low, high = (math.ceil(bound * budget / ROUND_BUDGET_S) for bound in (MIN_ROUNDS, MAX_ROUNDS))
+    rounds = min(high, max(low, round(budget / (probe * inner))))
     calibration_s = []
 
     def workload():
@@ -83,10 +87,9 @@ def measure_calibrated(benchmark, fn, device: torch.device, calibration: Calibra
             fn()
         sync()
 
-    benchmark.pedantic(workload, setup=lambda: calibration_s.append(calibration.measure(clock)),
-                       rounds=rounds, warmup_rounds=1)
-    benchmark.extra_info.update(inner=inner, calibration_matmul_s=[m for m, _ in calibration_s[1:]],
-                                calibration_memory_s=[s for _, s in calibration_s[1:]])
+    benchmark.pedantic(workload, setup=lambda: calibration_s.append(calibration.measure(clock)), rounds=rounds)
+    benchmark.extra_info.update(inner=inner, calibration_matmul_s=[m for m, _ in calibration_s],
+                                calibration_memory_s=[s for _, s in calibration_s])
 
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vimbench.errors import BackendUnavailable, InputError
@@ -41,11 +42,23 @@ CONFIRM_ATTEMPTS = 2
 attempt, so it fails only when every attempt is over. A real slowdown persists; a neighbour's burst rarely
 lasts through all attempts."""
 
+PLUGIN_AUTOLOAD = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+"""The suite's pytest loads pytest-benchmark alone (named with -p), not every pytest plug-in installed: importing
+hypothesis's took about a tenth of a suite run's CPU time, paid by each of ``gate --base``'s four runs."""
+
 SCAN_SUITE = ("test_bench_scan.py", "test_bench_models.py::test_vim_tiny_scan")
 """The benchmarks of one scan backend's gate (the suite run with ``--scan NAME``)."""
 
 PLANTED_SLOWDOWN_ENV = "VIMBENCH_BENCH_SLOWDOWN"
 """A slowdown the tests plant in this tree's suite (read by bench/conftest.py); a base revision runs without it."""
+
+
+@dataclass(frozen=True)
+class BaseTree:
+    """A base revision installed for ``gate --base`` (``base.install_base``, ``base.install_plugin_base``): the
+    benchmark suite its process runs, and that process's PYTHONPATH, the installed revision first."""
+    suite: Path
+    path: tuple[Path, ...]
 
 
 def timed_scans(device: str, scan: str | None) -> list[str]:
@@ -91,27 +104,28 @@ def run_ratios(bench_json: dict) -> dict[str, dict]:
 
 
 def run_suite(device: str, select: str | None, log=print, tests: list[str] | None = None, scan: str | None = None,
-              exclude: list[str] = (), base: Path | None = None,
+              exclude: list[str] = (), base: BaseTree | None = None,
               env: dict | None = None) -> tuple[dict[str, dict], dict]:
     """Runs the benchmark suite once in a subprocess on ``device`` ('cpu' | 'cuda'), restricted to the
     pytest ``-k`` expression ``select``, to the benchmarks named in ``tests`` ('<file>::<test>') if
     given, and without those matching a -k term in ``exclude``; with ``scan``, the ``SCAN_SUITE`` of that
-    backend. With ``base`` (an ``install_base`` folder) the suite and the package of that revision run
-    instead of this checkout's, without a slowdown planted for this tree (``PLANTED_SLOWDOWN_ENV``, the
+    backend. With ``base`` its suite runs, on its PYTHONPATH (the packages of that revision before this
+    environment's), without a slowdown planted for this tree (``PLANTED_SLOWDOWN_ENV``, the
     tests' hook). ``env``: extra environment variables of the suite's process. Returns
     (``run_ratios`` of it, the run's environment). InputError when nothing matches ``select`` or
     pytest-benchmark is not installed; RuntimeError (with pytest's output) when a benchmark fails."""
     if importlib.util.find_spec("pytest_benchmark") is None:
         raise InputError("the timing gate runs its suite with pytest-benchmark: pip install 'vimbench[gate]'")
-    suite_dir, env = SUITE_DIR, {**SUITE_ENV, **(env or {})}
+    suite_dir, env = SUITE_DIR, {**SUITE_ENV, **PLUGIN_AUTOLOAD, **(env or {})}
     if base is not None:  # the base's package first on the path; the suite's process runs in a temporary folder
-        suite_dir, env["PYTHONPATH"] = base / "benchmarks", str(base / "site")
+        suite_dir, env["PYTHONPATH"] = base.suite, os.pathsep.join(map(str, base.path))
     elif REPO_ROOT is not None:  # this checkout's package, installed or not
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "bench.json"
         paths = [str(suite_dir / t) for t in tests or (SCAN_SUITE if scan else [""])]
-        cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "no:cacheprovider", f"--rootdir={suite_dir}",
+        cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "pytest_benchmark.plugin", "-p", "no:cacheprovider",
+               f"--rootdir={suite_dir}",
                f"--device={device}", f"--benchmark-timer={CLOCKS[device]}", "--benchmark-disable-gc",
                f"--benchmark-json={out_json}", "--benchmark-columns=median,iqr,rounds"]
         if scan:
