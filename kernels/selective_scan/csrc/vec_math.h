@@ -214,7 +214,11 @@ VIMBENCH_INLINE Vec exp2(const Vec& t) {
   if (__builtin_expect(all_fast(t), 1)) return exp2_fast(t);
   const Vec tc = at::vec::clamp(t, Vec(-160.f), Vec(160.f));     // 2^t is 0 or inf beyond
   const Vec n = tc.round();
-  return exp2_edges(exp2_poly(tc - n), n, t);
+  const Vec edges = exp2_edges(exp2_poly(tc - n), n, t);
+  // the lanes within range as exp2_fast computes them (AVX2's differs from exp2_poly's by an ulp or so), so that
+  // a lane's result never depends on its neighbours (the forward's and backward's recomputed states agree)
+  const Vec fast = exp2_fast(at::vec::clamp(t, Vec(-kFastRange), Vec(kFastRange)));
+  return Vec::blendv(edges, fast, t.abs() <= Vec(kFastRange));
 #endif
 }
 
