@@ -15,7 +15,7 @@
 //     group of B/C, so B_t[n] and C_t[n] are scalars broadcast to all lanes. Each thread of at::parallel_for
 //     takes a contiguous range of lanes (so torch.set_num_threads governs the thread count).
 //   * The decay exp is vec_math.h's inline exp2 (a polynomial and an add on the exponent field, ~2 ulp; on
-//     AVX-512 vscalefps), its range checked once per tile and chunk (see scan_tile_impl).
+//     AVX-512 vscalefps, on AVX2 an 8-entry table), its range checked once per tile and chunk (scan_tile_impl).
 //   * The state of a lane is NT vectors (NT = N, padded to 4, 8 or 16; larger N in several chunks of up to
 //     kMaxNT, which the capability's vector registers set: kernel shapes in scan_common.h),
 //     held in registers through a tile and in the lane's memory between tiles.
@@ -101,15 +101,15 @@ inline void scan_steps(int nt, bool reverse, const float* d, const float* du, fl
 }
 
 // The tile's steps with exp_state_fast when every exp argument of the tile is within its range (checked once:
-// max_s |d_s| * max_j |A_j| per lane), else with exp_state, which checks every vector (rare: exps that
-// underflow, overflow or meet NaN / inf). Two separate loops, so neither carries the other's registers.
+// dmax * max_j |A_j| per lane, dmax from abs_max), else with exp_state, which checks every vector (rare: exps
+// that underflow, overflow or meet NaN / inf). Two separate loops, so neither carries the other's registers.
 template <int... J>
 inline void scan_tile_impl(int nt, bool reverse, const float* d, const float* du, float* y, const float* Bt,
-                           const float* Ct, int ld, const float* A, float* h_io, std::integer_sequence<int, J...> js) {
+                           const float* Ct, int ld, const float* A, float* h_io, const Vec& dmax,
+                           std::integer_sequence<int, J...> js) {
   if (kStateExpChecked) {
-    Vec amax(0.f), dmax(0.f);
+    Vec amax(0.f);
     ((amax = at::vec::maximum(amax, Vec::loadu(A + J * W).abs())), ...);
-    for (int s = 0; s < nt; ++s) dmax = at::vec::maximum(dmax, Vec::loadu(d + s * W).abs());
     if (!all_fast(dmax * amax)) return scan_steps<false>(nt, reverse, d, du, y, Bt, Ct, ld, A, h_io, js);
   }
   scan_steps<true>(nt, reverse, d, du, y, Bt, Ct, ld, A, h_io, js);
@@ -117,12 +117,21 @@ inline void scan_tile_impl(int nt, bool reverse, const float* d, const float* du
 
 template <int NT>
 void scan_tile(int nt, bool reverse, const float* d, const float* du, float* y, const float* Bt, const float* Ct,
-               int ld, const float* A, float* h_io) {
-  scan_tile_impl(nt, reverse, d, du, y, Bt, Ct, ld, A, h_io, std::make_integer_sequence<int, NT>{});
+               int ld, const float* A, float* h_io, const Vec& dmax) {
+  scan_tile_impl(nt, reverse, d, du, y, Bt, Ct, ld, A, h_io, dmax, std::make_integer_sequence<int, NT>{});
 }
 
 using ScanTileFn = void (*)(int, bool, const float*, const float*, float*, const float*, const float*, int,
-                            const float*, float*);
+                            const float*, float*, const Vec&);
+
+// Per lane, an upper bound of |d_s| over a tile's nt steps (d: (nt, W) float32) for scan_tile's range check,
+// computed once per tile for all chunks of the state: the max of |d_s|'s bits as int32, one integer max per
+// step, which keeps a NaN (its bits exceed inf's, so the check fails and the checked loop runs).
+inline Vec abs_max(const float* d, int nt) {
+  IVec m(0);
+  for (int s = 0; s < nt; ++s) m = at::vec::maximum(m, float_bits(Vec::loadu(d + s * W).abs()));
+  return bits_float(m);
+}
 
 // The state dimension split into chunks of NT in {4, 8, 16} (kMaxNT at most), zero-padded.
 struct Chunk {
@@ -253,6 +262,7 @@ void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, 
         load_bc<TBC>(dir.C, lanes[j].bi, lanes[j].g, N, t0, nt, ld, sc.Ct.data());
         sc.bc_key = key;
       }
+      const Vec dmax = kStateExpChecked ? abs_max(sc.d_of(j), nt) : Vec(0.f);   // bounds every span's steps
       const int span = states.data ? kStateTile : nt, spans = (nt + span - 1) / span;
       for (int q = 0; q < spans; ++q) {
         const int o = (dir.reverse ? spans - 1 - q : q) * span, len = std::min(span, nt - o);
@@ -264,7 +274,7 @@ void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, 
         for (const Chunk& ch : chunks)
           ch.fn(len, dir.reverse, sc.d_of(j) + o * W, sc.du_of(j) + o * W, y_of(j) + o * W,
                 sc.Bt.data() + o * ld + ch.n0, sc.Ct.data() + o * ld + ch.n0, ld, lanes[j].A.data() + ch.n0 * W,
-                lanes[j].h.data() + ch.n0 * W);
+                lanes[j].h.data() + ch.n0 * W, dmax);
       }
     }
 
