@@ -136,6 +136,29 @@ def test_base_comparison_fails_a_2x_slowdown_with_a_threshold_from_the_runs_spre
     assert gate_thresholds.compare_with_base(base, cur, complete=False).regressions == ["a"]
 
 
+def test_base_comparison_confirms_what_is_over_its_threshold_with_fresh_pairs_of_runs(monkeypatch):
+    """A benchmark over its threshold is timed again, base and current alike: a one-off shift between the first
+    pair of processes (1.3x, then 1.0x) passes at its second attempt; a 2x that persists fails after every
+    attempt; a benchmark within its threshold runs once."""
+    calls = []
+
+    def fake_run_suite(device, select, log, tests=None, scan=None, env=None, base=None, exclude=()):
+        side = "current" if base is None else "base"
+        calls.append((side, tests))
+        first_pair = sum(s == side for s, _ in calls) <= 2
+        current = {"shift": 1.3 if first_pair else 1.0, "slow": 2.0, "same": 1.0}
+        return _run(**{n: current[n] if side == "current" else 1.0 for n in tests or current}), {}
+
+    monkeypatch.setattr(gate_suite, "run_suite", fake_run_suite)
+    result = gate_base.check_against_base(gate_suite.BaseTree(gate_suite.SUITE_DIR, ()), "cpu", None, lambda line: None)
+    rows = {r["benchmark"]: r for r in result.rows}
+    assert result.regressions == ["slow"] and rows["slow"]["status"] == "SLOWER"
+    assert rows["slow"]["attempts"] == 1 + gate_suite.CONFIRM_ATTEMPTS and rows["slow"]["ratio"] == 2.0
+    assert rows["shift"]["status"] == "ok" and rows["shift"]["attempts"] == 2 and rows["shift"]["ratio"] == 1.0
+    assert rows["same"]["attempts"] == 1
+    assert [t for _, t in calls] == [None] * 4 + [["shift", "slow"]] * 4 + [["slow"]] * 4 * (gate_suite.CONFIRM_ATTEMPTS - 1)
+
+
 @pytest.mark.parametrize("budget,call_s,rounds", [(None, 0.01, 25), (0.5, 0.01, 13), (None, 1.0, 5), (0.5, 1.0, 3)])
 def test_gate_base_halves_the_rounds_of_every_benchmark_both_bounds_included(monkeypatch, budget, call_s, rounds):
     """A call of ``call_s`` (>= MIN_ROUND_S: one call per round): 100 rounds in the 1 s budget (capped at 25,
