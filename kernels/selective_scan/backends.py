@@ -232,7 +232,7 @@ def has_backward(backend: str) -> bool:
 
 def runs_on_cuda(backend: str) -> bool:
     """Whether ``backend`` has a CUDA implementation (installed here or not): its record lists the cuda device."""
-    return "cuda" in REGISTRY[backend].devices
+    return "cuda" in record(backend).devices
 
 
 # Under torch.compile the answer is taken as a constant at trace time: tracing the checks (a lock around the
@@ -348,6 +348,16 @@ def scan_backends() -> tuple[str, ...]:
     on first use)."""
     load_group("vimbench.scan_backends")
     return tuple(REGISTRY)
+
+
+def record(backend: str) -> ScanBackend:
+    """``backend``'s record, loading the plug-ins' entry points first when it is not registered yet (a worker
+    process meets a plug-in's name before anything there listed the backends); ValueError for an unknown name."""
+    if backend not in REGISTRY:
+        load_group("vimbench.scan_backends")
+    if backend not in REGISTRY:
+        raise ValueError(f"unknown scan backend {backend!r}; choose from {', '.join(scan_choices())}")
+    return REGISTRY[backend]
 
 
 def scan_choices() -> tuple[str, ...]:

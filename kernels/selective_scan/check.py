@@ -109,10 +109,10 @@ def check_entry_points(backend: str, device="cpu", dtypes=(torch.float32, torch.
     inputs and, for a backend whose record is ``strided`` (it reads the strides it is given), on ``time_major`` ones;
     ``CASES`` x ``dtypes`` x with/without extras against float64 ``selective_scan_ref`` /
     ``bidirectional_scan_ref``, within ``TOLERANCES``. Stops at the first failure."""
-    from vimbench.kernels.selective_scan.backends import REGISTRY
+    from vimbench.kernels.selective_scan.backends import record
     torch.manual_seed(0)
     n = 0
-    layouts = ("contiguous", "time-major") if REGISTRY[backend].strided else ("contiguous",)
+    layouts = ("contiguous", "time-major") if record(backend).strided else ("contiguous",)
     for name, shape in CASES.items():
         for dtype in dtypes:
             for extras in (True, False):

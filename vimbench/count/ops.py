@@ -51,7 +51,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vimbench.count.flops import flop_category
 from vimbench.kernels.attention import attention
-from vimbench.kernels.selective_scan import REGISTRY, bidirectional_scan, selective_scan
+from vimbench.kernels.selective_scan import bidirectional_scan, selective_scan
+from vimbench.kernels.selective_scan.backends import record
 from vimbench.kernels.selective_scan.ops import scan_bwd_flops
 from vimbench.measure.core import DTYPES
 from vimbench.models.registry import count_params, create_model
@@ -96,7 +97,7 @@ def scan_input(b: int, channels: int, L: int, impl: str, device, dtype) -> torch
     """A random (b, channels, L) scan input laid out as backend ``impl`` reads it: time-major memory (the
     transpose of a contiguous (b, L, channels) tensor, as the Vim mixer produces) for a backend whose record
     reads any strides (``ScanBackend.strided``), contiguous (b, channels, L) for the others."""
-    if REGISTRY[impl].strided:
+    if record(impl).strided:
         return torch.randn(b, L, channels, device=device, dtype=dtype).transpose(1, 2)
     return torch.randn(b, channels, L, device=device, dtype=dtype)
 

@@ -27,7 +27,7 @@ from timm.layers import lecun_normal_, trunc_normal_
 
 from vimbench.kernels import (add_rms_norm, causal_conv1d_pair, resolve_scan_backend, run_bidirectional_scan,
                               scan_choices)
-from vimbench.kernels.selective_scan import REGISTRY
+from vimbench.kernels.selective_scan.backends import record
 
 
 class PatchEmbed(nn.Module):
@@ -49,7 +49,7 @@ class PatchEmbed(nn.Module):
 def fused_impl(scan: str) -> str:
     """The implementation of the causal convs and of the add + RMSNorm that goes with scan backend ``scan``: its
     record's ``companion_impl`` (the compiled CPU kernels with ``cpp``, PyTorch's ops otherwise)."""
-    return REGISTRY[scan].companion_impl
+    return record(scan).companion_impl
 
 
 class BiMambaMixer(nn.Module):
