@@ -153,10 +153,11 @@ def test_base_comparison_confirms_what_is_over_its_threshold_with_fresh_pairs_of
     result = gate_base.check_against_base(gate_suite.BaseTree(gate_suite.SUITE_DIR, ()), "cpu", None, lambda line: None)
     rows = {r["benchmark"]: r for r in result.rows}
     assert result.regressions == ["slow"] and rows["slow"]["status"] == "SLOWER"
-    assert rows["slow"]["attempts"] == 1 + gate_suite.CONFIRM_ATTEMPTS and rows["slow"]["ratio"] == 2.0
+    assert rows["slow"]["attempts"] == 1 + gate_base.BASE_CONFIRM_ATTEMPTS and rows["slow"]["ratio"] == 2.0
     assert rows["shift"]["status"] == "ok" and rows["shift"]["attempts"] == 2 and rows["shift"]["ratio"] == 1.0
     assert rows["same"]["attempts"] == 1
-    assert [t for _, t in calls] == [None] * 4 + [["shift", "slow"]] * 4 + [["slow"]] * 4 * (gate_suite.CONFIRM_ATTEMPTS - 1)
+    more = gate_base.BASE_CONFIRM_ATTEMPTS - 1
+    assert [t for _, t in calls] == [None] * 4 + [["shift", "slow"]] * 4 + [["slow"]] * 4 * more
 
 
 @pytest.mark.parametrize("budget,call_s,rounds", [(None, 0.01, 25), (0.5, 0.01, 13), (None, 1.0, 5), (0.5, 1.0, 3)])

@@ -211,7 +211,7 @@ def test_plugin_base_installs_that_revision_of_the_plugin_and_its_entry_point_re
     # every spread 0: the first reference, the threshold floor
     assert row.split()[1:6] == [gate_thresholds.REFERENCES[0], "1", "2", "2", "+20%"] and "SLOWER" in row
     # base, current, current, base; then the same again for each confirming attempt of the 2x
-    attempts = 1 + gate_suite.CONFIRM_ATTEMPTS
+    attempts = 1 + gate_base.BASE_CONFIRM_ATTEMPTS
     assert [s for s, _ in seen] == ["plugscan"] * 4 * attempts
     assert [b is None for _, b in seen] == [False, True, True, False] * attempts
     assert not list(plugin_repo.glob("*.json"))                     # no stored baseline read or written

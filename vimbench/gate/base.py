@@ -20,6 +20,10 @@ from vimbench.gate.thresholds import TimingComparison, compare_with_base
 BASE_ORDER = ("base", "current", "current", "base")
 """The suite runs of ``gate --base``, in order (ABBA): a load that rises or falls steadily through the run
 weighs on both sides alike."""
+BASE_CONFIRM_ATTEMPTS = 1
+"""Benchmarks over their threshold get this many more pairs of runs (base and current, in ``BASE_ORDER``): one
+fresh pair of processes already tells a lasting slowdown from a shift between two processes, at the cost of
+four more suite runs of those benchmarks."""
 BASE_ENV = {ROUND_BUDGET_ENV: str(ROUND_BUDGET_S / 2)}
 """Four runs at half the rounds each: the comparison takes about twice one stored-baseline run."""
 BASE_COLUMNS = ["benchmark", "reference", "base", "current", "ratio", "threshold", "ms_base", "ms_now", "attempts",
@@ -162,13 +166,13 @@ def check_against_base(base: suite.BaseTree, device: str, select: str | None, lo
     ``BASE_ORDER``, each with ``BASE_ENV``, on ``device``, restricted to ``select`` (and to the ``SCAN_SUITE``
     of ``scan``); this tree's without ``exclude``. Returns ``compare_with_base`` of the runs, after the
     benchmarks over their threshold are timed again, base and current alike, up to
-    ``suite.CONFIRM_ATTEMPTS`` times: each keeps its attempt with the lowest ratio, so it fails only when every
+    ``BASE_CONFIRM_ATTEMPTS`` times: each keeps its attempt with the lowest ratio, so it fails only when every
     attempt is over (a shift between one base process and one current process rarely persists through fresh
     pairs of them; a real slowdown does). Each row says its 'attempts'."""
     runs = _suite_runs(base, device, select, log, exclude, scan)
     result = compare_with_base(runs["base"], runs["current"], complete=select is None, exclude=exclude)
     attempts = {row["benchmark"]: 1 for row in result.rows}
-    for i in range(suite.CONFIRM_ATTEMPTS):
+    for i in range(BASE_CONFIRM_ATTEMPTS):
         slower = [row["benchmark"] for row in result.rows if row["status"] == "SLOWER"]
         if not slower:
             break
