@@ -47,7 +47,6 @@ from vimbench.count import flops as count_flops_module, memory as count_memory_m
 from vimbench.count.kernel_compile import CompileRow
 from vimbench.count.flops import FlopCount
 from vimbench.count.memory import CARDS, MemoryPrediction
-from vimbench.config import ModelVariant
 from vimbench.measure import isolation, launchers
 from vimbench.errors import InputError
 from vimbench.models.registry import check_options, create_model, impl_of

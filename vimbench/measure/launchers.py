@@ -21,7 +21,6 @@ machine that ran it. submitit is an optional dependency: only ``Submitit`` impor
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
