@@ -214,11 +214,9 @@ REGISTRY: dict[str, ScanBackend] = {record.name: record for record in BUILT_INS}
 def check_scan_backend(backend: str, device: torch.device | str) -> None:
     """Raises ``BackendUnavailable`` (or ValueError for an unknown name) if ``backend`` can't run on ``device``."""
     device = torch.device(device)
-    if backend not in scan_backends():
-        if peers.why_absent(backend):
-            raise BackendUnavailable(peers.why_absent(backend))
-        raise ValueError(f"unknown scan backend {backend!r}; choose from {', '.join(scan_choices())}")
-    why = REGISTRY[backend].why_unavailable(device)
+    if backend not in scan_backends() and peers.why_absent(backend):
+        raise BackendUnavailable(peers.why_absent(backend))
+    why = record(backend).why_unavailable(device)
     if why:
         raise BackendUnavailable(why)
 
