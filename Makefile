@@ -16,10 +16,10 @@ run: $(BIN)/vimbench
 	$(BIN)/vimbench scaling
 
 test: $(BIN)/vimbench
-	$(BIN)/pytest -q -m "not noisy and not slow"
+	$(BIN)/pytest -q -n auto --maxprocesses 4 -m "not noisy and not slow"
 
 test-slow: $(BIN)/vimbench
-	$(BIN)/pytest -q -m "slow and not noisy"
+	$(BIN)/pytest -q -n auto --maxprocesses 4 -m "slow and not noisy"
 
 gate: $(BIN)/vimbench
 	$(BIN)/vimbench gate --deterministic
