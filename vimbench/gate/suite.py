@@ -44,7 +44,7 @@ lasts through all attempts."""
 
 PLUGIN_AUTOLOAD = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
 """The suite's pytest loads pytest-benchmark alone (named with -p), not every pytest plug-in installed: importing
-hypothesis's took about a tenth of a suite run's CPU time, paid by each of ``gate --base``'s four runs."""
+hypothesis's took about a tenth of a suite run's CPU time, paid by every suite process."""
 
 SCAN_SUITE = ("test_bench_scan.py", "test_bench_models.py::test_vim_tiny_scan")
 """The benchmarks of one scan backend's gate (the suite run with ``--scan NAME``)."""
