@@ -58,7 +58,8 @@ torch.compile (no graph break in training) see them.
 Threads: the kernels parallelise over (batch, block of 16 channels) with at::parallel_for, so
 ``torch.set_num_threads`` governs them.
 
-Build cache: ``<cache>/scan_cpu/torch<version>-<capability>-<hash of the sources and their folder>/``, where <cache> is $VIMBENCH_CACHE,
+Build cache: ``<cache>/scan_cpu/torch<version>-<capability>-<hash of the sources and flags>/`` (compiled from copies of
+the sources in its ``src/``, so that every checkout of the same code shares it), where <cache> is $VIMBENCH_CACHE,
 else $XDG_CACHE_HOME/vimbench, else ~/.cache/vimbench; <capability> is the CPU capability ATen dispatches to
 on this machine (see ``cpu_capability``; it sets the vector width the kernel is compiled for, and the kernel shapes
 of csrc/scan_common.h). Capabilities the kernels do not build for make ``available()`` say why. Nothing is
@@ -130,10 +131,16 @@ def cache_root() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "vimbench"
 
 
+def _cflags() -> list[str]:
+    """The compiler flags for this machine's capability."""
+    return ["-O3", "-fopenmp", *_CAPABILITY_FLAGS[cpu_capability()]]
+
+
 def _source_hash() -> str:
-    """Of the sources' contents and of their folder: the build files name the sources by absolute path, so two
-    checkouts of the same code at two paths get two build directories instead of rebuilding each other's."""
-    h = hashlib.sha256(str(CSRC.resolve()).encode())
+    """Of the sources' contents and the compiler flags, not of their folder: ``build`` compiles copies of the
+    sources kept in the build directory, so checkouts of the same code at several paths (a base revision that
+    ``vimbench gate --base`` installs, a worktree) share one build instead of compiling it again."""
+    h = hashlib.sha256(" ".join(_cflags()).encode())
     for src in SOURCES + HEADERS:
         h.update(src.name.encode())
         h.update(src.read_bytes())
@@ -144,6 +151,19 @@ def build_dir() -> Path:
     """The build directory for this torch version, CPU capability and kernel source."""
     version = torch.__version__.replace("+", "_")
     return cache_root() / "scan_cpu" / f"torch{version}-{cpu_capability().replace(' ', '_')}-{_source_hash()}"
+
+
+def _copy_sources(out_dir: Path) -> list[Path]:
+    """The sources and headers copied into ``out_dir/src`` (each written whole, then renamed, once), the build's
+    inputs; returns the sources' copies."""
+    folder = out_dir / "src"
+    folder.mkdir(exist_ok=True)
+    for src in SOURCES + HEADERS:
+        if not (folder / src.name).exists():
+            tmp = folder / f".{src.name}.{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, folder / src.name)
+    return [folder / src.name for src in SOURCES]
 
 
 def _compiler() -> str:
@@ -219,8 +239,8 @@ def build() -> str:
                   flush=True)
         load = _cpp_extension().load
         try:
-            load(name=LIB_NAME, sources=[str(s) for s in SOURCES], build_directory=str(out_dir),
-                 extra_cflags=["-O3", "-fopenmp", *_CAPABILITY_FLAGS[cpu_capability()]],
+            load(name=LIB_NAME, sources=[str(s) for s in _copy_sources(out_dir)], build_directory=str(out_dir),
+                 extra_cflags=_cflags(),
                  extra_ldflags=["-fopenmp"], with_cuda=False, is_python_module=False, verbose=False)
         except Exception as exc:  # noqa: BLE001 (compiler errors arrive as several exception types)
             log = out_dir / "build-error.log"

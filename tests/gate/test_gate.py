@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -47,6 +48,17 @@ def test_ratios_are_medians_of_per_round_calibrated_ratios():
     got = gate_suite.run_ratios({"benchmarks": [bench]})["test_x.py::test_a"]
     assert got["ratios"] == pytest.approx({"matmul": 2.0, "memory": 0.5, "geomean": 1.0})
     assert got["seconds"] == pytest.approx(1.1) and got["rounds"] == 3
+
+
+def test_a_run_that_took_turns_gives_one_set_of_ratios_per_segment():
+    bench = _bench("test_x.py::test_a", [1.0, 3.0, 2.0, 4.0, 4.0], [(1.0, 1.0)] * 5)
+    bench["extra_info"]["segments"] = 2                     # rounds 0-1, then 2-4 (calibration.segment_starts)
+    first, second = gate_suite.segment_ratios({"benchmarks": [bench]})
+    assert first["test_x.py::test_a"]["ratios"]["matmul"] == pytest.approx(2.0)
+    assert second["test_x.py::test_a"]["ratios"]["memory"] == pytest.approx(4.0)
+    assert second["test_x.py::test_a"]["rounds"] == 3
+    del bench["extra_info"]["segments"]
+    assert gate_suite.segment_ratios({"benchmarks": [bench]}) == [gate_suite.run_ratios({"benchmarks": [bench]})]
 
 
 def test_threshold_uses_the_quietest_reference_has_a_floor_scales_with_spread_and_is_capped():
@@ -142,14 +154,13 @@ def test_base_comparison_confirms_what_is_over_its_threshold_with_fresh_pairs_of
     attempt; a benchmark within its threshold runs once."""
     calls = []
 
-    def fake_run_suite(device, select, log, tests=None, scan=None, env=None, base=None, exclude=()):
-        side = "current" if base is None else "base"
-        calls.append((side, tests))
-        first_pair = sum(s == side for s, _ in calls) <= 2
-        current = {"shift": 1.3 if first_pair else 1.0, "slow": 2.0, "same": 1.0}
-        return _run(**{n: current[n] if side == "current" else 1.0 for n in tests or current}), {}
+    def fake_run_pair(base, device, select, order, log, tests=None, scan=None, exclude=()):
+        calls.append(tests)
+        current = {"shift": 1.3 if len(calls) == 1 else 1.0, "slow": 2.0, "same": 1.0}
+        return {"base": [_run(**dict.fromkeys(tests or current, 1.0))] * 2,
+                "current": [_run(**{n: current[n] for n in tests or current})] * 2}
 
-    monkeypatch.setattr(gate_suite, "run_suite", fake_run_suite)
+    monkeypatch.setattr(gate_suite, "run_pair", fake_run_pair)
     result = gate_base.check_against_base(gate_suite.BaseTree(gate_suite.SUITE_DIR, ()), "cpu", None, lambda line: None)
     rows = {r["benchmark"]: r for r in result.rows}
     assert result.regressions == ["slow"] and rows["slow"]["status"] == "SLOWER"
@@ -157,23 +168,68 @@ def test_base_comparison_confirms_what_is_over_its_threshold_with_fresh_pairs_of
     assert rows["shift"]["status"] == "ok" and rows["shift"]["attempts"] == 2 and rows["shift"]["ratio"] == 1.0
     assert rows["same"]["attempts"] == 1
     more = gate_base.BASE_CONFIRM_ATTEMPTS - 1
-    assert [t for _, t in calls] == [None] * 4 + [["shift", "slow"]] * 4 + [["slow"]] * 4 * more
+    assert calls == [None, ["shift", "slow"]] + [["slow"]] * more
 
 
-@pytest.mark.parametrize("budget,call_s,rounds", [(None, 0.01, 25), (0.5, 0.01, 13), (None, 1.0, 5), (0.5, 1.0, 3)])
-def test_gate_base_halves_the_rounds_of_every_benchmark_both_bounds_included(monkeypatch, budget, call_s, rounds):
-    """A call of ``call_s`` (>= MIN_ROUND_S: one call per round): 100 rounds in the 1 s budget (capped at 25,
-    at 13 with half the budget) or 1 (raised to 5, to 3): each side of ``gate --base`` times two runs of about
-    half a stored-baseline run's rounds. No warm-up round: a calibration for every timed round."""
-    if budget is not None:
-        monkeypatch.setenv(gate_calibration.ROUND_BUDGET_ENV, str(budget))
-    now = [0.0]
+def test_two_suite_processes_take_turns_in_the_order_granted(monkeypatch, tmp_path):
+    """``run_pair`` with each side's suite replaced by a small process that takes two turns per benchmark (as
+    ``take_turn`` does) and logs each: once both are ready, one runs at a time, in the order granted; the side
+    with more benchmarks finishes alone; each side's JSON comes back, one set of ratios per segment."""
+    log = tmp_path / "turns.txt"
+    child = f"""
+import json, os, sys
+read, write = map(int, os.environ["{gate_calibration.TURN_ENV}"].split(","))
+side, count = sys.argv[1], int(sys.argv[2])
+for i in range(count):
+    for segment in range(2):
+        os.write(write, b"y")
+        assert os.read(read, 1) == b"g"
+        with open({str(log)!r}, "a") as f:
+            f.write(f"{{side}}{{i}}.{{segment}} ")
+data = [1.0, 1.0, 2.0, 2.0]
+bench = {{"fullname": "t", "stats": {{"data": data}}, "extra_info": {{"inner": 1, "segments": 2,
+         "calibration_matmul_s": [1.0] * 4, "calibration_memory_s": [1.0] * 4}}}}
+open("bench.json", "w").write(json.dumps({{"benchmarks": [bench]}}))
+"""
+
+    def command(device, select, tests, scan, exclude, base, env, folder):
+        side = "base" if base is not None else "current"
+        return [sys.executable, "-c", child, side, "1" if base is not None else "2"], dict(os.environ), \
+            folder / "bench.json"
+
+    monkeypatch.setattr(gate_suite, "_suite_command", command)
+    runs = gate_suite.run_pair(gate_suite.BaseTree(tmp_path, ()), "cpu", None, gate_base.BASE_ORDER, lambda line: None)
+    assert log.read_text().split() == ["base0.0", "current0.0", "current0.1", "base0.1", "current1.0", "current1.1"]
+    assert [[r["t"]["ratios"]["matmul"] for r in runs[side]] for side in ("base", "current")] == [[1.0, 2.0]] * 2
+
+
+def test_a_benchmark_that_takes_turns_times_its_segments_in_separate_turns(monkeypatch):
+    """Under TURN_ENV, ``measure_calibrated`` asks for a turn before its warm-up call and before its second
+    segment (then warms up again), and says 2 segments; without it, no turn and 1 segment."""
+    grant_r, grant_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    os.write(grant_w, b"gg")
+    monkeypatch.setenv(gate_calibration.TURN_ENV, f"{grant_r},{ready_w}")
+    calls, bench = _measure(0.01)
+    assert os.read(ready_r, 16) == b"yy" and bench.extra_info["segments"] == gate_calibration.TURN_SEGMENTS
+    assert bench.rounds == gate_calibration.MAX_ROUNDS and calls == bench.rounds + 3   # warm-ups, probe, rounds
+    monkeypatch.delenv(gate_calibration.TURN_ENV)
+    calls, bench = _measure(0.01)
+    assert bench.extra_info["segments"] == 1 and calls == bench.rounds + 2
+    for fd in (grant_r, grant_w, ready_r, ready_w):
+        os.close(fd)
+
+
+def _measure(call_s):
+    """(calls of the workload, the fake benchmark) of ``measure_calibrated`` timing a workload of ``call_s``."""
+    calls = [0]
 
     def call():
-        now[0] += call_s
+        calls[0] += 1
 
     class Benchmark:
-        extra_info = {}
+        def __init__(self):
+            self.extra_info = {}
 
         def pedantic(self, target, setup, rounds):
             self.rounds = rounds
@@ -186,9 +242,21 @@ def test_gate_base_halves_the_rounds_of_every_benchmark_both_bounds_included(mon
             return 1.0, 2.0
 
     bench = Benchmark()
-    gate_calibration.measure_calibrated(bench, call, torch.device("cpu"), Calibration(), lambda: now[0])
+    gate_calibration.measure_calibrated(bench, call, torch.device("cpu"), Calibration(), lambda: calls[0] * call_s)
+    return calls[0], bench
+
+
+@pytest.mark.parametrize("budget,call_s,rounds", [(None, 0.01, 25), (0.5, 0.01, 13), (None, 1.0, 5), (0.5, 1.0, 3)])
+def test_gate_base_halves_the_rounds_of_every_benchmark_both_bounds_included(monkeypatch, budget, call_s, rounds):
+    """A call of ``call_s`` (>= MIN_ROUND_S: one call per round): 100 rounds in the 1 s budget (capped at 25,
+    at 13 with half the budget) or 1 (raised to 5, to 3): each side of ``gate --base`` with a base from before
+    turns times two runs of about half a stored-baseline run's rounds. No warm-up round: a calibration for every
+    timed round."""
+    if budget is not None:
+        monkeypatch.setenv(gate_calibration.ROUND_BUDGET_ENV, str(budget))
+    calls, bench = _measure(call_s)
     assert bench.rounds == rounds and len(bench.extra_info["calibration_memory_s"]) == rounds
-    assert now[0] == pytest.approx((rounds + 2) * call_s)          # the warm-up call, the probe, the rounds
+    assert calls == rounds + 2          # the warm-up call, the probe, the rounds
 
 
 def test_baseline_key_separates_cpu_capabilities_cores_and_torch_versions(monkeypatch):
@@ -233,12 +301,7 @@ def test_base_gate_passes_an_unchanged_tree_and_fails_a_planted_2x_slowdown(monk
     code, out, err = run(["gate", "--device", "cpu", "--base", "HEAD", "-k", SMALL_SELECTION], capsys)
     assert code == 0, out + err
     assert "timing gate: ok (1 benchmarks within their thresholds of base HEAD)" in out
-    run_suite = gate_suite.run_suite
-
-    def slow_current(*args, base=None, env=None, **kw):  # the planted slowdown in the current tree's runs only
-        plant = {} if base else {"VIMBENCH_BENCH_SLOWDOWN": "test_scan[cpu]=2"}
-        return run_suite(*args, base=base, env={**env, **plant}, **kw)
-    monkeypatch.setattr(gate_suite, "run_suite", slow_current)
+    monkeypatch.setenv(gate_suite.PLANTED_SLOWDOWN_ENV, "test_scan[cpu]=2")   # the base's suite runs without it
     code, out, err = run(["gate", "--device", "cpu", "--base", "HEAD", "-k", SMALL_SELECTION], capsys)
     row = next(line for line in out.splitlines() if "test_scan[cpu]" in line)
     assert code == 1 and "SLOWER" in row and "test_scan[cpu]" in err

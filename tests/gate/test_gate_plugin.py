@@ -1,5 +1,6 @@
 """`vimbench gate --scan NAME` and correctness before timing in the timing gate, deterministically: the suite's
-measured ratios are injected at its boundary (``gate_suite.run_suite``), so a planted 2x slowdown is exactly 2x."""
+measured ratios are injected at its boundary (``gate_suite.run_suite``, ``gate_suite.run_pair``), so a planted 2x
+slowdown is exactly 2x."""
 import dataclasses
 import json
 import os
@@ -185,8 +186,7 @@ def test_plugin_base_installs_that_revision_of_the_plugin_and_its_entry_point_re
     would import and register (the base's asked of a Python process on the base's PYTHONPATH)."""
     seen = []
 
-    def fake_run_suite(device, select, log, tests=None, scan=None, env=None, base=None, exclude=()):
-        seen.append((scan, base))
+    def side(scan, base):
         if base is None:
             import plugscan
             repeat, package = plugscan.REPEAT, REGISTRY["plugscan"].package
@@ -201,19 +201,21 @@ def test_plugin_base_installs_that_revision_of_the_plugin_and_its_entry_point_re
         assert package == PLUGIN_DIST
         return {f"test_bench_scan.py::test_scan[{scan}]": {"ratios": dict.fromkeys(gate_thresholds.REFERENCES,
                                                                                   float(repeat)),
-                                                          "seconds": 0.01 * int(repeat)}}, {}
+                                                          "seconds": 0.01 * int(repeat)}}
 
-    monkeypatch.setattr(gate_suite, "run_suite", fake_run_suite)
+    def fake_run_pair(base, device, select, order, log, tests=None, scan=None, exclude=()):
+        seen.append(scan)
+        return {"base": [side(scan, base)] * 2, "current": [side(scan, None)] * 2}
+
+    monkeypatch.setattr(gate_suite, "run_pair", fake_run_pair)
     code, out, err = run(["gate", "--scan", "plugscan", "--base", "HEAD~1", "--device", "cpu"], capsys)
     assert code == 1 and "FAILED: 1 benchmark(s) slower than base HEAD~1" in err, out + err
     assert f"package '{PLUGIN_DIST}' (scan backend plugscan) at base HEAD~1" in out
     row = next(line for line in out.splitlines() if line.startswith("test_bench_scan.py::test_scan[plugscan]"))
     # every spread 0: the first reference, the threshold floor
     assert row.split()[1:6] == [gate_thresholds.REFERENCES[0], "1", "2", "2", "+20%"] and "SLOWER" in row
-    # base, current, current, base; then the same again for each confirming attempt of the 2x
-    attempts = 1 + gate_base.BASE_CONFIRM_ATTEMPTS
-    assert [s for s, _ in seen] == ["plugscan"] * 4 * attempts
-    assert [b is None for _, b in seen] == [False, True, True, False] * attempts
+    # a pair of processes, then a fresh pair for each confirming attempt of the 2x
+    assert seen == ["plugscan"] * (1 + gate_base.BASE_CONFIRM_ATTEMPTS)
     assert not list(plugin_repo.glob("*.json"))                     # no stored baseline read or written
     code, out, err = run(["gate", "--scan", "plugscan", "--base", "HEAD", "--device", "cpu"], capsys)
     assert code == 0 and "timing gate: ok (1 benchmarks within their thresholds of base HEAD)" in out, out + err

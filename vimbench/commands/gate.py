@@ -62,8 +62,8 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
     co-tenant process; with -k, only the selected entries are replaced).
 
     --base REV: installs REV of this repository into a cache folder (its own compiled kernels) and runs its
-    suite and this tree's interleaved (base, current, current, base) on this machine, each benchmark's
-    threshold from the spread of those runs; no stored baseline is read or written. This is also what the
+    suite and this tree's in two processes taking turns, benchmark by benchmark (base, current, current, base),
+    on this machine, each benchmark's threshold from the spread of those turns; no stored baseline is read or written. This is also what the
     timing gate does, saying so, on a machine without a stored baseline. With --scan NAME of a plug-in, run in
     the plug-in's repository: REV of that package is installed instead, its suite runs with it first on the
     path (its entry point registers the base's NAME), and only NAME's benchmarks are timed.
@@ -165,7 +165,7 @@ def _check_base(device: str, select: str | None, rev: str, tree: suite.BaseTree,
         return 1
     click.echo(format_table(result.rows, base.BASE_COLUMNS))
     click.echo(f"base, current: seconds per call / seconds of the reference calibration, median over each side's "
-               f"runs ({', '.join(base.BASE_ORDER)}); ratio = current / base; threshold from the spread of "
+               f"turns ({', '.join(base.BASE_ORDER)}); ratio = current / base; threshold from the spread of "
                f"these runs; {time.monotonic() - start:.0f} s")
     return _verdict(result, f"base {rev}")
 

@@ -31,9 +31,10 @@ Timing gate
     (``suite.SCAN_SUITE``, the suite run with ``--scan NAME``), against a baseline file the package keeps.
 
     Same-run comparison (``--base REV``, and the default on a machine without a stored baseline): revision
-    REV is installed beside this tree (``base.install_base``) and both suites run in one session, interleaved
-    (``base.BASE_ORDER``), each at half the rounds (``base.BASE_ENV``); each benchmark's threshold comes from the
-    spread of those runs (``thresholds.compare_with_base``). No stored baseline is read or written.
+    REV is installed beside this tree (``base.install_base``) and both suites run in one session, in two
+    processes that take turns (``suite.run_pair``, ``calibration.TURN_ENV``): each benchmark's rounds in two
+    segments per side, in the order ``base.BASE_ORDER``; each benchmark's threshold comes from the spread of those
+    segments (``thresholds.compare_with_base``). No stored baseline is read or written.
 
     A baseline (``benchmarks/baselines/<device class>.json`` in a checkout, ``store.device_class``) holds,
     per benchmark, the reference, the median ratio over ``--runs`` runs (at least ``suite.MIN_BASELINE_RUNS``),

@@ -13,19 +13,20 @@ from pathlib import Path
 
 from vimbench.errors import InputError
 from vimbench.gate import store, suite
-from vimbench.gate.calibration import ROUND_BUDGET_ENV, ROUND_BUDGET_S
+from vimbench.gate.calibration import ROUND_BUDGET_ENV, ROUND_BUDGET_S, TURN_ENV
 
 from vimbench.gate.thresholds import TimingComparison, compare_with_base
 
 BASE_ORDER = ("base", "current", "current", "base")
-"""The suite runs of ``gate --base``, in order (ABBA): a load that rises or falls steadily through the run
-weighs on both sides alike."""
+"""The turns of ``gate --base`` (``suite.run_pair``: per benchmark, its two segments of each side; ABBA), or with
+a base from before turns, its suite runs in order: a load that rises or falls steadily through a benchmark's
+turns weighs on both sides alike."""
 BASE_CONFIRM_ATTEMPTS = 1
-"""Benchmarks over their threshold get this many more pairs of runs (base and current, in ``BASE_ORDER``): one
-fresh pair of processes already tells a lasting slowdown from a shift between two processes, at the cost of
-four more suite runs of those benchmarks."""
+"""Benchmarks over their threshold are timed this many more times, base and current, in a fresh pair of
+processes: one fresh pair already tells a lasting slowdown from a shift between two processes."""
 BASE_ENV = {ROUND_BUDGET_ENV: str(ROUND_BUDGET_S / 2)}
-"""Four runs at half the rounds each: the comparison takes about twice one stored-baseline run."""
+"""With a base from before turns, four runs at half the rounds each (about as many rounds per side as the pair
+of processes that take turns times)."""
 BASE_COLUMNS = ["benchmark", "reference", "base", "current", "ratio", "threshold", "ms_base", "ms_now", "attempts",
                 "status"]
 
@@ -72,7 +73,8 @@ def _install(repo: Path, rev: str, log, then=None) -> Path:
     """A folder holding revision ``rev`` of the git repository ``repo`` installed: ``site/``, for PYTHONPATH.
     Extracted from git into a temporary folder and installed with pip (no dependencies: those of this
     environment; no build isolation), under ``install_root()/<commit>``, so that a commit is installed, and its
-    compiled CPU kernels, keyed by their source folder, are built, once.
+    compiled CPU kernels are built (once per source: see ``compiled_cpu``; a revision whose kernels match this
+    tree's, or another installed one's, shares their build).
     ``then(src, staged)`` adds to the folder before it is moved into place. InputError when ``rev`` is not a
     commit of ``repo``; RuntimeError with pip's output when pip fails."""
     try:
@@ -116,7 +118,8 @@ def install_base(rev: str, log=print) -> suite.BaseTree:
         raise InputError(f"--base {rev}: vimbench runs from an installed wheel, not from a checkout; run it in "
                          f"the repository of the plug-in that --scan names")
     out = _install(store.REPO_ROOT, rev, log, copy_suite)
-    return suite.BaseTree(out / "benchmarks", (out / "site",))
+    turns = TURN_ENV in (out / "site" / "vimbench" / "gate" / "calibration.py").read_text()
+    return suite.BaseTree(out / "benchmarks", (out / "site",), turns)
 
 
 def install_plugin_base(scan: str, rev: str, log=print) -> suite.BaseTree:
@@ -148,23 +151,27 @@ def _normal(dist: str) -> str:
 
 
 def _suite_runs(base: suite.BaseTree, device: str, select: str | None, log, exclude, scan, tests=None) -> dict:
-    """Each side's ``run_ratios`` of the suite runs in ``BASE_ORDER`` (``check_against_base``), of the
-    benchmarks named in ``tests`` if given."""
+    """Each side's ``run_ratios`` ({'base': [...], 'current': [...]}) of the benchmarks named in ``tests`` if
+    given: of one pair of processes taking turns (``suite.run_pair``, a segment for a run), or with a base
+    from before turns, of the suite runs in ``BASE_ORDER``, each with ``BASE_ENV``."""
+    select = select if tests is None else None
+    if base.turns:
+        log("  base and current suites, taking turns")
+        return suite.run_pair(base, device, select, BASE_ORDER, log, tests=tests, scan=scan, exclude=exclude)
     runs = {"base": [], "current": []}
     for side in BASE_ORDER:
         log(f"  {side} suite")
-        ratios, _ = suite.run_suite(device, select if tests is None else None, log, tests=tests, scan=scan,
-                                    env=BASE_ENV, base=base if side == "base" else None,
-                                    exclude=() if side == "base" else exclude)
+        ratios, _ = suite.run_suite(device, select, log, tests=tests, scan=scan, env=BASE_ENV,
+                                    base=base if side == "base" else None, exclude=() if side == "base" else exclude)
         runs[side].append(ratios)
     return runs
 
 
 def check_against_base(base: suite.BaseTree, device: str, select: str | None, log=print,
                        exclude: list[str] = (), scan: str | None = None) -> TimingComparison:
-    """Runs the suite of the installed ``base`` (``install_base``, ``install_plugin_base``) and of this tree in
-    ``BASE_ORDER``, each with ``BASE_ENV``, on ``device``, restricted to ``select`` (and to the ``SCAN_SUITE``
-    of ``scan``); this tree's without ``exclude``. Returns ``compare_with_base`` of the runs, after the
+    """Times the suite of the installed ``base`` (``install_base``, ``install_plugin_base``) and of this tree
+    (``_suite_runs``) on ``device``, restricted to ``select`` (and to the ``SCAN_SUITE`` of ``scan``); this
+    tree's without ``exclude``. Returns ``compare_with_base`` of the runs, after the
     benchmarks over their threshold are timed again, base and current alike, up to
     ``BASE_CONFIRM_ATTEMPTS`` times: each keeps its attempt with the lowest ratio, so it fails only when every
     attempt is over (a shift between one base process and one current process rarely persists through fresh

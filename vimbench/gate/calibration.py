@@ -27,6 +27,13 @@ f too (rounded up), so that ``gate --base``, which halves it and runs each side 
 as many rounds as one run of the stored-baseline gate (most benchmarks stop at MAX_ROUNDS, not at the budget)."""
 ROUND_BUDGET_ENV = "VIMBENCH_ROUND_BUDGET_S"
 MIN_ROUNDS, MAX_ROUNDS = 5, 25
+TURN_ENV = "VIMBENCH_GATE_TURN"
+"""Set by ``gate --base`` (``vimbench.gate.suite.run_pair``) to 'R,W', two pipe descriptors of the suite's process:
+``take_turn`` writes one byte on W and waits for one on R, so that the base's and this tree's suite processes
+time one at a time, taking turns in the order the gate grants."""
+TURN_SEGMENTS = 2
+"""Under ``TURN_ENV`` a benchmark's rounds are timed in this many turns (segments), each one run's worth of
+ratios for the spread (``segment_starts``)."""
 
 CALIBRATION_SIZES = {"cpu": {"matmul_n": 384, "memory_numel": 16 * 2**20},
                      "cuda": {"matmul_n": 4096, "memory_numel": 128 * 2**20}}
@@ -59,6 +66,23 @@ class Calibration:
         return t1 - t0, clock() - t1
 
 
+def take_turn() -> None:
+    """Under ``TURN_ENV``: says this process is ready (one byte) and waits until the gate grants it the machine;
+    else nothing. RuntimeError when the gate went away."""
+    fds = os.environ.get(TURN_ENV)
+    if not fds:
+        return
+    read, write = map(int, fds.split(","))
+    os.write(write, b"y")
+    if os.read(read, 1) != b"g":
+        raise RuntimeError(f"{TURN_ENV}: the gate that grants the turns went away")
+
+
+def segment_starts(rounds: int, segments: int) -> list[int]:
+    """The first round of each of ``segments`` nearly equal, contiguous segments of ``rounds`` rounds."""
+    return [rounds * k // segments for k in range(segments)]
+
+
 def measure_calibrated(benchmark, fn, device: torch.device, calibration: Calibration, clock) -> None:
     """Times ``fn()`` with pytest-benchmark's ``benchmark.pedantic``, a calibration before every round.
 
@@ -68,8 +92,13 @@ def measure_calibrated(benchmark, fn, device: torch.device, calibration: Calibra
     warm-up call and the probe ran the workload just before (a warm-up round cost each of ``gate --base``'s four
     runs one more round of every benchmark).
     ``clock`` must be the timer pytest-benchmark was given (``--benchmark-timer``).
+    Under ``TURN_ENV`` (``gate --base``) it takes a turn (``take_turn``) before the warm-up call and at the start
+    of every later segment (``segment_starts``, ``TURN_SEGMENTS``; then one more untimed call warms up again after
+    the other process's turn); ``extra_info['segments']`` says how many (1 without).
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    segments = TURN_SEGMENTS if os.environ.get(TURN_ENV) else 1
+    take_turn()
     fn()
     sync()
     t0 = clock()
@@ -79,7 +108,8 @@ def measure_calibrated(benchmark, fn, device: torch.device, calibration: Calibra
     inner = max(1, math.ceil(MIN_ROUND_S[device.type] / probe))
     budget = float(os.environ.get(ROUND_BUDGET_ENV, ROUND_BUDGET_S))
     low, high = (math.ceil(bound * budget / ROUND_BUDGET_S) for bound in (MIN_ROUNDS, MAX_ROUNDS))
-    rounds = min(high, max(low, round(budget / (probe * inner))))
+    rounds = max(segments, min(high, max(low, round(budget / (probe * inner)))))
+    turns = set(segment_starts(rounds, segments)[1:])
     calibration_s = []
 
     def workload():
@@ -87,8 +117,15 @@ def measure_calibrated(benchmark, fn, device: torch.device, calibration: Calibra
             fn()
         sync()
 
-    benchmark.pedantic(workload, setup=lambda: calibration_s.append(calibration.measure(clock)), rounds=rounds)
-    benchmark.extra_info.update(inner=inner, calibration_matmul_s=[m for m, _ in calibration_s],
+    def setup():
+        if len(calibration_s) in turns:
+            take_turn()
+            fn()
+            sync()
+        calibration_s.append(calibration.measure(clock))
+
+    benchmark.pedantic(workload, setup=setup, rounds=rounds)
+    benchmark.extra_info.update(inner=inner, segments=segments, calibration_matmul_s=[m for m, _ in calibration_s],
                                 calibration_memory_s=[s for _, s in calibration_s])
 
 
