@@ -171,6 +171,17 @@ def test_base_comparison_confirms_what_is_over_its_threshold_with_fresh_pairs_of
     assert calls == [None, ["shift", "slow"]] + [["slow"]] * more
 
 
+def test_the_suite_process_does_not_inherit_an_xdist_workers_variables(monkeypatch, tmp_path):
+    """Run from an xdist worker (a user's CI that runs the gate in its test suite), the suite's process gets
+    none of PYTEST_XDIST_*: with PYTEST_XDIST_WORKER set, pytest-benchmark there disables itself and writes no
+    JSON. The other variables pass through."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setenv("VIMBENCH_SOMETHING", "kept")
+    _, env, _ = gate_suite._suite_command("cpu", None, None, None, (), None, {}, tmp_path)
+    assert not [k for k in env if k.startswith("PYTEST_XDIST_")] and env["VIMBENCH_SOMETHING"] == "kept"
+
+
 def test_two_suite_processes_take_turns_in_the_order_granted(monkeypatch, tmp_path):
     """``run_pair`` with each side's suite replaced by a small process that takes two turns per benchmark (as
     ``take_turn`` does) and logs each: once both are ready, one runs at a time, in the order granted; the side

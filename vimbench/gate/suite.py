@@ -138,7 +138,9 @@ def _suite_command(device: str, select: str | None, tests: list[str] | None, sca
     terms = ([f"({select})"] if select else []) + [f"not {t}" for t in exclude]
     if terms:
         cmd += ["-k", " and ".join(terms)]
-    inherited = {k: v for k, v in os.environ.items() if base is None or k != PLANTED_SLOWDOWN_ENV}
+    # an xdist worker's variables would make pytest-benchmark in the suite's process disable itself (no JSON)
+    inherited = {k: v for k, v in os.environ.items()
+                 if not k.startswith("PYTEST_XDIST_") and (base is None or k != PLANTED_SLOWDOWN_ENV)}
     return cmd, {**inherited, **env}, out_json
 
 
@@ -149,6 +151,8 @@ def _suite_result(returncode: int, output: str, out_json: Path, select: str | No
         raise InputError(f"no benchmark matches -k {select!r}" if select else "the benchmark suite is empty")
     if returncode != 0:
         raise RuntimeError(f"the benchmark suite failed (pytest exit {returncode}):\n{output[-6000:]}")
+    if not out_json.exists():
+        raise RuntimeError(f"the benchmark suite passed but pytest-benchmark wrote no results:\n{output[-6000:]}")
     return json.loads(out_json.read_text())
 
 
