@@ -235,11 +235,11 @@ void scan_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chunks, 
       y0.store(y_of(j) + s * W);
     };
     // the rows go in scan order (t descending in the reverse direction), so that the row kPrefetchRows steps
-    // ahead (or -1 past the sequence's end) is the next tile's once the tile's last rows are reached
+    // ahead (-1 past either end of the sequence) is the next tile's once the tile's last rows are reached
     auto step_of = [&](int i) { return dir.reverse ? nt - 1 - i : i; };
     auto ahead = [&](int s) {
       const int64_t t = dir.reverse ? t0 + s - kPrefetchRows : t0 + s + kPrefetchRows;
-      return t < L ? t : -1;
+      return t >= 0 && t < L ? t : int64_t{-1};
     };
     if (rows_du) {
       for (int i = 0; i < nt; ++i) {
