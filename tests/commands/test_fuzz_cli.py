@@ -166,6 +166,12 @@ def _fake_run_suite(device, select, log=print, tests=None, **selection):
     return ratios, {}
 
 
+def _fake_run_pair(base, device, select, order, log=print, tests=None, **selection):
+    """``_fake_run_suite``'s ratios as both sides' two segments."""
+    ratios, _ = _fake_run_suite(device, select, log, tests)
+    return {"base": [ratios, ratios], "current": [ratios, ratios]}
+
+
 def _fake_deterministic_snapshot():
     """The baseline's own numbers (kernels under its first Triton release, where it keeps them per release)."""
     base = gate_store.load_baseline(gate_store.deterministic_baseline_path(), "deterministic")
@@ -186,6 +192,7 @@ STUBS = {isolation.run_isolated: _fake_run_isolated, count_flops_module.count_fl
          count_memory_module.predict_memory: _fake_predict_memory, count_ops.model_geometry: _fake_model_geometry,
          count_ops.op_cost: _fake_op_cost,
          vimbench.count.kernel_compile.compile_report: _fake_compile_report, gate_suite.run_suite: _fake_run_suite,
+         gate_suite.run_pair: _fake_run_pair,
          gate_exact.deterministic_snapshot: _fake_deterministic_snapshot, figures.plot_results: _fake_plot_results,
          report.write_report: _fake_write_report}
 """Real function -> fake. Every reference to the real function in a loaded vimbench module is replaced,
@@ -487,13 +494,20 @@ def test_regression(argv, message, stub_measuring):
     assert (code, message is None or message in err) == (0 if message is None else 2, True), err
 
 
-def test_gate_k_that_selects_nothing_says_so(stub_measuring, monkeypatch):
-    """The real ``run_suite``, with pytest answering "no tests ran" (exit 5) as it does for such a -k."""
+@pytest.mark.parametrize("k, exit, output, message", [
+    ("nosuchbench", 5, "no tests ran", "no benchmark matches -k 'nosuchbench'"),
+    ("and", 4, "ERROR: Wrong expression passed to '-k': (and): at column 2: expected not OR left parenthesis",
+     "-k 'and' is not a pytest -k expression: Wrong expression passed to '-k'")])
+def test_gate_k_that_selects_nothing_or_is_not_an_expression_says_so(k, exit, output, message, stub_measuring,
+                                                                     monkeypatch):
+    """The real ``run_suite``, with pytest answering as it does for such a -k: "no tests ran" (exit 5), or a
+    usage error (exit 4)."""
     monkeypatch.setattr(gate_suite, "run_suite", REAL_RUN_SUITE)
-    monkeypatch.setattr(gate_suite.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 5))
+    monkeypatch.setattr(gate_suite.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, exit, "",
+                                                                                                     output))
     baseline = next(gate_store.BASELINE_DIR.glob("cpu-*.json"))  # any CPU's: this one's may not be recorded
-    code, err = check_call(["gate", "--device=cpu", "-knosuchbench", f"--baseline={baseline}"])
-    assert code == 2 and "no benchmark matches -k 'nosuchbench'" in err
+    code, err = check_call(["gate", "--device=cpu", f"-k{k}", f"--baseline={baseline}"])
+    assert code == 2 and message in err
 
 
 @pytest.mark.parametrize("name", ["scaling", "kernels"])

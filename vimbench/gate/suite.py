@@ -149,6 +149,9 @@ def _suite_result(returncode: int, output: str, out_json: Path, select: str | No
     with pytest's ``output`` when it failed."""
     if returncode == 5:
         raise InputError(f"no benchmark matches -k {select!r}" if select else "the benchmark suite is empty")
+    if returncode == 4 and select:  # a usage error: of the arguments built here, only -k comes from the user
+        why = next((line.removeprefix("ERROR: ") for line in output.splitlines() if line.startswith("ERROR:")), "")
+        raise InputError(f"-k {select!r} is not a pytest -k expression: {why}".rstrip(": "))
     if returncode != 0:
         raise RuntimeError(f"the benchmark suite failed (pytest exit {returncode}):\n{output[-6000:]}")
     if not out_json.exists():
