@@ -63,10 +63,11 @@ def command(ctx, deterministic, update, device_spec, select, runs, scan, baselin
 
     --base REV: installs REV of this repository into a cache folder (its own compiled kernels) and runs its
     suite and this tree's in two processes taking turns, benchmark by benchmark (base, current, current, base),
-    on this machine, each benchmark's threshold from the spread of those turns; no stored baseline is read or written. This is also what the
-    timing gate does, saying so, on a machine without a stored baseline. With --scan NAME of a plug-in, run in
-    the plug-in's repository: REV of that package is installed instead, its suite runs with it first on the
-    path (its entry point registers the base's NAME), and only NAME's benchmarks are timed.
+    on this machine, each benchmark's threshold from the spread of those turns; no stored baseline is read or
+    written. This is also what the timing gate does, saying so, on a machine without a stored baseline. With
+    --scan NAME of a plug-in, run in the plug-in's repository: REV of that package is installed instead, its
+    suite runs with it first on the path (its entry point registers the base's NAME), and only NAME's
+    benchmarks are timed.
     """
     if runs is not None and not update:
         raise InputError("--runs applies to --update only")
