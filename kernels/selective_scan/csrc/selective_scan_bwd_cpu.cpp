@@ -17,14 +17,15 @@
 // them in groups of up to kGroup lanes that share a batch and a group of B/C:
 //   the forward kept the state entering every tile of kTile steps (``states``, see scan_common.h; it is called
 //   with keep_states when autograd records it), so the backward goes tile by tile from the last (in scan
-//   order) to the first, lane by lane: stage the tile's inputs (the next tile's rows are prefetched meanwhile:
-//   a forward direction's backward walks time backwards, which the hardware prefetcher does not follow),
-//   recompute its states from the kept state into a per-thread buffer (storing a_t and a_t h_{t-1}
+//   order) to the first, lane by lane: stage the lane's rows of the tile (prefetched while the lane two lanes
+//   earlier computed, a few lines per step: a lane's rows are one line per step, which the hardware prefetcher
+//   does not follow), recompute its states from the kept state into a per-thread buffer (storing a_t and a_t h_{t-1}
 //   per step, so the reverse recurrence has no exp; y_t and dC are formed here, where h_t is in registers),
 //   then run g backwards through the tile; dB and dC accumulate per (step, n) as vectors over the group's
 //   lanes and are reduced across the SIMD lanes once per tile into the thread's own float32 partial sums;
 //   the partial sums of the threads are added in a fixed order at the end (no atomics, deterministic for
-//   a given thread count). dA, dD, ddelta_bias: per (batch, channel) float32, summed over batch at the end.
+//   a given thread count). du, ddelta and dz go out once per tile, row by row across the group's lanes, with
+//   streaming stores. dA, dD, ddelta_bias: per (batch, channel) float32, summed over batch at the end.
 //   The pair: per group of lanes, the backward direction (scanned t = L-1 .. 0 by reversed offsets) is
 //   differentiated first, keeping its y_b + D_b u_b in a (lanes, L, W) float32 buffer; then the forward
 //   direction, whose epilogue forms dz from y_f + y_b. Both directions get dy = dout * silu(z).
@@ -41,7 +42,9 @@
 #include <cstdint>
 #include <numeric>
 #include <optional>
+#include <initializer_list>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -71,8 +74,9 @@ inline float hsum(const Vec& v) {          // the W lanes' sum, in a fixed order
 // The per-tile loops for one chunk of NT state entries (template parameter packs J..., so that the state or
 // its gradient stays in NT registers). Buffers: d, du, dy, y, dd, ddu are (nt, W); Bt, Ct are (nt, ld) with
 // the chunk's first column at offset 0; A, A2 (NT, W): A and A * kExpScale per lane (0 past N); a, ah:
-// (nt, NT, W); dBp, dCp: (nt, ld, W) with the chunk's first column at offset 0. ``reverse``: the direction
-// scans t = L-1 .. 0, so its steps within a tile run s = nt-1 .. 0.
+// (nt, NT, W); dBp, dCp: (nt, ld, W) with the chunk's first column at offset 0; pf: (2 nt) addresses of a later
+// lane's lines, prefetched two per step (see lines_of). ``reverse``: the direction scans t = L-1 .. 0, so its
+// steps within a tile run s = nt-1 .. 0.
 // ------------------------------------------------------------------------------------------------------
 
 // From the state h0 entering the tile: a[s] = exp(d_s A), ah[s] = a[s] * h_{s-1}; y[s] += <C_s, h_s>,
@@ -80,10 +84,12 @@ inline float hsum(const Vec& v) {          // the W lanes' sum, in a fixed order
 template <int... J>
 inline void recompute_impl(int nt, bool reverse, const float* d, const float* du, const float* dy, const float* Bt,
                            const float* Ct, int ld, const float* A2, const float* h0, float* a, float* ah, float* y,
-                           float* dCp, std::integer_sequence<int, J...>) {
+                           float* dCp, const void* const* pf, std::integer_sequence<int, J...>) {
   constexpr int NT = sizeof...(J);
   Vec h[NT] = {Vec::loadu(h0 + J * W)...};
   for (int k = 0; k < nt; ++k) {
+    __builtin_prefetch(pf[2 * k]);
+    __builtin_prefetch(pf[2 * k + 1]);
     const int s = reverse ? nt - 1 - k : k;
     const Vec dv = Vec::loadu(d + s * W), duv = Vec::loadu(du + s * W), dyv = Vec::loadu(dy + s * W);
     const float* b = Bt + s * ld;
@@ -113,11 +119,14 @@ inline void recompute_impl(int nt, bool reverse, const float* d, const float* du
 template <int... J>
 inline void reverse_impl(int nt, bool reverse, const float* d, const float* du, const float* dy, const float* Bt,
                          const float* Ct, int ld, const float* A, const float* a, const float* ah, float* g_io,
-                         float* dA_io, float* dd, float* ddu, float* dBp, std::integer_sequence<int, J...>) {
+                         float* dA_io, float* dd, float* ddu, float* dBp, const void* const* pf,
+                         std::integer_sequence<int, J...>) {
   constexpr int NT = sizeof...(J);
   Vec g[NT] = {Vec::loadu(g_io + J * W)...};
   Vec dA_acc[NT] = {Vec::loadu(dA_io + J * W)...};
   for (int k = 0; k < nt; ++k) {
+    __builtin_prefetch(pf[2 * k]);
+    __builtin_prefetch(pf[2 * k + 1]);
     const int s = reverse ? k : nt - 1 - k;
     const Vec dv = Vec::loadu(d + s * W), duv = Vec::loadu(du + s * W), dyv = Vec::loadu(dy + s * W);
     const float* b = Bt + s * ld;
@@ -148,13 +157,13 @@ template <int NT>
 struct TileFns {
   static void recompute(int nt, bool rev, const float* d, const float* du, const float* dy, const float* Bt,
                         const float* Ct, int ld, const float* A2, const float* h0, float* a, float* ah, float* y,
-                        float* dCp) {
-    recompute_impl(nt, rev, d, du, dy, Bt, Ct, ld, A2, h0, a, ah, y, dCp, std::make_integer_sequence<int, NT>{});
+                        float* dCp, const void* const* pf) {
+    recompute_impl(nt, rev, d, du, dy, Bt, Ct, ld, A2, h0, a, ah, y, dCp, pf, std::make_integer_sequence<int, NT>{});
   }
   static void reverse(int nt, bool rev, const float* d, const float* du, const float* dy, const float* Bt,
                       const float* Ct, int ld, const float* A, const float* a, const float* ah, float* g,
-                      float* dA_acc, float* dd, float* ddu, float* dBp) {
-    reverse_impl(nt, rev, d, du, dy, Bt, Ct, ld, A, a, ah, g, dA_acc, dd, ddu, dBp,
+                      float* dA_acc, float* dd, float* ddu, float* dBp, const void* const* pf) {
+    reverse_impl(nt, rev, d, du, dy, Bt, Ct, ld, A, a, ah, g, dA_acc, dd, ddu, dBp, pf,
                  std::make_integer_sequence<int, NT>{});
   }
 };
@@ -205,20 +214,21 @@ struct Lane {
   }
 };
 
-// Per-thread buffers of one tile: the rows of the group's lanes read and written (g_*: (kGroup, kTile, W)
-// each), one lane's staged values ((kTile, W) each), B and C of the tile ((kTile, ld)), the state entering the
-// tile (h0: (ld, W)), the recomputed a and a*h of one chunk ((kTile, kChunk, W) each), and the dB / dC partial
-// sums of the group ((kTile, ld, W) each).
+// Per-thread buffers: one lane's rows of the tile read (delta, u, dout, z; (kTile, W) each, in L1) and the group's
+// rows written (du, ddelta, dz; (kGroup, kTile, W) each), the lane's staged values, B and C of the tile
+// ((kTile, ld)), the state entering the tile (h0: (ld, W)), the recomputed a and a*h of one chunk
+// ((kTile, kChunk, W) each), the dB / dC partial sums of the group ((kTile, ld, W) each), and the lines the chunk
+// loops prefetch, two per step (pf: at least the N + 4 * kTile lines of a lane, see lines_of).
 struct Scratch {
-  std::vector<float> g_delta, g_u, g_dout, g_z, g_du, g_ddelta, g_dz;
+  std::vector<float> r_delta, r_u, r_dout, r_z, g_du, g_ddelta, g_dz;
   std::vector<float> sz, dsp, d, du, dy, y, dd, ddu, Bt, Ct, h0, a, ah, dBp, dCp;
-  explicit Scratch(int ld)
-      : g_delta(kGroup * kTile * W), g_u(kGroup * kTile * W), g_dout(kGroup * kTile * W), g_z(kGroup * kTile * W),
-        g_du(kGroup * kTile * W), g_ddelta(kGroup * kTile * W), g_dz(kGroup * kTile * W), sz(kTile * W),
-        dsp(kTile * W), d(kTile * W), du(kTile * W),
-        dy(kTile * W), y(kTile * W), dd(kTile * W), ddu(kTile * W), Bt(kTile * ld, 0.f), Ct(kTile * ld, 0.f),
-        h0(ld * W, 0.f), a(kTile * kChunk * W), ah(kTile * kChunk * W), dBp(kTile * ld * W, 0.f),
-        dCp(kTile * ld * W, 0.f) {}
+  std::vector<const void*> pf;
+  Scratch(int ld, int64_t N, size_t chunks)
+      : r_delta(kTile * W), r_u(kTile * W), r_dout(kTile * W), r_z(kTile * W), g_du(kGroup * kTile * W),
+        g_ddelta(kGroup * kTile * W), g_dz(kGroup * kTile * W), sz(kTile * W), dsp(kTile * W), d(kTile * W),
+        du(kTile * W), dy(kTile * W), y(kTile * W), dd(kTile * W), ddu(kTile * W), Bt(kTile * ld, 0.f),
+        Ct(kTile * ld, 0.f), h0(ld * W, 0.f), a(kTile * kChunk * W), ah(kTile * kChunk * W), dBp(kTile * ld * W, 0.f),
+        dCp(kTile * ld * W, 0.f), pf(std::max<size_t>(4 * chunks * kTile, N + 4 * kTile)) {}
 };
 
 // Asks Linux to back the 2 MiB-aligned interior of a fresh tensor's memory with transparent huge pages
@@ -247,40 +257,56 @@ struct Grads {
 // The tile at position ``pos`` in scan order (the reverse direction starts with the last tile).
 inline int64_t tile_at(int64_t pos, int64_t ntiles, bool reverse) { return reverse ? ntiles - 1 - pos : pos; }
 
-// The rows [t0, t0 + nt) of x for the group's n lanes: lane j's (nt, W) rows at dst + j * kTile * W (as
-// load_rows). Time-major x with full lanes is read row by row across the lanes, so that each step's channels
-// are one contiguous run of memory that the hardware prefetcher streams.
+// v into W consecutive elements at p; float32 at a vector-aligned p with a streaming store, which writes the
+// whole line without reading it first and keeps it out of the caches (AVX-512 and AVX2).
 template <typename T>
-void load_group_rows(const View3<const T>& x, const Lane* lanes, int n, int64_t t0, int nt, float* dst) {
-  if (x.se == 1 && std::all_of(lanes, lanes + n, [](const Lane& l) { return l.cnt == W; })) {
-    for (int s = 0; s < nt; ++s)
-      for (int j = 0; j < n; ++j)
-        load_vec<T>(x.data + lanes[j].bi * x.sb + lanes[j].e0 + (t0 + s) * x.sl).store(dst + (j * kTile + s) * W);
-    return;
+inline void store_streaming(const Vec& v, T* p) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if ((reinterpret_cast<uintptr_t>(p) & (sizeof(Vec) - 1)) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm512_stream_ps(p, v);
+#else
+      _mm256_stream_ps(p, v);
+#endif
+      return;
+    }
   }
-  for (int j = 0; j < n; ++j) load_rows<T>(x, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, dst + j * kTile * W);
+#endif
+  store_vec<T>(v, p);
 }
 
-// The inverse of load_group_rows: lane j's (nt, W) rows at src + j * kTile * W into x.
+// Lane j's (nt, W) rows at src + j * kTile * W into x. Time-major x with full lanes goes row by row across the
+// lanes with streaming stores: du, ddelta and dz are written once and read by the next op, and through the caches
+// their lines were read from memory before being overwritten (the backward at the Vim-Ti 1248 shape wrote 28 MB
+// and read 28 MB more for it). The caller fences (streaming stores are weakly ordered).
 template <typename T>
 void store_group_rows(const View3<T>& x, const Lane* lanes, int n, int64_t t0, int nt, const float* src) {
   if (x.se == 1 && std::all_of(lanes, lanes + n, [](const Lane& l) { return l.cnt == W; })) {
     for (int s = 0; s < nt; ++s)
       for (int j = 0; j < n; ++j)
-        store_vec<T>(Vec::loadu(src + (j * kTile + s) * W),
-                     x.data + lanes[j].bi * x.sb + lanes[j].e0 + (t0 + s) * x.sl);
+        store_streaming<T>(Vec::loadu(src + (j * kTile + s) * W),
+                           x.data + lanes[j].bi * x.sb + lanes[j].e0 + (t0 + s) * x.sl);
     return;
   }
   for (int j = 0; j < n; ++j) store_rows<T>(x, lanes[j].bi, lanes[j].e0, lanes[j].cnt, t0, nt, src + j * kTile * W);
 }
 
-// Prefetches lane's rows [t0, t0 + nt) of a time-major x into L2 (nothing for other layouts), for reading or
-// (kWrite) writing: the backward walks a forward direction's time backwards, which the hardware prefetcher does
-// not follow from tile to tile, so it fetches the next tile's rows of each lane while it computes this one.
-template <bool kWrite, typename T>
-inline void prefetch_rows(const View3<T>* x, const Lane& lane, int64_t t0, int nt) {
-  if (x == nullptr || x->se != 1) return;
-  for (int s = 0; s < nt; ++s) __builtin_prefetch(x->data + lane.bi * x->sb + lane.e0 + (t0 + s) * x->sl, kWrite, 2);
+// The lines lane ``l`` reads in the tile at t0 (nt steps): its N rows of the kept state and its nt rows of each
+// time-major x of ``xs`` (other layouts are gathered element by element and not prefetched), written to pf[0..),
+// every other slot of pf pointing at ``idle`` (memory in L1). The chunk loops prefetch two slots per step while
+// they compute an earlier lane: its rows are lines one row of x apart, no stream the hardware prefetcher follows
+// (and a forward direction's backward walks time backwards); issued all at once, the ~80 prefetches of a lane
+// left most of its loads waiting on memory (AVX-512, AMD EPYC).
+template <typename T>
+void lines_of(const Lane& l, int64_t tile, int64_t t0, int nt, const States& states, int64_t N, int64_t E,
+              std::initializer_list<const View3<const T>*> xs, const void* idle, std::vector<const void*>& pf) {
+  std::fill(pf.begin(), pf.end(), idle);
+  size_t k = 0;
+  for (int64_t m = 0; m < N; ++m) pf[k++] = states.at(l.bi, tile, l.e0) + m * E;
+  for (const View3<const T>* x : xs)
+    if (x != nullptr && x->se == 1)
+      for (int s = 0; s < nt; ++s) pf[k++] = x->data + l.bi * x->sb + l.e0 + (t0 + s) * x->sl;
 }
 
 // softplus(x) (as vec_math.h's softplus) and its derivative sigmoid(x) from one exp: with e = exp(-|x|),
@@ -331,32 +357,34 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
     const int nt = static_cast<int>(std::min<int64_t>(kTile, L - t0));
     load_bc<TBC>(dir.B, bi, g, N, t0, nt, ld, sc.Bt.data());
     load_bc<TBC>(dir.C, bi, g, N, t0, nt, ld, sc.Ct.data());
-    load_group_rows<T>(dir.delta, lanes, n, t0, nt, sc.g_delta.data());
-    load_group_rows<T>(dir.u, lanes, n, t0, nt, sc.g_u.data());
-    load_group_rows<T>(dout, lanes, n, t0, nt, sc.g_dout.data());
-    if (z) load_group_rows<T>(*z, lanes, n, t0, nt, sc.g_z.data());
-    const int64_t t0_next = pos > 0 ? tile_at(pos - 1, ntiles, dir.reverse) * kTile : 0;
-    const int nt_next = pos > 0 ? static_cast<int>(std::min<int64_t>(kTile, L - t0_next)) : 0;
+    // the lines of the lane two lanes ahead in the walk (near the group's end, of the next tile's first lanes)
+    const int64_t tile_next = pos > 0 ? tile_at(pos - 1, ntiles, dir.reverse) : -1;
+    auto prefetch_later = [&](int ahead) {
+      const auto xs = {&dir.delta, &dir.u, &dout, z};
+      if (ahead < n) return lines_of<T>(lanes[ahead], tile, t0, nt, states, N, E, xs, sc.d.data(), sc.pf);
+      if (ahead - n < n && tile_next >= 0) {
+        const int64_t t0n = tile_next * kTile;
+        const int ntn = static_cast<int>(std::min<int64_t>(kTile, L - t0n));
+        return lines_of<T>(lanes[ahead - n], tile_next, t0n, ntn, states, N, E, xs, sc.d.data(), sc.pf);
+      }
+      std::fill(sc.pf.begin(), sc.pf.end(), sc.d.data());
+    };
     for (int j = 0; j < n; ++j) {
       Lane& lane = lanes[j];
-      prefetch_rows<false>(&dir.delta, lane, t0_next, nt_next);
-      prefetch_rows<false>(&dir.u, lane, t0_next, nt_next);
-      prefetch_rows<false>(&dout, lane, t0_next, nt_next);
-      prefetch_rows<false>(z, lane, t0_next, nt_next);
-      prefetch_rows<true>(&gr.du, lane, t0_next, nt_next);
-      prefetch_rows<true>(&gr.ddelta, lane, t0_next, nt_next);
-      prefetch_rows<true>(dz, lane, t0_next, nt_next);
-      const float* u = sc.g_u.data() + j * kTile * W;
-      const float* dout_j = sc.g_dout.data() + j * kTile * W;
-      const float* z_j = sc.g_z.data() + j * kTile * W;
+      prefetch_later(j + 2);
+      for (size_t r = 4 * chunks.size() * kTile; r < sc.pf.size(); ++r) __builtin_prefetch(sc.pf[r]);
+      load_rows<T>(dir.delta, lane.bi, lane.e0, lane.cnt, t0, nt, sc.r_delta.data());
+      load_rows<T>(dir.u, lane.bi, lane.e0, lane.cnt, t0, nt, sc.r_u.data());
+      load_rows<T>(dout, lane.bi, lane.e0, lane.cnt, t0, nt, sc.r_dout.data());
+      if (z) load_rows<T>(*z, lane.bi, lane.e0, lane.cnt, t0, nt, sc.r_z.data());
+      const float* u = sc.r_u.data();
+      const float* dout_j = sc.r_dout.data();
+      const float* z_j = sc.r_z.data();
       float* du_out = sc.g_du.data() + j * kTile * W;
       float* ddelta_out = sc.g_ddelta.data() + j * kTile * W;
       float* dz_out = sc.g_dz.data() + j * kTile * W;
-      if (j + 1 < n)                                    // the next lane's state entering the tile
-        for (int64_t m = 0; m < N; ++m)
-          __builtin_prefetch(states.at(lanes[j + 1].bi, tile, lanes[j + 1].e0) + m * E);
       load_state(states, lane.bi, tile, lane.e0, lane.cnt, sc.h0.data());
-      stage_delta(dir, lane, softplus_on, nt, sc.g_delta.data() + j * kTile * W, u, sc);
+      stage_delta(dir, lane, softplus_on, nt, sc.r_delta.data(), u, sc);
       for (int s = 0; s < nt; ++s) {                    // dy = dout * silu(z), keeping sigmoid(z) for dz
         const Vec dov = Vec::loadu(dout_j + s * W);
         if (!z) {
@@ -370,14 +398,17 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
       std::fill(sc.y.begin(), sc.y.begin() + nt * W, 0.f);
       std::fill(sc.dd.begin(), sc.dd.begin() + nt * W, 0.f);
       std::fill(sc.ddu.begin(), sc.ddu.begin() + nt * W, 0.f);
+      const void* const* pf = sc.pf.data();
       for (const Chunk& ch : chunks) {
         ch.recompute(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.dy.data(), sc.Bt.data() + ch.n0,
                      sc.Ct.data() + ch.n0, ld, lane.A2.data() + ch.n0 * W, sc.h0.data() + ch.n0 * W,
-                     sc.a.data(), sc.ah.data(), sc.y.data(), sc.dCp.data() + ch.n0 * W);
+                     sc.a.data(), sc.ah.data(), sc.y.data(), sc.dCp.data() + ch.n0 * W, pf);
+        pf += 2 * kTile;
         ch.reverse(nt, dir.reverse, sc.d.data(), sc.du.data(), sc.dy.data(), sc.Bt.data() + ch.n0,
                    sc.Ct.data() + ch.n0, ld, lane.A.data() + ch.n0 * W, sc.a.data(), sc.ah.data(),
                    lane.dh.data() + ch.n0 * W, lane.dA.data() + ch.n0 * W, sc.dd.data(), sc.ddu.data(),
-                   sc.dBp.data() + ch.n0 * W);
+                   sc.dBp.data() + ch.n0 * W, pf);
+        pf += 2 * kTile;
       }
       // epilogue: y, dz, du, ddelta, dD, ddelta_bias (rows reuse the staging buffers: raw <- du, u kept)
       for (int s = 0; s < nt; ++s) {
@@ -419,6 +450,9 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
     std::fill(sc.dCp.begin(), sc.dCp.begin() + nt * ld * W, 0.f);
   }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();        // store_group_rows' streaming stores are globally visible before the op returns
+#endif
   // per-lane sums
   for (int j = 0; j < n; ++j) {
     const Lane& lane = lanes[j];
@@ -589,7 +623,7 @@ std::vector<at::Tensor> selective_scan_bwd(
       const View3<const T> zv = z ? view3<const T>(*z) : View3<const T>{};
       const View3<T> dzv = z ? view3<T>(dz) : View3<T>{};
       for_parts(tasks, parts, [&](int64_t part, int64_t begin, int64_t end) {
-        Scratch sc(ld);
+        Scratch sc(ld, N, chunks.size());
         const Grads<T> gr = dd.grads<T>(part);
         for_groups(begin, end, [&](int64_t task) { return group_key(blocks, task, Eg, Eg); },
                    [&](int64_t first, int64_t last) {
@@ -650,7 +684,7 @@ std::vector<at::Tensor> bidirectional_scan_bwd(
       const View3<const T> zv = z ? view3<const T>(*z) : View3<const T>{};
       const View3<T> dzv = z ? view3<T>(dz) : View3<T>{};
       for_parts(tasks, parts, [&](int64_t part, int64_t begin, int64_t end) {
-        Scratch sc(ld);
+        Scratch sc(ld, N, chunks.size());
         const Grads<T> gr_f = fd.grads<T>(part), gr_b = bd.grads<T>(part);
         // y_b + D_b u_b of a group, (lanes, L, W) float32; every element is written before it is read
         std::vector<float> acc(z ? std::min<int64_t>(kGroup, end - begin) * L * W : 0);
