@@ -36,8 +36,8 @@ using namespace vimbench_vec;              // is_kernel_dtype, load_vec, store_v
 //              ~2.9x to ~2.3x the forward on an AMD EPYC)
 // AVX-512 is the tuned reference (Intel Xeon, 1248 shape); AVX2 halves W, so it stages twice the lanes per group
 // (the same bytes and channels), in the forward and the backward; the backward's other columns keep AVX-512's
-// values everywhere until they are measured elsewhere. DEFAULT is NEON on aarch64 (W 4, 32 registers) and at::vec's scalar emulation elsewhere
-// (W 8).
+// values everywhere until they are measured elsewhere. DEFAULT is NEON on aarch64 (W 4, 32 registers) and
+// at::vec's scalar emulation elsewhere (W 8).
 // ------------------------------------------------------------------------------------------------------
 struct KernelShape {
   int max_nt, fwd_tile, fwd_group, bwd_tile, bwd_group, bwd_chunk;

@@ -40,9 +40,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <numeric>
 #include <optional>
-#include <initializer_list>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -410,7 +410,7 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
                    sc.dBp.data() + ch.n0 * W, pf);
         pf += 2 * kTile;
       }
-      // epilogue: y, dz, du, ddelta, dD, ddelta_bias (rows reuse the staging buffers: raw <- du, u kept)
+      // epilogue: y, dz, du, ddelta (into the group's rows written at the tile's end), dD, ddelta_bias
       for (int s = 0; s < nt; ++s) {
         const Vec uv = Vec::loadu(u + s * W), dyv = Vec::loadu(sc.dy.data() + s * W);
         const Vec dv = Vec::loadu(sc.d.data() + s * W), dduv = Vec::loadu(sc.ddu.data() + s * W);
