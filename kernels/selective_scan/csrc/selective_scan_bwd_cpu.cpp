@@ -218,17 +218,19 @@ struct Lane {
 // rows written (du, ddelta, dz; (kGroup, kTile, W) each), the lane's staged values, B and C of the tile
 // ((kTile, ld)), the state entering the tile (h0: (ld, W)), the recomputed a and a*h of one chunk
 // ((kTile, kChunk, W) each), the dB / dC partial sums of the group ((kTile, ld, W) each), and the lines the chunk
-// loops prefetch, two per step (pf: at least the N + 4 * kTile lines of a lane, see lines_of).
+// loops prefetch, two per step: their loop_slots first, then any left over, which go out at once (pf: at least the
+// N + 4 * kTile lines of a lane, see lines_of).
 struct Scratch {
   std::vector<float> r_delta, r_u, r_dout, r_z, g_du, g_ddelta, g_dz;
   std::vector<float> sz, dsp, d, du, dy, y, dd, ddu, Bt, Ct, h0, a, ah, dBp, dCp;
+  size_t loop_slots;           // 2 per step of the recompute and the reverse loop of every chunk
   std::vector<const void*> pf;
   Scratch(int ld, int64_t N, size_t chunks)
       : r_delta(kTile * W), r_u(kTile * W), r_dout(kTile * W), r_z(kTile * W), g_du(kGroup * kTile * W),
         g_ddelta(kGroup * kTile * W), g_dz(kGroup * kTile * W), sz(kTile * W), dsp(kTile * W), d(kTile * W),
         du(kTile * W), dy(kTile * W), y(kTile * W), dd(kTile * W), ddu(kTile * W), Bt(kTile * ld, 0.f),
         Ct(kTile * ld, 0.f), h0(ld * W, 0.f), a(kTile * kChunk * W), ah(kTile * kChunk * W), dBp(kTile * ld * W, 0.f),
-        dCp(kTile * ld * W, 0.f), pf(std::max<size_t>(4 * chunks * kTile, N + 4 * kTile)) {}
+        dCp(kTile * ld * W, 0.f), loop_slots(4 * chunks * kTile), pf(std::max<size_t>(loop_slots, N + 4 * kTile)) {}
 };
 
 // Asks Linux to back the 2 MiB-aligned interior of a fresh tensor's memory with transparent huge pages
@@ -372,7 +374,7 @@ void backward_group(const Direction<T, TBC>& dir, const std::vector<Chunk>& chun
     for (int j = 0; j < n; ++j) {
       Lane& lane = lanes[j];
       prefetch_later(j + 2);
-      for (size_t r = 4 * chunks.size() * kTile; r < sc.pf.size(); ++r) __builtin_prefetch(sc.pf[r]);
+      for (size_t r = sc.loop_slots; r < sc.pf.size(); ++r) __builtin_prefetch(sc.pf[r]);
       load_rows<T>(dir.delta, lane.bi, lane.e0, lane.cnt, t0, nt, sc.r_delta.data());
       load_rows<T>(dir.u, lane.bi, lane.e0, lane.cnt, t0, nt, sc.r_u.data());
       load_rows<T>(dout, lane.bi, lane.e0, lane.cnt, t0, nt, sc.r_dout.data());
