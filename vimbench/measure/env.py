@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from vimbench.kernels.selective_scan import compiled_cpu
 from vimbench.measure.nvml import GpuReadings
 
 
@@ -51,12 +52,13 @@ def cpu_model() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """Static conditions of a run on ``device``: versions, host CPU, thread count, GPU name and driver."""
+    """Static conditions of a run on ``device``: versions, host CPU and the ATen capability its compiled kernels
+    target (``compiled_cpu.cpu_capability``: ATEN_CPU_CAPABILITY honoured), thread count, GPU name and driver."""
     env = {"device_name": cpu_model(), "driver_version": "", "cuda_version": torch.version.cuda or "",
            "torch_version": torch.__version__, "triton_version": _version("triton"),
            "timm_version": _version("timm"), "vimbench_version": _version("vimbench"),
            "git_commit": git_commit(), "cpu_model": cpu_model(), "host": platform.node(),
-           "threads": torch.get_num_threads()}
+           "cpu_capability": compiled_cpu.cpu_capability(), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         gpu = GpuReadings(device.index or 0)

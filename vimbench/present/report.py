@@ -34,7 +34,7 @@ from vimbench.present.tables import markdown_table
 from vimbench.rows.reader import Setting, split_settings
 
 ENV_COLUMNS = ("device_name", "driver_version", "cuda_version", "torch_version", "triton_version", "timm_version",
-               "vimbench_version", "git_commit", "cpu_model", "threads", "tf32", "cudnn_benchmark")
+               "vimbench_version", "git_commit", "cpu_model", "cpu_capability", "threads", "tf32", "cudnn_benchmark")
 ENV_RANGES = (("sm_clock_mhz", "MHz"), ("temperature_c", "°C"), ("power_w", "W"))
 
 

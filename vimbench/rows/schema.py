@@ -99,8 +99,6 @@ COLUMN_DOCS = {
                  "and mixer_vim 2), twice in train mode (the backward needs them again); 0 for attention ops"),
     "ceiling_exp_s": ("exp/s", "kernels on CPU: measured exp rate of the compiled scan's state exp over the run's "
                                "threads (best of 5, compiled_cpu.exp_floor_rate); empty where cpp does not build"),
-    "cpu_capability": ("", "kernels on CPU: the ATen CPU capability the compiled kernels target (AVX512, AVX2, "
-                           "DEFAULT; ATEN_CPU_CAPABILITY honoured)"),
     "floor_ms": ("ms", "kernels: the largest lower bound on time_ms from the measured ceilings: flops_total / "
                        "ceiling_gflops_s (not under amp), bytes / ceiling_gbs, exps / ceiling_exp_s"),
     "floor_kind": ("", "kernels: which bound floor_ms is: flops, bytes or exp"),
@@ -113,6 +111,8 @@ COLUMN_DOCS = {
     "vimbench_version": ("", ""),
     "git_commit": ("", "vimbench checkout, +dirty with local changes"),
     "cpu_model": ("", "host CPU"),
+    "cpu_capability": ("", "the host's ATen CPU capability, which the compiled CPU kernels target (AVX512, AVX2, "
+                           "DEFAULT, ...; ATEN_CPU_CAPABILITY honoured)"),
     "host": ("", "host name"),
     "threads": ("", "torch CPU threads"),
     "load_avg_1m": ("", "host load average while measuring (CPU timings are distorted by other work)"),
@@ -133,8 +133,8 @@ COLUMN_DOCS = {
 }
 
 ENVIRONMENT = ["device_name", "driver_version", "cuda_version", "torch_version", "triton_version", "timm_version",
-               "vimbench_version", "git_commit", "cpu_model", "host", "threads", "load_avg_1m", "timestamp",
-               "command"]
+               "vimbench_version", "git_commit", "cpu_model", "cpu_capability", "host", "threads", "load_avg_1m",
+               "timestamp", "command"]
 PRECISION = ["tf32", "cudnn_tf32", "cudnn_benchmark", "matmul_precision"]
 """torch's settings that change what float32 computes, read at measurement time (``vimbench.measure.env.precision``)."""
 GPU_TELEMETRY = ["sm_clock_mhz", "temperature_c", "power_w"]
@@ -186,7 +186,7 @@ KERNELS = Schema(
      "dtype", MODE, *REGIME, "device", "status", "error", "time_ms", "time_ms_p10", "time_ms_p90", "repeats",
      *COMPILE_COLUMNS, "mem_peak_gib",
      "flops_total", "bytes", "exps", "gflops_s", "gbs", "frac_peak_flops", "frac_peak_bw", "frac_floor", "floor_ms",
-     "floor_kind", "ceiling_gflops_s", "ceiling_gbs", "ceiling_exp_s", "cpu_capability", *ENVIRONMENT, *PRECISION,
+     "floor_kind", "ceiling_gflops_s", "ceiling_gbs", "ceiling_exp_s", *ENVIRONMENT, *PRECISION,
      *PLACEMENT],
     key=["op", "impl", "model", "res", "batch", "dtype", MODE, *REGIME, "device"],
     required=("op", "impl", "tokens", "width", "batch", "dtype", "device", "status", "time_ms", "time_ms_p10",
