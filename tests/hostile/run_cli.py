@@ -33,9 +33,9 @@ def the_one_line(err: str, command: str) -> str:
 
 
 def records(data: bytes) -> list[list[str]]:
-    """The records of a CSV that must be whole: it ends in a line end and reads strictly (``csv`` raises on an
-    open quote)."""
-    assert data.endswith(b"\n"), data[-80:]
+    """The records of a CSV that must be whole: empty (no records: a resumed sweep with nothing left to run), or it
+    ends in a line end and reads strictly (``csv`` raises on an open quote)."""
+    assert not data or data.endswith(b"\n"), data[-80:]
     return list(csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""), strict=True))
 
 
