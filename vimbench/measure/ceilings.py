@@ -1,6 +1,7 @@
 """The device's measured ceilings, once per kernels run: a large copy (GB/s) and a large matmul (GFLOP/s) in
-the run's dtype, TF32 off; on CPU also the ATen CPU capability and the exp rate of the compiled scan's state
-exp (exp/s, ``compiled_cpu.exp_floor_rate``) over the run's threads. A row's floor (``rows.kernels.floor``)
+the run's dtype, TF32 off; on CPU also the exp rate of the compiled scan's state exp (exp/s,
+``compiled_cpu.exp_floor_rate``) over the run's threads (the capability it ran with is in every row's
+environment, cpu_capability). A row's floor (``rows.kernels.floor``)
 is the largest lower bound on its time these rates give."""
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def measure_ceilings(cfg: dict) -> dict:
     ceiling_gbs = 2 * nbytes / time of copying a ``copy_bytes`` tensor (one read, one write);
     ceiling_gflops_s = 2 n^3 / time of an n x n matmul in the run's dtype (``CEILING_SIZES``).
     Both from the p10 time, not the median: other work on the host only ever slows a run down, and a
-    ceiling is the best rate the device sustains. On CPU also ``exp_ceiling``'s cpu_capability and
-    ceiling_exp_s (or exp_missing)."""
+    ceiling is the best rate the device sustains. On CPU also ``exp_ceiling``'s ceiling_exp_s (or
+    exp_missing)."""
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
     setup_worker(device, cfg["threads"])
     size = CEILING_SIZES[device.type]
@@ -37,11 +38,9 @@ def measure_ceilings(cfg: dict) -> dict:
 
 
 def exp_ceiling() -> dict:
-    """On CPU: cpu_capability (the ATen capability the compiled kernels target, ``compiled_cpu.cpu_capability``)
-    and ceiling_exp_s, the best of ``EXP_TRIALS`` measurements of ``compiled_cpu.exp_floor_rate`` (exp/s over the
-    threads torch uses); without the compiled kernels, exp_missing (why) instead of the rate."""
+    """On CPU: ceiling_exp_s, the best of ``EXP_TRIALS`` measurements of ``compiled_cpu.exp_floor_rate``
+    (exp/s over the threads torch uses); without the compiled kernels, exp_missing (why) instead of the rate."""
     ok, why = compiled_cpu.available()
     if not ok:
-        return {"cpu_capability": compiled_cpu.cpu_capability(), "exp_missing": why}
-    return {"cpu_capability": compiled_cpu.cpu_capability(),
-            "ceiling_exp_s": max(compiled_cpu.exp_floor_rate() for _ in range(EXP_TRIALS))}
+        return {"exp_missing": why}
+    return {"ceiling_exp_s": max(compiled_cpu.exp_floor_rate() for _ in range(EXP_TRIALS))}
