@@ -77,8 +77,8 @@ def command(ctx, **opts):
     the fitted exponents in tokens, the crossovers and each backend against its floor (the largest lower
     bound on its time from the measured matmul rate, copy bandwidth and, on CPU, the compiled scan's exp
     rate; frac_floor in the CSV). The scan backends' correctness checks and the device's ceilings (on CPU with
-    its capability and exp rate) run first, as one job where the configurations run (--device and --launcher
-    as for `vimbench scaling`). Peers (mambapy's scans, `pip install 'vimbench[peers]'`) are scan backends
+    the exp rate) run first, as one job where the configurations run (--device and --launcher as for
+    `vimbench scaling`). Peers (mambapy's scans, `pip install 'vimbench[peers]'`) are scan backends
     like ours: --scan cpp,mambapy_seq,mambapy_pscan.
     """
     return sweep(o.command_line(ctx), **opts)
