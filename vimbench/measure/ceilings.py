@@ -1,8 +1,8 @@
 """The device's measured ceilings, once per kernels run: a large copy (GB/s) and a large matmul (GFLOP/s) in
 the run's dtype, TF32 off; on CPU also the exp rate of the compiled scan's state exp (exp/s,
 ``compiled_cpu.exp_floor_rate``) over the run's threads (the capability it ran with is in every row's
-environment, cpu_capability). A row's floor (``rows.kernels.floor``)
-is the largest lower bound on its time these rates give."""
+environment, cpu_capability). A row's floor (``rows.kernels.floor``) is the largest lower bound on its time
+these rates give."""
 from __future__ import annotations
 
 import torch
